@@ -1,0 +1,150 @@
+"""The tiny data helper the FWP scripts share: download, text corpora, stream batching.
+
+    download(url, dest, sha256=None)          -> dest (a verified file, written atomically)
+    load_text(name_or_path, tokenizer, data_dir) -> train, valid, test (LongTensors), vocab (list of str)
+    batchify(tokens, n_streams)               -> (n_streams, n) parallel streams
+    segment(streams, i, seq_len)              -> inputs, targets of the i-th segment (state can be carried)
+
+Every URL lives in URLS below so a mirror can be swapped in; a failed download says where to put
+the file by hand. User-facing problems raise DataError (the scripts print it and exit non-zero).
+"""
+
+import hashlib
+import os
+import urllib.request
+import zipfile
+
+import torch
+from tqdm import tqdm
+
+URLS = {
+    "wikitext-103": "https://wikitext.smerity.com/wikitext-103-v1.zip",
+    "wikitext-2": "https://wikitext.smerity.com/wikitext-2-v1.zip",
+    "enwik8": "http://mattmahoney.net/dc/enwik8.zip",
+}
+DATA_DIR = os.path.expanduser("~/.cache/fwp")
+
+
+class DataError(Exception):
+    """A problem the user can fix (missing file, failed download, empty corpus)."""
+
+
+def sha256sum(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(url, dest, sha256=None):
+    """Fetch url to dest (temp file + rename) with a progress bar; verify sha256 when given."""
+    if os.path.exists(dest) and (sha256 is None or sha256sum(dest) == sha256):
+        return dest
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    tmp = f"{dest}.part{os.getpid()}"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
+                for block in iter(lambda: r.read(1 << 20), b""):
+                    f.write(block)
+                    bar.update(len(block))
+        if sha256 is not None and sha256sum(tmp) != sha256:
+            raise DataError(f"checksum mismatch for {url}: the download is corrupt or the file changed upstream.")
+        os.replace(tmp, dest)
+    except (OSError, ValueError) as e:
+        raise DataError(f"could not download {url} ({e}). Download it by hand and put it at {dest}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+def _unzip_member(zip_path, member, dest):
+    """Extract one member of a zip to dest atomically."""
+    if not os.path.exists(dest):
+        try:
+            with zipfile.ZipFile(zip_path) as z, open(dest + ".part", "wb") as f:
+                f.write(z.read(member))
+        except (zipfile.BadZipFile, KeyError) as e:
+            raise DataError(f"{zip_path} is not the expected archive ({e}); delete it and run again.") from e
+        os.replace(dest + ".part", dest)
+    return dest
+
+
+def _read(path, encoding="utf-8"):
+    try:
+        with open(path, encoding=encoding) as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path}: {e}") from e
+
+
+def _raw_splits(name_or_path, data_dir):
+    """The three splits of a corpus as raw strings."""
+    if name_or_path in ("wikitext-103", "wikitext-2"):
+        zip_path = download(URLS[name_or_path], os.path.join(data_dir, os.path.basename(URLS[name_or_path])))
+        out = []
+        for split in ("train", "valid", "test"):
+            dest = os.path.join(data_dir, f"{name_or_path}.{split}.tokens")
+            out.append(_read(_unzip_member(zip_path, f"{name_or_path}/wiki.{split}.tokens", dest)))
+        return out
+    if name_or_path == "enwik8":  # 100M bytes; the usual 90M/5M/5M split, one byte per symbol
+        zip_path = download(URLS["enwik8"], os.path.join(data_dir, "enwik8.zip"))
+        raw = _read(_unzip_member(zip_path, "enwik8", os.path.join(data_dir, "enwik8")), "latin-1")
+        return raw[:90_000_000], raw[90_000_000:95_000_000], raw[95_000_000:]
+    if os.path.isdir(name_or_path):  # a folder with train/valid/test files (e.g. wiki.train.tokens)
+        files = sorted(os.listdir(name_or_path))
+        pick = [[f for f in files if s in f.lower()] for s in ("train", "valid", "test")]
+        if not all(pick):
+            raise DataError(f"{name_or_path} must hold files whose names contain 'train', 'valid' and 'test'.")
+        return [_read(os.path.join(name_or_path, p[0])) for p in pick]
+    if os.path.isfile(name_or_path):  # one text file: the first 90% trains, 5% validates, 5% tests
+        text = _read(name_or_path)
+        a, b = int(len(text) * 0.9), int(len(text) * 0.95)
+        return text[:a], text[a:b], text[b:]
+    raise DataError(
+        f"unknown dataset {name_or_path!r}: use wikitext-103, wikitext-2, enwik8, a text file or a folder "
+        "with train/valid/test files."
+    )
+
+
+def _tokenize(text, tokenizer):
+    if tokenizer == "char":
+        return list(text)
+    return [w for line in text.splitlines() for w in line.split() + ["<eos>"]]  # word level, as WikiText
+
+
+def load_text(name_or_path, tokenizer="word", data_dir=DATA_DIR):
+    """Train/valid/test token tensors and the vocabulary (built on train; unseen tokens map to <unk>)."""
+    if tokenizer not in ("word", "char"):
+        raise DataError(f"unknown tokenizer {tokenizer!r}: use word or char.")
+    os.makedirs(data_dir, exist_ok=True)
+    splits = [_tokenize(s, tokenizer) for s in _raw_splits(name_or_path, data_dir)]
+    if not splits[0] or not splits[1]:
+        raise DataError(f"{name_or_path}: the training or validation text is empty.")
+    vocab = sorted(set(splits[0]) | {"<unk>"})
+    index = {s: i for i, s in enumerate(vocab)}
+    unk = index["<unk>"]
+    tensors = [torch.tensor([index.get(s, unk) for s in toks], dtype=torch.long) for toks in splits]
+    return (*tensors, vocab)
+
+
+def batchify(tokens, n_streams):
+    """Lay a token stream out as n_streams parallel streams (B, N): row b continues across segments."""
+    n = tokens.numel() // n_streams
+    if n < 2:
+        raise DataError(f"the corpus ({tokens.numel()} tokens) is too short for {n_streams} streams.")
+    return tokens[: n * n_streams].view(n_streams, n)
+
+
+def n_segments(streams, seq_len):
+    return (streams.size(1) - 1 + seq_len - 1) // seq_len
+
+
+def segment(streams, i, seq_len):
+    """Inputs and next-token targets of segment i (the last one may be shorter)."""
+    start = i * seq_len
+    end = min(start + seq_len, streams.size(1) - 1)
+    return streams[:, start:end], streams[:, start + 1 : end + 1]

@@ -1,0 +1,678 @@
+"""DeltaNet: a Transformer whose attention is a fast weight matrix programmed by the delta rule.
+
+Schlag, Irie, Schmidhuber, "Linear Transformers Are Secretly Fast Weight Programmers", ICML 2021,
+arXiv 2102.11174 (section 4.2, eq. 17-20; DeltaNet in section 4.3). Chunkwise-parallel training form
+from Yang, Wang, Zhang, Shen, Kim, "Parallelizing Linear Transformers with the Delta Rule over
+Sequence Length", arXiv 2406.06484 (section 3.2, eq. 8-11).
+
+The slow network (projections W_q, W_k, W_v, w_beta) writes into a fast weight matrix W per head:
+    q_t, k_t, v_t = W_q x_t, W_k x_t, W_v x_t        beta_t = sigmoid(w_beta . x_t)
+    q_t, k_t <- sumnorm(elu(.) + 1)                  (paper; --qk_map l2 uses L2-normalised silu)
+    v̄_t = W_{t-1} k_t                                 (what W currently stores under key k_t)
+    W_t = W_{t-1} + beta_t (v_t - v̄_t) k_t^T          (delta rule: replace v̄_t by a beta-mix of v_t)
+    y_t = W_t q_t
+Block: x + Out(Delta(LN(x))), then x + FF(LN(x)); a final LN and the output head.
+
+Glossary: b batch, h head, t time step, T sequence length, C chunk length, n chunk index,
+d_k = d_v = d_head = d_model / n_head, W (d_v, d_k) the fast weight of one head (fp32),
+S = W^T (d_k, d_v) the same state in the chunk form, beta in (0, 1) the write strength.
+
+Commands:
+    python delta_net.py                                  # associative recall, a few CPU minutes
+    python delta_net.py --preset tiny --steps 20         # smoke run
+    python delta_net.py --task lm --dataset wikitext-103 --preset paper   # GPU, the paper's LM size
+    python delta_net.py --task lm --dataset wikitext-2 --sample 200 --prompt "The meaning of"
+    python delta_net.py --bench                          # loop vs chunk (vs cuda) speed and memory
+    torchrun --nproc_per_node 2 delta_net.py             # data-parallel (gloo on CPU, nccl on CUDA)
+"""
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+
+
+@dataclass
+class Args:
+    # task
+    task: str = "recall"
+    """recall (multi-query associative recall, synthetic) or lm (language modelling through data.py)"""
+    n_pairs: int = 24
+    """recall: key-value pairs per sequence; every key is queried once afterwards"""
+    vocab_size: int = 128
+    """recall: keys come from the first half of the vocabulary, values from the second"""
+    dataset: str = "wikitext-2"
+    """lm: wikitext-103 | wikitext-2 | enwik8 | a text file | a folder with train/valid/test files"""
+    tokenizer: str = "word"
+    """lm: word (perplexity) or char (bits per character)"""
+    data_dir: str = data.DATA_DIR
+    """where downloads are cached"""
+    seq_len: int = 256
+    """lm: tokens per training segment"""
+    carry_state: bool = False
+    """lm: carry the fast weights across consecutive segments (train and eval), detached"""
+    sample: int = 0
+    """lm: generate this many tokens from the checkpoint in out_dir and exit"""
+    prompt: str = "The"
+    """lm: text the generation starts from"""
+    temperature: float = 1.0
+    """lm: sampling temperature"""
+    # model
+    d_model: int = 128
+    """residual stream width"""
+    n_layer: int = 2
+    """number of DeltaNet blocks"""
+    n_head: int = 4
+    """heads per layer; d_head = d_model / n_head"""
+    d_ff: int = 512
+    """feed-forward hidden width"""
+    dropout: float = 0.0
+    """dropout after the attention output and in the feed-forward block"""
+    qk_map: str = "elu_sumnorm"
+    """elu_sumnorm (the paper: sumnorm(elu(x)+1)) or l2 (L2-normalised silu, Yang et al. 2024)"""
+    impl: str = "auto"
+    """auto | loop | chunk | cuda: which implementation of the delta rule"""
+    chunk_size: int = 64
+    """chunk length C of the chunkwise form (64 measured fastest on 2 CPU cores and D=64)"""
+    # training
+    batch_size: int = 32
+    """sequences (recall) or parallel streams (lm) per step and process"""
+    steps: int = 1000
+    """optimizer steps"""
+    lr: float = 2e-3
+    """peak learning rate (AdamW)"""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices"""
+    warmup: int = 100
+    """linear warm-up steps, then cosine decay to lr / 10"""
+    grad_clip: float = 1.0
+    """gradient norm clip (0 disables)"""
+    eval_every: int = 200
+    """evaluate and checkpoint every this many steps"""
+    eval_batches: int = 16
+    """recall: batches in each evaluation (lm evaluates the whole split)"""
+    seed: int = 0
+    """seed of python, numpy and torch"""
+    device: str = "auto"
+    """auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"""
+    dtype: str = "float32"
+    """float32 or bfloat16 (autocast, CUDA only; the fast-weight state stays fp32)"""
+    out_dir: str = "out/delta_net"
+    """metrics.jsonl and ckpt.pt go here"""
+    resume: bool = False
+    """continue from out_dir/ckpt.pt"""
+    stop_at: int = 0
+    """exit after this step, checkpoint saved (a time-boxed job); --resume continues. 0: run to the end"""
+    bench: bool = False
+    """run the speed/memory benchmark of the delta-rule implementations and exit"""
+
+
+PRESETS = {
+    "tiny": dict(d_model=32, n_layer=1, n_head=2, d_ff=64, n_pairs=4, vocab_size=16, batch_size=8, steps=20,
+                 eval_every=10, eval_batches=2, seq_len=32, warmup=5),
+    # the WikiText-103 setting of Schlag et al. 2021 (medium: 16 layers, d 256, 8 heads, FF 2048, segment 256)
+    "paper": dict(task="lm", dataset="wikitext-103", d_model=256, n_layer=16, n_head=8, d_ff=2048, dropout=0.1,
+                  seq_len=256, batch_size=96, steps=120_000, lr=6e-4, warmup=2000, grad_clip=0.25, eval_every=2000),
+}
+
+
+def fail(msg):
+    """A user error: one message, non-zero exit, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv):
+    """--key value (or --key=value; a bare --flag sets a bool), --preset NAME applied first."""
+    fields = {f.name: f for f in dataclasses.fields(Args)}
+    kv, i = {}, 0
+    while i < len(argv):
+        key, _, val = argv[i].removeprefix("--").partition("=")
+        if not argv[i].startswith("--") or (key not in fields and key != "preset"):
+            fail(f"unknown argument {argv[i]!r}; the flags are --preset and --" + ", --".join(fields))
+        is_bool = key in fields and fields[key].type is bool
+        if not val and not (is_bool and (i + 1 == len(argv) or argv[i + 1].startswith("--"))):
+            if i + 1 == len(argv):
+                fail(f"--{key} needs a value")
+            val, i = argv[i + 1], i + 1
+        kv[key] = val or "true"
+        i += 1
+    preset = kv.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    args = Args(**PRESETS.get(preset, {}))
+    for key, val in kv.items():
+        typ = fields[key].type
+        try:
+            if typ is bool:
+                if val.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                val = val.lower() in ("true", "1")
+            setattr(args, key, typ(val))
+        except ValueError:
+            fail(f"--{key} expects {typ.__name__}, got {val!r}")
+    return check_args(args)
+
+
+def check_args(a):
+    choices = dict(task=("recall", "lm"), tokenizer=("word", "char"), qk_map=("elu_sumnorm", "l2"),
+                   impl=("auto", "loop", "chunk", "cuda"), dtype=("float32", "bfloat16"))
+    for key, allowed in choices.items():
+        if getattr(a, key) not in allowed:
+            fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(a, key)!r}")
+    for key in ("d_model", "n_layer", "n_head", "d_ff", "batch_size", "steps", "eval_every", "eval_batches",
+                "chunk_size", "seq_len", "n_pairs", "vocab_size"):
+        if getattr(a, key) <= 0:
+            fail(f"--{key} must be positive, got {getattr(a, key)}")
+    if a.d_model % a.n_head:
+        fail(f"--d_model {a.d_model} is not divisible by --n_head {a.n_head}; pick n_head dividing d_model.")
+    if a.task == "recall" and 2 * a.n_pairs > a.vocab_size:
+        fail(f"--n_pairs {a.n_pairs} needs --vocab_size of at least {2 * a.n_pairs} (distinct keys in one half).")
+    if not 0 <= a.dropout < 1 or a.lr <= 0 or a.warmup < 0 or a.grad_clip < 0 or a.stop_at < 0:
+        fail("--dropout must be in [0, 1); --lr positive; --warmup, --grad_clip and --stop_at non-negative.")
+    return a
+
+
+# ----------------------------------------------------------------------------------------------
+# The delta rule. Shapes: q, k (B, H, T, d_k); v (B, H, T, d_v); beta (B, H, T); W (B, H, d_v, d_k).
+
+
+def state_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def delta_rule_loop(q, k, v, beta, W=None):
+    """The reference recurrence (the spec and the test oracle): one step per token, fp32 state."""
+    B, H, T, d_k = k.shape
+    dt = state_dtype(q)
+    W = q.new_zeros(B, H, v.shape[-1], d_k, dtype=dt) if W is None else W.to(dt)
+    ys = []
+    for q_t, k_t, v_t, b_t in zip(q.to(dt).unbind(2), k.to(dt).unbind(2), v.to(dt).unbind(2), beta.to(dt).unbind(2)):
+        v_bar = (W @ k_t.unsqueeze(-1)).squeeze(-1)  # (B, H, d_v)
+        W = W + (b_t.unsqueeze(-1) * (v_t - v_bar)).unsqueeze(-1) * k_t.unsqueeze(-2)  # + beta (v - v̄) k^T
+        ys.append((W @ q_t.unsqueeze(-1)).squeeze(-1))  # y_t = W_t q_t
+    return torch.stack(ys, 2).to(q.dtype), W
+
+
+class DeltaRuleChunk(torch.autograd.Function):
+    """Chunkwise delta rule (Yang et al. 2024, eq. 8-11) with a hand-written backward.
+
+    Inputs are split into chunks: q, k (B, H, N, C, d_k), v (B, H, N, C, d_v), beta (B, H, N, C);
+    S0 (B, H, d_k, d_v) is the state W^T. Within a chunk, the C delta-rule writes are equivalent to
+    one write S <- S + K^T U' with pseudo-values U' = T (diag(beta) V - diag(beta) K S), where
+    T = (I + A)^-1 and A = strict_lower(diag(beta) K K^T) (the UT transform). Everything that does
+    not depend on S runs for all chunks at once; only two small matmuls per chunk are sequential.
+    The backward reruns nothing: it walks the chunk states S_n saved by the forward in reverse.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, S0):
+        C = k.shape[-2]
+        kb, vb = k * beta[..., None], v * beta[..., None]  # diag(beta) K, diag(beta) V
+        A = (kb @ k.transpose(-1, -2)).tril(-1)  # (B, H, N, C, C)
+        eye = torch.eye(C, dtype=k.dtype, device=k.device)
+        T = torch.linalg.solve_triangular(A + eye, eye.expand_as(A), upper=False, unitriangular=True)
+        w, u = T @ kb, T @ vb  # (B, H, N, C, d_k), (B, H, N, C, d_v)
+        S, ups = [S0], []
+        for w_n, u_n, k_n in zip(w.unbind(2), u.unbind(2), k.unbind(2)):  # the only sequential part
+            ups.append(u_n - w_n @ S[-1])  # U' = U - W S
+            S.append(S[-1] + k_n.transpose(-1, -2) @ ups[-1])  # S <- S + K^T U'
+        S_n, up = torch.stack(S[:-1], 2), torch.stack(ups, 2)  # states at chunk starts, pseudo-values
+        P = (q @ k.transpose(-1, -2)).tril()  # causal intra-chunk scores, diagonal included
+        o = q @ S_n + P @ up  # O = Q S + tril(Q K^T) U'
+        ctx.save_for_backward(q, k, v, beta, T, w, up, S_n, P, kb, vb)
+        return o, S[-1]
+
+    @staticmethod
+    def backward(ctx, do, dS):
+        q, k, v, beta, T, w, up, S_n, P, kb, vb = ctx.saved_tensors
+        do = do.contiguous()
+        G = P.transpose(-1, -2) @ do  # the part of dU' that comes from the outputs
+        E = q.transpose(-1, -2) @ do  # the part of dS_n that comes from the outputs
+        dS_next, dups = [], []
+        for k_n, w_n, G_n, E_n in reversed(list(zip(k.unbind(2), w.unbind(2), G.unbind(2), E.unbind(2)))):
+            dS_next.append(dS)  # gradient w.r.t. S_{n+1}
+            dups.append(G_n + k_n @ dS)
+            dS = dS + E_n - w_n.transpose(-1, -2) @ dups[-1]
+        dS_next, dup = torch.stack(dS_next[::-1], 2), torch.stack(dups[::-1], 2)
+        dP = (do @ up.transpose(-1, -2)).tril()
+        dq = do @ S_n.transpose(-1, -2) + dP @ k
+        dk = dP.transpose(-1, -2) @ q + up @ dS_next.transpose(-1, -2)
+        dw = -dup @ S_n.transpose(-1, -2)
+        Tt = T.transpose(-1, -2)
+        dvb, dkb = Tt @ dup, Tt @ dw
+        dA = -(Tt @ (dup @ vb.transpose(-1, -2) + dw @ kb.transpose(-1, -2)) @ Tt).tril(-1)  # d(I+A)^-1
+        dkb = dkb + dA @ k
+        dk = dk + dA.transpose(-1, -2) @ kb + beta[..., None] * dkb
+        dbeta = (dkb * k).sum(-1) + (dvb * v).sum(-1)
+        return dq, dk, beta[..., None] * dvb, dbeta, dS
+
+
+def delta_rule_chunk(q, k, v, beta, W=None, chunk_size=64):
+    """Chunkwise form of delta_rule_loop: same arguments, same results; any T (the last chunk is padded)."""
+    B, H, T, d_k = k.shape
+    d_v, dt = v.shape[-1], state_dtype(q)
+    C = min(chunk_size, T)
+    N = -(-T // C)
+
+    def chunks(x):  # (B, H, T, ...) -> (B, H, N, C, ...), zero-padded; zero k and beta write nothing
+        x = F.pad(x.to(dt), (0, 0, 0, N * C - T) if x.dim() == 4 else (0, N * C - T))
+        return x.reshape(B, H, N, C, *x.shape[3:])
+
+    S0 = q.new_zeros(B, H, d_k, d_v, dtype=dt) if W is None else W.to(dt).transpose(-1, -2)
+    o, S = DeltaRuleChunk.apply(chunks(q), chunks(k), chunks(v), chunks(beta), S0)
+    return o.reshape(B, H, N * C, d_v)[:, :, :T].to(q.dtype), S.transpose(-1, -2)
+
+
+def delta_rule(q, k, v, beta, W=None, impl="auto", chunk_size=64):
+    """Dispatch to an implementation; all take and return the fast weight W (B, H, d_v, d_k)."""
+    if impl == "cuda":
+        raise RuntimeError("the CUDA delta-rule kernel (cuda_kernels.cu) is not in this repository yet; "
+                           "use --impl chunk or loop")
+    if impl == "loop":
+        return delta_rule_loop(q, k, v, beta, W)
+    return delta_rule_chunk(q, k, v, beta, W, chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+class DeltaLayer(nn.Module):
+    """Multi-head delta-rule fast weight layer: (B, T, d_model), W -> (B, T, d_model), W."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.n_head, self.d_head, self.qk_map = a.n_head, a.d_model // a.n_head, a.qk_map
+        self.impl, self.chunk_size = a.impl, a.chunk_size
+        self.qkv = nn.Linear(a.d_model, 3 * a.d_model, bias=False)  # W_q, W_k, W_v
+        self.w_beta = nn.Linear(a.d_model, a.n_head, bias=False)
+        self.out = nn.Linear(a.d_model, a.d_model, bias=False)
+
+    def feature_map(self, x):
+        if self.qk_map == "l2":
+            return F.normalize(F.silu(x), dim=-1)
+        x = F.elu(x) + 1
+        return x / x.sum(-1, keepdim=True)  # sumnorm
+
+    def forward(self, x, W=None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
+        q, k = self.feature_map(q), self.feature_map(k)
+        beta = torch.sigmoid(self.w_beta(x)).transpose(1, 2)  # (B, H, T)
+        y, W = delta_rule(q, k, v, beta, W, self.impl, self.chunk_size)
+        return self.out(y.transpose(1, 2).reshape(B, T, -1)), W
+
+
+class Block(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(a.d_model), nn.LayerNorm(a.d_model)
+        self.attn = DeltaLayer(a)
+        self.ff = nn.Sequential(nn.Linear(a.d_model, a.d_ff), nn.ReLU(), nn.Dropout(a.dropout),
+                                nn.Linear(a.d_ff, a.d_model), nn.Dropout(a.dropout))
+        self.drop = nn.Dropout(a.dropout)
+
+    def forward(self, x, W=None):
+        y, W = self.attn(self.ln1(x), W)
+        x = x + self.drop(y)
+        return x + self.ff(self.ln2(x)), W
+
+
+class DeltaNet(nn.Module):
+    """Token ids (B, T) and a state (one W per layer, or None) -> logits (B, T, vocab), new state.
+    Ids of shape (B, T, m) give m ids per position whose embeddings are summed (the recall task)."""
+
+    def __init__(self, a, vocab_size):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, a.d_model)
+        self.blocks = nn.ModuleList(Block(a) for _ in range(a.n_layer))
+        self.ln_f = nn.LayerNorm(a.d_model)
+        self.head = nn.Linear(a.d_model, vocab_size, bias=False)
+
+    def forward(self, idx, state=None):
+        x = self.embed(idx) if idx.dim() == 2 else self.embed(idx).sum(-2)
+        state = state or [None] * len(self.blocks)
+        new_state = []
+        for block, W in zip(self.blocks, state):
+            x, W = block(x, W)
+            new_state.append(W)
+        return self.head(self.ln_f(x)), new_state
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks
+
+
+def recall_batch(batch_size, n_pairs, vocab_size, gen):
+    """Associative recall (Schlag et al. 2021, section 4.1): n_pairs key-value pairs are written, then every key
+    is queried once in a random order and the model must output its value. Each position holds two ids whose
+    embeddings are summed: (key, value) while writing, (key, blank) while querying. Keys are distinct, from
+    [0, V/2); values from [V/2, V); blank = V. Targets are -100 (no loss) while writing. n_pairs=3, V=16:
+        x: (3,12) (5,9) (1,14) | (5,16) (1,16) (3,16)
+        y:   .      .     .    |    9     14     12
+    """
+    half = vocab_size // 2
+    keys = torch.rand(batch_size, half, generator=gen).argsort(-1)[:, :n_pairs]
+    values = torch.randint(half, vocab_size, (batch_size, n_pairs), generator=gen)
+    order = torch.rand(batch_size, n_pairs, generator=gen).argsort(-1)
+    queries = torch.stack([keys.gather(1, order), torch.full_like(keys, vocab_size)], -1)
+    x = torch.cat([torch.stack([keys, values], -1), queries], 1)  # (B, 2 n_pairs, 2)
+    y = torch.cat([torch.full_like(values, -100), values.gather(1, order)], 1)  # (B, 2 n_pairs)
+    return x, y
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def detach_state(state):
+    return None if state is None else [W.detach() for W in state]
+
+
+def lr_at(step, a):
+    if step < a.warmup:
+        return a.lr * (step + 1) / a.warmup
+    progress = (step - a.warmup) / max(1, a.steps - a.warmup)
+    return a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def evaluate(model, a, task, split, device, autocast):
+    """recall: query accuracy and loss on fixed batches; lm: loss over the whole split, state carried if asked."""
+    model.eval()
+    total_loss, total_correct, total_n = 0.0, 0, 0
+    if a.task == "recall":
+        gen = torch.Generator().manual_seed({"valid": 10_000, "test": 20_000}[split] + a.seed)
+        batches = (recall_batch(a.batch_size, a.n_pairs, a.vocab_size, gen) for _ in range(a.eval_batches))
+    else:
+        streams = task[split]
+        batches = (data.segment(streams, i, a.seq_len) for i in range(data.n_segments(streams, a.seq_len)))
+    state = None
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            logits, state = model(x, state if a.carry_state else None)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+        mask = y != -100
+        total_loss += loss.item()
+        total_correct += (logits.argmax(-1)[mask] == y[mask]).sum().item()
+        total_n += mask.sum().item()
+    model.train()
+    loss = total_loss / total_n
+    if a.task == "recall":
+        return {"loss": loss, "acc": total_correct / total_n}
+    if a.tokenizer == "word":
+        return {"loss": loss, "ppl": math.exp(min(loss, 50))}
+    return {"loss": loss, "bpc": loss / math.log(2)}
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def save_checkpoint(path, obj):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # atomic: a killed run leaves the previous checkpoint intact
+
+
+def log_metrics(out_dir, step, split, metrics, t0):
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        for name, value in metrics.items():
+            f.write(json.dumps(dict(step=step, split=split, metric=name, value=value, time=time.time() - t0)) + "\n")
+
+
+def load_task(a, rank, world):
+    """recall: nothing to load. lm: the corpus laid out as parallel streams (each rank its own rows)."""
+    if a.task == "recall":
+        return {"vocab_size": a.vocab_size + 1}  # + the blank id
+    train, valid, test, vocab = data.load_text(a.dataset, a.tokenizer, a.data_dir)
+    train = data.batchify(train, a.batch_size * world)[rank * a.batch_size : (rank + 1) * a.batch_size]
+    return {"vocab_size": len(vocab), "vocab": vocab, "train": train,
+            "valid": data.batchify(valid, a.batch_size), "test": data.batchify(test, a.batch_size)}
+
+
+def sample(a, device):
+    """Generate a.sample tokens from out_dir/ckpt.pt, one token at a time, carrying the fast weights."""
+    path = os.path.join(a.out_dir, "ckpt.pt")
+    if a.task != "lm":
+        fail("--sample needs --task lm (and a checkpoint trained on text)")
+    if not os.path.exists(path):
+        fail(f"no checkpoint at {path}; train first (python delta_net.py --task lm ...)")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    train_args, vocab = Args(**ckpt["args"]), ckpt["vocab"]
+    train_args.impl = a.impl
+    model = DeltaNet(train_args, len(vocab)).to(device)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    index = {s: i for i, s in enumerate(vocab)}
+    tokens = list(a.prompt) if train_args.tokenizer == "char" else a.prompt.split()
+    ids = [index.get(s, index["<unk>"]) for s in tokens] or [index["<unk>"]]
+    gen = torch.Generator(device=device).manual_seed(a.seed)
+    with torch.no_grad():
+        logits, state = model(torch.tensor([ids], device=device))  # the prompt in one parallel pass
+        for _ in range(a.sample):  # then constant memory per token: only the fast weights are kept
+            probs = F.softmax(logits[0, -1].float() / a.temperature, -1)
+            ids.append(torch.multinomial(probs, 1, generator=gen).item())
+            logits, state = model(torch.tensor([[ids[-1]]], device=device), state)
+    sep = "" if train_args.tokenizer == "char" else " "
+    print(sep.join(vocab[i] for i in ids).replace(" <eos> ", "\n"))
+
+
+def train(a):
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(a.device)
+    if world > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    random.seed(a.seed + rank)
+    np.random.seed(a.seed + rank)
+    torch.manual_seed(a.seed + rank)
+    gen = torch.Generator().manual_seed(a.seed + rank)  # training data
+    if a.impl == "cuda":
+        fail("--impl cuda: the CUDA kernel (cuda_kernels.cu) is not in this repository yet; use chunk or loop")
+    use_bf16 = a.dtype == "bfloat16" and device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
+    try:
+        task = load_task(a, rank, world)
+    except data.DataError as e:
+        fail(str(e))
+
+    model = DeltaNet(a, task["vocab_size"]).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+                            lr=a.lr, betas=(0.9, 0.98))
+    step, state, ckpt_path = 0, None, os.path.join(a.out_dir, "ckpt.pt")
+    if a.resume:
+        if not os.path.exists(ckpt_path):
+            fail(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, state = ckpt["step"], ckpt["train_state"]
+        random.setstate(ckpt["rng"]["python"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        gen.set_state(ckpt["rng"]["data"])
+    raw_model = model
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if master:
+        os.makedirs(a.out_dir, exist_ok=True)
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        print(f"config: {json.dumps(dataclasses.asdict(a))}")
+        print(f"device {device}, {world} process(es), {n_params / 1e6:.2f}M parameters, starting at step {step}")
+
+    def checkpoint():
+        if master:
+            save_checkpoint(ckpt_path, {
+                "model": raw_model.state_dict(), "optimizer": opt.state_dict(), "step": step, "args": dataclasses.asdict(a),
+                "vocab": task.get("vocab"), "train_state": detach_state(state),
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                        "data": gen.get_state()}})
+
+    t0, results = time.time(), {}
+    n_seg = data.n_segments(task["train"], a.seq_len) if a.task == "lm" else 0
+    bar = tqdm(total=a.steps, initial=step, disable=not master, dynamic_ncols=True)
+    while step < a.steps:
+        if a.task == "recall":
+            x, y = recall_batch(a.batch_size, a.n_pairs, a.vocab_size, gen)
+        else:
+            i = step % n_seg
+            x, y = data.segment(task["train"], i, a.seq_len)
+            if i == 0:
+                state = None  # a new pass over the corpus starts from empty fast weights
+        x, y = x.to(device), y.to(device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, a)
+        with autocast:
+            logits, new_state = model(x, state if a.carry_state else None)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
+        if not torch.isfinite(loss):
+            bar.close()
+            print(f"error: the loss became {loss.item()} at step {step}; the last good checkpoint stays at {ckpt_path}. "
+                  "Lower --lr or raise --warmup.", file=sys.stderr)
+            sys.exit(1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if a.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+        opt.step()
+        state = detach_state(new_state) if a.carry_state else None
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if master:
+            log_metrics(a.out_dir, step, "train", {"loss": loss.item()}, t0)
+        if step % a.eval_every == 0 or step == a.steps or step == a.stop_at:
+            for split in ["valid", "test"] if step == a.steps else ["valid"]:
+                results[split] = evaluate(raw_model, a, task, split, device, autocast)
+                if master:
+                    log_metrics(a.out_dir, step, split, results[split], t0)
+                    tqdm.write(f"step {step} {split}: " + " ".join(f"{k} {v:.4f}" for k, v in results[split].items()))
+            checkpoint()
+            if step == a.stop_at:
+                break
+    bar.close()
+    if master and step == a.steps:
+        name = {"recall": "acc", "lm": "ppl" if a.tokenizer == "word" else "bpc"}[a.task]
+        print(f"final: test {name} {results['test'][name]:.4f}, valid {name} {results['valid'][name]:.4f} after {step}"
+              f" steps, {time.time() - t0:.0f}s")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark
+
+
+def saved_mib(fn):
+    """MiB of tensors autograd keeps for the backward pass of fn (the activation memory), each storage once."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values()) / 2**20
+
+
+def bench(a):
+    """Forward and forward+backward of each delta-rule implementation at B4 H4 D64, T in {256, 1024, 4096}."""
+    device = pick_device(a.device)
+    B, H, D = 4, 4, 64
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timeit(fn, reps):
+        fn()
+        times = []
+        for _ in range(reps):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+    # the reference rate: batched matmuls of the chunk form's own shape, (B H T/64, 64, 64) @ (.., 64, 64)
+    X, Y = torch.randn(B * H * 16, 64, 64, device=device), torch.randn(B * H * 16, 64, 64, device=device)
+    bmm_rate = 2 * X.shape[0] * 64**3 / timeit(lambda: torch.bmm(X, Y), 20) / 1e9
+    print(f"device {device}, threads {torch.get_num_threads()}, fp32; batched matmul (256x64x64 @ 64x64): "
+          f"{bmm_rate:.1f} GFLOP/s")
+    print("useful FLOPs: loop 6 d^2 per token (read, write, query); chunk per chunk of C: C^2 d (A, strict lower)"
+          " + C^3/3 (T) + 2 C^2 d (T applied) + 2 C^2 d (QK^T, PU', causal halves) + 6 C d^2 (state); backward = 2x"
+          " forward\nmem MiB: on CUDA the peak allocated; on CPU the tensors autograd saves for the backward")
+    print(f"{'impl':6} {'T':>6} {'fwd ms':>9} {'fwd+bwd ms':>11} {'tok/s (f+b)':>12} {'mem MiB':>9} {'GFLOP/s':>8}"
+          f" {'% bmm':>6}")
+    impls = ["loop", "chunk"] + (["cuda"] if device.type == "cuda" and a.impl == "cuda" else [])
+    C = a.chunk_size
+    for T in (256, 1024, 4096):
+        g = torch.Generator().manual_seed(0)
+        q, k = (F.normalize(torch.randn(B, H, T, D, generator=g), dim=-1).to(device) for _ in range(2))
+        v, beta = torch.randn(B, H, T, D, generator=g).to(device), torch.rand(B, H, T, generator=g).to(device)
+        for impl in impls:
+            leaves = [t.clone().requires_grad_() for t in (q, k, v, beta)]
+
+            def fwd():
+                with torch.no_grad():
+                    delta_rule(*leaves, impl=impl, chunk_size=C)
+
+            def fwd_bwd():
+                y, W = delta_rule(*leaves, impl=impl, chunk_size=C)
+                torch.autograd.backward((y, W), (torch.ones_like(y), torch.ones_like(W)))
+
+            reps = 3 if impl == "loop" else 10
+            t_f, t_fb = timeit(fwd, reps), timeit(fwd_bwd, reps)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                fwd_bwd()
+                mem = torch.cuda.max_memory_allocated() / 2**20
+            else:
+                mem = saved_mib(fwd_bwd)
+            c = min(C, T)
+            flops_fwd = B * H * T * 6 * D * D if impl == "loop" else \
+                B * H * (T // c) * (c * c * D + c**3 / 3 + 4 * c * c * D + 6 * c * D * D)
+            rate = 3 * flops_fwd / t_fb / 1e9
+            print(f"{impl:6} {T:6d} {t_f * 1e3:9.1f} {t_fb * 1e3:11.1f} {B * T / t_fb:12.0f} {mem:9.1f} {rate:8.1f}"
+                  f" {100 * rate / bmm_rate:5.0f}%")
+
+
+def main(argv=None):
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    if a.bench:
+        return bench(a)
+    if a.sample:
+        return sample(a, pick_device(a.device))
+    train(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,395 @@
+"""Tests for the FWP scripts: exactness (float64), state carrying, smoke runs, resume, CLI errors, data.
+
+Run: python -m pytest test_all.py
+"""
+
+import functools
+import http.server
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import zipfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import delta_net
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+torch.set_num_threads(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# delta_net.py: the delta rule
+
+
+def delta_inputs(B=2, H=3, T=37, d_k=8, d_v=10, seed=0, dtype=torch.float64, state=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, d_k, generator=g, dtype=dtype)
+    k = F.normalize(torch.randn(B, H, T, d_k, generator=g, dtype=dtype), dim=-1)
+    v = torch.randn(B, H, T, d_v, generator=g, dtype=dtype)
+    beta = torch.rand(B, H, T, generator=g, dtype=dtype)
+    W = torch.randn(B, H, d_v, d_k, generator=g, dtype=dtype) if state else None
+    return [t.requires_grad_() if t is not None else None for t in (q, k, v, beta, W)]
+
+
+def outputs_and_grads(fn, inputs, seed=1):
+    y, W = fn(*inputs)
+    g = torch.Generator().manual_seed(seed)
+    gy, gW = torch.randn(y.shape, generator=g, dtype=y.dtype), torch.randn(W.shape, generator=g, dtype=W.dtype)
+    leaves = [t for t in inputs if t is not None]
+    grads = torch.autograd.grad((y * gy).sum() + (W * gW).sum(), leaves)
+    return y, W, grads
+
+
+@pytest.mark.parametrize("chunk_size", [1, 8, 16, 64])
+@pytest.mark.parametrize("state", [True, False])
+def test_chunk_equals_loop_float64(chunk_size, state):
+    """Outputs, final state and the gradients of q, k, v, beta and W0; T=37 is not a multiple of C."""
+    x = delta_inputs(state=state)
+    y1, W1, g1 = outputs_and_grads(delta_net.delta_rule_loop, x)
+    y2, W2, g2 = outputs_and_grads(functools.partial(delta_net.delta_rule_chunk, chunk_size=chunk_size), x)
+    assert y1.dtype == y2.dtype == torch.float64
+    torch.testing.assert_close(y2, y1, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(W2, W1, rtol=1e-10, atol=1e-10)
+    assert len(g1) == (5 if state else 4)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_chunk_equals_loop_with_large_beta_keys():
+    """Unnormalised keys with beta near 1 make (I + A) far from the identity: T must still be exact."""
+    q, k, v, beta, W = delta_inputs(T=50, d_k=6, d_v=6, seed=3)
+    with torch.no_grad():
+        k.mul_(1.5)
+        beta.fill_(0.99)
+    y1, W1, g1 = outputs_and_grads(delta_net.delta_rule_loop, [q, k, v, beta, W])
+    y2, W2, g2 = outputs_and_grads(functools.partial(delta_net.delta_rule_chunk, chunk_size=16), [q, k, v, beta, W])
+    torch.testing.assert_close(y2, y1, rtol=1e-9, atol=1e-9)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+
+
+def test_gradcheck_loop_and_chunk():
+    x = delta_inputs(B=1, H=2, T=7, d_k=3, d_v=4)
+    assert torch.autograd.gradcheck(delta_net.delta_rule_loop, x)
+    assert torch.autograd.gradcheck(functools.partial(delta_net.delta_rule_chunk, chunk_size=3), x)
+
+
+def test_loop_matches_plain_python_recurrence():
+    """The loop against the equations written out per head with vectors (guards the spec itself)."""
+    q, k, v, beta, W0 = [t.detach() for t in delta_inputs(B=1, H=2, T=5, d_k=3, d_v=4)]
+    y, W = delta_net.delta_rule_loop(q, k, v, beta, W0)
+    for h in range(2):
+        Wh = W0[0, h].clone()
+        for t in range(5):
+            v_bar = Wh @ k[0, h, t]
+            Wh = Wh + beta[0, h, t] * torch.outer(v[0, h, t] - v_bar, k[0, h, t])
+            torch.testing.assert_close(y[0, h, t], Wh @ q[0, h, t])
+        torch.testing.assert_close(W[0, h], Wh)
+
+
+def test_delta_rule_stores_and_overwrites():
+    """beta = 1 with an orthonormal key: W k returns exactly the last value written under k."""
+    k = torch.eye(4, dtype=torch.float64)[None, None, [0, 1, 0]]  # keys e0, e1, e0 again
+    v = torch.tensor([[1.0, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9]], dtype=torch.float64)[None, None]
+    beta = torch.ones(1, 1, 3, dtype=torch.float64)
+    y, W = delta_net.delta_rule_loop(k, k, v, beta)
+    torch.testing.assert_close(W[0, 0] @ k[0, 0, 0], v[0, 0, 2])  # overwritten
+    torch.testing.assert_close(W[0, 0] @ k[0, 0, 1], v[0, 0, 1])  # kept
+
+
+@pytest.mark.parametrize("impl", ["loop", "chunk"])
+def test_state_carried_across_calls(impl):
+    """One call over T1 + T2 equals two calls with the state passed along (outputs and gradients)."""
+    fn = functools.partial(delta_net.delta_rule, impl=impl, chunk_size=8)
+    q, k, v, beta, W0 = delta_inputs(T=37)
+    y, W = fn(q, k, v, beta, W0)
+    t1 = 20
+    ya, Wa = fn(q[:, :, :t1], k[:, :, :t1], v[:, :, :t1], beta[:, :, :t1], W0)
+    yb, Wb = fn(q[:, :, t1:], k[:, :, t1:], v[:, :, t1:], beta[:, :, t1:], Wa)
+    torch.testing.assert_close(torch.cat([ya, yb], 2), y, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(Wb, W, rtol=1e-11, atol=1e-11)
+    g_one = torch.autograd.grad(y.sum() + W.sum(), [q, W0])
+    g_two = torch.autograd.grad(ya.sum() + yb.sum() + Wb.sum(), [q, W0])
+    for a, b in zip(g_two, g_one):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_chunk_fp32_close_to_float64_loop():
+    x64 = [t.detach() for t in delta_inputs(B=2, H=2, T=300, d_k=64, d_v=64)]
+    y64, W64 = delta_net.delta_rule_loop(*x64)
+    y32, W32 = delta_net.delta_rule_chunk(*[t.float() for t in x64], chunk_size=64)
+    assert y32.dtype == torch.float32 and W32.dtype == torch.float32
+    assert (y32.double() - y64).norm() / y64.norm() < 1e-5
+    assert (W32.double() - W64).norm() / W64.norm() < 1e-5
+
+
+def tiny_args(**kw):
+    return delta_net.parse_args(["--preset", "tiny"] + [s for k, v in kw.items() for s in (f"--{k}", str(v))])
+
+
+@pytest.mark.parametrize("qk_map", ["elu_sumnorm", "l2"])
+def test_model_impls_agree_and_carry_state(qk_map):
+    """The whole model: loop and chunk give the same logits, and segment-by-segment = all at once."""
+    torch.manual_seed(0)
+    a = tiny_args(qk_map=qk_map, n_layer=2, impl="loop")
+    model = delta_net.DeltaNet(a, 16).double()
+    x = torch.randint(0, 16, (3, 29))
+    logits_loop, state_loop = model(x)
+    for block in model.blocks:
+        block.attn.impl = "chunk"
+    block.attn.chunk_size = 8
+    logits_chunk, state_chunk = model(x)
+    torch.testing.assert_close(logits_chunk, logits_loop, rtol=1e-10, atol=1e-10)
+    part1, s = model(x[:, :11])
+    part2, s = model(x[:, 11:], s)
+    torch.testing.assert_close(torch.cat([part1, part2], 1), logits_loop, rtol=1e-10, atol=1e-10)
+    for W1, W2 in zip(s, state_loop):
+        torch.testing.assert_close(W1, W2, rtol=1e-10, atol=1e-10)
+
+
+def test_feature_maps():
+    a = tiny_args()
+    layer = delta_net.DeltaLayer(a)
+    x = torch.randn(5, 7)
+    phi = layer.feature_map(x)
+    assert (phi > 0).all()
+    torch.testing.assert_close(phi.sum(-1), torch.ones(5))  # sumnorm(elu + 1)
+    layer.qk_map = "l2"
+    torch.testing.assert_close(layer.feature_map(x).norm(dim=-1), torch.ones(5))
+
+
+def test_recall_batch_structure():
+    gen = torch.Generator().manual_seed(0)
+    n, V = 5, 20
+    x, y = delta_net.recall_batch(64, n, V, gen)
+    assert x.shape == (64, 2 * n, 2) and y.shape == (64, 2 * n)
+    keys, values, queries = x[:, :n, 0], x[:, :n, 1], x[:, n:, 0]
+    assert (keys < V // 2).all() and (values >= V // 2).all() and (values < V).all()
+    assert (x[:, n:, 1] == V).all() and (y[:, :n] == -100).all()  # blank value id while querying
+    for b in range(64):
+        assert len(set(keys[b].tolist())) == n  # distinct keys
+        assert sorted(queries[b].tolist()) == sorted(keys[b].tolist())  # every key queried once
+        lookup = dict(zip(keys[b].tolist(), values[b].tolist()))
+        assert y[b, n:].tolist() == [lookup[k] for k in queries[b].tolist()]
+
+
+def test_summed_embeddings_for_id_tuples():
+    model = delta_net.DeltaNet(tiny_args(), 10)
+    ids = torch.randint(0, 10, (2, 5, 2))
+    torch.testing.assert_close(model.embed(ids).sum(-2), model.embed(ids[..., 0]) + model.embed(ids[..., 1]))
+    assert model(ids)[0].shape == (2, 5, 10)
+
+
+# ----------------------------------------------------------------------------------------------
+# delta_net.py: the script (subprocesses from a temporary copy of just the script and its helpers)
+
+
+def script_copy(tmp_path, name="delta_net.py"):
+    for f in (name, "data.py", "cuda_kernels.cu"):
+        if os.path.exists(os.path.join(HERE, f)):
+            shutil.copy(os.path.join(HERE, f), tmp_path)
+    return str(tmp_path / name)
+
+
+def run(script, *args, check=True, env=None):
+    p = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=os.path.dirname(script),
+                       env=env, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_smoke_recall_and_determinism(tmp_path):
+    script = script_copy(tmp_path)
+    runs = []
+    for i in range(2):
+        out = str(tmp_path / f"out{i}")
+        p = run(script, "--preset", "tiny", "--out_dir", out)
+        assert "final: test acc" in p.stdout
+        assert os.path.exists(os.path.join(out, "ckpt.pt"))
+        runs.append([m["value"] for m in read_metrics(out) if m["metric"] == "loss"])
+    assert len(runs[0]) == 20 + 2 + 1  # 20 train steps, 2 validations, 1 test
+    assert runs[0] == runs[1]  # same seed, same losses
+
+
+def test_resume_is_exact(tmp_path):
+    """A run stopped at step 10 and resumed ends exactly where an uninterrupted run ends (CPU, fixed seed)."""
+    script = script_copy(tmp_path)
+    common = ["--preset", "tiny", "--dropout", "0.1", "--steps", "20", "--eval_every", "5"]
+    run(script, *common, "--out_dir", str(tmp_path / "full"))
+    run(script, *common, "--out_dir", str(tmp_path / "split"), "--stop_at", "10")
+    assert torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)["step"] == 10
+    run(script, *common, "--out_dir", str(tmp_path / "split"), "--resume")
+    full = [(m["step"], m["split"], m["value"]) for m in read_metrics(tmp_path / "full")]
+    split = [(m["step"], m["split"], m["value"]) for m in read_metrics(tmp_path / "split")]
+    assert [m for m in split if m[0] > 10] == [m for m in full if m[0] > 10]
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tmp_path):
+    script = script_copy(tmp_path)
+    out = str(tmp_path / "out")
+    run(script, "--preset", "tiny", "--steps", "10", "--out_dir", out)
+    before = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    p = run(script, "--preset", "tiny", "--steps", "30", "--lr", "1e38", "--warmup", "0", "--grad_clip", "0",
+            "--out_dir", out, "--resume", check=False)
+    assert p.returncode == 1 and "the loss became" in p.stderr and "Traceback" not in p.stderr
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
+
+
+def write_corpus(folder, n_lines=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    words = ["the", "fast", "weight", "programmer", "writes", "reads", "a", "key", "value", "delta"]
+    os.makedirs(folder, exist_ok=True)
+    for split, n in (("train", n_lines), ("valid", n_lines // 10), ("test", n_lines // 10)):
+        with open(os.path.join(folder, f"wiki.{split}.tokens"), "w") as f:
+            for _ in range(n):
+                f.write(" ".join(words[i] for i in torch.randint(0, 10, (8,), generator=g).tolist()) + " \n")
+
+
+@pytest.mark.parametrize("tokenizer", ["word", "char"])
+def test_smoke_lm_carry_state_and_sample(tmp_path, tokenizer):
+    script = script_copy(tmp_path)
+    corpus, out = str(tmp_path / "corpus"), str(tmp_path / "out")
+    write_corpus(corpus)
+    p = run(script, "--preset", "tiny", "--task", "lm", "--dataset", corpus, "--tokenizer", tokenizer,
+            "--carry_state", "--out_dir", out, "--batch_size", "4", "--seq_len", "16")
+    metric = "ppl" if tokenizer == "word" else "bpc"
+    assert f"final: test {metric}" in p.stdout
+    assert any(m["metric"] == metric and m["split"] == "test" for m in read_metrics(out))
+    p = run(script, "--task", "lm", "--out_dir", out, "--sample", "12", "--prompt", "the fast")
+    assert p.stdout.startswith("the fast")
+
+
+def test_sample_constant_memory_state_matches_parallel():
+    """Token-by-token generation carries exactly the state a parallel pass over the same tokens ends with."""
+    torch.manual_seed(0)
+    model = delta_net.DeltaNet(tiny_args(), 16).double().eval()
+    x = torch.randint(0, 16, (1, 9))
+    logits, state = model(x)
+    s = None
+    for t in range(9):
+        step_logits, s = model(x[:, t : t + 1], s)
+        torch.testing.assert_close(step_logits[:, 0], logits[:, t])
+    for a, b in zip(s, state):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bogus", "1"], "unknown argument '--bogus'"),
+    (["--d_model", "abc"], "--d_model expects int"),
+    (["--d_model", "30", "--n_head", "4"], "not divisible by --n_head"),
+    (["--n_layer", "-1"], "--n_layer must be positive"),
+    (["--impl", "fast"], "--impl must be one of"),
+    (["--preset", "huge"], "unknown preset"),
+    (["--steps"], "--steps needs a value"),
+    (["--n_pairs", "40", "--vocab_size", "64"], "--vocab_size of at least 80"),
+    (["--task", "lm", "--dataset", "/no/such/file.txt"], "unknown dataset"),
+    (["--resume"], "no checkpoint"),
+    (["--task", "lm", "--sample", "5"], "no checkpoint"),
+])
+def test_cli_errors(tmp_path, args, message):
+    script = script_copy(tmp_path)
+    p = run(script, "--preset", "tiny", "--out_dir", str(tmp_path / "out"), *args, check=False)
+    assert p.returncode != 0
+    assert message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_empty_corpus_is_an_error(tmp_path):
+    script = script_copy(tmp_path)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    p = run(script, "--preset", "tiny", "--task", "lm", "--dataset", str(empty), check=False)
+    assert p.returncode != 0 and "empty" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    script = script_copy(tmp_path)
+    out = str(tmp_path / "out")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                        script, "--preset", "tiny", "--out_dir", out], capture_output=True, text=True, env=env,
+                       cwd=str(tmp_path), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 process(es)" in p.stdout
+    assert p.stdout.count("final: test acc") == 1  # only rank 0 logs
+    assert len([m for m in read_metrics(out) if m["split"] == "train"]) == 20  # and only rank 0 writes metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# data.py
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_download_and_load_wikitext_from_local_server(tmp_path, http_server, monkeypatch):
+    root, base = http_server
+    corpus = tmp_path / "corpus"
+    write_corpus(str(corpus), n_lines=50)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for split in ("train", "valid", "test"):
+            z.write(corpus / f"wiki.{split}.tokens", f"wikitext-2/wiki.{split}.tokens")
+    (root / "wikitext-2-v1.zip").write_bytes(buf.getvalue())
+    monkeypatch.setitem(data.URLS, "wikitext-2", f"{base}/wikitext-2-v1.zip")
+    cache = str(tmp_path / "cache")
+    train, valid, test, vocab = data.load_text("wikitext-2", "word", cache)
+    assert os.path.exists(os.path.join(cache, "wikitext-2-v1.zip"))
+    assert train.numel() == 50 * 9 and valid.numel() == 5 * 9  # 8 words + <eos> per line
+    assert "<eos>" in vocab and "<unk>" in vocab and len(vocab) == 12
+    assert vocab[train[0]] == (corpus / "wiki.train.tokens").read_text().split()[0]
+    assert not [f for f in os.listdir(cache) if ".part" in f]
+
+
+def test_download_checksum_and_failure_messages(tmp_path, http_server):
+    root, base = http_server
+    (root / "f.bin").write_bytes(b"fast weights")
+    dest = str(tmp_path / "d" / "f.bin")
+    good = data.sha256sum(str(root / "f.bin"))
+    with pytest.raises(data.DataError, match="checksum mismatch"):
+        data.download(f"{base}/f.bin", dest, sha256="0" * 64)
+    assert not os.listdir(tmp_path / "d")  # nothing half-written
+    assert data.download(f"{base}/f.bin", dest, sha256=good) == dest
+    assert open(dest, "rb").read() == b"fast weights"
+    with pytest.raises(data.DataError, match="put it at .*missing.bin"):
+        data.download(f"{base}/missing.bin", str(tmp_path / "d" / "missing.bin"))
+
+
+def test_load_text_file_char_and_batching(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("abcdefghij" * 20)
+    train, valid, test, vocab = data.load_text(str(path), "char", str(tmp_path))
+    assert (train.numel(), valid.numel(), test.numel()) == (180, 10, 10)
+    assert "".join(vocab[i] for i in train[:10]) == "abcdefghij"
+    streams = data.batchify(torch.arange(23), 2)  # rows continue across segments
+    assert streams.tolist() == [list(range(11)), list(range(11, 22))]
+    segs = [data.segment(streams, i, 4) for i in range(data.n_segments(streams, 4))]
+    assert torch.cat([x for x, _ in segs], 1).tolist() == [list(range(10)), list(range(11, 21))]
+    assert torch.cat([y for _, y in segs], 1).tolist() == [list(range(1, 11)), list(range(12, 22))]
+    with pytest.raises(data.DataError):
+        data.load_text(str(path), "bpe", str(tmp_path))
