@@ -393,3 +393,28 @@ def test_load_text_file_char_and_batching(tmp_path):
     assert torch.cat([y for _, y in segs], 1).tolist() == [list(range(1, 11)), list(range(12, 22))]
     with pytest.raises(data.DataError):
         data.load_text(str(path), "bpe", str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA (skipped where there is none)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+def test_cuda_chunk_equals_cpu_loop():
+    x = delta_inputs(T=100, d_k=64, d_v=64)
+    y1, W1, g1 = outputs_and_grads(delta_net.delta_rule_loop, x)
+    x_gpu = [t.detach().cuda().requires_grad_() for t in x]
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
+        xs = [t.detach().to(dtype).requires_grad_() for t in x_gpu]
+        y2, W2, g2 = outputs_and_grads(delta_net.delta_rule_chunk, xs)
+        for a, b in zip((y2, W2, *g2), (y1, W1, *g1)):
+            assert ((a.double().cpu() - b).norm() / b.norm()).item() < tol
+
+
+@needs_cuda
+def test_cuda_bf16_training_smoke(tmp_path):
+    script = script_copy(tmp_path)
+    p = run(script, "--preset", "tiny", "--device", "cuda", "--dtype", "bfloat16", "--out_dir", str(tmp_path / "o"))
+    assert "device cuda" in p.stdout and "final: test acc" in p.stdout
