@@ -199,10 +199,11 @@ def delta_rule_loop(q, k, v, beta, W=None):
     dt = state_dtype(q)
     W = q.new_zeros(B, H, v.shape[-1], d_k, dtype=dt) if W is None else W.to(dt)
     ys = []
-    for q_t, k_t, v_t, b_t in zip(q.to(dt).unbind(2), k.to(dt).unbind(2), v.to(dt).unbind(2), beta.to(dt).unbind(2)):
-        v_bar = (W @ k_t.unsqueeze(-1)).squeeze(-1)  # (B, H, d_v)
-        W = W + (b_t.unsqueeze(-1) * (v_t - v_bar)).unsqueeze(-1) * k_t.unsqueeze(-2)  # + beta (v - v̄) k^T
-        ys.append((W @ q_t.unsqueeze(-1)).squeeze(-1))  # y_t = W_t q_t
+    with torch.autocast(q.device.type, enabled=False):  # the state and its products stay fp32 under autocast
+        for q_t, k_t, v_t, b_t in zip(*(x.to(dt).unbind(2) for x in (q, k, v, beta))):
+            v_bar = (W @ k_t.unsqueeze(-1)).squeeze(-1)  # (B, H, d_v)
+            W = W + (b_t.unsqueeze(-1) * (v_t - v_bar)).unsqueeze(-1) * k_t.unsqueeze(-2)  # + beta (v - v̄) k^T
+            ys.append((W @ q_t.unsqueeze(-1)).squeeze(-1))  # y_t = W_t q_t
     return torch.stack(ys, 2).to(q.dtype), W
 
 
@@ -272,7 +273,8 @@ def delta_rule_chunk(q, k, v, beta, W=None, chunk_size=64):
         return x.reshape(B, H, N, C, *x.shape[3:])
 
     S0 = q.new_zeros(B, H, d_k, d_v, dtype=dt) if W is None else W.to(dt).transpose(-1, -2)
-    o, S = DeltaRuleChunk.apply(chunks(q), chunks(k), chunks(v), chunks(beta), S0)
+    with torch.autocast(q.device.type, enabled=False):  # S, A, T and all products in fp32 under autocast
+        o, S = DeltaRuleChunk.apply(chunks(q), chunks(k), chunks(v), chunks(beta), S0)
     return o.reshape(B, H, N * C, d_v)[:, :, :T].to(q.dtype), S.transpose(-1, -2)
 
 

@@ -42,7 +42,8 @@ def delta_inputs(B=2, H=3, T=37, d_k=8, d_v=10, seed=0, dtype=torch.float64, sta
 def outputs_and_grads(fn, inputs, seed=1):
     y, W = fn(*inputs)
     g = torch.Generator().manual_seed(seed)
-    gy, gW = torch.randn(y.shape, generator=g, dtype=y.dtype), torch.randn(W.shape, generator=g, dtype=W.dtype)
+    gy = torch.randn(y.shape, generator=g, dtype=y.dtype).to(y.device)
+    gW = torch.randn(W.shape, generator=g, dtype=W.dtype).to(W.device)
     leaves = [t for t in inputs if t is not None]
     grads = torch.autograd.grad((y * gy).sum() + (W * gW).sum(), leaves)
     return y, W, grads
@@ -120,6 +121,18 @@ def test_state_carried_across_calls(impl):
     g_two = torch.autograd.grad(ya.sum() + yb.sum() + Wb.sum(), [q, W0])
     for a, b in zip(g_two, g_one):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_autocast_keeps_state_fp32():
+    """Under bf16 autocast the inputs may be bf16, but the state and its products stay fp32 in both forms."""
+    x = [t.detach().float().requires_grad_() for t in delta_inputs(T=20, d_k=8, d_v=8)]
+    for fn in (delta_net.delta_rule_loop, delta_net.delta_rule_chunk):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, W = fn(*x)
+        assert y.dtype == W.dtype == torch.float32
+        y_ref, W_ref = fn(*x)
+        torch.testing.assert_close(y, y_ref)
+        (y.sum() + W.sum()).backward()
 
 
 def test_chunk_fp32_close_to_float64_loop():
