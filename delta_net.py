@@ -27,6 +27,7 @@ Commands:
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -48,11 +49,11 @@ import data
 class Args:
     # task
     task: str = "recall"
-    """recall (multi-query associative recall, synthetic) or lm (language modelling through data.py)"""
+    """recall (associative recall, synthetic) or lm (language modelling through data.py)"""
     n_pairs: int = 24
     """recall: key-value pairs per sequence; every key is queried once afterwards"""
     vocab_size: int = 128
-    """recall: keys come from the first half of the vocabulary, values from the second"""
+    """recall: keys come from the first half of the ids, values from the second (plus one blank id)"""
     dataset: str = "wikitext-2"
     """lm: wikitext-103 | wikitext-2 | enwik8 | a text file | a folder with train/valid/test files"""
     tokenizer: str = "word"
@@ -117,14 +118,21 @@ class Args:
     """exit after this step, checkpoint saved (a time-boxed job); --resume continues. 0: run to the end"""
     bench: bool = False
     """run the speed/memory benchmark of the delta-rule implementations and exit"""
+    bench_T: str = "256,1024,4096"
+    """--bench: comma-separated sequence lengths (B=4, H=4)"""
+    bench_d: int = 64
+    """--bench: d_k = d_v"""
+    bench_impls: str = "loop,chunk,cuda"
+    """--bench: which implementations (cuda only where CUDA is)"""
 
 
 PRESETS = {
     "tiny": dict(d_model=32, n_layer=1, n_head=2, d_ff=64, n_pairs=4, vocab_size=16, batch_size=8, steps=20,
                  eval_every=10, eval_batches=2, seq_len=32, warmup=5),
-    # the WikiText-103 setting of Schlag et al. 2021 (medium: 16 layers, d 256, 8 heads, FF 2048, segment 256)
-    "paper": dict(task="lm", dataset="wikitext-103", d_model=256, n_layer=16, n_head=8, d_ff=2048, dropout=0.1,
-                  seq_len=256, batch_size=96, steps=120_000, lr=6e-4, warmup=2000, grad_clip=0.25, eval_every=2000),
+    # WikiText-103 "small" of the official code (16 layers, d 128, 8 heads of 16, FF 2048, segments of 256,
+    # lr 2.5e-4, 2k warm-up, cosine over 500k steps, clip 0.25); their adaptive input/softmax is not used here
+    "paper": dict(task="lm", dataset="wikitext-103", d_model=128, n_layer=16, n_head=8, d_ff=2048, dropout=0.1,
+                  seq_len=256, batch_size=96, steps=500_000, lr=2.5e-4, warmup=2000, grad_clip=0.25, eval_every=5000),
 }
 
 
@@ -134,14 +142,30 @@ def fail(msg):
     sys.exit(2)
 
 
+def print_help():
+    """Every Args field with its type, default and docstring (read from this file's source)."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(Args)).body[0].body
+    print(f"usage: python {os.path.basename(sys.argv[0])} [--preset {'|'.join(PRESETS)}] [--key value ...]")
+    for node, doc in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr):
+            name = node.target.id
+            print(f"  --{name} ({ast.unparse(node.annotation)}, {getattr(Args, name)!r}): {doc.value.value}")
+    sys.exit(0)
+
+
 def parse_args(argv):
     """--key value (or --key=value; a bare --flag sets a bool), --preset NAME applied first."""
+    if "--help" in argv or "-h" in argv:
+        print_help()
     fields = {f.name: f for f in dataclasses.fields(Args)}
     kv, i = {}, 0
     while i < len(argv):
         key, _, val = argv[i].removeprefix("--").partition("=")
         if not argv[i].startswith("--") or (key not in fields and key != "preset"):
-            fail(f"unknown argument {argv[i]!r}; the flags are --preset and --" + ", --".join(fields))
+            fail(f"unknown argument {argv[i]!r}; --help lists the flags")
         is_bool = key in fields and fields[key].type is bool
         if not val and not (is_bool and (i + 1 == len(argv) or argv[i + 1].startswith("--"))):
             if i + 1 == len(argv):
@@ -278,13 +302,56 @@ def delta_rule_chunk(q, k, v, beta, W=None, chunk_size=64):
     return o.reshape(B, H, N * C, d_v)[:, :, :T].to(q.dtype), S.transpose(-1, -2)
 
 
+_CUDA_KERNELS = None  # the loaded extension; False once a build failed
+
+
+def cuda_kernels():
+    """Build and load cuda_kernels.cu on first use (never at import), under a module name holding a hash of
+    the source, so an edit rebuilds and two scripts never clash. None, after one warning, if that fails."""
+    global _CUDA_KERNELS
+    if _CUDA_KERNELS is None:
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_kernels.cu")
+        try:
+            from torch.utils.cpp_extension import load
+
+            with open(src, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()[:16]
+            _CUDA_KERNELS = load(f"fwp_kernels_{digest}", [src], extra_cuda_cflags=["-O3"], verbose=False)
+        except Exception as e:  # no nvcc, no file, a compile error: the PyTorch path still works
+            print(f"warning: cuda_kernels.cu unavailable ({type(e).__name__}: {str(e)[-2000:]}); using --impl chunk",
+                  file=sys.stderr)
+            _CUDA_KERNELS = False
+    return _CUDA_KERNELS or None
+
+
+class DeltaRuleCUDA(torch.autograd.Function):
+    """The recurrent delta rule as one fused kernel (cuda_kernels.cu): fp32 state, inputs fp32/bf16/fp16/fp64."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, W0):
+        y, W, v_bar = cuda_kernels().forward(q, k, v, beta, q.new_empty(0) if W0 is None else W0, True)
+        ctx.save_for_backward(q, k, v, beta, v_bar, W)
+        ctx.has_W0 = W0 is not None
+        return y, W
+
+    @staticmethod
+    def backward(ctx, dy, dW):
+        q, k, v, beta, v_bar, W = ctx.saved_tensors
+        dy = v.new_zeros(v.shape) if dy is None else dy
+        dW = W.new_empty(0) if dW is None else dW
+        dq, dk, dv, dbeta, dW0 = cuda_kernels().backward(q, k, v, beta, v_bar, W, dy, dW, True)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dW0 if ctx.has_W0 else None
+
+
 def delta_rule(q, k, v, beta, W=None, impl="auto", chunk_size=64):
-    """Dispatch to an implementation; all take and return the fast weight W (B, H, d_v, d_k)."""
-    if impl == "cuda":
-        raise RuntimeError("the CUDA delta-rule kernel (cuda_kernels.cu) is not in this repository yet; "
-                           "use --impl chunk or loop")
+    """Dispatch to an implementation; all take and return the fast weight W (B, H, d_v, d_k).
+    cuda (and auto on a CUDA device) use the kernel where it applies (d_k <= 128), else the chunk form."""
     if impl == "loop":
         return delta_rule_loop(q, k, v, beta, W)
+    if impl in ("auto", "cuda") and q.is_cuda and k.shape[-1] <= 128 and cuda_kernels() is not None:
+        dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)  # autocast may mix bf16 and fp32
+        q, k, v, beta = (x.to(dt).contiguous() for x in (q, k, v, beta))
+        return DeltaRuleCUDA.apply(q, k, v, beta, None if W is None else W.contiguous())
     return delta_rule_chunk(q, k, v, beta, W, chunk_size)
 
 
@@ -495,8 +562,8 @@ def train(a):
     np.random.seed(a.seed + rank)
     torch.manual_seed(a.seed + rank)
     gen = torch.Generator().manual_seed(a.seed + rank)  # training data
-    if a.impl == "cuda":
-        fail("--impl cuda: the CUDA kernel (cuda_kernels.cu) is not in this repository yet; use chunk or loop")
+    if a.impl == "cuda" and device.type != "cuda":
+        print(f"warning: --impl cuda needs a CUDA device, not {device}; using --impl chunk", file=sys.stderr)
     use_bf16 = a.dtype == "bfloat16" and device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
     try:
@@ -608,9 +675,14 @@ def saved_mib(fn):
 
 
 def bench(a):
-    """Forward and forward+backward of each delta-rule implementation at B4 H4 D64, T in {256, 1024, 4096}."""
+    """Forward and forward+backward of each delta-rule implementation at B=4, H=4, d=bench_d, T in bench_T."""
     device = pick_device(a.device)
-    B, H, D = 4, 4, 64
+    B, H, D, C = 4, 4, a.bench_d, a.chunk_size
+    dtype = torch.bfloat16 if a.dtype == "bfloat16" else torch.float32
+    try:
+        lengths = [int(t) for t in a.bench_T.split(",")]
+    except ValueError:
+        fail(f"--bench_T expects comma-separated integers, got {a.bench_T!r}")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timeit(fn, reps):
@@ -624,22 +696,24 @@ def bench(a):
             times.append(time.perf_counter() - t)
         return float(np.median(times))
 
-    # the reference rate: batched matmuls of the chunk form's own shape, (B H T/64, 64, 64) @ (.., 64, 64)
-    X, Y = torch.randn(B * H * 16, 64, 64, device=device), torch.randn(B * H * 16, 64, 64, device=device)
-    bmm_rate = 2 * X.shape[0] * 64**3 / timeit(lambda: torch.bmm(X, Y), 20) / 1e9
-    print(f"device {device}, threads {torch.get_num_threads()}, fp32; batched matmul (256x64x64 @ 64x64): "
-          f"{bmm_rate:.1f} GFLOP/s")
-    print("useful FLOPs: loop 6 d^2 per token (read, write, query); chunk per chunk of C: C^2 d (A, strict lower)"
-          " + C^3/3 (T) + 2 C^2 d (T applied) + 2 C^2 d (QK^T, PU', causal halves) + 6 C d^2 (state); backward = 2x"
-          " forward\nmem MiB: on CUDA the peak allocated; on CPU the tensors autograd saves for the backward")
+    # the reference rate: batched matmuls of the chunk form's own shape, (B H T/C, C, D) @ (.., D, C) at T=1024
+    X, Y = torch.randn(B * H * 1024 // C, C, D, device=device), torch.randn(B * H * 1024 // C, D, C, device=device)
+    bmm_rate = 2 * X.shape[0] * C * C * D / timeit(lambda: torch.bmm(X, Y), 20) / 1e9
+    print(f"device {device}, threads {torch.get_num_threads()}, inputs {a.dtype}, d {D}; batched matmul"
+          f" ({X.shape[0]}x{C}x{D} @ {D}x{C}, fp32): {bmm_rate:.1f} GFLOP/s")
+    print("useful FLOPs: loop and cuda 6 d^2 per token (read, write, query); chunk per chunk of C: C^2 d (A, strict"
+          " lower) + C^3/3 (T) + 2 C^2 d (T applied) + 2 C^2 d (QK^T, PU', causal halves) + 6 C d^2 (state);"
+          " backward = 2x forward\nmem MiB: on CUDA the peak allocated; on CPU the tensors autograd saves for the"
+          " backward")
     print(f"{'impl':6} {'T':>6} {'fwd ms':>9} {'fwd+bwd ms':>11} {'tok/s (f+b)':>12} {'mem MiB':>9} {'GFLOP/s':>8}"
           f" {'% bmm':>6}")
-    impls = ["loop", "chunk"] + (["cuda"] if device.type == "cuda" and a.impl == "cuda" else [])
-    C = a.chunk_size
-    for T in (256, 1024, 4096):
+    impls = [i for i in a.bench_impls.split(",") if i in ("loop", "chunk")]
+    if "cuda" in a.bench_impls.split(",") and device.type == "cuda" and cuda_kernels() is not None:
+        impls.append("cuda")
+    for T in lengths:
         g = torch.Generator().manual_seed(0)
-        q, k = (F.normalize(torch.randn(B, H, T, D, generator=g), dim=-1).to(device) for _ in range(2))
-        v, beta = torch.randn(B, H, T, D, generator=g).to(device), torch.rand(B, H, T, generator=g).to(device)
+        q, k = (F.normalize(torch.randn(B, H, T, D, generator=g), dim=-1).to(device, dtype) for _ in range(2))
+        v, beta = torch.randn(B, H, T, D, generator=g).to(device, dtype), torch.rand(B, H, T, generator=g).to(device, dtype)
         for impl in impls:
             leaves = [t.clone().requires_grad_() for t in (q, k, v, beta)]
 
@@ -660,11 +734,11 @@ def bench(a):
             else:
                 mem = saved_mib(fwd_bwd)
             c = min(C, T)
-            flops_fwd = B * H * T * 6 * D * D if impl == "loop" else \
-                B * H * (T // c) * (c * c * D + c**3 / 3 + 4 * c * c * D + 6 * c * D * D)
+            flops_fwd = B * H * T * 6 * D * D if impl != "chunk" else \
+                B * H * -(-T // c) * (c * c * D + c**3 / 3 + 4 * c * c * D + 6 * c * D * D)
             rate = 3 * flops_fwd / t_fb / 1e9
             print(f"{impl:6} {T:6d} {t_f * 1e3:9.1f} {t_fb * 1e3:11.1f} {B * T / t_fb:12.0f} {mem:9.1f} {rate:8.1f}"
-                  f" {100 * rate / bmm_rate:5.0f}%")
+                  f" {100 * rate / bmm_rate:5.0f}%", flush=True)
 
 
 def main(argv=None):
