@@ -15,7 +15,8 @@ Block: x + Out(Delta(LN(x))), then x + FF(LN(x)); a final LN and the output head
 
 Glossary: b batch, h head, t time step, T sequence length, C chunk length, n chunk index,
 d_k = d_v = d_head = d_model / n_head, W (d_v, d_k) the fast weight of one head (fp32),
-S = W^T (d_k, d_v) the same state in the chunk form, beta in (0, 1) the write strength.
+S = W^T (d_k, d_v) the same state in the chunk form, beta in (0, 1) the write strength; in the chunk
+form A = strict_lower(diag(beta) K K^T) and T = (I + A)^-1 (a C x C matrix, not the length).
 
 Commands:
     python delta_net.py                                  # associative recall, a few CPU minutes
@@ -606,6 +607,9 @@ def train(a):
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                         "data": gen.get_state()}})
 
+    if step >= a.steps:
+        print(f"the checkpoint in {a.out_dir} is already at step {step} of --steps {a.steps}; nothing to do")
+        return
     t0, results = time.time(), {}
     n_seg = data.n_segments(task["train"], a.seq_len) if a.task == "lm" else 0
     bar = tqdm(total=a.steps, initial=step, disable=not master, dynamic_ncols=True)
