@@ -657,7 +657,12 @@ def train(a):
         name = {"recall": "acc", "lm": "ppl" if a.tokenizer == "word" else "bpc"}[a.task]
         print(f"final: test {name} {results['test'][name]:.4f}, valid {name} {results['valid'][name]:.4f} after {step}"
               f" steps, {time.time() - t0:.0f}s")
-    if world > 1:
+    if world > 1:  # DDP's invariant: every rank ends with the same weights
+        flat = torch.cat([p.detach().flatten() for p in raw_model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        torch.distributed.all_gather(gathered, flat)
+        if master:
+            print(f"ddp: parameters identical on all {world} ranks: {all(torch.equal(g, flat) for g in gathered)}")
         torch.distributed.destroy_process_group()
 
 

@@ -3,6 +3,7 @@
 Run: python -m pytest test_all.py
 """
 
+import dataclasses
 import functools
 import http.server
 import io
@@ -320,6 +321,12 @@ def test_cli_errors(tmp_path, args, message):
     assert message in p.stderr and "Traceback" not in p.stderr
 
 
+def test_help_lists_every_flag(tmp_path):
+    p = run(script_copy(tmp_path), "--help")
+    for field in dataclasses.fields(delta_net.Args):
+        assert f"--{field.name} (" in p.stdout
+
+
 def test_empty_corpus_is_an_error(tmp_path):
     script = script_copy(tmp_path)
     empty = tmp_path / "empty.txt"
@@ -338,6 +345,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "2 process(es)" in p.stdout
     assert p.stdout.count("final: test acc") == 1  # only rank 0 logs
+    assert "ddp: parameters identical on all 2 ranks: True" in p.stdout
     assert len([m for m in read_metrics(out) if m["split"] == "train"]) == 20  # and only rank 0 writes metrics
 
 
