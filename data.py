@@ -13,7 +13,9 @@ import hashlib
 import os
 import urllib.request
 import zipfile
+from array import array
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -110,10 +112,19 @@ def _raw_splits(name_or_path, data_dir):
     )
 
 
-def _tokenize(text, tokenizer):
-    if tokenizer == "char":
-        return list(text)
-    return [w for line in text.splitlines() for w in line.split() + ["<eos>"]]  # word level, as WikiText
+def _encode(text, tokenizer, vocab):
+    """Token ids as a LongTensor, without a Python object per token (WikiText-103 has 103M words)."""
+    index = {s: i for i, s in enumerate(vocab)}
+    unk = index["<unk>"]
+    if tokenizer == "char":  # a lookup table over code points
+        table = np.full(0x110000, unk, dtype=np.int64)
+        table[[ord(c) for c in vocab if len(c) == 1]] = [index[c] for c in vocab if len(c) == 1]
+        return torch.from_numpy(table[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)])
+    ids, eos = array("q"), index["<eos>"]
+    for line in text.splitlines():  # word level as WikiText: whitespace-separated, <eos> at each line end
+        ids.extend([index.get(w, unk) for w in line.split()])
+        ids.append(eos)
+    return torch.frombuffer(ids, dtype=torch.long) if ids else torch.zeros(0, dtype=torch.long)
 
 
 def load_text(name_or_path, tokenizer="word", data_dir=DATA_DIR):
@@ -121,14 +132,17 @@ def load_text(name_or_path, tokenizer="word", data_dir=DATA_DIR):
     if tokenizer not in ("word", "char"):
         raise DataError(f"unknown tokenizer {tokenizer!r}: use word or char.")
     os.makedirs(data_dir, exist_ok=True)
-    splits = [_tokenize(s, tokenizer) for s in _raw_splits(name_or_path, data_dir)]
-    if not splits[0] or not splits[1]:
+    splits = _raw_splits(name_or_path, data_dir)
+    if not splits[0].strip() or not splits[1].strip():
         raise DataError(f"{name_or_path}: the training or validation text is empty.")
-    vocab = sorted(set(splits[0]) | {"<unk>"})
-    index = {s: i for i, s in enumerate(vocab)}
-    unk = index["<unk>"]
-    tensors = [torch.tensor([index.get(s, unk) for s in toks], dtype=torch.long) for toks in splits]
-    return (*tensors, vocab)
+    if tokenizer == "char":
+        vocab = sorted(set(splits[0]) | {"<unk>"})
+    else:
+        words = set()
+        for line in splits[0].splitlines():
+            words.update(line.split())
+        vocab = sorted(words | {"<unk>", "<eos>"})
+    return (*(_encode(text, tokenizer, vocab) for text in splits), vocab)
 
 
 def batchify(tokens, n_streams):
