@@ -198,7 +198,7 @@ def check_args(a):
         if getattr(a, key) not in allowed:
             fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(a, key)!r}")
     for key in ("d_model", "n_layer", "n_head", "d_ff", "batch_size", "steps", "eval_every", "eval_batches",
-                "chunk_size", "seq_len", "n_pairs", "vocab_size"):
+                "chunk_size", "seq_len", "n_pairs", "vocab_size", "bench_d"):
         if getattr(a, key) <= 0:
             fail(f"--{key} must be positive, got {getattr(a, key)}")
     if a.d_model % a.n_head:
@@ -491,7 +491,13 @@ def evaluate(model, a, task, split, device, autocast):
 
 def pick_device(name):
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            fail(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            fail(f"--device {name}: this machine has no CUDA GPU; use --device cpu (or auto)")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -530,6 +536,8 @@ def sample(a, device):
         fail(f"no checkpoint at {path}; train first (python delta_net.py --task lm ...)")
     ckpt = torch.load(path, map_location=device, weights_only=False)
     train_args, vocab = Args(**ckpt["args"]), ckpt["vocab"]
+    if train_args.task != "lm":
+        fail(f"the checkpoint at {path} was trained on --task {train_args.task}, not lm; it cannot generate text")
     train_args.impl = a.impl
     model = DeltaNet(train_args, len(vocab)).to(device)
     model.load_state_dict(ckpt["model"])
@@ -566,6 +574,8 @@ def train(a):
     if a.impl == "cuda" and device.type != "cuda":
         print(f"warning: --impl cuda needs a CUDA device, not {device}; using --impl chunk", file=sys.stderr)
     use_bf16 = a.dtype == "bfloat16" and device.type == "cuda"
+    if a.dtype == "bfloat16" and not use_bf16:
+        print(f"warning: --dtype bfloat16 (autocast) is CUDA only; training in float32 on {device}", file=sys.stderr)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
     try:
         task = load_task(a, rank, world)

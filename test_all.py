@@ -312,6 +312,7 @@ def test_sample_constant_memory_state_matches_parallel():
     (["--n_pairs", "40", "--vocab_size", "64"], "--vocab_size of at least 80"),
     (["--task", "lm", "--dataset", "/no/such/file.txt"], "unknown dataset"),
     (["--resume"], "no checkpoint"),
+    (["--device", "tpu9"], "is not a device"),
     (["--task", "lm", "--sample", "5"], "no checkpoint"),
 ])
 def test_cli_errors(tmp_path, args, message):
@@ -319,6 +320,19 @@ def test_cli_errors(tmp_path, args, message):
     p = run(script, "--preset", "tiny", "--out_dir", str(tmp_path / "out"), *args, check=False)
     assert p.returncode != 0
     assert message in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda_is_an_error(tmp_path):
+    p = run(script_copy(tmp_path), "--preset", "tiny", "--device", "cuda", check=False)
+    assert p.returncode == 2 and "no CUDA GPU" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_sample_from_a_recall_checkpoint_is_an_error(tmp_path):
+    script, out = script_copy(tmp_path), str(tmp_path / "out")
+    run(script, "--preset", "tiny", "--steps", "2", "--out_dir", out)
+    p = run(script, "--task", "lm", "--sample", "5", "--out_dir", out, check=False)
+    assert p.returncode == 2 and "trained on --task recall" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_help_lists_every_flag(tmp_path):
