@@ -9,6 +9,7 @@ import http.server
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 import data
 import delta_net
+import linear_transformer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(2)
@@ -364,6 +366,247 @@ def test_ddp_two_processes_on_cpu(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# linear_transformer.py: the sum rule, feature maps, softmax baseline
+
+
+def lt_inputs(B=2, H=3, T=37, d_phi=8, d_v=10, seed=0, dtype=torch.float64, denom=True):
+    """Positive feature-mapped q, k (as elu1 gives them), a random initial state (W, z)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = (F.elu(torch.randn(B, H, T, d_phi, generator=g, dtype=dtype)) + 1 for _ in range(2))
+    v = torch.randn(B, H, T, d_v, generator=g, dtype=dtype)
+    W = torch.randn(B, H, d_v, d_phi, generator=g, dtype=dtype)
+    z = torch.rand(B, H, d_phi, generator=g, dtype=dtype) + 1
+    return [t.requires_grad_() for t in (q, k, v, W)] + ([z.requires_grad_()] if denom else [])
+
+
+def lt_outputs_and_grads(impl, x, denom, chunk_size=8):
+    q, k, v, W = x[:4]
+    y, (W_T, z_T) = linear_attention(q, k, v, (W, x[4] if denom else None), denom, impl, chunk_size)
+    g = torch.Generator().manual_seed(1)
+    outs = [y, W_T] + ([z_T] if denom else [])
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+    return outs, torch.autograd.grad(loss, x)
+
+
+linear_attention = linear_transformer.linear_attention
+
+
+@pytest.mark.parametrize("denom", [True, False])
+@pytest.mark.parametrize("impl, chunk_size", [("chunk", 1), ("chunk", 8), ("chunk", 64), ("parallel", 0)])
+def test_lt_fast_forms_equal_loop_float64(impl, chunk_size, denom):
+    """Outputs, the carried state (W and z) and the gradients of q, k, v, W0 and z0; T=37 is not a multiple of C."""
+    x = lt_inputs(denom=denom)
+    outs_loop, g_loop = lt_outputs_and_grads("loop", x, denom)
+    outs, g = lt_outputs_and_grads(impl, x, denom, chunk_size)
+    assert len(outs) == (3 if denom else 2) and len(g) == (5 if denom else 4)
+    for a, b in zip(outs + list(g), outs_loop + list(g_loop)):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_lt_loop_is_the_textbook_recurrence():
+    """y_t = (sum_{i<=t} v_i k_i^T) q_t / (sum_{i<=t} k_i . q_t), written out in plain Python."""
+    q, k, v, _, _ = [t.detach() for t in lt_inputs(B=1, H=1, T=5, d_phi=3, d_v=2)]
+    y, (W, z) = linear_attention(q, k, v, None, True, "loop")
+    for t in range(5):
+        num = sum(v[0, 0, i, :, None] * k[0, 0, i, None, :] for i in range(t + 1)) @ q[0, 0, t]
+        den = sum(k[0, 0, i] @ q[0, 0, t] for i in range(t + 1))
+        torch.testing.assert_close(y[0, 0, t], num / (den + linear_transformer.EPS))
+    torch.testing.assert_close(z[0, 0], k[0, 0].sum(0))
+
+
+def test_lt_gradcheck_loop_and_chunk():
+    x = lt_inputs(B=1, H=2, T=6, d_phi=3, d_v=2)
+    for impl in ("loop", "chunk"):
+        fn = lambda q, k, v, W, z: linear_attention(q, k, v, (W, z), True, impl, 4)  # noqa: E731
+        assert torch.autograd.gradcheck(lambda *a: (fn(*a)[0], *fn(*a)[1]), x)
+
+
+@pytest.mark.parametrize("impl", ["loop", "chunk", "parallel"])
+def test_lt_state_carried_across_calls(impl):
+    """One call over T1 + T2 equals two calls with (W, z) passed along; gradients too."""
+    q, k, v, W0, z0 = lt_inputs(T=37)
+    y, state = linear_attention(q, k, v, (W0, z0), True, impl, 8)
+    ya, sa = linear_attention(q[:, :, :20], k[:, :, :20], v[:, :, :20], (W0, z0), True, impl, 8)
+    yb, sb = linear_attention(q[:, :, 20:], k[:, :, 20:], v[:, :, 20:], sa, True, impl, 8)
+    torch.testing.assert_close(torch.cat([ya, yb], 2), y, rtol=1e-11, atol=1e-11)
+    for a, b in zip(sb, state):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+    g_one = torch.autograd.grad(y.sum() + state[1].sum(), [k, z0])
+    g_two = torch.autograd.grad(ya.sum() + yb.sum() + sb[1].sum(), [k, z0])
+    for a, b in zip(g_two, g_one):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_lt_autocast_keeps_state_fp32():
+    x = [t.detach().float().requires_grad_() for t in lt_inputs(T=20)]
+    for impl in ("loop", "chunk", "parallel"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, (W, z) = linear_attention(x[0], x[1], x[2], (x[3], x[4]), True, impl)
+        assert W.dtype == z.dtype == torch.float32
+        y_ref, _ = linear_attention(x[0], x[1], x[2], (x[3], x[4]), True, impl)
+        torch.testing.assert_close(y, y_ref)
+
+
+def lt_args(**kw):
+    return linear_transformer.parse_args(["--preset", "tiny"] + [s for k, v in kw.items() for s in (f"--{k}", str(v))])
+
+
+@pytest.mark.parametrize("normalize", ["denom", "sumnorm", "none"])
+@pytest.mark.parametrize("phi", ["elu1", "dpfp", "favor", "relu"])
+def test_lt_model_impls_agree_and_carry_state(phi, normalize):
+    """The whole model for every phi and normalisation: loop = chunk = parallel logits, and segment by segment
+    (state carried, z included) = all at once."""
+    torch.manual_seed(0)
+    model = linear_transformer.LinearTransformer(lt_args(phi=phi, normalize=normalize, n_layer=2, dpfp_nu=2,
+                                                         n_features=24, impl="loop"), 16).double()
+    x = torch.randint(0, 16, (3, 29))
+    logits_loop, state_loop = model(x)
+    assert state_loop[0][0].shape == (3, 2, 16, {"dpfp": 64, "favor": 24}.get(phi, 16))  # (B, H, d_head, d_phi)
+    assert (state_loop[0][1] is not None) == (normalize == "denom")
+    for impl in ("chunk", "parallel"):
+        for block in model.blocks:
+            block.attn.impl, block.attn.chunk_size = impl, 8
+        logits, _ = model(x)
+        torch.testing.assert_close(logits, logits_loop, rtol=1e-10, atol=1e-10)
+    part1, s = model(x[:, :11])
+    part2, s = model(x[:, 11:], s)
+    torch.testing.assert_close(torch.cat([part1, part2], 1), logits_loop, rtol=1e-10, atol=1e-10)
+    for layer, layer_loop in zip(s, state_loop):
+        for a, b in zip(layer, layer_loop):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_lt_softmax_cache_equals_one_call():
+    """Softmax attention's state is its KV cache: token by token = one causal pass, and it matches the formula."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 4, dtype=torch.float64) for _ in range(3))
+    y, (K, V) = linear_transformer.softmax_attention(q, k, v)
+    scores = (q @ k.transpose(-1, -2) / 2).masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(y, scores.softmax(-1) @ v)
+    ya, cache = linear_transformer.softmax_attention(q[:, :, :4], k[:, :, :4], v[:, :, :4])
+    yb, cache = linear_transformer.softmax_attention(q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], cache)
+    torch.testing.assert_close(torch.cat([ya, yb], 2), y)
+    torch.testing.assert_close(cache[0], K)
+
+
+def test_lt_dpfp_dimension_and_formula():
+    x = torch.randn(5, 7, 6)
+    for nu in (1, 2, 3):
+        phi = linear_transformer.dpfp(x, nu)
+        assert phi.shape == (5, 7, 2 * nu * 6)
+        r = torch.cat([x, -x], -1).relu()
+        for i in range(1, nu + 1):  # phi_{(i-1) 2d + j} = r_j r_{(j + i) mod 2d}
+            for j in range(12):
+                torch.testing.assert_close(phi[..., (i - 1) * 12 + j], r[..., j] * r[..., (j + i) % 12])
+    assert (phi >= 0).all()
+
+
+def test_lt_favor_is_an_unbiased_softmax_kernel_estimate():
+    """E[phi(q) . phi(k)] = exp(q . k / sqrt(d)) (fixed seed): the mean over 4000 independent draws of the
+    orthogonal projection lies within 4 standard errors of the exact kernel for every pair, and those errors
+    are small enough (< 5% of the value) that a biased estimator (e.g. one without the -|x|^2/2, off by a factor
+    of about 4 here) would fail."""
+    d, m, R = 8, 16, 4000
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(6, d, generator=g, dtype=torch.float64) * 0.7, torch.randn(6, d, generator=g, dtype=torch.float64) * 0.7
+    exact = torch.exp((q * k).sum(-1) / d**0.5)
+    est = []
+    for _ in range(R):
+        omega = linear_transformer.favor_projection(m, d, generator=g).double()
+        est.append((linear_transformer.favor_features(q, omega) * linear_transformer.favor_features(k, omega)).sum(-1))
+    est = torch.stack(est)
+    mean, stderr = est.mean(0), est.std(0) / R**0.5
+    assert ((mean - exact).abs() < 4 * stderr).all(), (mean, exact, stderr)
+    assert (stderr / exact < 0.05).all()
+    omega = linear_transformer.favor_projection(2 * d, d, generator=g)  # two blocks of d orthogonal rows
+    for block in (omega[:d], omega[d:]):
+        gram = block @ block.T
+        torch.testing.assert_close(gram, torch.diag(torch.diagonal(gram)), atol=1e-4, rtol=0)
+
+
+def test_lt_favor_redraw_is_saved_and_resume_is_exact(tmp_path):
+    """FAVOR+ redraws its projection every --favor_redraw steps; a run stopped at step 10 and resumed ends exactly
+    where an uninterrupted run ends, and the projection changed during training."""
+    script = script_copy(tmp_path, "linear_transformer.py")
+    common = ["--preset", "tiny", "--phi", "favor", "--favor_redraw", "4", "--steps", "20", "--eval_every", "5"]
+    run(script, *common, "--out_dir", str(tmp_path / "full"))
+    run(script, *common, "--out_dir", str(tmp_path / "split"), "--stop_at", "10")
+    omega_10 = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)["model"]["blocks.0.attn.omega"]
+    run(script, *common, "--out_dir", str(tmp_path / "split"), "--resume")
+    full = [(m["step"], m["split"], m["value"]) for m in read_metrics(tmp_path / "full")]
+    split = [(m["step"], m["split"], m["value"]) for m in read_metrics(tmp_path / "split")]
+    assert [m for m in split if m[0] > 10] == [m for m in full if m[0] > 10]
+    omega_20 = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["model"]["blocks.0.attn.omega"]
+    assert not torch.equal(omega_10, omega_20)
+
+
+@pytest.mark.parametrize("args", [[], ["--attn", "softmax"], ["--phi", "dpfp", "--normalize", "sumnorm"]])
+def test_lt_smoke_recall_and_determinism(tmp_path, args):
+    script = script_copy(tmp_path, "linear_transformer.py")
+    losses = []
+    for i in range(2):
+        out = str(tmp_path / f"out{i}")
+        p = run(script, "--preset", "tiny", "--out_dir", out, *args)
+        assert "final: test acc" in p.stdout
+        losses.append([m["value"] for m in read_metrics(out) if m["metric"] == "loss"])
+    assert len(losses[0]) == 23 and losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("attn", ["linear", "softmax"])
+def test_lt_smoke_lm_and_sample(tmp_path, attn):
+    """lm through data.py; sampling carries the fast weights (linear) or the KV cache (softmax)."""
+    script = script_copy(tmp_path, "linear_transformer.py")
+    corpus, out = str(tmp_path / "corpus"), str(tmp_path / "out")
+    write_corpus(corpus)
+    carry = ["--carry_state"] if attn == "linear" else []
+    p = run(script, "--preset", "tiny", "--task", "lm", "--dataset", corpus, "--attn", attn, *carry, "--out_dir", out,
+            "--batch_size", "4", "--seq_len", "16")
+    assert "final: test ppl" in p.stdout
+    p = run(script, "--task", "lm", "--out_dir", out, "--sample", "12", "--prompt", "the fast")
+    assert p.stdout.startswith("the fast") and len(p.stdout.split()) >= 12
+
+
+def test_lt_sample_state_matches_parallel():
+    torch.manual_seed(0)
+    for attn in ("linear", "softmax"):
+        model = linear_transformer.LinearTransformer(lt_args(attn=attn), 16).double().eval()
+        x = torch.randint(0, 16, (1, 9))
+        logits, _ = model(x)
+        s = None
+        for t in range(9):
+            step_logits, s = model(x[:, t : t + 1], s)
+            torch.testing.assert_close(step_logits[:, 0], logits[:, t])
+
+
+def test_lt_bench_runs(tmp_path):
+    p = run(script_copy(tmp_path, "linear_transformer.py"), "--bench", "--bench_T", "64,128", "--bench_d", "16")
+    for impl in ("loop", "chunk", "parallel", "softmax"):
+        assert len(re.findall(rf"^{impl} +\d+ ", p.stdout, re.M)) == 2, p.stdout
+    assert "chunk vs softmax" in p.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--phi", "cosine"], "--phi must be one of"),
+    (["--normalize", "l2"], "--normalize must be one of"),
+    (["--attn", "softmax", "--carry_state"], "--carry_state needs --attn linear"),
+    (["--dpfp_nu", "0"], "--dpfp_nu must be positive"),
+    (["--impl", "fast"], "--impl must be one of"),
+    (["--favor_redraw", "-1"], "--favor_redraw non-negative"),
+])
+def test_lt_cli_errors(tmp_path, args, message):
+    p = run(script_copy(tmp_path, "linear_transformer.py"), "--preset", "tiny", "--out_dir", str(tmp_path / "o"), *args,
+            check=False)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_lt_help_lists_every_flag(tmp_path):
+    p = run(script_copy(tmp_path, "linear_transformer.py"), "--help")
+    for field in dataclasses.fields(linear_transformer.Args):
+        assert f"--{field.name} (" in p.stdout
+
+
+# ----------------------------------------------------------------------------------------------
 # data.py
 
 
@@ -543,4 +786,42 @@ def test_cuda_bf16_training_smoke(tmp_path, impl):
     script = script_copy(tmp_path)
     p = run(script, "--preset", "tiny", "--device", "cuda", "--dtype", "bfloat16", "--impl", impl,
             "--out_dir", str(tmp_path / "o"))
+    assert "device cuda" in p.stdout and "final: test acc" in p.stdout and "warning" not in p.stderr
+
+
+@needs_cuda
+@pytest.mark.parametrize("d_phi", [16, 64, 128, 384])
+@pytest.mark.parametrize("T", [1, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("denom", [True, False])
+def test_cuda_lt_equals_loop(d_phi, T, dtype, denom):
+    """linear_attention on CUDA (the sum kernel; d_phi 384 > 128 falls back to chunk) against the float64 loop on
+    the CPU: outputs, (W, z) and the gradients of q, k, v, W0, z0."""
+    x = lt_inputs(B=2, H=3, T=T, d_phi=d_phi, d_v=64, denom=denom)
+    x = [(t / d_phi if i < 2 else t).detach().requires_grad_() for i, t in enumerate(x)]  # keys of unit-ish sum
+    outs_ref, g_ref = lt_outputs_and_grads("loop", x, denom)
+    xs = [t.detach().cuda().to(dtype if i < 3 else torch.float32).requires_grad_() for i, t in enumerate(x)]
+    outs, g = lt_outputs_and_grads("cuda", xs, denom)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(outs + list(g), outs_ref + list(g_ref)):
+        assert rel_err(a.cpu(), b) < tol
+
+
+@needs_cuda
+def test_cuda_lt_state_split_equals_one_call():
+    q, k, v, W0, z0 = [t.detach().cuda().float() for t in lt_inputs(T=100, d_phi=64, d_v=64)]
+    y, (W, z) = linear_attention(q, k, v, (W0, z0), True, "cuda")
+    ya, sa = linear_attention(q[:, :, :60], k[:, :, :60], v[:, :, :60], (W0, z0), True, "cuda")
+    yb, (Wb, zb) = linear_attention(q[:, :, 60:], k[:, :, 60:], v[:, :, 60:], sa, True, "cuda")
+    torch.testing.assert_close(torch.cat([ya, yb], 2), y)
+    torch.testing.assert_close(Wb, W)
+    torch.testing.assert_close(zb, z)
+
+
+@needs_cuda
+@pytest.mark.parametrize("args", [["--impl", "cuda"], ["--impl", "chunk"], ["--attn", "softmax"],
+                                  ["--phi", "favor", "--impl", "cuda"]])
+def test_cuda_lt_bf16_training_smoke(tmp_path, args):
+    p = run(script_copy(tmp_path, "linear_transformer.py"), "--preset", "tiny", "--device", "cuda", "--dtype",
+            "bfloat16", "--out_dir", str(tmp_path / "o"), *args)
     assert "device cuda" in p.stdout and "final: test acc" in p.stdout and "warning" not in p.stderr

@@ -1,0 +1,846 @@
+"""Linear Transformers: causal linear attention is a fast weight programmer with the sum rule.
+
+Schlag, Irie, Schmidhuber, "Linear Transformers Are Secretly Fast Weight Programmers", ICML 2021,
+arXiv 2102.11174 (section 3, eq. 1-5 and 14-16; DPFP in section 5.3; capacity in section 4 and 6.1).
+Linear attention: Katharopoulos, Vyas, Pappas, Fleuret, "Transformers are RNNs", ICML 2020
+(arXiv 2006.16236, eq. 4-6). FAVOR+: Choromanski et al., "Rethinking Attention with Performers",
+ICLR 2021 (arXiv 2009.14794, section 2.3, Lemma 1). Derived from delta_net.py: same tasks, training
+loop, checkpoints and --bench; the sum rule instead of the delta rule, and a choice of feature maps.
+
+The slow network (projections W_q, W_k, W_v) writes into a fast weight matrix W per head:
+    q_t, k_t, v_t = phi(W_q x_t), phi(W_k x_t), W_v x_t     (phi: --phi elu1 | dpfp | favor | relu)
+    W_t = W_{t-1} + v_t k_t^T                                (sum rule: every write adds, nothing is removed)
+    z_t = z_{t-1} + k_t                                      (the normaliser, --normalize denom)
+    y_t = W_t q_t / (z_t . q_t)                              (Katharopoulos et al.; --normalize sumnorm instead
+                                                              divides q and k by their sums; none: y_t = W_t q_t)
+Softmax attention y_t = sum_{i<=t} softmax_i(q_t . k_i / sqrt(d)) v_i is the same computation with an
+infinite-dimensional phi; W_t then has no finite size and the cost grows as T^2 (--attn softmax, the baseline).
+Block: x + Out(Attn(LN(x))), then x + FF(LN(x)); a final LN and the output head.
+
+Glossary: b batch, h head, t time step, T sequence length, C chunk length, n chunk index,
+d_head = d_model / n_head, d_phi the feature dimension (d_head; 2 nu d_head for DPFP-nu; n_features for
+FAVOR+), W (d_head, d_phi) the fast weight of one head (fp32), z (d_phi) the sum of the keys,
+omega (n_features, d_head) FAVOR+'s random projection, nu DPFP's number of rolls.
+
+Commands:
+    python linear_transformer.py                             # associative recall, a few CPU minutes
+    python linear_transformer.py --preset tiny --steps 20    # smoke run
+    python linear_transformer.py --phi dpfp --dpfp_nu 2      # a larger feature space (2 nu d_head)
+    python linear_transformer.py --attn softmax              # the quadratic baseline, same block
+    python linear_transformer.py --task lm --dataset wikitext-103 --preset paper   # GPU, the paper's LM size
+    python linear_transformer.py --bench                     # loop/chunk/parallel/cuda vs softmax over T
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+
+
+@dataclass
+class Args:
+    # task
+    task: str = "recall"
+    """recall (associative recall, synthetic) or lm (language modelling through data.py)"""
+    n_pairs: int = 24
+    """recall: key-value pairs per sequence; every key is queried once afterwards"""
+    vocab_size: int = 128
+    """recall: keys come from the first half of the ids, values from the second (plus one blank id)"""
+    dataset: str = "wikitext-2"
+    """lm: wikitext-103 | wikitext-2 | enwik8 | a text file | a folder with train/valid/test files"""
+    tokenizer: str = "word"
+    """lm: word (perplexity) or char (bits per character)"""
+    data_dir: str = data.DATA_DIR
+    """where downloads are cached"""
+    seq_len: int = 256
+    """lm: tokens per training segment"""
+    carry_state: bool = False
+    """lm: carry the fast weights across consecutive segments (train and eval), detached"""
+    sample: int = 0
+    """lm: generate this many tokens from the checkpoint in out_dir and exit"""
+    prompt: str = "The"
+    """lm: text the generation starts from"""
+    temperature: float = 1.0
+    """lm: sampling temperature"""
+    # model
+    d_model: int = 128
+    """residual stream width"""
+    n_layer: int = 2
+    """number of blocks"""
+    n_head: int = 4
+    """heads per layer; d_head = d_model / n_head"""
+    d_ff: int = 512
+    """feed-forward hidden width"""
+    dropout: float = 0.0
+    """dropout after the attention output and in the feed-forward block"""
+    attn: str = "linear"
+    """linear (the sum-rule fast weight programmer) or softmax (causal softmax attention, the baseline)"""
+    phi: str = "elu1"
+    """feature map of q and k: elu1 (elu(x)+1), dpfp (DPFP-nu), favor (FAVOR+ random features), relu"""
+    normalize: str = "denom"
+    """denom (y = W q / (z . q)), sumnorm (q, k divided by their sums, no denominator) or none"""
+    dpfp_nu: int = 1
+    """dpfp: rolls nu; d_phi = 2 nu d_head"""
+    n_features: int = 64
+    """favor: random features m = d_phi"""
+    favor_redraw: int = 1000
+    """favor: draw a new random projection every this many training steps (0: never)"""
+    impl: str = "auto"
+    """auto | loop | chunk | parallel | cuda: which implementation of the sum rule"""
+    chunk_size: int = 64
+    """chunk length C of the chunkwise form"""
+    # training
+    batch_size: int = 32
+    """sequences (recall) or parallel streams (lm) per step and process"""
+    steps: int = 1000
+    """optimizer steps"""
+    lr: float = 2e-3
+    """peak learning rate (AdamW)"""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices"""
+    warmup: int = 100
+    """linear warm-up steps, then cosine decay to lr / 10"""
+    grad_clip: float = 1.0
+    """gradient norm clip (0 disables)"""
+    eval_every: int = 200
+    """evaluate and checkpoint every this many steps"""
+    eval_batches: int = 16
+    """recall: batches in each evaluation (lm evaluates the whole split)"""
+    seed: int = 0
+    """seed of python, numpy and torch"""
+    device: str = "auto"
+    """auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"""
+    dtype: str = "float32"
+    """float32 or bfloat16 (autocast, CUDA only; the fast-weight state stays fp32)"""
+    out_dir: str = "out/linear_transformer"
+    """metrics.jsonl and ckpt.pt go here"""
+    resume: bool = False
+    """continue from out_dir/ckpt.pt"""
+    stop_at: int = 0
+    """exit after this step, checkpoint saved (a time-boxed job); --resume continues. 0: run to the end"""
+    bench: bool = False
+    """run the speed/memory benchmark of the sum-rule implementations and softmax attention, and exit"""
+    bench_T: str = "256,1024,4096,16384"
+    """--bench: comma-separated sequence lengths (B=4, H=4)"""
+    bench_d: int = 64
+    """--bench: d_phi = d_head"""
+    bench_impls: str = "loop,chunk,parallel,cuda,softmax"
+    """--bench: which implementations (cuda only where CUDA is)"""
+
+
+PRESETS = {
+    "tiny": dict(d_model=32, n_layer=1, n_head=2, d_ff=64, n_pairs=4, vocab_size=16, batch_size=8, steps=20,
+                 eval_every=10, eval_batches=2, seq_len=32, warmup=5),
+    # WikiText-103 "small" of the official code (16 layers, d 128, 8 heads of 16, FF 2048, segments of 256,
+    # lr 2.5e-4, 2k warm-up, cosine over 500k steps, clip 0.25); their adaptive input/softmax is not used here.
+    # The paper's linear Transformer there: elu1 with the denominator (its Table 2 "Linear")
+    "paper": dict(task="lm", dataset="wikitext-103", d_model=128, n_layer=16, n_head=8, d_ff=2048, dropout=0.1,
+                  seq_len=256, batch_size=96, steps=500_000, lr=2.5e-4, warmup=2000, grad_clip=0.25, eval_every=5000),
+}
+
+
+def fail(msg):
+    """A user error: one message, non-zero exit, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def print_help():
+    """Every Args field with its type, default and docstring (read from this file's source)."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(Args)).body[0].body
+    print(f"usage: python {os.path.basename(sys.argv[0])} [--preset {'|'.join(PRESETS)}] [--key value ...]")
+    for node, doc in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr):
+            name = node.target.id
+            print(f"  --{name} ({ast.unparse(node.annotation)}, {getattr(Args, name)!r}): {doc.value.value}")
+    sys.exit(0)
+
+
+def parse_args(argv):
+    """--key value (or --key=value; a bare --flag sets a bool), --preset NAME applied first."""
+    if "--help" in argv or "-h" in argv:
+        print_help()
+    fields = {f.name: f for f in dataclasses.fields(Args)}
+    kv, i = {}, 0
+    while i < len(argv):
+        key, _, val = argv[i].removeprefix("--").partition("=")
+        if not argv[i].startswith("--") or (key not in fields and key != "preset"):
+            fail(f"unknown argument {argv[i]!r}; --help lists the flags")
+        is_bool = key in fields and fields[key].type is bool
+        if not val and not (is_bool and (i + 1 == len(argv) or argv[i + 1].startswith("--"))):
+            if i + 1 == len(argv):
+                fail(f"--{key} needs a value")
+            val, i = argv[i + 1], i + 1
+        kv[key] = val or "true"
+        i += 1
+    preset = kv.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    args = Args(**PRESETS.get(preset, {}))
+    for key, val in kv.items():
+        typ = fields[key].type
+        try:
+            if typ is bool:
+                if val.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                val = val.lower() in ("true", "1")
+            setattr(args, key, typ(val))
+        except ValueError:
+            fail(f"--{key} expects {typ.__name__}, got {val!r}")
+    return check_args(args)
+
+
+def check_args(a):
+    choices = dict(task=("recall", "lm"), tokenizer=("word", "char"), attn=("linear", "softmax"),
+                   phi=("elu1", "dpfp", "favor", "relu"), normalize=("denom", "sumnorm", "none"),
+                   impl=("auto", "loop", "chunk", "parallel", "cuda"), dtype=("float32", "bfloat16"))
+    for key, allowed in choices.items():
+        if getattr(a, key) not in allowed:
+            fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(a, key)!r}")
+    for key in ("d_model", "n_layer", "n_head", "d_ff", "batch_size", "steps", "eval_every", "eval_batches",
+                "chunk_size", "seq_len", "n_pairs", "vocab_size", "bench_d", "dpfp_nu", "n_features"):
+        if getattr(a, key) <= 0:
+            fail(f"--{key} must be positive, got {getattr(a, key)}")
+    if a.d_model % a.n_head:
+        fail(f"--d_model {a.d_model} is not divisible by --n_head {a.n_head}; pick n_head dividing d_model.")
+    if a.task == "recall" and 2 * a.n_pairs > a.vocab_size:
+        fail(f"--n_pairs {a.n_pairs} needs --vocab_size of at least {2 * a.n_pairs} (distinct keys in one half).")
+    if not 0 <= a.dropout < 1 or a.lr <= 0 or min(a.warmup, a.grad_clip, a.stop_at, a.favor_redraw) < 0:
+        fail("--dropout must be in [0, 1); --lr positive; --warmup, --grad_clip, --stop_at and --favor_redraw "
+             "non-negative.")
+    if a.attn == "softmax" and a.carry_state:
+        fail("--carry_state needs --attn linear: softmax attention's state (all past keys and values) grows with "
+             "the stream instead of staying one d_head x d_phi matrix.")
+    return a
+
+
+# ----------------------------------------------------------------------------------------------
+# The sum rule. Shapes: q, k (B, H, T, d_phi) already feature-mapped; v (B, H, T, d_v); W (B, H, d_v, d_phi);
+# z (B, H, d_phi). The state of one layer is (W, z), with z None unless normalize is denom.
+
+EPS = 1e-6  # keeps the denominator and the sum normalisation finite when a feature vector is all zeros (relu)
+
+
+def state_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def linear_attention_loop(q, k, v, state=None, denom=True):
+    """The reference recurrence (the spec and the test oracle): one step per token, fp32 state."""
+    B, H, T, d_phi = k.shape
+    dt = state_dtype(q)
+    W, z = state if state is not None else (None, None)
+    W = q.new_zeros(B, H, v.shape[-1], d_phi, dtype=dt) if W is None else W.to(dt)
+    z = q.new_zeros(B, H, d_phi, dtype=dt) if z is None else z.to(dt)
+    ys = []
+    with torch.autocast(q.device.type, enabled=False):  # the state and its products stay fp32 under autocast
+        for q_t, k_t, v_t in zip(*(x.to(dt).unbind(2) for x in (q, k, v))):
+            W = W + v_t.unsqueeze(-1) * k_t.unsqueeze(-2)  # W_t = W_{t-1} + v_t k_t^T
+            y_t = (W @ q_t.unsqueeze(-1)).squeeze(-1)  # W_t q_t
+            if denom:
+                z = z + k_t  # z_t = z_{t-1} + k_t
+                y_t = y_t / ((z * q_t).sum(-1, keepdim=True) + EPS)  # / (z_t . q_t)
+            ys.append(y_t)
+    return torch.stack(ys, 2).to(q.dtype), (W, z if denom else None)
+
+
+def sum_rule_chunk(q, k, v, W=None, chunk_size=64):
+    """Chunkwise form of the plain sum rule (y_t = W_t q_t): within a chunk of C steps the outputs are a causal
+    (C x C) masked matmul, across chunks the state is a prefix sum of the chunks' writes K_n^T V_n:
+        W_n = W_0 + sum_{m<n} V_m^T K_m        Y_n = Q_n W_n^T + tril(Q_n K_n^T) V_n
+    No step depends on another through a nonlinearity, so all chunks run at once (autograd does the backward)."""
+    B, H, T, d_phi = k.shape
+    d_v, dt = v.shape[-1], state_dtype(q)
+    C = min(chunk_size, T)
+    N = -(-T // C)
+
+    def chunks(x):  # (B, H, T, D) -> (B, H, N, C, D), zero-padded; a zero key writes nothing
+        return F.pad(x.to(dt), (0, 0, 0, N * C - T)).reshape(B, H, N, C, x.shape[-1])
+
+    W0 = q.new_zeros(B, H, d_v, d_phi, dtype=dt) if W is None else W.to(dt)
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v = chunks(q), chunks(k), chunks(v)
+        writes = v.transpose(-1, -2) @ k  # (B, H, N, d_v, d_phi): sum over the chunk of v_t k_t^T
+        W_n = torch.cat([W0.unsqueeze(2), writes], 2).cumsum(2)  # (B, H, N + 1, d_v, d_phi): W at chunk starts
+        y = q @ W_n[:, :, :-1].transpose(-1, -2) + (q @ k.transpose(-1, -2)).tril() @ v  # inter + intra chunk
+    return y.reshape(B, H, N * C, d_v)[:, :, :T], W_n[:, :, -1]
+
+
+def sum_rule_parallel(q, k, v, W=None):
+    """The attention form: Y = tril(Q K^T) V (+ Q W_0^T). Quadratic in T; the short-T test oracle."""
+    dt = state_dtype(q)
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+        y = (q @ k.transpose(-1, -2)).tril() @ v  # (B, H, T, T) scores, causal mask
+        W_T = v.transpose(-1, -2) @ k  # the fast weight the T writes add up to
+        if W is not None:
+            y, W_T = y + q @ W.to(dt).transpose(-1, -2), W_T + W.to(dt)
+    return y, W_T
+
+
+_CUDA_KERNELS = None  # the loaded extension; False once a build failed
+
+
+def cuda_kernels():
+    """Build and load cuda_kernels.cu on first use (never at import), under a module name holding a hash of
+    the source, so an edit rebuilds and two scripts never clash. None, after one warning, if that fails."""
+    global _CUDA_KERNELS
+    if _CUDA_KERNELS is None:
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_kernels.cu")
+        try:
+            from torch.utils.cpp_extension import load
+
+            with open(src, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()[:16]
+            _CUDA_KERNELS = load(f"fwp_kernels_{digest}", [src], extra_cuda_cflags=["-O3"], verbose=False)
+        except Exception as e:  # no nvcc, no file, a compile error: the PyTorch path still works
+            print(f"warning: cuda_kernels.cu unavailable ({type(e).__name__}: {str(e)[-2000:]}); using --impl chunk",
+                  file=sys.stderr)
+            _CUDA_KERNELS = False
+    return _CUDA_KERNELS or None
+
+
+class SumRuleCUDA(torch.autograd.Function):
+    """The recurrent sum rule as one fused kernel (cuda_kernels.cu, delta=False): fp32 state."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, W0):
+        y, W, _ = cuda_kernels().forward(q, k, v, q.new_empty(0), q.new_empty(0) if W0 is None else W0, False)
+        ctx.save_for_backward(q, k, v, W)
+        ctx.has_W0 = W0 is not None
+        return y, W
+
+    @staticmethod
+    def backward(ctx, dy, dW):
+        q, k, v, W = ctx.saved_tensors
+        dy = v.new_zeros(v.shape) if dy is None else dy.contiguous()
+        dW = W.new_empty(0) if dW is None else dW.contiguous()
+        dq, dk, dv, _, dW0 = cuda_kernels().backward(q, k, v, q.new_empty(0), q.new_empty(0), W, dy, dW, False)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dW0 if ctx.has_W0 else None
+
+
+def linear_attention(q, k, v, state=None, denom=True, impl="auto", chunk_size=64):
+    """Dispatch to an implementation; all take and return the state (W, z). loop is the recurrence above; the
+    fast forms compute the plain sum rule, and the denominator rides along as one more value row: z_t . q_t =
+    sum_{i<=t} (k_i . q_t) * 1, so the sum rule on v_t extended by a constant 1 stores z as W's last row."""
+    if impl == "loop":
+        return linear_attention_loop(q, k, v, state, denom)
+    W, z = state if state is not None else (None, None)
+    if denom:
+        v = torch.cat([v, torch.ones_like(v[..., :1])], -1)  # (B, H, T, d_v + 1)
+        if W is not None:
+            z = W.new_zeros(W.shape[:2] + W.shape[-1:]) if z is None else z
+            W = torch.cat([W, z.unsqueeze(-2)], -2)  # (B, H, d_v + 1, d_phi)
+    if impl in ("auto", "cuda") and q.is_cuda and k.shape[-1] <= 128 and cuda_kernels() is not None:
+        dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)  # autocast may mix bf16 and fp32
+        q_, k_, v_ = (x.to(dt).contiguous() for x in (q, k, v))
+        y, W = SumRuleCUDA.apply(q_, k_, v_, None if W is None else W.contiguous())
+    elif impl == "parallel":
+        y, W = sum_rule_parallel(q, k, v, W)
+    else:
+        y, W = sum_rule_chunk(q, k, v, W, chunk_size)
+    y, z = y.to(state_dtype(q)), None
+    if denom:
+        y, W, z = y[..., :-1] / (y[..., -1:] + EPS), W[..., :-1, :], W[..., -1, :]  # W q / (z . q), then split
+    return y.to(q.dtype), (W, z)
+
+
+def softmax_attention(q, k, v, cache=None):
+    """Causal softmax attention, the quadratic baseline. Its state is every past key and value (a KV cache)."""
+    if cache is not None:
+        k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+    T, P = q.shape[2], k.shape[2] - q.shape[2]  # P earlier positions in the cache
+    mask = None if P == 0 else torch.ones(T, P + T, dtype=torch.bool, device=q.device).tril(P)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=P == 0)
+    return y, (k, v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature maps phi: (..., d_head) -> (..., d_phi)
+
+
+def dpfp(x, nu):
+    """DPFP-nu (Schlag et al. 2021, section 5.3, eq. 37): r = relu([x, -x]) (2 d), phi_{i 2d + j} = r_j r_{j+i}
+    for i = 1..nu (indices mod 2d): d_phi = 2 nu d, sparse, non-negative, and orthogonal for distinct signs."""
+    r = F.relu(torch.cat([x, -x], -1))
+    return torch.cat([r * r.roll(-i, -1) for i in range(1, nu + 1)], -1)
+
+
+def favor_projection(m, d, generator=None):
+    """m random directions (m, d) for FAVOR+: blocks of d orthogonal rows (Haar, via QR with the sign fix), each
+    row rescaled to the norm of a fresh Gaussian vector, so each row is marginally N(0, I_d) (Performer, ORF)."""
+    blocks = []
+    for _ in range(-(-m // d)):
+        Q, R = torch.linalg.qr(torch.randn(d, d, generator=generator))
+        blocks.append((Q * torch.sign(torch.diagonal(R))).T)
+    return torch.cat(blocks)[:m] * torch.randn(m, d, generator=generator).norm(dim=1, keepdim=True)
+
+
+def favor_features(x, omega):
+    """FAVOR+ positive random features (Choromanski et al. 2021, Lemma 1) on x scaled by d^(-1/4):
+    phi(x) = exp(omega x - |x|^2 / 2) / sqrt(m), so E[phi(q) . phi(k)] = exp(q . k / sqrt(d)), the softmax kernel."""
+    x = x * x.shape[-1] ** -0.25
+    omega = omega.to(x.dtype)
+    return torch.exp(x @ omega.T - x.pow(2).sum(-1, keepdim=True) / 2) / math.sqrt(omega.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+class AttentionLayer(nn.Module):
+    """Multi-head linear (or softmax) attention: (B, T, d_model), state -> (B, T, d_model), state."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.n_head, self.d_head = a.n_head, a.d_model // a.n_head
+        self.attn, self.phi, self.nu, self.normalize = a.attn, a.phi, a.dpfp_nu, a.normalize
+        self.impl, self.chunk_size = a.impl, a.chunk_size
+        self.qkv = nn.Linear(a.d_model, 3 * a.d_model, bias=False)  # W_q, W_k, W_v
+        self.out = nn.Linear(a.d_model, a.d_model, bias=False)
+        if a.attn == "linear" and a.phi == "favor":  # a buffer: saved in checkpoints, never trained
+            self.register_buffer("omega", favor_projection(a.n_features, self.d_head))
+
+    def feature_map(self, x):
+        if self.phi == "elu1":
+            x = F.elu(x) + 1
+        elif self.phi == "relu":
+            x = F.relu(x)
+        elif self.phi == "dpfp":
+            x = dpfp(x, self.nu)
+        else:
+            x = favor_features(x, self.omega)
+        return x / (x.sum(-1, keepdim=True) + EPS) if self.normalize == "sumnorm" else x
+
+    def forward(self, x, state=None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
+        if self.attn == "softmax":
+            y, state = softmax_attention(q, k, v, state)
+        else:
+            q, k = self.feature_map(q), self.feature_map(k)  # (B, H, T, d_phi)
+            y, state = linear_attention(q, k, v, state, self.normalize == "denom", self.impl, self.chunk_size)
+        return self.out(y.transpose(1, 2).reshape(B, T, -1)), state
+
+
+class Block(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(a.d_model), nn.LayerNorm(a.d_model)
+        self.attn = AttentionLayer(a)
+        self.ff = nn.Sequential(nn.Linear(a.d_model, a.d_ff), nn.ReLU(), nn.Dropout(a.dropout),
+                                nn.Linear(a.d_ff, a.d_model), nn.Dropout(a.dropout))
+        self.drop = nn.Dropout(a.dropout)
+
+    def forward(self, x, state=None):
+        y, state = self.attn(self.ln1(x), state)
+        x = x + self.drop(y)
+        return x + self.ff(self.ln2(x)), state
+
+
+class LinearTransformer(nn.Module):
+    """Token ids (B, T) and a state (one per layer, or None) -> logits (B, T, vocab), new state.
+    Ids of shape (B, T, m) give m ids per position whose embeddings are summed (the recall task)."""
+
+    def __init__(self, a, vocab_size):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, a.d_model)
+        self.blocks = nn.ModuleList(Block(a) for _ in range(a.n_layer))
+        self.ln_f = nn.LayerNorm(a.d_model)
+        self.head = nn.Linear(a.d_model, vocab_size, bias=False)
+
+    def forward(self, idx, state=None):
+        x = self.embed(idx) if idx.dim() == 2 else self.embed(idx).sum(-2)
+        state = state or [None] * len(self.blocks)
+        new_state = []
+        for block, s in zip(self.blocks, state):
+            x, s = block(x, s)
+            new_state.append(s)
+        return self.head(self.ln_f(x)), new_state
+
+    @torch.no_grad()
+    def redraw_features(self):
+        """FAVOR+: a fresh random projection in every layer (from torch's global RNG, saved in checkpoints)."""
+        for block in self.blocks:
+            if hasattr(block.attn, "omega"):
+                block.attn.omega.copy_(favor_projection(*block.attn.omega.shape))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks
+
+
+def recall_batch(batch_size, n_pairs, vocab_size, gen):
+    """Associative recall (Schlag et al. 2021, section 4.1): n_pairs key-value pairs are written, then every key
+    is queried once in a random order and the model must output its value. Each position holds two ids whose
+    embeddings are summed: (key, value) while writing, (key, blank) while querying. Keys are distinct, from
+    [0, V/2); values from [V/2, V); blank = V. Targets are -100 (no loss) while writing. n_pairs=3, V=16:
+        x: (3,12) (5,9) (1,14) | (5,16) (1,16) (3,16)
+        y:   .      .     .    |    9     14     12
+    """
+    half = vocab_size // 2
+    keys = torch.rand(batch_size, half, generator=gen).argsort(-1)[:, :n_pairs]
+    values = torch.randint(half, vocab_size, (batch_size, n_pairs), generator=gen)
+    order = torch.rand(batch_size, n_pairs, generator=gen).argsort(-1)
+    queries = torch.stack([keys.gather(1, order), torch.full_like(keys, vocab_size)], -1)
+    x = torch.cat([torch.stack([keys, values], -1), queries], 1)  # (B, 2 n_pairs, 2)
+    y = torch.cat([torch.full_like(values, -100), values.gather(1, order)], 1)  # (B, 2 n_pairs)
+    return x, y
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def detach_state(state):
+    """Per layer (W, z) (z None without the denominator) or a softmax layer's (K, V) cache, cut from the graph."""
+    return None if state is None else [tuple(None if s is None else s.detach() for s in layer) for layer in state]
+
+
+def lr_at(step, a):
+    if step < a.warmup:
+        return a.lr * (step + 1) / a.warmup
+    progress = (step - a.warmup) / max(1, a.steps - a.warmup)
+    return a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def evaluate(model, a, task, split, device, autocast):
+    """recall: query accuracy and loss on fixed batches; lm: loss over the whole split, state carried if asked."""
+    model.eval()
+    total_loss, total_correct, total_n = 0.0, 0, 0
+    if a.task == "recall":
+        gen = torch.Generator().manual_seed({"valid": 10_000, "test": 20_000}[split] + a.seed)
+        batches = (recall_batch(a.batch_size, a.n_pairs, a.vocab_size, gen) for _ in range(a.eval_batches))
+    else:
+        streams = task[split]
+        batches = (data.segment(streams, i, a.seq_len) for i in range(data.n_segments(streams, a.seq_len)))
+    state = None
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            logits, state = model(x, state if a.carry_state else None)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+        mask = y != -100
+        total_loss += loss.item()
+        total_correct += (logits.argmax(-1)[mask] == y[mask]).sum().item()
+        total_n += mask.sum().item()
+    model.train()
+    loss = total_loss / total_n
+    if a.task == "recall":
+        return {"loss": loss, "acc": total_correct / total_n}
+    if a.tokenizer == "word":
+        return {"loss": loss, "ppl": math.exp(min(loss, 50))}
+    return {"loss": loss, "bpc": loss / math.log(2)}
+
+
+def pick_device(name):
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            fail(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            fail(f"--device {name}: this machine has no CUDA GPU; use --device cpu (or auto)")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def save_checkpoint(path, obj):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # atomic: a killed run leaves the previous checkpoint intact
+
+
+def log_metrics(out_dir, step, split, metrics, t0):
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        for name, value in metrics.items():
+            f.write(json.dumps(dict(step=step, split=split, metric=name, value=value, time=time.time() - t0)) + "\n")
+
+
+def load_task(a, rank, world):
+    """recall: nothing to load. lm: the corpus laid out as parallel streams (each rank its own rows)."""
+    if a.task == "recall":
+        return {"vocab_size": a.vocab_size + 1}  # + the blank id
+    train, valid, test, vocab = data.load_text(a.dataset, a.tokenizer, a.data_dir)
+    train = data.batchify(train, a.batch_size * world)[rank * a.batch_size : (rank + 1) * a.batch_size]
+    return {"vocab_size": len(vocab), "vocab": vocab, "train": train,
+            "valid": data.batchify(valid, a.batch_size), "test": data.batchify(test, a.batch_size)}
+
+
+def sample(a, device):
+    """Generate a.sample tokens from out_dir/ckpt.pt, one token at a time, carrying the fast weights (or, for
+    softmax attention, a cache of every past key and value)."""
+    path = os.path.join(a.out_dir, "ckpt.pt")
+    if a.task != "lm":
+        fail("--sample needs --task lm (and a checkpoint trained on text)")
+    if not os.path.exists(path):
+        fail(f"no checkpoint at {path}; train first (python linear_transformer.py --task lm ...)")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    train_args, vocab = Args(**ckpt["args"]), ckpt["vocab"]
+    if train_args.task != "lm":
+        fail(f"the checkpoint at {path} was trained on --task {train_args.task}, not lm; it cannot generate text")
+    train_args.impl = a.impl
+    model = LinearTransformer(train_args, len(vocab)).to(device)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    index = {s: i for i, s in enumerate(vocab)}
+    tokens = list(a.prompt) if train_args.tokenizer == "char" else a.prompt.split()
+    ids = [index.get(s, index["<unk>"]) for s in tokens] or [index["<unk>"]]
+    gen = torch.Generator(device=device).manual_seed(a.seed)
+    with torch.no_grad():
+        logits, state = model(torch.tensor([ids], device=device))  # the prompt in one parallel pass
+        for _ in range(a.sample):  # then constant memory per token: only the fast weights are kept
+            probs = F.softmax(logits[0, -1].float() / a.temperature, -1)
+            ids.append(torch.multinomial(probs, 1, generator=gen).item())
+            logits, state = model(torch.tensor([[ids[-1]]], device=device), state)
+    sep = "" if train_args.tokenizer == "char" else " "
+    print(sep.join(vocab[i] for i in ids).replace(" <eos> ", "\n"))
+
+
+def train(a):
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(a.device)
+    if world > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    random.seed(a.seed + rank)
+    np.random.seed(a.seed + rank)
+    torch.manual_seed(a.seed + rank)
+    gen = torch.Generator().manual_seed(a.seed + rank)  # training data
+    if a.impl == "cuda" and device.type != "cuda":
+        print(f"warning: --impl cuda needs a CUDA device, not {device}; using --impl chunk", file=sys.stderr)
+    use_bf16 = a.dtype == "bfloat16" and device.type == "cuda"
+    if a.dtype == "bfloat16" and not use_bf16:
+        print(f"warning: --dtype bfloat16 (autocast) is CUDA only; training in float32 on {device}", file=sys.stderr)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
+    try:
+        task = load_task(a, rank, world)
+    except data.DataError as e:
+        fail(str(e))
+
+    model = LinearTransformer(a, task["vocab_size"]).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+                            lr=a.lr, betas=(0.9, 0.98))
+    step, state, ckpt_path = 0, None, os.path.join(a.out_dir, "ckpt.pt")
+    if a.resume:
+        if not os.path.exists(ckpt_path):
+            fail(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, state = ckpt["step"], ckpt["train_state"]
+        random.setstate(ckpt["rng"]["python"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        gen.set_state(ckpt["rng"]["data"])
+    raw_model = model
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if master:
+        os.makedirs(a.out_dir, exist_ok=True)
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        print(f"config: {json.dumps(dataclasses.asdict(a))}")
+        print(f"device {device}, {world} process(es), {n_params / 1e6:.2f}M parameters, starting at step {step}")
+
+    def checkpoint():
+        if master:
+            save_checkpoint(ckpt_path, {
+                "model": raw_model.state_dict(), "optimizer": opt.state_dict(), "step": step, "args": dataclasses.asdict(a),
+                "vocab": task.get("vocab"), "train_state": detach_state(state),
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                        "data": gen.get_state()}})
+
+    if step >= a.steps:
+        print(f"the checkpoint in {a.out_dir} is already at step {step} of --steps {a.steps}; nothing to do")
+        return
+    t0, results = time.time(), {}
+    n_seg = data.n_segments(task["train"], a.seq_len) if a.task == "lm" else 0
+    bar = tqdm(total=a.steps, initial=step, disable=not master, dynamic_ncols=True)
+    while step < a.steps:
+        if a.task == "recall":
+            x, y = recall_batch(a.batch_size, a.n_pairs, a.vocab_size, gen)
+        else:
+            i = step % n_seg
+            x, y = data.segment(task["train"], i, a.seq_len)
+            if i == 0:
+                state = None  # a new pass over the corpus starts from empty fast weights
+        x, y = x.to(device), y.to(device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, a)
+        if a.attn == "linear" and a.phi == "favor" and a.favor_redraw and step % a.favor_redraw == 0 and step > 0:
+            raw_model.redraw_features()
+        with autocast:
+            logits, new_state = model(x, state if a.carry_state else None)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
+        if not torch.isfinite(loss):
+            bar.close()
+            print(f"error: the loss became {loss.item()} at step {step}; the last good checkpoint stays at {ckpt_path}. "
+                  "Lower --lr or raise --warmup.", file=sys.stderr)
+            sys.exit(1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if a.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+        opt.step()
+        state = detach_state(new_state) if a.carry_state else None
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if master:
+            log_metrics(a.out_dir, step, "train", {"loss": loss.item()}, t0)
+        if step % a.eval_every == 0 or step == a.steps or step == a.stop_at:
+            for split in ["valid", "test"] if step == a.steps else ["valid"]:
+                results[split] = evaluate(raw_model, a, task, split, device, autocast)
+                if master:
+                    log_metrics(a.out_dir, step, split, results[split], t0)
+                    tqdm.write(f"step {step} {split}: " + " ".join(f"{k} {v:.4f}" for k, v in results[split].items()))
+            checkpoint()
+            if step == a.stop_at:
+                break
+    bar.close()
+    if master and step == a.steps:
+        name = {"recall": "acc", "lm": "ppl" if a.tokenizer == "word" else "bpc"}[a.task]
+        print(f"final: test {name} {results['test'][name]:.4f}, valid {name} {results['valid'][name]:.4f} after {step}"
+              f" steps, {time.time() - t0:.0f}s")
+    if world > 1:  # DDP's invariant: every rank ends with the same weights
+        flat = torch.cat([p.detach().flatten() for p in raw_model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        torch.distributed.all_gather(gathered, flat)
+        if master:
+            print(f"ddp: parameters identical on all {world} ranks: {all(torch.equal(g, flat) for g in gathered)}")
+        torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark
+
+
+def saved_mib(fn):
+    """MiB of tensors autograd keeps for the backward pass of fn (the activation memory), each storage once."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values()) / 2**20
+
+
+def bench(a):
+    """Forward and forward+backward of each sum-rule implementation and of softmax attention at B=4, H=4,
+    d = bench_d, T in bench_T: linear against quadratic cost, and the T from which the chunk form wins."""
+    device = pick_device(a.device)
+    B, H, D, C = 4, 4, a.bench_d, a.chunk_size
+    dtype = torch.bfloat16 if a.dtype == "bfloat16" else torch.float32
+    try:
+        lengths = [int(t) for t in a.bench_T.split(",")]
+    except ValueError:
+        fail(f"--bench_T expects comma-separated integers, got {a.bench_T!r}")
+    impls = [i for i in a.bench_impls.split(",") if i in ("loop", "chunk", "parallel", "softmax")]
+    if "cuda" in a.bench_impls.split(",") and device.type == "cuda" and cuda_kernels() is not None:
+        impls.insert(impls.index("softmax") if "softmax" in impls else len(impls), "cuda")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    mem_limit = 0.25 * (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else
+                        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+    def timeit(fn, reps):
+        times = []
+        for i in range(reps + 1):  # the first call warms up; a call over 2 s is timed once
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t)
+            if times[0] > 2:
+                return times[0]
+        return float(np.median(times[1:]))
+
+    print(f"device {device}, threads {torch.get_num_threads()}, inputs {a.dtype}, B {B}, H {H}, d_phi = d_v = {D},"
+          f" chunk {C}; linear forms: the plain sum rule y_t = W_t q_t; softmax: F.scaled_dot_product_attention, causal")
+    print("mem MiB: on CUDA the peak allocated; on CPU the tensors autograd saves for the backward")
+    print(f"{'impl':8} {'T':>6} {'fwd ms':>9} {'fwd+bwd ms':>11} {'tok/s (f+b)':>12} {'mem MiB':>9}")
+    fb = {}  # (impl, T) -> forward+backward seconds
+    for T in lengths:
+        g = torch.Generator().manual_seed(0)
+        q, k = (F.elu(torch.randn(B, H, T, D, generator=g)).add(1).to(device, dtype) for _ in range(2))
+        v = torch.randn(B, H, T, D, generator=g).to(device, dtype)
+        for impl in impls:
+            if impl == "parallel" and 3 * B * H * T * T * 4 > mem_limit:  # the (T, T) scores, kept for backward
+                print(f"{impl:8} {T:6d}   skipped: its T x T scores need {3 * B * H * T * T * 4 / 2**30:.0f} GiB")
+                continue
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+            def run():
+                if impl == "softmax":
+                    return softmax_attention(*leaves)
+                return linear_attention(*leaves, denom=False, impl=impl, chunk_size=C)
+
+            def fwd():
+                with torch.no_grad():
+                    run()
+
+            def fwd_bwd():
+                y, _ = run()
+                y.backward(torch.ones_like(y))
+
+            reps = 3 if impl == "loop" else 10
+            t_f, t_fb = timeit(fwd, reps), timeit(fwd_bwd, reps)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                fwd_bwd()
+                mem = torch.cuda.max_memory_allocated() / 2**20
+            else:
+                mem = saved_mib(fwd_bwd)
+            fb[impl, T] = t_fb
+            print(f"{impl:8} {T:6d} {t_f * 1e3:9.1f} {t_fb * 1e3:11.1f} {B * T / t_fb:12.0f} {mem:9.1f}", flush=True)
+    for fast in ("chunk", "cuda"):
+        pairs = [(T, fb[fast, T] < fb["softmax", T]) for T in lengths if (fast, T) in fb and ("softmax", T) in fb]
+        if pairs:
+            wins = [T for T, win in pairs if win]
+            print(f"{fast} vs softmax (fwd+bwd): " + (f"{fast} faster from T = {wins[0]}" if wins else
+                                                      f"softmax faster at every T measured (up to {pairs[-1][0]})")
+                  + "; " + ", ".join(f"T {T}: {fb['softmax', T] / fb[fast, T]:.2f}x" for T, _ in pairs))
+
+
+def main(argv=None):
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    if a.bench:
+        return bench(a)
+    if a.sample:
+        return sample(a, pick_device(a.device))
+    train(a)
+
+
+if __name__ == "__main__":
+    main()
