@@ -384,7 +384,7 @@ def lt_outputs_and_grads(impl, x, denom, chunk_size=8):
     y, (W_T, z_T) = linear_attention(q, k, v, (W, x[4] if denom else None), denom, impl, chunk_size)
     g = torch.Generator().manual_seed(1)
     outs = [y, W_T] + ([z_T] if denom else [])
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device, o.dtype)).sum() for o in outs)
     return outs, torch.autograd.grad(loss, x)
 
 
