@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import data
 import delta_net
 import linear_transformer
+import rfwp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(2)
@@ -603,6 +604,280 @@ def test_lt_cli_errors(tmp_path, args, message):
 def test_lt_help_lists_every_flag(tmp_path):
     p = run(script_copy(tmp_path, "linear_transformer.py"), "--help")
     for field in dataclasses.fields(linear_transformer.Args):
+        assert f"--{field.name} (" in p.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# rfwp.py: recurrent FWPs, the tasks
+
+
+def rf_model(name, **kw):
+    torch.manual_seed(0)
+    a = rfwp.parse_args(["--preset", "tiny", "--model", name, "--n_layer", "2", "--chunk_size", "4"] +
+                        [s for k, v in kw.items() for s in (f"--{k}", str(v))])
+    return rfwp.build_model(a, 12, 7).double().eval()
+
+
+def flat(state):
+    return [s for layer in state for s in layer]
+
+
+@pytest.mark.parametrize("name", rfwp.MODELS)
+def test_rf_step_by_step_equals_full_sequence(name):
+    """Every model: T calls of one token each, state carried, = one call over T tokens (outputs and final state);
+    and one call split in two = one call."""
+    model = rf_model(name)
+    x = torch.randint(0, 12, (3, 11), generator=torch.Generator().manual_seed(0))
+    logits, state = model(x)
+    s, steps = None, []
+    for t in range(11):
+        out, s = model(x[:, t : t + 1], s)
+        steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, 1), logits, rtol=1e-10, atol=1e-10)
+    for a, b in zip(flat(s), flat(state)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    part1, s = model(x[:, :6])
+    part2, s = model(x[:, 6:], s)
+    torch.testing.assert_close(torch.cat([part1, part2], 1), logits, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", rfwp.MODELS)
+def test_rf_reset_mask(name):
+    """Rows whose reset flag is set start from zero state (= a fresh call); the other rows keep theirs."""
+    model = rf_model(name)
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randint(0, 12, (4, 5), generator=g), torch.randint(0, 12, (4, 6), generator=g)
+    _, s = model(x1)
+    carried, _ = model(x2, s)
+    fresh, _ = model(x2)
+    reset = torch.tensor([True, False, True, False])
+    out, _ = model(x2, s, reset=reset)
+    torch.testing.assert_close(out[reset], fresh[reset], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out[~reset], carried[~reset], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(carried[reset], fresh[reset])  # the state mattered
+
+
+@pytest.mark.parametrize("beta", [True, False])
+@pytest.mark.parametrize("chunk_size", [1, 4, 16])
+def test_rf_fast_weight_chunk_equals_loop(beta, chunk_size):
+    """The chunkwise form of the delta rule (beta) and of the sum rule (no beta): outputs, state, all gradients."""
+    q, k, v, b, W = delta_inputs(T=23)
+    b = b if beta else None
+    y1, W1 = rfwp.fast_weight_loop(q, k, v, b, W)
+    y2, W2 = rfwp.fast_weight_chunk(q, k, v, b, W, chunk_size)
+    torch.testing.assert_close(y2, y1, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(W2, W1, rtol=1e-10, atol=1e-10)
+    leaves = [t for t in (q, k, v, b, W) if t is not None]
+    g1 = torch.autograd.grad((y1 * y1.detach()).sum() + W1.sum(), leaves)
+    g2 = torch.autograd.grad((y2 * y1.detach()).sum() + W2.sum(), leaves)
+    for a, c in zip(g2, g1):
+        torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-9)
+
+
+def test_rf_fast_weight_loop_equals_delta_net():
+    q, k, v, b, W = [t.detach() for t in delta_inputs(T=17)]
+    y1, W1 = rfwp.fast_weight_loop(q, k, v, b, W)
+    y2, W2 = delta_net.delta_rule_loop(q, k, v, b, W)
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(W1, W2)
+
+
+@pytest.mark.parametrize("name", ["linear", "delta", "delta_mlp", "delta_delta", "delta_rnn", "delta_lstm"])
+def test_rf_model_chunk_equals_loop(name):
+    model = rf_model(name)
+    x = torch.randint(0, 12, (2, 13), generator=torch.Generator().manual_seed(2))
+    logits_chunk, _ = model(x)
+    for block in model.blocks:
+        block.fwp.impl = "loop"
+    logits_loop, _ = model(x)
+    torch.testing.assert_close(logits_chunk, logits_loop, rtol=1e-10, atol=1e-10)
+
+
+def rf_layer_inputs(a, name):
+    torch.manual_seed(0)
+    layer = rfwp.LAYERS[name](a).double()
+    return layer, torch.randn(2, 5, a.d_model, dtype=torch.float64)
+
+
+def test_rf_delta_rnn_and_lstm_equations():
+    """The recurrent layers against their equations written out step by step (one head, d = 4)."""
+    a = rfwp.parse_args(["--d_model", "4", "--n_head", "1", "--impl", "loop"])
+    layer, x = rf_layer_inputs(a, "delta_rnn")
+    q, k, v, b, k_r, v_r, b_r = layer.project(x)
+    z, _ = rfwp.fast_weight_loop(rfwp.elu1_sumnorm(q), rfwp.elu1_sumnorm(k), v, torch.sigmoid(b))
+    R, y, ys = torch.zeros(2, 1, 4, 4, dtype=torch.float64), torch.zeros(2, 1, 4, dtype=torch.float64), []
+    for t in range(5):
+        kr = F.softmax(k_r[:, :, t], -1)
+        R = R + torch.sigmoid(b_r[:, :, t])[..., None, None] * (v_r[:, :, t, :, None] - R @ kr[..., None]) * kr[..., None, :]
+        y = z[:, :, t] + (R @ F.softmax(y, -1)[..., None])[..., 0]
+        ys.append(y)
+    torch.testing.assert_close(layer(x)[0], layer.out(rfwp.merge(torch.stack(ys, 2))))
+
+    layer, x = rf_layer_inputs(a, "delta_lstm")
+    p = layer.project(x)
+    c, h, Rs, hs = (torch.zeros(2, 1, 4, dtype=torch.float64),) * 2 + ([torch.zeros(2, 1, 4, 4, dtype=torch.float64)] * 3,) + ([],)
+    zs = [rfwp.fast_weight_loop(rfwp.elu1_sumnorm(p[7 * g]), rfwp.elu1_sumnorm(p[7 * g + 1]), p[7 * g + 2],
+                                torch.sigmoid(p[7 * g + 3]))[0] for g in range(3)]
+    for t in range(5):
+        s, pre = F.softmax(h, -1), []
+        for g in range(3):
+            kr, vr, br = F.softmax(p[7 * g + 4][:, :, t], -1), p[7 * g + 5][:, :, t], torch.sigmoid(p[7 * g + 6][:, :, t])
+            Rs[g] = Rs[g] + br[..., None, None] * (vr[..., None] - Rs[g] @ kr[..., None]) * kr[..., None, :]
+            pre.append(zs[g][:, :, t] + (Rs[g] @ s[..., None])[..., 0])
+        i, u, o = torch.sigmoid(pre[0]), pre[1], torch.sigmoid(pre[2])
+        c = i * u + (1 - i) * c
+        h = o * c
+        hs.append(h)
+    torch.testing.assert_close(layer(x)[0], layer.out(rfwp.merge(torch.stack(hs, 2))))
+
+
+def test_rf_rdn_equations():
+    a = rfwp.parse_args(["--d_model", "4", "--n_head", "1"])
+    layer, x = rf_layer_inputs(a, "rdn")
+    q, k, v, b = layer.project(x)
+    W, y, ys = torch.zeros(2, 1, 4, 4, dtype=torch.float64), torch.zeros(2, 1, 4, dtype=torch.float64), []
+    Rq, Rk, Rv = layer.R[:, 0]
+    for t in range(5):
+        s = torch.tanh(y)
+        qt, kt = F.softmax(q[:, :, t] + s @ Rq.T, -1), F.softmax(k[:, :, t] + s @ Rk.T, -1)
+        vt, bt = v[:, :, t] + s @ Rv.T, torch.sigmoid(b[:, :, t] + s @ layer.r_b[0])
+        W = W + bt[..., None, None] * (vt[..., None] - W @ kt[..., None]) * kt[..., None, :]
+        y = (W @ qt[..., None])[..., 0]
+        ys.append(y)
+    torch.testing.assert_close(layer(x)[0], layer.out(rfwp.merge(torch.stack(ys, 2))))
+
+
+def run_code(tokens):
+    """An independent interpreter: the program as text, ordinary semantics; returns the prints by token index."""
+    env, printed, i = {}, {}, 0
+    text = " ".join(tokens).split(" ; ")
+    pos = 0
+    for stmt in text:
+        words = stmt.replace(" ;", "").split()
+        run = True
+        if words[0] == "if":
+            var, op, c = words[1], words[2], int(words[3])
+            run = env[var] < c if op == "<" else env[var] > c
+            pos += 5
+            words = words[5:]
+        pos += len(words) + 1  # the statement and its ";"
+        if not run:
+            continue
+        if words[0] == "print":
+            printed[pos - 1] = env[words[1]]
+        elif words[1] == "=":
+            env[words[0]] = int(words[2])
+        else:
+            env[words[0]] += 1 if words[1] == "++" else -1
+        assert all(rfwp.CODE_MIN <= val <= rfwp.CODE_MAX for val in env.values())
+    return printed
+
+
+@pytest.mark.parametrize("n_vars", [3, 5])
+def test_rf_code_targets_equal_an_interpreter(n_vars):
+    import random
+
+    rng = random.Random(0)
+    n_prints = 0
+    for _ in range(300):
+        tokens, targets = rfwp.code_program(rng, 30, n_vars)
+        assert tokens[0] in rfwp.CODE_VARS and tokens[1] == "=" and tokens[-3] == "print"
+        expected = run_code(tokens)
+        assert {i: t for i, t in enumerate(targets) if t is not None} == expected
+        n_prints += len(expected)
+    assert n_prints > 300 * 5  # prints are common; some are skipped by false conditions
+
+
+def eval_listops_tokens(tokens):
+    """An independent evaluator: a stack machine over the prefix tokens."""
+    ops = dict(MIN=min, MAX=max, FIRST=lambda x: x[0], LAST=lambda x: x[-1], SM=lambda x: sum(x) % 10,
+               MED=lambda x: sorted(x)[(len(x) - 1) // 2] if len(x) % 2 else (sorted(x)[len(x) // 2 - 1] + sorted(x)[len(x) // 2]) // 2)
+    stack = []
+    for tok in tokens:
+        if tok.startswith("["):
+            stack.append((tok[1:], []))
+        elif tok == "]":
+            op, args = stack.pop()
+            val = ops[op](args)
+            if not stack:
+                return val
+            stack[-1][1].append(val)
+        else:
+            stack[-1][1].append(int(tok))
+
+
+def test_rf_listops_labels_equal_a_stack_evaluation():
+    a = rfwp.parse_args(["--task", "listops", "--depth", "3", "--ops", "MIN,MAX,FIRST,LAST,MED,SM", "--n_eval", "300"])
+    xs, ys, vocab, n_out = rfwp.make_examples(a, "valid")
+    assert n_out == 10
+    for x, y in zip(xs, ys):
+        tokens = [vocab[i] for i in x]
+        depth, d = 0, 0
+        for tok in tokens:
+            d += tok.startswith("[") - (tok == "]")
+            depth = max(depth, d)
+        assert depth == 3 and d == 0 and tokens[0].startswith("[")
+        assert y[:-1] == [-100] * (len(y) - 1) and y[-1] == eval_listops_tokens(tokens)
+    assert len({y[-1] for y in ys}) == 10
+
+
+def test_rf_splits_are_fixed_and_distinct():
+    a = rfwp.parse_args(["--preset", "tiny"])
+    train1, train2, valid = rfwp.make_examples(a, "train")[0], rfwp.make_examples(a, "train")[0], rfwp.make_examples(a, "valid")[0]
+    assert train1 == train2 and train1 != valid
+
+
+@pytest.mark.parametrize("name", rfwp.MODELS)
+def test_rf_smoke_every_model(tmp_path, name):
+    script = script_copy(tmp_path, "rfwp.py")
+    p = run(script, "--preset", "tiny", "--model", name, "--steps", "6", "--eval_every", "3", "--out_dir",
+            str(tmp_path / "o"))
+    assert "final: test seq_acc" in p.stdout and os.path.exists(tmp_path / "o" / "best.pt")
+
+
+@pytest.mark.parametrize("args", [["--task", "listops"], ["--task", "lm", "--carry_state", "--model", "rdn"]])
+def test_rf_smoke_listops_and_lm(tmp_path, args):
+    script = script_copy(tmp_path, "rfwp.py")
+    if "lm" in args:
+        write_corpus(str(tmp_path / "corpus"))
+        args = args + ["--dataset", str(tmp_path / "corpus"), "--batch_size", "4", "--seq_len", "16"]
+    p = run(script, "--preset", "tiny", "--out_dir", str(tmp_path / "o"), *args)
+    assert ("final: test acc" if "listops" in args else "final: test ppl") in p.stdout
+
+
+def test_rf_resume_is_exact(tmp_path):
+    script = script_copy(tmp_path, "rfwp.py")
+    common = ["--preset", "tiny", "--model", "delta_rnn", "--dropout", "0.1", "--steps", "20", "--eval_every", "5"]
+    run(script, *common, "--out_dir", str(tmp_path / "full"))
+    run(script, *common, "--out_dir", str(tmp_path / "split"), "--stop_at", "10")
+    run(script, *common, "--out_dir", str(tmp_path / "split"), "--resume")
+    full = [(m["step"], m["split"], m["value"]) for m in read_metrics(tmp_path / "full")]
+    split = [(m["step"], m["split"], m["value"]) for m in read_metrics(tmp_path / "split")]
+    assert [m for m in split if m[0] > 10] == [m for m in full if m[0] > 10]
+
+
+def test_rf_bench_runs(tmp_path):
+    p = run(script_copy(tmp_path, "rfwp.py"), "--preset", "tiny", "--bench", "--bench_T", "16")
+    for name in rfwp.MODELS:
+        assert re.search(rf"^{name} +\d", p.stdout, re.M), p.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "gru"], "--model must be one of"),
+    (["--n_vars", "4"], "--n_vars must be 3 or 5"),
+    (["--ops", "MIN,POW"], "unknown operator(s) POW"),
+    (["--model", "transformer", "--carry_state"], "--carry_state needs"),
+    (["--d_model", "30", "--n_head", "4"], "not divisible"),
+    (["--resume"], "no checkpoint"),
+])
+def test_rf_cli_errors(tmp_path, args, message):
+    p = run(script_copy(tmp_path, "rfwp.py"), "--preset", "tiny", "--out_dir", str(tmp_path / "o"), *args, check=False)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_rf_help_lists_every_flag(tmp_path):
+    p = run(script_copy(tmp_path, "rfwp.py"), "--help")
+    for field in dataclasses.fields(rfwp.Args):
         assert f"--{field.name} (" in p.stdout
 
 

@@ -1,0 +1,944 @@
+"""Recurrent fast weight programmers: Delta RNN, Delta LSTM, Recurrent Delta Net, Delta MLP, Delta Delta Net.
+
+Irie, Schlag, Csordas, Schmidhuber, "Going Beyond Linear Transformers with Recurrent Fast Weight Programmers",
+NeurIPS 2021, arXiv 2106.06295 (section 2: eq. 4-7 DeltaNet, 8-11 Delta MLP, 12-16 Delta Delta Net, 17-20 Delta
+RNN, 21-27 Delta LSTM, 28-32 Recurrent Delta Net). Derived from delta_net.py: same Args style, training loop,
+checkpoints and --bench; one state-carrying interface for every model; two algorithmic tasks.
+
+"Delta rule" below always means, per head, with v̄ = W k the value W currently stores under the key k:
+    W <- W + beta (v - v̄) k^T                                       (delta_step)
+    delta        q, k = sumnorm(elu(W_q x) + 1) ...; beta = sigmoid(w_b x); delta rule; y_t = W_t q_t
+    linear       q, k = elu(.) + 1, no normalisation; W_t = W_{t-1} + v_t k_t^T; y_t = W_t q_t
+    delta_mlp    h_0 = q; h_l = h_{l-1} + W^l_t sumnorm(elu(LN(h_{l-1})) + 1), each W^l a delta-rule fast weight
+    delta_delta  fast net 1 (delta rule, from x) outputs q', k', v', beta' that program fast net 2: y_t = W'_t q'_t
+    delta_rnn    z_t = W_t q_t; R_t by the delta rule from (softmax) keys, values, beta of x;
+                 y_t = z_t + R_t softmax(y_{t-1})
+    delta_lstm   z^g = W^g q^g for g in (i, u, o); s = softmax(h_{t-1}); i = sigmoid(z^i + R^i s),
+                 o = sigmoid(z^o + R^o s), u = z^u + R^u s; c_t = i u + (1 - i) c_{t-1}; h_t = o c_t
+    rdn          s = tanh(y_{t-1}); q = softmax(W_q x + R_q s), k = softmax(W_k x + R_k s), v = W_v x + R_v s,
+                 beta = sigmoid(w_b x + r_b . s); delta rule; y_t = W_t q_t
+    lstm, transformer: the baselines (nn.LSTM; pre-LN causal softmax attention)
+Block: x + Out(FWP(LN(x))), then x + FF(LN(x)); a final LN and the output head. The fast weights and recurrent
+states start at zero; the output is read after the step's write. Layers whose keys depend only on the current
+input (linear, delta, delta_mlp, delta_delta, and the W parts of delta_rnn and delta_lstm) train in the
+chunkwise-parallel form; the recurrent parts step through time.
+
+Glossary: b batch, h head, t time step, T sequence length, C chunk length, d = d_head = d_model / n_head,
+W, R (d, d) fast weights of one head (fp32), beta in (0, 1) a write strength, s the recurrent input of a step.
+
+Commands:
+    python rfwp.py                                        # delta_lstm on code execution, a few CPU minutes
+    python rfwp.py --preset tiny --steps 20               # smoke run
+    python rfwp.py --model rdn --task listops --depth 6   # sequential ListOps
+    python rfwp.py --preset paper --model delta_rnn       # GPU: the paper's code execution setting
+    python rfwp.py --task lm --dataset wikitext-2 --model delta_lstm --carry_state
+    python rfwp.py --bench                                # training speed and memory of every model
+"""
+
+import dataclasses
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+
+MODELS = ("lstm", "transformer", "linear", "delta", "delta_mlp", "delta_delta", "delta_rnn", "delta_lstm", "rdn")
+
+
+@dataclass
+class Args:
+    # task
+    task: str = "code"
+    """code (code execution, synthetic), listops (sequential ListOps, synthetic) or lm (through data.py)"""
+    code_length: int = 20
+    """code: statements per program (the paper: 100)"""
+    n_vars: int = 3
+    """code: variables (3 or 5)"""
+    depth: int = 6
+    """listops: exact nesting depth of the operator tree (the paper: 10 and 15)"""
+    ops: str = "MIN,MAX,FIRST"
+    """listops: operators, from MIN, MAX, FIRST, LAST, MED, SM (sum mod 10)"""
+    n_train: int = 10_000
+    """code, listops: training examples (generated in memory, fixed seed)"""
+    n_eval: int = 1000
+    """code, listops: validation and test examples each"""
+    dataset: str = "wikitext-2"
+    """lm: wikitext-103 | wikitext-2 | enwik8 | a text file | a folder with train/valid/test files"""
+    tokenizer: str = "word"
+    """lm: word (perplexity) or char (bits per character)"""
+    data_dir: str = data.DATA_DIR
+    """where downloads are cached"""
+    seq_len: int = 256
+    """lm: tokens per training segment"""
+    carry_state: bool = False
+    """lm: carry fast weights and recurrent states across consecutive segments, detached"""
+    # model
+    model: str = "delta_lstm"
+    """lstm | transformer | linear | delta | delta_mlp | delta_delta | delta_rnn | delta_lstm | rdn"""
+    d_model: int = 128
+    """residual stream width (lstm: hidden size)"""
+    n_layer: int = 2
+    """number of blocks (lstm: layers)"""
+    n_head: int = 8
+    """heads per layer; d_head = d_model / n_head"""
+    d_ff: int = 512
+    """feed-forward hidden width"""
+    dropout: float = 0.0
+    """dropout after the fast-weight output and in the feed-forward block"""
+    fast_net_depth: int = 2
+    """delta_mlp: layers of the fast network"""
+    impl: str = "chunk"
+    """chunk or loop: the form of the input-driven delta/sum-rule parts (the recurrent parts always loop)"""
+    chunk_size: int = 64
+    """chunk length C of the chunkwise form"""
+    # training
+    batch_size: int = 32
+    """sequences (or lm streams) per step"""
+    steps: int = 2000
+    """optimizer steps"""
+    lr: float = 1e-3
+    """peak learning rate (Adam)"""
+    warmup: int = 100
+    """linear warm-up steps"""
+    cosine: bool = True
+    """after warm-up, cosine decay to lr / 10 (false: constant, as in the paper)"""
+    grad_clip: float = 1.0
+    """gradient norm clip (0 disables; the paper does not clip)"""
+    eval_every: int = 250
+    """evaluate on valid, keep the best checkpoint, every this many steps"""
+    seed: int = 0
+    """seed of python, numpy, torch and the task generators"""
+    device: str = "auto"
+    """auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"""
+    out_dir: str = "out/rfwp"
+    """metrics.jsonl, ckpt.pt (latest) and best.pt (best on valid) go here"""
+    resume: bool = False
+    """continue from out_dir/ckpt.pt"""
+    stop_at: int = 0
+    """exit after this step, checkpoint saved (a time-boxed job); --resume continues. 0: run to the end"""
+    bench: bool = False
+    """measure training speed and memory of every model at one size, and exit"""
+    bench_T: int = 256
+    """--bench: sequence length (batch 32)"""
+
+
+PRESETS = {
+    "tiny": dict(d_model=32, n_layer=1, n_head=2, d_ff=64, code_length=4, depth=2, n_train=64, n_eval=16,
+                 batch_size=8, steps=20, eval_every=10, seq_len=32, warmup=5, chunk_size=8),
+    # the paper's algorithmic setting (Irie et al. 2021, appendix; official code): no positional encoding,
+    # Adam (0.9, 0.995, eps 1e-9) at a constant 3e-4, no clipping, best validation checkpoint evaluated on test
+    "paper": dict(code_length=100, d_model=256, n_layer=4, n_head=16, d_ff=1024, dropout=0.1, lr=3e-4, batch_size=64,
+                  warmup=0, cosine=False, grad_clip=0.0, steps=31_250, eval_every=500, depth=10),
+}
+
+
+def fail(msg):
+    """A user error: one message, non-zero exit, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def print_help():
+    """Every Args field with its type, default and docstring (read from this file's source)."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(Args)).body[0].body
+    print(f"usage: python {os.path.basename(sys.argv[0])} [--preset {'|'.join(PRESETS)}] [--key value ...]")
+    for node, doc in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr):
+            name = node.target.id
+            print(f"  --{name} ({ast.unparse(node.annotation)}, {getattr(Args, name)!r}): {doc.value.value}")
+    sys.exit(0)
+
+
+def parse_args(argv):
+    """--key value (or --key=value; a bare --flag sets a bool), --preset NAME applied first."""
+    if "--help" in argv or "-h" in argv:
+        print_help()
+    fields = {f.name: f for f in dataclasses.fields(Args)}
+    kv, i = {}, 0
+    while i < len(argv):
+        key, _, val = argv[i].removeprefix("--").partition("=")
+        if not argv[i].startswith("--") or (key not in fields and key != "preset"):
+            fail(f"unknown argument {argv[i]!r}; --help lists the flags")
+        is_bool = key in fields and fields[key].type is bool
+        if not val and not (is_bool and (i + 1 == len(argv) or argv[i + 1].startswith("--"))):
+            if i + 1 == len(argv):
+                fail(f"--{key} needs a value")
+            val, i = argv[i + 1], i + 1
+        kv[key] = val or "true"
+        i += 1
+    preset = kv.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    args = Args(**PRESETS.get(preset, {}))
+    for key, val in kv.items():
+        typ = fields[key].type
+        try:
+            if typ is bool:
+                if val.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                val = val.lower() in ("true", "1")
+            setattr(args, key, typ(val))
+        except ValueError:
+            fail(f"--{key} expects {typ.__name__}, got {val!r}")
+    return check_args(args)
+
+
+def check_args(a):
+    choices = dict(task=("code", "listops", "lm"), tokenizer=("word", "char"), model=MODELS, impl=("chunk", "loop"))
+    for key, allowed in choices.items():
+        if getattr(a, key) not in allowed:
+            fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(a, key)!r}")
+    for key in ("code_length", "depth", "n_train", "n_eval", "seq_len", "d_model", "n_layer", "n_head", "d_ff",
+                "fast_net_depth", "chunk_size", "batch_size", "steps", "eval_every", "bench_T"):
+        if getattr(a, key) <= 0:
+            fail(f"--{key} must be positive, got {getattr(a, key)}")
+    if a.n_vars not in (3, 5):
+        fail(f"--n_vars must be 3 or 5 (the paper's settings), got {a.n_vars}")
+    bad_ops = set(a.ops.split(",")) - set(LISTOPS)
+    if bad_ops:
+        fail(f"--ops: unknown operator(s) {', '.join(sorted(bad_ops))}; choose from {', '.join(LISTOPS)}")
+    if a.d_model % a.n_head:
+        fail(f"--d_model {a.d_model} is not divisible by --n_head {a.n_head}; pick n_head dividing d_model.")
+    if not 0 <= a.dropout < 1 or a.lr <= 0 or min(a.warmup, a.grad_clip, a.stop_at) < 0:
+        fail("--dropout must be in [0, 1); --lr positive; --warmup, --grad_clip and --stop_at non-negative.")
+    if a.carry_state and a.model == "transformer":
+        fail("--carry_state needs a fast-weight or recurrent model: the transformer's state (a KV cache) grows "
+             "with the stream.")
+    return a
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast-weight updates. Shapes: q, k (B, H, T, d_k); v (B, H, T, d_v); beta (B, H, T); W (B, H, d_v, d_k).
+
+
+def state_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def delta_step(W, k, v, beta):
+    """One delta-rule write: W + beta (v - W k) k^T; k (B, H, d_k), v (B, H, d_v), beta (B, H)."""
+    v_bar = (W @ k.unsqueeze(-1)).squeeze(-1)
+    return W + (beta.unsqueeze(-1) * (v - v_bar)).unsqueeze(-1) * k.unsqueeze(-2)
+
+
+def fast_weight_loop(q, k, v, beta, W=None):
+    """The reference recurrence (the spec): y_t = W_t q_t after the write; beta None means the sum rule."""
+    B, H, T, d_k = k.shape
+    W = q.new_zeros(B, H, v.shape[-1], d_k, dtype=state_dtype(q)) if W is None else W
+    ys = []
+    for t in range(T):
+        if beta is None:
+            W = W + v[:, :, t].unsqueeze(-1) * k[:, :, t].unsqueeze(-2)
+        else:
+            W = delta_step(W, k[:, :, t], v[:, :, t], beta[:, :, t])
+        ys.append((W @ q[:, :, t].unsqueeze(-1)).squeeze(-1))
+    return torch.stack(ys, 2), W
+
+
+def fast_weight_chunk(q, k, v, beta, W=None, chunk_size=64):
+    """Chunkwise-parallel form of fast_weight_loop (same results, any T; autograd does the backward).
+    Per chunk of C steps with S = W^T: the C delta-rule writes equal one write S <- S + K^T U' with pseudo-values
+    U' = T (diag(beta) V - diag(beta) K S), T = (I + strict_lower(diag(beta) K K^T))^-1 (Yang et al. 2024,
+    arXiv 2406.06484, eq. 8-11; for the sum rule U' = V). Outputs: O = Q S + tril(Q K^T) U'."""
+    B, H, T, d_k = k.shape
+    d_v, dt = v.shape[-1], state_dtype(q)
+    C = min(chunk_size, T)
+    N = -(-T // C)
+
+    def chunks(x):  # (B, H, T, ...) -> (B, H, N, C, ...), zero-padded; zero keys write nothing
+        x = F.pad(x, (0, 0, 0, N * C - T) if x.dim() == 4 else (0, N * C - T))
+        return x.reshape(B, H, N, C, *x.shape[3:])
+
+    q, k, v = chunks(q), chunks(k), chunks(v)
+    S = q.new_zeros(B, H, d_k, d_v, dtype=dt) if W is None else W.transpose(-1, -2)
+    if beta is not None:
+        beta = chunks(beta)[..., None]
+        eye = torch.eye(C, dtype=k.dtype, device=k.device)
+        A = ((k * beta) @ k.transpose(-1, -2)).tril(-1)
+        T_inv = torch.linalg.solve_triangular(A + eye, eye.expand_as(A), upper=False, unitriangular=True)
+        w, u = T_inv @ (k * beta), T_inv @ (v * beta)  # (B, H, N, C, d_k), (B, H, N, C, d_v)
+    P = (q @ k.transpose(-1, -2)).tril()  # causal intra-chunk scores, diagonal included
+    ys = []
+    for n in range(N):  # the only sequential part: two small matmuls per chunk
+        up = v[:, :, n] if beta is None else u[:, :, n] - w[:, :, n] @ S
+        ys.append(q[:, :, n] @ S + P[:, :, n] @ up)
+        S = S + k[:, :, n].transpose(-1, -2) @ up
+    return torch.stack(ys, 2).reshape(B, H, N * C, d_v)[:, :, :T], S.transpose(-1, -2)
+
+
+def fast_weight(q, k, v, beta, W, impl, chunk_size):
+    return fast_weight_loop(q, k, v, beta, W) if impl == "loop" else fast_weight_chunk(q, k, v, beta, W, chunk_size)
+
+
+def elu1_sumnorm(x):
+    x = F.elu(x) + 1
+    return x / x.sum(-1, keepdim=True)
+
+
+def heads(x, H):
+    """(B, T, H * D) -> (B, H, T, D)"""
+    B, T, _ = x.shape
+    return x.view(B, T, H, -1).transpose(1, 2)
+
+
+def merge(y):
+    """(B, H, T, D) -> (B, T, H * D)"""
+    B, H, T, D = y.shape
+    return y.transpose(1, 2).reshape(B, T, H * D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers: (B, T, d_model) and a state (a tuple of tensors, batch first; None = all zeros) -> output, new state
+
+
+class SlowNet(nn.Module):
+    """Common parts: the slow projection to `sizes` per head (no bias) and the output projection."""
+
+    def __init__(self, a, sizes):
+        super().__init__()
+        self.H, self.d, self.sizes = a.n_head, a.d_model // a.n_head, sizes
+        self.impl, self.chunk_size = a.impl, a.chunk_size
+        self.slow = nn.Linear(a.d_model, a.n_head * sum(sizes), bias=False)
+        self.out = nn.Linear(a.d_model, a.d_model, bias=False)
+
+    def project(self, x):
+        """x (B, T, d_model) -> one (B, H, T, size) tensor per entry of sizes; size-1 entries squeezed to (B, H, T)"""
+        parts = heads(self.slow(x), self.H).split(self.sizes, -1)
+        return [p.squeeze(-1) if s == 1 else p for p, s in zip(parts, self.sizes)]
+
+    def zeros(self, x, *shape):
+        return x.new_zeros(x.shape[0], self.H, *shape, dtype=state_dtype(x))
+
+
+class LinearLayer(SlowNet):
+    """The linear Transformer of the paper's algorithmic tasks: elu + 1, no normalisation, the sum rule."""
+
+    def __init__(self, a):
+        super().__init__(a, [a.d_model // a.n_head] * 3)
+
+    def forward(self, x, state=None):
+        q, k, v = self.project(x)
+        y, W = fast_weight(F.elu(q) + 1, F.elu(k) + 1, v, None, None if state is None else state[0], self.impl,
+                           self.chunk_size)
+        return self.out(merge(y)), (W,)
+
+
+class DeltaLayer(SlowNet):
+    """DeltaNet (eq. 4-7): q, k = sumnorm(elu + 1), beta = sigmoid, the delta rule."""
+
+    def __init__(self, a):
+        d = a.d_model // a.n_head
+        super().__init__(a, [d, d, d, 1])
+
+    def forward(self, x, state=None):
+        q, k, v, b = self.project(x)
+        y, W = fast_weight(elu1_sumnorm(q), elu1_sumnorm(k), v, torch.sigmoid(b), None if state is None else state[0],
+                           self.impl, self.chunk_size)
+        return self.out(merge(y)), (W,)
+
+
+class DeltaMLPLayer(SlowNet):
+    """Delta MLP (eq. 8-11): the slow net emits a query and, for each of L fast layers, a key, a value and beta;
+    h_0 = q, h_l = h_{l-1} + W^l sumnorm(elu(LN_l(h_{l-1})) + 1). Every fast layer is d x d here; the official LM
+    code uses pairs of layers with a 4d hidden width."""
+
+    def __init__(self, a):
+        d, L = a.d_model // a.n_head, a.fast_net_depth
+        super().__init__(a, [d] + [d, d, 1] * L)
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(L))
+
+    def forward(self, x, state=None):
+        h, *kvb = self.project(x)
+        state = state or (None,) * len(self.norms)
+        new_state = []
+        for l, (norm, W) in enumerate(zip(self.norms, state)):
+            k, v, b = kvb[3 * l : 3 * l + 3]
+            y, W = fast_weight(elu1_sumnorm(norm(h)), elu1_sumnorm(k), v, torch.sigmoid(b), W, self.impl,
+                               self.chunk_size)
+            h = h + y
+            new_state.append(W)
+        return self.out(merge(h)), tuple(new_state)
+
+
+class DeltaDeltaLayer(SlowNet):
+    """Delta Delta Net (eq. 12-16): the slow net programs fast net 1 (d x (3d + 1)) with the delta rule; its output
+    q', k', v', beta' programs fast net 2 (d x d) with the delta rule; y = W2 q'."""
+
+    def __init__(self, a):
+        d = a.d_model // a.n_head
+        super().__init__(a, [d, d, 3 * d + 1, 1])
+
+    def forward(self, x, state=None):
+        q, k, v, b = self.project(x)
+        W1, W2 = state or (None, None)
+        o, W1 = fast_weight(elu1_sumnorm(q), elu1_sumnorm(k), v, torch.sigmoid(b), W1, self.impl, self.chunk_size)
+        q2, k2, v2, b2 = o.split([self.d, self.d, self.d, 1], -1)
+        y, W2 = fast_weight(elu1_sumnorm(q2), elu1_sumnorm(k2), v2, torch.sigmoid(b2.squeeze(-1)), W2, self.impl,
+                            self.chunk_size)
+        return self.out(merge(y)), (W1, W2)
+
+
+class DeltaRNNLayer(SlowNet):
+    """Delta RNN (eq. 17-20): z_t = W_t q_t (DeltaNet); R_t by the delta rule from softmax keys, values and beta
+    of x; y_t = z_t + R_t softmax(y_{t-1}). State (W, R, y_prev)."""
+
+    def __init__(self, a):
+        d = a.d_model // a.n_head
+        super().__init__(a, [d, d, d, 1, d, d, 1])
+
+    def forward(self, x, state=None):
+        q, k, v, b, k_r, v_r, b_r = self.project(x)
+        W, R, y = state or (None, self.zeros(x, self.d, self.d), self.zeros(x, self.d))
+        z, W = fast_weight(elu1_sumnorm(q), elu1_sumnorm(k), v, torch.sigmoid(b), W, self.impl, self.chunk_size)
+        k_r, b_r = F.softmax(k_r, -1), torch.sigmoid(b_r)
+        ys = []
+        for t in range(x.shape[1]):  # the recurrent part
+            R = delta_step(R, k_r[:, :, t], v_r[:, :, t], b_r[:, :, t])
+            y = z[:, :, t] + (R @ F.softmax(y, -1).unsqueeze(-1)).squeeze(-1)
+            ys.append(y)
+        return self.out(merge(torch.stack(ys, 2))), (W, R, y)
+
+
+class DeltaLSTMLayer(SlowNet):
+    """Delta LSTM (eq. 21-27, the official "v4"): per gate g in (i, u, o) a DeltaNet part z^g = W^g q^g and a
+    recurrent fast weight R^g (delta rule, softmax keys from x) read with s = softmax(h_{t-1});
+    i, o = sigmoid(z + R s), u = z^u + R^u s (no squashing); c_t = i u + (1 - i) c_{t-1}; h_t = o c_t.
+    State (W^i, W^u, W^o, R^i, R^u, R^o, c, h)."""
+
+    def __init__(self, a):
+        d = a.d_model // a.n_head
+        super().__init__(a, [d, d, d, 1, d, d, 1] * 3)
+
+    def forward(self, x, state=None):
+        p = self.project(x)
+        if state is None:
+            state = (None,) * 3 + tuple(self.zeros(x, self.d, self.d) for _ in range(3)) + (self.zeros(x, self.d),) * 2
+        Ws, Rs, (c, h) = list(state[:3]), list(state[3:6]), state[6:]
+        zs, keys = [], []
+        for g in range(3):  # i, u, o
+            q, k, v, b, k_r, v_r, b_r = p[7 * g : 7 * g + 7]
+            z, Ws[g] = fast_weight(elu1_sumnorm(q), elu1_sumnorm(k), v, torch.sigmoid(b), Ws[g], self.impl,
+                                   self.chunk_size)
+            zs.append(z)
+            keys.append((F.softmax(k_r, -1), v_r, torch.sigmoid(b_r)))
+        hs = []
+        for t in range(x.shape[1]):
+            s = F.softmax(h, -1).unsqueeze(-1)
+            a = []
+            for g in range(3):
+                k_r, v_r, b_r = keys[g]
+                Rs[g] = delta_step(Rs[g], k_r[:, :, t], v_r[:, :, t], b_r[:, :, t])
+                a.append(zs[g][:, :, t] + (Rs[g] @ s).squeeze(-1))
+            i, o = torch.sigmoid(a[0]), torch.sigmoid(a[2])
+            c = i * a[1] + (1 - i) * c
+            h = o * c
+            hs.append(h)
+        return self.out(merge(torch.stack(hs, 2))), (*Ws, *Rs, c, h)
+
+
+class RDNLayer(SlowNet):
+    """Recurrent Delta Net (eq. 28-32): keys, queries, values and beta also see s = tanh(y_{t-1}) through slow
+    recurrent weights R_q, R_k, R_v (d x d per head) and r_b; y_t = W_t q_t (un-squashed). State (W, y_prev)."""
+
+    def __init__(self, a):
+        d = a.d_model // a.n_head
+        super().__init__(a, [d, d, d, 1])
+        self.R = nn.Parameter(torch.randn(3, a.n_head, d, d) / math.sqrt(d))  # R_q, R_k, R_v ~ N(0, 1/sqrt(d))
+        self.r_b = nn.Parameter(torch.randn(a.n_head, d) / math.sqrt(d))
+
+    def forward(self, x, state=None):
+        q, k, v, b = self.project(x)
+        W, y = state or (self.zeros(x, self.d, self.d), self.zeros(x, self.d))
+        ys = []
+        for t in range(x.shape[1]):
+            s = torch.tanh(y)  # (B, H, d)
+            rq, rk, rv = torch.einsum("rhij,bhj->rbhi", self.R.to(s.dtype), s)
+            beta = torch.sigmoid(b[:, :, t] + (self.r_b * s).sum(-1))
+            W = delta_step(W, F.softmax(k[:, :, t] + rk, -1), v[:, :, t] + rv, beta)
+            y = (W @ F.softmax(q[:, :, t] + rq, -1).unsqueeze(-1)).squeeze(-1)
+            ys.append(y)
+        return self.out(merge(torch.stack(ys, 2))), (W, y)
+
+
+class SoftmaxLayer(SlowNet):
+    """Causal softmax attention (the Transformer baseline). Its state is every past key and value, with a 0/1 flag
+    per position that a reset sets to 0 (those positions are then masked out)."""
+
+    def __init__(self, a):
+        super().__init__(a, [a.d_model // a.n_head] * 3)
+
+    def forward(self, x, state=None):
+        q, k, v = self.project(x)
+        seen = x.new_ones(x.shape[0], x.shape[1])  # (B, T)
+        if state is not None:
+            k, v, seen = torch.cat([state[0], k], 2), torch.cat([state[1], v], 2), torch.cat([state[2], seen], 1)
+        T, P = q.shape[2], k.shape[2] - q.shape[2]  # P cached positions
+        mask = None
+        if P:
+            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P) & (seen > 0)[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=P == 0)
+        return self.out(merge(y)), (k, v, seen)
+
+
+LAYERS = dict(transformer=SoftmaxLayer, linear=LinearLayer, delta=DeltaLayer, delta_mlp=DeltaMLPLayer,
+              delta_delta=DeltaDeltaLayer, delta_rnn=DeltaRNNLayer, delta_lstm=DeltaLSTMLayer, rdn=RDNLayer)
+
+
+class Block(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(a.d_model), nn.LayerNorm(a.d_model)
+        self.fwp = LAYERS[a.model](a)
+        self.ff = nn.Sequential(nn.Linear(a.d_model, a.d_ff), nn.ReLU(), nn.Dropout(a.dropout),
+                                nn.Linear(a.d_ff, a.d_model), nn.Dropout(a.dropout))
+        self.drop = nn.Dropout(a.dropout)
+
+    def forward(self, x, state=None):
+        y, state = self.fwp(self.ln1(x), state)
+        x = x + self.drop(y)
+        return x + self.ff(self.ln2(x)), state
+
+
+def reset_state(state, reset):
+    """Zero the state of the sequences where reset (B,) is True (their episode or document ended)."""
+    if state is None or reset is None:
+        return state
+    keep = (~reset).to(torch.float32)
+
+    def mask(s):
+        return s * keep.to(s.dtype).view(-1, *[1] * (s.dim() - 1))
+
+    return [None if layer is None else tuple(None if s is None else mask(s) for s in layer) for layer in state]
+
+
+class FWPModel(nn.Module):
+    """Token ids (B, T), a state (one tuple per layer, or None) and an optional reset mask (B,) applied before the
+    first step -> logits (B, T, n_out), new state. No positional encoding (as in the paper's algorithmic tasks)."""
+
+    def __init__(self, a, n_in, n_out):
+        super().__init__()
+        self.embed = nn.Embedding(n_in, a.d_model)
+        self.blocks = nn.ModuleList(Block(a) for _ in range(a.n_layer))
+        self.ln_f = nn.LayerNorm(a.d_model)
+        self.head = nn.Linear(a.d_model, n_out)
+
+    def forward(self, idx, state=None, reset=None):
+        state = reset_state(state, reset) or [None] * len(self.blocks)
+        x, new_state = self.embed(idx), []
+        for block, s in zip(self.blocks, state):
+            x, s = block(x, s)
+            new_state.append(s)
+        return self.head(self.ln_f(x)), new_state
+
+
+class LSTMModel(nn.Module):
+    """The LSTM baseline: embedding -> nn.LSTM (n_layer layers) -> linear. State [(h, c)], each (B, n_layer, D)."""
+
+    def __init__(self, a, n_in, n_out):
+        super().__init__()
+        self.embed = nn.Embedding(n_in, a.d_model)
+        self.lstm = nn.LSTM(a.d_model, a.d_model, a.n_layer, batch_first=True, dropout=a.dropout)
+        self.head = nn.Linear(a.d_model, n_out)
+
+    def forward(self, idx, state=None, reset=None):
+        state = reset_state(state, reset)
+        hc = None if state is None else tuple(s.transpose(0, 1).contiguous() for s in state[0])
+        y, (h, c) = self.lstm(self.embed(idx), hc)
+        return self.head(y), [(h.transpose(0, 1), c.transpose(0, 1))]
+
+
+def build_model(a, n_in, n_out):
+    return LSTMModel(a, n_in, n_out) if a.model == "lstm" else FWPModel(a, n_in, n_out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks: code execution and sequential ListOps (synthetic, generated in memory with fixed seeds)
+
+CODE_VARS = "abcde"
+CODE_MIN, CODE_MAX = -8, 16  # values stay in this range: ++ at the top becomes --, -- at the bottom becomes ++
+CODE_WORDS = ["=", "++", "--", "print", "if", "<", ">", ":", ";"] + [str(n) for n in range(10)]
+CODE_KINDS, CODE_WEIGHTS = ["assign", "inc", "dec", "print", "if"], [0.2, 0.15, 0.15, 0.3, 0.2]
+
+
+def code_program(rng, n_statements, n_vars):
+    """One program of code execution (Fan et al. 2020, as in Irie et al. 2021 section 4.1) and its targets.
+    Statements: `v = n ;`, `v ++ ;`, `v -- ;`, `print v ;`, or `if v < c :` / `if v > c :` followed by one of
+    those, which runs only if the condition holds. Only assigned variables are read; the first statement assigns,
+    the last prints. The target of every token is None except at the `;` of an executed print: the value printed.
+        a = 3 ; b = 7 ; if a < 5 : a ++ ; print a ; if b > 8 : print b ; print b ;
+        targets: None everywhere except the `;` after `print a` (4) and the last `;` (7)
+    """
+    names, env, tokens, targets = CODE_VARS[:n_vars], {}, [], []
+
+    def simple(kind, run):
+        if kind == "assign":
+            var, n = rng.choice(names), rng.randrange(10)
+            if run:
+                env[var] = n
+            return [var, "=", str(n), ";"], None
+        var = rng.choice(sorted(env))
+        if kind == "print":
+            return ["print", var, ";"], env[var] if run else None
+        up = kind == "inc" if CODE_MIN < env[var] < CODE_MAX else env[var] == CODE_MIN
+        if run:
+            env[var] += 1 if up else -1
+        return [var, "++" if up else "--", ";"], None
+
+    for i in range(n_statements):
+        kind = "assign" if i == 0 else "print" if i == n_statements - 1 else rng.choices(CODE_KINDS, CODE_WEIGHTS)[0]
+        if kind == "if":
+            var, op, c = rng.choice(sorted(env)), rng.choice("<>"), rng.randrange(10)
+            run = env[var] < c if op == "<" else env[var] > c
+            tokens += ["if", var, op, str(c), ":"]
+            targets += [None] * 5
+            kind = rng.choices(CODE_KINDS[:4], CODE_WEIGHTS[:4])[0]
+        else:
+            run = True
+        toks, target = simple(kind, run)
+        tokens += toks
+        targets += [None] * (len(toks) - 1) + [target]
+    return tokens, targets
+
+
+LISTOPS = ("MIN", "MAX", "FIRST", "LAST", "MED", "SM")
+
+
+def listops_eval(tree):
+    """The value of a ListOps tree: an int, or (op, [children])."""
+    if isinstance(tree, int):
+        return tree
+    op, args = tree[0], [listops_eval(c) for c in tree[1]]
+    return dict(MIN=min, MAX=max, FIRST=lambda x: x[0], LAST=lambda x: x[-1], SM=lambda x: sum(x) % 10,
+                MED=lambda x: int(statistics.median(x)))[op](args)
+
+
+def listops_tree(rng, depth, ops):
+    """A ListOps tree of exactly `depth` nested operators (Nangia & Bowman 2018; sequential ListOps of Irie et al.
+    2021 section 4.2): the root is an operator with 2-5 arguments, every other node a value (0-9) with probability
+    0.75, else an operator; trees of another depth are rejected."""
+
+    def grow(level):
+        if level > 1 and (level > depth or rng.random() < 0.75):
+            return rng.randrange(10)
+        return rng.choice(ops), [grow(level + 1) for _ in range(rng.randint(2, 5))]
+
+    def tree_depth(t):
+        return 0 if isinstance(t, int) else 1 + max(tree_depth(c) for c in t[1])
+
+    while True:
+        tree = grow(1)
+        if tree_depth(tree) == depth:
+            return tree
+
+
+def listops_tokens(tree):
+    """Prefix order with closing brackets only: [MAX 2 9 [MIN 4 7 ] 0 ] -> '[MAX' '2' '9' '[MIN' '4' '7' ']' '0' ']'"""
+    if isinstance(tree, int):
+        return [str(tree)]
+    return ["[" + tree[0]] + [tok for c in tree[1] for tok in listops_tokens(c)] + ["]"]
+
+
+def make_examples(a, split):
+    """The fixed examples of a split: (list of input id lists, list of target lists with -100 = no loss), the
+    input vocabulary and the number of output classes. Each split has its own seed."""
+    rng = random.Random(f"{a.task}-{split}-{a.seed}")
+    n = a.n_train if split == "train" else a.n_eval
+    if a.task == "code":
+        vocab = list(CODE_VARS[: a.n_vars]) + CODE_WORDS
+        blank = CODE_MAX - CODE_MIN + 1  # classes: values CODE_MIN..CODE_MAX, then blank
+        xs, ys = [], []
+        for _ in range(n):
+            tokens, targets = code_program(rng, a.code_length, a.n_vars)
+            xs.append([vocab.index(t) for t in tokens])
+            ys.append([blank if t is None else t - CODE_MIN for t in targets])
+        return xs, ys, vocab, blank + 1
+    ops = a.ops.split(",")
+    vocab = ["[" + op for op in ops] + ["]"] + [str(n) for n in range(10)]
+    xs, ys = [], []
+    for _ in range(n):
+        tree = listops_tree(rng, a.depth, ops)
+        xs.append([vocab.index(t) for t in listops_tokens(tree)])
+        ys.append([-100] * (len(xs[-1]) - 1) + [listops_eval(tree)])  # the label is read at the last token
+    return xs, ys, vocab, 10
+
+
+def pad_batch(xs, ys, pad_id):
+    """Right-pad to the longest sequence: pads read pad_id and carry no loss (causal models never see them)."""
+    T = max(map(len, xs))
+    x = torch.tensor([s + [pad_id] * (T - len(s)) for s in xs])
+    y = torch.tensor([s + [-100] * (T - len(s)) for s in ys])
+    return x, y
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def detach_state(state):
+    return None if state is None else [tuple(s.detach() for s in layer) for layer in state]
+
+
+def lr_at(step, a):
+    if step < a.warmup:
+        return a.lr * (step + 1) / a.warmup
+    if not a.cosine:
+        return a.lr
+    progress = (step - a.warmup) / max(1, a.steps - a.warmup)
+    return a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def pick_device(name):
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            fail(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            fail(f"--device {name}: this machine has no CUDA GPU; use --device cpu (or auto)")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_task(a):
+    """code, listops: the three fixed splits. lm: the corpus as parallel streams."""
+    if a.task == "lm":
+        train, valid, test, vocab = data.load_text(a.dataset, a.tokenizer, a.data_dir)
+        return {"n_in": len(vocab), "n_out": len(vocab), "vocab": vocab, "train": data.batchify(train, a.batch_size),
+                "valid": data.batchify(valid, a.batch_size), "test": data.batchify(test, a.batch_size)}
+    task = {}
+    for split in ("train", "valid", "test"):
+        xs, ys, vocab, n_out = make_examples(a, split)
+        task[split] = (xs, ys)
+    return dict(task, n_in=len(vocab) + 1, n_out=n_out, vocab=vocab, pad=len(vocab))  # + the pad id
+
+
+def batches(task, a, split):
+    """The evaluation batches of a split, in order."""
+    if a.task == "lm":
+        streams = task[split]
+        return (data.segment(streams, i, a.seq_len) for i in range(data.n_segments(streams, a.seq_len)))
+    xs, ys = task[split]
+    return (pad_batch(xs[i : i + a.batch_size], ys[i : i + a.batch_size], task["pad"])
+            for i in range(0, len(xs), a.batch_size))
+
+
+@torch.no_grad()
+def evaluate(model, a, task, split, device):
+    """code: print accuracy (at executed prints) and sequence accuracy (every position right); listops:
+    accuracy; lm: loss and perplexity (or bits per character) over the whole split, state carried if asked."""
+    model.eval()
+    loss_sum, n_tok, n_right, n_print, print_right, n_seq, seq_right = 0.0, 0, 0, 0, 0, 0, 0
+    state = None
+    for x, y in batches(task, a, split):
+        x, y = x.to(device), y.to(device)
+        logits, state = model(x, state if a.carry_state else None)
+        mask = y != -100
+        loss_sum += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
+        right = (logits.argmax(-1) == y) & mask
+        n_tok, n_right = n_tok + mask.sum().item(), n_right + right.sum().item()
+        if a.task == "code":
+            printed = mask & (y != task["n_out"] - 1)
+            n_print, print_right = n_print + printed.sum().item(), print_right + (right & printed).sum().item()
+            n_seq, seq_right = n_seq + len(y), seq_right + (right == mask).all(-1).sum().item()
+    model.train()
+    loss = loss_sum / n_tok
+    if a.task == "code":
+        return {"loss": loss, "print_acc": print_right / n_print, "seq_acc": seq_right / n_seq}
+    if a.task == "listops":
+        return {"loss": loss, "acc": n_right / n_tok}
+    return {"loss": loss, "ppl" if a.tokenizer == "word" else "bpc":
+            math.exp(min(loss, 50)) if a.tokenizer == "word" else loss / math.log(2)}
+
+
+HEADLINE = {"code": "seq_acc", "listops": "acc"}  # lm: ppl or bpc, lower is better
+
+
+def headline(a):
+    return HEADLINE.get(a.task, "ppl" if a.tokenizer == "word" else "bpc")
+
+
+def save_checkpoint(path, obj):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # atomic: a killed run leaves the previous checkpoint intact
+
+
+def log_metrics(out_dir, step, split, metrics, t0):
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        for name, value in metrics.items():
+            f.write(json.dumps(dict(step=step, split=split, metric=name, value=value, time=time.time() - t0)) + "\n")
+
+
+def train(a):
+    device = pick_device(a.device)
+    random.seed(a.seed)
+    np.random.seed(a.seed)
+    torch.manual_seed(a.seed)
+    gen = torch.Generator().manual_seed(a.seed)  # which training examples each step sees
+    try:
+        task = load_task(a)
+    except data.DataError as e:
+        fail(str(e))
+    model = build_model(a, task["n_in"], task["n_out"]).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=a.lr, betas=(0.9, 0.995), eps=1e-9)  # the paper's Adam
+    step, state, best = 0, None, None
+    ckpt_path, best_path = os.path.join(a.out_dir, "ckpt.pt"), os.path.join(a.out_dir, "best.pt")
+    lower_is_better = a.task == "lm"
+    if a.resume:
+        if not os.path.exists(ckpt_path):
+            fail(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, state, best = ckpt["step"], ckpt["train_state"], ckpt["best"]
+        random.setstate(ckpt["rng"]["python"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        gen.set_state(ckpt["rng"]["data"])
+    os.makedirs(a.out_dir, exist_ok=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"config: {json.dumps(dataclasses.asdict(a))}")
+    print(f"device {device}, model {a.model}, {n_params / 1e6:.2f}M parameters, starting at step {step}")
+
+    def checkpoint(path):
+        save_checkpoint(path, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "args": dataclasses.asdict(a),
+            "vocab": task["vocab"], "train_state": detach_state(state), "best": best,
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "data": gen.get_state()}})
+
+    if step >= a.steps:
+        print(f"the checkpoint in {a.out_dir} is already at step {step} of --steps {a.steps}; nothing to do")
+        return
+    t0, name = time.time(), headline(a)
+    n_seg = data.n_segments(task["train"], a.seq_len) if a.task == "lm" else 0
+    bar = tqdm(total=a.steps, initial=step, dynamic_ncols=True)
+    while step < a.steps:
+        if a.task == "lm":
+            i = step % n_seg
+            x, y = data.segment(task["train"], i, a.seq_len)
+            if i == 0:
+                state = None  # a new pass over the corpus starts from empty fast weights
+        else:
+            xs, ys = task["train"]
+            idx = torch.randint(len(xs), (a.batch_size,), generator=gen).tolist()
+            x, y = pad_batch([xs[i] for i in idx], [ys[i] for i in idx], task["pad"])
+        x, y = x.to(device), y.to(device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, a)
+        logits, new_state = model(x, state if a.carry_state else None)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+        if not torch.isfinite(loss):
+            bar.close()
+            print(f"error: the loss became {loss.item()} at step {step}; the last good checkpoint stays at {ckpt_path}. "
+                  "Lower --lr or raise --warmup.", file=sys.stderr)
+            sys.exit(1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if a.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+        opt.step()
+        state = detach_state(new_state) if a.carry_state else None
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        log_metrics(a.out_dir, step, "train", {"loss": loss.item()}, t0)
+        if step % a.eval_every == 0 or step == a.steps or step == a.stop_at:
+            result = evaluate(model, a, task, "valid", device)
+            log_metrics(a.out_dir, step, "valid", result, t0)
+            tqdm.write(f"step {step} valid: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
+            if best is None or (result[name] < best[1] if lower_is_better else result[name] > best[1]):
+                best = (step, result[name])
+                checkpoint(best_path)
+            checkpoint(ckpt_path)
+            if step == a.stop_at:
+                break
+    bar.close()
+    if step == a.steps:
+        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=False)["model"])
+        result = evaluate(model, a, task, "test", device)
+        log_metrics(a.out_dir, step, "test", result, t0)
+        print(f"final: test {name} {result[name]:.4f} (" + " ".join(f"{k} {v:.4f}" for k, v in result.items()) +
+              f") with the best valid checkpoint (step {best[0]}, valid {name} {best[1]:.4f}), {time.time() - t0:.0f}s")
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark
+
+
+def saved_mib(fn):
+    """MiB of tensors autograd keeps for the backward pass of fn (the activation memory), each storage once."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values()) / 2**20
+
+
+def bench(a):
+    """Training steps (forward, backward) of every model at the configured size, batch 32, T = bench_T."""
+    device = pick_device(a.device)
+    B, T = 32, a.bench_T
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print(f"device {device}, threads {torch.get_num_threads()}, batch {B}, T {T}, d_model {a.d_model}, n_layer "
+          f"{a.n_layer}, n_head {a.n_head}, impl {a.impl}; mem MiB: on CUDA the peak allocated, on CPU the tensors "
+          "autograd saves for the backward")
+    print(f"{'model':12} {'params':>8} {'fwd+bwd ms':>11} {'tok/s':>9} {'mem MiB':>9}")
+    x = torch.randint(0, 20, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
+    for name in MODELS:
+        torch.manual_seed(0)
+        model = build_model(dataclasses.replace(a, model=name), 20, 20).to(device)
+
+        def step():
+            logits, _ = model(x)
+            logits.float().square().mean().backward()
+
+        times = []
+        for _ in range(4):  # the first is a warm-up
+            sync()
+            t = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - t)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            mem = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            mem = saved_mib(step)
+        t_med = float(np.median(times[1:]))
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{name:12} {n_params / 1e6:7.2f}M {t_med * 1e3:11.1f} {B * T / t_med:9.0f} {mem:9.1f}", flush=True)
+
+
+def main(argv=None):
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    if a.bench:
+        return bench(a)
+    train(a)
+
+
+if __name__ == "__main__":
+    main()
