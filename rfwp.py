@@ -27,9 +27,9 @@ Glossary: b batch, h head, t time step, T sequence length, C chunk length, d = d
 W, R (d, d) fast weights of one head (fp32), beta in (0, 1) a write strength, s the recurrent input of a step.
 
 Commands:
-    python rfwp.py                                        # delta_lstm on code execution, a few CPU minutes
+    python rfwp.py                                        # delta_rnn on code execution, a few CPU minutes
     python rfwp.py --preset tiny --steps 20               # smoke run
-    python rfwp.py --model rdn --task listops --depth 6   # sequential ListOps
+    python rfwp.py --model rdn --task listops             # sequential ListOps (depth 4; the paper: 10, 15)
     python rfwp.py --preset paper --model delta_rnn       # GPU: the paper's code execution setting
     python rfwp.py --task lm --dataset wikitext-2 --model delta_lstm --carry_state
     python rfwp.py --bench                                # training speed and memory of every model
@@ -61,11 +61,11 @@ class Args:
     # task
     task: str = "code"
     """code (code execution, synthetic), listops (sequential ListOps, synthetic) or lm (through data.py)"""
-    code_length: int = 20
+    code_length: int = 10
     """code: statements per program (the paper: 100)"""
     n_vars: int = 3
     """code: variables (3 or 5)"""
-    depth: int = 6
+    depth: int = 4
     """listops: exact nesting depth of the operator tree (the paper: 10 and 15)"""
     ops: str = "MIN,MAX,FIRST"
     """listops: operators, from MIN, MAX, FIRST, LAST, MED, SM (sum mod 10)"""
@@ -84,15 +84,15 @@ class Args:
     carry_state: bool = False
     """lm: carry fast weights and recurrent states across consecutive segments, detached"""
     # model
-    model: str = "delta_lstm"
+    model: str = "delta_rnn"
     """lstm | transformer | linear | delta | delta_mlp | delta_delta | delta_rnn | delta_lstm | rdn"""
-    d_model: int = 128
+    d_model: int = 64
     """residual stream width (lstm: hidden size)"""
     n_layer: int = 2
     """number of blocks (lstm: layers)"""
-    n_head: int = 8
+    n_head: int = 4
     """heads per layer; d_head = d_model / n_head"""
-    d_ff: int = 512
+    d_ff: int = 256
     """feed-forward hidden width"""
     dropout: float = 0.0
     """dropout after the fast-weight output and in the feed-forward block"""
@@ -105,7 +105,7 @@ class Args:
     # training
     batch_size: int = 32
     """sequences (or lm streams) per step"""
-    steps: int = 2000
+    steps: int = 1500
     """optimizer steps"""
     lr: float = 1e-3
     """peak learning rate (Adam)"""
@@ -417,7 +417,7 @@ class DeltaLSTMLayer(SlowNet):
     """Delta LSTM (eq. 21-27, the official "v4"): per gate g in (i, u, o) a DeltaNet part z^g = W^g q^g and a
     recurrent fast weight R^g (delta rule, softmax keys from x) read with s = softmax(h_{t-1});
     i, o = sigmoid(z + R s), u = z^u + R^u s (no squashing); c_t = i u + (1 - i) c_{t-1}; h_t = o c_t.
-    State (W^i, W^u, W^o, R^i, R^u, R^o, c, h)."""
+    The three gates run as 3H heads side by side. State (W, R, c, h), W and R (B, 3H, d, d) in gate order i, u, o."""
 
     def __init__(self, a):
         d = a.d_model // a.n_head
@@ -425,29 +425,21 @@ class DeltaLSTMLayer(SlowNet):
 
     def forward(self, x, state=None):
         p = self.project(x)
-        if state is None:
-            state = (None,) * 3 + tuple(self.zeros(x, self.d, self.d) for _ in range(3)) + (self.zeros(x, self.d),) * 2
-        Ws, Rs, (c, h) = list(state[:3]), list(state[3:6]), state[6:]
-        zs, keys = [], []
-        for g in range(3):  # i, u, o
-            q, k, v, b, k_r, v_r, b_r = p[7 * g : 7 * g + 7]
-            z, Ws[g] = fast_weight(elu1_sumnorm(q), elu1_sumnorm(k), v, torch.sigmoid(b), Ws[g], self.impl,
-                                   self.chunk_size)
-            zs.append(z)
-            keys.append((F.softmax(k_r, -1), v_r, torch.sigmoid(b_r)))
+        q, k, v, b, k_r, v_r, b_r = (torch.cat(p[j::7], 1) for j in range(7))  # (B, 3H, T, .): gates as heads
+        W, R, c, h = state or (None, x.new_zeros(x.shape[0], 3 * self.H, self.d, self.d), self.zeros(x, self.d),
+                               self.zeros(x, self.d))
+        z, W = fast_weight(elu1_sumnorm(q), elu1_sumnorm(k), v, torch.sigmoid(b), W, self.impl, self.chunk_size)
+        k_r, b_r = F.softmax(k_r, -1), torch.sigmoid(b_r)
         hs = []
-        for t in range(x.shape[1]):
-            s = F.softmax(h, -1).unsqueeze(-1)
-            a = []
-            for g in range(3):
-                k_r, v_r, b_r = keys[g]
-                Rs[g] = delta_step(Rs[g], k_r[:, :, t], v_r[:, :, t], b_r[:, :, t])
-                a.append(zs[g][:, :, t] + (Rs[g] @ s).squeeze(-1))
-            i, o = torch.sigmoid(a[0]), torch.sigmoid(a[2])
-            c = i * a[1] + (1 - i) * c
-            h = o * c
+        for t in range(x.shape[1]):  # the recurrent part
+            s = F.softmax(h, -1).repeat(1, 3, 1).unsqueeze(-1)  # (B, 3H, d, 1)
+            R = delta_step(R, k_r[:, :, t], v_r[:, :, t], b_r[:, :, t])
+            a_i, a_u, a_o = (z[:, :, t] + (R @ s).squeeze(-1)).chunk(3, 1)
+            i = torch.sigmoid(a_i)
+            c = i * a_u + (1 - i) * c
+            h = torch.sigmoid(a_o) * c
             hs.append(h)
-        return self.out(merge(torch.stack(hs, 2))), (*Ws, *Rs, c, h)
+        return self.out(merge(torch.stack(hs, 2))), (W, R, c, h)
 
 
 class RDNLayer(SlowNet):
