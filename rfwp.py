@@ -27,7 +27,7 @@ Glossary: b batch, h head, t time step, T sequence length, C chunk length, d = d
 W, R (d, d) fast weights of one head (fp32), beta in (0, 1) a write strength, s the recurrent input of a step.
 
 Commands:
-    python rfwp.py                                        # delta_rnn on code execution, a few CPU minutes
+    python rfwp.py                                        # rdn on code execution, about 4 CPU minutes
     python rfwp.py --preset tiny --steps 20               # smoke run
     python rfwp.py --model rdn --task listops             # sequential ListOps (depth 4; the paper: 10, 15)
     python rfwp.py --preset paper --model delta_rnn       # GPU: the paper's code execution setting
@@ -84,7 +84,7 @@ class Args:
     carry_state: bool = False
     """lm: carry fast weights and recurrent states across consecutive segments, detached"""
     # model
-    model: str = "delta_rnn"
+    model: str = "rdn"
     """lstm | transformer | linear | delta | delta_mlp | delta_delta | delta_rnn | delta_lstm | rdn"""
     d_model: int = 64
     """residual stream width (lstm: hidden size)"""
@@ -105,7 +105,7 @@ class Args:
     # training
     batch_size: int = 32
     """sequences (or lm streams) per step"""
-    steps: int = 1500
+    steps: int = 1000
     """optimizer steps"""
     lr: float = 1e-3
     """peak learning rate (Adam)"""
@@ -519,7 +519,8 @@ def reset_state(state, reset):
 
 class FWPModel(nn.Module):
     """Token ids (B, T), a state (one tuple per layer, or None) and an optional reset mask (B,) applied before the
-    first step -> logits (B, T, n_out), new state. No positional encoding (as in the paper's algorithmic tasks)."""
+    first step -> logits (B, T, n_out), new state. No positional encoding (as in the paper's algorithmic tasks); a
+    final LN before the head (the official algorithmic code has none), as in delta_net.py."""
 
     def __init__(self, a, n_in, n_out):
         super().__init__()
@@ -569,7 +570,8 @@ CODE_KINDS, CODE_WEIGHTS = ["assign", "inc", "dec", "print", "if"], [0.2, 0.15, 
 def code_program(rng, n_statements, n_vars):
     """One program of code execution (Fan et al. 2020, as in Irie et al. 2021 section 4.1) and its targets.
     Statements: `v = n ;`, `v ++ ;`, `v -- ;`, `print v ;`, or `if v < c :` / `if v > c :` followed by one of
-    those, which runs only if the condition holds. Only assigned variables are read; the first statement assigns,
+    those, which runs only if the condition holds (the official generator runs a conditional `v = n` only while v
+    is still undefined; here the semantics are the ordinary ones). Only assigned variables are read; the first statement assigns,
     the last prints. The target of every token is None except at the `;` of an executed print: the value printed.
         a = 3 ; b = 7 ; if a < 5 : a ++ ; print a ; if b > 8 : print b ; print b ;
         targets: None everywhere except the `;` after `print a` (4) and the last `;` (7)
