@@ -352,12 +352,15 @@ def test_empty_corpus_is_an_error(tmp_path):
     assert p.returncode != 0 and "empty" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_ddp_two_processes_on_cpu(tmp_path):
-    script = script_copy(tmp_path)
+@pytest.mark.parametrize("name, args, port", [("delta_net.py", [], "29517"),
+                                              ("linear_transformer.py", ["--phi", "favor", "--favor_redraw", "5"], "29518")])
+def test_ddp_two_processes_on_cpu(tmp_path, name, args, port):
+    """Both ranks end with identical parameters; only rank 0 logs and writes metrics."""
+    script = script_copy(tmp_path, name)
     out = str(tmp_path / "out")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                        script, "--preset", "tiny", "--out_dir", out], capture_output=True, text=True, env=env,
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                        script, "--preset", "tiny", "--out_dir", out, *args], capture_output=True, text=True, env=env,
                        cwd=str(tmp_path), timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "2 process(es)" in p.stdout
