@@ -320,8 +320,8 @@ class SlowNet(nn.Module):
         parts = heads(self.slow(x), self.H).split(self.sizes, -1)
         return [p.squeeze(-1) if s == 1 else p for p, s in zip(parts, self.sizes)]
 
-    def zeros(self, x, *shape):
-        return x.new_zeros(x.shape[0], self.H, *shape, dtype=state_dtype(x))
+    def zeros(self, x, *shape, heads=None):
+        return x.new_zeros(x.shape[0], heads or self.H, *shape, dtype=state_dtype(x))
 
 
 class LinearLayer(SlowNet):
@@ -426,7 +426,7 @@ class DeltaLSTMLayer(SlowNet):
     def forward(self, x, state=None):
         p = self.project(x)
         q, k, v, b, k_r, v_r, b_r = (torch.cat(p[j::7], 1) for j in range(7))  # (B, 3H, T, .): gates as heads
-        W, R, c, h = state or (None, x.new_zeros(x.shape[0], 3 * self.H, self.d, self.d), self.zeros(x, self.d),
+        W, R, c, h = state or (None, self.zeros(x, self.d, self.d, heads=3 * self.H), self.zeros(x, self.d),
                                self.zeros(x, self.d))
         z, W = fast_weight(elu1_sumnorm(q), elu1_sumnorm(k), v, torch.sigmoid(b), W, self.impl, self.chunk_size)
         k_r, b_r = F.softmax(k_r, -1), torch.sigmoid(b_r)
@@ -509,10 +509,8 @@ def reset_state(state, reset):
     """Zero the state of the sequences where reset (B,) is True (their episode or document ended)."""
     if state is None or reset is None:
         return state
-    keep = (~reset).to(torch.float32)
-
     def mask(s):
-        return s * keep.to(s.dtype).view(-1, *[1] * (s.dim() - 1))
+        return s * (~reset).to(s.dtype).view(-1, *[1] * (s.dim() - 1))
 
     return [None if layer is None else tuple(None if s is None else mask(s) for s in layer) for layer in state]
 
