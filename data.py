@@ -1,6 +1,9 @@
 """The tiny data helper the FWP scripts share: download, text corpora, stream batching.
 
     download(url, dest, sha256=None)          -> dest (a verified file, written atomically)
+    fetch_uea(name, data_dir)                 -> paths of NAME_TRAIN.ts, NAME_TEST.ts (UEA/UCR archive)
+    fetch_speech_commands(words, data_dir)    -> folder with one sub-folder of .wav files per word
+    fetch_sepsis(data_dir)                    -> folder with the PhysioNet 2019 .psv files (sets A and B)
     load_text(name_or_path, tokenizer, data_dir) -> train, valid, test (LongTensors), vocab (list of str)
     batchify(tokens, n_streams)               -> (n_streams, n) parallel streams
     segment(streams, i, seq_len)              -> inputs, targets of the i-th segment (state can be carried)
@@ -11,6 +14,9 @@ the file by hand. User-facing problems raise DataError (the scripts print it and
 
 import hashlib
 import os
+import re
+import shutil
+import tarfile
 import urllib.request
 import zipfile
 from array import array
@@ -23,6 +29,9 @@ URLS = {
     "wikitext-103": "https://wikitext.smerity.com/wikitext-103-v1.zip",
     "wikitext-2": "https://wikitext.smerity.com/wikitext-2-v1.zip",
     "enwik8": "http://mattmahoney.net/dc/enwik8.zip",
+    "uea": "https://timeseriesclassification.com/aeon-toolkit/{name}.zip",  # {name}: EigenWorms, ...
+    "speech_commands": "http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz",
+    "sepsis": "https://physionet.org/files/challenge-2019/1.0.0/training/",  # + training_setA/ and training_setB/
 }
 DATA_DIR = os.path.expanduser("~/.cache/fwp")
 
@@ -73,6 +82,70 @@ def _unzip_member(zip_path, member, dest):
             raise DataError(f"{zip_path} is not the expected archive ({e}); delete it and run again.") from e
         os.replace(dest + ".part", dest)
     return dest
+
+
+def fetch_uea(name, data_dir=DATA_DIR):
+    """NAME_TRAIN.ts and NAME_TEST.ts of one UEA/UCR data set, from the archive's zip (members found by name)."""
+    folder = os.path.join(data_dir, "uea")
+    dests = [os.path.join(folder, f"{name}_{split}.ts") for split in ("TRAIN", "TEST")]
+    if not all(os.path.exists(d) for d in dests):
+        zip_path = download(URLS["uea"].format(name=name), os.path.join(folder, f"{name}.zip"))
+        try:
+            with zipfile.ZipFile(zip_path) as z:
+                members = {os.path.basename(m): m for m in z.namelist()}
+        except zipfile.BadZipFile as e:
+            raise DataError(f"{zip_path} is not a zip archive ({e}); delete it and run again.") from e
+        for dest in dests:
+            if os.path.basename(dest) not in members:
+                raise DataError(f"{zip_path} has no {os.path.basename(dest)}: is {name!r} a UEA/UCR data set name?")
+            _unzip_member(zip_path, members[os.path.basename(dest)], dest)
+    return dests
+
+
+def fetch_speech_commands(words, data_dir=DATA_DIR):
+    """Speech Commands v0.02: download the archive (2.3 GB) once and extract the .wav files of the given words."""
+    folder = os.path.join(data_dir, "speech_commands")
+    if not all(os.path.isdir(os.path.join(folder, w)) for w in words):
+        archive = download(URLS["speech_commands"], os.path.join(data_dir, "speech_commands_v0.02.tar.gz"))
+        tmp = folder + f".part{os.getpid()}"
+        try:
+            with tarfile.open(archive) as tar:
+                keep = [m for m in tar.getmembers() if m.isfile() and m.name.lstrip("./").split("/")[0] in words]
+                tar.extractall(tmp, members=keep, filter="data")
+        except (tarfile.TarError, OSError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DataError(f"{archive} could not be extracted ({e}); delete it and run again.") from e
+        for w in words:  # one rename per word folder: a folder that exists is complete
+            if os.path.isdir(os.path.join(tmp, w)) and not os.path.isdir(os.path.join(folder, w)):
+                os.makedirs(folder, exist_ok=True)
+                os.replace(os.path.join(tmp, w), os.path.join(folder, w))
+        shutil.rmtree(tmp, ignore_errors=True)
+        missing = [w for w in words if not os.path.isdir(os.path.join(folder, w))]
+        if missing:
+            raise DataError(f"{archive} holds no folder for {', '.join(missing)}.")
+    return folder
+
+
+def fetch_sepsis(data_dir=DATA_DIR):
+    """PhysioNet 2019: one .psv per patient, listed on the index pages of training_setA/ and training_setB/."""
+    folder = os.path.join(data_dir, "sepsis")
+    for part in ("training_setA", "training_setB"):
+        dest_dir = os.path.join(folder, part)
+        if os.path.exists(os.path.join(dest_dir, "COMPLETE")):
+            continue
+        url = URLS["sepsis"] + part + "/"
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                names = sorted(set(re.findall(r'href="(p\d+\.psv)"', r.read().decode("utf-8", "replace"))))
+        except (OSError, ValueError) as e:
+            raise DataError(f"could not list {url} ({e}). Download the .psv files by hand into {dest_dir}/ and "
+                            "create an empty file COMPLETE there.") from e
+        if not names:
+            raise DataError(f"{url} lists no p*.psv files; download them by hand into {dest_dir}/ (then COMPLETE).")
+        for name in tqdm(names, desc=part):
+            download(url + name, os.path.join(dest_dir, name))  # skips files already there
+        open(os.path.join(dest_dir, "COMPLETE"), "w").close()
+    return folder
 
 
 def _read(path, encoding="utf-8"):

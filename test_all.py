@@ -8,6 +8,7 @@ import functools
 import http.server
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ import sys
 import threading
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 import data
 import delta_net
 import linear_transformer
+import ode_fwp
 import rfwp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -881,6 +884,433 @@ def test_rf_cli_errors(tmp_path, args, message):
 def test_rf_help_lists_every_flag(tmp_path):
     p = run(script_copy(tmp_path, "rfwp.py"), "--help")
     for field in dataclasses.fields(rfwp.Args):
+        assert f"--{field.name} (" in p.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# ode_fwp.py: solvers, control paths, learning rules, data parsers, the script
+
+
+def linear_ode(dtype=torch.float64):
+    A = torch.tensor([[-1.0, 2.0], [-2.0, -1.0]], dtype=dtype)
+    y0 = torch.tensor([[1.0, 0.5], [-0.3, 2.0]], dtype=dtype)  # two initial values (a batch)
+    return (lambda s, y: y @ A.T), y0, y0 @ torch.linalg.matrix_exp(A).T  # y(1) = exp(A) y0
+
+
+@pytest.mark.parametrize("solver, order", [("euler", 1), ("rk4", 4)])
+def test_od_fixed_step_solvers_converge_at_their_order(solver, order):
+    """y' = A y (a damped rotation) against exp(A) y0, and y' = cos(5 s) against sin(5) / 5 (the s argument)."""
+    solve = getattr(ode_fwp, solver)
+    f, y0, exact = linear_ode()
+    errs = [(solve(f, y0, n)[0] - exact).abs().max().item() for n in (20, 40, 80)]
+    rates = [math.log2(errs[i] / errs[i + 1]) for i in range(2)]
+    assert all(abs(r - order) < 0.2 for r in rates), (errs, rates)
+    g = lambda s, y: torch.full_like(y, math.cos(5 * s))  # noqa: E731
+    errs = [abs(solve(g, torch.zeros(1, dtype=torch.float64), n)[0].item() - math.sin(5) / 5) for n in (20, 40)]
+    assert abs(math.log2(errs[0] / errs[1]) - order) < 0.3, errs
+    assert solve(f, y0, 7)[1] == 7 * (4 if solver == "rk4" else 1)  # NFE
+
+
+def test_od_dopri5_meets_its_tolerance_and_its_gradient_is_the_exact_one():
+    f, y0, exact = linear_ode()
+    errs, nfes = [], []
+    for tol in (1e-4, 1e-6, 1e-8):
+        y, nfe = ode_fwp.dopri5(f, y0, tol, tol, 10_000)
+        errs.append((y - exact).abs().max().item())
+        nfes.append(nfe)
+        assert errs[-1] < 10 * tol, (tol, errs)
+    assert errs[0] > errs[1] > errs[2] and nfes[0] < nfes[1] < nfes[2]
+    exp_growth, _ = ode_fwp.dopri5(lambda s, y: y, torch.ones(3, dtype=torch.float64), 1e-9, 1e-9, 10_000)
+    assert torch.allclose(exp_growth, torch.full((3,), math.e, dtype=torch.float64), rtol=1e-8)
+    x0 = y0.clone().requires_grad_()
+    g = torch.randn(y0.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    (ode_fwp.dopri5(f, x0, 1e-9, 1e-9, 10_000)[0] * g).sum().backward()
+    A = torch.tensor([[-1.0, 2.0], [-2.0, -1.0]], dtype=torch.float64)
+    torch.testing.assert_close(x0.grad, g @ torch.linalg.matrix_exp(A), rtol=1e-7, atol=1e-9)
+    with pytest.raises(RuntimeError, match="max_steps"):
+        ode_fwp.dopri5(f, y0, 1e-12, 1e-12, 5)
+
+
+def test_od_gradcheck_rk4_and_euler():
+    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    for solve in (ode_fwp.rk4, ode_fwp.euler):
+        assert torch.autograd.gradcheck(lambda y, M: solve(lambda s, z: torch.tanh(z @ M) * (1 + s), y, 3)[0], (y0, A))
+
+
+def irregular_batch(B=3, N=9, C=2, seed=0, missing=0.2):
+    """Irregular times, NaNs, lengths 9, 5, 2; padded times continue past each end."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.cumsum(0.3 + torch.rand(B, N, generator=g, dtype=torch.float64), 1)
+    x = torch.randn(B, N, C, generator=g, dtype=torch.float64)
+    x[torch.rand(B, N, C, generator=g) < missing] = float("nan")
+    lengths = torch.tensor([N, 5, 2][:B])
+    for b in range(B):
+        x[b, lengths[b]:] = float("nan")
+        t[b, lengths[b]:] = t[b, lengths[b] - 1] + torch.arange(1, N - lengths[b] + 1)
+    x[0, :, 1] = float("nan")  # an empty channel
+    x[0, 3, 0] = 1.5  # an observed value at least
+    return t, x, lengths
+
+
+def test_od_fill_missing_is_linear_interpolation_in_time():
+    t, x, lengths = irregular_batch()
+    y = ode_fwp.fill_missing(t, x, lengths)
+    for b in range(3):
+        for c in range(2):
+            n = lengths[b]
+            obs = ~torch.isnan(x[b, :n, c])
+            ref = (torch.zeros(n, dtype=torch.float64) if not obs.any() else
+                   torch.tensor(np.interp(t[b, :n], t[b, :n][obs], x[b, :n, c][obs])))  # holds at the ends
+            torch.testing.assert_close(y[b, :n, c], ref)
+
+
+@pytest.mark.parametrize("interp", ["linear", "cubic"])
+def test_od_path_passes_through_knots_and_batches_exactly(interp):
+    t, x, lengths = irregular_batch()
+    path = ode_fwp.ControlPath(t, x, lengths, interp)
+    filled = ode_fwp.fill_missing(t, x, lengths)
+    for b in range(3):
+        n = int(lengths[b])
+        for i in range(n):
+            X, _ = path(t[:, i].clone().index_fill_(0, torch.tensor([b]), t[b, i].item()))
+            torch.testing.assert_close(X[b], filled[b, i], rtol=0, atol=1e-12)
+        alone = ode_fwp.ControlPath(t[b : b + 1, :n], x[b : b + 1, :n], lengths[b : b + 1], interp)
+        s = t[b, 0] + torch.rand(20, dtype=torch.float64) * (t[b, n - 1] - t[b, 0])
+        for si in s:
+            X1, dX1 = alone(si.view(1))
+            X2, dX2 = path(torch.full((3,), si.item(), dtype=torch.float64))
+            torch.testing.assert_close((X1[0], dX1[0]), (X2[b], dX2[b]), rtol=0, atol=1e-12)
+    if interp == "linear":  # dX/dt is the slope of the interval
+        _, dX = path(((t[:, 0] + t[:, 1]) / 2))
+        torch.testing.assert_close(dX, (filled[:, 1] - filled[:, 0]) / (t[:, 1] - t[:, 0])[:, None])
+
+
+def test_od_natural_cubic_spline_is_c2_and_solves_the_dense_system():
+    t, x, lengths = irregular_batch()
+    path = ode_fwp.ControlPath(t, x, lengths, "cubic")
+    filled = ode_fwp.fill_missing(t, x, lengths)
+    for b in range(3):
+        n = int(lengths[b])
+        a, bb, c, d = path.coeffs[b, : n - 1].unbind(-1)  # (n-1, C)
+        h = (t[b, 1:n] - t[b, : n - 1])[:, None]
+        end = (a + bb * h + c * h**2 + d * h**3, bb + 2 * c * h + 3 * d * h**2, 2 * c + 6 * d * h)  # at t_i+1 from the left
+        torch.testing.assert_close(end[0], filled[b, 1:n], rtol=0, atol=1e-12)  # continuous, through the knots
+        torch.testing.assert_close(end[1][:-1], bb[1:], rtol=0, atol=1e-12)  # C1
+        torch.testing.assert_close(end[2][:-1], 2 * c[1:], rtol=0, atol=1e-12)  # C2
+        torch.testing.assert_close(c[0], torch.zeros_like(c[0]))  # natural: X'' = 0 at both ends
+        torch.testing.assert_close(end[2][-1], torch.zeros_like(c[0]), rtol=0, atol=1e-12)
+        if n > 2:  # the second derivatives against a dense solve of the interior equations
+            hh, y = h[:, 0], filled[b, :n]
+            K = torch.zeros(n - 2, n - 2, dtype=torch.float64)
+            for i in range(n - 2):
+                K[i, i] = 2 * (hh[i] + hh[i + 1])
+                if i > 0:
+                    K[i, i - 1] = hh[i]
+                if i < n - 3:
+                    K[i, i + 1] = hh[i + 1]
+            slopes = (y[1:] - y[:-1]) / h
+            M = torch.linalg.solve(K, 6 * (slopes[1:] - slopes[:-1]))
+            torch.testing.assert_close(2 * c[1:], M)
+
+
+def od_args(**kw):
+    return dataclasses.replace(ode_fwp.Args(), **{**ode_fwp.PRESETS["tiny"], **kw})
+
+
+def constant_path(B=2, C=3, value=0.7, t_end=5.0):
+    t = torch.tensor([[0.0, 2.0, t_end]] * B, dtype=torch.float64)
+    x = torch.full((B, 3, C), value, dtype=torch.float64)
+    return ode_fwp.ControlPath(t, x, torch.tensor([3] * B), "cubic")
+
+
+@pytest.mark.parametrize("rule", ["hebb", "oja", "delta"])
+def test_od_constant_control_vector_field_is_the_rule_by_hand(rule):
+    """X(t) constant, so dX/dt = 0: k, v, beta are constants computed here by hand from the parameters."""
+    torch.manual_seed(0)
+    a = od_args(rule=rule, d_model=6, n_head=2)
+    model = ode_fwp.build_model(a, 3, 4).double()
+    path = constant_path()
+    H, d = 2, 3
+    x = torch.full((3,), 0.7, dtype=torch.float64)
+    z = model.W_in.bias  # W_in dX/dt + b with dX/dt = 0
+    h = (z - z.mean()) / torch.sqrt(((z - z.mean()) ** 2).mean() + model.ln_in.eps) * model.ln_in.weight + model.ln_in.bias
+    kb = (model.W_kb.weight @ h + model.W_kb.bias).view(H, d + 1)
+    k = torch.exp(kb[:, :d]) / torch.exp(kb[:, :d]).sum(-1, keepdim=True)
+    beta = 1 / (1 + torch.exp(-kb[:, d]))
+    v = torch.tanh(model.W_v.weight @ x + model.W_v.bias).view(H, d)
+    W = torch.randn(2, H, d, d, dtype=torch.float64)
+    expected = torch.zeros_like(W)
+    for b in range(2):
+        for i in range(H):
+            if rule == "hebb":
+                expected[b, i] = beta[i] * torch.outer(v[i], k[i])
+            elif rule == "oja":
+                expected[b, i] = beta[i] * torch.outer(v[i], k[i] - W[b, i].T @ v[i])
+            else:
+                expected[b, i] = beta[i] * torch.outer(v[i] - W[b, i] @ k[i], k[i])
+    f = model.vector_field(path)
+    with torch.no_grad():
+        torch.testing.assert_close(f(0.3, W), 5.0 * expected)  # dW/ds = span dW/dt, span 5
+        W0 = ode_fwp.hebb(None, *model.kvb(path, path.t0))
+        torch.testing.assert_close(W0[0], beta[:, None, None] * v[:, :, None] * k[:, None, :])
+        if rule != "oja":  # closed forms with constant k, v, beta over t in [0, 5]
+            WT, _ = ode_fwp.rk4(f, W0, 200)
+            if rule == "hebb":
+                ref = W0 + 5.0 * W0
+            else:  # u = W k relaxes to v at rate beta |k|^2
+                rate = beta * (k * k).sum(-1)
+                u0 = (W0 @ k[..., None])[..., 0]
+                ref = W0 + ((v - u0)[..., None] * k[:, None, :] * ((1 - torch.exp(-5.0 * rate)) / (k * k).sum(-1))[:, None, None])
+            torch.testing.assert_close(WT, ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("model_name, rule", [("ctfwp", "hebb"), ("ctfwp", "oja"), ("ctfwp", "delta"), ("ncde", "delta")])
+def test_od_series_predictions_do_not_depend_on_the_batch(model_name, rule):
+    """A series alone and inside a padded batch of other lengths: the same logits (float64, rk4), and every
+    parameter gets a gradient."""
+    torch.manual_seed(0)
+    a = od_args(model=model_name, rule=rule, interp="cubic")
+    t, x, lengths = irregular_batch(missing=0.1)
+    x = torch.cat([t[..., None] / 10, x], -1)  # the time channel
+    model = ode_fwp.build_model(a, 3, 4).double()
+    logits, _ = model(ode_fwp.ControlPath(t, x, lengths, "cubic"), a, 30)
+    for b in range(3):
+        n = int(lengths[b])
+        alone, _ = model(ode_fwp.ControlPath(t[b : b + 1, :n], x[b : b + 1, :n], lengths[b : b + 1], "cubic"), a, 30)
+        torch.testing.assert_close(alone[0], logits[b], rtol=1e-10, atol=1e-12)
+    logits.square().sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_od_rk4_and_dopri5_agree_on_the_model():
+    torch.manual_seed(0)
+    t, x, lengths = irregular_batch(missing=0.1)
+    x = torch.cat([t[..., None] / 10, x], -1)
+    path = ode_fwp.ControlPath(t, x, lengths, "cubic")
+    model = ode_fwp.build_model(od_args(rule="delta"), 3, 4).double()
+    with torch.no_grad():
+        fine, _ = model(path, od_args(solver="rk4"), 400)
+        adaptive, nfe = model(path, od_args(solver="dopri5", rtol=1e-8, atol=1e-10), 0)
+    torch.testing.assert_close(adaptive, fine, rtol=1e-6, atol=1e-7)
+    assert nfe > 6
+
+
+def test_od_synthetic_task_labels_follow_the_events():
+    rng = np.random.default_rng(0)
+    series, y = ode_fwp.synthetic_series(200, 64, 0.0, rng)
+    assert set(y.tolist()) == {0, 1, 2, 3} and all(t[0] == 0 and 48 <= t[-1] < 64 for t, _ in series)
+    for (t, x), label in zip(series, y):
+        early = t < 64 / 3 + 4
+        sign_ch0 = x[early, 0][np.abs(x[early, 0]).argmax()]
+        assert (sign_ch0 > 0) == (label >= 2)
+
+
+TS_FILE = """# a comment
+@problemName Toy
+@timeStamps false
+@univariate false
+@dimensions 2
+@equalLength false
+@classLabel true cat dog
+@data
+1.0,2.0,3.0:4.0,?,6.0:cat
+1.5,?:2.5,3.5:dog
+
+7,8,9,10:1,2,3,4:dog
+"""
+
+
+def test_od_ts_parser_variable_lengths_missing_values_string_labels(tmp_path):
+    path = tmp_path / "Toy_TRAIN.ts"
+    path.write_text(TS_FILE)
+    cases, labels, C = ode_fwp.parse_ts(str(path))
+    assert C == 2 and labels == ["cat", "dog", "dog"] and [len(c) for c in cases] == [3, 2, 4]
+    np.testing.assert_array_equal(cases[0], [[1, 4], [2, np.nan], [3, 6]])
+    np.testing.assert_array_equal(cases[1], [[1.5, 2.5], [np.nan, 3.5]])
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("1.0,x,3.0:4.0,5.0,6.0:cat", "line 9: a value is not a number"),
+    ("1.0,2.0:4.0,5.0:bird", "line 9: class label 'bird' is not declared"),
+    ("1.0,2.0:cat", "line 10: 1 dimensions, but earlier cases have 2"),
+    ("1.0,2.0,3.0:4.0,5.0,6.0:", "line 9: a case needs at least one dimension and a class label"),
+])
+def test_od_malformed_ts_names_the_line(tmp_path, bad, message):
+    path = tmp_path / "Toy_TRAIN.ts"
+    lines = TS_FILE.splitlines()
+    path.write_text("\n".join(lines[:8] + [lines[8]] + [bad]) + "\n" if "dimensions" in message
+                    else "\n".join(lines[:8] + [bad]) + "\n")
+    with pytest.raises(data.DataError, match=re.escape(message)):
+        ode_fwp.parse_ts(str(path))
+    (tmp_path / "Toy_TEST.ts").write_text(TS_FILE)
+    p = run(script_copy(tmp_path, "ode_fwp.py"), "--preset", "tiny", "--data", str(path), check=False)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_od_auroc_counts_pairs():
+    rng = np.random.default_rng(0)
+    score, y = rng.integers(0, 5, 60).astype(float), rng.integers(0, 2, 60)  # many ties
+    pos, neg = score[y == 1], score[y == 0]
+    ref = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+    assert abs(ode_fwp.auroc(score, y) - ref) < 1e-12
+
+
+def write_wav(path, samples):
+    import wave
+
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes((np.clip(samples, -1, 1 - 2**-15) * 32768).astype("<i2").tobytes())
+
+
+def test_od_mfcc_matches_a_direct_computation():
+    """torch.stft + filterbank + DCT against a frame-by-frame numpy computation of the same definition."""
+    rng = np.random.default_rng(0)
+    wav = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000) + 0.05 * rng.standard_normal(16000))
+    ours = ode_fwp.mfcc(torch.tensor(wav[None]))[0].numpy()
+    assert ours.shape == (161, 20)
+    padded = np.pad(wav, 100, mode="reflect")
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(200) / 200)  # periodic Hann
+    mel = lambda f: 2595 * np.log10(1 + f / 700)  # noqa: E731
+    edges = 700 * (10 ** (np.linspace(0, mel(8000), 66) / 2595) - 1)
+    freqs = np.arange(101) * 8000 / 100
+    fb = np.zeros((101, 64))
+    for m in range(64):
+        lo, mid, hi = edges[m], edges[m + 1], edges[m + 2]
+        for j, f in enumerate(freqs):
+            fb[j, m] = max(0.0, min((f - lo) / (mid - lo), (hi - f) / (hi - mid)))
+    for frame in (0, 37, 160):
+        power = np.abs(np.fft.rfft(padded[frame * 100 : frame * 100 + 200] * window)) ** 2
+        logmel = np.log(power @ fb + 1e-6)
+        coef = [sum(logmel[n] * np.cos(np.pi * k * (2 * n + 1) / 128) for n in range(64)) *
+                (np.sqrt(1 / 64) if k == 0 else np.sqrt(2 / 64)) for k in range(20)]
+        np.testing.assert_allclose(ours[frame], coef, rtol=1e-7, atol=1e-7)
+
+
+def test_od_speech_commands_from_a_local_archive(tmp_path, http_server, monkeypatch):
+    root, base = http_server
+    src = tmp_path / "src"
+    rng = np.random.default_rng(0)
+    for word in ode_fwp.SPEECH_WORDS + ("_background_noise_", "bed"):
+        (src / word).mkdir(parents=True)
+        write_wav(src / word / "a.wav", 0.1 * rng.standard_normal(16000))
+    write_wav(src / "yes" / "short.wav", 0.1 * rng.standard_normal(9000))  # not 16000 samples: dropped
+    import tarfile
+
+    with tarfile.open(root / "sc.tar.gz", "w:gz") as tar:
+        tar.add(src, arcname=".")
+    monkeypatch.setitem(data.URLS, "speech_commands", f"{base}/sc.tar.gz")
+    folder = data.fetch_speech_commands(ode_fwp.SPEECH_WORDS, str(tmp_path / "cache"))
+    assert sorted(os.listdir(folder)) == sorted(ode_fwp.SPEECH_WORDS)
+    series, y, names = ode_fwp.load_speech(folder)
+    assert len(series) == 10 and sorted(y.tolist()) == list(range(10)) and names[0] == "yes"
+    assert series[0][0].shape == (161,) and series[0][1].shape == (161, 20)
+    assert os.path.exists(os.path.join(folder, "mfcc_10words.pt"))
+
+
+PSV_HEAD = "HR|O2Sat|Temp|Age|Gender|Unit1|Unit2|HospAdmTime|ICULOS|SepsisLabel"
+
+
+def test_od_sepsis_from_a_local_server(tmp_path, http_server, monkeypatch):
+    root, base = http_server
+    for part, patients in (("training_setA", ("p000001", "p000002")), ("training_setB", ("p100001",))):
+        (root / part).mkdir()
+        links = []
+        for j, pid in enumerate(patients):
+            hours = 80 if j == 0 else 3
+            rows = [f"{70 + h}|{'NaN' if h % 2 else 97}|NaN|60|1|NaN|1|-2.5|{h + 1}|{int(j == 0 and h > 50)}"
+                    for h in range(hours)]
+            (root / part / f"{pid}.psv").write_text(PSV_HEAD + "\n" + "\n".join(rows) + "\n")
+            links.append(f'<a href="{pid}.psv">{pid}.psv</a>')
+        (root / part / "index.html").write_text("<html>" + "".join(links) + "</html>")
+    monkeypatch.setitem(data.URLS, "sepsis", f"{base}/")
+    folder = data.fetch_sepsis(str(tmp_path / "cache"))
+    assert os.path.exists(os.path.join(folder, "training_setA", "COMPLETE"))
+    series, y, names = ode_fwp.load_sepsis(folder)
+    assert y.tolist() == [1, 0, 1] and names == ["no sepsis", "sepsis"]
+    t, x = series[0]
+    assert t[0] == 1 and t[-1] == 72 and x.shape == (72, 3 + 5)  # HR, O2Sat, Temp + 5 static
+    assert np.isnan(x[1, 1]) and x[0, 1] == 97 and x[0, 3] == 60 and x[0, 5] == 0.0  # Unit1 NaN -> 0
+
+
+def test_od_uea_download_and_ts_training(tmp_path, http_server, monkeypatch):
+    root, base = http_server
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    lines = ["@problemName Toy", "@classLabel true cat dog", "@data"]
+    for i in range(24):
+        n = rng.integers(5, 9)
+        lines.append(",".join(f"{v:.3f}" for v in rng.standard_normal(n)) + ":" +
+                     ",".join(f"{v:.3f}" for v in rng.standard_normal(n)) + (":cat" if i % 2 else ":dog"))
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("Toy/Toy_TRAIN.ts", "\n".join(lines))
+        z.writestr("Toy/Toy_TEST.ts", "\n".join(lines[:12]))
+    (root / "Toy.zip").write_bytes(buf.getvalue())
+    monkeypatch.setitem(data.URLS, "uea", f"{base}/{{name}}.zip")
+    train_path, test_path = data.fetch_uea("Toy", str(tmp_path / "cache"))
+    task = ode_fwp.load_task(od_args(dataset="Toy", data_dir=str(tmp_path / "cache")))
+    assert task["names"] == ["cat", "dog"] and task["n_channels"] == 3
+    assert [len(task[s]["y"]) for s in ("train", "valid", "test")] == [23, 5, 5]  # 24 + 9 cases pooled, 70/15/15
+    with pytest.raises(data.DataError, match="has no Nope_TRAIN.ts"):
+        (root / "Nope.zip").write_bytes(buf.getvalue())
+        data.fetch_uea("Nope", str(tmp_path / "cache"))
+    out = tmp_path / "o"
+    p = run(script_copy(tmp_path, "ode_fwp.py"), "--preset", "tiny", "--data", train_path, "--out_dir", str(out))
+    assert "2 classes" in p.stdout and "final: test acc" in p.stdout
+
+
+@pytest.mark.parametrize("args", [[], ["--rule", "hebb", "--interp", "linear"], ["--rule", "oja", "--drive", "x"],
+                                  ["--model", "ncde", "--solver", "dopri5"], ["--solver", "euler", "--step_size", "2"]])
+def test_od_smoke_and_determinism(tmp_path, args):
+    script = script_copy(tmp_path, "ode_fwp.py")
+    runs = [run(script, "--preset", "tiny", "--out_dir", str(tmp_path / f"o{i}"), *args) for i in range(2)]
+    assert "final: test acc" in runs[0].stdout
+    losses = [[m["value"] for m in read_metrics(tmp_path / f"o{i}") if m["metric"] == "loss"] for i in range(2)]
+    assert losses[0] == losses[1] and len(losses[0]) > 4
+
+
+def test_od_resume_is_exact_and_evaluate_compares_solvers(tmp_path):
+    script = script_copy(tmp_path, "ode_fwp.py")
+    run(script, "--preset", "tiny", "--steps", "6", "--out_dir", str(tmp_path / "full"))
+    run(script, "--preset", "tiny", "--steps", "6", "--stop_at", "2", "--out_dir", str(tmp_path / "cut"))
+    run(script, "--preset", "tiny", "--steps", "6", "--resume", "--out_dir", str(tmp_path / "cut"))
+    full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    strip = lambda ms: [(m["step"], m["split"], m["metric"], m["value"]) for m in ms]  # noqa: E731
+    assert strip(cut) == strip(full)
+    p = run(script, "--evaluate", "--solver", "dopri5", "--rtol", "1e-6", "--atol", "1e-8", "--out_dir",
+            str(tmp_path / "full"))
+    assert re.search(r"^rk4 +test acc", p.stdout, re.M) and re.search(r"^dopri5 +test acc", p.stdout, re.M)
+    assert "agreement: same class for 1.0000" in p.stdout
+
+
+def test_od_bench_runs(tmp_path):
+    p = run(script_copy(tmp_path, "ode_fwp.py"), "--preset", "tiny", "--bench")
+    for label in ("ctfwp-hebb", "ctfwp-oja", "ctfwp-delta", "ncde"):
+        for solver in ("euler", "rk4", "dopri5"):
+            assert re.search(rf"^{label} +{solver} +\d", p.stdout, re.M), p.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rule", "hopfield"], "--rule must be one of"),
+    (["--solver", "rk45"], "--solver must be one of"),
+    (["--d_model", "30", "--n_head", "4"], "not divisible"),
+    (["--data", "x.ts"], "NAME_TRAIN.ts"),
+    (["--data", "missing_TRAIN.ts"], "cannot read missing_TRAIN.ts"),
+    (["--resume"], "no checkpoint"),
+    (["--evaluate"], "no checkpoint"),
+    (["--solver", "dopri5", "--rtol", "1e-12", "--atol", "1e-12", "--max_steps", "3"], "max_steps 3"),
+])
+def test_od_cli_errors(tmp_path, args, message):
+    p = run(script_copy(tmp_path, "ode_fwp.py"), "--preset", "tiny", "--out_dir", str(tmp_path / "o"), *args,
+            check=False)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_od_help_lists_every_flag(tmp_path):
+    p = run(script_copy(tmp_path, "ode_fwp.py"), "--help")
+    for field in dataclasses.fields(ode_fwp.Args):
         assert f"--{field.name} (" in p.stdout
 
 

@@ -1,0 +1,929 @@
+"""Continuous-time fast weight programmers: learning rules as neural ODEs/CDEs driven by a control path.
+
+Irie, Faccio, Schmidhuber, "Neural Differential Equations for Learning to Program Neural Nets Through Continuous
+Learning Rules", NeurIPS 2022, arXiv 2206.01649 (section 3: eq. 4-6 the rules, eq. 7-10 the CDE form and the
+readout). Baseline: the neural CDE of Kidger, Morrill, Foster, Lyons, "Neural Controlled Differential Equations
+for Irregular Time Series", NeurIPS 2020, arXiv 2005.08926. Derived from rfwp.py: same Args style, training loop,
+checkpoints; the discrete time steps become an ODE solved in this file (no ODE library).
+
+A time series (times t_1 < ... < t_N, values with NaN where missing) becomes a control path X(t) (time is channel 0;
+linear or natural cubic interpolation). Per head, a slow net reads the path and a fast weight W (d x d) follows
+    h = LN(W_in dX/dt)     (--drive x: LN(W_in X(t)))
+    k = softmax(W_k h)     beta = sigmoid(w_b . h)     v = tanh(W_v X(t))
+    hebb   dW/dt = beta v k^T
+    oja    dW/dt = beta v (k - W^T v)^T        (Oja's rule as the paper writes it, eq. 5; the official code instead
+                                               takes softmax(W_k h - W^T v), the softmax after the subtraction)
+    delta  dW/dt = beta (v - W k) k^T
+W(t_1) is the rule at the first observation with W = 0 (one Hebbian outer product beta v k^T, the same for all
+three rules). Readout: q = softmax(W_q LN(W_in u)) with u the drive at the series' last time, y = concat_h W_h q_h,
+y <- Out(y), y <- y + FF(LN(y)), logits = Head(y). --model ncde: dz = f(z) dX, f an MLP ending in tanh, z(t_1) a
+linear map of X(t_1), logits = Head(z(t_N)).
+Series of different lengths share a batch exactly: series b is solved on its own interval [t_1^b, t_N^b] through
+the change of variables t = t_1^b + s (t_N^b - t_1^b), s in [0, 1], dW/ds = (t_N^b - t_1^b) dW/dt.
+
+Glossary: b batch, h head, d = d_head = d_model / n_head, C channels of X (time included), N observations,
+s in [0, 1] the solver's time, span = t_N - t_1 per series, W (d, d) the fast weight of one head, beta in (0, 1)
+a learning rate, NFE the number of vector-field evaluations.
+
+Commands:
+    python ode_fwp.py                                      # delta rule on the synthetic task, a few CPU minutes
+    python ode_fwp.py --preset tiny --steps 4              # smoke run
+    python ode_fwp.py --rule hebb --interp linear          # other rules, controls, solvers: --solver dopri5
+    python ode_fwp.py --model ncde                         # the neural CDE baseline
+    python ode_fwp.py --evaluate --solver dopri5           # the trained model in out_dir under another solver
+    python ode_fwp.py --data path/NAME_TRAIN.ts            # any UEA/UCR .ts classification set (_TEST beside it)
+    python ode_fwp.py --dataset EigenWorms                 # downloads: a UEA name, speech_commands, sepsis
+    python ode_fwp.py --bench                              # time and NFE per training step of each model/solver
+"""
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+import wave
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+
+DATA_DIR = data.DATA_DIR  # (the Args field `data` hides the module inside the class body)
+SPEECH_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+
+
+@dataclass
+class Args:
+    # task
+    dataset: str = "synthetic"
+    """synthetic (no download), a UEA archive name (EigenWorms, ...), speech_commands or sepsis (AUROC)"""
+    data: str = ""
+    """a UEA/UCR .ts file NAME_TRAIN.ts (NAME_TEST.ts beside it); 15% of TRAIN validates. Overrides --dataset"""
+    data_dir: str = DATA_DIR
+    """where downloads are cached"""
+    n_train: int = 2000
+    """synthetic: training series (validation and test: n_train / 4 each)"""
+    syn_length: int = 64
+    """synthetic: time grid 0, 1, ..., syn_length - 1 from which each series keeps a random half"""
+    missing: float = 0.1
+    """synthetic: probability that a value is missing (NaN)"""
+    # model
+    model: str = "ctfwp"
+    """ctfwp (continuous-time fast weight programmer) or ncde (neural CDE baseline)"""
+    rule: str = "delta"
+    """ctfwp: hebb | oja | delta"""
+    drive: str = "dx"
+    """ctfwp: keys and beta from dX/dt (dx, the CDE form) or from X(t) (x)"""
+    interp: str = "cubic"
+    """control path: cubic (natural cubic spline) or linear"""
+    d_model: int = 32
+    """ctfwp: width (n_head fast weights of d_head x d_head); ncde: size of z"""
+    n_head: int = 4
+    """ctfwp: heads; d_head = d_model / n_head"""
+    d_ff: int = 128
+    """ctfwp: feed-forward width of the readout block; ncde: width of the vector field MLP"""
+    # solver
+    solver: str = "rk4"
+    """euler | rk4 (fixed step) | dopri5 (adaptive, Dormand-Prince 5(4))"""
+    step_size: float = 0.0
+    """euler, rk4: step in data time units; 0 = the smallest gap between two observations in the data"""
+    rtol: float = 1e-3
+    """dopri5: relative tolerance"""
+    atol: float = 1e-4
+    """dopri5: absolute tolerance"""
+    max_steps: int = 10_000
+    """dopri5: give up (with a message) after this many steps per solve"""
+    # training
+    batch_size: int = 64
+    """series per step"""
+    steps: int = 600
+    """optimizer steps"""
+    lr: float = 3e-3
+    """peak learning rate (Adam)"""
+    warmup: int = 30
+    """linear warm-up steps, then cosine decay to lr / 10"""
+    grad_clip: float = 1.0
+    """gradient norm clip (0 disables)"""
+    eval_every: int = 100
+    """evaluate on valid, keep the best checkpoint, every this many steps"""
+    seed: int = 0
+    """seed of python, numpy, torch, the synthetic data and the data splits"""
+    device: str = "auto"
+    """auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"""
+    out_dir: str = "out/ode_fwp"
+    """metrics.jsonl, ckpt.pt (latest) and best.pt (best on valid) go here"""
+    resume: bool = False
+    """continue from out_dir/ckpt.pt"""
+    stop_at: int = 0
+    """exit after this step, checkpoint saved (a time-boxed job); --resume continues. 0: run to the end"""
+    evaluate: bool = False
+    """evaluate out_dir/best.pt on test with the given --solver (and its trained solver), compare, and exit"""
+    bench: bool = False
+    """time one training step (forward and backward) and count NFE for each rule, ncde and solver, and exit"""
+
+
+PRESETS = {
+    "tiny": dict(n_train=64, syn_length=16, d_model=8, n_head=2, d_ff=16, batch_size=16, steps=4, eval_every=2,
+                 warmup=1),
+    # the paper's Speech Commands setting (hidden 80, 4 heads, FF 320, rk4 with the observation gap as step)
+    "speech": dict(dataset="speech_commands", d_model=80, n_head=4, d_ff=320, batch_size=1024, steps=20_000,
+                   lr=1e-3, eval_every=200),
+}
+
+
+def fail(msg):
+    """A user error: one message, non-zero exit, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def print_help():
+    """Every Args field with its type, default and docstring (read from this file's source)."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(Args)).body[0].body
+    print(f"usage: python {os.path.basename(sys.argv[0])} [--preset {'|'.join(PRESETS)}] [--key value ...]")
+    for node, doc in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr):
+            name = node.target.id
+            print(f"  --{name} ({ast.unparse(node.annotation)}, {getattr(Args, name)!r}): {doc.value.value}")
+    sys.exit(0)
+
+
+def parse_args(argv):
+    """--key value (or --key=value; a bare --flag sets a bool), --preset NAME applied first."""
+    if "--help" in argv or "-h" in argv:
+        print_help()
+    fields = {f.name: f for f in dataclasses.fields(Args)}
+    kv, i = {}, 0
+    while i < len(argv):
+        key, _, val = argv[i].removeprefix("--").partition("=")
+        if not argv[i].startswith("--") or (key not in fields and key != "preset"):
+            fail(f"unknown argument {argv[i]!r}; --help lists the flags")
+        is_bool = key in fields and fields[key].type is bool
+        if not val and not (is_bool and (i + 1 == len(argv) or argv[i + 1].startswith("--"))):
+            if i + 1 == len(argv):
+                fail(f"--{key} needs a value")
+            val, i = argv[i + 1], i + 1
+        kv[key] = val or "true"
+        i += 1
+    preset = kv.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    args = Args(**PRESETS.get(preset, {}))
+    for key, val in kv.items():
+        typ = fields[key].type
+        try:
+            if typ is bool:
+                if val.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                val = val.lower() in ("true", "1")
+            setattr(args, key, typ(val))
+        except ValueError:
+            fail(f"--{key} expects {typ.__name__}, got {val!r}")
+    return check_args(args)
+
+
+def check_args(a):
+    choices = dict(model=("ctfwp", "ncde"), rule=("hebb", "oja", "delta"), drive=("dx", "x"),
+                   interp=("cubic", "linear"), solver=("euler", "rk4", "dopri5"))
+    for key, allowed in choices.items():
+        if getattr(a, key) not in allowed:
+            fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(a, key)!r}")
+    for key in ("n_train", "d_model", "n_head", "d_ff", "batch_size", "steps", "eval_every", "max_steps"):
+        if getattr(a, key) <= 0:
+            fail(f"--{key} must be positive, got {getattr(a, key)}")
+    if a.syn_length < 4:
+        fail(f"--syn_length must be at least 4, got {a.syn_length}")
+    if a.d_model % a.n_head:
+        fail(f"--d_model {a.d_model} is not divisible by --n_head {a.n_head}; pick n_head dividing d_model.")
+    if not 0 <= a.missing < 1 or a.lr <= 0 or min(a.warmup, a.grad_clip, a.stop_at, a.step_size) < 0:
+        fail("--missing must be in [0, 1); --lr positive; --warmup, --grad_clip, --stop_at, --step_size non-negative.")
+    if a.rtol <= 0 or a.atol <= 0:
+        fail("--rtol and --atol must be positive.")
+    if a.data and not a.data.endswith("_TRAIN.ts"):
+        fail(f"--data {a.data!r}: give the NAME_TRAIN.ts file of a UEA/UCR set (NAME_TEST.ts must be beside it).")
+    return a
+
+
+# ----------------------------------------------------------------------------------------------
+# ODE solvers over s in [0, 1]: f(s, y) -> dy/ds, y any tensor. Each returns (y(1), NFE); autograd goes through
+# the solver's arithmetic (discretise-then-optimise), the adaptive step sizes are not differentiated.
+
+
+def euler(f, y, n_steps):
+    h = 1.0 / n_steps
+    for i in range(n_steps):
+        y = y + h * f(i * h, y)
+    return y, n_steps
+
+
+def rk4(f, y, n_steps):
+    """The classical Runge-Kutta method (global error O(h^4))."""
+    h = 1.0 / n_steps
+    for i in range(n_steps):
+        s = i * h
+        k1 = f(s, y)
+        k2 = f(s + h / 2, y + h / 2 * k1)
+        k3 = f(s + h / 2, y + h / 2 * k2)
+        k4 = f(s + h, y + h * k3)
+        y = y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return y, 4 * n_steps
+
+
+# Dormand-Prince 5(4) (Dormand & Prince 1980): nodes C, stage weights A, 5th-order weights B (= the last row of A,
+# so the last stage is the next step's first: FSAL), and B - B* (the embedded 4th-order solution) for the error.
+DP_C = (1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+DP_A = ((1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
+        (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+        (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+        (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
+DP_E = (35 / 384 - 5179 / 57600, 0.0, 500 / 1113 - 7571 / 16695, 125 / 192 - 393 / 640,
+        -2187 / 6784 + 92097 / 339200, 11 / 84 - 187 / 2100, -1 / 40)
+
+
+def dopri5(f, y, rtol, atol, max_steps):
+    """Adaptive Dormand-Prince 5(4): a step is accepted when the RMS of err / (atol + rtol max(|y|, |y_new|)) <= 1;
+    the next step is h * clip(0.9 ratio^(-1/5), 0.2, 10). Initial step as in Hairer, Norsett, Wanner (II.4)."""
+
+    def rms(x):
+        return x.detach().pow(2).mean().sqrt().item()
+
+    k1 = f(0.0, y)
+    scale = atol + rtol * y.detach().abs()
+    d0, d1 = rms(y / scale), rms(k1 / scale)
+    h0 = 1e-6 if min(d0, d1) < 1e-5 else 0.01 * d0 / d1
+    d2 = rms((f(h0, y + h0 * k1) - k1) / scale) / h0
+    h = min(100 * h0, max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** 0.2, 1.0)
+    s, nfe, n_steps = 0.0, 2, 0
+    while s < 1.0:
+        n_steps += 1
+        if n_steps > max_steps:
+            raise RuntimeError(f"dopri5 needed more than --max_steps {max_steps} steps (at s = {s:.4g}, step {h:.3g});"
+                               " raise --rtol/--atol or --max_steps, or use --solver rk4")
+        h = min(h, 1.0 - s)
+        ks = [k1]
+        for c, row in zip(DP_C, DP_A):
+            ks.append(f(s + c * h, y + h * sum(w * k for w, k in zip(row, ks) if w)))
+        nfe += 6
+        y_new = y + h * sum(w * k for w, k in zip(DP_A[-1], ks) if w)  # the 6th stage's input: the 5th-order y
+        err = h * sum(e * k for e, k in zip(DP_E, ks) if e)
+        ratio = rms(err / (atol + rtol * torch.maximum(y.abs(), y_new.abs())))
+        if ratio <= 1.0:
+            s = 1.0 if 1.0 - s - h < 1e-12 else s + h
+            y, k1 = y_new, ks[-1]
+        h *= min(10.0, max(0.2, 0.9 * ratio ** -0.2)) if ratio > 0 else 10.0
+    return y, nfe
+
+
+def odeint(f, y0, a, n_steps):
+    if a.solver == "dopri5":
+        return dopri5(f, y0, a.rtol, a.atol, a.max_steps)
+    return (euler if a.solver == "euler" else rk4)(f, y0, n_steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Control path: X(t) = a + b tau + c tau^2 + d tau^3 on each interval [t_i, t_i+1), tau = t - t_i.
+# Shapes: t (B, N) increasing (padding continues past the series' end), x (B, N, C) with NaN = missing,
+# lengths (B,) observations per series (>= 2).
+
+
+def fill_missing(t, x, lengths):
+    """Per channel, a missing value is linearly interpolated in time between the nearest observed values (held
+    constant before the first and after the last observation; 0, the normalised mean, if a channel is empty)."""
+    B, N, C = x.shape
+    observed = ~torch.isnan(x) & (torch.arange(N, device=x.device) < lengths[:, None])[..., None]
+    idx = torch.arange(N, device=x.device).view(1, N, 1).expand(B, N, C)
+    prev = torch.where(observed, idx, -1).cummax(1).values
+    nxt = torch.where(observed, idx, N).flip(1).cummin(1).values.flip(1)
+    x0, tt = torch.nan_to_num(x), t[..., None].expand(B, N, C)
+    x_prev, t_prev = x0.gather(1, prev.clamp(min=0)), tt.gather(1, prev.clamp(min=0))
+    x_next, t_next = x0.gather(1, nxt.clamp(max=N - 1)), tt.gather(1, nxt.clamp(max=N - 1))
+    w = ((tt - t_prev) / (t_next - t_prev).clamp(min=1e-12)).clamp(0, 1)
+    both = torch.where(prev == nxt, x_prev, x_prev + w * (x_next - x_prev))
+    return torch.where(prev >= 0, torch.where(nxt < N, both, x_prev), torch.where(nxt < N, x_next, 0.0))
+
+
+def natural_cubic_slopes(t, y, lengths):
+    """Second derivatives M at the knots of the natural cubic spline (M = 0 at both ends of each series): the
+    tridiagonal system h_i-1 M_i-1 + 2 (h_i-1 + h_i) M_i + h_i M_i+1 = 6 (slope_i - slope_i-1), by the Thomas
+    algorithm; rows at and past a series' last knot are M_i = 0."""
+    B, N, C = y.shape
+    h = (t[:, 1:] - t[:, :-1])[..., None]  # (B, N-1, 1)
+    slope = (y[:, 1:] - y[:, :-1]) / h
+    interior = ((torch.arange(N, device=t.device) >= 1) & (torch.arange(N, device=t.device) < lengths[:, None] - 1))
+    lower, upper, diag, rhs = [torch.zeros_like(y) for _ in range(4)]
+    lower[:, 1:-1], upper[:, 1:-1] = h[:, :-1], h[:, 1:]
+    diag[:, 1:-1], rhs[:, 1:-1] = 2 * (h[:, :-1] + h[:, 1:]), 6 * (slope[:, 1:] - slope[:, :-1])
+    interior = interior[..., None]
+    lower, upper, rhs = lower * interior, upper * interior, rhs * interior
+    diag = torch.where(interior, diag, 1.0)
+    c_, d_ = [upper[:, 0] / diag[:, 0]], [rhs[:, 0] / diag[:, 0]]
+    for i in range(1, N):
+        m = diag[:, i] - lower[:, i] * c_[-1]
+        c_.append(upper[:, i] / m)
+        d_.append((rhs[:, i] - lower[:, i] * d_[-1]) / m)
+    M = [d_[-1]]
+    for i in range(N - 2, -1, -1):
+        M.append(d_[i] - c_[i] * M[-1])
+    return torch.stack(M[::-1], 1)
+
+
+class ControlPath:
+    """X(t) and dX/dt per series from (t, x, lengths); interp 'linear' or 'cubic'. Data only: no gradient."""
+
+    def __init__(self, t, x, lengths, interp):
+        y = fill_missing(t, x, lengths)
+        h = (t[:, 1:] - t[:, :-1])[..., None]
+        a, b = y[:, :-1], (y[:, 1:] - y[:, :-1]) / h
+        c = d = torch.zeros_like(a)
+        if interp == "cubic":
+            M = natural_cubic_slopes(t, y, lengths)
+            b = b - h * (2 * M[:, :-1] + M[:, 1:]) / 6
+            c, d = M[:, :-1] / 2, (M[:, 1:] - M[:, :-1]) / (6 * h)
+        self.knots, self.lengths = t, lengths
+        self.coeffs = torch.stack([a, b, c, d], -1)  # (B, N-1, C, 4)
+        self.t0 = t[:, 0]
+        self.t1 = t.gather(1, (lengths - 1)[:, None]).squeeze(1)
+
+    def __call__(self, t):
+        """X(t) and dX/dt at one time per series, t (B,) -> (B, C), (B, C)."""
+        i = torch.searchsorted(self.knots, t[:, None].contiguous(), right=True) - 1
+        i = torch.minimum(i.clamp(min=0), (self.lengths - 2)[:, None])  # the last interval is closed on the right
+        a, b, c, d = self.coeffs.gather(1, i[..., None, None].expand(-1, 1, *self.coeffs.shape[2:]))[:, 0].unbind(-1)
+        tau = (t - self.knots.gather(1, i)[:, 0])[:, None]
+        return a + tau * (b + tau * (c + tau * d)), b + tau * (2 * c + 3 * d * tau)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models. The ODE state of ctfwp: W (B, H, d, d); of ncde: z (B, D).
+
+
+def hebb(W, k, v, beta):
+    return beta[..., None, None] * v[..., :, None] * k[..., None, :]
+
+
+def oja(W, k, v, beta):
+    return beta[..., None, None] * v[..., :, None] * (k - (W.transpose(-1, -2) @ v[..., None])[..., 0])[..., None, :]
+
+
+def delta(W, k, v, beta):
+    return beta[..., None, None] * (v - (W @ k[..., None])[..., 0])[..., :, None] * k[..., None, :]
+
+
+RULES = {"hebb": hebb, "oja": oja, "delta": delta}
+
+
+class CTFWP(nn.Module):
+    def __init__(self, a, n_channels, n_classes):
+        super().__init__()
+        self.rule, self.drive, self.H, self.d = RULES[a.rule], a.drive, a.n_head, a.d_model // a.n_head
+        D = a.d_model
+        self.W_in, self.ln_in = nn.Linear(n_channels, D), nn.LayerNorm(D)
+        self.W_kb = nn.Linear(D, self.H * (self.d + 1))  # keys and beta of every head
+        self.W_v = nn.Linear(n_channels, D)
+        self.W_q, self.out = nn.Linear(D, D), nn.Linear(D, D)
+        self.ln_ff = nn.LayerNorm(D)
+        self.ff = nn.Sequential(nn.Linear(D, a.d_ff), nn.ReLU(), nn.Linear(a.d_ff, D))
+        self.head = nn.Linear(D, n_classes)
+
+    def h(self, X, dX):
+        return self.ln_in(self.W_in(dX if self.drive == "dx" else X))  # (B, D)
+
+    def kvb(self, path, t):
+        X, dX = path(t)
+        kb = self.W_kb(self.h(X, dX)).view(-1, self.H, self.d + 1)
+        k, beta = kb[..., :-1].softmax(-1), torch.sigmoid(kb[..., -1])  # (B, H, d), (B, H)
+        v = torch.tanh(self.W_v(X)).view(-1, self.H, self.d)
+        return k, v, beta
+
+    def vector_field(self, path):
+        span = (path.t1 - path.t0)[:, None, None, None]
+
+        def f(s, W):
+            return span * self.rule(W, *self.kvb(path, path.t0 + s * span[:, 0, 0, 0]))
+
+        return f
+
+    def forward(self, path, a, n_steps):
+        W0 = hebb(None, *self.kvb(path, path.t0))  # the rule at the first observation with W = 0
+        W, nfe = odeint(self.vector_field(path), W0, a, n_steps)
+        q = self.W_q(self.h(*path(path.t1))).view(-1, self.H, self.d).softmax(-1)
+        y = self.out((W @ q[..., None]).flatten(1))  # (B, D)
+        y = y + self.ff(self.ln_ff(y))
+        return self.head(y), nfe
+
+
+class NCDE(nn.Module):
+    """Kidger et al. 2020: dz/dt = f(z) dX/dt, f: D -> (D, C) an MLP whose last activation is tanh."""
+
+    def __init__(self, a, n_channels, n_classes):
+        super().__init__()
+        D, C = a.d_model, n_channels
+        self.init = nn.Linear(C, D)
+        self.f = nn.Sequential(nn.Linear(D, a.d_ff), nn.ReLU(), nn.Linear(a.d_ff, a.d_ff), nn.ReLU(),
+                               nn.Linear(a.d_ff, D * C), nn.Tanh(), nn.Unflatten(-1, (D, C)))
+        self.head = nn.Linear(D, n_classes)
+
+    def forward(self, path, a, n_steps):
+        span = (path.t1 - path.t0)[:, None]
+
+        def f(s, z):
+            return span * (self.f(z) @ path(path.t0 + s * span[:, 0])[1][..., None])[..., 0]
+
+        z, nfe = odeint(f, self.init(path(path.t0)[0]), a, n_steps)
+        return self.head(z), nfe
+
+
+def build_model(a, n_channels, n_classes):
+    return (CTFWP if a.model == "ctfwp" else NCDE)(a, n_channels, n_classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data. A split is a dict of padded tensors: t (n, N) float64, x (n, N, C) float32 with NaN = missing and channel 0 =
+# time, lengths (n,), y (n,); padded times continue past each series' end (t_last + 1, + 2, ...).
+
+
+def synthetic_series(n, length, missing, rng):
+    """Order-and-sign task, 4 classes. Two channels on the grid 0..length-1; a series keeps each grid time with
+    probability 1/2 (always the first) and ends at a random time in the last quarter (variable lengths); values
+    go missing with probability `missing`. Early on (t < length/3) channel 0 has a Gaussian bump of sign s and width
+    length/32, channel 1 a positive bump, at random times at least length/16 apart; later, two distractor bumps
+    of random sign per channel and noise (std 0.1). Label = 2 [s > 0] + [channel 0's bump comes first]. Solving it
+    needs the time channel (which event came first), and memory over the distractors until the series ends.
+    One example, length 64: times 0 2 3 5 ..., x[:, 1] = 0.02 -0.9 -0.4 ... (a negative bump at t = 2),
+    label 1 when channel 1's bump is at, say, t = 15."""
+    grid = np.arange(length, dtype=np.float64)
+    width = length / 32
+    t_ev = np.empty((n, 2))
+    for i in range(n):  # two event times at least length/16 apart
+        while True:
+            t_ev[i] = rng.uniform(0, length / 3, 2)
+            if abs(t_ev[i, 0] - t_ev[i, 1]) >= length / 16:
+                break
+    sign = rng.choice([-1.0, 1.0], n)
+    x = np.exp(-0.5 * ((grid[None, :, None] - t_ev[:, None, :]) / width) ** 2) * np.stack([sign, np.ones(n)], 1)[:, None]
+    for _ in range(2):  # distractors in the later two thirds
+        t_d = rng.uniform(length / 2.5, length, (n, 2))
+        x += rng.choice([-1.0, 1.0], (n, 1, 2)) * np.exp(-0.5 * ((grid[None, :, None] - t_d[:, None, :]) / width) ** 2)
+    x += 0.1 * rng.standard_normal(x.shape)
+    x[rng.random(x.shape) < missing] = np.nan
+    y = 2 * (sign > 0) + (t_ev[:, 0] < t_ev[:, 1])
+    ends = rng.integers(3 * length // 4, length, n)
+    series = []
+    for i in range(n):
+        keep = rng.random(length) < 0.5
+        keep[0] = keep[ends[i]] = True
+        keep[ends[i] + 1:] = False
+        series.append((grid[keep], x[i, keep]))
+    return series, y.astype(np.int64)
+
+
+def parse_ts(path):
+    """A UEA/UCR .ts file -> (list of (values (L, C) float64 with NaN), list of label strings, channel count).
+    Header lines start with '@', comments with '#'; a case is 'dim1:dim2:...:label', values ','-separated, '?'
+    missing; lengths may differ between cases and dimensions (shorter dimensions are NaN-padded)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise data.DataError(f"cannot read {path}: {e}") from e
+    header, cases, labels, in_data = {}, [], [], False
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{path}, line {n}"
+        if not in_data:
+            if not line.startswith("@"):
+                raise data.DataError(f"{where}: expected a header line starting with '@' before @data, got {line[:40]!r}")
+            key, _, val = line[1:].partition(" ")
+            header[key.lower()] = val.strip()
+            if key.lower() == "timestamps" and val.strip().lower() == "true":
+                raise data.DataError(f"{where}: @timeStamps true (time-stamped values) is not supported")
+            in_data = key.lower() == "data"
+            continue
+        *dims, label = line.split(":")
+        if not dims or not label.strip():
+            raise data.DataError(f"{where}: a case needs at least one dimension and a class label after the last ':'")
+        if "classlabel" in header and header["classlabel"].split()[1:] and label.strip() not in header["classlabel"].split()[1:]:
+            raise data.DataError(f"{where}: class label {label.strip()!r} is not declared in @classLabel")
+        try:
+            values = [[math.nan if v.strip() == "?" else float(v) for v in dim.split(",")] for dim in dims]
+        except ValueError as e:
+            raise data.DataError(f"{where}: a value is not a number or '?' ({e})") from e
+        if cases and len(values) != cases[0].shape[1]:
+            raise data.DataError(f"{where}: {len(values)} dimensions, but earlier cases have {cases[0].shape[1]}")
+        arr = np.full((max(map(len, values)), len(values)), np.nan)
+        for c, vals in enumerate(values):
+            arr[: len(vals), c] = vals
+        cases.append(arr)
+        labels.append(label.strip())
+    if not in_data or not cases:
+        raise data.DataError(f"{path}: no @data section or no cases in it")
+    return cases, labels, cases[0].shape[1]
+
+
+def read_wav(path):
+    """A 16-bit mono .wav as float32 samples in [-1, 1) (the stdlib wave module)."""
+    with wave.open(path, "rb") as w:
+        if w.getsampwidth() != 2 or w.getnchannels() != 1:
+            raise data.DataError(f"{path}: expected 16-bit mono PCM")
+        return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768
+
+
+def mfcc(wav, sr=16000, n_mfcc=20, n_fft=200, n_mels=64):
+    """(B, samples) -> (B, frames, n_mfcc): hann-windowed centred STFT (hop n_fft / 2, reflect padding), power,
+    HTK mel filterbank (0 .. sr/2), log(mel + 1e-6), orthonormal DCT-II; torchaudio's MFCC with log_mels=True."""
+    spec = torch.stft(wav, n_fft, n_fft // 2, window=torch.hann_window(n_fft, dtype=wav.dtype), center=True,
+                      pad_mode="reflect", return_complex=True).abs().pow(2)  # (B, freq, frames)
+    mel = lambda f: 2595 * np.log10(1 + f / 700)  # noqa: E731
+    f_pts = 700 * (10 ** (np.linspace(mel(0), mel(sr / 2), n_mels + 2) / 2595) - 1)
+    freqs = np.linspace(0, sr / 2, n_fft // 2 + 1)[:, None]
+    fb = np.maximum(0, np.minimum((freqs - f_pts[:-2]) / (f_pts[1:-1] - f_pts[:-2]),
+                                  (f_pts[2:] - freqs) / (f_pts[2:] - f_pts[1:-1])))  # (freq, n_mels)
+    logmel = torch.log(spec.transpose(1, 2) @ torch.tensor(fb, dtype=wav.dtype) + 1e-6)  # (B, frames, n_mels)
+    n, k = np.arange(n_mels)[:, None], np.arange(n_mfcc)[None]
+    dct = np.cos(np.pi / n_mels * (n + 0.5) * k) * np.where(k == 0, np.sqrt(1 / n_mels), np.sqrt(2 / n_mels))
+    return logmel @ torch.tensor(dct, dtype=wav.dtype)
+
+
+def load_speech(folder):
+    """The 10 words, clips of exactly 16000 samples, as MFCC series (161 frames x 20) at times 0..160."""
+    cache = os.path.join(folder, "mfcc_10words.pt")
+    if not os.path.exists(cache):
+        feats, labels = [], []
+        for c, word in enumerate(SPEECH_WORDS):
+            names = sorted(f for f in os.listdir(os.path.join(folder, word)) if f.endswith(".wav"))
+            wavs = [w for w in (read_wav(os.path.join(folder, word, f)) for f in tqdm(names, desc=word)) if len(w) == 16000]
+            for i in range(0, len(wavs), 1024):
+                feats.append(mfcc(torch.tensor(np.stack(wavs[i : i + 1024]))))
+            labels += [c] * len(wavs)
+        if not labels:
+            raise data.DataError(f"{folder} holds no 16000-sample .wav clips of the 10 words")
+        torch.save({"x": torch.cat(feats), "y": torch.tensor(labels)}, cache + ".tmp")
+        os.replace(cache + ".tmp", cache)
+    d = torch.load(cache)
+    times = np.arange(d["x"].shape[1], dtype=np.float64)
+    return [(times, x) for x in d["x"].double().numpy()], d["y"].numpy(), list(SPEECH_WORDS)
+
+
+SEPSIS_STATIC = ("Age", "Gender", "Unit1", "Unit2", "HospAdmTime")
+
+
+def load_sepsis(folder, max_hours=72):
+    """PhysioNet 2019: label = the patient ever has SepsisLabel 1; the time-varying columns over the first
+    max_hours ICU hours (time = ICULOS), NaN where unmeasured; the static columns as constant channels."""
+    series, labels = [], []
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if f.endswith(".psv"))
+    if not files:
+        raise data.DataError(f"{folder} holds no .psv files")
+    for path in tqdm(files, desc="sepsis", disable=len(files) < 1000):
+        with open(path) as f:
+            head = f.readline().strip().split("|")
+            rows = np.array([[float(v) for v in line.strip().split("|")] for line in f if line.strip()], ndmin=2)
+        if rows.size == 0 or not {"ICULOS", "SepsisLabel", *SEPSIS_STATIC} <= set(head):
+            raise data.DataError(f"{path}: expected a PhysioNet 2019 .psv with ICULOS, SepsisLabel and static columns")
+        col = {name: i for i, name in enumerate(head)}
+        dynamic = [i for i, name in enumerate(head) if name not in ("ICULOS", "SepsisLabel", *SEPSIS_STATIC)]
+        keep = rows[:, col["ICULOS"]] <= max_hours
+        if keep.sum() < 2:
+            continue  # a stay of one hour has no path
+        r = rows[keep]
+        static = np.nan_to_num(rows[0, [col[s] for s in SEPSIS_STATIC]])
+        series.append((r[:, col["ICULOS"]], np.concatenate([r[:, dynamic], np.broadcast_to(static, (len(r), 5))], 1)))
+        labels.append(int(rows[:, col["SepsisLabel"]].max() > 0))
+    return series, np.array(labels), ["no sepsis", "sepsis"]
+
+
+def pad_split(series, labels, mean, std, t_max):
+    """Padded tensors of one split; values normalised, time (/ t_max) prepended as channel 0."""
+    n, N = len(series), max(len(t) for t, _ in series)
+    C = series[0][1].shape[1]
+    t = np.zeros((n, N))
+    x = np.full((n, N, C + 1), np.nan, dtype=np.float32)
+    for i, (ti, xi) in enumerate(series):
+        L = len(ti)
+        t[i, :L], t[i, L:] = ti, ti[-1] + np.arange(1, N - L + 1)
+        x[i, :L, 0], x[i, :L, 1:] = ti / t_max, (xi - mean) / std
+    return {"t": torch.tensor(t), "x": torch.tensor(x), "lengths": torch.tensor([len(s[0]) for s in series]),
+            "y": torch.tensor(labels, dtype=torch.long)}
+
+
+def load_task(a):
+    """train/valid/test splits, class names, channels, the solver's fixed step count. Splits: synthetic generated;
+    --data TRAIN (85/15 into train/valid) and TEST; downloads: all cases pooled and split 70/15/15 (seeded)."""
+    rng = np.random.default_rng(a.seed)
+    if a.data:
+        tr, tr_labels, C = parse_ts(a.data)
+        te, te_labels, C_te = parse_ts(a.data.removesuffix("_TRAIN.ts") + "_TEST.ts")
+        if C_te != C:
+            raise data.DataError(f"{a.data} has {C} dimensions but its _TEST file {C_te}")
+        names = sorted(set(tr_labels))
+        if set(te_labels) - set(names):
+            raise data.DataError(f"the _TEST file has labels not in _TRAIN: {sorted(set(te_labels) - set(names))}")
+        to_series = lambda cs: [(np.arange(len(v), dtype=np.float64), v) for v in cs]  # noqa: E731
+        perm = rng.permutation(len(tr))
+        n_valid = max(1, round(0.15 * len(tr)))
+        ys = np.array([names.index(s) for s in tr_labels])
+        pools = [([to_series(tr)[i] for i in perm[n_valid:]], ys[perm[n_valid:]]),
+                 ([to_series(tr)[i] for i in perm[:n_valid]], ys[perm[:n_valid]]),
+                 (to_series(te), np.array([names.index(s) for s in te_labels]))]
+    elif a.dataset == "synthetic":
+        pools = [synthetic_series(n, a.syn_length, a.missing, rng) for n in (a.n_train, a.n_train // 4, a.n_train // 4)]
+        names = ["-first1", "-first0", "+first1", "+first0"]
+    else:
+        if a.dataset == "speech_commands":
+            series, ys, names = load_speech(data.fetch_speech_commands(SPEECH_WORDS, a.data_dir))
+        elif a.dataset == "sepsis":
+            series, ys, names = load_sepsis(data.fetch_sepsis(a.data_dir))
+        else:
+            tr_path, te_path = data.fetch_uea(a.dataset, a.data_dir)
+            (tr, tr_labels, _), (te, te_labels, _) = parse_ts(tr_path), parse_ts(te_path)
+            names = sorted(set(tr_labels) | set(te_labels))
+            series = [(np.arange(len(v), dtype=np.float64), v) for v in tr + te]
+            ys = np.array([names.index(s) for s in tr_labels + te_labels])
+        perm = rng.permutation(len(series))
+        cut = [round(0.7 * len(series)), round(0.85 * len(series))]
+        pools = [([series[i] for i in idx], ys[idx]) for idx in np.split(perm, cut)]
+    for split, (series, ys) in zip(("train", "valid", "test"), pools):
+        if not len(series) or any(len(t) < 2 for t, _ in series):
+            raise data.DataError(f"the {split} split is empty or has a series with fewer than 2 observations")
+    values = np.concatenate([x for _, x in pools[0][0]])
+    mean, std = np.nanmean(values, 0), np.nanstd(values, 0)
+    mean, std = np.nan_to_num(mean), np.where(np.nan_to_num(std) > 0, np.nan_to_num(std), 1.0)
+    t_max = max(max(t[-1] for t, _ in s) for s, _ in pools) or 1.0
+    task = {split: pad_split(s, ys, mean, std, t_max) for split, (s, ys) in zip(("train", "valid", "test"), pools)}
+    min_gap = min(np.diff(t).min() for s, _ in pools for t, _ in s)
+    max_span = max(t[-1] - t[0] for s, _ in pools for t, _ in s)
+    return dict(task, names=names, n_channels=values.shape[1] + 1, min_gap=min_gap, max_span=max_span)
+
+
+def fixed_steps(a, task):
+    """euler/rk4 steps per solve: the longest series' span over the step size (the same for every batch, so a
+    series' prediction does not depend on the batch it is in; shorter series take proportionally shorter steps)."""
+    return max(1, math.ceil(task["max_span"] / (a.step_size or task["min_gap"]) - 1e-9))
+
+
+def get_batch(split, idx, device):
+    """The series idx of a split, trimmed to their longest, and their control path."""
+    n = int(split["lengths"][idx].max())
+    t, x = split["t"][idx, :n].to(device), split["x"][idx, :n].to(device)
+    return t, x, split["lengths"][idx].to(device), split["y"][idx].to(device)
+
+
+def make_path(a, t, x, lengths):
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return ControlPath(t.to(dtype), x.to(dtype), lengths, a.interp)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def auroc(score, y):
+    """Area under the ROC curve = P(score of a positive > score of a negative), ties counted half."""
+    order = np.argsort(score, kind="stable")
+    ranks = np.empty(len(score))
+    ranks[order] = np.arange(1, len(score) + 1)
+    for v in np.unique(score):  # average ranks of ties
+        ranks[score == v] = ranks[score == v].mean()
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    return float("nan") if n_pos == 0 or n_neg == 0 else (ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+@torch.no_grad()
+def predict(model, a, task, split, device):
+    """Logits of a whole split (in batches), and the mean NFE per batch."""
+    model.eval()
+    out, nfes = [], []
+    for i in range(0, len(task[split]["y"]), a.batch_size):
+        t, x, lengths, _ = get_batch(task[split], torch.arange(i, min(i + a.batch_size, len(task[split]["y"]))), device)
+        logits, nfe = model(make_path(a, t, x, lengths), a, fixed_steps(a, task))
+        out.append(logits.float().cpu())
+        nfes.append(nfe)
+    model.train()
+    return torch.cat(out), float(np.mean(nfes))
+
+
+def evaluate(model, a, task, split, device):
+    logits, nfe = predict(model, a, task, split, device)
+    y = task[split]["y"]
+    result = {"loss": F.cross_entropy(logits, y).item(), "acc": (logits.argmax(-1) == y).float().mean().item()}
+    if logits.shape[1] == 2:
+        result["auroc"] = auroc(logits.softmax(-1)[:, 1].numpy(), y.numpy())
+    return dict(result, nfe=nfe)
+
+
+def headline(a):
+    return "auroc" if a.dataset == "sepsis" and not a.data else "acc"
+
+
+def lr_at(step, a):
+    if step < a.warmup:
+        return a.lr * (step + 1) / a.warmup
+    progress = (step - a.warmup) / max(1, a.steps - a.warmup)
+    return a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def pick_device(name):
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            fail(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            fail(f"--device {name}: this machine has no CUDA GPU; use --device cpu (or auto)")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def save_checkpoint(path, obj):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # atomic: a killed run leaves the previous checkpoint intact
+
+
+def log_metrics(out_dir, step, split, metrics, t0):
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        for name, value in metrics.items():
+            f.write(json.dumps(dict(step=step, split=split, metric=name, value=value, time=time.time() - t0)) + "\n")
+
+
+def setup(a):
+    device = pick_device(a.device)
+    random.seed(a.seed)
+    np.random.seed(a.seed)
+    torch.manual_seed(a.seed)
+    try:
+        task = load_task(a)
+    except data.DataError as e:
+        fail(str(e))
+    return device, task, build_model(a, task["n_channels"], len(task["names"])).to(device)
+
+
+def train(a):
+    device, task, model = setup(a)
+    gen = torch.Generator().manual_seed(a.seed)  # which training series each step sees
+    opt = torch.optim.Adam(model.parameters(), lr=a.lr)
+    step, best = 0, None
+    ckpt_path, best_path = os.path.join(a.out_dir, "ckpt.pt"), os.path.join(a.out_dir, "best.pt")
+    if a.resume:
+        if not os.path.exists(ckpt_path):
+            fail(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, best = ckpt["step"], ckpt["best"]
+        random.setstate(ckpt["rng"]["python"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        gen.set_state(ckpt["rng"]["data"])
+    os.makedirs(a.out_dir, exist_ok=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"config: {json.dumps(dataclasses.asdict(a))}")
+    print(f"device {device}, model {a.model}" + (f" ({a.rule} rule)" if a.model == "ctfwp" else "") +
+          f", {n_params / 1e3:.1f}k parameters, {len(task['train']['y'])} training series, {task['n_channels']} "
+          f"channels, {len(task['names'])} classes, " +
+          (f"{fixed_steps(a, task)} {a.solver} steps per solve" if a.solver != "dopri5" else "dopri5") +
+          f", starting at step {step}")
+
+    def checkpoint(path):
+        save_checkpoint(path, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "args": dataclasses.asdict(a),
+            "names": task["names"], "best": best,
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "data": gen.get_state()}})
+
+    if step >= a.steps:
+        print(f"the checkpoint in {a.out_dir} is already at step {step} of --steps {a.steps}; nothing to do")
+        return
+    t0, name, n_train = time.time(), headline(a), len(task["train"]["y"])
+    bar = tqdm(total=a.steps, initial=step, dynamic_ncols=True)
+    while step < a.steps:
+        idx = torch.randint(n_train, (min(a.batch_size, n_train),), generator=gen)
+        t, x, lengths, y = get_batch(task["train"], idx, device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, a)
+        try:
+            logits, nfe = model(make_path(a, t, x, lengths), a, fixed_steps(a, task))
+        except RuntimeError as e:
+            if "max_steps" not in str(e):
+                raise
+            bar.close()
+            fail(f"{e}. The last good checkpoint stays at {ckpt_path}.")
+        loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):
+            bar.close()
+            print(f"error: the loss became {loss.item()} at step {step}; the last good checkpoint stays at {ckpt_path}. "
+                  "Lower --lr or raise --warmup.", file=sys.stderr)
+            sys.exit(1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if a.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", nfe=nfe)
+        log_metrics(a.out_dir, step, "train", {"loss": loss.item(), "nfe": nfe}, t0)
+        if step % a.eval_every == 0 or step == a.steps or step == a.stop_at:
+            result = evaluate(model, a, task, "valid", device)
+            log_metrics(a.out_dir, step, "valid", result, t0)
+            tqdm.write(f"step {step} valid: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
+            if best is None or result[name] > best[1]:
+                best = (step, result[name])
+                checkpoint(best_path)
+            checkpoint(ckpt_path)
+            if step == a.stop_at:
+                break
+    bar.close()
+    if step == a.steps:
+        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=False)["model"])
+        result = evaluate(model, a, task, "test", device)
+        log_metrics(a.out_dir, step, "test", result, t0)
+        print(f"final: test {name} {result[name]:.4f} (" + " ".join(f"{k} {v:.4f}" for k, v in result.items()) +
+              f") with the best valid checkpoint (step {best[0]}, valid {name} {best[1]:.4f}), {time.time() - t0:.0f}s")
+
+
+def evaluate_checkpoint(a):
+    """Test predictions of out_dir/best.pt under the solver it was trained with and under --solver (with --rtol,
+    --atol, --step_size): accuracy of each, the share of equal predicted classes, the largest logit difference."""
+    path = os.path.join(a.out_dir, "best.pt")
+    if not os.path.exists(path):
+        fail(f"--evaluate: no checkpoint at {path}; train first (same --out_dir)")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    trained = Args(**saved["args"])
+    model_keys = ("model", "rule", "drive", "interp", "d_model", "n_head", "d_ff", "dataset", "data", "n_train",
+                  "syn_length", "missing", "seed")
+    a = dataclasses.replace(a, **{k: getattr(trained, k) for k in model_keys})
+    device, task, model = setup(trained)
+    model.load_state_dict(saved["model"])
+    y, rows = task["test"]["y"], []
+    for args in (trained, a):
+        t = time.time()
+        logits, nfe = predict(model, args, task, "test", device)
+        rows.append((args.solver, logits, nfe, time.time() - t))
+    for solver, logits, nfe, sec in rows:
+        print(f"{solver:7} test acc {(logits.argmax(-1) == y).float().mean().item():.4f}  NFE per batch {nfe:.0f}  "
+              f"{sec:.1f}s")
+    same = (rows[0][1].argmax(-1) == rows[1][1].argmax(-1)).float().mean().item()
+    diff = (rows[0][1] - rows[1][1]).abs().max().item()
+    print(f"agreement: same class for {same:.4f} of test series, largest logit difference {diff:.2e}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark
+
+
+def bench(a):
+    """One training step (forward + backward) on a batch of the task, per model/rule and solver."""
+    device = pick_device(a.device)
+    torch.manual_seed(a.seed)
+    try:
+        task = load_task(a)
+    except data.DataError as e:
+        fail(str(e))
+    t, x, lengths, y = get_batch(task["train"], torch.arange(min(a.batch_size, len(task["train"]["y"]))), device)
+    print(f"device {device}, threads {torch.get_num_threads()}, batch {len(y)}, {fixed_steps(a, task)} fixed steps per "
+          f"solve, d_model {a.d_model}, n_head {a.n_head}, interp {a.interp}, dopri5 rtol {a.rtol} atol {a.atol}")
+    print(f"{'model':12} {'solver':7} {'params':>8} {'step ms':>9} {'NFE':>6}")
+    for model_name, rule in (("ctfwp", "hebb"), ("ctfwp", "oja"), ("ctfwp", "delta"), ("ncde", "-")):
+        for solver in ("euler", "rk4", "dopri5"):
+            b = dataclasses.replace(a, model=model_name, rule=rule if rule != "-" else a.rule, solver=solver)
+            torch.manual_seed(0)
+            model = build_model(b, task["n_channels"], len(task["names"])).to(device)
+            times = []
+            for _ in range(4):  # the first is a warm-up
+                t_start = time.perf_counter()
+                logits, nfe = model(make_path(b, t, x, lengths), b, fixed_steps(b, task))
+                F.cross_entropy(logits, y).backward()
+                times.append(time.perf_counter() - t_start)
+            n_params = sum(p.numel() for p in model.parameters())
+            label = model_name if rule == "-" else f"ctfwp-{rule}"
+            print(f"{label:12} {solver:7} {n_params / 1e3:7.1f}k {np.median(times[1:]) * 1e3:9.1f} {nfe:6d}", flush=True)
+
+
+def main(argv=None):
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    if a.bench:
+        return bench(a)
+    if a.evaluate:
+        return evaluate_checkpoint(a)
+    train(a)
+
+
+if __name__ == "__main__":
+    main()
