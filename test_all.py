@@ -1144,9 +1144,10 @@ def test_od_malformed_ts_names_the_line(tmp_path, bad, message):
                     else "\n".join(lines[:8] + [bad]) + "\n")
     with pytest.raises(data.DataError, match=re.escape(message)):
         ode_fwp.parse_ts(str(path))
-    (tmp_path / "Toy_TEST.ts").write_text(TS_FILE)
-    p = run(script_copy(tmp_path, "ode_fwp.py"), "--preset", "tiny", "--data", str(path), check=False)
-    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+    if "bird" in bad:  # the script's message (one subprocess is enough)
+        (tmp_path / "Toy_TEST.ts").write_text(TS_FILE)
+        p = run(script_copy(tmp_path, "ode_fwp.py"), "--preset", "tiny", "--data", str(path), check=False)
+        assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
 
 
 def test_od_auroc_counts_pairs():
@@ -1265,10 +1266,11 @@ def test_od_uea_download_and_ts_training(tmp_path, http_server, monkeypatch):
                                   ["--model", "ncde", "--solver", "dopri5"], ["--solver", "euler", "--step_size", "2"]])
 def test_od_smoke_and_determinism(tmp_path, args):
     script = script_copy(tmp_path, "ode_fwp.py")
-    runs = [run(script, "--preset", "tiny", "--out_dir", str(tmp_path / f"o{i}"), *args) for i in range(2)]
+    n_runs = 1 if args else 2  # the default twice: same seed, same losses
+    runs = [run(script, "--preset", "tiny", "--out_dir", str(tmp_path / f"o{i}"), *args) for i in range(n_runs)]
     assert "final: test acc" in runs[0].stdout
-    losses = [[m["value"] for m in read_metrics(tmp_path / f"o{i}") if m["metric"] == "loss"] for i in range(2)]
-    assert losses[0] == losses[1] and len(losses[0]) > 4
+    losses = [[m["value"] for m in read_metrics(tmp_path / f"o{i}") if m["metric"] == "loss"] for i in range(n_runs)]
+    assert losses[0] == losses[-1] and len(losses[0]) > 4 and all(math.isfinite(v) for v in losses[0])
 
 
 def test_od_resume_is_exact_and_evaluate_compares_solvers(tmp_path):
@@ -1281,8 +1283,10 @@ def test_od_resume_is_exact_and_evaluate_compares_solvers(tmp_path):
     assert strip(cut) == strip(full)
     p = run(script, "--evaluate", "--solver", "dopri5", "--rtol", "1e-6", "--atol", "1e-8", "--out_dir",
             str(tmp_path / "full"))
-    assert re.search(r"^rk4 +test acc", p.stdout, re.M) and re.search(r"^dopri5 +test acc", p.stdout, re.M)
-    assert "agreement: same class for 1.0000" in p.stdout
+    rows = re.findall(r"^(trained|asked|reference) +(\w+).* same class ([\d.]+), max \|logit diff\| ([\d.e+-]+)$",
+                      p.stdout, re.M)
+    assert [r[:2] for r in rows] == [("trained", "rk4"), ("asked", "dopri5"), ("reference", "dopri5")], p.stdout
+    assert float(rows[1][2]) == 1.0 and float(rows[1][3]) < 1e-3 and float(rows[2][3]) == 0.0
 
 
 def test_od_bench_runs(tmp_path):
