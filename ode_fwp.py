@@ -1,8 +1,8 @@
 """Continuous-time fast weight programmers: learning rules as neural ODEs/CDEs driven by a control path.
 
 Irie, Faccio, Schmidhuber, "Neural Differential Equations for Learning to Program Neural Nets Through Continuous
-Learning Rules", NeurIPS 2022, arXiv 2206.01649 (section 3: eq. 4-6 the rules, eq. 7-10 the CDE form and the
-readout). Baseline: the neural CDE of Kidger, Morrill, Foster, Lyons, "Neural Controlled Differential Equations
+Learning Rules", NeurIPS 2022, arXiv 2206.01649 (section 3: Hebb, Oja and delta rules as ODEs; their CDE form
+with keys from dX/dt; the readout). Baseline: the neural CDE of Kidger, Morrill, Foster, Lyons, "Neural Controlled Differential Equations
 for Irregular Time Series", NeurIPS 2020, arXiv 2005.08926. Derived from rfwp.py: same Args style, training loop,
 checkpoints; the discrete time steps become an ODE solved in this file (no ODE library).
 
@@ -11,7 +11,7 @@ linear or natural cubic interpolation). Per head, a slow net reads the path and 
     h = LN(W_in dX/dt)     (--drive x: LN(W_in X(t)))
     k = softmax(W_k h)     beta = sigmoid(w_b . h)     v = tanh(W_v X(t))
     hebb   dW/dt = beta v k^T
-    oja    dW/dt = beta v (k - W^T v)^T        (Oja's rule as the paper writes it, eq. 5; the official code instead
+    oja    dW/dt = beta v (k - W^T v)^T        (Oja's rule as the paper writes it; the official code instead
                                                takes softmax(W_k h - W^T v), the softmax after the subtraction)
     delta  dW/dt = beta (v - W k) k^T
 W(t_1) is the rule at the first observation with W = 0 (one Hebbian outer product beta v k^T, the same for all
@@ -131,7 +131,8 @@ class Args:
 PRESETS = {
     "tiny": dict(n_train=64, syn_length=16, d_model=8, n_head=2, d_ff=16, batch_size=16, steps=4, eval_every=2,
                  warmup=1),
-    # the paper's Speech Commands setting (hidden 80, 4 heads, FF 320, rk4 with the observation gap as step)
+    # the paper's Speech Commands model (hidden 80, 4 heads, FF 320; rk4, step = the observation gap) and batch;
+    # steps, lr and eval_every are this repo's guess, not the paper's
     "speech": dict(dataset="speech_commands", d_model=80, n_head=4, d_ff=320, batch_size=1024, steps=20_000,
                    lr=1e-3, eval_every=200),
 }
