@@ -26,6 +26,7 @@ import data
 import delta_net
 import linear_transformer
 import ode_fwp
+import policy_generator
 import rfwp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1315,6 +1316,148 @@ def test_od_cli_errors(tmp_path, args, message):
 def test_od_help_lists_every_flag(tmp_path):
     p = run(script_copy(tmp_path, "ode_fwp.py"), "--help")
     for field in dataclasses.fields(ode_fwp.Args):
+        assert f"--{field.name} (" in p.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# policy_generator.py: GoGePo
+
+
+def pg_run(**kw):
+    a = dataclasses.replace(policy_generator.Args(), **{**policy_generator.PRESETS["tiny"], **kw})
+    return policy_generator.GoGePo(a)
+
+
+def test_pg_generated_vector_is_a_plain_mlp():
+    """unpack(theta) loaded into nn.Sequential(Linear, Tanh, Linear, Tanh, Linear, Tanh) gives the same actions."""
+    run = pg_run(env="Pendulum-v1")  # act_limit 2
+    with torch.no_grad():
+        theta = run.generator(run.command(torch.tensor([-300.0, -1200.0]))).double()
+    (o, i1), (h2, i2), (a, i3) = run.shapes
+    mlp = torch.nn.Sequential(torch.nn.Linear(i1, o), torch.nn.Tanh(), torch.nn.Linear(i2, h2), torch.nn.Tanh(),
+                              torch.nn.Linear(i3, a), torch.nn.Tanh()).double()
+    obs = torch.randn(2, 7, i1, dtype=torch.float64)
+    acts = policy_generator.policy_forward(theta, obs, run.shapes, run.act_limit.double())
+    for p in range(2):
+        torch.nn.utils.vector_to_parameters(theta[p], mlp.parameters())  # W1, b1, W2, b2, W3, b3: the same order
+        torch.testing.assert_close(acts[p], 2.0 * mlp(obs[p]))
+    assert theta.shape[1] == run.n_params == sum(p.numel() for p in mlp.parameters())
+
+
+def test_pg_generator_tiles_and_fan_in_scaling():
+    """Hidden weight (r, c) comes from tile (in c // tile, out r // tile) of the hidden tile MLP, scaled by
+    2 / sqrt(fan_in); a hidden bias is the mean over the input-side tiles."""
+    run = pg_run(hidden=32, tile=16)
+    g, c = run.generator, torch.tensor([0.3])
+    theta = g(c)[0]
+    (W1, b1), (W2, b2), (W3, b3) = policy_generator.unpack(theta[None], run.shapes)
+    e = g.embeddings[1]  # (2 in-tiles, 2 out-tiles, E)
+    for ti in range(2):
+        for to in range(2):
+            block = g.w_nets["hidden"](torch.cat([e[ti, to], c])).view(16, 16) * 2 / 32**0.5
+            torch.testing.assert_close(W2[0, to * 16 : (to + 1) * 16, ti * 16 : (ti + 1) * 16], block)
+    bias = torch.stack([g.b_nets["hidden"](torch.cat([e[ti, 0], c])) for ti in range(2)]).mean(0) * 2 / 32**0.5
+    torch.testing.assert_close(b2[0, :16], bias)
+    first = g.w_nets["first"](torch.cat([g.embeddings[0][0, 1], c])).view(16, 2) * 2 / 2**0.5  # obs_dim 2
+    torch.testing.assert_close(W1[0, 16:32], first)
+
+
+def test_pg_fingerprint_depends_only_on_the_actions_on_the_probes():
+    run = pg_run(env="Pendulum-v1")
+    torch.manual_seed(1)
+    theta = torch.randn(1, run.n_params) * 0.3
+    (W1, b1), (W2, b2), (W3, b3) = [(W[0], b[0]) for W, b in policy_generator.unpack(theta, run.shapes)]
+    perm = torch.randperm(len(b1))  # permuting the first hidden layer's units: other parameters, same function
+    other = torch.cat([W1[perm].flatten(), b1[perm], W2[:, perm].flatten(), b2, W3.flatten(), b3])[None]
+    assert not torch.equal(other, theta)
+    with torch.no_grad():
+        torch.testing.assert_close(run.evaluator(other), run.evaluator(theta))
+        actions = policy_generator.policy_forward(theta, run.evaluator.probes[None], run.shapes, run.act_limit)
+        torch.testing.assert_close(run.evaluator(theta), run.evaluator.net(actions.flatten(1)).squeeze(-1))
+        run.evaluator.probes.add_(0.5)  # other probes, another fingerprint
+        assert not torch.allclose(run.evaluator(theta), run.evaluator.net(actions.flatten(1)).squeeze(-1))
+
+
+def test_pg_buffer_recency_weighting_and_size():
+    buf = policy_generator.Buffer(size=5, recency=1.1)
+    for i in range(8):
+        buf.add(torch.full((3,), float(i)), float(i))
+    assert buf.returns == [3.0, 4.0, 5.0, 6.0, 7.0]  # the newest 5
+    w = buf.weights()
+    expected = np.array([1 / 5, 1 / 4, 1 / 3, 1 / 2, 1.0]) ** 1.1
+    np.testing.assert_allclose(w, expected / expected.sum())
+    gen = torch.Generator().manual_seed(0)
+    draws = [buf.sample(16, gen) for _ in range(4000)]  # 5 per draw: at most the buffer's size, as the official code
+    assert all(len(r) == 5 and torch.equal(t[:, 0], r) for t, r in draws)
+    freq = np.bincount(torch.cat([r for _, r in draws]).numpy().astype(int) - 3, minlength=5) / 20_000
+    np.testing.assert_allclose(freq, w, atol=0.015)
+
+
+def test_pg_distinct_commands_give_the_full_batch_gradient():
+    """update() generates each distinct command once; the loss and gradients equal those of the whole batch."""
+    run = pg_run()
+    run.generator.double()
+    run.evaluator.double()
+    rets = torch.tensor([5.0, -3.0, 5.0, 5.0, 12.0, -3.0], dtype=torch.float64)
+    grads = []
+    for dedup in (False, True):
+        run.generator.zero_grad()
+        if dedup:
+            u, inv = torch.unique(rets, return_inverse=True)
+            pred = run.evaluator(run.generator(run.command(u).double()))[inv]
+        else:
+            pred = run.evaluator(run.generator(run.command(rets).double()))
+        F.mse_loss(pred, rets).backward()
+        grads.append([p.grad.clone() for p in run.generator.parameters()])
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1)
+
+
+def test_pg_running_norm_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((100, 3)) * [1.0, 5.0, 0.1] + [2.0, -1.0, 0.0]
+    norm = policy_generator.RunningNorm(3)
+    for chunk in np.split(x, [1, 7, 40, 41]):
+        norm.push(chunk)
+    np.testing.assert_allclose(norm(x), (x - x.mean(0)) / (x.std(0, ddof=1) + 1e-8))
+
+
+@pytest.mark.parametrize("env", ["MountainCarContinuous-v0", "Pendulum-v1", "InvertedPendulum-v5"])
+def test_pg_smoke_each_env_family(tmp_path, env):
+    p = run(script_copy(tmp_path, "policy_generator.py"), "--preset", "tiny", "--env", env, "--out_dir",
+            str(tmp_path / "o"))
+    assert "final: eval return" in p.stdout and "command sweep" in p.stdout
+    kinds = {m["split"] for m in read_metrics(tmp_path / "o")}
+    assert {"train", "eval", "final", "sweep"} <= kinds
+
+
+def test_pg_resume_is_exact(tmp_path):
+    script = script_copy(tmp_path, "policy_generator.py")
+    args = ["--preset", "tiny", "--env", "Pendulum-v1", "--total_steps", "1600", "--eval_every", "400"]
+    run(script, *args, "--out_dir", str(tmp_path / "full"))
+    run(script, *args, "--stop_at", "800", "--out_dir", str(tmp_path / "cut"))
+    run(script, *args, "--resume", "--out_dir", str(tmp_path / "cut"))
+    strip = lambda ms: [(m["step"], m["split"], m["metric"], m["value"]) for m in ms]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "cut")) == strip(read_metrics(tmp_path / "full"))
+    p = run(script, "--preset", "tiny", "--env", "Pendulum-v1", "--sweep_only", "--out_dir", str(tmp_path / "full"))
+    assert len(re.findall(r"^ +-?\d+\.\d +-?\d", p.stdout, re.M)) == 3  # the tiny preset's 3 commands
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--env", "Ant-v5"], "--env must be one of"),
+    (["--hidden", "30"], "not divisible by --tile"),
+    (["--resume"], "no checkpoint"),
+    (["--noise", "-1"], "non-negative"),
+])
+def test_pg_cli_errors(tmp_path, args, message):
+    p = run(script_copy(tmp_path, "policy_generator.py"), "--preset", "tiny", "--out_dir", str(tmp_path / "o"),
+            *args, check=False)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_pg_help_lists_every_flag(tmp_path):
+    p = run(script_copy(tmp_path, "policy_generator.py"), "--help")
+    for field in dataclasses.fields(policy_generator.Args):
         assert f"--{field.name} (" in p.stdout
 
 

@@ -1,0 +1,584 @@
+"""Goal-conditioned generators of deep policies (GoGePo): a hypernetwork maps a desired return to policy weights.
+
+Faccio, Herrmann, Ramesh, Kirsch, Schmidhuber, "Goal-Conditioned Generators of Deep Policies", AAAI 2023,
+arXiv 2207.01570 (section 3: the generator, the evaluator with probing states, the training loop). A fast weight
+programmer at the level of whole networks: the slow net (generator G) writes all weights theta of the fast net
+(the policy) from one input, the command c.
+    policy      pi_theta(o) = a_max tanh(W3 tanh(W2 tanh(W1 o' + b1) + b2) + b3), o' = (o - mean) / std (running)
+    generator   theta = G(c / (R_max - R_min)): every layer cut into tiles; tile (i, j) of a layer of type
+                t in {first, hidden, last} is MLP^w_t([e_ij, c]) (weights) and MLP^b_t([e_ij, c]) (biases, averaged
+                over the input-side tiles j), e_ij a learned embedding; each layer scaled by 2 / sqrt(fan_in)
+    evaluator   V(theta) = MLP([pi_theta(p_1), ..., pi_theta(p_M)]), p_m learned probing states
+    loop        c = (best return so far) + drive; theta = G(c) + sigma eps; run one episode per theta, store
+                (theta, return R); V: MSE to R on recency-weighted buffer samples; G: minimise (V(G(R)) - R)^2
+                through the frozen V, R drawn from the buffer's returns
+Speed (same algorithm, measured in the README): one generator call per batch of `--n_parallel` policies (the
+noise makes them differ), their episodes stepped side by side with one batched policy forward per time step,
+and evaluation episodes batched the same way; the updates follow the batch, one per episode, as in the paper.
+
+Glossary: theta (n_params,) a flat policy vector [W1, b1, W2, b2, W3, b3] (W (out, in), row-major), P policies
+in a batch, c a command (a return), R an episode's return, M probing states, tile the block size of a layer.
+
+Commands:
+    python policy_generator.py                                  # MountainCarContinuous-v0 until solved (return 90)
+    python policy_generator.py --preset tiny                    # smoke run
+    python policy_generator.py --env InvertedPendulum-v5        # MuJoCo (gymnasium[mujoco]); also Swimmer-v5, Hopper-v5
+    python policy_generator.py --sweep_only                     # the command sweep of the checkpoint in out_dir
+    python policy_generator.py --bench                          # generator, update and rollout times
+"""
+
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# return range (R_min, R_max) that normalises commands, and the "solved" evaluation return (None: none set).
+# The official code's ranges; Pendulum-v1 is not in the paper: its range is this repo's choice.
+ENVS = {
+    "MountainCarContinuous-v0": dict(r_min=-100, r_max=100, solved=90),
+    "Pendulum-v1": dict(r_min=-1600, r_max=0, solved=None),
+    "InvertedPendulum-v5": dict(r_min=0, r_max=1000, solved=950),
+    "Swimmer-v5": dict(r_min=-100, r_max=365, solved=None),
+    "Hopper-v5": dict(r_min=-100, r_max=3000, solved=None, alive_bonus=1.0),  # training return drops it
+}
+
+
+@dataclass
+class Args:
+    # environment
+    env: str = "MountainCarContinuous-v0"
+    """MountainCarContinuous-v0 | Pendulum-v1 | InvertedPendulum-v5 | Swimmer-v5 | Hopper-v5"""
+    total_steps: int = 100_000
+    """training environment steps (the paper: 100k for MountainCar and InvertedPendulum, 3M for Swimmer, Hopper)"""
+    stop_solved: bool = True
+    """stop training at the first evaluation that reaches the environment's solved return"""
+    n_parallel: int = 4
+    """generated policies rolled out side by side per iteration (each one episode; then one update per episode)"""
+    # policy and generator
+    hidden: int = 256
+    """policy hidden width (two tanh layers)"""
+    tile: int = 16
+    """generator tile: hidden layers are generated in tile x tile blocks"""
+    embed_dim: int = 8
+    """learned embedding size per tile"""
+    gen_hidden: int = 256
+    """width of the generator's tile MLPs (two ReLU layers)"""
+    noise: float = 0.1
+    """std of the Gaussian parameter noise for exploration"""
+    drive: float = 20.0
+    """command = best return so far + drive"""
+    # evaluator
+    n_probes: int = 200
+    """learned probing states"""
+    eval_hidden: int = 256
+    """width of the evaluator MLP (two ReLU layers)"""
+    # updates
+    buffer_size: int = 10_000
+    """replay buffer of (theta, return); sampling weight of the i-th newest entry (1 / i) ** recency"""
+    recency: float = 1.1
+    """exponent of the recency weighting"""
+    batch_size: int = 16
+    """buffer samples per update step"""
+    evaluator_steps: int = 4
+    """evaluator Adam steps per update"""
+    generator_steps: int = 19
+    """generator Adam steps per update"""
+    lr_evaluator: float = 5e-3
+    """Adam learning rate of the evaluator"""
+    lr_generator: float = 2e-6
+    """Adam learning rate of the generator"""
+    # evaluation and bookkeeping
+    eval_every: int = 1000
+    """evaluate G(best return) every this many training steps"""
+    n_eval: int = 10
+    """episodes per evaluation (and of the final one)"""
+    sweep_points: int = 21
+    """command sweep: commands evenly spaced over the return range"""
+    sweep_episodes: int = 5
+    """command sweep: episodes per command"""
+    sweep_only: bool = False
+    """run the command sweep of out_dir/ckpt.pt and exit"""
+    seed: int = 0
+    """seed of python, numpy, torch and the environments"""
+    device: str = "cpu"
+    """cpu (default: small batched ops) or cuda"""
+    out_dir: str = "out/policy_generator"
+    """metrics.jsonl and ckpt.pt (written at every evaluation) go here"""
+    resume: bool = False
+    """continue from out_dir/ckpt.pt"""
+    stop_at: int = 0
+    """exit after the evaluation at or after this many steps, checkpoint saved; --resume continues. 0: no stop"""
+    bench: bool = False
+    """time the generator, one update and a batched rollout step, and exit"""
+
+
+PRESETS = {
+    "tiny": dict(hidden=32, gen_hidden=32, eval_hidden=32, n_probes=8, total_steps=600, eval_every=300, n_eval=2,
+                 sweep_points=3, sweep_episodes=1, buffer_size=50, generator_steps=3, evaluator_steps=2,
+                 stop_solved=False),
+}
+
+
+def fail(msg):
+    """A user error: one message, non-zero exit, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def print_help():
+    """Every Args field with its type, default and docstring (read from this file's source)."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(Args)).body[0].body
+    print(f"usage: python {os.path.basename(sys.argv[0])} [--preset {'|'.join(PRESETS)}] [--key value ...]")
+    for node, doc in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr):
+            name = node.target.id
+            print(f"  --{name} ({ast.unparse(node.annotation)}, {getattr(Args, name)!r}): {doc.value.value}")
+    sys.exit(0)
+
+
+def parse_args(argv):
+    """--key value (or --key=value; a bare --flag sets a bool), --preset NAME applied first."""
+    if "--help" in argv or "-h" in argv:
+        print_help()
+    fields = {f.name: f for f in dataclasses.fields(Args)}
+    kv, i = {}, 0
+    while i < len(argv):
+        key, _, val = argv[i].removeprefix("--").partition("=")
+        if not argv[i].startswith("--") or (key not in fields and key != "preset"):
+            fail(f"unknown argument {argv[i]!r}; --help lists the flags")
+        is_bool = key in fields and fields[key].type is bool
+        if not val and not (is_bool and (i + 1 == len(argv) or argv[i + 1].startswith("--"))):
+            if i + 1 == len(argv):
+                fail(f"--{key} needs a value")
+            val, i = argv[i + 1], i + 1
+        kv[key] = val or "true"
+        i += 1
+    preset = kv.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    args = Args(**PRESETS.get(preset, {}))
+    for key, val in kv.items():
+        typ = fields[key].type
+        try:
+            if typ is bool:
+                if val.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                val = val.lower() in ("true", "1")
+            setattr(args, key, typ(val))
+        except ValueError:
+            fail(f"--{key} expects {typ.__name__}, got {val!r}")
+    return check_args(args)
+
+
+def check_args(a):
+    if a.env not in ENVS:
+        fail(f"--env must be one of {', '.join(ENVS)}, got {a.env!r}")
+    for key in ("total_steps", "n_parallel", "hidden", "tile", "embed_dim", "gen_hidden", "n_probes", "eval_hidden",
+                "buffer_size", "batch_size", "eval_every", "n_eval", "sweep_points", "sweep_episodes"):
+        if getattr(a, key) <= 0:
+            fail(f"--{key} must be positive, got {getattr(a, key)}")
+    if a.hidden % a.tile:
+        fail(f"--hidden {a.hidden} is not divisible by --tile {a.tile}; pick a tile that divides the width.")
+    if min(a.noise, a.evaluator_steps, a.generator_steps, a.lr_evaluator, a.lr_generator, a.stop_at) < 0:
+        fail("--noise, --evaluator_steps, --generator_steps, the learning rates and --stop_at must be non-negative.")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {a.device}: this machine has no CUDA GPU; use --device cpu")
+    return a
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy: a flat parameter vector theta and a batched forward for P policies at once.
+
+
+def layer_shapes(obs_dim, act_dim, hidden):
+    """[(out, in)] of the three layers."""
+    return [(hidden, obs_dim), (hidden, hidden), (act_dim, hidden)]
+
+
+def unpack(theta, shapes):
+    """theta (P, n_params) -> [(W (P, out, in), b (P, out))] in the order W1, b1, W2, b2, W3, b3."""
+    layers, i = [], 0
+    for out, inp in shapes:
+        W = theta[:, i : i + out * inp].view(-1, out, inp)
+        i += out * inp
+        layers.append((W, theta[:, i : i + out]))
+        i += out
+    return layers
+
+
+def policy_forward(theta, obs, shapes, act_limit):
+    """Actions of P policies: theta (P, n_params), obs (P, N, obs_dim) -> (P, N, act_dim). tanh everywhere, the
+    output scaled to the action bound."""
+    x = obs
+    for W, b in unpack(theta, shapes):
+        x = torch.tanh(torch.baddbmm(b[:, None], x, W.transpose(1, 2)))
+    return x * act_limit
+
+
+def mlp(sizes):
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+class Generator(nn.Module):
+    """theta = G(c). Layer l (out x in) is cut into tiles of (out_chunk x in_chunk): the first layer's tiles span all
+    inputs, the last layer's all outputs, hidden layers use tile x tile. One pair of tile MLPs per layer type."""
+
+    def __init__(self, shapes, a):
+        super().__init__()
+        self.shapes, self.scale = shapes, [2 / fan_in**0.5 for _, fan_in in shapes]
+        n = len(shapes)
+        self.kind = ["first"] + ["hidden"] * (n - 2) + ["last"]
+        self.chunk = [(a.tile if i < n - 1 else out, a.tile if i > 0 else inp) for i, (out, inp) in enumerate(shapes)]
+        self.tiles = [(inp // ic, out // oc) for (out, inp), (oc, ic) in zip(shapes, self.chunk)]  # (in, out) tiles
+        self.embeddings = nn.ParameterList([nn.Parameter(torch.randn(ti, to, a.embed_dim)) for ti, to in self.tiles])
+        self.w_nets, self.b_nets = nn.ModuleDict(), nn.ModuleDict()
+        for kind, (oc, ic) in zip(self.kind, self.chunk):
+            if kind not in self.w_nets:
+                self.w_nets[kind] = mlp([a.embed_dim + 1, a.gen_hidden, a.gen_hidden, oc * ic])
+                self.b_nets[kind] = mlp([a.embed_dim + 1, a.gen_hidden, a.gen_hidden, oc])
+
+    def forward(self, c):
+        """c (B,) normalised commands -> theta (B, n_params)."""
+        B, out = len(c), []
+        for e, kind, (oc, ic), (ti, to), s in zip(self.embeddings, self.kind, self.chunk, self.tiles, self.scale):
+            z = torch.cat([e.expand(B, -1, -1, -1), c.view(B, 1, 1, 1).expand(B, ti, to, 1)], -1)  # (B, ti, to, E+1)
+            w = self.w_nets[kind](z).view(B, ti, to, oc, ic).permute(0, 2, 3, 1, 4).reshape(B, to * oc, ti * ic)
+            b = self.b_nets[kind](z).mean(1).reshape(B, to * oc)  # biases averaged over the input-side tiles
+            out += [s * w.flatten(1), s * b]
+        return torch.cat(out, 1)
+
+
+class Evaluator(nn.Module):
+    """V(theta): the policy's actions on M learned probing states (its fingerprint) -> MLP -> predicted return."""
+
+    def __init__(self, shapes, act_limit, a):
+        super().__init__()
+        self.shapes, self.act_limit = shapes, act_limit
+        self.probes = nn.Parameter(torch.rand(a.n_probes, shapes[0][1]))  # uniform [0, 1), as the official code
+        self.net = mlp([a.n_probes * shapes[-1][0], a.eval_hidden, a.eval_hidden, 1])
+
+    def fingerprint(self, theta):
+        return policy_forward(theta, self.probes.expand(len(theta), -1, -1), self.shapes, self.act_limit).flatten(1)
+
+    def forward(self, theta):
+        return self.net(self.fingerprint(theta)).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Replay buffer, observation normaliser, batched rollouts
+
+
+class Buffer:
+    """The newest `size` (theta, return) pairs; a sample draws with replacement, the i-th newest entry with
+    probability proportional to (1 / i) ** recency."""
+
+    def __init__(self, size, recency):
+        self.size, self.recency, self.thetas, self.returns = size, recency, [], []
+
+    def add(self, theta, ret):
+        self.thetas.append(theta)
+        self.returns.append(ret)
+        if len(self.thetas) > self.size:
+            self.thetas.pop(0)
+            self.returns.pop(0)
+
+    def weights(self):
+        w = (1.0 / np.arange(len(self.thetas), 0, -1)) ** self.recency  # oldest first: 1/n, ..., 1/1
+        return w / w.sum()
+
+    def sample(self, k, gen):
+        k = min(k, len(self.thetas))  # as the official code: a young buffer gives smaller batches
+        idx = torch.multinomial(torch.tensor(self.weights()), k, replacement=True, generator=gen).tolist()
+        return torch.stack([self.thetas[i] for i in idx]), torch.tensor([self.returns[i] for i in idx])
+
+
+class RunningNorm:
+    """Running mean and std of the observations seen in training episodes (Chan et al.'s parallel update)."""
+
+    def __init__(self, dim):
+        self.n, self.mean, self.m2 = 0, np.zeros(dim), np.zeros(dim)
+
+    def push(self, x):  # x (N, dim)
+        n, mean = len(x), x.mean(0)
+        delta, total = mean - self.mean, self.n + len(x)
+        self.m2 += ((x - mean) ** 2).sum(0) + delta**2 * self.n * n / total
+        self.mean, self.n = self.mean + delta * n / total, total
+
+    def __call__(self, x):
+        if self.n < 2:
+            return x
+        return (x - self.mean) / (np.sqrt(self.m2 / (self.n - 1)) + 1e-8)
+
+
+def make_envs(name, n):
+    import gymnasium as gym
+
+    return [gym.make(name, disable_env_checker=True) for _ in range(n)]
+
+
+@torch.no_grad()
+def rollout(envs, thetas, shapes, act_limit, norm, seeds, push=False, alive_bonus=0.0):
+    """One episode per policy, side by side: thetas (P, n_params), env p runs policy p from reset(seed=seeds[p]).
+    Returns the training returns (alive bonus removed), the environment returns, and the steps taken."""
+    P = len(thetas)
+    obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs[:P], seeds)])
+    active, ret, env_ret, steps = np.ones(P, bool), np.zeros(P), np.zeros(P), 0
+    while active.any():
+        idx = np.flatnonzero(active)
+        if push:
+            norm.push(obs[idx])
+        x = torch.as_tensor(norm(obs[idx]), dtype=torch.float32)[:, None]
+        actions = policy_forward(thetas[idx], x, shapes, act_limit)[:, 0].numpy()
+        for j, p in enumerate(idx):
+            obs[p], r, terminated, truncated, _ = envs[p].step(actions[j])
+            env_ret[p] += r
+            ret[p] += r - alive_bonus
+            if terminated or truncated:
+                active[p] = False
+        steps += len(idx)
+    return ret, env_ret, steps
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def log_metrics(out_dir, step, split, metrics, t0):
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        for name, value in metrics.items():
+            f.write(json.dumps(dict(step=step, split=split, metric=name, value=value, time=time.time() - t0)) + "\n")
+
+
+def save_checkpoint(path, obj):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # atomic: a killed run leaves the previous checkpoint intact
+
+
+class GoGePo:
+    """Everything a run holds: the nets, their optimisers, the buffer, the normaliser, the counters, the RNGs."""
+
+    def __init__(self, a):
+        import gymnasium as gym
+
+        env = gym.make(a.env, disable_env_checker=True)
+        obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+        self.a, self.info = a, ENVS[a.env]
+        self.r_range = self.info["r_max"] - self.info["r_min"]
+        self.act_limit = torch.as_tensor(env.action_space.high, dtype=torch.float32)
+        self.shapes = layer_shapes(obs_dim, act_dim, a.hidden)
+        self.n_params = sum(o * i + o for o, i in self.shapes)
+        torch.manual_seed(a.seed)
+        self.generator, self.evaluator = Generator(self.shapes, a), Evaluator(self.shapes, self.act_limit, a)
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=a.lr_generator)
+        self.opt_v = torch.optim.Adam(self.evaluator.parameters(), lr=a.lr_evaluator)
+        self.buffer, self.norm = Buffer(a.buffer_size, a.recency), RunningNorm(obs_dim)
+        self.gen = torch.Generator().manual_seed(a.seed)  # buffer sampling and parameter noise
+        self.rng = np.random.default_rng(a.seed)  # environment seeds
+        self.steps, self.episodes, self.best, self.solved_at, self.last_eval = 0, 0, -np.inf, None, 0
+
+    def command(self, ret):
+        return torch.as_tensor(ret, dtype=torch.float32).view(-1) / self.r_range
+
+    def update(self):
+        """The paper's update after an episode: evaluator steps (MSE to returns), then generator steps through
+        the frozen evaluator with commands drawn from the buffer's returns."""
+        for _ in range(self.a.evaluator_steps):
+            thetas, rets = self.buffer.sample(self.a.batch_size, self.gen)
+            loss_v = F.mse_loss(self.evaluator(thetas), rets)
+            self.opt_v.zero_grad(set_to_none=True)
+            loss_v.backward()
+            self.opt_v.step()
+        self.evaluator.requires_grad_(False)
+        for _ in range(self.a.generator_steps):
+            _, rets = self.buffer.sample(self.a.batch_size, self.gen)
+            # recency-weighted sampling with replacement repeats commands: generate each distinct one once (the
+            # same loss and gradient as generating all batch_size, at a fraction of the cost)
+            unique, inverse = torch.unique(rets, return_inverse=True)
+            loss_g = F.mse_loss(self.evaluator(self.generator(self.command(unique)))[inverse], rets)
+            self.opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            self.opt_g.step()
+        self.evaluator.requires_grad_(True)
+        return loss_v.item(), loss_g.item() if self.a.generator_steps else float("nan")
+
+    @torch.no_grad()
+    def evaluate(self, envs, ret, n):
+        """Returns of the noise-free policy G(ret) over n episodes (run side by side)."""
+        theta = self.generator(self.command(ret)).expand(n, -1)
+        seeds = self.rng.integers(2**31, size=n)
+        return rollout(envs, theta, self.shapes, self.act_limit, self.norm, seeds)[1]
+
+    def state(self):
+        return {"generator": self.generator.state_dict(), "evaluator": self.evaluator.state_dict(),
+                "opt_g": self.opt_g.state_dict(), "opt_v": self.opt_v.state_dict(), "args": dataclasses.asdict(self.a),
+                "buffer": (self.buffer.thetas, self.buffer.returns), "norm": vars(self.norm),
+                "counters": (self.steps, self.episodes, self.best, self.solved_at, self.last_eval),
+                "rng": {"python": random.getstate(), "torch": torch.get_rng_state(), "gen": self.gen.get_state(),
+                        "np": self.rng.bit_generator.state}}
+
+    def load(self, s):
+        self.generator.load_state_dict(s["generator"])
+        self.evaluator.load_state_dict(s["evaluator"])
+        self.opt_g.load_state_dict(s["opt_g"])
+        self.opt_v.load_state_dict(s["opt_v"])
+        self.buffer.thetas, self.buffer.returns = s["buffer"]
+        vars(self.norm).update(s["norm"])
+        self.steps, self.episodes, self.best, self.solved_at, self.last_eval = s["counters"]
+        random.setstate(s["rng"]["python"])
+        torch.set_rng_state(s["rng"]["torch"])
+        self.gen.set_state(s["rng"]["gen"])
+        self.rng.bit_generator.state = s["rng"]["np"]
+
+
+def command_sweep(run, envs, a, t0):
+    """Commanded vs achieved return over the return range (the paper's claim: any return seen in training)."""
+    info = run.info
+    print(f"command sweep ({a.sweep_episodes} episodes per command):")
+    print(f"{'command':>9} {'achieved':>9} {'std':>7} {'V(G(c))':>9}")
+    rows = []
+    for c in np.linspace(info["r_min"], info["r_max"], a.sweep_points):
+        achieved = run.evaluate(envs, c, a.sweep_episodes)
+        with torch.no_grad():
+            predicted = run.evaluator(run.generator(run.command(c))).item()
+        rows.append((c, achieved.mean(), achieved.std(), predicted))
+        print(f"{c:9.1f} {achieved.mean():9.1f} {achieved.std():7.1f} {predicted:9.1f}", flush=True)
+    log_metrics(a.out_dir, run.steps, "sweep", {"rows": [list(map(float, r)) for r in rows]}, t0)
+    return rows
+
+
+def train(a):
+    random.seed(a.seed)
+    np.random.seed(a.seed)
+    try:
+        import gymnasium  # noqa: F401
+    except ImportError:
+        fail("policy_generator.py needs gymnasium (and gymnasium[mujoco] for the MuJoCo tasks): "
+             "pip install -r requirements.txt")
+    try:
+        run = GoGePo(a)
+    except Exception as e:  # gymnasium.error.DependencyNotInstalled and kin: a missing MuJoCo
+        fail(f"cannot make {a.env}: {e}. The MuJoCo tasks need pip install 'gymnasium[mujoco]'.")
+    path = os.path.join(a.out_dir, "ckpt.pt")
+    if a.resume or a.sweep_only:
+        if not os.path.exists(path):
+            fail(f"--{'resume' if a.resume else 'sweep_only'}: no checkpoint at {path}")
+        run.load(torch.load(path, weights_only=False))
+    os.makedirs(a.out_dir, exist_ok=True)
+    envs = make_envs(a.env, max(a.n_parallel, a.n_eval, a.sweep_episodes))
+    t0 = time.time()
+    if a.sweep_only:
+        return command_sweep(run, envs, a, t0)
+    print(f"config: {json.dumps(dataclasses.asdict(a))}")
+    n_gen = sum(p.numel() for p in run.generator.parameters())
+    print(f"{a.env}: policy of {run.n_params} parameters, generator {n_gen / 1e6:.2f}M, evaluator "
+          f"{sum(p.numel() for p in run.evaluator.parameters()) / 1e6:.2f}M, return range ({run.info['r_min']}, "
+          f"{run.info['r_max']}), solved at {run.info['solved']}; starting at step {run.steps}")
+    bar = tqdm(total=a.total_steps, initial=run.steps, unit="step", dynamic_ncols=True)
+    stop = False
+    while run.steps < a.total_steps and not stop:
+        with torch.no_grad():  # one generator call for the batch; the noise makes the policies differ
+            c = 1.0 if run.episodes == 0 else run.best + a.drive
+            theta = run.generator(run.command(c))
+            thetas = theta + a.noise * torch.randn(a.n_parallel, run.n_params, generator=run.gen)
+        seeds = run.rng.integers(2**31, size=a.n_parallel)
+        rets, env_rets, steps = rollout(envs, thetas, run.shapes, run.act_limit, run.norm, seeds, push=True,
+                                        alive_bonus=run.info.get("alive_bonus", 0.0))
+        run.steps += steps
+        for theta_p, r in zip(thetas, rets):
+            run.buffer.add(theta_p, float(r))
+            run.best = max(run.best, float(r))
+            run.episodes += 1
+            loss_v, loss_g = run.update()
+        bar.update(steps)
+        bar.set_postfix(best=f"{run.best:.1f}", ret=f"{env_rets.mean():.1f}", loss_v=f"{loss_v:.2f}")
+        log_metrics(a.out_dir, run.steps, "train", {"return": float(env_rets.mean()), "best": run.best,
+                                                     "command": float(c), "loss_v": loss_v, "loss_g": loss_g}, t0)
+        if run.steps // a.eval_every > run.last_eval // a.eval_every or run.steps >= a.total_steps:
+            run.last_eval = run.steps
+            result = run.evaluate(envs, run.best, a.n_eval)
+            log_metrics(a.out_dir, run.steps, "eval", {"return": float(result.mean()), "std": float(result.std())}, t0)
+            tqdm.write(f"step {run.steps} (episode {run.episodes}, {time.time() - t0:.0f}s): eval return "
+                       f"{result.mean():.1f} +- {result.std():.1f} for command {run.best:.1f}")
+            solved = run.info["solved"]
+            if solved is not None and result.mean() >= solved and run.solved_at is None:
+                run.solved_at = (run.steps, time.time() - t0)
+                log_metrics(a.out_dir, run.steps, "eval", {"solved_steps": run.steps}, t0)
+                stop = a.stop_solved
+            save_checkpoint(path, run.state())
+            if a.stop_at and run.steps >= a.stop_at:
+                bar.close()
+                return
+    bar.close()
+    result = run.evaluate(envs, run.best, a.n_eval)
+    log_metrics(a.out_dir, run.steps, "final", {"return": float(result.mean()), "std": float(result.std())}, t0)
+    save_checkpoint(path, run.state())
+    command_sweep(run, envs, a, t0)
+    solved = "not solved" if run.solved_at is None else f"solved at step {run.solved_at[0]} ({run.solved_at[1]:.0f}s)"
+    print(f"final: eval return {result.mean():.1f} +- {result.std():.1f} over {a.n_eval} episodes for command "
+          f"{run.best:.1f}; {solved}; {run.steps} steps, {run.episodes} episodes, {time.time() - t0:.0f}s")
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark
+
+
+def bench(a):
+    """Median times of the parts of one iteration at the configured sizes, in one run."""
+    try:
+        run = GoGePo(a)
+    except Exception as e:
+        fail(f"cannot make {a.env}: {e}")
+    envs = make_envs(a.env, a.n_parallel)
+
+    def timed(fn, n=5):
+        times = []
+        for _ in range(n + 1):  # the first is a warm-up
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times[1:])) * 1e3
+
+    with torch.no_grad():
+        theta = run.generator(run.command(0.0))
+    for _ in range(a.batch_size):
+        run.buffer.add(theta[0] + 0.1 * torch.randn(run.n_params), 0.0)
+    x = torch.zeros(a.n_parallel, 1, run.shapes[0][1])
+    thetas = theta.expand(a.n_parallel, -1)
+    print(f"{a.env}, threads {torch.get_num_threads()}, policy {run.n_params} parameters, batch {a.batch_size}")
+    with torch.no_grad():
+        print(f"generator, 1 command:                 {timed(lambda: run.generator(run.command(0.0))):8.2f} ms")
+    print(f"update (evaluator {a.evaluator_steps} + generator {a.generator_steps} steps): {timed(run.update, 3):8.1f} ms")
+    with torch.no_grad():
+        t_pol = timed(lambda: policy_forward(thetas, x, run.shapes, run.act_limit), 50)
+    print(f"policy forward, {a.n_parallel} policies, 1 step:      {t_pol:8.3f} ms")
+    obs = [env.reset(seed=0)[0] for env in envs]
+    act = envs[0].action_space.sample()
+    print(f"environment step x {a.n_parallel}:                 {timed(lambda: [e.step(act) for e in envs], 50):8.3f} ms")
+    del obs
+
+
+def main(argv=None):
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    if a.bench:
+        return bench(a)
+    train(a)
+
+
+if __name__ == "__main__":
+    main()
