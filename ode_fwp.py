@@ -2,9 +2,10 @@
 
 Irie, Faccio, Schmidhuber, "Neural Differential Equations for Learning to Program Neural Nets Through Continuous
 Learning Rules", NeurIPS 2022, arXiv 2206.01649 (section 3: Hebb, Oja and delta rules as ODEs; their CDE form
-with keys from dX/dt; the readout). Baseline: the neural CDE of Kidger, Morrill, Foster, Lyons, "Neural Controlled Differential Equations
-for Irregular Time Series", NeurIPS 2020, arXiv 2005.08926. Derived from rfwp.py: same Args style, training loop,
-checkpoints; the discrete time steps become an ODE solved in this file (no ODE library).
+with keys from dX/dt; the readout). Baseline: the neural CDE of Kidger, Morrill, Foster, Lyons, "Neural
+Controlled Differential Equations for Irregular Time Series", NeurIPS 2020, arXiv 2005.08926. Derived from
+rfwp.py: same Args style, training loop, checkpoints; the discrete time steps become an ODE solved in this file
+(no ODE library).
 
 A time series (times t_1 < ... < t_N, values with NaN where missing) becomes a control path X(t) (time is channel 0;
 linear or natural cubic interpolation). Per head, a slow net reads the path and a fast weight W (d x d) follows

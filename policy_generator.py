@@ -556,21 +556,24 @@ def bench(a):
 
     with torch.no_grad():
         theta = run.generator(run.command(0.0))
-    for _ in range(a.batch_size):
-        run.buffer.add(theta[0] + 0.1 * torch.randn(run.n_params), 0.0)
+    for i in range(a.batch_size):  # distinct returns: every generator batch has batch_size distinct commands
+        run.buffer.add(theta[0] + 0.1 * torch.randn(run.n_params), float(i))
     x = torch.zeros(a.n_parallel, 1, run.shapes[0][1])
     thetas = theta.expand(a.n_parallel, -1)
-    print(f"{a.env}, threads {torch.get_num_threads()}, policy {run.n_params} parameters, batch {a.batch_size}")
+    print(f"{a.env}, threads {torch.get_num_threads()}, policy {run.n_params} parameters, batch {a.batch_size} "
+          "(all commands distinct: the slowest update)")
     with torch.no_grad():
         print(f"generator, 1 command:                 {timed(lambda: run.generator(run.command(0.0))):8.2f} ms")
-    print(f"update (evaluator {a.evaluator_steps} + generator {a.generator_steps} steps): {timed(run.update, 3):8.1f} ms")
+    t_up = timed(run.update, 3)
+    print(f"update (evaluator {a.evaluator_steps} + generator {a.generator_steps} steps): {t_up:8.1f} ms")
     with torch.no_grad():
         t_pol = timed(lambda: policy_forward(thetas, x, run.shapes, run.act_limit), 50)
     print(f"policy forward, {a.n_parallel} policies, 1 step:      {t_pol:8.3f} ms")
-    obs = [env.reset(seed=0)[0] for env in envs]
+    for env in envs:
+        env.reset(seed=0)
     act = envs[0].action_space.sample()
-    print(f"environment step x {a.n_parallel}:                 {timed(lambda: [e.step(act) for e in envs], 50):8.3f} ms")
-    del obs
+    t_env = timed(lambda: [e.step(act) for e in envs], 50)
+    print(f"environment step x {a.n_parallel}:                 {t_env:8.3f} ms")
 
 
 def main(argv=None):
