@@ -315,7 +315,7 @@ def fill_missing(t, x, lengths):
     return torch.where(prev >= 0, torch.where(nxt < N, both, x_prev), torch.where(nxt < N, x_next, 0.0))
 
 
-def natural_cubic_slopes(t, y, lengths):
+def spline_second_derivatives(t, y, lengths):
     """Second derivatives M at the knots of the natural cubic spline (M = 0 at both ends of each series): the
     tridiagonal system h_i-1 M_i-1 + 2 (h_i-1 + h_i) M_i + h_i M_i+1 = 6 (slope_i - slope_i-1), by the Thomas
     algorithm; rows at and past a series' last knot are M_i = 0."""
@@ -349,7 +349,7 @@ class ControlPath:
         a, b = y[:, :-1], (y[:, 1:] - y[:, :-1]) / h
         c = d = torch.zeros_like(a)
         if interp == "cubic":
-            M = natural_cubic_slopes(t, y, lengths)
+            M = spline_second_derivatives(t, y, lengths)
             b = b - h * (2 * M[:, :-1] + M[:, 1:]) / 6
             c, d = M[:, :-1] / 2, (M[:, 1:] - M[:, :-1]) / (6 * h)
         self.knots, self.lengths = t, lengths

@@ -240,7 +240,7 @@ class Generator(nn.Module):
 
     def __init__(self, shapes, a):
         super().__init__()
-        self.shapes, self.scale = shapes, [2 / fan_in**0.5 for _, fan_in in shapes]
+        self.scale = [2 / fan_in**0.5 for _, fan_in in shapes]  # each layer scaled by 2 / sqrt(fan_in)
         n = len(shapes)
         self.kind = ["first"] + ["hidden"] * (n - 2) + ["last"]
         self.chunk = [(a.tile if i < n - 1 else out, a.tile if i > 0 else inp) for i, (out, inp) in enumerate(shapes)]
