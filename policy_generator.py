@@ -446,6 +446,15 @@ class GoGePo:
         self.rng.bit_generator.state = s["rng"]["np"]
 
 
+def make_run(a):
+    import gymnasium
+
+    try:
+        return GoGePo(a)
+    except (gymnasium.error.Error, ImportError) as e:  # DependencyNotInstalled: a missing MuJoCo
+        fail(f"cannot make {a.env}: {e}. The MuJoCo tasks need pip install 'gymnasium[mujoco]'.")
+
+
 def command_sweep(run, envs, a, t0):
     """Commanded vs achieved return over the return range (the paper's claim: any return seen in training)."""
     info = run.info
@@ -470,10 +479,7 @@ def train(a):
     except ImportError:
         fail("policy_generator.py needs gymnasium (and gymnasium[mujoco] for the MuJoCo tasks): "
              "pip install -r requirements.txt")
-    try:
-        run = GoGePo(a)
-    except Exception as e:  # gymnasium.error.DependencyNotInstalled and kin: a missing MuJoCo
-        fail(f"cannot make {a.env}: {e}. The MuJoCo tasks need pip install 'gymnasium[mujoco]'.")
+    run = make_run(a)
     path = os.path.join(a.out_dir, "ckpt.pt")
     if a.resume or a.sweep_only:
         if not os.path.exists(path):
@@ -540,10 +546,7 @@ def train(a):
 
 def bench(a):
     """Median times of the parts of one iteration at the configured sizes, in one run."""
-    try:
-        run = GoGePo(a)
-    except Exception as e:
-        fail(f"cannot make {a.env}: {e}")
+    run = make_run(a)
     envs = make_envs(a.env, a.n_parallel)
 
     def timed(fn, n=5):
