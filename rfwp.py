@@ -60,7 +60,7 @@ MODELS = ("lstm", "transformer", "linear", "delta", "delta_mlp", "delta_delta", 
 class Args:
     # task
     task: str = "code"
-    """code (code execution, synthetic), listops (sequential ListOps, synthetic) or lm (through data.py)"""
+    """code (code execution), listops (sequential ListOps), lm (through data.py) or rl (an IMPALA agent, below)"""
     code_length: int = 10
     """code: statements per program (the paper: 100)"""
     n_vars: int = 3
@@ -83,6 +83,30 @@ class Args:
     """lm: tokens per training segment"""
     carry_state: bool = False
     """lm: carry fast weights and recurrent states across consecutive segments, detached"""
+    # reinforcement learning (--task rl)
+    env: str = "CartPole-NoVel"
+    """rl: CartPole-NoVel (CartPole-v1 seeing only cart position and pole angle: it needs memory), a gymnasium id
+    with vector observations and discrete actions, or ALE/<Game>-v5 (Atari through ale_py's vector environment)"""
+    env_steps: int = 300_000
+    """rl: environment steps in all, summed over the environments (Atari: agent steps of 4 frames each)"""
+    unroll: int = 50
+    """rl: steps of each environment per update, the V-trace trajectory length (CartPole-NoVel default 20)"""
+    entropy_cost: float = 0.01
+    """rl: weight of the entropy bonus"""
+    baseline_cost: float = 0.5
+    """rl: weight of the value (baseline) loss"""
+    discount: float = 0.99
+    """rl: discount factor gamma"""
+    reward_scale: float = 1.0
+    """rl: rewards are multiplied by this in the loss, before the clip to [-1, 1] (CartPole-NoVel default 0.1: its
+    reward of 1 per step would need values of ~100, which RMSProp's small steps reach slowly)"""
+    truncate: int = 0
+    """rl: detach the core state every this many steps of an unroll (1: the official code's per-step detach of the
+    fast weights; 0: backpropagate through the whole unroll)"""
+    memoryless: bool = False
+    """rl: zero the core state before every step (an agent without memory: the ablation for the CPU task)"""
+    eval: int = 0
+    """rl: run the greedy policy of out_dir/ckpt.pt for this many episodes, print mean and std, and exit"""
     # model
     model: str = "rdn"
     """lstm | transformer | linear | delta | delta_mlp | delta_delta | delta_rnn | delta_lstm | rdn"""
@@ -104,19 +128,20 @@ class Args:
     """chunk length C of the chunkwise form"""
     # training
     batch_size: int = 32
-    """sequences (or lm streams) per step"""
+    """sequences (or lm streams) per step; rl: environments stepped together (default 16; CartPole-NoVel 8)"""
     steps: int = 1000
     """optimizer steps"""
     lr: float = 1e-3
-    """peak learning rate (Adam)"""
+    """peak learning rate (Adam; rl: RMSProp decayed linearly to 0, default 6e-4; CartPole-NoVel 3e-3)"""
     warmup: int = 100
     """linear warm-up steps"""
     cosine: bool = True
     """after warm-up, cosine decay to lr / 10 (false: constant, as in the paper)"""
     grad_clip: float = 1.0
-    """gradient norm clip (0 disables; the paper does not clip)"""
+    """gradient norm clip (0 disables; the paper does not clip; rl default 40)"""
     eval_every: int = 250
-    """evaluate on valid, keep the best checkpoint, every this many steps"""
+    """evaluate on valid, keep the best checkpoint, every this many steps (rl: print and checkpoint every this many
+    updates, default 25; CartPole-NoVel 50)"""
     seed: int = 0
     """seed of python, numpy, torch and the task generators"""
     device: str = "auto"
@@ -126,7 +151,7 @@ class Args:
     resume: bool = False
     """continue from out_dir/ckpt.pt"""
     stop_at: int = 0
-    """exit after this step, checkpoint saved (a time-boxed job); --resume continues. 0: run to the end"""
+    """exit after this optimizer step, checkpoint saved (a time-boxed job); --resume continues. 0: run to the end"""
     bench: bool = False
     """measure training speed and memory of every model at one size, and exit"""
     bench_T: int = 256
@@ -141,6 +166,12 @@ PRESETS = {
     "paper": dict(code_length=100, d_model=256, n_layer=4, n_head=16, d_ff=1024, dropout=0.1, lr=3e-4, batch_size=64,
                   warmup=0, cosine=False, grad_clip=0.0, steps=31_250, eval_every=500, depth=10),
 }
+
+
+# --task rl: the settings flags and preset leave unset. IMPALA's (RMSProp 6e-4, clip 40) for Atari and any gymnasium
+# id; the CPU memory task learns in a few minutes with more, smaller updates and a larger step.
+IMPALA = dict(lr=6e-4, grad_clip=40.0, batch_size=16, eval_every=25)
+ENV_DEFAULTS = {"CartPole-NoVel": dict(IMPALA, lr=3e-3, batch_size=8, unroll=20, reward_scale=0.1, eval_every=50)}
 
 
 def fail(msg):
@@ -184,6 +215,10 @@ def parse_args(argv):
     if preset is not None and preset not in PRESETS:
         fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     args = Args(**PRESETS.get(preset, {}))
+    if kv.get("task", args.task) == "rl":
+        for key, val in ENV_DEFAULTS.get(kv.get("env", args.env), IMPALA).items():
+            if key not in kv and key not in PRESETS.get(preset, {}):
+                setattr(args, key, val)
     for key, val in kv.items():
         typ = fields[key].type
         try:
@@ -198,12 +233,12 @@ def parse_args(argv):
 
 
 def check_args(a):
-    choices = dict(task=("code", "listops", "lm"), tokenizer=("word", "char"), model=MODELS, impl=("chunk", "loop"))
+    choices = dict(task=("code", "listops", "lm", "rl"), tokenizer=("word", "char"), model=MODELS, impl=("chunk", "loop"))
     for key, allowed in choices.items():
         if getattr(a, key) not in allowed:
             fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(a, key)!r}")
     for key in ("code_length", "depth", "n_train", "n_eval", "seq_len", "d_model", "n_layer", "n_head", "d_ff",
-                "fast_net_depth", "chunk_size", "batch_size", "steps", "eval_every", "bench_T"):
+                "fast_net_depth", "chunk_size", "batch_size", "steps", "eval_every", "bench_T", "env_steps", "unroll"):
         if getattr(a, key) <= 0:
             fail(f"--{key} must be positive, got {getattr(a, key)}")
     if a.n_vars not in (3, 5):
@@ -215,6 +250,12 @@ def check_args(a):
         fail(f"--d_model {a.d_model} is not divisible by --n_head {a.n_head}; pick n_head dividing d_model.")
     if not 0 <= a.dropout < 1 or a.lr <= 0 or min(a.warmup, a.grad_clip, a.stop_at) < 0:
         fail("--dropout must be in [0, 1); --lr positive; --warmup, --grad_clip and --stop_at non-negative.")
+    if min(a.truncate, a.eval, a.entropy_cost, a.baseline_cost, a.reward_scale) < 0 or not 0 <= a.discount <= 1:
+        fail("--truncate, --eval, --entropy_cost, --baseline_cost and --reward_scale must be non-negative; --discount "
+             "in [0, 1].")
+    if a.task == "rl" and a.model == "transformer":
+        fail("--task rl needs a fast-weight or recurrent core: the transformer's state (a KV cache) grows with every "
+             "environment step. Use --model lstm, delta, delta_rnn, rdn, ...")
     if a.carry_state and a.model == "transformer":
         fail("--carry_state needs a fast-weight or recurrent model: the transformer's state (a KV cache) grows "
              "with the stream.")
@@ -520,9 +561,9 @@ class FWPModel(nn.Module):
     first step -> logits (B, T, n_out), new state. No positional encoding (as in the paper's algorithmic tasks); a
     final LN before the head (the official algorithmic code has none), as in delta_net.py."""
 
-    def __init__(self, a, n_in, n_out):
+    def __init__(self, a, n_in, n_out, embed=None):
         super().__init__()
-        self.embed = nn.Embedding(n_in, a.d_model)
+        self.embed = nn.Embedding(n_in, a.d_model) if embed is None else embed
         self.blocks = nn.ModuleList(Block(a) for _ in range(a.n_layer))
         self.ln_f = nn.LayerNorm(a.d_model)
         self.head = nn.Linear(a.d_model, n_out)
@@ -539,9 +580,9 @@ class FWPModel(nn.Module):
 class LSTMModel(nn.Module):
     """The LSTM baseline: embedding -> nn.LSTM (n_layer layers) -> linear. State [(h, c)], each (B, n_layer, D)."""
 
-    def __init__(self, a, n_in, n_out):
+    def __init__(self, a, n_in, n_out, embed=None):
         super().__init__()
-        self.embed = nn.Embedding(n_in, a.d_model)
+        self.embed = nn.Embedding(n_in, a.d_model) if embed is None else embed
         self.lstm = nn.LSTM(a.d_model, a.d_model, a.n_layer, batch_first=True, dropout=a.dropout)
         self.head = nn.Linear(a.d_model, n_out)
 
@@ -552,8 +593,9 @@ class LSTMModel(nn.Module):
         return self.head(y), [(h.transpose(0, 1), c.transpose(0, 1))]
 
 
-def build_model(a, n_in, n_out):
-    return LSTMModel(a, n_in, n_out) if a.model == "lstm" else FWPModel(a, n_in, n_out)
+def build_model(a, n_in, n_out, embed=None):
+    """embed: the input module (default an embedding of n_in token ids; the RL agent passes nn.Identity())."""
+    return (LSTMModel if a.model == "lstm" else FWPModel)(a, n_in, n_out, embed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -873,6 +915,375 @@ def train(a):
 
 
 # ----------------------------------------------------------------------------------------------
+# Reinforcement learning (--task rl): an IMPALA agent (Espeholt et al. 2018, arXiv 1802.01561) with an rfwp core,
+# as in the paper's Atari experiments (section 4.4). Synchronous: one process steps a batch of environments with the
+# current policy, keeping the graph, and learns from each unroll with V-trace.
+
+MEMORY_TASKS = {"CartPole-NoVel": ("CartPole-v1", [0, 2])}  # name -> (gymnasium id, the observation dims kept)
+
+
+class GymEnvs:
+    """A batch of gymnasium environments in this process (vector observations, discrete actions), reset where an
+    episode ends (the observation returned with the end is the next episode's first). step -> obs, reward, done
+    (terminated or truncated), life_end (= done here)."""
+
+    def __init__(self, name, n, seed):
+        import gymnasium as gym
+
+        gym_id, self.keep = MEMORY_TASKS.get(name, (name, None))
+        try:
+            self.envs = gym.vector.SyncVectorEnv([lambda: gym.make(gym_id)] * n,
+                                                 autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        except gym.error.Error as e:
+            fail(f"--env {name}: gymnasium cannot make it ({e}). Use CartPole-NoVel, a gymnasium id with vector "
+                 "observations and discrete actions, or ALE/<Game>-v5.")
+        space, act = self.envs.single_observation_space, self.envs.single_action_space
+        if not isinstance(act, gym.spaces.Discrete) or len(space.shape) != 1:
+            self.envs.close()
+            fail(f"--env {name}: the agent needs vector observations and discrete actions; it has {space} and {act}.")
+        self.obs_shape = (len(self.keep) if self.keep else space.shape[0],)
+        self.n_actions, self.seed = int(act.n), seed
+
+    def view(self, obs):
+        return (obs if self.keep is None else obs[:, self.keep]).astype(np.float32)
+
+    def reset(self):
+        return self.view(self.envs.reset(seed=self.seed)[0])
+
+    def step(self, actions):
+        obs, reward, terminated, truncated, _ = self.envs.step(actions)
+        done = terminated | truncated
+        return self.view(obs), reward.astype(np.float32), done, done
+
+    def close(self):
+        self.envs.close()
+
+
+def ale_game(name):
+    """ALE/MsPacman-v5 -> ms_pacman, the ROM name ale_py's vector environment takes."""
+    import re
+
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name.removeprefix("ALE/").rsplit("-v", 1)[0]).lower()
+
+
+class AtariEnvs:
+    """ale_py's native vector environment with the usual preprocessing (no OpenCV): 84x84 grey, a stack of 4,
+    frame skip 4 with a max over the last two frames, up to 30 no-op starts, FIRE at reset, no sticky actions
+    (as the paper's NoFrameskip-v4). Raw rewards (the loss clips them). life_end marks a lost life or game over:
+    there the bootstrap stops, as torchbeast's episodic-life wrapper does, while the core state and the reported
+    score run over the whole game."""
+
+    def __init__(self, name, n, seed):
+        from ale_py import roms
+        from ale_py.vector_env import AtariVectorEnv
+
+        game = ale_game(name)
+        if game not in roms.get_all_rom_ids():
+            fail(f"--env {name}: ale_py has no ROM {game!r}; use a name like ALE/Breakout-v5 or ALE/MsPacman-v5.")
+        self.envs = AtariVectorEnv(game, n, autoreset_mode="SameStep", reward_clipping=False)
+        self.obs_shape = self.envs.single_observation_space.shape  # (4, 84, 84) uint8
+        self.n_actions, self.seed, self.lives = int(self.envs.single_action_space.n), seed, None
+
+    def reset(self):
+        obs, info = self.envs.reset(seed=self.seed)
+        self.lives = info["lives"]
+        return obs
+
+    def step(self, actions):
+        obs, reward, terminated, truncated, info = self.envs.step(actions)
+        done = terminated | truncated
+        life_end = done | (info["lives"] < self.lives)
+        self.lives = info["lives"]
+        return obs, reward.astype(np.float32), done, life_end
+
+    def close(self):
+        self.envs.close()
+
+
+def make_envs(a, n, seed):
+    return (AtariEnvs if a.env.startswith("ALE/") else GymEnvs)(a.env, n, seed)
+
+
+class Residual(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+class ImpalaCNN(nn.Module):
+    """IMPALA's deep residual encoder (Espeholt et al. 2018, fig. 3): per stage (16, 32, 32 channels) conv 3x3,
+    max-pool 3x3 stride 2, two residual blocks; then ReLU, FC 3872 -> 256, ReLU. Frames (N, 4, 84, 84) uint8."""
+
+    def __init__(self, in_channels, n_out=256):
+        super().__init__()
+        stages = []
+        for c in (16, 32, 32):
+            stages += [nn.Conv2d(in_channels, c, 3, padding=1), nn.MaxPool2d(3, 2, padding=1), Residual(c),
+                       Residual(c)]
+            in_channels = c
+        self.stages = nn.Sequential(*stages)
+        self.fc = nn.Linear(32 * 11 * 11, n_out)
+
+    def forward(self, x):
+        return F.relu(self.fc(F.relu(self.stages(x.float() / 255)).flatten(1)))
+
+
+class Agent(nn.Module):
+    """Encoder (Atari: ImpalaCNN; vectors: a two-layer MLP) -> concat the clipped last reward -> linear to d_model
+    -> the core (any rfwp.py model but the transformer; one step per call) -> policy logits and baseline (one
+    linear head). The core's reset mask zeroes the state of the environments whose episode just ended."""
+
+    def __init__(self, a, obs_shape, n_actions):
+        super().__init__()
+        if len(obs_shape) == 3:
+            self.encoder, n_feat = ImpalaCNN(obs_shape[0]), 256
+        else:
+            self.encoder = nn.Sequential(nn.Linear(obs_shape[0], a.d_model), nn.ReLU(),
+                                         nn.Linear(a.d_model, a.d_model), nn.ReLU())
+            n_feat = a.d_model
+        self.core_in = nn.Linear(n_feat + 1, a.d_model)
+        self.core = build_model(dataclasses.replace(a, impl="loop"), None, n_actions + 1, embed=nn.Identity())
+
+    def forward(self, obs, last_reward, state=None, reset=None):
+        """obs (B, *obs_shape), last_reward (B,), reset (B,) bool -> logits (B, A), value (B,), new state"""
+        x = torch.cat([self.encoder(obs), last_reward.clamp(-1, 1).unsqueeze(-1)], -1)
+        out, state = self.core(self.core_in(x).unsqueeze(1), state, reset)  # (B, 1, A + 1)
+        return out[:, 0, :-1], out[:, 0, -1], state
+
+
+def vtrace(log_rhos, discounts, rewards, values, bootstrap_value, rho_bar=1.0, c_bar=1.0):
+    """V-trace targets (Espeholt et al. 2018, eq. 1 and section 4.2), all (T, B) but bootstrap_value (B,):
+    v_s = V(x_s) + sum_{t>=s} (prod_{i=s}^{t-1} gamma_i c_i) delta_t, delta_t = rho_t (r_t + gamma_t V(x_{t+1}) - V(x_t)),
+    rho_t = min(rho_bar, pi/mu), c_i = min(c_bar, pi/mu), computed backwards as v_s - V(x_s) = delta_s + gamma_s c_s
+    (v_{s+1} - V(x_{s+1})). Returns v_s and the policy-gradient advantages rho_s (r_s + gamma_s v_{s+1} - V(x_s))."""
+    with torch.no_grad():
+        rhos = log_rhos.exp()
+        rho, c = rhos.clamp(max=rho_bar), rhos.clamp(max=c_bar)
+        values_next = torch.cat([values[1:], bootstrap_value[None]])
+        deltas = rho * (rewards + discounts * values_next - values)
+        acc, vs_minus_v = torch.zeros_like(bootstrap_value), []
+        for t in reversed(range(len(deltas))):
+            acc = deltas[t] + discounts[t] * c[t] * acc
+            vs_minus_v.append(acc)
+        vs = torch.stack(vs_minus_v[::-1]) + values
+        vs_next = torch.cat([vs[1:], bootstrap_value[None]])
+        return vs, rho * (rewards + discounts * vs_next - values)
+
+
+def rl_unroll(agent, envs, carry, a, device):
+    """Step every environment a.unroll times with the current policy (graph kept), then compute the bootstrap value.
+    carry: obs (numpy), last reward (B,), reset (B,) bool, core state. Returns the trajectory (T, B) tensors, the
+    returns of the episodes that ended, the emulator seconds, and the new carry."""
+    obs, last_reward, reset, state = carry
+    logits, values, actions, rewards, discounts, finished, env_time = [], [], [], [], [], [], 0.0
+    for t in range(a.unroll):
+        if a.truncate and t % a.truncate == 0:
+            state = detach_state(state)
+        mask = torch.ones_like(reset) if a.memoryless else reset
+        logit, value, state = agent(torch.as_tensor(obs, device=device), last_reward, state, mask)
+        action = torch.multinomial(F.softmax(logit.detach().float(), -1), 1).squeeze(-1)
+        t_env = time.perf_counter()
+        obs, reward, done, life_end = envs.step(action.cpu().numpy())
+        env_time += time.perf_counter() - t_env
+        envs.returns += reward
+        finished += envs.returns[done].tolist()
+        envs.returns[done] = 0
+        last_reward = torch.as_tensor(reward, device=device)
+        reset = torch.as_tensor(done, device=device)
+        logits.append(logit), values.append(value), actions.append(action)
+        rewards.append(a.reward_scale * last_reward)
+        discounts.append(a.discount * (1 - torch.as_tensor(life_end, device=device, dtype=torch.float32)))
+        # the next step's input: the new observation, this reward, and a reset where the episode ended
+    with torch.no_grad():  # V(x_T): the state is not advanced (the next unroll starts from x_T again)
+        _, bootstrap, _ = agent(torch.as_tensor(obs, device=device), last_reward, state,
+                                torch.ones_like(reset) if a.memoryless else reset)
+    traj = dict(logits=torch.stack(logits), values=torch.stack(values), actions=torch.stack(actions),
+                rewards=torch.stack(rewards), discounts=torch.stack(discounts), bootstrap=bootstrap)
+    return traj, finished, env_time, (obs, last_reward, reset, detach_state(state))
+
+
+def rl_loss(traj, a):
+    """IMPALA's loss, summed over time and batch (torchbeast): policy gradient with V-trace advantages, 0.5 x
+    baseline_cost x (v_s - V)^2, minus entropy_cost x entropy. Rewards (scaled by reward_scale) clipped to [-1, 1]."""
+    log_probs = F.log_softmax(traj["logits"].float(), -1)  # (T, B, A)
+    log_pi = log_probs.gather(-1, traj["actions"].unsqueeze(-1)).squeeze(-1)
+    behaviour = log_pi.detach()  # synchronous: the behaviour policy is the current one, pi/mu = 1
+    values = traj["values"].float()
+    vs, advantages = vtrace(log_pi.detach() - behaviour, traj["discounts"], traj["rewards"].clamp(-1, 1),
+                            values.detach(), traj["bootstrap"].float())
+    pg = -(log_pi * advantages).sum()
+    baseline = 0.5 * (vs - values).square().sum()
+    entropy = -(log_probs.exp() * log_probs).sum()
+    total = pg + a.baseline_cost * baseline - a.entropy_cost * entropy
+    return total, {"pg_loss": pg.item(), "baseline_loss": baseline.item(), "entropy": entropy.item() / vs.numel()}
+
+
+def rl_start(envs, device, n):
+    envs.returns = np.zeros(n, dtype=np.float64)
+    return envs.reset(), torch.zeros(n, device=device), torch.ones(n, dtype=torch.bool, device=device), None
+
+
+def rl_train(a):
+    device = pick_device(a.device)
+    random.seed(a.seed)
+    np.random.seed(a.seed)
+    torch.manual_seed(a.seed)
+    envs = make_envs(a, a.batch_size, a.seed)
+    agent = Agent(a, envs.obs_shape, envs.n_actions).to(device)
+    opt = torch.optim.RMSprop(agent.parameters(), lr=a.lr, alpha=0.99, eps=0.01)
+    per_update = a.batch_size * a.unroll
+    n_updates = max(1, a.env_steps // per_update)
+    step, returns = 0, []
+    ckpt_path = os.path.join(a.out_dir, "ckpt.pt")
+    if a.resume:
+        if not os.path.exists(ckpt_path):
+            fail(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        agent.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, returns = ckpt["step"], ckpt["returns"]
+        random.setstate(ckpt["rng"]["python"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        envs.seed = a.seed + step  # fresh episodes: the environments' own state is not saved
+    os.makedirs(a.out_dir, exist_ok=True)
+    n_params = sum(p.numel() for p in agent.parameters())
+    print(f"config: {json.dumps(dataclasses.asdict(a))}")
+    print(f"device {device}, env {a.env} (observation {envs.obs_shape}, {envs.n_actions} actions), core {a.model}, "
+          f"{n_params / 1e6:.2f}M parameters, {n_updates} updates of {a.batch_size} x {a.unroll} steps, starting at "
+          f"update {step}")
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, {
+            "model": agent.state_dict(), "optimizer": opt.state_dict(), "step": step, "args": dataclasses.asdict(a),
+            "returns": returns, "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                                        "torch": torch.get_rng_state()}})
+
+    if step >= n_updates:
+        print(f"the checkpoint in {a.out_dir} is already at update {step} of {n_updates}; nothing to do")
+        return
+    carry = rl_start(envs, device, a.batch_size)
+    t0, env_time, t_window, step_window = time.time(), 0.0, time.time(), step
+    bar = tqdm(total=n_updates * per_update, initial=step * per_update, unit="step", dynamic_ncols=True)
+    while step < n_updates:
+        for group in opt.param_groups:
+            group["lr"] = a.lr * (1 - step / n_updates)  # linear decay to 0
+        traj, finished, t_env, carry = rl_unroll(agent, envs, carry, a, device)
+        loss, parts = rl_loss(traj, a)
+        if not torch.isfinite(loss):
+            bar.close()
+            print(f"error: the loss became {loss.item()} at update {step}; the last good checkpoint stays at "
+                  f"{ckpt_path}. Lower --lr.", file=sys.stderr)
+            sys.exit(1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if a.grad_clip > 0:
+            nn.utils.clip_grad_norm_(agent.parameters(), a.grad_clip)
+        opt.step()
+        step, env_time = step + 1, env_time + t_env
+        returns += finished
+        bar.update(per_update)
+        for r in finished:
+            log_metrics(a.out_dir, step * per_update, "episode", {"return": r}, t0)
+        log_metrics(a.out_dir, step * per_update, "train", dict(loss=loss.item(), **parts), t0)
+        recent = returns[-100:]
+        if recent:
+            bar.set_postfix(ret=f"{np.mean(recent):.1f}", ent=f"{parts['entropy']:.2f}")
+        if step % a.eval_every == 0 or step == n_updates or step == a.stop_at:
+            dt, n = time.time() - t_window, per_update * (step - step_window)
+            tqdm.write(f"update {step} ({step * per_update} steps): return {np.mean(recent) if recent else float('nan'):.1f}"
+                       f" (last {len(recent)} episodes), {len(returns)} episodes, {n / dt:.0f} steps/s, "
+                       f"{100 * env_time / dt:.0f}% of the time in the environments")
+            log_metrics(a.out_dir, step * per_update, "train", {"steps_per_s": n / dt, "env_time_frac": env_time / dt},
+                        t0)
+            t_window, step_window, env_time = time.time(), step, 0.0
+            checkpoint()
+            if step == a.stop_at:
+                break
+    bar.close()
+    envs.close()
+    if step == n_updates:
+        print(f"final: mean return of the last {len(returns[-100:])} episodes {np.mean(returns[-100:]):.1f} after "
+              f"{step * per_update} environment steps, {time.time() - t0:.0f}s")
+
+
+@torch.no_grad()
+def rl_evaluate(a):
+    """The greedy (argmax) policy of out_dir/ckpt.pt, one episode in each of a.eval environments."""
+    device = pick_device(a.device)
+    ckpt_path = os.path.join(a.out_dir, "ckpt.pt")
+    if not os.path.exists(ckpt_path):
+        fail(f"--eval: no checkpoint at {ckpt_path}; train first (same --out_dir)")
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    saved = Args(**ckpt["args"])
+    if saved.task != "rl":
+        fail(f"--eval: {ckpt_path} is a --task {saved.task} checkpoint, not an agent")
+    envs = make_envs(saved, a.eval, a.seed + 10**6)  # seeds apart from training's
+    agent = Agent(saved, envs.obs_shape, envs.n_actions).to(device)
+    agent.load_state_dict(ckpt["model"])
+    agent.eval()
+    obs, last_reward, reset, state = rl_start(envs, device, a.eval)
+    scores = np.full(a.eval, np.nan)
+    t0 = time.time()
+    while np.isnan(scores).any():
+        logit, _, state = agent(torch.as_tensor(obs, device=device), last_reward, state,
+                                torch.ones_like(reset) if saved.memoryless else reset)
+        obs, reward, done, _ = envs.step(logit.argmax(-1).cpu().numpy())
+        envs.returns += reward
+        first = done & np.isnan(scores)
+        scores[first] = envs.returns[first]
+        envs.returns[done] = 0
+        last_reward, reset = torch.as_tensor(reward, device=device), torch.as_tensor(done, device=device)
+    envs.close()
+    log_metrics(a.out_dir, ckpt["step"], "eval", {"return_mean": scores.mean(), "return_std": scores.std()}, t0)
+    print(f"eval: greedy policy of {ckpt_path} (update {ckpt['step']}), {a.eval} episodes of {saved.env}: return "
+          f"{scores.mean():.1f} +- {scores.std():.1f} (min {scores.min():.1f}, max {scores.max():.1f}), "
+          f"{time.time() - t0:.0f}s")
+    return scores
+
+
+def rl_bench(a):
+    """Environment steps per second: the emulator alone (random actions), then a full update (acting, V-trace,
+    backward, RMSProp) for each core, with the share of the update spent in the environments."""
+    device = pick_device(a.device)
+    envs = make_envs(a, a.batch_size, a.seed)
+    n = a.batch_size * a.unroll
+    print(f"device {device}, threads {torch.get_num_threads()}, env {a.env}, {a.batch_size} environments x unroll "
+          f"{a.unroll} = {n} steps per update, d_model {a.d_model}, n_layer {a.n_layer}, n_head {a.n_head}")
+    envs.reset()
+    t = time.perf_counter()
+    for _ in range(a.unroll):
+        envs.step(np.random.randint(envs.n_actions, size=a.batch_size))
+    print(f"{'emulator only':14} {n / (time.perf_counter() - t):9.0f} steps/s")
+    print(f"{'core':14} {'params':>8} {'steps/s':>9} {'in envs':>8}")
+    for name in MODELS:
+        if name == "transformer":
+            continue
+        torch.manual_seed(0)
+        agent = Agent(dataclasses.replace(a, model=name), envs.obs_shape, envs.n_actions).to(device)
+        opt = torch.optim.RMSprop(agent.parameters(), lr=a.lr, alpha=0.99, eps=0.01)
+        carry, times, env_times = rl_start(envs, device, a.batch_size), [], []
+        for _ in range(3):  # the first is a warm-up
+            t = time.perf_counter()
+            traj, _, t_env, carry = rl_unroll(agent, envs, carry, a, device)
+            loss, _ = rl_loss(traj, a)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+            env_times.append(t_env)
+        t_med, env_med = float(np.median(times[1:])), float(np.median(env_times[1:]))
+        n_params = sum(p.numel() for p in agent.parameters())
+        print(f"{name:14} {n_params / 1e6:7.2f}M {n / t_med:9.0f} {100 * env_med / t_med:7.0f}%", flush=True)
+    envs.close()
+
+
+# ----------------------------------------------------------------------------------------------
 # Benchmark
 
 
@@ -927,6 +1338,8 @@ def bench(a):
 
 def main(argv=None):
     a = parse_args(sys.argv[1:] if argv is None else argv)
+    if a.task == "rl":
+        return rl_bench(a) if a.bench else rl_evaluate(a) if a.eval else rl_train(a)
     if a.bench:
         return bench(a)
     train(a)

@@ -888,6 +888,173 @@ def test_rf_help_lists_every_flag(tmp_path):
         assert f"--{field.name} (" in p.stdout
 
 
+# rfwp.py --task rl: the IMPALA agent
+
+
+def vtrace_reference(log_rhos, discounts, rewards, values, bootstrap, rho_bar=1.0, c_bar=1.0):
+    """Espeholt et al. 2018, eq. 1, term by term: v_s = V(x_s) + sum_{t=s}^{T-1} (prod_{i=s}^{t-1} gamma_i c_i)
+    delta_t V, with delta_t V = rho_t (r_t + gamma_t V(x_{t+1}) - V(x_t)); advantage_s = rho_s (r_s + gamma_s v_{s+1}
+    - V(x_s)). Plain Python floats, one batch column at a time."""
+    T, B = len(rewards), len(bootstrap)
+    vs, adv = torch.zeros(T, B, dtype=torch.float64), torch.zeros(T, B, dtype=torch.float64)
+    for b in range(B):
+        V = [float(values[t, b]) for t in range(T)] + [float(bootstrap[b])]
+        rho = [min(rho_bar, math.exp(float(log_rhos[t, b]))) for t in range(T)]
+        c = [min(c_bar, math.exp(float(log_rhos[t, b]))) for t in range(T)]
+        g, r = [float(discounts[t, b]) for t in range(T)], [float(rewards[t, b]) for t in range(T)]
+        for s in range(T):
+            total = V[s]
+            for t in range(s, T):
+                weight = 1.0
+                for i in range(s, t):
+                    weight *= g[i] * c[i]
+                total += weight * rho[t] * (r[t] + g[t] * V[t + 1] - V[t])
+            vs[s, b] = total
+        for s in range(T):
+            v_next = float(vs[s + 1, b]) if s + 1 < T else V[T]
+            adv[s, b] = rho[s] * (r[s] + g[s] * v_next - V[s])
+    return vs, adv
+
+
+@pytest.mark.parametrize("rho_bar, c_bar", [(1.0, 1.0), (0.7, 1.3)])
+def test_rl_vtrace_equals_reference(rho_bar, c_bar):
+    """Off-policy (importance weights above and below the clips) with episode ends (discount 0) inside the unroll."""
+    g = torch.Generator().manual_seed(0)
+    T, B = 9, 3
+    log_rhos = torch.randn(T, B, generator=g, dtype=torch.float64)
+    discounts = 0.95 * (torch.rand(T, B, generator=g, dtype=torch.float64) > 0.2)
+    rewards, values = torch.randn(T, B, generator=g, dtype=torch.float64), torch.randn(T, B, generator=g, dtype=torch.float64)
+    bootstrap = torch.randn(B, generator=g, dtype=torch.float64)
+    vs, adv = rfwp.vtrace(log_rhos, discounts, rewards, values, bootstrap, rho_bar, c_bar)
+    vs_ref, adv_ref = vtrace_reference(log_rhos, discounts, rewards, values, bootstrap, rho_bar, c_bar)
+    torch.testing.assert_close(vs, vs_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(adv, adv_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_rl_vtrace_on_policy_is_the_discounted_return():
+    """pi = mu, gamma = 1, V = 0, bootstrap 0: v_s is the plain sum of the rewards to the end of the unroll."""
+    r = torch.arange(1.0, 6.0, dtype=torch.float64).view(5, 1)
+    vs, _ = rfwp.vtrace(torch.zeros(5, 1), torch.ones(5, 1), r, torch.zeros(5, 1), torch.zeros(1))
+    torch.testing.assert_close(vs.flatten(), torch.tensor([15.0, 14, 12, 9, 5], dtype=torch.float64))
+
+
+class ScriptedEnvs:
+    """A batch of 2 environments: env 0 ends its episode every 3 steps, env 1 every 5; reward 1 per step."""
+    obs_shape, n_actions, reward_scale = (3,), 2, 1.0
+
+    def __init__(self):
+        self.t = np.zeros(2, dtype=int)
+
+    def reset(self):
+        self.t[:] = 0
+        return np.random.randn(2, 3).astype(np.float32)
+
+    def step(self, actions):
+        self.t += 1
+        done = self.t % np.array([3, 5]) == 0
+        return np.random.randn(2, 3).astype(np.float32), np.ones(2, np.float32), done, done
+
+
+@pytest.mark.parametrize("name", ["lstm", "delta", "rdn"])
+def test_rl_core_state_resets_where_an_episode_ends(name):
+    """rl_unroll zeroes the core state of an environment right after its episode ends (and of no other): each
+    step's policy and value equal a fresh agent run over that environment's current episode alone."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    a = rfwp.parse_args(["--task", "rl", "--preset", "tiny", "--model", name, "--unroll", "8"])
+    agent = rfwp.Agent(a, (3,), 2).double()
+    seen = []  # (obs, last_reward) each step
+    forward = agent.forward
+    agent.forward = lambda obs, r, state, reset: (seen.append((obs.double(), r.double(), reset)),
+                                                  forward(obs.double(), r.double(), state, reset))[1]
+    envs = ScriptedEnvs()
+    carry = rfwp.rl_start(envs, torch.device("cpu"), 2)
+    traj, finished, _, carry = rfwp.rl_unroll(agent, envs, carry, a, torch.device("cpu"))
+    assert sorted(finished) == [3.0, 3.0, 5.0]
+    agent.forward = forward
+    for b, length in enumerate([3, 5]):
+        for t in range(8):
+            start = t - t % length  # the first step of the current episode
+            assert bool(seen[t][2][b]) == (t % length == 0)
+            state = None
+            for i in range(start, t + 1):
+                logit, value, state = agent(seen[i][0][b : b + 1], seen[i][1][b : b + 1], state)
+            torch.testing.assert_close(traj["logits"][t, b], logit[0], rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(traj["values"][t, b], value[0], rtol=1e-10, atol=1e-10)
+    # the discounts stop the bootstrap exactly at the ends
+    ends = traj["discounts"][:, 0] == 0
+    assert ends.tolist() == [False, False, True, False, False, True, False, False]
+
+
+def test_rl_truncate_cuts_the_gradient_through_the_state():
+    """--truncate 0 backpropagates through the fast weights across the unroll, --truncate 1 detaches them every
+    step: the gradient of the last step's value w.r.t. the first observation exists only in the first case."""
+    grads = []
+    for truncate in ("0", "1"):
+        torch.manual_seed(0)
+        a = rfwp.parse_args(["--task", "rl", "--preset", "tiny", "--model", "rdn", "--truncate", truncate])
+        agent = rfwp.Agent(a, (3,), 2).double()
+        obs = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+        state = None
+        for t in range(4):
+            if int(truncate) and t % int(truncate) == 0:
+                state = rfwp.detach_state(state)
+            _, value, state = agent(obs[t], torch.zeros(2, dtype=torch.float64), state)
+        value.sum().backward()
+        grads.append(obs.grad[0].abs().sum().item())
+    assert grads[0] > 1e-6 and grads[1] == 0
+
+
+def test_rl_smoke_cartpole_resume_and_eval(tmp_path):
+    """The CPU memory task for a few hundred steps, a resumed run, then --eval of the checkpoint."""
+    script = script_copy(tmp_path, "rfwp.py")
+    common = ["--task", "rl", "--preset", "tiny", "--model", "delta", "--env_steps", "640", "--unroll", "10",
+              "--batch_size", "4", "--eval_every", "4", "--out_dir", str(tmp_path / "o")]
+    p = run(script, *common, "--stop_at", "8")
+    assert "update 8 (320 steps)" in p.stdout and "final" not in p.stdout
+    p = run(script, *common, "--resume")
+    assert "starting at update 8" in p.stdout and "final: mean return" in p.stdout
+    episodes = [m for m in read_metrics(tmp_path / "o") if m["split"] == "episode"]
+    assert episodes and all(m["value"] >= 1 for m in episodes)
+    p = run(script, *common, "--eval", "3")
+    assert re.search(r"eval: .* 3 episodes of CartPole-NoVel: return [\d.]+ \+- [\d.]+", p.stdout), p.stdout
+
+
+def test_rl_smoke_atari(tmp_path):
+    """ale_py's vector environment with the IMPALA CNN: a few hundred agent steps of Breakout."""
+    script = script_copy(tmp_path, "rfwp.py")
+    p = run(script, "--task", "rl", "--preset", "tiny", "--model", "lstm", "--env", "ALE/Breakout-v5", "--env_steps",
+            "200", "--unroll", "25", "--batch_size", "4", "--out_dir", str(tmp_path / "o"))
+    assert "observation (4, 84, 84), 4 actions" in p.stdout and "final: mean return" in p.stdout, p.stdout
+
+
+def test_rl_bench_runs(tmp_path):
+    p = run(script_copy(tmp_path, "rfwp.py"), "--task", "rl", "--preset", "tiny", "--bench", "--unroll", "4",
+            "--batch_size", "2")
+    assert re.search(r"^emulator only +\d+ steps/s", p.stdout, re.M), p.stdout
+    for name in ("lstm", "delta", "rdn"):
+        assert re.search(rf"^{name} +\d", p.stdout, re.M), p.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "transformer"], "needs a fast-weight or recurrent core"),
+    (["--env", "NoSuchEnv-v0"], "gymnasium cannot make it"),
+    (["--env", "Pendulum-v1"], "discrete actions"),
+    (["--env", "ALE/NoSuchGame-v5"], "has no ROM"),
+    (["--eval", "3"], "no checkpoint"),
+    (["--discount", "1.5"], "--discount in [0, 1]"),
+])
+def test_rl_cli_errors(tmp_path, args, message):
+    p = run(script_copy(tmp_path, "rfwp.py"), "--task", "rl", "--preset", "tiny", "--out_dir", str(tmp_path / "o"),
+            *args, check=False)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_rl_ale_game_names():
+    assert [rfwp.ale_game(n) for n in ("ALE/Breakout-v5", "ALE/MsPacman-v5", "ALE/MontezumaRevenge-v5")] == [
+        "breakout", "ms_pacman", "montezuma_revenge"]
+
+
 # ----------------------------------------------------------------------------------------------
 # ode_fwp.py: solvers, control paths, learning rules, data parsers, the script
 
