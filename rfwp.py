@@ -3,7 +3,8 @@
 Irie, Schlag, Csordas, Schmidhuber, "Going Beyond Linear Transformers with Recurrent Fast Weight Programmers",
 NeurIPS 2021, arXiv 2106.06295 (section 2: eq. 4-7 DeltaNet, 8-11 Delta MLP, 12-16 Delta Delta Net, 17-20 Delta
 RNN, 21-27 Delta LSTM, 28-32 Recurrent Delta Net). Derived from delta_net.py: same Args style, training loop,
-checkpoints and --bench; one state-carrying interface for every model; two algorithmic tasks.
+checkpoints and --bench; one state-carrying interface for every model; two algorithmic tasks; and the paper's RL
+setting (section 4.4), an IMPALA agent (Espeholt et al. 2018, arXiv 1802.01561) whose core is any of these models.
 
 "Delta rule" below always means, per head, with v̄ = W k the value W currently stores under the key k:
     W <- W + beta (v - v̄) k^T                                       (delta_step)
@@ -33,6 +34,14 @@ Commands:
     python rfwp.py --preset paper --model delta_rnn       # GPU: the paper's code execution setting
     python rfwp.py --task lm --dataset wikitext-2 --model delta_lstm --carry_state
     python rfwp.py --bench                                # training speed and memory of every model
+    python rfwp.py --task rl --model delta                # CartPole without velocities: needs memory, ~5 CPU minutes
+    python rfwp.py --task rl --env ALE/Breakout-v5 --model rdn --env_steps 50_000_000   # Atari (GPU advised)
+    python rfwp.py --task rl --model delta --eval 100     # the greedy policy of out/rfwp/ckpt.pt, 100 episodes
+
+RL (--task rl): per environment step, obs -> encoder (IMPALA CNN or MLP) -> [features, clipped last reward] ->
+core (one step, state carried across unrolls, zeroed where an episode ended) -> policy logits, baseline V. Loss per
+unroll of T steps: V-trace targets v_s and advantages, -sum log pi(a_s) A_s + 0.5 baseline_cost sum (v_s - V(x_s))^2
+- entropy_cost sum H(pi(.|x_s)). Gradients flow through the fast weights within an unroll (--truncate 1 detaches).
 """
 
 import dataclasses
@@ -40,6 +49,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import sys
 import time
@@ -130,7 +140,7 @@ class Args:
     batch_size: int = 32
     """sequences (or lm streams) per step; rl: environments stepped together (default 16; CartPole-NoVel 8)"""
     steps: int = 1000
-    """optimizer steps"""
+    """optimizer steps (rl: env_steps / (batch_size x unroll))"""
     lr: float = 1e-3
     """peak learning rate (Adam; rl: RMSProp decayed linearly to 0, default 6e-4; CartPole-NoVel 3e-3)"""
     warmup: int = 100
@@ -961,8 +971,6 @@ class GymEnvs:
 
 def ale_game(name):
     """ALE/MsPacman-v5 -> ms_pacman, the ROM name ale_py's vector environment takes."""
-    import re
-
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name.removeprefix("ALE/").rsplit("-v", 1)[0]).lower()
 
 
@@ -1032,23 +1040,41 @@ class ImpalaCNN(nn.Module):
 
 
 class Agent(nn.Module):
-    """Encoder (Atari: ImpalaCNN; vectors: a two-layer MLP) -> concat the clipped last reward -> linear to d_model
-    -> the core (any rfwp.py model but the transformer; one step per call) -> policy logits and baseline (one
-    linear head). The core's reset mask zeroes the state of the environments whose episode just ended."""
+    """Encoder (Atari: ImpalaCNN; vectors: standardised by running statistics, then a two-layer MLP) -> concat the
+    clipped last reward -> linear to d_model -> the core (any rfwp.py model but the transformer; one step per call)
+    -> policy logits and baseline (one linear head). The core's reset mask zeroes the state of the environments
+    whose episode just ended."""
 
     def __init__(self, a, obs_shape, n_actions):
         super().__init__()
-        if len(obs_shape) == 3:
+        self.image = len(obs_shape) == 3
+        if self.image:
             self.encoder, n_feat = ImpalaCNN(obs_shape[0]), 256
         else:
             self.encoder = nn.Sequential(nn.Linear(obs_shape[0], a.d_model), nn.ReLU(),
                                          nn.Linear(a.d_model, a.d_model), nn.ReLU())
             n_feat = a.d_model
+            self.register_buffer("obs_count", torch.zeros(()))
+            self.register_buffer("obs_mean", torch.zeros(obs_shape))
+            self.register_buffer("obs_var", torch.ones(obs_shape))
         self.core_in = nn.Linear(n_feat + 1, a.d_model)
         self.core = build_model(dataclasses.replace(a, impl="loop"), None, n_actions + 1, embed=nn.Identity())
 
+    @torch.no_grad()
+    def observe(self, obs):
+        """Merge a batch (N, n_obs) into the running mean and variance of vector observations (Chan et al. 1979)."""
+        if self.image:
+            return
+        n, mean, var = obs.shape[0], obs.mean(0), obs.var(0, unbiased=False)
+        total, delta = self.obs_count + n, mean - self.obs_mean
+        self.obs_var.copy_((self.obs_var * self.obs_count + var * n + delta**2 * self.obs_count * n / total) / total)
+        self.obs_mean.add_(delta * n / total)
+        self.obs_count.copy_(total)
+
     def forward(self, obs, last_reward, state=None, reset=None):
         """obs (B, *obs_shape), last_reward (B,), reset (B,) bool -> logits (B, A), value (B,), new state"""
+        if not self.image:
+            obs = ((obs - self.obs_mean) / (self.obs_var + 1e-8).sqrt()).clamp(-10, 10)
         x = torch.cat([self.encoder(obs), last_reward.clamp(-1, 1).unsqueeze(-1)], -1)
         out, state = self.core(self.core_in(x).unsqueeze(1), state, reset)  # (B, 1, A + 1)
         return out[:, 0, :-1], out[:, 0, -1], state
@@ -1078,7 +1104,7 @@ def rl_unroll(agent, envs, carry, a, device):
     carry: obs (numpy), last reward (B,), reset (B,) bool, core state. Returns the trajectory (T, B) tensors, the
     returns of the episodes that ended, the emulator seconds, and the new carry."""
     obs, last_reward, reset, state = carry
-    logits, values, actions, rewards, discounts, finished, env_time = [], [], [], [], [], [], 0.0
+    logits, values, actions, rewards, discounts, finished, env_time, seen = [], [], [], [], [], [], 0.0, [obs]
     for t in range(a.unroll):
         if a.truncate and t % a.truncate == 0:
             state = detach_state(state)
@@ -1088,6 +1114,7 @@ def rl_unroll(agent, envs, carry, a, device):
         t_env = time.perf_counter()
         obs, reward, done, life_end = envs.step(action.cpu().numpy())
         env_time += time.perf_counter() - t_env
+        seen.append(obs)
         envs.returns += reward
         finished += envs.returns[done].tolist()
         envs.returns[done] = 0
@@ -1100,6 +1127,8 @@ def rl_unroll(agent, envs, carry, a, device):
     with torch.no_grad():  # V(x_T): the state is not advanced (the next unroll starts from x_T again)
         _, bootstrap, _ = agent(torch.as_tensor(obs, device=device), last_reward, state,
                                 torch.ones_like(reset) if a.memoryless else reset)
+    if not agent.image:  # the observation statistics change between unrolls, never within one
+        agent.observe(torch.as_tensor(np.concatenate(seen[:-1]), device=device))
     traj = dict(logits=torch.stack(logits), values=torch.stack(values), actions=torch.stack(actions),
                 rewards=torch.stack(rewards), discounts=torch.stack(discounts), bootstrap=bootstrap)
     return traj, finished, env_time, (obs, last_reward, reset, detach_state(state))

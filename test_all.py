@@ -969,8 +969,11 @@ def test_rl_core_state_resets_where_an_episode_ends(name):
                                                   forward(obs.double(), r.double(), state, reset))[1]
     envs = ScriptedEnvs()
     carry = rfwp.rl_start(envs, torch.device("cpu"), 2)
+    stats = {k: v.clone() for k, v in agent.state_dict().items() if k.startswith("obs_")}
     traj, finished, _, carry = rfwp.rl_unroll(agent, envs, carry, a, torch.device("cpu"))
     assert sorted(finished) == [3.0, 3.0, 5.0]
+    assert agent.obs_count == 16  # the unroll's observations, merged after it
+    agent.load_state_dict(stats, strict=False)
     agent.forward = forward
     for b, length in enumerate([3, 5]):
         for t in range(8):
@@ -1048,6 +1051,17 @@ def test_rl_cli_errors(tmp_path, args, message):
     p = run(script_copy(tmp_path, "rfwp.py"), "--task", "rl", "--preset", "tiny", "--out_dir", str(tmp_path / "o"),
             *args, check=False)
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_rl_observation_statistics_merge_exactly():
+    """Running mean and variance merged batch by batch = numpy's over all observations."""
+    a = rfwp.parse_args(["--task", "rl", "--preset", "tiny"])
+    agent = rfwp.Agent(a, (3,), 2).double()
+    x = np.random.default_rng(0).normal(2.0, 3.0, (23, 3))
+    for part in np.split(x, [5, 6, 17]):
+        agent.observe(torch.as_tensor(part))
+    np.testing.assert_allclose(agent.obs_mean.numpy(), x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(agent.obs_var.numpy(), x.var(0), rtol=1e-12)
 
 
 def test_rl_ale_game_names():
