@@ -243,7 +243,8 @@ def parse_args(argv):
 
 
 def check_args(a):
-    choices = dict(task=("code", "listops", "lm", "rl"), tokenizer=("word", "char"), model=MODELS, impl=("chunk", "loop"))
+    choices = dict(task=("code", "listops", "lm", "rl"), tokenizer=("word", "char"), model=MODELS,
+                   impl=("chunk", "loop"))
     for key, allowed in choices.items():
         if getattr(a, key) not in allowed:
             fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(a, key)!r}")
@@ -1082,7 +1083,8 @@ class Agent(nn.Module):
 
 def vtrace(log_rhos, discounts, rewards, values, bootstrap_value, rho_bar=1.0, c_bar=1.0):
     """V-trace targets (Espeholt et al. 2018, eq. 1 and section 4.2), all (T, B) but bootstrap_value (B,):
-    v_s = V(x_s) + sum_{t>=s} (prod_{i=s}^{t-1} gamma_i c_i) delta_t, delta_t = rho_t (r_t + gamma_t V(x_{t+1}) - V(x_t)),
+    v_s = V(x_s) + sum_{t>=s} (prod_{i=s}^{t-1} gamma_i c_i) delta_t
+    delta_t = rho_t (r_t + gamma_t V(x_{t+1}) - V(x_t)),
     rho_t = min(rho_bar, pi/mu), c_i = min(c_bar, pi/mu), computed backwards as v_s - V(x_s) = delta_s + gamma_s c_s
     (v_{s+1} - V(x_{s+1})). Returns v_s and the policy-gradient advantages rho_s (r_s + gamma_s v_{s+1} - V(x_s))."""
     with torch.no_grad():
@@ -1223,8 +1225,9 @@ def rl_train(a):
             bar.set_postfix(ret=f"{np.mean(recent):.1f}", ent=f"{parts['entropy']:.2f}")
         if step % a.eval_every == 0 or step == n_updates or step == a.stop_at:
             dt, n = time.time() - t_window, per_update * (step - step_window)
-            tqdm.write(f"update {step} ({step * per_update} steps): return {np.mean(recent) if recent else float('nan'):.1f}"
-                       f" (last {len(recent)} episodes), {len(returns)} episodes, {n / dt:.0f} steps/s, "
+            mean = np.mean(recent) if recent else float("nan")
+            tqdm.write(f"update {step} ({step * per_update} steps): return {mean:.1f} (last {len(recent)} episodes), "
+                       f"{len(returns)} episodes, {n / dt:.0f} steps/s, "
                        f"{100 * env_time / dt:.0f}% of the time in the environments")
             log_metrics(a.out_dir, step * per_update, "train", {"steps_per_s": n / dt, "env_time_frac": env_time / dt},
                         t0)

@@ -923,7 +923,8 @@ def test_rl_vtrace_equals_reference(rho_bar, c_bar):
     T, B = 9, 3
     log_rhos = torch.randn(T, B, generator=g, dtype=torch.float64)
     discounts = 0.95 * (torch.rand(T, B, generator=g, dtype=torch.float64) > 0.2)
-    rewards, values = torch.randn(T, B, generator=g, dtype=torch.float64), torch.randn(T, B, generator=g, dtype=torch.float64)
+    rewards = torch.randn(T, B, generator=g, dtype=torch.float64)
+    values = torch.randn(T, B, generator=g, dtype=torch.float64)
     bootstrap = torch.randn(B, generator=g, dtype=torch.float64)
     vs, adv = rfwp.vtrace(log_rhos, discounts, rewards, values, bootstrap, rho_bar, c_bar)
     vs_ref, adv_ref = vtrace_reference(log_rhos, discounts, rewards, values, bootstrap, rho_bar, c_bar)
