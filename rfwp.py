@@ -826,6 +826,29 @@ def save_checkpoint(path, obj):
     os.replace(tmp, path)  # atomic: a killed run leaves the previous checkpoint intact
 
 
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def resume_from(path, model, opt, device):
+    """--resume: load model and optimizer in place, restore the global RNGs; return the checkpoint dict."""
+    if not os.path.exists(path):
+        fail(f"--resume: no checkpoint at {path}")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    random.setstate(ckpt["rng"]["python"])
+    np.random.set_state(ckpt["rng"]["numpy"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    return ckpt
+
+
 def log_metrics(out_dir, step, split, metrics, t0):
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         for name, value in metrics.items():
@@ -834,9 +857,7 @@ def log_metrics(out_dir, step, split, metrics, t0):
 
 def train(a):
     device = pick_device(a.device)
-    random.seed(a.seed)
-    np.random.seed(a.seed)
-    torch.manual_seed(a.seed)
+    seed_everything(a.seed)
     gen = torch.Generator().manual_seed(a.seed)  # which training examples each step sees
     try:
         task = load_task(a)
@@ -848,15 +869,8 @@ def train(a):
     ckpt_path, best_path = os.path.join(a.out_dir, "ckpt.pt"), os.path.join(a.out_dir, "best.pt")
     lower_is_better = a.task == "lm"
     if a.resume:
-        if not os.path.exists(ckpt_path):
-            fail(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        ckpt = resume_from(ckpt_path, model, opt, device)
         step, state, best = ckpt["step"], ckpt["train_state"], ckpt["best"]
-        random.setstate(ckpt["rng"]["python"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
         gen.set_state(ckpt["rng"]["data"])
     os.makedirs(a.out_dir, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
@@ -867,8 +881,7 @@ def train(a):
         save_checkpoint(path, {
             "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "args": dataclasses.asdict(a),
             "vocab": task["vocab"], "train_state": detach_state(state), "best": best,
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                    "data": gen.get_state()}})
+            "rng": dict(rng_state(), data=gen.get_state())})
 
     if step >= a.steps:
         print(f"the checkpoint in {a.out_dir} is already at step {step} of --steps {a.steps}; nothing to do")
@@ -1048,7 +1061,7 @@ class Agent(nn.Module):
 
     def __init__(self, a, obs_shape, n_actions):
         super().__init__()
-        self.image = len(obs_shape) == 3
+        self.image, self.memoryless = len(obs_shape) == 3, a.memoryless
         if self.image:
             self.encoder, n_feat = ImpalaCNN(obs_shape[0]), 256
         else:
@@ -1074,6 +1087,8 @@ class Agent(nn.Module):
 
     def forward(self, obs, last_reward, state=None, reset=None):
         """obs (B, *obs_shape), last_reward (B,), reset (B,) bool -> logits (B, A), value (B,), new state"""
+        if self.memoryless:  # --memoryless: every step starts from the zero state
+            reset = torch.ones(obs.shape[0], dtype=torch.bool, device=obs.device)
         if not self.image:
             obs = ((obs - self.obs_mean) / (self.obs_var + 1e-8).sqrt()).clamp(-10, 10)
         x = torch.cat([self.encoder(obs), last_reward.clamp(-1, 1).unsqueeze(-1)], -1)
@@ -1110,8 +1125,7 @@ def rl_unroll(agent, envs, carry, a, device):
     for t in range(a.unroll):
         if a.truncate and t % a.truncate == 0:
             state = detach_state(state)
-        mask = torch.ones_like(reset) if a.memoryless else reset
-        logit, value, state = agent(torch.as_tensor(obs, device=device), last_reward, state, mask)
+        logit, value, state = agent(torch.as_tensor(obs, device=device), last_reward, state, reset)
         action = torch.multinomial(F.softmax(logit.detach().float(), -1), 1).squeeze(-1)
         t_env = time.perf_counter()
         obs, reward, done, life_end = envs.step(action.cpu().numpy())
@@ -1120,15 +1134,14 @@ def rl_unroll(agent, envs, carry, a, device):
         envs.returns += reward
         finished += envs.returns[done].tolist()
         envs.returns[done] = 0
+        # the next step's input: the new observation, this reward, and a reset where the episode ended
         last_reward = torch.as_tensor(reward, device=device)
         reset = torch.as_tensor(done, device=device)
         logits.append(logit), values.append(value), actions.append(action)
         rewards.append(a.reward_scale * last_reward)
         discounts.append(a.discount * (1 - torch.as_tensor(life_end, device=device, dtype=torch.float32)))
-        # the next step's input: the new observation, this reward, and a reset where the episode ended
     with torch.no_grad():  # V(x_T): the state is not advanced (the next unroll starts from x_T again)
-        _, bootstrap, _ = agent(torch.as_tensor(obs, device=device), last_reward, state,
-                                torch.ones_like(reset) if a.memoryless else reset)
+        _, bootstrap, _ = agent(torch.as_tensor(obs, device=device), last_reward, state, reset)
     if not agent.image:  # the observation statistics change between unrolls, never within one
         agent.observe(torch.as_tensor(np.concatenate(seen[:-1]), device=device))
     traj = dict(logits=torch.stack(logits), values=torch.stack(values), actions=torch.stack(actions),
@@ -1152,6 +1165,20 @@ def rl_loss(traj, a):
     return total, {"pg_loss": pg.item(), "baseline_loss": baseline.item(), "entropy": entropy.item() / vs.numel()}
 
 
+def rl_update(agent, opt, envs, carry, a, device):
+    """One unroll and, if its loss is finite, one clipped RMSProp step. Returns the loss, its parts, the returns of
+    the episodes that ended, the emulator seconds and the new carry."""
+    traj, finished, env_time, carry = rl_unroll(agent, envs, carry, a, device)
+    loss, parts = rl_loss(traj, a)
+    if torch.isfinite(loss):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if a.grad_clip > 0:
+            nn.utils.clip_grad_norm_(agent.parameters(), a.grad_clip)
+        opt.step()
+    return loss, parts, finished, env_time, carry
+
+
 def rl_start(envs, device, n):
     envs.returns = np.zeros(n, dtype=np.float64)
     return envs.reset(), torch.zeros(n, device=device), torch.ones(n, dtype=torch.bool, device=device), None
@@ -1159,9 +1186,7 @@ def rl_start(envs, device, n):
 
 def rl_train(a):
     device = pick_device(a.device)
-    random.seed(a.seed)
-    np.random.seed(a.seed)
-    torch.manual_seed(a.seed)
+    seed_everything(a.seed)
     envs = make_envs(a, a.batch_size, a.seed)
     agent = Agent(a, envs.obs_shape, envs.n_actions).to(device)
     opt = torch.optim.RMSprop(agent.parameters(), lr=a.lr, alpha=0.99, eps=0.01)
@@ -1170,15 +1195,8 @@ def rl_train(a):
     step, returns = 0, []
     ckpt_path = os.path.join(a.out_dir, "ckpt.pt")
     if a.resume:
-        if not os.path.exists(ckpt_path):
-            fail(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        agent.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        ckpt = resume_from(ckpt_path, agent, opt, device)
         step, returns = ckpt["step"], ckpt["returns"]
-        random.setstate(ckpt["rng"]["python"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
         envs.seed = a.seed + step  # fresh episodes: the environments' own state is not saved
     os.makedirs(a.out_dir, exist_ok=True)
     n_params = sum(p.numel() for p in agent.parameters())
@@ -1190,8 +1208,7 @@ def rl_train(a):
     def checkpoint():
         save_checkpoint(ckpt_path, {
             "model": agent.state_dict(), "optimizer": opt.state_dict(), "step": step, "args": dataclasses.asdict(a),
-            "returns": returns, "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                                        "torch": torch.get_rng_state()}})
+            "returns": returns, "rng": rng_state()})
 
     if step >= n_updates:
         print(f"the checkpoint in {a.out_dir} is already at update {step} of {n_updates}; nothing to do")
@@ -1202,18 +1219,12 @@ def rl_train(a):
     while step < n_updates:
         for group in opt.param_groups:
             group["lr"] = a.lr * (1 - step / n_updates)  # linear decay to 0
-        traj, finished, t_env, carry = rl_unroll(agent, envs, carry, a, device)
-        loss, parts = rl_loss(traj, a)
+        loss, parts, finished, t_env, carry = rl_update(agent, opt, envs, carry, a, device)
         if not torch.isfinite(loss):
             bar.close()
             print(f"error: the loss became {loss.item()} at update {step}; the last good checkpoint stays at "
                   f"{ckpt_path}. Lower --lr.", file=sys.stderr)
             sys.exit(1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if a.grad_clip > 0:
-            nn.utils.clip_grad_norm_(agent.parameters(), a.grad_clip)
-        opt.step()
         step, env_time = step + 1, env_time + t_env
         returns += finished
         bar.update(per_update)
@@ -1261,8 +1272,7 @@ def rl_evaluate(a):
     scores = np.full(a.eval, np.nan)
     t0 = time.time()
     while np.isnan(scores).any():
-        logit, _, state = agent(torch.as_tensor(obs, device=device), last_reward, state,
-                                torch.ones_like(reset) if saved.memoryless else reset)
+        logit, _, state = agent(torch.as_tensor(obs, device=device), last_reward, state, reset)
         obs, reward, done, _ = envs.step(logit.argmax(-1).cpu().numpy())
         envs.returns += reward
         first = done & np.isnan(scores)
@@ -1300,11 +1310,7 @@ def rl_bench(a):
         carry, times, env_times = rl_start(envs, device, a.batch_size), [], []
         for _ in range(3):  # the first is a warm-up
             t = time.perf_counter()
-            traj, _, t_env, carry = rl_unroll(agent, envs, carry, a, device)
-            loss, _ = rl_loss(traj, a)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _, _, _, t_env, carry = rl_update(agent, opt, envs, carry, a, device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)

@@ -941,7 +941,7 @@ def test_rl_vtrace_on_policy_is_the_discounted_return():
 
 class ScriptedEnvs:
     """A batch of 2 environments: env 0 ends its episode every 3 steps, env 1 every 5; reward 1 per step."""
-    obs_shape, n_actions, reward_scale = (3,), 2, 1.0
+    obs_shape, n_actions = (3,), 2
 
     def __init__(self):
         self.t = np.zeros(2, dtype=int)
@@ -990,23 +990,41 @@ def test_rl_core_state_resets_where_an_episode_ends(name):
     assert ends.tolist() == [False, False, True, False, False, True, False, False]
 
 
-def test_rl_truncate_cuts_the_gradient_through_the_state():
-    """--truncate 0 backpropagates through the fast weights across the unroll, --truncate 1 detaches them every
-    step: the gradient of the last step's value w.r.t. the first observation exists only in the first case."""
-    grads = []
-    for truncate in ("0", "1"):
-        torch.manual_seed(0)
-        a = rfwp.parse_args(["--task", "rl", "--preset", "tiny", "--model", "rdn", "--truncate", truncate])
-        agent = rfwp.Agent(a, (3,), 2).double()
-        obs = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
-        state = None
-        for t in range(4):
-            if int(truncate) and t % int(truncate) == 0:
-                state = rfwp.detach_state(state)
-            _, value, state = agent(obs[t], torch.zeros(2, dtype=torch.float64), state)
-        value.sum().backward()
-        grads.append(obs.grad[0].abs().sum().item())
-    assert grads[0] > 1e-6 and grads[1] == 0
+@pytest.mark.parametrize("truncate", [0, 1, 3])
+def test_rl_truncate_detaches_the_state_every_k_steps(truncate):
+    """rl_unroll with --truncate K: the state entering step t carries a graph unless t % K == 0 (K = 0: never
+    detached within an unroll); between unrolls it is always detached."""
+    torch.manual_seed(0)
+    a = rfwp.parse_args(["--task", "rl", "--preset", "tiny", "--model", "rdn", "--unroll", "7", "--truncate",
+                         str(truncate)])
+    agent = rfwp.Agent(a, (3,), 2)
+    has_graph = []
+    forward = agent.forward
+    agent.forward = lambda obs, r, state, reset: (
+        has_graph.append(state is not None and any(s.grad_fn is not None for layer in state for s in layer)),
+        forward(obs, r, state, reset))[1]
+    envs = ScriptedEnvs()
+    carry = rfwp.rl_start(envs, torch.device("cpu"), 2)
+    for _ in range(2):
+        _, _, _, carry = rfwp.rl_unroll(agent, envs, carry, a, torch.device("cpu"))
+    steps = has_graph[:7] + has_graph[8:15]  # the bootstrap calls (8th of each unroll) aside
+    assert steps == [t > 0 and not (truncate and t % truncate == 0) for t in list(range(7)) * 2]
+
+
+def test_rl_memoryless_agent_starts_every_step_from_zero():
+    """--memoryless: each step's output = a fresh agent's on that observation alone, whatever state is passed."""
+    torch.manual_seed(0)
+    a = rfwp.parse_args(["--task", "rl", "--preset", "tiny", "--model", "delta", "--memoryless"])
+    agent = rfwp.Agent(a, (3,), 2).double()
+    obs, r = torch.randn(5, 2, 3, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    state = None
+    for t in range(5):
+        logit, value, state = agent(obs[t], r, state)
+        fresh_logit, fresh_value, _ = agent(obs[t], r)
+        torch.testing.assert_close(logit, fresh_logit, rtol=0, atol=0)
+        torch.testing.assert_close(value, fresh_value, rtol=0, atol=0)
+    agent.memoryless = False
+    assert not torch.allclose(agent(obs[1], r, agent(obs[0], r)[2])[0], agent(obs[1], r)[0])  # memory matters
 
 
 def test_rl_smoke_cartpole_resume_and_eval(tmp_path):
