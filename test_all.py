@@ -233,6 +233,24 @@ def read_metrics(out_dir):
         return [json.loads(line) for line in f]
 
 
+def assert_same_run(a, b, rtol=1e-5):
+    """Two processes' metrics agree: every key and string exactly, every number to rtol (nested lists and tuples
+    alike). CPU math libraries may round differently in two processes (their code paths can depend on memory
+    alignment), so bit equality is not guaranteed; a skipped step or a lost optimizer or RNG state changes a loss far
+    more than 1e-5."""
+
+    def close(x, y):
+        if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+            return len(x) == len(y) and all(close(u, w) for u, w in zip(x, y))
+        if isinstance(x, float) or isinstance(y, float):
+            return math.isclose(x, y, rel_tol=rtol, abs_tol=rtol * 1e-2)
+        return x == y
+
+    assert len(a) == len(b), (len(a), len(b))
+    for x, y in zip(a, b):
+        assert close(x, y), (x, y)
+
+
 def test_smoke_recall_and_determinism(tmp_path):
     script = script_copy(tmp_path)
     runs = []
@@ -243,11 +261,11 @@ def test_smoke_recall_and_determinism(tmp_path):
         assert os.path.exists(os.path.join(out, "ckpt.pt"))
         runs.append([m["value"] for m in read_metrics(out) if m["metric"] == "loss"])
     assert len(runs[0]) == 20 + 2 + 1  # 20 train steps, 2 validations, 1 test
-    assert runs[0] == runs[1]  # same seed, same losses
+    assert_same_run(runs[0], runs[1])  # same seed, same losses
 
 
 def test_resume_is_exact(tmp_path):
-    """A run stopped at step 10 and resumed ends exactly where an uninterrupted run ends (CPU, fixed seed)."""
+    """A run stopped at step 10 and resumed ends where an uninterrupted run ends (CPU, fixed seed; to float rounding)."""
     script = script_copy(tmp_path)
     common = ["--preset", "tiny", "--dropout", "0.1", "--steps", "20", "--eval_every", "5"]
     run(script, *common, "--out_dir", str(tmp_path / "full"))
@@ -256,7 +274,7 @@ def test_resume_is_exact(tmp_path):
     run(script, *common, "--out_dir", str(tmp_path / "split"), "--resume")
     full = [(m["step"], m["split"], m["value"]) for m in read_metrics(tmp_path / "full")]
     split = [(m["step"], m["split"], m["value"]) for m in read_metrics(tmp_path / "split")]
-    assert [m for m in split if m[0] > 10] == [m for m in full if m[0] > 10]
+    assert_same_run([m for m in split if m[0] > 10], [m for m in full if m[0] > 10])
 
 
 def test_nan_loss_stops_and_keeps_checkpoint(tmp_path):
@@ -534,7 +552,7 @@ def test_lt_favor_is_an_unbiased_softmax_kernel_estimate():
 
 
 def test_lt_favor_redraw_is_saved_and_resume_is_exact(tmp_path):
-    """FAVOR+ redraws its projection every --favor_redraw steps; a run stopped at step 10 and resumed ends exactly
+    """FAVOR+ redraws its projection every --favor_redraw steps; a run stopped at step 10 and resumed ends
     where an uninterrupted run ends, and the projection changed during training."""
     script = script_copy(tmp_path, "linear_transformer.py")
     common = ["--preset", "tiny", "--phi", "favor", "--favor_redraw", "4", "--steps", "20", "--eval_every", "5"]
@@ -544,7 +562,7 @@ def test_lt_favor_redraw_is_saved_and_resume_is_exact(tmp_path):
     run(script, *common, "--out_dir", str(tmp_path / "split"), "--resume")
     full = [(m["step"], m["split"], m["value"]) for m in read_metrics(tmp_path / "full")]
     split = [(m["step"], m["split"], m["value"]) for m in read_metrics(tmp_path / "split")]
-    assert [m for m in split if m[0] > 10] == [m for m in full if m[0] > 10]
+    assert_same_run([m for m in split if m[0] > 10], [m for m in full if m[0] > 10])
     omega_20 = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["model"]["blocks.0.attn.omega"]
     assert not torch.equal(omega_10, omega_20)
 
@@ -558,7 +576,8 @@ def test_lt_smoke_recall_and_determinism(tmp_path, args):
         p = run(script, "--preset", "tiny", "--out_dir", out, *args)
         assert "final: test acc" in p.stdout
         losses.append([m["value"] for m in read_metrics(out) if m["metric"] == "loss"])
-    assert len(losses[0]) == 23 and losses[0] == losses[1]
+    assert len(losses[0]) == 23
+    assert_same_run(losses[0], losses[1])
 
 
 @pytest.mark.parametrize("attn", ["linear", "softmax"])
@@ -860,7 +879,7 @@ def test_rf_resume_is_exact(tmp_path):
     run(script, *common, "--out_dir", str(tmp_path / "split"), "--resume")
     full = [(m["step"], m["split"], m["value"]) for m in read_metrics(tmp_path / "full")]
     split = [(m["step"], m["split"], m["value"]) for m in read_metrics(tmp_path / "split")]
-    assert [m for m in split if m[0] > 10] == [m for m in full if m[0] > 10]
+    assert_same_run([m for m in split if m[0] > 10], [m for m in full if m[0] > 10])
 
 
 def test_rf_bench_runs(tmp_path):
@@ -1477,7 +1496,8 @@ def test_od_smoke_and_determinism(tmp_path, args):
     runs = [run(script, "--preset", "tiny", "--out_dir", str(tmp_path / f"o{i}"), *args) for i in range(n_runs)]
     assert "final: test acc" in runs[0].stdout
     losses = [[m["value"] for m in read_metrics(tmp_path / f"o{i}") if m["metric"] == "loss"] for i in range(n_runs)]
-    assert losses[0] == losses[-1] and len(losses[0]) > 4 and all(math.isfinite(v) for v in losses[0])
+    assert len(losses[0]) > 4 and all(math.isfinite(v) for v in losses[0])
+    assert_same_run(losses[0], losses[-1])
 
 
 def test_od_resume_is_exact_and_evaluate_compares_solvers(tmp_path):
@@ -1487,7 +1507,7 @@ def test_od_resume_is_exact_and_evaluate_compares_solvers(tmp_path):
     run(script, "--preset", "tiny", "--steps", "6", "--resume", "--out_dir", str(tmp_path / "cut"))
     full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
     strip = lambda ms: [(m["step"], m["split"], m["metric"], m["value"]) for m in ms]  # noqa: E731
-    assert strip(cut) == strip(full)
+    assert_same_run(strip(cut), strip(full))
     p = run(script, "--evaluate", "--solver", "dopri5", "--rtol", "1e-6", "--atol", "1e-8", "--out_dir",
             str(tmp_path / "full"))
     rows = re.findall(r"^(trained|asked|reference) +(\w+).* same class ([\d.]+), max \|logit diff\| ([\d.e+-]+)$",
@@ -1643,7 +1663,7 @@ def test_pg_resume_is_exact(tmp_path):
     run(script, *args, "--stop_at", "400", "--out_dir", str(tmp_path / "cut"))
     run(script, *args, "--resume", "--out_dir", str(tmp_path / "cut"))
     strip = lambda ms: [(m["step"], m["split"], m["metric"], m["value"]) for m in ms]  # noqa: E731
-    assert strip(read_metrics(tmp_path / "cut")) == strip(read_metrics(tmp_path / "full"))
+    assert_same_run(strip(read_metrics(tmp_path / "cut")), strip(read_metrics(tmp_path / "full")))
     p = run(script, "--preset", "tiny", "--env", "Pendulum-v1", "--sweep_only", "--out_dir", str(tmp_path / "full"))
     assert len(re.findall(r"^ +-?\d+\.\d +-?\d", p.stdout, re.M)) == 3  # the tiny preset's 3 commands
 
