@@ -326,7 +326,860 @@ std::vector<at::Tensor> fast_weight_backward(at::Tensor q, at::Tensor k, at::Ten
   return {dq, dk, dv, dbeta, dW0};
 }
 
+// ---------------------------------------------------------------------------------------------
+// The recurrent FWPs of rfwp.py (Irie et al. 2021, eq. 17-32), one thread block per (b, h), forward and backward:
+//   Delta RNN   R_t = R_{t-1} + beta_t (v_t - R_{t-1} k_t) k_t^T;  y_t = z_t + R_t softmax(y_{t-1})
+//   Delta LSTM  per gate g in (i, u, o): R^g by the delta rule; a^g = z^g_t + R^g_t softmax(h_{t-1});
+//               c_t = sigmoid(a^i) a^u + (1 - sigmoid(a^i)) c_{t-1};  h_t = sigmoid(a^o) c_t
+//   RDN         s = tanh(y_{t-1}); q = softmax(q_t + R_q s), k = softmax(k_t + R_k s), v = v_t + R_v s,
+//               beta = sigmoid(b_t + r_b . s); W by the delta rule; y_t = W_t q
+// z, k, v, beta of the Delta RNN and LSTM and q, k, v, b of the RDN come from the layer's input (computed in
+// PyTorch); R_q, R_k, R_v, r_b are slow weights (their gradients are sums over b and t of outer products of the
+// per-step gradients this kernel returns with s_t, done in PyTorch).
+//
+// The recurrence couples all rows of a head's matrix through y_{t-1}, so one block owns a head. Warp w of the NW
+// warps holds rows w, w + NW, ... (RPW of them) and lane l columns l, l + 32, ... (KPL of them) of every d x d
+// matrix, in registers. A vector is held either by rows (the value of each of the warp's rows, the same in every
+// lane) or by columns (lane l holds entries l + 32 j). M x is a warp sum per row; M^T g is a sum over warps, through
+// per-warp partials in shared memory, which every warp adds up after one __syncthreads (so every warp holds the
+// result by columns; col_to_row moves one entry into the rows layout with a shuffle).
+//
+// Backward: no matrix is stored per step. The forward saves v̄_t = R_{t-1} k_t (and the vectors the backward needs
+// again), the backward starts from the final matrices and undoes each write exactly as written,
+// R_{t-1} = R_t - beta_t (v_t - v̄_t) k_t^T, as the delta kernel above does.
+
+namespace {
+
+template <typename scalar_t>
+using acc_type = at::opmath_type<scalar_t>;
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_max(acc_t x) {
+  for (int offset = 16; offset > 0; offset /= 2) x = max(x, __shfl_xor_sync(0xffffffff, x, offset));
+  return x;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t sigmoid(acc_t x) { return acc_t(1) / (acc_t(1) + exp(-x)); }
+
+// The layout of one head's d x d matrices in a block of NW = blockDim.x / 32 warps.
+template <int RPW, int KPL>
+struct Layout {
+  int d, nw, warp, lane;
+  __device__ explicit Layout(int d_) : d(d_), nw(blockDim.x / 32), warp(threadIdx.x / 32), lane(threadIdx.x % 32) {}
+  __device__ int row(int i) const { return warp + nw * i; }
+  __device__ int col(int j) const { return lane + 32 * j; }
+  __device__ bool row_ok(int i) const { return row(i) < d; }
+  __device__ bool col_ok(int j) const { return col(j) < d; }
+};
+
+// Loads and stores; entries outside d read as zero and are not written.
+template <int RPW, int KPL, typename T, typename acc_t>
+__device__ void load_cols(const Layout<RPW, KPL>& L, const T* x, acc_t (&out)[KPL]) {
+#pragma unroll
+  for (int j = 0; j < KPL; ++j) out[j] = L.col_ok(j) ? static_cast<acc_t>(x[L.col(j)]) : acc_t(0);
+}
+
+template <int RPW, int KPL, typename T, typename acc_t>
+__device__ void load_rows(const Layout<RPW, KPL>& L, const T* x, acc_t (&out)[RPW]) {
+#pragma unroll
+  for (int i = 0; i < RPW; ++i) out[i] = L.row_ok(i) ? static_cast<acc_t>(x[L.row(i)]) : acc_t(0);
+}
+
+template <int RPW, int KPL, typename T, typename acc_t>
+__device__ void store_rows(const Layout<RPW, KPL>& L, T* x, const acc_t (&in)[RPW]) {  // lane 0 writes
+  if (L.lane != 0 || x == nullptr) return;
+#pragma unroll
+  for (int i = 0; i < RPW; ++i)
+    if (L.row_ok(i)) x[L.row(i)] = static_cast<T>(in[i]);
+}
+
+template <int RPW, int KPL, typename acc_t>
+__device__ void store_cols(const Layout<RPW, KPL>& L, acc_t* x, const acc_t (&in)[KPL]) {  // warp 0 writes
+  if (L.warp != 0 || x == nullptr) return;
+#pragma unroll
+  for (int j = 0; j < KPL; ++j)
+    if (L.col_ok(j)) x[L.col(j)] = in[j];
+}
+
+template <int RPW, int KPL, typename acc_t>
+__device__ void load_tile(const Layout<RPW, KPL>& L, const acc_t* M, acc_t (&out)[RPW][KPL]) {  // M (d, d)
+#pragma unroll
+  for (int i = 0; i < RPW; ++i)
+#pragma unroll
+    for (int j = 0; j < KPL; ++j)
+      out[i][j] = L.row_ok(i) && L.col_ok(j) ? M[(int64_t)L.row(i) * L.d + L.col(j)] : acc_t(0);
+}
+
+template <int RPW, int KPL, typename acc_t>
+__device__ void store_tile(const Layout<RPW, KPL>& L, acc_t* M, const acc_t (&in)[RPW][KPL]) {
+#pragma unroll
+  for (int i = 0; i < RPW; ++i)
+#pragma unroll
+    for (int j = 0; j < KPL; ++j)
+      if (L.row_ok(i) && L.col_ok(j)) M[(int64_t)L.row(i) * L.d + L.col(j)] = in[i][j];
+}
+
+// out = M x (x by columns, out by rows)
+template <int RPW, int KPL, typename acc_t>
+__device__ void mat_vec(const acc_t (&M)[RPW][KPL], const acc_t (&x)[KPL], acc_t (&out)[RPW]) {
+#pragma unroll
+  for (int i = 0; i < RPW; ++i) {
+    acc_t s = 0;
+#pragma unroll
+    for (int j = 0; j < KPL; ++j) s += M[i][j] * x[j];
+    out[i] = warp_sum(s);
+  }
+}
+
+// out += this warp's rows of M^T g (g by rows, out by columns): a partial, summed over warps by sum_partials
+template <int RPW, int KPL, typename acc_t>
+__device__ void add_mat_t_vec(const acc_t (&M)[RPW][KPL], const acc_t (&g)[RPW], acc_t (&out)[KPL]) {
+#pragma unroll
+  for (int j = 0; j < KPL; ++j)
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) out[j] += M[i][j] * g[i];
+}
+
+// M += a x^T (a by rows, x by columns)
+template <int RPW, int KPL, typename acc_t>
+__device__ void add_outer(acc_t (&M)[RPW][KPL], const acc_t (&a)[RPW], const acc_t (&x)[KPL]) {
+#pragma unroll
+  for (int i = 0; i < RPW; ++i)
+#pragma unroll
+    for (int j = 0; j < KPL; ++j) M[i][j] += a[i] * x[j];
+}
+
+template <int RPW, int KPL, typename acc_t>
+__device__ void store_partial(const Layout<RPW, KPL>& L, acc_t* part, const acc_t (&x)[KPL]) {  // part (NW, d)
+#pragma unroll
+  for (int j = 0; j < KPL; ++j)
+    if (L.col_ok(j)) part[L.warp * L.d + L.col(j)] = x[j];
+}
+
+template <int RPW, int KPL, typename acc_t>
+__device__ void sum_partials(const Layout<RPW, KPL>& L, const acc_t* part, acc_t (&out)[KPL]) {
+#pragma unroll
+  for (int j = 0; j < KPL; ++j) {
+    out[j] = 0;
+    if (L.col_ok(j))
+      for (int w = 0; w < L.nw; ++w) out[j] += part[w * L.d + L.col(j)];
+  }
+}
+
+template <int RPW, int KPL, typename acc_t>
+__device__ acc_t sum_warps(const Layout<RPW, KPL>& L, const acc_t* part) {  // part (NW,): one scalar per warp
+  return warp_sum(L.lane < L.nw ? part[L.lane] : acc_t(0));
+}
+
+// Entry r of a vector held by columns, in every lane (r is the same in all lanes of the warp).
+template <int KPL, typename acc_t>
+__device__ acc_t col_to_row(const acc_t (&x)[KPL], int r) {
+  acc_t out = 0;
+#pragma unroll
+  for (int j = 0; j < KPL; ++j) {
+    const acc_t e = __shfl_sync(0xffffffff, x[j], r % 32);
+    if (j == r / 32) out = e;
+  }
+  return out;
+}
+
+template <int RPW, int KPL, typename acc_t>
+__device__ void cols_to_rows(const Layout<RPW, KPL>& L, const acc_t (&x)[KPL], acc_t (&out)[RPW]) {
+#pragma unroll
+  for (int i = 0; i < RPW; ++i) out[i] = col_to_row(x, L.row(i));
+}
+
+// softmax over the d valid columns, in place
+template <int RPW, int KPL, typename acc_t>
+__device__ void softmax_cols(const Layout<RPW, KPL>& L, acc_t (&x)[KPL]) {
+  acc_t m = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < KPL; ++j)
+    if (L.col_ok(j)) m = max(m, x[j]);
+  m = warp_max(m);
+  acc_t s = 0;
+#pragma unroll
+  for (int j = 0; j < KPL; ++j) {
+    x[j] = L.col_ok(j) ? exp(x[j] - m) : acc_t(0);
+    s += x[j];
+  }
+  s = warp_sum(s);
+#pragma unroll
+  for (int j = 0; j < KPL; ++j) x[j] /= s;
+}
+
+// p = softmax(x), dp = dL/dp (by columns) -> dL/dx = p (dp - p . dp)
+template <int KPL, typename acc_t>
+__device__ void softmax_backward(const acc_t (&p)[KPL], const acc_t (&dp)[KPL], acc_t (&dx)[KPL]) {
+  acc_t s = 0;
+#pragma unroll
+  for (int j = 0; j < KPL; ++j) s += p[j] * dp[j];
+  s = warp_sum(s);
+#pragma unroll
+  for (int j = 0; j < KPL; ++j) dx[j] = p[j] * (dp[j] - s);
+}
+
+// The delta-rule write M <- M + beta (v - v̄) k^T with v̄ = M k (k by columns, v and v̄ by rows).
+template <int RPW, int KPL, typename acc_t>
+__device__ void delta_write(acc_t (&M)[RPW][KPL], const acc_t (&k)[KPL], const acc_t (&v)[RPW], acc_t beta,
+                            acc_t (&v_bar)[RPW]) {
+  mat_vec(M, k, v_bar);
+  acc_t u[RPW];
+#pragma unroll
+  for (int i = 0; i < RPW; ++i) u[i] = beta * (v[i] - v_bar[i]);
+  add_outer(M, u, k);
+}
+
+// Its backward, given M = M_t and dM = dL/dM_t: undoes the write (M <- M_{t-1}, dM <- dL/dM_{t-1}), sets dv
+// (by rows), adds this warp's part of dL/dk to dk (by columns) and of dL/dbeta to dbeta.
+template <int RPW, int KPL, typename acc_t>
+__device__ void delta_write_backward(acc_t (&M)[RPW][KPL], acc_t (&dM)[RPW][KPL], const acc_t (&k)[KPL],
+                                     const acc_t (&v)[RPW], const acc_t (&v_bar)[RPW], acc_t beta, acc_t (&dv)[RPW],
+                                     acc_t (&dk)[KPL], acc_t& dbeta) {
+  acc_t u[RPW], du[RPW], dv_bar[RPW];
+#pragma unroll
+  for (int i = 0; i < RPW; ++i) u[i] = beta * (v[i] - v_bar[i]);  // the value written, M_t = M_{t-1} + u k^T
+  mat_vec(dM, k, du);
+  add_mat_t_vec(dM, u, dk);
+#pragma unroll
+  for (int i = 0; i < RPW; ++i) {
+    dv[i] = beta * du[i];
+    dbeta += du[i] * (v[i] - v_bar[i]);
+    dv_bar[i] = -beta * du[i];
+    u[i] = -u[i];
+  }
+  add_outer(M, u, k);        // M_{t-1}
+  add_outer(dM, dv_bar, k);  // through v̄ = M_{t-1} k
+  add_mat_t_vec(M, dv_bar, dk);
+}
+
+// ---- Delta RNN. Per (b, h): z, k, v (T, d), beta (T); R (d, d); y (d). Block NW warps; shared 2 d.
+template <typename scalar_t, int RPW, int KPL>
+__global__ void __launch_bounds__(1024)
+    delta_rnn_forward_kernel(const scalar_t* __restrict__ z, const scalar_t* __restrict__ k,
+                             const scalar_t* __restrict__ v, const scalar_t* __restrict__ beta,
+                             const acc_type<scalar_t>* __restrict__ R0, const acc_type<scalar_t>* __restrict__ y0,
+                             acc_type<scalar_t>* __restrict__ y_out, acc_type<scalar_t>* __restrict__ R_out,
+                             acc_type<scalar_t>* __restrict__ v_bar_out, int T, int d) {
+  using acc_t = acc_type<scalar_t>;
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* ybuf = reinterpret_cast<acc_t*>(smem_raw);  // y_{t-1}, y_t (alternating)
+  const Layout<RPW, KPL> L(d);
+  const int64_t bh = blockIdx.x, seq = bh * T * d;
+  acc_t R[RPW][KPL];
+  load_tile(L, R0 + bh * d * d, R);
+  for (int c = threadIdx.x; c < d; c += blockDim.x) ybuf[c] = y0[bh * d + c];
+  __syncthreads();
+  for (int t = 0; t < T; ++t) {
+    const int64_t o = seq + (int64_t)t * d;
+    acc_t kk[KPL], p[KPL], vv[RPW], zz[RPW], v_bar[RPW], y[RPW];
+    load_cols(L, k + o, kk);
+    load_rows(L, v + o, vv);
+    load_rows(L, z + o, zz);
+    load_cols(L, ybuf + (t % 2) * d, p);
+    softmax_cols(L, p);  // softmax(y_{t-1})
+    delta_write(R, kk, vv, static_cast<acc_t>(beta[bh * T + t]), v_bar);
+    mat_vec(R, p, y);
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) y[i] += zz[i];
+    store_rows(L, ybuf + ((t + 1) % 2) * d, y);
+    store_rows(L, y_out + o, y);
+    store_rows(L, v_bar_out == nullptr ? nullptr : v_bar_out + o, v_bar);
+    __syncthreads();
+  }
+  store_tile(L, R_out + bh * d * d, R);
+}
+
+// dy: dL/dy_t for every t (the final state's gradient added at t = T - 1). Shared 2 (2 NW d + NW).
+template <typename scalar_t, int RPW, int KPL>
+__global__ void __launch_bounds__(1024)
+    delta_rnn_backward_kernel(const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
+                              const scalar_t* __restrict__ beta, const acc_type<scalar_t>* __restrict__ v_bar_in,
+                              const acc_type<scalar_t>* __restrict__ y_out, const acc_type<scalar_t>* __restrict__ y0,
+                              const acc_type<scalar_t>* __restrict__ RT, const acc_type<scalar_t>* __restrict__ dy,
+                              const acc_type<scalar_t>* __restrict__ dRT, acc_type<scalar_t>* __restrict__ dz,
+                              acc_type<scalar_t>* __restrict__ dk, acc_type<scalar_t>* __restrict__ dv,
+                              acc_type<scalar_t>* __restrict__ dbeta, acc_type<scalar_t>* __restrict__ dR0,
+                              acc_type<scalar_t>* __restrict__ dy0, int T, int d) {
+  using acc_t = acc_type<scalar_t>;
+  extern __shared__ unsigned char smem_raw[];
+  const Layout<RPW, KPL> L(d);
+  const int per = 2 * L.nw * d + L.nw;  // one set of partials: R^T dy, dk, dbeta; two sets, alternating
+  const int64_t bh = blockIdx.x, seq = bh * T * d;
+  acc_t R[RPW][KPL], dR[RPW][KPL], carry[RPW] = {};  // carry: dL/dy_t through step t + 1
+  load_tile(L, RT + bh * d * d, R);
+  load_tile(L, dRT + bh * d * d, dR);
+  for (int t = T - 1; t >= 0; --t) {
+    acc_t* part_p = reinterpret_cast<acc_t*>(smem_raw) + (t % 2) * per;
+    acc_t* part_k = part_p + L.nw * d;
+    acc_t* part_b = part_k + L.nw * d;
+    const int64_t o = seq + (int64_t)t * d;
+    acc_t kk[KPL], p[KPL], vv[RPW], v_bar[RPW], gy[RPW], dvv[RPW], col_p[KPL] = {}, col_k[KPL] = {}, db = 0;
+    load_cols(L, k + o, kk);
+    load_rows(L, v + o, vv);
+    load_rows(L, v_bar_in + o, v_bar);
+    load_rows(L, dy + o, gy);
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) gy[i] += carry[i];
+    store_rows(L, dz + o, gy);  // y_t = z_t + R_t p_t
+    load_cols(L, t > 0 ? y_out + o - d : y0 + bh * d, p);
+    softmax_cols(L, p);
+    add_mat_t_vec(R, gy, col_p);  // dL/dp_t = R_t^T gy
+    add_outer(dR, gy, p);
+    delta_write_backward(R, dR, kk, vv, v_bar, static_cast<acc_t>(beta[bh * T + t]), dvv, col_k, db);
+    store_rows(L, dv + o, dvv);
+    store_partial(L, part_p, col_p);
+    store_partial(L, part_k, col_k);
+    if (L.lane == 0) part_b[L.warp] = db;
+    __syncthreads();
+    acc_t dp[KPL], dkk[KPL], g[KPL];
+    sum_partials(L, part_p, dp);
+    sum_partials(L, part_k, dkk);
+    const acc_t dbt = sum_warps(L, part_b);
+    store_cols(L, dk + o, dkk);
+    if (threadIdx.x == 0) dbeta[bh * T + t] = dbt;
+    softmax_backward(p, dp, g);  // dL/dy_{t-1} through p_t
+    cols_to_rows(L, g, carry);
+  }
+  store_tile(L, dR0 + bh * d * d, dR);
+  store_rows(L, dy0 + bh * d, carry);
+}
+
+// ---- Delta LSTM. Block (b, h) of B H; the gates are heads g H + h of 3 H: z, k, v (B, 3H, T, d), beta (B, 3H, T),
+// R (B, 3H, d, d); c, h (B, H, d); outputs h_t and c_t (B, H, T, d). Shared 2 d.
+template <typename scalar_t, int RPW, int KPL>
+__global__ void __launch_bounds__(1024)
+    delta_lstm_forward_kernel(const scalar_t* __restrict__ z, const scalar_t* __restrict__ k,
+                              const scalar_t* __restrict__ v, const scalar_t* __restrict__ beta,
+                              const acc_type<scalar_t>* __restrict__ R0, const acc_type<scalar_t>* __restrict__ c0,
+                              const acc_type<scalar_t>* __restrict__ h0, acc_type<scalar_t>* __restrict__ h_out,
+                              acc_type<scalar_t>* __restrict__ c_out, acc_type<scalar_t>* __restrict__ R_out,
+                              acc_type<scalar_t>* __restrict__ v_bar_out, int H, int T, int d) {
+  using acc_t = acc_type<scalar_t>;
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* hbuf = reinterpret_cast<acc_t*>(smem_raw);  // h_{t-1}, h_t (alternating)
+  const Layout<RPW, KPL> L(d);
+  const int64_t bh = blockIdx.x, b = bh / H, h = bh % H, seq = bh * T * d;
+  int64_t gate[3];  // the (b, head) index of each gate
+#pragma unroll
+  for (int g = 0; g < 3; ++g) gate[g] = b * 3 * H + g * H + h;
+  acc_t R[3][RPW][KPL], c[RPW];
+#pragma unroll
+  for (int g = 0; g < 3; ++g) load_tile(L, R0 + gate[g] * d * d, R[g]);
+  load_rows(L, c0 + bh * d, c);
+  for (int e = threadIdx.x; e < d; e += blockDim.x) hbuf[e] = h0[bh * d + e];
+  __syncthreads();
+  for (int t = 0; t < T; ++t) {
+    acc_t s[KPL], a[3][RPW], hh[RPW];
+    load_cols(L, hbuf + (t % 2) * d, s);
+    softmax_cols(L, s);  // softmax(h_{t-1})
+#pragma unroll
+    for (int g = 0; g < 3; ++g) {
+      const int64_t o = (gate[g] * T + t) * d;
+      acc_t kk[KPL], vv[RPW], zz[RPW], v_bar[RPW];
+      load_cols(L, k + o, kk);
+      load_rows(L, v + o, vv);
+      load_rows(L, z + o, zz);
+      delta_write(R[g], kk, vv, static_cast<acc_t>(beta[gate[g] * T + t]), v_bar);
+      mat_vec(R[g], s, a[g]);
+#pragma unroll
+      for (int i = 0; i < RPW; ++i) a[g][i] += zz[i];
+      store_rows(L, v_bar_out == nullptr ? nullptr : v_bar_out + o, v_bar);
+    }
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) {
+      const acc_t ig = sigmoid(a[0][i]);
+      c[i] = ig * a[1][i] + (1 - ig) * c[i];
+      hh[i] = sigmoid(a[2][i]) * c[i];
+    }
+    const int64_t o = seq + (int64_t)t * d;
+    store_rows(L, hbuf + ((t + 1) % 2) * d, hh);
+    store_rows(L, h_out + o, hh);
+    store_rows(L, c_out + o, c);
+    __syncthreads();
+  }
+#pragma unroll
+  for (int g = 0; g < 3; ++g) store_tile(L, R_out + gate[g] * d * d, R[g]);
+}
+
+// dh: dL/dh_t for every t (the final state's gradient added at t = T - 1); dcT: dL/dc_T. Shared 2 (4 NW d + 3 NW).
+template <typename scalar_t, int RPW, int KPL>
+__global__ void __launch_bounds__(1024)
+    delta_lstm_backward_kernel(const scalar_t* __restrict__ z, const scalar_t* __restrict__ k,
+                               const scalar_t* __restrict__ v, const scalar_t* __restrict__ beta,
+                               const acc_type<scalar_t>* __restrict__ v_bar_in,
+                               const acc_type<scalar_t>* __restrict__ h_out, const acc_type<scalar_t>* __restrict__ c_out,
+                               const acc_type<scalar_t>* __restrict__ h0, const acc_type<scalar_t>* __restrict__ c0,
+                               const acc_type<scalar_t>* __restrict__ RT, const acc_type<scalar_t>* __restrict__ dh,
+                               const acc_type<scalar_t>* __restrict__ dcT, const acc_type<scalar_t>* __restrict__ dRT,
+                               acc_type<scalar_t>* __restrict__ dz, acc_type<scalar_t>* __restrict__ dk,
+                               acc_type<scalar_t>* __restrict__ dv, acc_type<scalar_t>* __restrict__ dbeta,
+                               acc_type<scalar_t>* __restrict__ dR0, acc_type<scalar_t>* __restrict__ dc0,
+                               acc_type<scalar_t>* __restrict__ dh0, int H, int T, int d) {
+  using acc_t = acc_type<scalar_t>;
+  extern __shared__ unsigned char smem_raw[];
+  const Layout<RPW, KPL> L(d);
+  const int per = 4 * L.nw * d + 3 * L.nw;  // one set of partials: sum_g R^g^T da^g, dk^g, dbeta^g
+  const int64_t bh = blockIdx.x, b = bh / H, h = bh % H, seq = bh * T * d;
+  int64_t gate[3];
+#pragma unroll
+  for (int g = 0; g < 3; ++g) gate[g] = b * 3 * H + g * H + h;
+  acc_t R[3][RPW][KPL], dR[3][RPW][KPL], gc[RPW], carry[RPW] = {};  // gc: dL/dc_t; carry: dL/dh_t via step t + 1
+#pragma unroll
+  for (int g = 0; g < 3; ++g) {
+    load_tile(L, RT + gate[g] * d * d, R[g]);
+    load_tile(L, dRT + gate[g] * d * d, dR[g]);
+  }
+  load_rows(L, dcT + bh * d, gc);
+  for (int t = T - 1; t >= 0; --t) {
+    acc_t* part_s = reinterpret_cast<acc_t*>(smem_raw) + (t % 2) * per;
+    acc_t* part_k = part_s + L.nw * d;      // (3, NW, d)
+    acc_t* part_b = part_k + 3 * L.nw * d;  // (3, NW)
+    const int64_t o = seq + (int64_t)t * d;
+    acc_t s[KPL], a[3][RPW], da[3][RPW], gh[RPW], c_t[RPW], c_prev[RPW], col_s[KPL] = {};
+    load_cols(L, t > 0 ? h_out + o - d : h0 + bh * d, s);
+    softmax_cols(L, s);
+    load_rows(L, dh + o, gh);
+    load_rows(L, c_out + o, c_t);
+    load_rows(L, t > 0 ? c_out + o - d : c0 + bh * d, c_prev);
+#pragma unroll
+    for (int g = 0; g < 3; ++g) {  // the gates' pre-activations again, from R_t
+      acc_t zz[RPW];
+      load_rows(L, z + (gate[g] * T + t) * d, zz);
+      mat_vec(R[g], s, a[g]);
+#pragma unroll
+      for (int i = 0; i < RPW; ++i) a[g][i] += zz[i];
+    }
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) {
+      gh[i] += carry[i];
+      const acc_t ig = sigmoid(a[0][i]), og = sigmoid(a[2][i]);
+      gc[i] += gh[i] * og;  // h_t = o c_t
+      da[0][i] = gc[i] * (a[1][i] - c_prev[i]) * ig * (1 - ig);  // c_t = i u + (1 - i) c_{t-1}
+      da[1][i] = gc[i] * ig;
+      da[2][i] = gh[i] * c_t[i] * og * (1 - og);
+      gc[i] *= 1 - ig;  // dL/dc_{t-1}
+    }
+#pragma unroll
+    for (int g = 0; g < 3; ++g) {
+      const int64_t o_g = (gate[g] * T + t) * d;
+      acc_t kk[KPL], vv[RPW], v_bar[RPW], dvv[RPW], col_k[KPL] = {}, db = 0;
+      store_rows(L, dz + o_g, da[g]);
+      add_mat_t_vec(R[g], da[g], col_s);  // dL/ds = sum_g R^g_t^T da^g
+      add_outer(dR[g], da[g], s);
+      load_cols(L, k + o_g, kk);
+      load_rows(L, v + o_g, vv);
+      load_rows(L, v_bar_in + o_g, v_bar);
+      delta_write_backward(R[g], dR[g], kk, vv, v_bar, static_cast<acc_t>(beta[gate[g] * T + t]), dvv, col_k, db);
+      store_rows(L, dv + o_g, dvv);
+      store_partial(L, part_k + g * L.nw * d, col_k);
+      if (L.lane == 0) part_b[g * L.nw + L.warp] = db;
+    }
+    store_partial(L, part_s, col_s);
+    __syncthreads();
+    acc_t ds[KPL], g_h[KPL];
+    sum_partials(L, part_s, ds);
+    softmax_backward(s, ds, g_h);  // dL/dh_{t-1} through s_t
+    cols_to_rows(L, g_h, carry);
+#pragma unroll
+    for (int g = 0; g < 3; ++g) {
+      acc_t dkk[KPL];
+      sum_partials(L, part_k + g * L.nw * d, dkk);
+      const acc_t dbt = sum_warps(L, part_b + g * L.nw);
+      store_cols(L, dk + (gate[g] * T + t) * d, dkk);
+      if (threadIdx.x == 0) dbeta[gate[g] * T + t] = dbt;
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < 3; ++g) store_tile(L, dR0 + gate[g] * d * d, dR[g]);
+  store_rows(L, dc0 + bh * d, gc);
+  store_rows(L, dh0 + bh * d, carry);
+}
+
+// ---- Recurrent Delta Net. Per (b, h): q, k, v (T, d), b (T) from x; slow R_q, R_k, R_v (3, H, d, d) and r_b (H, d);
+// W (d, d), y (d). Saves (when asked) q, k, v, beta after the recurrent terms and squashing, and v̄. Shared 4 d.
+template <typename scalar_t, int RPW, int KPL>
+__global__ void __launch_bounds__(1024)
+    rdn_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
+                       const scalar_t* __restrict__ b, const acc_type<scalar_t>* __restrict__ Rs,
+                       const acc_type<scalar_t>* __restrict__ r_b, const acc_type<scalar_t>* __restrict__ W0,
+                       const acc_type<scalar_t>* __restrict__ y0, acc_type<scalar_t>* __restrict__ y_out,
+                       acc_type<scalar_t>* __restrict__ W_out, acc_type<scalar_t>* __restrict__ q_sv,
+                       acc_type<scalar_t>* __restrict__ k_sv, acc_type<scalar_t>* __restrict__ v_sv,
+                       acc_type<scalar_t>* __restrict__ beta_sv, acc_type<scalar_t>* __restrict__ v_bar_sv, int H,
+                       int T, int d) {
+  using acc_t = acc_type<scalar_t>;
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* ybuf = reinterpret_cast<acc_t*>(smem_raw);  // y_{t-1}, y_t (alternating)
+  acc_t* pre = ybuf + 2 * d;                         // q and k before the softmax, rows -> columns
+  const Layout<RPW, KPL> L(d);
+  const int64_t bh = blockIdx.x, h = bh % H, seq = bh * T * d;
+  const bool save = q_sv != nullptr;
+  acc_t W[RPW][KPL], Rq[RPW][KPL], Rk[RPW][KPL], Rv[RPW][KPL], rb[KPL];
+  load_tile(L, W0 + bh * d * d, W);
+  load_tile(L, Rs + (0 * H + h) * d * d, Rq);
+  load_tile(L, Rs + (1 * H + h) * d * d, Rk);
+  load_tile(L, Rs + (2 * H + h) * d * d, Rv);
+  load_cols(L, r_b + h * d, rb);
+  for (int e = threadIdx.x; e < d; e += blockDim.x) ybuf[e] = y0[bh * d + e];
+  __syncthreads();
+  for (int t = 0; t < T; ++t) {
+    const int64_t o = seq + (int64_t)t * d;
+    acc_t s[KPL], qp[RPW], kp[RPW], vh[RPW], x[RPW], qh[KPL], kh[KPL], v_bar[RPW], y[RPW], sb = 0;
+    load_cols(L, ybuf + (t % 2) * d, s);
+#pragma unroll
+    for (int j = 0; j < KPL; ++j) {
+      s[j] = tanh(s[j]);  // zero beyond d
+      sb += rb[j] * s[j];
+    }
+    const acc_t bt = sigmoid(static_cast<acc_t>(b[bh * T + t]) + warp_sum(sb));
+    mat_vec(Rq, s, qp);
+    mat_vec(Rk, s, kp);
+    mat_vec(Rv, s, vh);
+    load_rows(L, q + o, x);
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) qp[i] += x[i];
+    load_rows(L, k + o, x);
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) kp[i] += x[i];
+    load_rows(L, v + o, x);
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) vh[i] += x[i];
+    store_rows(L, pre, qp);
+    store_rows(L, pre + d, kp);
+    __syncthreads();
+    load_cols(L, pre, qh);
+    load_cols(L, pre + d, kh);
+    softmax_cols(L, qh);
+    softmax_cols(L, kh);
+    delta_write(W, kh, vh, bt, v_bar);
+    mat_vec(W, qh, y);
+    store_rows(L, ybuf + ((t + 1) % 2) * d, y);
+    store_rows(L, y_out + o, y);
+    if (save) {
+      store_cols(L, q_sv + o, qh);
+      store_cols(L, k_sv + o, kh);
+      store_rows(L, v_sv + o, vh);
+      store_rows(L, v_bar_sv + o, v_bar);
+      if (threadIdx.x == 0) beta_sv[bh * T + t] = bt;
+    }
+    __syncthreads();
+  }
+  store_tile(L, W_out + bh * d * d, W);
+}
+
+// dy: dL/dy_t for every t (the final state's gradient added at t = T - 1). Returns the gradients of q, k, v, b (the
+// inputs, before the recurrent terms and squashing), W0 and y0. Shared 3 NW d + NW.
+template <typename scalar_t, int RPW, int KPL>
+__global__ void __launch_bounds__(1024)
+    rdn_backward_kernel(const acc_type<scalar_t>* __restrict__ Rs, const acc_type<scalar_t>* __restrict__ r_b,
+                        const acc_type<scalar_t>* __restrict__ q_sv, const acc_type<scalar_t>* __restrict__ k_sv,
+                        const acc_type<scalar_t>* __restrict__ v_sv, const acc_type<scalar_t>* __restrict__ beta_sv,
+                        const acc_type<scalar_t>* __restrict__ v_bar_sv, const acc_type<scalar_t>* __restrict__ y_out,
+                        const acc_type<scalar_t>* __restrict__ y0, const acc_type<scalar_t>* __restrict__ WT,
+                        const acc_type<scalar_t>* __restrict__ dy, const acc_type<scalar_t>* __restrict__ dWT,
+                        acc_type<scalar_t>* __restrict__ dq, acc_type<scalar_t>* __restrict__ dk,
+                        acc_type<scalar_t>* __restrict__ dv, acc_type<scalar_t>* __restrict__ db,
+                        acc_type<scalar_t>* __restrict__ dW0, acc_type<scalar_t>* __restrict__ dy0, int H, int T,
+                        int d) {
+  using acc_t = acc_type<scalar_t>;
+  extern __shared__ unsigned char smem_raw[];
+  const Layout<RPW, KPL> L(d);
+  acc_t* part_q = reinterpret_cast<acc_t*>(smem_raw);  // (NW, d) each
+  acc_t* part_k = part_q + L.nw * d;
+  acc_t* part_s = part_k + L.nw * d;
+  acc_t* part_b = part_s + L.nw * d;  // (NW,)
+  const int64_t bh = blockIdx.x, h = bh % H, seq = bh * T * d;
+  acc_t W[RPW][KPL], dW[RPW][KPL], Rq[RPW][KPL], Rk[RPW][KPL], Rv[RPW][KPL], rb[KPL], carry[RPW] = {};
+  load_tile(L, WT + bh * d * d, W);
+  load_tile(L, dWT + bh * d * d, dW);
+  load_tile(L, Rs + (0 * H + h) * d * d, Rq);
+  load_tile(L, Rs + (1 * H + h) * d * d, Rk);
+  load_tile(L, Rs + (2 * H + h) * d * d, Rv);
+  load_cols(L, r_b + h * d, rb);
+  for (int t = T - 1; t >= 0; --t) {
+    const int64_t o = seq + (int64_t)t * d;
+    const acc_t bt = beta_sv[bh * T + t];
+    acc_t qh[KPL], kh[KPL], vh[RPW], v_bar[RPW], gy[RPW], dvh[RPW], col_q[KPL] = {}, col_k[KPL] = {}, dbt = 0;
+    load_cols(L, q_sv + o, qh);
+    load_cols(L, k_sv + o, kh);
+    load_rows(L, v_sv + o, vh);
+    load_rows(L, v_bar_sv + o, v_bar);
+    load_rows(L, dy + o, gy);
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) gy[i] += carry[i];
+    add_mat_t_vec(W, gy, col_q);  // y_t = W_t q: dL/dq = W_t^T gy
+    add_outer(dW, gy, qh);
+    delta_write_backward(W, dW, kh, vh, v_bar, bt, dvh, col_k, dbt);
+    store_rows(L, dv + o, dvh);
+    store_partial(L, part_q, col_q);
+    store_partial(L, part_k, col_k);
+    if (L.lane == 0) part_b[L.warp] = dbt;
+    __syncthreads();
+    acc_t dqh[KPL], dkh[KPL], dqp[KPL], dkp[KPL], dqr[RPW], dkr[RPW], col_s[KPL] = {};
+    sum_partials(L, part_q, dqh);
+    sum_partials(L, part_k, dkh);
+    softmax_backward(qh, dqh, dqp);
+    softmax_backward(kh, dkh, dkp);
+    const acc_t dbp = sum_warps(L, part_b) * bt * (1 - bt);
+    store_cols(L, dq + o, dqp);
+    store_cols(L, dk + o, dkp);
+    if (threadIdx.x == 0) db[bh * T + t] = dbp;
+    cols_to_rows(L, dqp, dqr);
+    cols_to_rows(L, dkp, dkr);
+    add_mat_t_vec(Rq, dqr, col_s);  // dL/ds = R_q^T dq + R_k^T dk + R_v^T dv + r_b db
+    add_mat_t_vec(Rk, dkr, col_s);
+    add_mat_t_vec(Rv, dvh, col_s);
+    store_partial(L, part_s, col_s);
+    __syncthreads();
+    acc_t ds[KPL], yp[KPL];
+    sum_partials(L, part_s, ds);
+    load_cols(L, t > 0 ? y_out + o - d : y0 + bh * d, yp);
+#pragma unroll
+    for (int j = 0; j < KPL; ++j) {
+      const acc_t s = tanh(yp[j]);
+      ds[j] = (ds[j] + rb[j] * dbp) * (1 - s * s);  // s = tanh(y_{t-1})
+    }
+    cols_to_rows(L, ds, carry);
+  }
+  store_tile(L, dW0 + bh * d * d, dW);
+  store_rows(L, dy0 + bh * d, carry);
+}
+
+// (RPW, KPL) = (N, N): N = 1 for d <= 32, 2 for d <= 64, 4 for d <= 128; NW = ceil(d / N) warps.
+template <typename F>
+void dispatch_layout(int d, F&& f) {
+  if (d <= 32) f(std::integral_constant<int, 1>());
+  else if (d <= 64) f(std::integral_constant<int, 2>());
+  else f(std::integral_constant<int, 4>());
+}
+
+int warps_for(int d) { return d <= 32 ? d : d <= 64 ? (d + 1) / 2 : (d + 3) / 4; }
+
+// Allows a kernel more than the default 48 KB of dynamic shared memory, up to what the device offers.
+void allow_smem(const void* kernel, size_t bytes) {
+  int dev = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  TORCH_CHECK(bytes <= (size_t)optin, "recurrent FWP kernel: needs ", bytes, " bytes of shared memory, the device has ",
+              optin, "; use a smaller d_head or float32");
+  if (bytes > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+}
+
+void check_seq(const at::Tensor& x, at::IntArrayRef shape, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(x.is_cuda() && x.sizes() == shape, "recurrent FWP kernel: ", name, " must be a CUDA tensor of shape ",
+              shape, ", got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == like.scalar_type(), "recurrent FWP kernel: ", name, " has another dtype");
+}
+
+// the state and the saved vectors are fp32 (fp64 for fp64 inputs), contiguous
+at::Tensor acc_tensor(const at::Tensor& x, const at::Tensor& like) {
+  return x.to(like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+}
+
+template <typename T>
+T* ptr(const at::Tensor& x) { return x.defined() && x.numel() > 0 ? x.data_ptr<T>() : nullptr; }
+
+}  // namespace
+
+// Delta RNN: z, k, v (B, H, T, d), beta (B, H, T), R0 (B, H, d, d), y0 (B, H, d) -> y (B, H, T, d), R_T, v̄ (when
+// save; else empty). y, R_T and v̄ are fp32 (fp64 for fp64 inputs).
+std::vector<at::Tensor> delta_rnn_forward(at::Tensor z, at::Tensor k, at::Tensor v, at::Tensor beta, at::Tensor R0,
+                                          at::Tensor y0, bool save) {
+  const int64_t B = z.size(0), H = z.size(1), T = z.size(2), d = z.size(3);
+  for (auto [x, name] : {std::pair{&k, "k"}, {&v, "v"}}) check_seq(*x, z.sizes(), name, z);
+  check_seq(beta, {B, H, T}, "beta", z);
+  TORCH_CHECK(d >= 1 && d <= 128, "recurrent FWP kernel: d_head must be in [1, 128]");
+  const c10::cuda::CUDAGuard guard(z.device());
+  z = z.contiguous(), k = k.contiguous(), v = v.contiguous(), beta = beta.contiguous();
+  R0 = acc_tensor(R0, z), y0 = acc_tensor(y0, z);
+  auto y = at::empty(z.sizes(), R0.options()), R = at::empty({B, H, d, d}, R0.options());
+  auto v_bar = at::empty(save ? z.sizes().vec() : std::vector<int64_t>{0}, R0.options());
+  if (B * H == 0) return {y, R.copy_(R0), v_bar};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "delta_rnn_forward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    dispatch_layout(d, [&](auto n) {
+      auto kernel = delta_rnn_forward_kernel<scalar_t, decltype(n)::value, decltype(n)::value>;
+      const size_t smem = 2 * d * sizeof(acc_t);
+      kernel<<<B * H, 32 * warps_for(d), smem, c10::cuda::getCurrentCUDAStream()>>>(
+          z.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(),
+          R0.data_ptr<acc_t>(), y0.data_ptr<acc_t>(), y.data_ptr<acc_t>(), R.data_ptr<acc_t>(), ptr<acc_t>(v_bar), T,
+          d);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {y, R, v_bar};
+}
+
+// dy (B, H, T, d): dL/dy_t, with dL/dy_T (the final state) added at T - 1; dR (B, H, d, d) or empty.
+// -> dz, dk, dv (B, H, T, d), dbeta (B, H, T), dR0, dy0 (fp32, or fp64).
+std::vector<at::Tensor> delta_rnn_backward(at::Tensor k, at::Tensor v, at::Tensor beta, at::Tensor v_bar,
+                                           at::Tensor y, at::Tensor y0, at::Tensor R, at::Tensor dy, at::Tensor dR) {
+  const int64_t B = k.size(0), H = k.size(1), T = k.size(2), d = k.size(3);
+  const c10::cuda::CUDAGuard guard(k.device());
+  k = k.contiguous(), v = v.contiguous(), beta = beta.contiguous();
+  dy = acc_tensor(dy, k), dR = dR.numel() ? acc_tensor(dR, k) : at::zeros_like(R);
+  auto opts = R.options();
+  auto dz = at::empty(k.sizes(), opts), dk = at::empty(k.sizes(), opts), dv = at::empty(k.sizes(), opts);
+  auto dbeta = at::empty({B, H, T}, opts), dR0 = at::empty_like(R), dy0 = at::empty_like(y0);
+  if (B * H == 0) return {dz, dk, dv, dbeta, dR0, dy0};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "delta_rnn_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    dispatch_layout(d, [&](auto n) {
+      auto kernel = delta_rnn_backward_kernel<scalar_t, decltype(n)::value, decltype(n)::value>;
+      const int nw = warps_for(d);
+      const size_t smem = 2 * (2 * nw * d + nw) * sizeof(acc_t);
+      allow_smem((const void*)kernel, smem);
+      kernel<<<B * H, 32 * nw, smem, c10::cuda::getCurrentCUDAStream()>>>(
+          k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(), v_bar.data_ptr<acc_t>(),
+          y.data_ptr<acc_t>(), y0.data_ptr<acc_t>(), R.data_ptr<acc_t>(), dy.data_ptr<acc_t>(), dR.data_ptr<acc_t>(),
+          dz.data_ptr<acc_t>(), dk.data_ptr<acc_t>(), dv.data_ptr<acc_t>(), dbeta.data_ptr<acc_t>(),
+          dR0.data_ptr<acc_t>(), dy0.data_ptr<acc_t>(), T, d);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dz, dk, dv, dbeta, dR0, dy0};
+}
+
+// Delta LSTM: z, k, v (B, 3H, T, d), beta (B, 3H, T), gates i, u, o as heads [0, H), [H, 2H), [2H, 3H);
+// R0 (B, 3H, d, d), c0, h0 (B, H, d) -> h (B, H, T, d), c (B, H, T, d), R_T, v̄ (B, 3H, T, d; when save).
+std::vector<at::Tensor> delta_lstm_forward(at::Tensor z, at::Tensor k, at::Tensor v, at::Tensor beta, at::Tensor R0,
+                                           at::Tensor c0, at::Tensor h0, bool save) {
+  const int64_t B = z.size(0), H3 = z.size(1), T = z.size(2), d = z.size(3), H = H3 / 3;
+  TORCH_CHECK(H3 % 3 == 0, "delta_lstm: the head dimension holds the 3 gates");
+  for (auto [x, name] : {std::pair{&k, "k"}, {&v, "v"}}) check_seq(*x, z.sizes(), name, z);
+  check_seq(beta, {B, H3, T}, "beta", z);
+  TORCH_CHECK(d >= 1 && d <= 128, "recurrent FWP kernel: d_head must be in [1, 128]");
+  const c10::cuda::CUDAGuard guard(z.device());
+  z = z.contiguous(), k = k.contiguous(), v = v.contiguous(), beta = beta.contiguous();
+  R0 = acc_tensor(R0, z), c0 = acc_tensor(c0, z), h0 = acc_tensor(h0, z);
+  auto h = at::empty({B, H, T, d}, R0.options()), c = at::empty({B, H, T, d}, R0.options());
+  auto R = at::empty({B, H3, d, d}, R0.options());
+  auto v_bar = at::empty(save ? z.sizes().vec() : std::vector<int64_t>{0}, R0.options());
+  if (B * H == 0) return {h, c, R.copy_(R0), v_bar};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "delta_lstm_forward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    dispatch_layout(d, [&](auto n) {
+      auto kernel = delta_lstm_forward_kernel<scalar_t, decltype(n)::value, decltype(n)::value>;
+      kernel<<<B * H, 32 * warps_for(d), 2 * d * sizeof(acc_t), c10::cuda::getCurrentCUDAStream()>>>(
+          z.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(),
+          R0.data_ptr<acc_t>(), c0.data_ptr<acc_t>(), h0.data_ptr<acc_t>(), h.data_ptr<acc_t>(), c.data_ptr<acc_t>(),
+          R.data_ptr<acc_t>(), ptr<acc_t>(v_bar), H, T, d);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {h, c, R, v_bar};
+}
+
+// dh (B, H, T, d): dL/dh_t with dL/dh_T added at T - 1; dc (B, H, d): dL/dc_T or empty; dR or empty.
+// -> dz, dk, dv (B, 3H, T, d), dbeta (B, 3H, T), dR0, dc0, dh0.
+std::vector<at::Tensor> delta_lstm_backward(at::Tensor z, at::Tensor k, at::Tensor v, at::Tensor beta,
+                                            at::Tensor v_bar, at::Tensor h, at::Tensor c, at::Tensor h0,
+                                            at::Tensor c0, at::Tensor R, at::Tensor dh, at::Tensor dc, at::Tensor dR) {
+  const int64_t B = z.size(0), H3 = z.size(1), T = z.size(2), d = z.size(3), H = H3 / 3;
+  const c10::cuda::CUDAGuard guard(z.device());
+  z = z.contiguous(), k = k.contiguous(), v = v.contiguous(), beta = beta.contiguous();
+  dh = acc_tensor(dh, z), dc = dc.numel() ? acc_tensor(dc, z) : at::zeros_like(c0);
+  dR = dR.numel() ? acc_tensor(dR, z) : at::zeros_like(R);
+  auto opts = R.options();
+  auto dz = at::empty(z.sizes(), opts), dk = at::empty(z.sizes(), opts), dv = at::empty(z.sizes(), opts);
+  auto dbeta = at::empty({B, H3, T}, opts), dR0 = at::empty_like(R), dc0 = at::empty_like(c0),
+       dh0 = at::empty_like(h0);
+  if (B * H == 0) return {dz, dk, dv, dbeta, dR0, dc0, dh0};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "delta_lstm_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    dispatch_layout(d, [&](auto n) {
+      auto kernel = delta_lstm_backward_kernel<scalar_t, decltype(n)::value, decltype(n)::value>;
+      const int nw = warps_for(d);
+      const size_t smem = 2 * (4 * nw * d + 3 * nw) * sizeof(acc_t);
+      allow_smem((const void*)kernel, smem);
+      kernel<<<B * H, 32 * nw, smem, c10::cuda::getCurrentCUDAStream()>>>(
+          z.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(),
+          v_bar.data_ptr<acc_t>(), h.data_ptr<acc_t>(), c.data_ptr<acc_t>(), h0.data_ptr<acc_t>(),
+          c0.data_ptr<acc_t>(), R.data_ptr<acc_t>(), dh.data_ptr<acc_t>(), dc.data_ptr<acc_t>(),
+          dR.data_ptr<acc_t>(), dz.data_ptr<acc_t>(), dk.data_ptr<acc_t>(), dv.data_ptr<acc_t>(),
+          dbeta.data_ptr<acc_t>(), dR0.data_ptr<acc_t>(), dc0.data_ptr<acc_t>(), dh0.data_ptr<acc_t>(), H, T, d);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dz, dk, dv, dbeta, dR0, dc0, dh0};
+}
+
+// RDN: q, k, v (B, H, T, d), b (B, H, T) from x; Rs (3, H, d, d) = R_q, R_k, R_v; r_b (H, d); W0 (B, H, d, d),
+// y0 (B, H, d) -> y (B, H, T, d), W_T and, when save, the squashed q, k, the value v, beta and v̄ of every step.
+std::vector<at::Tensor> rdn_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor b, at::Tensor Rs,
+                                    at::Tensor r_b, at::Tensor W0, at::Tensor y0, bool save) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
+  for (auto [x, name] : {std::pair{&k, "k"}, {&v, "v"}}) check_seq(*x, q.sizes(), name, q);
+  check_seq(b, {B, H, T}, "b", q);
+  TORCH_CHECK(Rs.sizes() == at::IntArrayRef({3, H, d, d}) && r_b.sizes() == at::IntArrayRef({H, d}),
+              "rdn: Rs must be (3, H, d, d) and r_b (H, d)");
+  TORCH_CHECK(d >= 1 && d <= 128, "recurrent FWP kernel: d_head must be in [1, 128]");
+  const c10::cuda::CUDAGuard guard(q.device());
+  q = q.contiguous(), k = k.contiguous(), v = v.contiguous(), b = b.contiguous();
+  Rs = acc_tensor(Rs, q), r_b = acc_tensor(r_b, q), W0 = acc_tensor(W0, q), y0 = acc_tensor(y0, q);
+  auto opts = W0.options();
+  auto y = at::empty(q.sizes(), opts), W = at::empty({B, H, d, d}, opts);
+  const std::vector<int64_t> sv = save ? q.sizes().vec() : std::vector<int64_t>{0},
+                             sb = save ? std::vector<int64_t>{B, H, T} : std::vector<int64_t>{0};
+  auto q_sv = at::empty(sv, opts), k_sv = at::empty(sv, opts), v_sv = at::empty(sv, opts),
+       v_bar = at::empty(sv, opts), beta = at::empty(sb, opts);
+  if (B * H == 0) return {y, W.copy_(W0), q_sv, k_sv, v_sv, beta, v_bar};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "rdn_forward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    dispatch_layout(d, [&](auto n) {
+      auto kernel = rdn_forward_kernel<scalar_t, decltype(n)::value, decltype(n)::value>;
+      kernel<<<B * H, 32 * warps_for(d), 4 * d * sizeof(acc_t), c10::cuda::getCurrentCUDAStream()>>>(
+          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+          Rs.data_ptr<acc_t>(), r_b.data_ptr<acc_t>(), W0.data_ptr<acc_t>(), y0.data_ptr<acc_t>(), y.data_ptr<acc_t>(),
+          W.data_ptr<acc_t>(), ptr<acc_t>(q_sv), ptr<acc_t>(k_sv), ptr<acc_t>(v_sv), ptr<acc_t>(beta),
+          ptr<acc_t>(v_bar), H, T, d);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {y, W, q_sv, k_sv, v_sv, beta, v_bar};
+}
+
+// The saved tensors of rdn_forward, dy (dL/dy_t with dL/dy_T added at T - 1), dW (or empty) -> dq, dk, dv, db (of
+// the inputs q, k, v, b), dW0, dy0. The slow weights' gradients are sums over b and t, left to the caller.
+std::vector<at::Tensor> rdn_backward(at::Tensor Rs, at::Tensor r_b, at::Tensor q_sv, at::Tensor k_sv,
+                                     at::Tensor v_sv, at::Tensor beta, at::Tensor v_bar, at::Tensor y, at::Tensor y0,
+                                     at::Tensor W, at::Tensor dy, at::Tensor dW) {
+  const int64_t B = y.size(0), H = y.size(1), T = y.size(2), d = y.size(3);
+  const c10::cuda::CUDAGuard guard(y.device());
+  TORCH_CHECK(q_sv.sizes() == y.sizes(), "rdn_backward: the forward did not save its vectors (save=false)");
+  Rs = acc_tensor(Rs, y), r_b = acc_tensor(r_b, y), dy = acc_tensor(dy, y);
+  dW = dW.numel() ? acc_tensor(dW, y) : at::zeros_like(W);
+  auto opts = W.options();
+  auto dq = at::empty(y.sizes(), opts), dk = at::empty(y.sizes(), opts), dv = at::empty(y.sizes(), opts);
+  auto db = at::empty({B, H, T}, opts), dW0 = at::empty_like(W), dy0 = at::empty_like(y0);
+  if (B * H == 0) return {dq, dk, dv, db, dW0, dy0};
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "rdn_backward", [&] {  // the saved tensors: fp32 or fp64
+    dispatch_layout(d, [&](auto n) {
+      auto kernel = rdn_backward_kernel<scalar_t, decltype(n)::value, decltype(n)::value>;
+      const int nw = warps_for(d);
+      const size_t smem = (3 * nw * d + nw) * sizeof(scalar_t);
+      allow_smem((const void*)kernel, smem);
+      kernel<<<B * H, 32 * nw, smem, c10::cuda::getCurrentCUDAStream()>>>(
+          Rs.data_ptr<scalar_t>(), r_b.data_ptr<scalar_t>(), q_sv.data_ptr<scalar_t>(), k_sv.data_ptr<scalar_t>(),
+          v_sv.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(), v_bar.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+          y0.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), dW.data_ptr<scalar_t>(),
+          dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), db.data_ptr<scalar_t>(),
+          dW0.data_ptr<scalar_t>(), dy0.data_ptr<scalar_t>(), H, T, d);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dq, dk, dv, db, dW0, dy0};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &fast_weight_forward, "fast-weight update forward (sum or delta rule)");
   m.def("backward", &fast_weight_backward, "fast-weight update backward (sum or delta rule)");
+  m.def("delta_rnn_forward", &delta_rnn_forward, "Delta RNN recurrence, forward");
+  m.def("delta_rnn_backward", &delta_rnn_backward, "Delta RNN recurrence, backward");
+  m.def("delta_lstm_forward", &delta_lstm_forward, "Delta LSTM recurrence, forward");
+  m.def("delta_lstm_backward", &delta_lstm_backward, "Delta LSTM recurrence, backward");
+  m.def("rdn_forward", &rdn_forward, "Recurrent Delta Net recurrence, forward");
+  m.def("rdn_backward", &rdn_backward, "Recurrent Delta Net recurrence, backward");
 }

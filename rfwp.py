@@ -22,7 +22,8 @@ setting (section 4.4), an IMPALA agent (Espeholt et al. 2018, arXiv 1802.01561) 
 Block: x + Out(FWP(LN(x))), then x + FF(LN(x)); a final LN and the output head. The fast weights and recurrent
 states start at zero; the output is read after the step's write. Layers whose keys depend only on the current
 input (linear, delta, delta_mlp, delta_delta, and the W parts of delta_rnn and delta_lstm) train in the
-chunkwise-parallel form; the recurrent parts step through time.
+chunkwise-parallel form; the recurrent parts step through time. With --impl cuda on a CUDA device, every part runs as
+a fused kernel of cuda_kernels.cu instead, forward and backward.
 
 Glossary: b batch, h head, t time step, T sequence length, C chunk length, d = d_head = d_model / n_head,
 W, R (d, d) fast weights of one head (fp32), beta in (0, 1) a write strength, s the recurrent input of a step.
@@ -45,6 +46,7 @@ unroll of T steps: V-trace targets v_s and advantages, -sum log pi(a_s) A_s + 0.
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -132,8 +134,10 @@ class Args:
     """dropout after the fast-weight output and in the feed-forward block"""
     fast_net_depth: int = 2
     """delta_mlp: layers of the fast network"""
-    impl: str = "chunk"
-    """chunk or loop: the form of the input-driven delta/sum-rule parts (the recurrent parts always loop)"""
+    impl: str = "auto"
+    """auto | loop | chunk | cuda. loop: every part steps through time in Python (the spec); chunk: the input-driven
+    delta/sum-rule parts in the chunkwise form, the recurrent parts loop; auto: chunk (loop for single steps);
+    cuda: the fused kernels of cuda_kernels.cu for every part (CUDA devices, d_head <= 128; not yet run on a GPU)"""
     chunk_size: int = 64
     """chunk length C of the chunkwise form"""
     # training
@@ -244,7 +248,7 @@ def parse_args(argv):
 
 def check_args(a):
     choices = dict(task=("code", "listops", "lm", "rl"), tokenizer=("word", "char"), model=MODELS,
-                   impl=("chunk", "loop"))
+                   impl=("auto", "loop", "chunk", "cuda"))
     for key, allowed in choices.items():
         if getattr(a, key) not in allowed:
             fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(a, key)!r}")
@@ -332,8 +336,206 @@ def fast_weight_chunk(q, k, v, beta, W=None, chunk_size=64):
     return torch.stack(ys, 2).reshape(B, H, N * C, d_v)[:, :, :T], S.transpose(-1, -2)
 
 
+_CUDA_KERNELS = None  # the loaded extension; False once a build failed
+
+
+def cuda_kernels():
+    """Build and load cuda_kernels.cu on first use (never at import), under a module name holding a hash of
+    the source, so an edit rebuilds and two scripts never clash. None, after one warning, if that fails."""
+    global _CUDA_KERNELS
+    if _CUDA_KERNELS is None:
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_kernels.cu")
+        try:
+            from torch.utils.cpp_extension import load
+
+            with open(src, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()[:16]
+            _CUDA_KERNELS = load(f"fwp_kernels_{digest}", [src], extra_cuda_cflags=["-O3"], verbose=False)
+        except Exception as e:  # no nvcc, no file, a compile error: the PyTorch path still works
+            print(f"warning: cuda_kernels.cu unavailable ({type(e).__name__}: {str(e)[-2000:]}); using the PyTorch "
+                  "forms", file=sys.stderr)
+            _CUDA_KERNELS = False
+    return _CUDA_KERNELS or None
+
+
+def use_kernel(impl, x, max_d=128):
+    """--impl cuda uses the fused kernels for inputs x (B, H, T, d) on a CUDA device, d <= max_d, T >= 1."""
+    return impl == "cuda" and x.is_cuda and x.shape[2] > 0 and x.shape[3] <= max_d and cuda_kernels()
+
+
+class FastWeightCUDA(torch.autograd.Function):
+    """fast_weight_loop as one fused kernel (cuda_kernels.cu; beta None: the sum rule)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, W0):
+        ctx.delta, ctx.has_W0 = beta is not None, W0 is not None
+        beta = q.new_empty(0) if beta is None else beta
+        y, W, v_bar = cuda_kernels().forward(q, k, v, beta, q.new_empty(0) if W0 is None else W0, ctx.delta)
+        ctx.save_for_backward(q, k, v, beta, v_bar, W)
+        return y, W
+
+    @staticmethod
+    def backward(ctx, dy, dW):
+        q, k, v, beta, v_bar, W = ctx.saved_tensors
+        dy = torch.zeros_like(v) if dy is None else dy
+        dq, dk, dv, dbeta, dW0 = cuda_kernels().backward(q, k, v, beta, v_bar, W, dy, W.new_empty(0) if dW is None
+                                                         else dW, ctx.delta)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype) if ctx.delta else None,
+                dW0 if ctx.has_W0 else None)
+
+
 def fast_weight(q, k, v, beta, W, impl, chunk_size):
-    return fast_weight_loop(q, k, v, beta, W) if impl == "loop" else fast_weight_chunk(q, k, v, beta, W, chunk_size)
+    """The input-driven delta rule (beta None: sum rule) by impl; see Args.impl."""
+    if use_kernel(impl, q):
+        q, k, v = (x.contiguous() for x in (q, k, v))
+        return FastWeightCUDA.apply(q, k, v, None if beta is None else beta.contiguous(), W)
+    if impl == "loop" or (impl == "auto" and q.shape[2] == 1):
+        return fast_weight_loop(q, k, v, beta, W)
+    return fast_weight_chunk(q, k, v, beta, W, chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# The recurrent parts: the reference loops (the spec), then the fused kernels of cuda_kernels.cu. Inputs
+# (B, H, T, d) and beta (B, H, T) come from the layer's input x; states are fp32 (fp64 for fp64 inputs).
+
+
+def delta_rnn_loop(z, k, v, beta, R, y):
+    """Delta RNN (eq. 19-20): for each t, R_t = R_{t-1} + beta_t (v_t - R_{t-1} k_t) k_t^T and
+    y_t = z_t + R_t softmax(y_{t-1}). R (B, H, d, d), y (B, H, d) -> ys (B, H, T, d), R_T, y_T."""
+    ys = []
+    for t in range(z.shape[2]):
+        R = delta_step(R, k[:, :, t], v[:, :, t], beta[:, :, t])
+        y = z[:, :, t] + (R @ F.softmax(y, -1).unsqueeze(-1)).squeeze(-1)
+        ys.append(y)
+    return torch.stack(ys, 2), R, y
+
+
+def delta_lstm_loop(z, k, v, beta, R, c, h):
+    """Delta LSTM (eq. 21-27): the gates i, u, o are heads [0, H), [H, 2H), [2H, 3H) of z, k, v (B, 3H, T, d), beta
+    (B, 3H, T) and R (B, 3H, d, d). For each t, with s = softmax(h_{t-1}): R^g by the delta rule, a^g = z^g_t + R^g_t s;
+    c_t = sigmoid(a^i) a^u + (1 - sigmoid(a^i)) c_{t-1}, h_t = sigmoid(a^o) c_t. c, h (B, H, d) -> hs (B, H, T, d),
+    R_T, c_T, h_T."""
+    hs = []
+    for t in range(z.shape[2]):
+        s = F.softmax(h, -1).repeat(1, 3, 1).unsqueeze(-1)  # (B, 3H, d, 1)
+        R = delta_step(R, k[:, :, t], v[:, :, t], beta[:, :, t])
+        a_i, a_u, a_o = (z[:, :, t] + (R @ s).squeeze(-1)).chunk(3, 1)
+        i = torch.sigmoid(a_i)
+        c = i * a_u + (1 - i) * c
+        h = torch.sigmoid(a_o) * c
+        hs.append(h)
+    return torch.stack(hs, 2), R, c, h
+
+
+def rdn_loop(q, k, v, b, R, r_b, W, y):
+    """Recurrent Delta Net (eq. 28-32): for each t, with s = tanh(y_{t-1}): q' = softmax(q_t + R_q s),
+    k' = softmax(k_t + R_k s), v' = v_t + R_v s, beta = sigmoid(b_t + r_b . s); W_t by the delta rule from k', v',
+    beta; y_t = W_t q'. b (B, H, T); R (3, H, d, d) = R_q, R_k, R_v; r_b (H, d); W (B, H, d, d), y (B, H, d)
+    -> ys (B, H, T, d), W_T, y_T."""
+    ys = []
+    for t in range(q.shape[2]):
+        s = torch.tanh(y)  # (B, H, d)
+        rq, rk, rv = torch.einsum("rhij,bhj->rbhi", R, s)
+        beta = torch.sigmoid(b[:, :, t] + (r_b * s).sum(-1))
+        W = delta_step(W, F.softmax(k[:, :, t] + rk, -1), v[:, :, t] + rv, beta)
+        y = (W @ F.softmax(q[:, :, t] + rq, -1).unsqueeze(-1)).squeeze(-1)
+        ys.append(y)
+    return torch.stack(ys, 2), W, y
+
+
+def grad_of_last(dys, dy_T):
+    """The gradient of every output with the final state's (the last output) added at the last step."""
+    dys = dys.clone()
+    if dy_T is not None:
+        dys[:, :, -1] += dy_T
+    return dys
+
+
+class DeltaRNNCUDA(torch.autograd.Function):
+    """delta_rnn_loop as one kernel per pass; the backward undoes the writes of R instead of storing R_t."""
+
+    @staticmethod
+    def forward(ctx, z, k, v, beta, R0, y0):
+        ys, R, v_bar = cuda_kernels().delta_rnn_forward(z, k, v, beta, R0, y0, any(ctx.needs_input_grad))
+        ctx.save_for_backward(k, v, beta, v_bar, ys, y0, R)
+        return ys, R, ys[:, :, -1].clone()
+
+    @staticmethod
+    def backward(ctx, dys, dR, dy_T):
+        k, v, beta, v_bar, ys, y0, R = ctx.saved_tensors
+        dys = torch.zeros_like(ys) if dys is None else dys
+        dz, dk, dv, dbeta, dR0, dy0 = cuda_kernels().delta_rnn_backward(
+            k, v, beta, v_bar, ys, y0, R, grad_of_last(dys, dy_T), R.new_empty(0) if dR is None else dR)
+        return dz.to(k.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dR0, dy0
+
+
+class DeltaLSTMCUDA(torch.autograd.Function):
+    """delta_lstm_loop as one kernel per pass; the backward undoes the writes of R^g instead of storing them."""
+
+    @staticmethod
+    def forward(ctx, z, k, v, beta, R0, c0, h0):
+        hs, cs, R, v_bar = cuda_kernels().delta_lstm_forward(z, k, v, beta, R0, c0, h0, any(ctx.needs_input_grad))
+        ctx.save_for_backward(z, k, v, beta, v_bar, hs, cs, h0, c0, R)
+        return hs, R, cs[:, :, -1].clone(), hs[:, :, -1].clone()
+
+    @staticmethod
+    def backward(ctx, dhs, dR, dc_T, dh_T):
+        z, k, v, beta, v_bar, hs, cs, h0, c0, R = ctx.saved_tensors
+        dhs = torch.zeros_like(hs) if dhs is None else dhs
+        dz, dk, dv, dbeta, dR0, dc0, dh0 = cuda_kernels().delta_lstm_backward(
+            z, k, v, beta, v_bar, hs, cs, h0, c0, R, grad_of_last(dhs, dh_T), c0.new_empty(0) if dc_T is None
+            else dc_T, R.new_empty(0) if dR is None else dR)
+        return dz.to(z.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dR0, dc0, dh0
+
+
+class RDNCUDA(torch.autograd.Function):
+    """rdn_loop as one kernel per pass. The forward keeps q', k', v', beta and v̄ of every step (vectors, no
+    matrices); the slow weights' gradients are sums over b and t of outer products with s_t = tanh(y_{t-1})."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, b, R, r_b, W0, y0):
+        ys, W, *saved = cuda_kernels().rdn_forward(q, k, v, b, R, r_b, W0, y0, any(ctx.needs_input_grad))
+        ctx.save_for_backward(R, r_b, *saved, ys, y0, W)
+        return ys, W, ys[:, :, -1].clone()
+
+    @staticmethod
+    def backward(ctx, dys, dW, dy_T):
+        R, r_b, q_sv, k_sv, v_sv, beta, v_bar, ys, y0, W = ctx.saved_tensors
+        dys = torch.zeros_like(ys) if dys is None else dys
+        dq, dk, dv, db, dW0, dy0 = cuda_kernels().rdn_backward(
+            R, r_b, q_sv, k_sv, v_sv, beta, v_bar, ys, y0, W, grad_of_last(dys, dy_T), W.new_empty(0) if dW is None
+            else dW)
+        s = torch.tanh(torch.cat([y0.unsqueeze(2), ys[:, :, :-1]], 2))  # s_t = tanh(y_{t-1}), (B, H, T, d)
+        dR = torch.stack([torch.einsum("bhti,bhtj->hij", g, s) for g in (dq, dk, dv)])
+        dr_b = torch.einsum("bht,bhtj->hj", db, s)
+        return dq, dk, dv, db, dR.to(R.dtype), dr_b.to(r_b.dtype), dW0, dy0
+
+
+def contiguous(*xs):
+    return [x.contiguous() for x in xs]
+
+
+def states(x, *xs):
+    """the states (and slow weights) as the kernels hold them: fp32 (fp64 for fp64 x), contiguous"""
+    return [s.to(state_dtype(x)).contiguous() for s in xs]
+
+
+def delta_rnn(z, k, v, beta, R, y, impl):
+    if use_kernel(impl, z):
+        return DeltaRNNCUDA.apply(*contiguous(z, k, v, beta), *states(z, R, y))
+    return delta_rnn_loop(z, k, v, beta, R, y)
+
+
+def delta_lstm(z, k, v, beta, R, c, h, impl):
+    if use_kernel(impl, z, 64 if z.dtype == torch.float64 else 128):  # fp64 at d 128 outgrows shared memory
+        return DeltaLSTMCUDA.apply(*contiguous(z, k, v, beta), *states(z, R, c, h))
+    return delta_lstm_loop(z, k, v, beta, R, c, h)
+
+
+def rdn(q, k, v, b, R, r_b, W, y, impl):
+    if use_kernel(impl, q):
+        return RDNCUDA.apply(*contiguous(q, k, v, b), *states(q, R, r_b, W, y))
+    return rdn_loop(q, k, v, b, R, r_b, W, y)
 
 
 def elu1_sumnorm(x):
@@ -456,13 +658,8 @@ class DeltaRNNLayer(SlowNet):
         q, k, v, b, k_r, v_r, b_r = self.project(x)
         W, R, y = state or (None, self.zeros(x, self.d, self.d), self.zeros(x, self.d))
         z, W = fast_weight(elu1_sumnorm(q), elu1_sumnorm(k), v, torch.sigmoid(b), W, self.impl, self.chunk_size)
-        k_r, b_r = F.softmax(k_r, -1), torch.sigmoid(b_r)
-        ys = []
-        for t in range(x.shape[1]):  # the recurrent part
-            R = delta_step(R, k_r[:, :, t], v_r[:, :, t], b_r[:, :, t])
-            y = z[:, :, t] + (R @ F.softmax(y, -1).unsqueeze(-1)).squeeze(-1)
-            ys.append(y)
-        return self.out(merge(torch.stack(ys, 2))), (W, R, y)
+        ys, R, y = delta_rnn(z, F.softmax(k_r, -1), v_r, torch.sigmoid(b_r), R, y, self.impl)
+        return self.out(merge(ys)), (W, R, y)
 
 
 class DeltaLSTMLayer(SlowNet):
@@ -481,17 +678,8 @@ class DeltaLSTMLayer(SlowNet):
         W, R, c, h = state or (None, self.zeros(x, self.d, self.d, heads=3 * self.H), self.zeros(x, self.d),
                                self.zeros(x, self.d))
         z, W = fast_weight(elu1_sumnorm(q), elu1_sumnorm(k), v, torch.sigmoid(b), W, self.impl, self.chunk_size)
-        k_r, b_r = F.softmax(k_r, -1), torch.sigmoid(b_r)
-        hs = []
-        for t in range(x.shape[1]):  # the recurrent part
-            s = F.softmax(h, -1).repeat(1, 3, 1).unsqueeze(-1)  # (B, 3H, d, 1)
-            R = delta_step(R, k_r[:, :, t], v_r[:, :, t], b_r[:, :, t])
-            a_i, a_u, a_o = (z[:, :, t] + (R @ s).squeeze(-1)).chunk(3, 1)
-            i = torch.sigmoid(a_i)
-            c = i * a_u + (1 - i) * c
-            h = torch.sigmoid(a_o) * c
-            hs.append(h)
-        return self.out(merge(torch.stack(hs, 2))), (W, R, c, h)
+        hs, R, c, h = delta_lstm(z, F.softmax(k_r, -1), v_r, torch.sigmoid(b_r), R, c, h, self.impl)
+        return self.out(merge(hs)), (W, R, c, h)
 
 
 class RDNLayer(SlowNet):
@@ -507,15 +695,8 @@ class RDNLayer(SlowNet):
     def forward(self, x, state=None):
         q, k, v, b = self.project(x)
         W, y = state or (self.zeros(x, self.d, self.d), self.zeros(x, self.d))
-        ys = []
-        for t in range(x.shape[1]):
-            s = torch.tanh(y)  # (B, H, d)
-            rq, rk, rv = torch.einsum("rhij,bhj->rbhi", self.R.to(s.dtype), s)
-            beta = torch.sigmoid(b[:, :, t] + (self.r_b * s).sum(-1))
-            W = delta_step(W, F.softmax(k[:, :, t] + rk, -1), v[:, :, t] + rv, beta)
-            y = (W @ F.softmax(q[:, :, t] + rq, -1).unsqueeze(-1)).squeeze(-1)
-            ys.append(y)
-        return self.out(merge(torch.stack(ys, 2))), (W, y)
+        ys, W, y = rdn(q, k, v, b, self.R.to(y.dtype), self.r_b.to(y.dtype), W, y, self.impl)
+        return self.out(merge(ys)), (W, y)
 
 
 class SoftmaxLayer(SlowNet):
@@ -746,7 +927,7 @@ def lr_at(step, a):
     return a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def pick_device(name):
+def pick_device(name, impl="auto"):
     if name != "auto":
         try:
             device = torch.device(name)
@@ -754,12 +935,15 @@ def pick_device(name):
             fail(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
         if device.type == "cuda" and not torch.cuda.is_available():
             fail(f"--device {name}: this machine has no CUDA GPU; use --device cpu (or auto)")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        device = torch.device("mps")
+    else:
+        device = torch.device("cpu")
+    if impl == "cuda" and device.type != "cuda":
+        print(f"warning: --impl cuda needs a CUDA device, not {device}; using --impl chunk", file=sys.stderr)
+    return device
 
 
 def load_task(a):
@@ -856,7 +1040,7 @@ def log_metrics(out_dir, step, split, metrics, t0):
 
 
 def train(a):
-    device = pick_device(a.device)
+    device = pick_device(a.device, a.impl)
     seed_everything(a.seed)
     gen = torch.Generator().manual_seed(a.seed)  # which training examples each step sees
     try:
@@ -1072,7 +1256,8 @@ class Agent(nn.Module):
             self.register_buffer("obs_mean", torch.zeros(obs_shape))
             self.register_buffer("obs_var", torch.ones(obs_shape))
         self.core_in = nn.Linear(n_feat + 1, a.d_model)
-        self.core = build_model(dataclasses.replace(a, impl="loop"), None, n_actions + 1, embed=nn.Identity())
+        self.core = build_model(dataclasses.replace(a, impl="loop" if a.impl == "chunk" else a.impl), None,
+                                n_actions + 1, embed=nn.Identity())  # one step per call: no chunks
 
     @torch.no_grad()
     def observe(self, obs):
@@ -1185,7 +1370,7 @@ def rl_start(envs, device, n):
 
 
 def rl_train(a):
-    device = pick_device(a.device)
+    device = pick_device(a.device, a.impl)
     seed_everything(a.seed)
     envs = make_envs(a, a.batch_size, a.seed)
     agent = Agent(a, envs.obs_shape, envs.n_actions).to(device)
@@ -1339,39 +1524,55 @@ def saved_mib(fn):
 
 
 def bench(a):
-    """Training steps (forward, backward) of every model at the configured size, batch 32, T = bench_T."""
+    """Training steps (forward, backward) of every model at the configured size, batch 32, T = bench_T. On CUDA, each
+    fast-weight model twice: --impl chunk (the recurrent parts step in Python) and --impl cuda (fused kernels), the
+    second checked against the first in the same run (max |difference| / max |value| over the logits and every
+    parameter's gradient)."""
     device = pick_device(a.device)
     B, T = 32, a.bench_T
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    impls = ["chunk", "cuda"] if device.type == "cuda" and cuda_kernels() else [a.impl]
     print(f"device {device}, threads {torch.get_num_threads()}, batch {B}, T {T}, d_model {a.d_model}, n_layer "
-          f"{a.n_layer}, n_head {a.n_head}, impl {a.impl}; mem MiB: on CUDA the peak allocated, on CPU the tensors "
-          "autograd saves for the backward")
-    print(f"{'model':12} {'params':>8} {'fwd+bwd ms':>11} {'tok/s':>9} {'mem MiB':>9}")
+          f"{a.n_layer}, n_head {a.n_head}; mem MiB: on CUDA the peak allocated, on CPU the tensors autograd saves for "
+          "the backward")
+    print(f"{'model':12} {'impl':6} {'params':>8} {'fwd+bwd ms':>11} {'tok/s':>9} {'mem MiB':>9} {'rel err':>9}")
     x = torch.randint(0, 20, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
     for name in MODELS:
-        torch.manual_seed(0)
-        model = build_model(dataclasses.replace(a, model=name), 20, 20).to(device)
+        reference = None
+        for impl in impls[:1] if name in ("lstm", "transformer") else impls:
+            torch.manual_seed(0)
+            model = build_model(dataclasses.replace(a, model=name, impl=impl), 20, 20).to(device)
 
-        def step():
-            logits, _ = model(x)
-            logits.float().square().mean().backward()
+            def step():
+                logits, _ = model(x)
+                logits.float().square().mean().backward()
+                return logits
 
-        times = []
-        for _ in range(4):  # the first is a warm-up
-            sync()
-            t = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - t)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            mem = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            mem = saved_mib(step)
-        t_med = float(np.median(times[1:]))
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"{name:12} {n_params / 1e6:7.2f}M {t_med * 1e3:11.1f} {B * T / t_med:9.0f} {mem:9.1f}", flush=True)
+            times = []
+            for _ in range(4):  # the first is a warm-up
+                sync()
+                t = time.perf_counter()
+                step()
+                sync()
+                times.append(time.perf_counter() - t)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                mem = torch.cuda.max_memory_allocated() / 2**20
+            else:
+                mem = saved_mib(step)
+            model.zero_grad()
+            result = [step().detach()] + [p.grad for p in model.parameters() if p.grad is not None]
+            err = "" if reference is None else f"{max(relative_error(r, g) for r, g in zip(result, reference)):9.1e}"
+            reference = reference or result
+            t_med = float(np.median(times[1:]))
+            n_params = sum(p.numel() for p in model.parameters())
+            print(f"{name:12} {impl:6} {n_params / 1e6:7.2f}M {t_med * 1e3:11.1f} {B * T / t_med:9.0f} {mem:9.1f} "
+                  f"{err:>9}", flush=True)
+
+
+def relative_error(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
 
 def main(argv=None):

@@ -856,9 +856,11 @@ def test_rf_splits_are_fixed_and_distinct():
 @pytest.mark.parametrize("name", rfwp.MODELS)
 def test_rf_smoke_every_model(tmp_path, name):
     script = script_copy(tmp_path, "rfwp.py")
+    impl = ["--impl", "cuda"] if name == "rdn" else []  # without a GPU: a warning, then the PyTorch forms
     p = run(script, "--preset", "tiny", "--model", name, "--steps", "6", "--eval_every", "3", "--out_dir",
-            str(tmp_path / "o"))
+            str(tmp_path / "o"), *impl)
     assert "final: test seq_acc" in p.stdout and os.path.exists(tmp_path / "o" / "best.pt")
+    assert ("--impl cuda needs a CUDA device" in p.stderr) == (bool(impl) and not torch.cuda.is_available())
 
 
 @pytest.mark.parametrize("args", [["--task", "listops"], ["--task", "lm", "--carry_state", "--model", "rdn"]])
@@ -885,7 +887,7 @@ def test_rf_resume_is_exact(tmp_path):
 def test_rf_bench_runs(tmp_path):
     p = run(script_copy(tmp_path, "rfwp.py"), "--preset", "tiny", "--bench", "--bench_T", "16")
     for name in rfwp.MODELS:
-        assert re.search(rf"^{name} +\d", p.stdout, re.M), p.stdout
+        assert re.search(rf"^{name} +auto +\d", p.stdout, re.M), p.stdout
 
 
 @pytest.mark.parametrize("args, message", [
@@ -1771,7 +1773,9 @@ def test_cuda_kernels_compile(tmp_path):
     errors = [line for line in p.stderr.splitlines() if "error" in line]
     assert p.returncode == 0, "\n".join(errors[:20]) or p.stderr[-3000:]
     ptx = (tmp_path / "k.ptx").read_text()
-    assert ptx.count(".entry") == 2 * 2 * 4 * 4  # forward/backward x sum/delta x 4 dtypes x 4 widths of d_k
+    n_fast_weight = 2 * 2 * 4 * 4  # forward/backward x sum/delta x 4 dtypes x 4 widths of d_k
+    n_recurrent = (5 * 4 + 2) * 3  # rnn, lstm forward/backward and rdn forward x 4 dtypes, rdn backward x 2; 3 layouts
+    assert ptx.count(".entry") == n_fast_weight + n_recurrent
 
 
 def cuda_delta(q, k, v, beta, W):
@@ -1905,3 +1909,108 @@ def test_cuda_lt_bf16_training_smoke(tmp_path, args):
     p = run(os.path.join(HERE, "linear_transformer.py"), "--preset", "tiny", "--device", "cuda", "--dtype", "bfloat16",
             "--out_dir", str(tmp_path / "o"), *args)  # the repo's copy: its kernel build is cached
     assert "device cuda" in p.stdout and "final: test acc" in p.stdout and "warning" not in p.stderr
+
+
+# rfwp.py's recurrent kernels: Delta RNN, Delta LSTM, RDN against their loops
+
+RF_RECURRENCES = {"delta_rnn": (rfwp.delta_rnn_loop, rfwp.DeltaRNNCUDA),
+                  "delta_lstm": (rfwp.delta_lstm_loop, rfwp.DeltaLSTMCUDA), "rdn": (rfwp.rdn_loop, rfwp.RDNCUDA)}
+
+
+def rf_recurrence_inputs(model, B=2, H=3, T=37, d=16, dtype=torch.float64, seed=0):
+    """The inputs of one recurrent part as its layer makes them (keys through softmax, beta through sigmoid) in dtype,
+    its states (and the RDN's slow weights) in fp32 (fp64 for fp64), on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def r(*shape, scale=1.0, dt=dtype):
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dt)
+
+    if model == "rdn":
+        return [r(B, H, T, d), r(B, H, T, d), r(B, H, T, d), r(B, H, T), r(3, H, d, d, scale=d**-0.5, dt=sd),
+                r(H, d, dt=sd), r(B, H, d, d, scale=0.3, dt=sd), r(B, H, d, dt=sd)]
+    G = 3 * H if model == "delta_lstm" else H
+    x = [r(B, G, T, d), F.softmax(r(B, G, T, d).double(), -1).to(dtype), r(B, G, T, d),
+         torch.sigmoid(r(B, G, T).double()).to(dtype), r(B, G, d, d, scale=0.3, dt=sd), r(B, H, d, dt=sd)]
+    return x + [r(B, H, d, dt=sd)] if model == "delta_lstm" else x
+
+
+def rf_recurrence_outputs_and_grads(fn, inputs, seed=1):
+    outs = fn(*inputs)
+    g = torch.Generator().manual_seed(seed)
+    gs = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device, o.dtype) for o in outs]
+    return list(outs), list(torch.autograd.grad(sum((o * go).sum() for o, go in zip(outs, gs)), inputs))
+
+
+@needs_cuda
+@pytest.mark.parametrize("model", list(RF_RECURRENCES))
+@pytest.mark.parametrize("T, d, dtype", [(1, 16, torch.float64), (37, 16, torch.float64), (37, 40, torch.float64),
+                                         (300, 64, torch.float64), (37, 128, torch.float32), (300, 16, torch.float32),
+                                         (300, 64, torch.float32), (37, 16, torch.bfloat16), (300, 64, torch.bfloat16)])
+def test_rf_cuda_recurrence_equals_loop(model, T, d, dtype):
+    """Each recurrent kernel against its loop run in float64 on the same (rounded) inputs: outputs, final states and
+    the gradients of every input, initial state and slow weight."""
+    assert rfwp.cuda_kernels() is not None, "cuda_kernels.cu failed to build"
+    loop, kernel = RF_RECURRENCES[model]
+    x = rf_recurrence_inputs(model, T=T, d=d, dtype=dtype, seed=T + d)
+    ref = rf_recurrence_outputs_and_grads(loop, [t.double().cuda().requires_grad_() for t in x])
+    got = rf_recurrence_outputs_and_grads(kernel.apply, [t.cuda().requires_grad_() for t in x])
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert [g.dtype for g in got[1]] == [t.dtype for t in x]
+    for i, (a, b) in enumerate(zip(got[0] + got[1], ref[0] + ref[1])):
+        assert rel_err(a, b) < tol, (model, i, rel_err(a, b))
+
+
+@needs_cuda
+@pytest.mark.parametrize("model", list(RF_RECURRENCES))
+def test_rf_cuda_recurrence_gradcheck(model):
+    x = [t.cuda().requires_grad_() for t in rf_recurrence_inputs(model, B=1, H=2, T=5, d=3)]
+    assert torch.autograd.gradcheck(RF_RECURRENCES[model][1].apply, x)
+
+
+@needs_cuda
+@pytest.mark.parametrize("model", list(RF_RECURRENCES))
+def test_rf_cuda_recurrence_state_split_equals_one_call(model):
+    """One call over 100 steps = two calls of 60 and 40 with the state passed along; without autograd too."""
+    kernel = RF_RECURRENCES[model][1].apply
+    x = [t.cuda().float() for t in rf_recurrence_inputs(model, T=100, d=64, dtype=torch.float32)]
+    n_seq = 4  # z/q, k, v, beta/b: (B, H, T, ...); the rest: states and slow weights
+    with torch.no_grad():
+        ys, *state = kernel(*x)
+        ya, *sa = kernel(*[t[:, :, :60] for t in x[:n_seq]], *x[n_seq:])
+        if model == "rdn":  # (W, y) carried, the slow weights R, r_b stay
+            yb, *sb = kernel(*[t[:, :, 60:] for t in x[:n_seq]], *x[n_seq:-2], *sa)
+        else:  # (R, y) or (R, c, h)
+            yb, *sb = kernel(*[t[:, :, 60:] for t in x[:n_seq]], *sa)
+    torch.testing.assert_close(torch.cat([ya, yb], 2), ys)
+    for a, b in zip(sb, state):
+        torch.testing.assert_close(a, b)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["delta_rnn", "delta_lstm", "rdn", "delta", "linear"])
+def test_rf_cuda_model_equals_loop_with_state_and_reset(name):
+    """The whole model on the GPU, --impl cuda against --impl loop in float64: a first call, then a second with the
+    state carried and a reset mask; logits of both and the gradients of every parameter."""
+    x1, x2 = (torch.randint(0, 12, (4, n), generator=torch.Generator().manual_seed(n)).cuda() for n in (9, 13))
+    reset = torch.tensor([True, False, True, False], device="cuda")
+    results = []
+    for impl in ("loop", "cuda"):
+        model = rf_model(name, impl=impl).cuda()
+        out1, s = model(x1)
+        out2, _ = model(x2, s, reset=reset)
+        grads = torch.autograd.grad(out1.square().sum() + out2.square().sum(), list(model.parameters()))
+        results.append([out1, out2, *grads])
+    for a, b in zip(*results):
+        assert rel_err(a, b) < 1e-10
+
+
+@needs_cuda
+def test_rf_cuda_bench_and_training_smoke(tmp_path):
+    p = run(os.path.join(HERE, "rfwp.py"), "--preset", "tiny", "--bench", "--bench_T", "16", "--device", "cuda")
+    for name in ("delta", "delta_rnn", "delta_lstm", "rdn"):
+        err = re.search(rf"^{name} +cuda +.* ([\d.e+-]+)$", p.stdout, re.M)
+        assert err and float(err.group(1)) < 1e-4, p.stdout
+    p = run(os.path.join(HERE, "rfwp.py"), "--preset", "tiny", "--model", "delta_lstm", "--device", "cuda", "--out_dir",
+            str(tmp_path / "o"))
+    assert "final: test seq_acc" in p.stdout and "warning" not in p.stderr
