@@ -973,6 +973,11 @@ void check_seq(const at::Tensor& x, at::IntArrayRef shape, const char* name, con
   TORCH_CHECK(x.scalar_type() == like.scalar_type(), "recurrent FWP kernel: ", name, " has another dtype");
 }
 
+void check_state(const at::Tensor& x, at::IntArrayRef shape, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(x.device() == like.device() && x.sizes() == shape, "recurrent FWP kernel: ", name,
+              " must be on the inputs' device with shape ", shape, ", got ", x.sizes());
+}
+
 // the state and the saved vectors are fp32 (fp64 for fp64 inputs), contiguous
 at::Tensor acc_tensor(const at::Tensor& x, const at::Tensor& like) {
   return x.to(like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
@@ -988,8 +993,9 @@ T* ptr(const at::Tensor& x) { return x.defined() && x.numel() > 0 ? x.data_ptr<T
 std::vector<at::Tensor> delta_rnn_forward(at::Tensor z, at::Tensor k, at::Tensor v, at::Tensor beta, at::Tensor R0,
                                           at::Tensor y0, bool save) {
   const int64_t B = z.size(0), H = z.size(1), T = z.size(2), d = z.size(3);
-  for (auto [x, name] : {std::pair{&k, "k"}, {&v, "v"}}) check_seq(*x, z.sizes(), name, z);
+  for (auto [x, name] : {std::pair{&z, "z"}, {&k, "k"}, {&v, "v"}}) check_seq(*x, z.sizes(), name, z);
   check_seq(beta, {B, H, T}, "beta", z);
+  check_state(R0, {B, H, d, d}, "R0", z), check_state(y0, {B, H, d}, "y0", z);
   TORCH_CHECK(d >= 1 && d <= 128, "recurrent FWP kernel: d_head must be in [1, 128]");
   const c10::cuda::CUDAGuard guard(z.device());
   z = z.contiguous(), k = k.contiguous(), v = v.contiguous(), beta = beta.contiguous();
@@ -1048,8 +1054,9 @@ std::vector<at::Tensor> delta_lstm_forward(at::Tensor z, at::Tensor k, at::Tenso
                                            at::Tensor c0, at::Tensor h0, bool save) {
   const int64_t B = z.size(0), H3 = z.size(1), T = z.size(2), d = z.size(3), H = H3 / 3;
   TORCH_CHECK(H3 % 3 == 0, "delta_lstm: the head dimension holds the 3 gates");
-  for (auto [x, name] : {std::pair{&k, "k"}, {&v, "v"}}) check_seq(*x, z.sizes(), name, z);
+  for (auto [x, name] : {std::pair{&z, "z"}, {&k, "k"}, {&v, "v"}}) check_seq(*x, z.sizes(), name, z);
   check_seq(beta, {B, H3, T}, "beta", z);
+  check_state(R0, {B, H3, d, d}, "R0", z), check_state(c0, {B, H, d}, "c0", z), check_state(h0, {B, H, d}, "h0", z);
   TORCH_CHECK(d >= 1 && d <= 128, "recurrent FWP kernel: d_head must be in [1, 128]");
   const c10::cuda::CUDAGuard guard(z.device());
   z = z.contiguous(), k = k.contiguous(), v = v.contiguous(), beta = beta.contiguous();
@@ -1111,10 +1118,10 @@ std::vector<at::Tensor> delta_lstm_backward(at::Tensor z, at::Tensor k, at::Tens
 std::vector<at::Tensor> rdn_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor b, at::Tensor Rs,
                                     at::Tensor r_b, at::Tensor W0, at::Tensor y0, bool save) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
-  for (auto [x, name] : {std::pair{&k, "k"}, {&v, "v"}}) check_seq(*x, q.sizes(), name, q);
+  for (auto [x, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) check_seq(*x, q.sizes(), name, q);
   check_seq(b, {B, H, T}, "b", q);
-  TORCH_CHECK(Rs.sizes() == at::IntArrayRef({3, H, d, d}) && r_b.sizes() == at::IntArrayRef({H, d}),
-              "rdn: Rs must be (3, H, d, d) and r_b (H, d)");
+  check_state(Rs, {3, H, d, d}, "Rs", q), check_state(r_b, {H, d}, "r_b", q);
+  check_state(W0, {B, H, d, d}, "W0", q), check_state(y0, {B, H, d}, "y0", q);
   TORCH_CHECK(d >= 1 && d <= 128, "recurrent FWP kernel: d_head must be in [1, 128]");
   const c10::cuda::CUDAGuard guard(q.device());
   q = q.contiguous(), k = k.contiguous(), v = v.contiguous(), b = b.contiguous();

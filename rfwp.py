@@ -496,6 +496,7 @@ class RDNCUDA(torch.autograd.Function):
     def forward(ctx, q, k, v, b, R, r_b, W0, y0):
         ys, W, *saved = cuda_kernels().rdn_forward(q, k, v, b, R, r_b, W0, y0, any(ctx.needs_input_grad))
         ctx.save_for_backward(R, r_b, *saved, ys, y0, W)
+        ctx.q_dtype = q.dtype
         return ys, W, ys[:, :, -1].clone()
 
     @staticmethod
@@ -508,7 +509,8 @@ class RDNCUDA(torch.autograd.Function):
         s = torch.tanh(torch.cat([y0.unsqueeze(2), ys[:, :, :-1]], 2))  # s_t = tanh(y_{t-1}), (B, H, T, d)
         dR = torch.stack([torch.einsum("bhti,bhtj->hij", g, s) for g in (dq, dk, dv)])
         dr_b = torch.einsum("bht,bhtj->hj", db, s)
-        return dq, dk, dv, db, dR.to(R.dtype), dr_b.to(r_b.dtype), dW0, dy0
+        dt = ctx.q_dtype
+        return dq.to(dt), dk.to(dt), dv.to(dt), db.to(dt), dR.to(R.dtype), dr_b.to(r_b.dtype), dW0, dy0
 
 
 def contiguous(*xs):
@@ -520,20 +522,29 @@ def states(x, *xs):
     return [s.to(state_dtype(x)).contiguous() for s in xs]
 
 
+def backward_fits(x, vectors_per_warp, scalars_per_warp):
+    """Whether a recurrent kernel's backward finds its shared memory on x's GPU: per-warp partials of vectors and
+    scalars; NW warps as cuda_kernels.cu's warps_for(d)."""
+    d = x.shape[-1]
+    nw = d if d <= 32 else -(-d // 2) if d <= 64 else -(-d // 4)
+    nbytes = (vectors_per_warp * nw * d + scalars_per_warp * nw) * (8 if x.dtype == torch.float64 else 4)
+    return nbytes <= getattr(torch.cuda.get_device_properties(x.device), "shared_memory_per_block_optin", 48 * 1024)
+
+
 def delta_rnn(z, k, v, beta, R, y, impl):
-    if use_kernel(impl, z):
+    if use_kernel(impl, z) and backward_fits(z, 4, 2):
         return DeltaRNNCUDA.apply(*contiguous(z, k, v, beta), *states(z, R, y))
     return delta_rnn_loop(z, k, v, beta, R, y)
 
 
 def delta_lstm(z, k, v, beta, R, c, h, impl):
-    if use_kernel(impl, z, 64 if z.dtype == torch.float64 else 128):  # fp64 at d 128 outgrows shared memory
+    if use_kernel(impl, z) and backward_fits(z, 8, 6):
         return DeltaLSTMCUDA.apply(*contiguous(z, k, v, beta), *states(z, R, c, h))
     return delta_lstm_loop(z, k, v, beta, R, c, h)
 
 
 def rdn(q, k, v, b, R, r_b, W, y, impl):
-    if use_kernel(impl, q):
+    if use_kernel(impl, q) and backward_fits(q, 3, 1):
         return RDNCUDA.apply(*contiguous(q, k, v, b), *states(q, R, r_b, W, y))
     return rdn_loop(q, k, v, b, R, r_b, W, y)
 

@@ -1911,6 +1911,161 @@ def test_cuda_lt_bf16_training_smoke(tmp_path, args):
     assert "device cuda" in p.stdout and "final: test acc" in p.stdout and "warning" not in p.stderr
 
 
+
+# rfwp.py's recurrent kernels, their device code on the CPU: one std::thread per CUDA thread, __syncthreads and warp
+# shuffles emulated with barriers (the kernels keep their warps converged, so a shuffle is a warp-wide exchange)
+
+CUDA_ON_CPU = r"""
+#include <barrier>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__
+#define __launch_bounds__(n)
+using std::max;
+struct Dim3 { unsigned x = 1, y = 1, z = 1; };
+thread_local Dim3 threadIdx, blockIdx;
+Dim3 blockDim;
+std::barrier<>* block_barrier;
+struct Warp { std::unique_ptr<std::barrier<>> barrier; double lanes[32]; };
+std::vector<Warp>* warps;
+unsigned char smem_raw[1 << 22];
+void __syncthreads() {  // then a random eighth of the threads lags behind, so that a race shows
+  block_barrier->arrive_and_wait();
+  thread_local unsigned state = 12345 + 977 * threadIdx.x;
+  state = state * 1103515245u + 12345u;
+  if ((state >> 16) % 8 == 0) std::this_thread::sleep_for(std::chrono::microseconds((state >> 8) % 20000));
+}
+template <class T> T shfl(T x, int src) {
+  Warp& w = (*warps)[threadIdx.x / 32];
+  w.lanes[threadIdx.x % 32] = x;
+  w.barrier->arrive_and_wait();
+  T out = w.lanes[src];
+  w.barrier->arrive_and_wait();
+  return out;
+}
+template <class T> T __shfl_xor_sync(unsigned, T x, int mask) { return shfl(x, (threadIdx.x % 32) ^ mask); }
+template <class T> T __shfl_sync(unsigned, T x, int src) { return shfl(x, src); }
+namespace at { template <class T> using opmath_type = T; }
+template <class T> T warp_sum(T x) {
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffff, x, offset);
+  return x;
+}
+template <class... A> void launch(void (*kernel)(A...), int grid, int threads, A... args) {
+  blockDim.x = threads;
+  for (int b = 0; b < grid; ++b) {
+    std::barrier<> barrier(threads);
+    std::vector<Warp> ws(threads / 32);
+    for (auto& w : ws) w.barrier = std::make_unique<std::barrier<>>(32);
+    block_barrier = &barrier, warps = &ws;
+    std::memset(smem_raw, 0xff, sizeof(smem_raw));  // NaNs: shared memory starts uninitialised
+    std::vector<std::thread> threads_;
+    for (int t = 0; t < threads; ++t) threads_.emplace_back([=] { threadIdx.x = t, blockIdx.x = b; kernel(args...); });
+    for (auto& t : threads_) t.join();
+  }
+}
+DEVICE_CODE
+int warps_for(int d) { return d <= 32 ? d : d <= 64 ? (d + 1) / 2 : (d + 3) / 4; }
+template <template <class, int, int> class K, class... A> void run(int d, int grid, A... args) {
+  auto go = [&](auto n) { launch(K<double, decltype(n)::value, decltype(n)::value>::f, grid, 32 * warps_for(d), args...); };
+  if (d <= 32) go(std::integral_constant<int, 1>()); else if (d <= 64) go(std::integral_constant<int, 2>());
+  else go(std::integral_constant<int, 4>());
+}
+#define ENTRY(name, kernel, ...) template <class S, int R, int K> struct name##_k { static constexpr auto f = kernel<S, R, K>; }; \
+  extern "C" void name(const double** in, double** out, int grid, int H, int T, int d) { run<name##_k>(d, grid, __VA_ARGS__); }
+#define I(i) in[i]
+#define O(i) out[i]
+ENTRY(rnn_fwd, delta_rnn_forward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), O(0), O(1), O(2), T, d)
+ENTRY(rnn_bwd, delta_rnn_backward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I(6), I(7), I(8), O(0), O(1), O(2), O(3), O(4), O(5), T, d)
+ENTRY(lstm_fwd, delta_lstm_forward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I(6), O(0), O(1), O(2), O(3), H, T, d)
+ENTRY(lstm_bwd, delta_lstm_backward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I(6), I(7), I(8), I(9), I(10), I(11), I(12), O(0), O(1), O(2), O(3), O(4), O(5), O(6), H, T, d)
+ENTRY(rdn_fwd, rdn_forward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I(6), I(7), O(0), O(1), O(2), O(3), O(4), O(5), O(6), H, T, d)
+ENTRY(rdn_bwd, rdn_backward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I(6), I(7), I(8), I(9), I(10), I(11), O(0), O(1), O(2), O(3), O(4), O(5), H, T, d)
+"""
+
+
+@pytest.fixture(scope="session")
+def kernels_on_cpu(tmp_path_factory):
+    """cuda_kernels.cu's recurrent device code (from `using acc_type` to the host code) compiled with CUDA_ON_CPU."""
+    import ctypes
+
+    src = open(os.path.join(HERE, "cuda_kernels.cu")).read()
+    start, end = src.find("template <typename scalar_t>\nusing acc_type"), src.find("// (RPW, KPL) = (N, N)")
+    assert 0 < start < end, "the recurrent kernels' section markers moved in cuda_kernels.cu"
+    device_code = src[start:end].replace("extern __shared__ unsigned char smem_raw[];", "")
+    folder = tmp_path_factory.mktemp("cuda_on_cpu")
+    (folder / "k.cpp").write_text(CUDA_ON_CPU.replace("DEVICE_CODE", device_code))
+    p = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-o", str(folder / "k.so"),
+                        str(folder / "k.cpp"), "-lpthread"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return ctypes.CDLL(str(folder / "k.so"))
+
+
+def call_on_cpu(lib, name, inputs, out_shapes, grid, H, T, d):
+    """Run one emulated kernel on float64 tensors; the outputs start as NaN, so an unwritten entry shows."""
+    import ctypes
+
+    outs = [torch.full(s, math.nan, dtype=torch.float64) for s in out_shapes]
+    ptrs = lambda ts: (ctypes.c_void_p * len(ts))(*[t.contiguous().data_ptr() for t in ts])  # noqa: E731
+    keep = [t.contiguous() for t in inputs]
+    getattr(lib, name)(ptrs(keep), ptrs(outs), grid, H, T, d)
+    return outs
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on the PATH")
+@pytest.mark.parametrize("model", ["delta_rnn", "delta_lstm", "rdn"])
+def test_rf_kernels_on_cpu_equal_loops(kernels_on_cpu, model):
+    """The recurrent kernels' device code, run on CPU threads in float64, against the loops and autograd: outputs,
+    final states, every gradient (the RDN's slow weights through the outer products rfwp.RDNCUDA forms), for each
+    register layout (d = 3, 16 (two blocks), 40, 70, 128) and T = 1. Checks the indexing, the masking and (with
+    threads held back at random) the synchronisation; the host code, the GPU's rounding and speed are for the CUDA
+    tests below."""
+    lib = kernels_on_cpu
+    for B, H, T, d in [(2, 2, 7, 3), (1, 2, 5, 16), (1, 1, 4, 40), (1, 1, 3, 70), (1, 1, 1, 128)]:
+        x = rf_recurrence_inputs(model, B=B, H=H, T=T, d=d, seed=d)
+        outs = RF_RECURRENCES[model][0](*[t.requires_grad_() for t in x])
+        g = torch.Generator().manual_seed(1)
+        gs = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
+        ref = torch.autograd.grad(sum((o * go).sum() for o, go in zip(outs, gs)), x)
+        x = [t.detach() for t in x]
+        seq, G = (B, H, T, d), 3 * H if model == "delta_lstm" else H
+        if model == "delta_rnn":
+            y, R, v_bar = call_on_cpu(lib, "rnn_fwd", x, [seq, (B, H, d, d), seq], B * H, H, T, d)
+            got = [y, R]
+            dy = gs[0].clone()
+            dy[:, :, -1] += gs[2]
+            grads = call_on_cpu(lib, "rnn_bwd", [x[1], x[2], x[3], v_bar, y, x[5], R, dy, gs[1]],
+                                [seq] * 3 + [(B, H, T), (B, H, d, d), (B, H, d)], B * H, H, T, d)
+        elif model == "delta_lstm":
+            h, c, R, v_bar = call_on_cpu(lib, "lstm_fwd", x, [seq, seq, (B, G, d, d), (B, G, T, d)], B * H, H, T, d)
+            got = [h, R, c[:, :, -1]]
+            dh = gs[0].clone()
+            dh[:, :, -1] += gs[3]
+            grads = call_on_cpu(lib, "lstm_bwd", x[:4] + [v_bar, h, c, x[6], x[5], R, dh, gs[2], gs[1]],
+                                [(B, G, T, d)] * 3 + [(B, G, T), (B, G, d, d), (B, H, d), (B, H, d)], B * H, H, T, d)
+        else:
+            y, W, *saved = call_on_cpu(lib, "rdn_fwd", x, [seq, (B, H, d, d), seq, seq, seq, (B, H, T), seq], B * H, H,
+                                       T, d)
+            got = [y, W]
+            dy = gs[0].clone()
+            dy[:, :, -1] += gs[2]
+            dq, dk, dv, db, dW0, dy0 = call_on_cpu(lib, "rdn_bwd", x[4:6] + saved + [y, x[7], W, dy, gs[1]],
+                                                   [seq] * 3 + [(B, H, T), (B, H, d, d), (B, H, d)], B * H, H, T, d)
+            s = torch.tanh(torch.cat([x[7].unsqueeze(2), y[:, :, :-1]], 2))
+            dR = torch.stack([torch.einsum("bhti,bhtj->hij", gr, s) for gr in (dq, dk, dv)])
+            grads = [dq, dk, dv, db, dR, torch.einsum("bht,bhtj->hj", db, s), dW0, dy0]
+        for a, b in zip(got + grads, [o.detach() for o in outs[:len(got)]] + list(ref)):
+            assert rel_err(a, b) < 1e-12, (model, (B, H, T, d), rel_err(a, b))
+
+
 # rfwp.py's recurrent kernels: Delta RNN, Delta LSTM, RDN against their loops
 
 RF_RECURRENCES = {"delta_rnn": (rfwp.delta_rnn_loop, rfwp.DeltaRNNCUDA),
