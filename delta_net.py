@@ -97,8 +97,12 @@ class Args:
     """peak learning rate (AdamW)"""
     weight_decay: float = 0.1
     """AdamW weight decay on matrices"""
+    beta2: float = 0.98
+    """AdamW's second-moment decay"""
     warmup: int = 100
-    """linear warm-up steps, then cosine decay to lr / 10"""
+    """linear warm-up steps, then cosine decay to lr * lr_min"""
+    lr_min: float = 0.1
+    """where the cosine ends, as a fraction of lr"""
     grad_clip: float = 1.0
     """gradient norm clip (0 disables)"""
     eval_every: int = 200
@@ -133,7 +137,8 @@ PRESETS = {
     # WikiText-103 "small" of the official code (16 layers, d 128, 8 heads of 16, FF 2048, segments of 256,
     # lr 2.5e-4, 2k warm-up, cosine over 500k steps, clip 0.25); their adaptive input/softmax is not used here
     "paper": dict(task="lm", dataset="wikitext-103", d_model=128, n_layer=16, n_head=8, d_ff=2048, dropout=0.1,
-                  seq_len=256, batch_size=96, steps=500_000, lr=2.5e-4, warmup=2000, grad_clip=0.25, eval_every=5000),
+                  seq_len=256, batch_size=96, steps=500_000, lr=2.5e-4, warmup=2000, grad_clip=0.25, eval_every=5000,
+                  weight_decay=0.0, beta2=0.999, lr_min=0.0),  # the official optimizer: Adam, cosine to 0
 }
 
 
@@ -207,6 +212,8 @@ def check_args(a):
         fail(f"--n_pairs {a.n_pairs} needs --vocab_size of at least {2 * a.n_pairs} (distinct keys in one half).")
     if not 0 <= a.dropout < 1 or a.lr <= 0 or a.warmup < 0 or a.grad_clip < 0 or a.stop_at < 0:
         fail("--dropout must be in [0, 1); --lr positive; --warmup, --grad_clip and --stop_at non-negative.")
+    if not 0 <= a.beta2 < 1 or not 0 <= a.lr_min <= 1:
+        fail(f"--beta2 must be in [0, 1) and --lr_min in [0, 1], got {a.beta2} and {a.lr_min}.")
     return a
 
 
@@ -452,11 +459,19 @@ def detach_state(state):
     return None if state is None else [W.detach() for W in state]
 
 
+def build_optimizer(model, a):
+    """AdamW, weight decay on matrices only (weight_decay 0: Adam)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+                             lr=a.lr, betas=(0.9, a.beta2))
+
+
 def lr_at(step, a):
     if step < a.warmup:
         return a.lr * (step + 1) / a.warmup
     progress = (step - a.warmup) / max(1, a.steps - a.warmup)
-    return a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return a.lr * (a.lr_min + (1 - a.lr_min) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 @torch.no_grad()
@@ -583,10 +598,7 @@ def train(a):
         fail(str(e))
 
     model = DeltaNet(a, task["vocab_size"]).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0}],
-                            lr=a.lr, betas=(0.9, 0.98))
+    opt = build_optimizer(model, a)
     step, state, ckpt_path = 0, None, os.path.join(a.out_dir, "ckpt.pt")
     if a.resume:
         if not os.path.exists(ckpt_path):

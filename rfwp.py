@@ -18,8 +18,9 @@ setting (section 4.4), an IMPALA agent (Espeholt et al. 2018, arXiv 1802.01561) 
                  o = sigmoid(z^o + R^o s), u = z^u + R^u s; c_t = i u + (1 - i) c_{t-1}; h_t = o c_t
     rdn          s = tanh(y_{t-1}); q = softmax(W_q x + R_q s), k = softmax(W_k x + R_k s), v = W_v x + R_v s,
                  beta = sigmoid(w_b x + r_b . s); delta rule; y_t = W_t q_t
-    lstm, transformer: the baselines (nn.LSTM; pre-LN causal softmax attention)
-Block: x + Out(FWP(LN(x))), then x + FF(LN(x)); a final LN and the output head. The fast weights and recurrent
+    lstm, transformer: the baselines (nn.LSTM; causal softmax attention)
+Block: x + Out(FWP(LN(x))), then x + FF(LN(x)) (--post_ln: LN(x + Out(FWP(x))), then LN(x + FF(x)), the official
+Transformer baseline's form); a final LN and the output head. The fast weights and recurrent
 states start at zero; the output is read after the step's write. Layers whose keys depend only on the current
 input (linear, delta, delta_mlp, delta_delta, and the W parts of delta_rnn and delta_lstm) train in the
 chunkwise-parallel form; the recurrent parts step through time. With --impl cuda on a CUDA device, every part runs as
@@ -132,8 +133,11 @@ class Args:
     """feed-forward hidden width"""
     dropout: float = 0.0
     """dropout after the fast-weight output and in the feed-forward block"""
-    fast_net_depth: int = 2
-    """delta_mlp: layers of the fast network"""
+    fast_net_depth: int = 1
+    """delta_mlp: layers of the fast network (the official default: 1)"""
+    post_ln: bool = False
+    """blocks x = LN(x + FWP(x)), x = LN(x + FF(x)) (nn.TransformerEncoderLayer's form: the official algorithmic
+    Transformer baseline's) instead of x + FWP(LN(x)), x + FF(LN(x)) (the official FWP layers')"""
     impl: str = "auto"
     """auto | loop | chunk | cuda. loop: every part steps through time in Python (the spec); chunk: the input-driven
     delta/sum-rule parts in the chunkwise form, the recurrent parts loop; auto: chunk (loop for single steps);
@@ -256,6 +260,8 @@ def check_args(a):
                 "fast_net_depth", "chunk_size", "batch_size", "steps", "eval_every", "bench_T", "env_steps", "unroll"):
         if getattr(a, key) <= 0:
             fail(f"--{key} must be positive, got {getattr(a, key)}")
+    if a.depth >= LISTOPS_LEVELS:
+        fail(f"--depth must be below {LISTOPS_LEVELS} (every node at level {LISTOPS_LEVELS} is a value), got {a.depth}")
     if a.n_vars not in (3, 5):
         fail(f"--n_vars must be 3 or 5 (the paper's settings), got {a.n_vars}")
     bad_ops = set(a.ops.split(",")) - set(LISTOPS)
@@ -737,6 +743,7 @@ LAYERS = dict(transformer=SoftmaxLayer, linear=LinearLayer, delta=DeltaLayer, de
 class Block(nn.Module):
     def __init__(self, a):
         super().__init__()
+        self.post_ln = a.post_ln
         self.ln1, self.ln2 = nn.LayerNorm(a.d_model), nn.LayerNorm(a.d_model)
         self.fwp = LAYERS[a.model](a)
         self.ff = nn.Sequential(nn.Linear(a.d_model, a.d_ff), nn.ReLU(), nn.Dropout(a.dropout),
@@ -744,6 +751,10 @@ class Block(nn.Module):
         self.drop = nn.Dropout(a.dropout)
 
     def forward(self, x, state=None):
+        if self.post_ln:
+            y, state = self.fwp(x, state)
+            x = self.ln1(x + self.drop(y))
+            return self.ln2(x + self.ff(x)), state
         y, state = self.fwp(self.ln1(x), state)
         x = x + self.drop(y)
         return x + self.ff(self.ln2(x)), state
@@ -863,13 +874,18 @@ def listops_eval(tree):
                 MED=lambda x: int(statistics.median(x)))[op](args)
 
 
+LISTOPS_LEVELS = 20  # the official generator's cap: every node at level 20 (the root is level 1) is a value
+
+
 def listops_tree(rng, depth, ops):
-    """A ListOps tree of exactly `depth` nested operators (Nangia & Bowman 2018; sequential ListOps of Irie et al.
-    2021 section 4.2): the root is an operator with 2-5 arguments, every other node a value (0-9) with probability
-    0.75, else an operator; trees of another depth are rejected."""
+    """A ListOps tree of exactly `depth` nested operators, drawn as the official generator draws them (Nangia &
+    Bowman 2018; sequential ListOps of Irie et al. 2021 section 4.2, whose `--only_depth 11` is depth 10 here): the
+    root is an operator with 2-5 arguments, every other node a value (0-9) with probability 0.75, else an operator,
+    and a value at level LISTOPS_LEVELS; a tree of another depth is drawn again (depth 10: 1.5% of the trees are
+    kept; median length about 92 tokens)."""
 
     def grow(level):
-        if level > 1 and (level > depth or rng.random() < 0.75):
+        if level > 1 and (level >= LISTOPS_LEVELS or rng.random() < 0.75):
             return rng.randrange(10)
         return rng.choice(ops), [grow(level + 1) for _ in range(rng.randint(2, 5))]
 

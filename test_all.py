@@ -10,8 +10,10 @@ import io
 import json
 import math
 import os
+import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -200,6 +202,23 @@ def test_recall_batch_structure():
         assert sorted(queries[b].tolist()) == sorted(keys[b].tolist())  # every key queried once
         lookup = dict(zip(keys[b].tolist(), values[b].tolist()))
         assert y[b, n:].tolist() == [lookup[k] for k in queries[b].tolist()]
+
+
+def check_paper_optimizer(script):
+    """--preset paper: the official LM optimizer (Adam, no weight decay, cosine to 0); the default: AdamW (0.9, 0.98),
+    weight decay 0.1 on matrices, cosine to lr / 10."""
+    paper, default = script.parse_args(["--preset", "paper"]), script.parse_args([])
+    model = torch.nn.Linear(3, 3)
+    assert [(g["weight_decay"], g["betas"]) for g in script.build_optimizer(model, paper).param_groups] == \
+        [(0.0, (0.9, 0.999))] * 2
+    assert [(g["weight_decay"], g["betas"]) for g in script.build_optimizer(model, default).param_groups] == \
+        [(0.1, (0.9, 0.98)), (0.0, (0.9, 0.98))]
+    assert script.lr_at(paper.warmup, paper) == paper.lr and script.lr_at(paper.steps, paper) == 0
+    assert math.isclose(script.lr_at(default.steps, default), default.lr / 10)
+
+
+def test_paper_preset_optimizer():
+    check_paper_optimizer(delta_net)
 
 
 def test_summed_embeddings_for_id_tuples():
@@ -627,6 +646,10 @@ def test_lt_cli_errors(tmp_path, args, message):
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
 
 
+def test_lt_paper_preset_optimizer():
+    check_paper_optimizer(linear_transformer)
+
+
 def test_lt_help_lists_every_flag(tmp_path):
     p = run(script_copy(tmp_path, "linear_transformer.py"), "--help")
     for field in dataclasses.fields(linear_transformer.Args):
@@ -723,6 +746,27 @@ def rf_layer_inputs(a, name):
     torch.manual_seed(0)
     layer = rfwp.LAYERS[name](a).double()
     return layer, torch.randn(2, 5, a.d_model, dtype=torch.float64)
+
+
+def test_rf_post_ln_transformer_equals_torch_encoder_layers():
+    """--model transformer --post_ln = post-LN nn.TransformerEncoderLayer blocks (the official algorithmic baseline)
+    with the same weights under a causal mask, then the final LN and the head."""
+    a = rfwp.parse_args(["--model", "transformer", "--post_ln", "--d_model", "16", "--n_head", "2", "--d_ff", "32"])
+    torch.manual_seed(0)
+    model = rfwp.build_model(a, 12, 7).double().eval()
+    x = torch.randint(0, 12, (3, 9), generator=torch.Generator().manual_seed(0))
+    h = model.embed(x)
+    for block in model.blocks:
+        layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).double().eval()
+        layer.self_attn.in_proj_weight.data.copy_(block.fwp.slow.weight.view(2, 3, 8, 16).transpose(0, 1).reshape(48, 16))
+        layer.self_attn.in_proj_bias.data.zero_()  # the slow projections have no bias
+        layer.self_attn.out_proj.weight.data.copy_(block.fwp.out.weight)
+        layer.self_attn.out_proj.bias.data.zero_()
+        for mine, theirs in ((block.ff[0], layer.linear1), (block.ff[3], layer.linear2), (block.ln1, layer.norm1),
+                             (block.ln2, layer.norm2)):
+            theirs.load_state_dict(mine.state_dict())
+        h = layer(h, src_mask=torch.nn.Transformer.generate_square_subsequent_mask(9, dtype=torch.float64))
+    torch.testing.assert_close(model(x)[0], model.head(model.ln_f(h)))
 
 
 def test_rf_delta_rnn_and_lstm_equations():
@@ -830,6 +874,23 @@ def eval_listops_tokens(tokens):
             stack[-1][1].append(val)
         else:
             stack[-1][1].append(int(tok))
+
+
+def test_rf_listops_trees_are_drawn_as_the_official_generator_draws_them():
+    """Depth exactly the asked one; at depth 10 the official data's median of about 91 tokens (the depth cap would
+    lengthen them: 111); no node below level 20."""
+    rng = random.Random(0)
+    trees = [rfwp.listops_tree(rng, 10, ["MIN", "MAX", "FIRST"]) for _ in range(1000)]
+
+    def depth(t):
+        return 0 if isinstance(t, int) else 1 + max(depth(c) for c in t[1])
+
+    assert all(depth(t) == 10 for t in trees)
+    assert abs(statistics.median(len(rfwp.listops_tokens(t)) for t in trees) / 91 - 1) < 0.05
+    a = rfwp.parse_args(["--task", "listops", "--depth", "3"])
+    assert rfwp.check_args(a).depth == 3
+    with pytest.raises(SystemExit):
+        rfwp.check_args(dataclasses.replace(a, depth=20))
 
 
 def test_rf_listops_labels_equal_a_stack_evaluation():
