@@ -751,6 +751,7 @@ def train(a):
         torch.distributed.all_gather(gathered, flat)
         if master:
             print(f"ddp: parameters identical on all {world} ranks: {all(torch.equal(g, flat) for g in gathered)}")
+        torch.distributed.barrier()  # no rank tears down while another still talks to it
         torch.distributed.destroy_process_group()
 
 
