@@ -78,6 +78,9 @@ class Args:
     """code: statements per program (the paper: 100)"""
     n_vars: int = 3
     """code: variables (3 or 5)"""
+    official_if: bool = False
+    """code: a conditional `v = n` runs only while v is unassigned, as in the official generator (false: whenever
+    its condition holds)"""
     depth: int = 4
     """listops: exact nesting depth of the operator tree (the paper: 10 and 15)"""
     ops: str = "MIN,MAX,FIRST"
@@ -818,24 +821,27 @@ def build_model(a, n_in, n_out, embed=None):
 CODE_VARS = "abcde"
 CODE_MIN, CODE_MAX = -8, 16  # values stay in this range: ++ at the top becomes --, -- at the bottom becomes ++
 CODE_WORDS = ["=", "++", "--", "print", "if", "<", ">", ":", ";"] + [str(n) for n in range(10)]
-CODE_KINDS, CODE_WEIGHTS = ["assign", "inc", "dec", "print", "if"], [0.2, 0.15, 0.15, 0.3, 0.2]
+# as the official generator: assign, ++/-- (a coin picks which), print and if uniformly; inside an if, one of the
+# first three uniformly
+CODE_KINDS, CODE_WEIGHTS = ["assign", "inc", "dec", "print", "if"], [2, 1, 1, 2, 2]
 
 
-def code_program(rng, n_statements, n_vars):
+def code_program(rng, n_statements, n_vars, official_if=False):
     """One program of code execution (Fan et al. 2020, as in Irie et al. 2021 section 4.1) and its targets.
     Statements: `v = n ;`, `v ++ ;`, `v -- ;`, `print v ;`, or `if v < c :` / `if v > c :` followed by one of
-    those, which runs only if the condition holds (the official generator runs a conditional `v = n` only while v
-    is still undefined; here the semantics are the ordinary ones). Only assigned variables are read; the first statement assigns,
-    the last prints. The target of every token is None except at the `;` of an executed print: the value printed.
+    those, which runs only if the condition holds (official_if: as the official generator, a conditional `v = n`
+    runs only while v is still unassigned). Statement kinds are drawn as CODE_WEIGHTS says. Only assigned variables
+    are read; the first statement assigns, the last prints. The target of every token is None except at the `;` of
+    an executed print: the value printed.
         a = 3 ; b = 7 ; if a < 5 : a ++ ; print a ; if b > 8 : print b ; print b ;
         targets: None everywhere except the `;` after `print a` (4) and the last `;` (7)
     """
     names, env, tokens, targets = CODE_VARS[:n_vars], {}, [], []
 
-    def simple(kind, run):
+    def simple(kind, run, conditional=False):
         if kind == "assign":
             var, n = rng.choice(names), rng.randrange(10)
-            if run:
+            if run and not (official_if and conditional and var in env):
                 env[var] = n
             return [var, "=", str(n), ";"], None
         var = rng.choice(sorted(env))
@@ -856,7 +862,7 @@ def code_program(rng, n_statements, n_vars):
             kind = rng.choices(CODE_KINDS[:4], CODE_WEIGHTS[:4])[0]
         else:
             run = True
-        toks, target = simple(kind, run)
+        toks, target = simple(kind, run, conditional=tokens[-1:] == [":"])
         tokens += toks
         targets += [None] * (len(toks) - 1) + [target]
     return tokens, targets
@@ -915,7 +921,7 @@ def make_examples(a, split):
         blank = CODE_MAX - CODE_MIN + 1  # classes: values CODE_MIN..CODE_MAX, then blank
         xs, ys = [], []
         for _ in range(n):
-            tokens, targets = code_program(rng, a.code_length, a.n_vars)
+            tokens, targets = code_program(rng, a.code_length, a.n_vars, a.official_if)
             xs.append([vocab.index(t) for t in tokens])
             ys.append([blank if t is None else t - CODE_MIN for t in targets])
         return xs, ys, vocab, blank + 1

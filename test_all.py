@@ -817,8 +817,9 @@ def test_rf_rdn_equations():
     torch.testing.assert_close(layer(x)[0], layer.out(rfwp.merge(torch.stack(ys, 2))))
 
 
-def run_code(tokens):
-    """An independent interpreter: the program as text, ordinary semantics; returns the prints by token index."""
+def run_code(tokens, official_if=False):
+    """An independent interpreter: the program as text, ordinary semantics (official_if: a conditional assignment
+    runs only while its variable is unassigned); returns the prints by token index."""
     env, printed, i = {}, {}, 0
     text = " ".join(tokens).split(" ; ")
     pos = 0
@@ -836,26 +837,50 @@ def run_code(tokens):
         if words[0] == "print":
             printed[pos - 1] = env[words[1]]
         elif words[1] == "=":
-            env[words[0]] = int(words[2])
+            if not (official_if and stmt.startswith("if") and words[0] in env):
+                env[words[0]] = int(words[2])
         else:
             env[words[0]] += 1 if words[1] == "++" else -1
         assert all(rfwp.CODE_MIN <= val <= rfwp.CODE_MAX for val in env.values())
     return printed
 
 
-@pytest.mark.parametrize("n_vars", [3, 5])
-def test_rf_code_targets_equal_an_interpreter(n_vars):
-    import random
-
+@pytest.mark.parametrize("n_vars, official_if", [(3, False), (5, False), (3, True)])
+def test_rf_code_targets_equal_an_interpreter(n_vars, official_if):
     rng = random.Random(0)
-    n_prints = 0
+    n_prints, n_differ = 0, 0
     for _ in range(300):
-        tokens, targets = rfwp.code_program(rng, 30, n_vars)
+        tokens, targets = rfwp.code_program(rng, 30, n_vars, official_if)
         assert tokens[0] in rfwp.CODE_VARS and tokens[1] == "=" and tokens[-3] == "print"
-        expected = run_code(tokens)
+        expected = run_code(tokens, official_if)
         assert {i: t for i, t in enumerate(targets) if t is not None} == expected
         n_prints += len(expected)
+        try:
+            n_differ += expected != run_code(tokens, not official_if)
+        except KeyError:  # under the other semantics a variable is read before it is assigned
+            n_differ += 1
     assert n_prints > 300 * 5  # prints are common; some are skipped by false conditions
+    assert n_differ > 30  # the two semantics differ on many programs
+
+
+def test_rf_code_statement_kinds_are_drawn_as_the_official_generator_draws_them():
+    """assign, ++/--, print, if with 1/4 each (statements 2 to n-1); inside an if, assign, ++/--, print 1/3 each."""
+    rng = random.Random(0)
+    top, inner = {}, {}
+    for _ in range(400):
+        tokens, _ = rfwp.code_program(rng, 50, 3)
+        for stmt in " ".join(tokens).split(" ; ")[1:-1]:
+            words = stmt.replace(" ;", "").split()
+            kind = "if" if words[0] == "if" else "print" if words[0] == "print" else "=" if words[1] == "=" else "+-"
+            top[kind] = top.get(kind, 0) + 1
+            if kind == "if":
+                w = words[5:]
+                kind = "print" if w[0] == "print" else "=" if w[1] == "=" else "+-"
+                inner[kind] = inner.get(kind, 0) + 1
+    for counts, p in ((top, 1 / 4), (inner, 1 / 3)):
+        n = sum(counts.values())
+        for kind, c in counts.items():
+            assert abs(c / n - p) < 4 * math.sqrt(p * (1 - p) / n), (kind, c / n, p)
 
 
 def eval_listops_tokens(tokens):
