@@ -30,7 +30,7 @@ Glossary: b batch, h head, t time step, T sequence length, C chunk length, d = d
 W, R (d, d) fast weights of one head (fp32), beta in (0, 1) a write strength, s the recurrent input of a step.
 
 Commands:
-    python rfwp.py                                        # rdn on code execution, about 4 CPU minutes
+    python rfwp.py                                        # rdn on code execution, about 3 CPU minutes
     python rfwp.py --preset tiny --steps 20               # smoke run
     python rfwp.py --model rdn --task listops             # sequential ListOps (depth 4; the paper: 10, 15)
     python rfwp.py --preset paper --model delta_rnn       # GPU: the paper's code execution setting
