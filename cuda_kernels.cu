@@ -988,6 +988,17 @@ T* ptr(const at::Tensor& x) { return x.defined() && x.numel() > 0 ? x.data_ptr<T
 
 }  // namespace
 
+// Bytes of shared memory a recurrent backward kernel uses at head width d: its per-warp partials (vectors of d and
+// scalars), two sets for the Delta RNN and LSTM (one __syncthreads per step), one for the RDN. rfwp.py asks this
+// before it picks the kernel, so the layer falls back to the loop on a GPU that has less.
+int64_t recurrent_backward_smem(const std::string& model, int64_t d, int64_t elem_size) {
+  const int64_t nw = warps_for(d);
+  if (model == "delta_rnn") return 2 * (2 * nw * d + nw) * elem_size;
+  if (model == "delta_lstm") return 2 * (4 * nw * d + 3 * nw) * elem_size;
+  TORCH_CHECK(model == "rdn", "recurrent_backward_smem: model must be delta_rnn, delta_lstm or rdn");
+  return (3 * nw * d + nw) * elem_size;
+}
+
 // Delta RNN: z, k, v (B, H, T, d), beta (B, H, T), R0 (B, H, d, d), y0 (B, H, d) -> y (B, H, T, d), R_T, v̄ (when
 // save; else empty). y, R_T and v̄ are fp32 (fp64 for fp64 inputs).
 std::vector<at::Tensor> delta_rnn_forward(at::Tensor z, at::Tensor k, at::Tensor v, at::Tensor beta, at::Tensor R0,
@@ -1035,7 +1046,7 @@ std::vector<at::Tensor> delta_rnn_backward(at::Tensor k, at::Tensor v, at::Tenso
     dispatch_layout(d, [&](auto n) {
       auto kernel = delta_rnn_backward_kernel<scalar_t, decltype(n)::value, decltype(n)::value>;
       const int nw = warps_for(d);
-      const size_t smem = 2 * (2 * nw * d + nw) * sizeof(acc_t);
+      const size_t smem = recurrent_backward_smem("delta_rnn", d, sizeof(acc_t));
       allow_smem((const void*)kernel, smem);
       kernel<<<B * H, 32 * nw, smem, c10::cuda::getCurrentCUDAStream()>>>(
           k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(), v_bar.data_ptr<acc_t>(),
@@ -1099,7 +1110,7 @@ std::vector<at::Tensor> delta_lstm_backward(at::Tensor z, at::Tensor k, at::Tens
     dispatch_layout(d, [&](auto n) {
       auto kernel = delta_lstm_backward_kernel<scalar_t, decltype(n)::value, decltype(n)::value>;
       const int nw = warps_for(d);
-      const size_t smem = 2 * (4 * nw * d + 3 * nw) * sizeof(acc_t);
+      const size_t smem = recurrent_backward_smem("delta_lstm", d, sizeof(acc_t));
       allow_smem((const void*)kernel, smem);
       kernel<<<B * H, 32 * nw, smem, c10::cuda::getCurrentCUDAStream()>>>(
           z.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(),
@@ -1166,7 +1177,7 @@ std::vector<at::Tensor> rdn_backward(at::Tensor Rs, at::Tensor r_b, at::Tensor q
     dispatch_layout(d, [&](auto n) {
       auto kernel = rdn_backward_kernel<scalar_t, decltype(n)::value, decltype(n)::value>;
       const int nw = warps_for(d);
-      const size_t smem = (3 * nw * d + nw) * sizeof(scalar_t);
+      const size_t smem = recurrent_backward_smem("rdn", d, sizeof(scalar_t));
       allow_smem((const void*)kernel, smem);
       kernel<<<B * H, 32 * nw, smem, c10::cuda::getCurrentCUDAStream()>>>(
           Rs.data_ptr<scalar_t>(), r_b.data_ptr<scalar_t>(), q_sv.data_ptr<scalar_t>(), k_sv.data_ptr<scalar_t>(),
@@ -1189,4 +1200,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("delta_lstm_backward", &delta_lstm_backward, "Delta LSTM recurrence, backward");
   m.def("rdn_forward", &rdn_forward, "Recurrent Delta Net recurrence, forward");
   m.def("rdn_backward", &rdn_backward, "Recurrent Delta Net recurrence, backward");
+  m.def("recurrent_backward_smem", &recurrent_backward_smem, "shared memory of a recurrent backward kernel, bytes");
 }

@@ -367,9 +367,15 @@ def cuda_kernels():
     return _CUDA_KERNELS or None
 
 
-def use_kernel(impl, x, max_d=128):
-    """--impl cuda uses the fused kernels for inputs x (B, H, T, d) on a CUDA device, d <= max_d, T >= 1."""
-    return impl == "cuda" and x.is_cuda and x.shape[2] > 0 and x.shape[3] <= max_d and cuda_kernels()
+def use_kernel(impl, x, model=None):
+    """--impl cuda uses the fused kernels for inputs x (B, H, T, d) on a CUDA device, d <= 128, T >= 1; for a
+    recurrent model, where its backward's shared memory fits the GPU."""
+    if not (impl == "cuda" and x.is_cuda and x.shape[2] > 0 and x.shape[3] <= 128 and cuda_kernels()):
+        return False
+    if model is None:
+        return True
+    nbytes = cuda_kernels().recurrent_backward_smem(model, x.shape[3], 8 if x.dtype == torch.float64 else 4)
+    return nbytes <= getattr(torch.cuda.get_device_properties(x.device), "shared_memory_per_block_optin", 48 * 1024)
 
 
 class FastWeightCUDA(torch.autograd.Function):
@@ -452,9 +458,9 @@ def rdn_loop(q, k, v, b, R, r_b, W, y):
     return torch.stack(ys, 2), W, y
 
 
-def grad_of_last(dys, dy_T):
-    """The gradient of every output with the final state's (the last output) added at the last step."""
-    dys = dys.clone()
+def grad_of_last(dys, dy_T, ys):
+    """The gradient of every output ys with the final state's (the last output) added at the last step."""
+    dys = torch.zeros_like(ys) if dys is None else dys.clone()
     if dy_T is not None:
         dys[:, :, -1] += dy_T
     return dys
@@ -472,9 +478,8 @@ class DeltaRNNCUDA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dys, dR, dy_T):
         k, v, beta, v_bar, ys, y0, R = ctx.saved_tensors
-        dys = torch.zeros_like(ys) if dys is None else dys
         dz, dk, dv, dbeta, dR0, dy0 = cuda_kernels().delta_rnn_backward(
-            k, v, beta, v_bar, ys, y0, R, grad_of_last(dys, dy_T), R.new_empty(0) if dR is None else dR)
+            k, v, beta, v_bar, ys, y0, R, grad_of_last(dys, dy_T, ys), R.new_empty(0) if dR is None else dR)
         return dz.to(k.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dR0, dy0
 
 
@@ -490,9 +495,8 @@ class DeltaLSTMCUDA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dhs, dR, dc_T, dh_T):
         z, k, v, beta, v_bar, hs, cs, h0, c0, R = ctx.saved_tensors
-        dhs = torch.zeros_like(hs) if dhs is None else dhs
         dz, dk, dv, dbeta, dR0, dc0, dh0 = cuda_kernels().delta_lstm_backward(
-            z, k, v, beta, v_bar, hs, cs, h0, c0, R, grad_of_last(dhs, dh_T), c0.new_empty(0) if dc_T is None
+            z, k, v, beta, v_bar, hs, cs, h0, c0, R, grad_of_last(dhs, dh_T, hs), c0.new_empty(0) if dc_T is None
             else dc_T, R.new_empty(0) if dR is None else dR)
         return dz.to(z.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dR0, dc0, dh0
 
@@ -511,9 +515,8 @@ class RDNCUDA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dys, dW, dy_T):
         R, r_b, q_sv, k_sv, v_sv, beta, v_bar, ys, y0, W = ctx.saved_tensors
-        dys = torch.zeros_like(ys) if dys is None else dys
         dq, dk, dv, db, dW0, dy0 = cuda_kernels().rdn_backward(
-            R, r_b, q_sv, k_sv, v_sv, beta, v_bar, ys, y0, W, grad_of_last(dys, dy_T), W.new_empty(0) if dW is None
+            R, r_b, q_sv, k_sv, v_sv, beta, v_bar, ys, y0, W, grad_of_last(dys, dy_T, ys), W.new_empty(0) if dW is None
             else dW)
         s = torch.tanh(torch.cat([y0.unsqueeze(2), ys[:, :, :-1]], 2))  # s_t = tanh(y_{t-1}), (B, H, T, d)
         dR = torch.stack([torch.einsum("bhti,bhtj->hij", g, s) for g in (dq, dk, dv)])
@@ -531,29 +534,20 @@ def states(x, *xs):
     return [s.to(state_dtype(x)).contiguous() for s in xs]
 
 
-def backward_fits(x, vectors_per_warp, scalars_per_warp):
-    """Whether a recurrent kernel's backward finds its shared memory on x's GPU: per-warp partials of vectors and
-    scalars; NW warps as cuda_kernels.cu's warps_for(d)."""
-    d = x.shape[-1]
-    nw = d if d <= 32 else -(-d // 2) if d <= 64 else -(-d // 4)
-    nbytes = (vectors_per_warp * nw * d + scalars_per_warp * nw) * (8 if x.dtype == torch.float64 else 4)
-    return nbytes <= getattr(torch.cuda.get_device_properties(x.device), "shared_memory_per_block_optin", 48 * 1024)
-
-
 def delta_rnn(z, k, v, beta, R, y, impl):
-    if use_kernel(impl, z) and backward_fits(z, 4, 2):
+    if use_kernel(impl, z, "delta_rnn"):
         return DeltaRNNCUDA.apply(*contiguous(z, k, v, beta), *states(z, R, y))
     return delta_rnn_loop(z, k, v, beta, R, y)
 
 
 def delta_lstm(z, k, v, beta, R, c, h, impl):
-    if use_kernel(impl, z) and backward_fits(z, 8, 6):
+    if use_kernel(impl, z, "delta_lstm"):
         return DeltaLSTMCUDA.apply(*contiguous(z, k, v, beta), *states(z, R, c, h))
     return delta_lstm_loop(z, k, v, beta, R, c, h)
 
 
 def rdn(q, k, v, b, R, r_b, W, y, impl):
-    if use_kernel(impl, q) and backward_fits(q, 3, 1):
+    if use_kernel(impl, q, "rdn"):
         return RDNCUDA.apply(*contiguous(q, k, v, b), *states(q, R, r_b, W, y))
     return rdn_loop(q, k, v, b, R, r_b, W, y)
 
@@ -1594,10 +1588,13 @@ def bench(a):
                 mem = torch.cuda.max_memory_allocated() / 2**20
             else:
                 mem = saved_mib(step)
-            model.zero_grad()
-            result = [step().detach()] + [p.grad for p in model.parameters() if p.grad is not None]
-            err = "" if reference is None else f"{max(relative_error(r, g) for r, g in zip(result, reference)):9.1e}"
-            reference = reference or result
+            err = ""
+            if len(impls) > 1:  # the logits and gradients of one more step, against the first form's
+                model.zero_grad()
+                result = [step().detach()] + [p.grad for p in model.parameters() if p.grad is not None]
+                if reference is not None:
+                    err = f"{max(relative_error(r, g) for r, g in zip(result, reference)):9.1e}"
+                reference = reference or result
             t_med = float(np.median(times[1:]))
             n_params = sum(p.numel() for p in model.parameters())
             print(f"{name:12} {impl:6} {n_params / 1e6:7.2f}M {t_med * 1e3:11.1f} {B * T / t_med:9.0f} {mem:9.1f} "

@@ -912,10 +912,8 @@ def test_rf_listops_trees_are_drawn_as_the_official_generator_draws_them():
 
     assert all(depth(t) == 10 for t in trees)
     assert abs(statistics.median(len(rfwp.listops_tokens(t)) for t in trees) / 91 - 1) < 0.05
-    a = rfwp.parse_args(["--task", "listops", "--depth", "3"])
-    assert rfwp.check_args(a).depth == 3
     with pytest.raises(SystemExit):
-        rfwp.check_args(dataclasses.replace(a, depth=20))
+        rfwp.check_args(dataclasses.replace(rfwp.parse_args(["--task", "listops"]), depth=rfwp.LISTOPS_LEVELS))
 
 
 def test_rf_listops_labels_equal_a_stack_evaluation():
