@@ -21,6 +21,7 @@ form A = strict_lower(diag(beta) K K^T) and T = (I + A)^-1 (a C x C matrix, not 
 Commands:
     python delta_net.py                                  # associative recall, a few CPU minutes
     python delta_net.py --preset tiny --steps 20         # smoke run
+    python delta_net.py --repeat_keys                    # keys rewritten with new values: overwriting
     python delta_net.py --task lm --dataset wikitext-103 --preset paper   # GPU, the paper's LM size
     python delta_net.py --task lm --dataset wikitext-2 --sample 200 --prompt "The meaning of"
     python delta_net.py --bench                          # loop vs chunk (vs cuda) speed and memory
@@ -53,6 +54,8 @@ class Args:
     """recall (associative recall, synthetic) or lm (language modelling through data.py)"""
     n_pairs: int = 24
     """recall: key-value pairs per sequence; every key is queried once afterwards"""
+    repeat_keys: bool = False
+    """recall: draw keys with replacement; a rewritten key must answer its latest value (tests overwriting)"""
     vocab_size: int = 128
     """recall: keys come from the first half of the ids, values from the second (plus one blank id)"""
     dataset: str = "wikitext-2"
@@ -80,6 +83,10 @@ class Args:
     """heads per layer; d_head = d_model / n_head"""
     d_ff: int = 512
     """feed-forward hidden width"""
+    pos_enc: str = "auto"
+    """auto (sin for lm unless --carry_state, as the official LM code; none for recall), sin (sinusoidal, added to the embedding) or none"""
+    scale_out: bool = False
+    """multiply the fast-weight output by 1/sqrt(d_head) before the output projection (the official LM layers)"""
     dropout: float = 0.0
     """dropout after the attention output and in the feed-forward block"""
     qk_map: str = "elu_sumnorm"
@@ -138,7 +145,8 @@ PRESETS = {
     # lr 2.5e-4, 2k warm-up, cosine over 500k steps, clip 0.25); their adaptive input/softmax is not used here
     "paper": dict(task="lm", dataset="wikitext-103", d_model=128, n_layer=16, n_head=8, d_ff=2048, dropout=0.1,
                   seq_len=256, batch_size=96, steps=500_000, lr=2.5e-4, warmup=2000, grad_clip=0.25, eval_every=5000,
-                  weight_decay=0.0, beta2=0.999, lr_min=0.0),  # the official optimizer: Adam, cosine to 0
+                  weight_decay=0.0, beta2=0.999, lr_min=0.0,  # the official optimizer: Adam, cosine to 0
+                  pos_enc="sin", scale_out=True),  # the official LM model: positions, output scaled
 }
 
 
@@ -198,7 +206,7 @@ def parse_args(argv):
 
 def check_args(a):
     choices = dict(task=("recall", "lm"), tokenizer=("word", "char"), qk_map=("elu_sumnorm", "l2"),
-                   impl=("auto", "loop", "chunk", "cuda"), dtype=("float32", "bfloat16"))
+                   pos_enc=("auto", "sin", "none"), impl=("auto", "loop", "chunk", "cuda"), dtype=("float32", "bfloat16"))
     for key, allowed in choices.items():
         if getattr(a, key) not in allowed:
             fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(a, key)!r}")
@@ -206,9 +214,11 @@ def check_args(a):
                 "chunk_size", "seq_len", "n_pairs", "vocab_size", "bench_d"):
         if getattr(a, key) <= 0:
             fail(f"--{key} must be positive, got {getattr(a, key)}")
+    if a.pos_enc == "auto":
+        a.pos_enc = "sin" if (a.task == "lm" and not a.carry_state) else "none"
     if a.d_model % a.n_head:
         fail(f"--d_model {a.d_model} is not divisible by --n_head {a.n_head}; pick n_head dividing d_model.")
-    if a.task == "recall" and 2 * a.n_pairs > a.vocab_size:
+    if a.task == "recall" and not a.repeat_keys and 2 * a.n_pairs > a.vocab_size:
         fail(f"--n_pairs {a.n_pairs} needs --vocab_size of at least {2 * a.n_pairs} (distinct keys in one half).")
     if not 0 <= a.dropout < 1 or a.lr <= 0 or a.warmup < 0 or a.grad_clip < 0 or a.stop_at < 0:
         fail("--dropout must be in [0, 1); --lr positive; --warmup, --grad_clip and --stop_at non-negative.")
@@ -377,6 +387,7 @@ class DeltaLayer(nn.Module):
         self.qkv = nn.Linear(a.d_model, 3 * a.d_model, bias=False)  # W_q, W_k, W_v
         self.w_beta = nn.Linear(a.d_model, a.n_head, bias=False)
         self.out = nn.Linear(a.d_model, a.d_model, bias=False)
+        self.out_scale = self.d_head ** -0.5 if a.scale_out else 1.0
 
     def feature_map(self, x):
         if self.qk_map == "l2":
@@ -390,7 +401,7 @@ class DeltaLayer(nn.Module):
         q, k = self.feature_map(q), self.feature_map(k)
         beta = torch.sigmoid(self.w_beta(x)).transpose(1, 2)  # (B, H, T)
         y, W = delta_rule(q, k, v, beta, W, self.impl, self.chunk_size)
-        return self.out(y.transpose(1, 2).reshape(B, T, -1)), W
+        return self.out(self.out_scale * y.transpose(1, 2).reshape(B, T, -1)), W
 
 
 class Block(nn.Module):
@@ -408,6 +419,14 @@ class Block(nn.Module):
         return x + self.ff(self.ln2(x)), W
 
 
+def sinusoidal(start, T, d, device=None):
+    """Positions start..start+T-1 as (T, d): PE[t, 2i] = sin(t / 10000^(2i/d)), PE[t, 2i+1] = cos(same)
+    (Vaswani et al. 2017, section 3.5)."""
+    t = torch.arange(start, start + T, device=device, dtype=torch.float32)[:, None]
+    angle = t / 10000 ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)  # (T, ceil(d/2))
+    return torch.stack([angle.sin(), angle.cos()], -1).flatten(-2)[:, :d]
+
+
 class DeltaNet(nn.Module):
     """Token ids (B, T) and a state (one W per layer, or None) -> logits (B, T, vocab), new state.
     Ids of shape (B, T, m) give m ids per position whose embeddings are summed (the recall task)."""
@@ -415,12 +434,16 @@ class DeltaNet(nn.Module):
     def __init__(self, a, vocab_size):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, a.d_model)
+        self.pos_enc = a.pos_enc == "sin"
         self.blocks = nn.ModuleList(Block(a) for _ in range(a.n_layer))
         self.ln_f = nn.LayerNorm(a.d_model)
         self.head = nn.Linear(a.d_model, vocab_size, bias=False)
 
-    def forward(self, idx, state=None):
+    def forward(self, idx, state=None, pos=0):
+        """pos: the position of idx[:, 0] (positions restart at 0 in every call unless the caller counts)."""
         x = self.embed(idx) if idx.dim() == 2 else self.embed(idx).sum(-2)
+        if self.pos_enc:
+            x = x + sinusoidal(pos, idx.shape[1], x.shape[-1], x.device).to(x.dtype)
         state = state or [None] * len(self.blocks)
         new_state = []
         for block, W in zip(self.blocks, state):
@@ -433,21 +456,34 @@ class DeltaNet(nn.Module):
 # Tasks
 
 
-def recall_batch(batch_size, n_pairs, vocab_size, gen):
-    """Associative recall (Schlag et al. 2021, section 4.1): n_pairs key-value pairs are written, then every key
-    is queried once in a random order and the model must output its value. Each position holds two ids whose
-    embeddings are summed: (key, value) while writing, (key, blank) while querying. Keys are distinct, from
-    [0, V/2); values from [V/2, V); blank = V. Targets are -100 (no loss) while writing. n_pairs=3, V=16:
+def recall_batch(batch_size, n_pairs, vocab_size, gen, repeat_keys=False):
+    """Associative recall (Schlag et al. 2021, section 4.1): n_pairs key-value pairs are written, then n_pairs
+    queries follow in a random order and the model must output the value of each queried key. Each position
+    holds two ids whose embeddings are summed: (key, value) while writing, (key, blank) while querying. Keys come
+    from [0, V/2), values from [V/2, V); blank = V. Targets are -100 (no loss) while writing.
+    Default: keys are distinct and every key is queried once. n_pairs=3, V=16:
         x: (3,12) (5,9) (1,14) | (5,16) (1,16) (3,16)
         y:   .      .     .    |    9     14     12
+    repeat_keys: keys are drawn with replacement (the paper's setting 2), so a key may be written again with a
+    new value, and the target is the value of its latest write: the memory must overwrite, not only add. The
+    queries are the written keys in a random order (a repeated key is asked as often as it was written):
+        x: (3,12) (5,9) (3,14) | (3,16) (5,16) (3,16)
+        y:   .      .     .    |   14     9     14
     """
     half = vocab_size // 2
-    keys = torch.rand(batch_size, half, generator=gen).argsort(-1)[:, :n_pairs]
+    if repeat_keys:
+        keys = torch.randint(0, half, (batch_size, n_pairs), generator=gen)
+    else:
+        keys = torch.rand(batch_size, half, generator=gen).argsort(-1)[:, :n_pairs]
     values = torch.randint(half, vocab_size, (batch_size, n_pairs), generator=gen)
     order = torch.rand(batch_size, n_pairs, generator=gen).argsort(-1)
-    queries = torch.stack([keys.gather(1, order), torch.full_like(keys, vocab_size)], -1)
+    asked = keys.gather(1, order)  # (B, n_pairs)
+    # index of the latest write of each asked key: the largest position j with keys[j] == asked key
+    written = (keys[:, None, :] == asked[:, :, None]) * torch.arange(1, n_pairs + 1)  # (B, n_pairs, n_pairs)
+    answer = values.gather(1, written.argmax(-1))
+    queries = torch.stack([asked, torch.full_like(keys, vocab_size)], -1)
     x = torch.cat([torch.stack([keys, values], -1), queries], 1)  # (B, 2 n_pairs, 2)
-    y = torch.cat([torch.full_like(values, -100), values.gather(1, order)], 1)  # (B, 2 n_pairs)
+    y = torch.cat([torch.full_like(values, -100), answer], 1)  # (B, 2 n_pairs)
     return x, y
 
 
@@ -481,7 +517,7 @@ def evaluate(model, a, task, split, device, autocast):
     total_loss, total_correct, total_n = 0.0, 0, 0
     if a.task == "recall":
         gen = torch.Generator().manual_seed({"valid": 10_000, "test": 20_000}[split] + a.seed)
-        batches = (recall_batch(a.batch_size, a.n_pairs, a.vocab_size, gen) for _ in range(a.eval_batches))
+        batches = (recall_batch(a.batch_size, a.n_pairs, a.vocab_size, gen, a.repeat_keys) for _ in range(a.eval_batches))
     else:
         streams = task[split]
         batches = (data.segment(streams, i, a.seq_len) for i in range(data.n_segments(streams, a.seq_len)))
@@ -566,7 +602,7 @@ def sample(a, device):
         for _ in range(a.sample):  # then constant memory per token: only the fast weights are kept
             probs = F.softmax(logits[0, -1].float() / a.temperature, -1)
             ids.append(torch.multinomial(probs, 1, generator=gen).item())
-            logits, state = model(torch.tensor([[ids[-1]]], device=device), state)
+            logits, state = model(torch.tensor([[ids[-1]]], device=device), state, pos=len(ids) - 1)
     sep = "" if train_args.tokenizer == "char" else " "
     print(sep.join(vocab[i] for i in ids).replace(" <eos> ", "\n"))
 
@@ -637,7 +673,7 @@ def train(a):
     bar = tqdm(total=a.steps, initial=step, disable=not master, dynamic_ncols=True)
     while step < a.steps:
         if a.task == "recall":
-            x, y = recall_batch(a.batch_size, a.n_pairs, a.vocab_size, gen)
+            x, y = recall_batch(a.batch_size, a.n_pairs, a.vocab_size, gen, a.repeat_keys)
         else:
             i = step % n_seg
             x, y = data.segment(task["train"], i, a.seq_len)

@@ -123,6 +123,9 @@ class Args:
     """rl: zero the core state before every step (an agent without memory: the ablation for the CPU task)"""
     eval: int = 0
     """rl: run the greedy policy of out_dir/ckpt.pt for this many episodes, print mean and std, and exit"""
+    eval_per_life: bool = False
+    """rl --eval on Atari: score one life as an episode (the official test(), which keeps the episodic-life wrapper);
+    default: the whole game, the usual Atari score"""
     # model
     model: str = "rdn"
     """lstm | transformer | linear | delta | delta_mlp | delta_delta | delta_rnn | delta_lstm | rdn"""
@@ -1204,7 +1207,12 @@ class AtariEnvs:
     frame skip 4 with a max over the last two frames, up to 30 no-op starts, FIRE at reset, no sticky actions
     (as the paper's NoFrameskip-v4). Raw rewards (the loss clips them). life_end marks a lost life or game over:
     there the bootstrap stops, as torchbeast's episodic-life wrapper does, while the core state and the reported
-    score run over the whole game."""
+    score run over the whole game.
+    FIRE after a lost life: the official wrappers press FIRE in the reset that follows every lost life (their
+    FireResetEnv sits on top of the episodic-life wrapper); in games such as Breakout nothing moves until FIRE is
+    pressed. Here the step after a lost life executes FIRE whatever the agent chose. The agent's sampled action is
+    then ignored by the environment, so the transition does not depend on it and the data stay on-policy for
+    V-trace (that step's policy-gradient term has zero mean). Games without a FIRE action are unaffected."""
 
     def __init__(self, name, n, seed):
         from ale_py import roms
@@ -1216,17 +1224,22 @@ class AtariEnvs:
         self.envs = AtariVectorEnv(game, n, autoreset_mode="SameStep", reward_clipping=False)
         self.obs_shape = self.envs.single_observation_space.shape  # (4, 84, 84) uint8
         self.n_actions, self.seed, self.lives = int(self.envs.single_action_space.n), seed, None
+        action_set = [action.name for action in self.envs.ale.get_action_set()]  # NOOP, FIRE, RIGHT, ...
+        self.fire = action_set.index("FIRE") if "FIRE" in action_set else None
+        self.fire_next = np.zeros(n, dtype=bool)
 
     def reset(self):
         obs, info = self.envs.reset(seed=self.seed)
-        self.lives = info["lives"]
+        self.lives, self.fire_next[:] = info["lives"], False
         return obs
 
     def step(self, actions):
+        if self.fire is not None:
+            actions = np.where(self.fire_next, self.fire, actions)
         obs, reward, terminated, truncated, info = self.envs.step(actions)
         done = terminated | truncated
         life_end = done | (info["lives"] < self.lives)
-        self.lives = info["lives"]
+        self.lives, self.fire_next = info["lives"], life_end & ~done  # a new game gets FIRE from the reset itself
         return obs, reward.astype(np.float32), done, life_end
 
     def close(self):
@@ -1485,11 +1498,12 @@ def rl_evaluate(a):
     t0 = time.time()
     while np.isnan(scores).any():
         logit, _, state = agent(torch.as_tensor(obs, device=device), last_reward, state, reset)
-        obs, reward, done, _ = envs.step(logit.argmax(-1).cpu().numpy())
+        obs, reward, done, life_end = envs.step(logit.argmax(-1).cpu().numpy())
         envs.returns += reward
-        first = done & np.isnan(scores)
+        end = life_end if a.eval_per_life else done
+        first = end & np.isnan(scores)
         scores[first] = envs.returns[first]
-        envs.returns[done] = 0
+        envs.returns[end] = 0
         last_reward, reset = torch.as_tensor(reward, device=device), torch.as_tensor(done, device=device)
     envs.close()
     log_metrics(a.out_dir, ckpt["step"], "eval", {"return_mean": scores.mean(), "return_std": scores.std()}, t0)

@@ -204,6 +204,30 @@ def test_recall_batch_structure():
         assert y[b, n:].tolist() == [lookup[k] for k in queries[b].tolist()]
 
 
+@pytest.mark.parametrize("script", ["delta_net", "linear_transformer"])
+def test_recall_repeat_keys_asks_for_the_latest_value(script):
+    """--repeat_keys: keys drawn with replacement; each query's target is the value of the key's latest write
+    (checked against a plain dict that every write overwrites); the queries are the written keys, permuted."""
+    recall_batch = {"delta_net": delta_net, "linear_transformer": linear_transformer}[script].recall_batch
+    gen = torch.Generator().manual_seed(0)
+    n, V = 12, 16
+    x, y = recall_batch(64, n, V, gen, repeat_keys=True)
+    assert x.shape == (64, 2 * n, 2) and (x[:, n:, 1] == V).all() and (y[:, :n] == -100).all()
+    keys, values, queries = x[:, :n, 0], x[:, :n, 1], x[:, n:, 0]
+    rewritten = 0
+    for b in range(64):
+        latest = {}
+        for k, v in zip(keys[b].tolist(), values[b].tolist()):
+            rewritten += k in latest and latest[k] != v
+            latest[k] = v
+        assert sorted(queries[b].tolist()) == sorted(keys[b].tolist())
+        assert y[b, n:].tolist() == [latest[k] for k in queries[b].tolist()]
+    assert rewritten > 64  # 12 keys from 8: overwrites are common, so the test sees them
+    # without the flag the keys stay distinct
+    x0, _ = recall_batch(4, 3, V, torch.Generator().manual_seed(1))
+    assert all(len(set(r.tolist())) == 3 for r in x0[:, :3, 0])
+
+
 def check_paper_optimizer(script):
     """--preset paper: the official LM optimizer (Adam, no weight decay, cosine to 0); the default: AdamW (0.9, 0.98),
     weight decay 0.1 on matrices, cosine to lr / 10."""
@@ -331,15 +355,17 @@ def test_smoke_lm_carry_state_and_sample(tmp_path, tokenizer):
     assert p.stdout.startswith("the fast")
 
 
-def test_sample_constant_memory_state_matches_parallel():
-    """Token-by-token generation carries exactly the state a parallel pass over the same tokens ends with."""
+@pytest.mark.parametrize("pos_enc", ["none", "sin"])
+def test_sample_constant_memory_state_matches_parallel(pos_enc):
+    """Token-by-token generation (positions counted by the caller) carries exactly the state a parallel pass over
+    the same tokens ends with."""
     torch.manual_seed(0)
-    model = delta_net.DeltaNet(tiny_args(), 16).double().eval()
+    model = delta_net.DeltaNet(tiny_args(pos_enc=pos_enc), 16).double().eval()
     x = torch.randint(0, 16, (1, 9))
     logits, state = model(x)
     s = None
     for t in range(9):
-        step_logits, s = model(x[:, t : t + 1], s)
+        step_logits, s = model(x[:, t : t + 1], s, pos=t)
         torch.testing.assert_close(step_logits[:, 0], logits[:, t])
     for a, b in zip(s, state):
         torch.testing.assert_close(a, b)
@@ -613,16 +639,54 @@ def test_lt_smoke_lm_and_sample(tmp_path, attn):
     assert p.stdout.startswith("the fast") and len(p.stdout.split()) >= 12
 
 
-def test_lt_sample_state_matches_parallel():
+@pytest.mark.parametrize("pos_enc", ["none", "sin"])
+def test_lt_sample_state_matches_parallel(pos_enc):
     torch.manual_seed(0)
     for attn in ("linear", "softmax"):
-        model = linear_transformer.LinearTransformer(lt_args(attn=attn), 16).double().eval()
+        model = linear_transformer.LinearTransformer(lt_args(attn=attn, pos_enc=pos_enc), 16).double().eval()
         x = torch.randint(0, 16, (1, 9))
         logits, _ = model(x)
         s = None
         for t in range(9):
-            step_logits, s = model(x[:, t : t + 1], s)
+            step_logits, s = model(x[:, t : t + 1], s, pos=t)
             torch.testing.assert_close(step_logits[:, 0], logits[:, t])
+
+
+def test_lt_pos_enc_breaks_the_softmax_baselines_permutation_invariance():
+    """Causal softmax attention without positions sees the prefix as a set: permuting the tokens before the last
+    one leaves the last output unchanged. Sinusoidal positions (the default for --attn softmax) make it order-aware."""
+    assert lt_args(attn="softmax").pos_enc == "sin" and lt_args().pos_enc == "none"
+    assert lt_args(task="lm").pos_enc == "sin" and lt_args(task="lm", carry_state="true").pos_enc == "none"
+    paper = linear_transformer.parse_args(["--preset", "paper"])
+    assert paper.pos_enc == "sin" and paper.scale_out
+    torch.manual_seed(0)
+    x = torch.randint(0, 16, (2, 12))
+    x_perm = torch.cat([x[:, :-1][:, torch.randperm(11)], x[:, -1:]], 1)
+    assert not torch.equal(x, x_perm)
+    for pos_enc, invariant in (("none", True), ("sin", False)):
+        torch.manual_seed(1)
+        model = linear_transformer.LinearTransformer(lt_args(attn="softmax", pos_enc=pos_enc), 16).double().eval()
+        last, last_perm = model(x)[0][:, -1], model(x_perm)[0][:, -1]
+        assert torch.allclose(last, last_perm, rtol=1e-10, atol=1e-12) == invariant
+        assert (last - last_perm).abs().max() > 1e-3 or invariant
+
+
+@pytest.mark.parametrize("script", ["delta_net", "linear_transformer"])
+def test_scale_out_multiplies_the_fast_weight_output(script):
+    """--scale_out: the official LM layers' y / sqrt(d_head) before the output projection (linear, so the layer's
+    output is exactly the unscaled one times d_head^-1/2); the paper preset turns it on with the positions."""
+    mod = {"delta_net": delta_net, "linear_transformer": linear_transformer}[script]
+    args = lambda **kw: mod.parse_args(["--preset", "tiny"] + [s for k, v in kw.items() for s in (f"--{k}", str(v))])
+    layer_cls = mod.DeltaLayer if script == "delta_net" else mod.AttentionLayer
+    torch.manual_seed(0)
+    plain = layer_cls(args()).double()
+    scaled = layer_cls(args(scale_out="true")).double()
+    scaled.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 7, plain.out.in_features, dtype=torch.float64)
+    d_head = plain.out.in_features // args().n_head
+    torch.testing.assert_close(scaled(x)[0], plain(x)[0] / math.sqrt(d_head))
+    assert mod.parse_args(["--preset", "paper"]).scale_out and mod.parse_args(["--preset", "paper"]).pos_enc == "sin"
+    assert mod.parse_args(["--task", "lm"]).pos_enc == "sin" and mod.parse_args([]).pos_enc == "none"
 
 
 def test_lt_bench_runs(tmp_path):
@@ -1153,6 +1217,46 @@ def test_rl_smoke_atari(tmp_path):
     p = run(script, "--task", "rl", "--preset", "tiny", "--model", "lstm", "--env", "ALE/Breakout-v5", "--env_steps",
             "200", "--unroll", "25", "--batch_size", "4", "--out_dir", str(tmp_path / "o"))
     assert "observation (4, 84, 84), 4 actions" in p.stdout and "final: mean return" in p.stdout, p.stdout
+
+
+def test_rl_atari_fire_after_a_lost_life():
+    """Breakout waits for FIRE after each lost life. An agent that only ever sends NOOP still loses all 5 lives
+    (the step after each loss executes FIRE, as the official FireResetEnv over the episodic-life wrapper); with the
+    forced FIRE switched off, the ball is never served again and the game stalls at 4 lives."""
+    envs = rfwp.AtariEnvs("ALE/Breakout-v5", 2, seed=0)
+    assert envs.fire == 1  # Breakout's minimal action set: NOOP, FIRE, RIGHT, LEFT
+    noop = np.zeros(2, dtype=np.int64)
+    envs.reset()
+    lives_lost, fired, game_over = 0, 0, np.zeros(2, dtype=bool)
+    for _ in range(2000):
+        fire_next = envs.fire_next.copy()
+        _, _, done, life_end = envs.step(noop)
+        fired += fire_next.sum()
+        lives_lost += (life_end & ~done).sum()
+        game_over |= done
+        if game_over.all():
+            break
+    assert game_over.all() and lives_lost >= 8 and fired == lives_lost
+    envs.fire = None  # the old behaviour: nothing is pressed after a lost life
+    envs.reset()
+    for _ in range(600):
+        _, _, done, _ = envs.step(noop)
+        assert not done.any()
+    assert (envs.lives == 4).all()
+    envs.close()
+
+
+def test_rl_eval_per_life_scores_one_life(tmp_path):
+    """--eval_per_life: an Atari episode ends at the first lost life (the official test()); the default scores the
+    whole game. Same checkpoint, same seeds: a life's score is at most the game's."""
+    script = script_copy(tmp_path, "rfwp.py")
+    common = ["--task", "rl", "--preset", "tiny", "--model", "lstm", "--env", "ALE/Breakout-v5", "--unroll", "5",
+              "--batch_size", "2", "--out_dir", str(tmp_path / "o")]
+    run(script, *common, "--env_steps", "10")
+    game = run(script, *common, "--eval", "2")
+    life = run(script, *common, "--eval", "2", "--eval_per_life")
+    evals = [m for m in read_metrics(tmp_path / "o") if m["split"] == "eval" and m["metric"] == "return_mean"]
+    assert len(evals) == 2 and evals[1]["value"] <= evals[0]["value"], (game.stdout, life.stdout)
 
 
 def test_rl_bench_runs(tmp_path):
