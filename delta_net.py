@@ -84,7 +84,8 @@ class Args:
     d_ff: int = 512
     """feed-forward hidden width"""
     pos_enc: str = "auto"
-    """auto (sin for lm unless --carry_state, as the official LM code; none for recall), sin (sinusoidal, added to the embedding) or none"""
+    """auto (sin for lm unless --carry_state, as the official LM code; none for recall), sin (sinusoidal, added to
+    the embedding) or none"""
     scale_out: bool = False
     """multiply the fast-weight output by 1/sqrt(d_head) before the output projection (the official LM layers)"""
     dropout: float = 0.0
@@ -204,27 +205,28 @@ def parse_args(argv):
     return check_args(args)
 
 
-def check_args(a):
+def check_args(args):
     choices = dict(task=("recall", "lm"), tokenizer=("word", "char"), qk_map=("elu_sumnorm", "l2"),
-                   pos_enc=("auto", "sin", "none"), impl=("auto", "loop", "chunk", "cuda"), dtype=("float32", "bfloat16"))
+                   pos_enc=("auto", "sin", "none"), impl=("auto", "loop", "chunk", "cuda"),
+                   dtype=("float32", "bfloat16"))
     for key, allowed in choices.items():
-        if getattr(a, key) not in allowed:
-            fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(a, key)!r}")
+        if getattr(args, key) not in allowed:
+            fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(args, key)!r}")
     for key in ("d_model", "n_layer", "n_head", "d_ff", "batch_size", "steps", "eval_every", "eval_batches",
                 "chunk_size", "seq_len", "n_pairs", "vocab_size", "bench_d"):
-        if getattr(a, key) <= 0:
-            fail(f"--{key} must be positive, got {getattr(a, key)}")
-    if a.pos_enc == "auto":
-        a.pos_enc = "sin" if (a.task == "lm" and not a.carry_state) else "none"
-    if a.d_model % a.n_head:
-        fail(f"--d_model {a.d_model} is not divisible by --n_head {a.n_head}; pick n_head dividing d_model.")
-    if a.task == "recall" and not a.repeat_keys and 2 * a.n_pairs > a.vocab_size:
-        fail(f"--n_pairs {a.n_pairs} needs --vocab_size of at least {2 * a.n_pairs} (distinct keys in one half).")
-    if not 0 <= a.dropout < 1 or a.lr <= 0 or a.warmup < 0 or a.grad_clip < 0 or a.stop_at < 0:
+        if getattr(args, key) <= 0:
+            fail(f"--{key} must be positive, got {getattr(args, key)}")
+    if args.pos_enc == "auto":
+        args.pos_enc = "sin" if (args.task == "lm" and not args.carry_state) else "none"
+    if args.d_model % args.n_head:
+        fail(f"--d_model {args.d_model} is not divisible by --n_head {args.n_head}; pick n_head dividing d_model.")
+    if args.task == "recall" and not args.repeat_keys and 2 * args.n_pairs > args.vocab_size:
+        fail(f"--n_pairs {args.n_pairs} needs --vocab_size of at least {2 * args.n_pairs} (distinct keys in one half).")
+    if not 0 <= args.dropout < 1 or args.lr <= 0 or args.warmup < 0 or args.grad_clip < 0 or args.stop_at < 0:
         fail("--dropout must be in [0, 1); --lr positive; --warmup, --grad_clip and --stop_at non-negative.")
-    if not 0 <= a.beta2 < 1 or not 0 <= a.lr_min <= 1:
-        fail(f"--beta2 must be in [0, 1) and --lr_min in [0, 1], got {a.beta2} and {a.lr_min}.")
-    return a
+    if not 0 <= args.beta2 < 1 or not 0 <= args.lr_min <= 1:
+        fail(f"--beta2 must be in [0, 1) and --lr_min in [0, 1], got {args.beta2} and {args.lr_min}.")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,14 +382,14 @@ def delta_rule(q, k, v, beta, W=None, impl="auto", chunk_size=64):
 class DeltaLayer(nn.Module):
     """Multi-head delta-rule fast weight layer: (B, T, d_model), W -> (B, T, d_model), W."""
 
-    def __init__(self, a):
+    def __init__(self, args):
         super().__init__()
-        self.n_head, self.d_head, self.qk_map = a.n_head, a.d_model // a.n_head, a.qk_map
-        self.impl, self.chunk_size = a.impl, a.chunk_size
-        self.qkv = nn.Linear(a.d_model, 3 * a.d_model, bias=False)  # W_q, W_k, W_v
-        self.w_beta = nn.Linear(a.d_model, a.n_head, bias=False)
-        self.out = nn.Linear(a.d_model, a.d_model, bias=False)
-        self.out_scale = self.d_head ** -0.5 if a.scale_out else 1.0
+        self.n_head, self.d_head, self.qk_map = args.n_head, args.d_model // args.n_head, args.qk_map
+        self.impl, self.chunk_size = args.impl, args.chunk_size
+        self.qkv = nn.Linear(args.d_model, 3 * args.d_model, bias=False)  # W_q, W_k, W_v
+        self.w_beta = nn.Linear(args.d_model, args.n_head, bias=False)
+        self.out = nn.Linear(args.d_model, args.d_model, bias=False)
+        self.out_scale = self.d_head ** -0.5 if args.scale_out else 1.0
 
     def feature_map(self, x):
         if self.qk_map == "l2":
@@ -405,13 +407,13 @@ class DeltaLayer(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, a):
+    def __init__(self, args):
         super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(a.d_model), nn.LayerNorm(a.d_model)
-        self.attn = DeltaLayer(a)
-        self.ff = nn.Sequential(nn.Linear(a.d_model, a.d_ff), nn.ReLU(), nn.Dropout(a.dropout),
-                                nn.Linear(a.d_ff, a.d_model), nn.Dropout(a.dropout))
-        self.drop = nn.Dropout(a.dropout)
+        self.ln1, self.ln2 = nn.LayerNorm(args.d_model), nn.LayerNorm(args.d_model)
+        self.attn = DeltaLayer(args)
+        self.ff = nn.Sequential(nn.Linear(args.d_model, args.d_ff), nn.ReLU(), nn.Dropout(args.dropout),
+                                nn.Linear(args.d_ff, args.d_model), nn.Dropout(args.dropout))
+        self.drop = nn.Dropout(args.dropout)
 
     def forward(self, x, W=None):
         y, W = self.attn(self.ln1(x), W)
@@ -431,13 +433,13 @@ class DeltaNet(nn.Module):
     """Token ids (B, T) and a state (one W per layer, or None) -> logits (B, T, vocab), new state.
     Ids of shape (B, T, m) give m ids per position whose embeddings are summed (the recall task)."""
 
-    def __init__(self, a, vocab_size):
+    def __init__(self, args, vocab_size):
         super().__init__()
-        self.embed = nn.Embedding(vocab_size, a.d_model)
-        self.pos_enc = a.pos_enc == "sin"
-        self.blocks = nn.ModuleList(Block(a) for _ in range(a.n_layer))
-        self.ln_f = nn.LayerNorm(a.d_model)
-        self.head = nn.Linear(a.d_model, vocab_size, bias=False)
+        self.embed = nn.Embedding(vocab_size, args.d_model)
+        self.pos_enc = args.pos_enc == "sin"
+        self.blocks = nn.ModuleList(Block(args) for _ in range(args.n_layer))
+        self.ln_f = nn.LayerNorm(args.d_model)
+        self.head = nn.Linear(args.d_model, vocab_size, bias=False)
 
     def forward(self, idx, state=None, pos=0):
         """pos: the position of idx[:, 0] (positions restart at 0 in every call unless the caller counts)."""
@@ -495,37 +497,39 @@ def detach_state(state):
     return None if state is None else [W.detach() for W in state]
 
 
-def build_optimizer(model, a):
+def build_optimizer(model, args):
     """AdamW, weight decay on matrices only (weight_decay 0: Adam)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0}],
-                             lr=a.lr, betas=(0.9, a.beta2))
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0}]
+    return torch.optim.AdamW(groups,
+                             lr=args.lr, betas=(0.9, args.beta2))
 
 
-def lr_at(step, a):
-    if step < a.warmup:
-        return a.lr * (step + 1) / a.warmup
-    progress = (step - a.warmup) / max(1, a.steps - a.warmup)
-    return a.lr * (a.lr_min + (1 - a.lr_min) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+def lr_at(step, args):
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (args.lr_min + (1 - args.lr_min) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 @torch.no_grad()
-def evaluate(model, a, task, split, device, autocast):
+def evaluate(model, args, task, split, device, autocast):
     """recall: query accuracy and loss on fixed batches; lm: loss over the whole split, state carried if asked."""
     model.eval()
     total_loss, total_correct, total_n = 0.0, 0, 0
-    if a.task == "recall":
-        gen = torch.Generator().manual_seed({"valid": 10_000, "test": 20_000}[split] + a.seed)
-        batches = (recall_batch(a.batch_size, a.n_pairs, a.vocab_size, gen, a.repeat_keys) for _ in range(a.eval_batches))
+    if args.task == "recall":
+        gen = torch.Generator().manual_seed({"valid": 10_000, "test": 20_000}[split] + args.seed)
+        batches = (recall_batch(args.batch_size, args.n_pairs, args.vocab_size, gen, args.repeat_keys)
+                   for _ in range(args.eval_batches))
     else:
         streams = task[split]
-        batches = (data.segment(streams, i, a.seq_len) for i in range(data.n_segments(streams, a.seq_len)))
+        batches = (data.segment(streams, i, args.seq_len) for i in range(data.n_segments(streams, args.seq_len)))
     state = None
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast:
-            logits, state = model(x, state if a.carry_state else None)
+            logits, state = model(x, state if args.carry_state else None)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
         mask = y != -100
         total_loss += loss.item()
@@ -533,9 +537,9 @@ def evaluate(model, a, task, split, device, autocast):
         total_n += mask.sum().item()
     model.train()
     loss = total_loss / total_n
-    if a.task == "recall":
+    if args.task == "recall":
         return {"loss": loss, "acc": total_correct / total_n}
-    if a.tokenizer == "word":
+    if args.tokenizer == "word":
         return {"loss": loss, "ppl": math.exp(min(loss, 50))}
     return {"loss": loss, "bpc": loss / math.log(2)}
 
@@ -568,20 +572,20 @@ def log_metrics(out_dir, step, split, metrics, t0):
             f.write(json.dumps(dict(step=step, split=split, metric=name, value=value, time=time.time() - t0)) + "\n")
 
 
-def load_task(a, rank, world):
+def load_task(args, rank, world):
     """recall: nothing to load. lm: the corpus laid out as parallel streams (each rank its own rows)."""
-    if a.task == "recall":
-        return {"vocab_size": a.vocab_size + 1}  # + the blank id
-    train, valid, test, vocab = data.load_text(a.dataset, a.tokenizer, a.data_dir)
-    train = data.batchify(train, a.batch_size * world)[rank * a.batch_size : (rank + 1) * a.batch_size]
+    if args.task == "recall":
+        return {"vocab_size": args.vocab_size + 1}  # + the blank id
+    train, valid, test, vocab = data.load_text(args.dataset, args.tokenizer, args.data_dir)
+    train = data.batchify(train, args.batch_size * world)[rank * args.batch_size : (rank + 1) * args.batch_size]
     return {"vocab_size": len(vocab), "vocab": vocab, "train": train,
-            "valid": data.batchify(valid, a.batch_size), "test": data.batchify(test, a.batch_size)}
+            "valid": data.batchify(valid, args.batch_size), "test": data.batchify(test, args.batch_size)}
 
 
-def sample(a, device):
-    """Generate a.sample tokens from out_dir/ckpt.pt, one token at a time, carrying the fast weights."""
-    path = os.path.join(a.out_dir, "ckpt.pt")
-    if a.task != "lm":
+def sample(args, device):
+    """Generate args.sample tokens from out_dir/ckpt.pt, one token at a time, carrying the fast weights."""
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    if args.task != "lm":
         fail("--sample needs --task lm (and a checkpoint trained on text)")
     if not os.path.exists(path):
         fail(f"no checkpoint at {path}; train first (python delta_net.py --task lm ...)")
@@ -589,27 +593,27 @@ def sample(a, device):
     train_args, vocab = Args(**ckpt["args"]), ckpt["vocab"]
     if train_args.task != "lm":
         fail(f"the checkpoint at {path} was trained on --task {train_args.task}, not lm; it cannot generate text")
-    train_args.impl = a.impl
+    train_args.impl = args.impl
     model = DeltaNet(train_args, len(vocab)).to(device)
     model.load_state_dict(ckpt["model"])
     model.eval()
     index = {s: i for i, s in enumerate(vocab)}
-    tokens = list(a.prompt) if train_args.tokenizer == "char" else a.prompt.split()
+    tokens = list(args.prompt) if train_args.tokenizer == "char" else args.prompt.split()
     ids = [index.get(s, index["<unk>"]) for s in tokens] or [index["<unk>"]]
-    gen = torch.Generator(device=device).manual_seed(a.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
     with torch.no_grad():
         logits, state = model(torch.tensor([ids], device=device))  # the prompt in one parallel pass
-        for _ in range(a.sample):  # then constant memory per token: only the fast weights are kept
-            probs = F.softmax(logits[0, -1].float() / a.temperature, -1)
+        for _ in range(args.sample):  # then constant memory per token: only the fast weights are kept
+            probs = F.softmax(logits[0, -1].float() / args.temperature, -1)
             ids.append(torch.multinomial(probs, 1, generator=gen).item())
             logits, state = model(torch.tensor([[ids[-1]]], device=device), state, pos=len(ids) - 1)
     sep = "" if train_args.tokenizer == "char" else " "
     print(sep.join(vocab[i] for i in ids).replace(" <eos> ", "\n"))
 
 
-def train(a):
+def train(args):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = pick_device(a.device)
+    device = pick_device(args.device)
     if world > 1:
         import torch.distributed as dist
 
@@ -618,25 +622,25 @@ def train(a):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
-    random.seed(a.seed + rank)
-    np.random.seed(a.seed + rank)
-    torch.manual_seed(a.seed + rank)
-    gen = torch.Generator().manual_seed(a.seed + rank)  # training data
-    if a.impl == "cuda" and device.type != "cuda":
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    gen = torch.Generator().manual_seed(args.seed + rank)  # training data
+    if args.impl == "cuda" and device.type != "cuda":
         print(f"warning: --impl cuda needs a CUDA device, not {device}; using --impl chunk", file=sys.stderr)
-    use_bf16 = a.dtype == "bfloat16" and device.type == "cuda"
-    if a.dtype == "bfloat16" and not use_bf16:
+    use_bf16 = args.dtype == "bfloat16" and device.type == "cuda"
+    if args.dtype == "bfloat16" and not use_bf16:
         print(f"warning: --dtype bfloat16 (autocast) is CUDA only; training in float32 on {device}", file=sys.stderr)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
     try:
-        task = load_task(a, rank, world)
+        task = load_task(args, rank, world)
     except data.DataError as e:
         fail(str(e))
 
-    model = DeltaNet(a, task["vocab_size"]).to(device)
-    opt = build_optimizer(model, a)
-    step, state, ckpt_path = 0, None, os.path.join(a.out_dir, "ckpt.pt")
-    if a.resume:
+    model = DeltaNet(args, task["vocab_size"]).to(device)
+    opt = build_optimizer(model, args)
+    step, state, ckpt_path = 0, None, os.path.join(args.out_dir, "ckpt.pt")
+    if args.resume:
         if not os.path.exists(ckpt_path):
             fail(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -652,38 +656,39 @@ def train(a):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     if master:
-        os.makedirs(a.out_dir, exist_ok=True)
+        os.makedirs(args.out_dir, exist_ok=True)
         n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"config: {json.dumps(dataclasses.asdict(a))}")
+        print(f"config: {json.dumps(dataclasses.asdict(args))}")
         print(f"device {device}, {world} process(es), {n_params / 1e6:.2f}M parameters, starting at step {step}")
 
     def checkpoint():
         if master:
             save_checkpoint(ckpt_path, {
-                "model": raw_model.state_dict(), "optimizer": opt.state_dict(), "step": step, "args": dataclasses.asdict(a),
+                "model": raw_model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                "args": dataclasses.asdict(args),
                 "vocab": task.get("vocab"), "train_state": detach_state(state),
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                         "data": gen.get_state()}})
 
-    if step >= a.steps:
-        print(f"the checkpoint in {a.out_dir} is already at step {step} of --steps {a.steps}; nothing to do")
+    if step >= args.steps:
+        print(f"the checkpoint in {args.out_dir} is already at step {step} of --steps {args.steps}; nothing to do")
         return
     t0, results = time.time(), {}
-    n_seg = data.n_segments(task["train"], a.seq_len) if a.task == "lm" else 0
-    bar = tqdm(total=a.steps, initial=step, disable=not master, dynamic_ncols=True)
-    while step < a.steps:
-        if a.task == "recall":
-            x, y = recall_batch(a.batch_size, a.n_pairs, a.vocab_size, gen, a.repeat_keys)
+    n_seg = data.n_segments(task["train"], args.seq_len) if args.task == "lm" else 0
+    bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
+    while step < args.steps:
+        if args.task == "recall":
+            x, y = recall_batch(args.batch_size, args.n_pairs, args.vocab_size, gen, args.repeat_keys)
         else:
             i = step % n_seg
-            x, y = data.segment(task["train"], i, a.seq_len)
+            x, y = data.segment(task["train"], i, args.seq_len)
             if i == 0:
                 state = None  # a new pass over the corpus starts from empty fast weights
         x, y = x.to(device), y.to(device)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, a)
+            group["lr"] = lr_at(step, args)
         with autocast:
-            logits, new_state = model(x, state if a.carry_state else None)
+            logits, new_state = model(x, state if args.carry_state else None)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
         if not torch.isfinite(loss):
             bar.close()
@@ -692,27 +697,27 @@ def train(a):
             sys.exit(1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if a.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+        if args.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
-        state = detach_state(new_state) if a.carry_state else None
+        state = detach_state(new_state) if args.carry_state else None
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if master:
-            log_metrics(a.out_dir, step, "train", {"loss": loss.item()}, t0)
-        if step % a.eval_every == 0 or step == a.steps or step == a.stop_at:
-            for split in ["valid", "test"] if step == a.steps else ["valid"]:
-                results[split] = evaluate(raw_model, a, task, split, device, autocast)
+            log_metrics(args.out_dir, step, "train", {"loss": loss.item()}, t0)
+        if step % args.eval_every == 0 or step == args.steps or step == args.stop_at:
+            for split in ["valid", "test"] if step == args.steps else ["valid"]:
+                results[split] = evaluate(raw_model, args, task, split, device, autocast)
                 if master:
-                    log_metrics(a.out_dir, step, split, results[split], t0)
+                    log_metrics(args.out_dir, step, split, results[split], t0)
                     tqdm.write(f"step {step} {split}: " + " ".join(f"{k} {v:.4f}" for k, v in results[split].items()))
             checkpoint()
-            if step == a.stop_at:
+            if step == args.stop_at:
                 break
     bar.close()
-    if master and step == a.steps:
-        name = {"recall": "acc", "lm": "ppl" if a.tokenizer == "word" else "bpc"}[a.task]
+    if master and step == args.steps:
+        name = {"recall": "acc", "lm": "ppl" if args.tokenizer == "word" else "bpc"}[args.task]
         print(f"final: test {name} {results['test'][name]:.4f}, valid {name} {results['valid'][name]:.4f} after {step}"
               f" steps, {time.time() - t0:.0f}s")
     if world > 1:  # DDP's invariant: every rank ends with the same weights
@@ -742,15 +747,15 @@ def saved_mib(fn):
     return sum(storages.values()) / 2**20
 
 
-def bench(a):
+def bench(args):
     """Forward and forward+backward of each delta-rule implementation at B=4, H=4, d=bench_d, T in bench_T."""
-    device = pick_device(a.device)
-    B, H, D, C = 4, 4, a.bench_d, a.chunk_size
-    dtype = torch.bfloat16 if a.dtype == "bfloat16" else torch.float32
+    device = pick_device(args.device)
+    B, H, D, C = 4, 4, args.bench_d, args.chunk_size
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     try:
-        lengths = [int(t) for t in a.bench_T.split(",")]
+        lengths = [int(t) for t in args.bench_T.split(",")]
     except ValueError:
-        fail(f"--bench_T expects comma-separated integers, got {a.bench_T!r}")
+        fail(f"--bench_T expects comma-separated integers, got {args.bench_T!r}")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timeit(fn, reps):
@@ -767,7 +772,7 @@ def bench(a):
     # the reference rate: batched matmuls of the chunk form's own shape, (B H T/C, C, D) @ (.., D, C) at T=1024
     X, Y = torch.randn(B * H * 1024 // C, C, D, device=device), torch.randn(B * H * 1024 // C, D, C, device=device)
     bmm_rate = 2 * X.shape[0] * C * C * D / timeit(lambda: torch.bmm(X, Y), 20) / 1e9
-    print(f"device {device}, threads {torch.get_num_threads()}, inputs {a.dtype}, d {D}; batched matmul"
+    print(f"device {device}, threads {torch.get_num_threads()}, inputs {args.dtype}, d {D}; batched matmul"
           f" ({X.shape[0]}x{C}x{D} @ {D}x{C}, fp32): {bmm_rate:.1f} GFLOP/s")
     print("useful FLOPs: loop and cuda 6 d^2 per token (read, write, query); chunk per chunk of C: C^2 d (A, strict"
           " lower) + C^3/3 (T) + 2 C^2 d (T applied) + 2 C^2 d (QK^T, PU', causal halves) + 6 C d^2 (state);"
@@ -775,8 +780,8 @@ def bench(a):
           " backward")
     print(f"{'impl':6} {'T':>6} {'fwd ms':>9} {'fwd+bwd ms':>11} {'tok/s (f+b)':>12} {'mem MiB':>9} {'GFLOP/s':>8}"
           f" {'% bmm':>6}")
-    impls = [i for i in a.bench_impls.split(",") if i in ("loop", "chunk")]
-    if "cuda" in a.bench_impls.split(",") and device.type == "cuda" and cuda_kernels() is not None:
+    impls = [i for i in args.bench_impls.split(",") if i in ("loop", "chunk")]
+    if "cuda" in args.bench_impls.split(",") and device.type == "cuda" and cuda_kernels() is not None:
         impls.append("cuda")
     for T in lengths:
         g = torch.Generator().manual_seed(0)
@@ -810,12 +815,12 @@ def bench(a):
 
 
 def main(argv=None):
-    a = parse_args(sys.argv[1:] if argv is None else argv)
-    if a.bench:
-        return bench(a)
-    if a.sample:
-        return sample(a, pick_device(a.device))
-    train(a)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.bench:
+        return bench(args)
+    if args.sample:
+        return sample(args, pick_device(args.device))
+    train(args)
 
 
 if __name__ == "__main__":

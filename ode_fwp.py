@@ -17,7 +17,13 @@ linear or natural cubic interpolation). Per head, a slow net reads the path and 
     delta  dW/dt = beta (v - W k) k^T
 W(t_1) is the rule at the first observation with W = 0 (one Hebbian outer product beta v k^T, the same for all
 three rules). Readout: q = softmax(W_q LN(W_in u)) with u the drive at the series' last time, y = concat_h W_h q_h,
-y <- Out(y), y <- y + FF(LN(y)), logits = Head(y). --model ncde: dz = f(z) dX, f an MLP ending in tanh, z(t_1) a
+y <- Out(y), y <- y + FF(LN(y)), logits = Head(y). This is the official delta_cde layout.
+--values_from dx is the official code's other layout (hebb_cde / oja_cde): k~, b from LN(W_in X(t)), u = W_v dX/dt;
+    hebb   dW/dt = b u softmax(k~)^T                       (the raw logit b and no tanh, as the official code)
+    oja    dW/dt = sigmoid(b) v softmax(k~ - W^T v)^T      (v = tanh(u); the official softmax after the subtraction)
+    delta  dW/dt = sigmoid(b) (v - W k) k^T                (k = softmax(k~); not in the official code)
+W(t_1) the rule with W = 0, and the readout y = concat_h W_h^T q_h with q = softmax(W_q LN(W_in X(t_N))).
+--model ncde: dz = f(z) dX, f an MLP ending in tanh, z(t_1) a
 linear map of X(t_1), logits = Head(z(t_N)).
 Series of different lengths share a batch exactly: series b is solved on its own interval [t_1^b, t_N^b] through
 the change of variables t = t_1^b + s (t_N^b - t_1^b), s in [0, 1], dW/ds = (t_N^b - t_1^b) dW/dt.
@@ -80,7 +86,11 @@ class Args:
     rule: str = "delta"
     """ctfwp: hebb | oja | delta"""
     drive: str = "dx"
-    """ctfwp: keys and beta from dX/dt (dx, the CDE form) or from X(t) (x)"""
+    """ctfwp --values_from x: keys, beta and query from dX/dt (dx, the CDE form) or from X(t) (x)"""
+    values_from: str = "x"
+    """ctfwp: x (values tanh(W_v X(t)), keys from the drive, readout W q: the official delta_cde / hebb_cde_v2
+    layout) or dx (values from dX/dt, keys, beta and query from X(t), readout W^T q: the official hebb_cde /
+    oja_cde layout, with its Hebb and Oja forms; --drive is then x)"""
     interp: str = "cubic"
     """control path: cubic (natural cubic spline) or linear"""
     d_model: int = 32
@@ -193,26 +203,28 @@ def parse_args(argv):
     return check_args(args)
 
 
-def check_args(a):
+def check_args(args):
     choices = dict(model=("ctfwp", "ncde"), rule=("hebb", "oja", "delta"), drive=("dx", "x"),
-                   interp=("cubic", "linear"), solver=("euler", "rk4", "dopri5"))
+                   values_from=("x", "dx"), interp=("cubic", "linear"), solver=("euler", "rk4", "dopri5"))
     for key, allowed in choices.items():
-        if getattr(a, key) not in allowed:
-            fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(a, key)!r}")
+        if getattr(args, key) not in allowed:
+            fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(args, key)!r}")
     for key in ("n_train", "d_model", "n_head", "d_ff", "batch_size", "steps", "eval_every", "max_steps"):
-        if getattr(a, key) <= 0:
-            fail(f"--{key} must be positive, got {getattr(a, key)}")
-    if a.syn_length < 4:
-        fail(f"--syn_length must be at least 4, got {a.syn_length}")
-    if a.d_model % a.n_head:
-        fail(f"--d_model {a.d_model} is not divisible by --n_head {a.n_head}; pick n_head dividing d_model.")
-    if not 0 <= a.missing < 1 or a.lr <= 0 or min(a.warmup, a.grad_clip, a.stop_at, a.step_size) < 0:
+        if getattr(args, key) <= 0:
+            fail(f"--{key} must be positive, got {getattr(args, key)}")
+    if args.values_from == "dx":
+        args.drive = "x"  # this layout reads keys, beta and the query from X(t)
+    if args.syn_length < 4:
+        fail(f"--syn_length must be at least 4, got {args.syn_length}")
+    if args.d_model % args.n_head:
+        fail(f"--d_model {args.d_model} is not divisible by --n_head {args.n_head}; pick n_head dividing d_model.")
+    if not 0 <= args.missing < 1 or args.lr <= 0 or min(args.warmup, args.grad_clip, args.stop_at, args.step_size) < 0:
         fail("--missing must be in [0, 1); --lr positive; --warmup, --grad_clip, --stop_at, --step_size non-negative.")
-    if a.rtol <= 0 or a.atol <= 0:
+    if args.rtol <= 0 or args.atol <= 0:
         fail("--rtol and --atol must be positive.")
-    if a.data and not a.data.endswith("_TRAIN.ts"):
-        fail(f"--data {a.data!r}: give the NAME_TRAIN.ts file of a UEA/UCR set (NAME_TEST.ts must be beside it).")
-    return a
+    if args.data and not args.data.endswith("_TRAIN.ts"):
+        fail(f"--data {args.data!r}: give the NAME_TRAIN.ts file of a UEA/UCR set (NAME_TEST.ts must be beside it).")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,10 +299,10 @@ def dopri5(f, y, rtol, atol, max_steps):
     return y, nfe
 
 
-def odeint(f, y0, a, n_steps):
-    if a.solver == "dopri5":
-        return dopri5(f, y0, a.rtol, a.atol, a.max_steps)
-    return (euler if a.solver == "euler" else rk4)(f, y0, n_steps)
+def odeint(f, y0, args, n_steps):
+    if args.solver == "dopri5":
+        return dopri5(f, y0, args.rtol, args.atol, args.max_steps)
+    return (euler if args.solver == "euler" else rk4)(f, y0, n_steps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,42 +397,65 @@ def delta(W, k, v, beta):
 RULES = {"hebb": hebb, "oja": oja, "delta": delta}
 
 
+def oja_softmax_after(W, k_raw, v, beta):
+    """The official oja_cde form: dW/dt = beta v softmax(k_raw - W^T v)^T (the softmax after the subtraction)."""
+    return beta[..., None, None] * v[..., :, None] * (k_raw - (W.transpose(-1, -2) @ v[..., None])[..., 0]
+                                                      ).softmax(-1)[..., None, :]
+
+
+# --values_from dx (the official FastWeightCDE): k, v, beta are computed per rule from k_raw = W_k LN(W_in X(t)), its
+# beta logit b and u = W_v dX/dt; each entry: (rule, k, v, beta).
+DX_RULES = {
+    "hebb": lambda k_raw, b, u: (hebb, k_raw.softmax(-1), u, b),  # the raw logit b times u, no tanh (official)
+    "oja": lambda k_raw, b, u: (oja_softmax_after, k_raw, torch.tanh(u), torch.sigmoid(b)),
+    "delta": lambda k_raw, b, u: (delta, k_raw.softmax(-1), torch.tanh(u), torch.sigmoid(b)),  # not in the official
+}
+
+
 class CTFWP(nn.Module):
-    def __init__(self, a, n_channels, n_classes):
+    def __init__(self, args, n_channels, n_classes):
         super().__init__()
-        self.rule, self.drive, self.H, self.d = RULES[a.rule], a.drive, a.n_head, a.d_model // a.n_head
-        D = a.d_model
+        self.rule, self.drive, self.H, self.d = RULES[args.rule], args.drive, args.n_head, args.d_model // args.n_head
+        self.values_from, self.rule_name = args.values_from, args.rule
+        D = args.d_model
         self.W_in, self.ln_in = nn.Linear(n_channels, D), nn.LayerNorm(D)
         self.W_kb = nn.Linear(D, self.H * (self.d + 1))  # keys and beta of every head
         self.W_v = nn.Linear(n_channels, D)
         self.W_q, self.out = nn.Linear(D, D), nn.Linear(D, D)
         self.ln_ff = nn.LayerNorm(D)
-        self.ff = nn.Sequential(nn.Linear(D, a.d_ff), nn.ReLU(), nn.Linear(a.d_ff, D))
+        self.ff = nn.Sequential(nn.Linear(D, args.d_ff), nn.ReLU(), nn.Linear(args.d_ff, D))
         self.head = nn.Linear(D, n_classes)
 
     def h(self, X, dX):
-        return self.ln_in(self.W_in(dX if self.drive == "dx" else X))  # (B, D)
+        use_dx = self.drive == "dx" and self.values_from == "x"  # --values_from dx reads keys from X(t)
+        return self.ln_in(self.W_in(dX if use_dx else X))  # (B, D)
 
-    def kvb(self, path, t):
+    def rule_kvb(self, path, t):
+        """The rule and its (k, v, beta) at time t: (B, H, d), (B, H, d), (B, H)."""
         X, dX = path(t)
         kb = self.W_kb(self.h(X, dX)).view(-1, self.H, self.d + 1)
-        k, beta = kb[..., :-1].softmax(-1), torch.sigmoid(kb[..., -1])  # (B, H, d), (B, H)
+        if self.values_from == "dx":
+            return DX_RULES[self.rule_name](kb[..., :-1], kb[..., -1], self.W_v(dX).view(-1, self.H, self.d))
+        k, beta = kb[..., :-1].softmax(-1), torch.sigmoid(kb[..., -1])
         v = torch.tanh(self.W_v(X)).view(-1, self.H, self.d)
-        return k, v, beta
+        return self.rule, k, v, beta
 
     def vector_field(self, path):
         span = (path.t1 - path.t0)[:, None, None, None]
 
         def f(s, W):
-            return span * self.rule(W, *self.kvb(path, path.t0 + s * span[:, 0, 0, 0]))
+            rule, *kvb = self.rule_kvb(path, path.t0 + s * span[:, 0, 0, 0])
+            return span * rule(W, *kvb)
 
         return f
 
-    def forward(self, path, a, n_steps):
-        W0 = hebb(None, *self.kvb(path, path.t0))  # the rule at the first observation with W = 0
-        W, nfe = odeint(self.vector_field(path), W0, a, n_steps)
+    def forward(self, path, args, n_steps):
+        rule, k, v, beta = self.rule_kvb(path, path.t0)
+        W0 = rule(v.new_zeros(*v.shape, k.shape[-1]), k, v, beta)  # the rule at the first observation with W = 0
+        W, nfe = odeint(self.vector_field(path), W0, args, n_steps)
         q = self.W_q(self.h(*path(path.t1))).view(-1, self.H, self.d).softmax(-1)
-        y = self.out((W @ q[..., None]).flatten(1))  # (B, D)
+        Wq = W.transpose(-1, -2) @ q[..., None] if self.values_from == "dx" else W @ q[..., None]  # official forms
+        y = self.out(Wq.flatten(1))  # (B, D)
         y = y + self.ff(self.ln_ff(y))
         return self.head(y), nfe
 
@@ -428,26 +463,26 @@ class CTFWP(nn.Module):
 class NCDE(nn.Module):
     """Kidger et al. 2020: dz/dt = f(z) dX/dt, f: D -> (D, C) an MLP whose last activation is tanh."""
 
-    def __init__(self, a, n_channels, n_classes):
+    def __init__(self, args, n_channels, n_classes):
         super().__init__()
-        D, C = a.d_model, n_channels
+        D, C = args.d_model, n_channels
         self.init = nn.Linear(C, D)
-        self.f = nn.Sequential(nn.Linear(D, a.d_ff), nn.ReLU(), nn.Linear(a.d_ff, a.d_ff), nn.ReLU(),
-                               nn.Linear(a.d_ff, D * C), nn.Tanh(), nn.Unflatten(-1, (D, C)))
+        self.f = nn.Sequential(nn.Linear(D, args.d_ff), nn.ReLU(), nn.Linear(args.d_ff, args.d_ff), nn.ReLU(),
+                               nn.Linear(args.d_ff, D * C), nn.Tanh(), nn.Unflatten(-1, (D, C)))
         self.head = nn.Linear(D, n_classes)
 
-    def forward(self, path, a, n_steps):
+    def forward(self, path, args, n_steps):
         span = (path.t1 - path.t0)[:, None]
 
         def f(s, z):
             return span * (self.f(z) @ path(path.t0 + s * span[:, 0])[1][..., None])[..., 0]
 
-        z, nfe = odeint(f, self.init(path(path.t0)[0]), a, n_steps)
+        z, nfe = odeint(f, self.init(path(path.t0)[0]), args, n_steps)
         return self.head(z), nfe
 
 
-def build_model(a, n_channels, n_classes):
-    return (CTFWP if a.model == "ctfwp" else NCDE)(a, n_channels, n_classes)
+def build_model(args, n_channels, n_classes):
+    return (CTFWP if args.model == "ctfwp" else NCDE)(args, n_channels, n_classes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -624,15 +659,15 @@ def pad_split(series, labels, mean, std, t_max):
             "y": torch.tensor(labels, dtype=torch.long)}
 
 
-def load_task(a):
+def load_task(args):
     """train/valid/test splits, class names, channels, the solver's fixed step count. Splits: synthetic generated;
     --data TRAIN (85/15 into train/valid) and TEST; downloads: all cases pooled and split 70/15/15 (seeded)."""
-    rng = np.random.default_rng(a.seed)
-    if a.data:
-        tr, tr_labels, C = parse_ts(a.data)
-        te, te_labels, C_te = parse_ts(a.data.removesuffix("_TRAIN.ts") + "_TEST.ts")
+    rng = np.random.default_rng(args.seed)
+    if args.data:
+        tr, tr_labels, C = parse_ts(args.data)
+        te, te_labels, C_te = parse_ts(args.data.removesuffix("_TRAIN.ts") + "_TEST.ts")
         if C_te != C:
-            raise data.DataError(f"{a.data} has {C} dimensions but its _TEST file {C_te}")
+            raise data.DataError(f"{args.data} has {C} dimensions but its _TEST file {C_te}")
         names = sorted(set(tr_labels))
         if set(te_labels) - set(names):
             raise data.DataError(f"the _TEST file has labels not in _TRAIN: {sorted(set(te_labels) - set(names))}")
@@ -642,16 +677,17 @@ def load_task(a):
         ys = np.array([names.index(s) for s in tr_labels])
         pools = [([tr[i] for i in idx], ys[idx]) for idx in (perm[n_valid:], perm[:n_valid])]
         pools.append((te, np.array([names.index(s) for s in te_labels])))
-    elif a.dataset == "synthetic":
-        pools = [synthetic_series(n, a.syn_length, a.missing, rng) for n in (a.n_train, a.n_train // 4, a.n_train // 4)]
+    elif args.dataset == "synthetic":
+        sizes = (args.n_train, args.n_train // 4, args.n_train // 4)
+        pools = [synthetic_series(n, args.syn_length, args.missing, rng) for n in sizes]
         names = ["-first1", "-first0", "+first1", "+first0"]
     else:
-        if a.dataset == "speech_commands":
-            series, ys, names = load_speech(data.fetch_speech_commands(SPEECH_WORDS, a.data_dir))
-        elif a.dataset == "sepsis":
-            series, ys, names = load_sepsis(data.fetch_sepsis(a.data_dir))
+        if args.dataset == "speech_commands":
+            series, ys, names = load_speech(data.fetch_speech_commands(SPEECH_WORDS, args.data_dir))
+        elif args.dataset == "sepsis":
+            series, ys, names = load_sepsis(data.fetch_sepsis(args.data_dir))
         else:
-            tr_path, te_path = data.fetch_uea(a.dataset, a.data_dir)
+            tr_path, te_path = data.fetch_uea(args.dataset, args.data_dir)
             (tr, tr_labels, _), (te, te_labels, _) = parse_ts(tr_path), parse_ts(te_path)
             names = sorted(set(tr_labels) | set(te_labels))
             series = [(np.arange(len(v), dtype=np.float64), v) for v in tr + te]
@@ -672,10 +708,10 @@ def load_task(a):
     return dict(task, names=names, n_channels=values.shape[1] + 1, min_gap=min_gap, max_span=max_span)
 
 
-def fixed_steps(a, task):
+def fixed_steps(args, task):
     """euler/rk4 steps per solve: the longest series' span over the step size (the same for every batch, so a
     series' prediction does not depend on the batch it is in; shorter series take proportionally shorter steps)."""
-    return max(1, math.ceil(task["max_span"] / (a.step_size or task["min_gap"]) - 1e-9))
+    return max(1, math.ceil(task["max_span"] / (args.step_size or task["min_gap"]) - 1e-9))
 
 
 def get_batch(split, idx, device):
@@ -685,9 +721,9 @@ def get_batch(split, idx, device):
     return t, x, split["lengths"][idx].to(device), split["y"][idx].to(device)
 
 
-def make_path(a, t, x, lengths):
+def make_path(args, t, x, lengths):
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return ControlPath(t.to(dtype), x.to(dtype), lengths, a.interp)
+    return ControlPath(t.to(dtype), x.to(dtype), lengths, args.interp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -709,21 +745,22 @@ def auroc(score, y):
 
 
 @torch.no_grad()
-def predict(model, a, task, split, device):
+def predict(model, args, task, split, device):
     """Logits of a whole split (in batches), and the mean NFE per batch."""
     model.eval()
     out, nfes = [], []
-    for i in range(0, len(task[split]["y"]), a.batch_size):
-        t, x, lengths, _ = get_batch(task[split], torch.arange(i, min(i + a.batch_size, len(task[split]["y"]))), device)
-        logits, nfe = model(make_path(a, t, x, lengths), a, fixed_steps(a, task))
+    for i in range(0, len(task[split]["y"]), args.batch_size):
+        rows = torch.arange(i, min(i + args.batch_size, len(task[split]["y"])))
+        t, x, lengths, _ = get_batch(task[split], rows, device)
+        logits, nfe = model(make_path(args, t, x, lengths), args, fixed_steps(args, task))
         out.append(logits.float().cpu())
         nfes.append(nfe)
     model.train()
     return torch.cat(out), float(np.mean(nfes))
 
 
-def evaluate(model, a, task, split, device):
-    logits, nfe = predict(model, a, task, split, device)
+def evaluate(model, args, task, split, device):
+    logits, nfe = predict(model, args, task, split, device)
     y = task[split]["y"]
     result = {"loss": F.cross_entropy(logits, y).item(), "acc": (logits.argmax(-1) == y).float().mean().item()}
     if logits.shape[1] == 2:
@@ -731,15 +768,15 @@ def evaluate(model, a, task, split, device):
     return dict(result, nfe=nfe)
 
 
-def headline(a):
-    return "auroc" if a.dataset == "sepsis" and not a.data else "acc"
+def headline(args):
+    return "auroc" if args.dataset == "sepsis" and not args.data else "acc"
 
 
-def lr_at(step, a):
-    if step < a.warmup:
-        return a.lr * (step + 1) / a.warmup
-    progress = (step - a.warmup) / max(1, a.steps - a.warmup)
-    return a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+def lr_at(step, args):
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def pick_device(name):
@@ -770,25 +807,25 @@ def log_metrics(out_dir, step, split, metrics, t0):
             f.write(json.dumps(dict(step=step, split=split, metric=name, value=value, time=time.time() - t0)) + "\n")
 
 
-def setup(a):
-    device = pick_device(a.device)
-    random.seed(a.seed)
-    np.random.seed(a.seed)
-    torch.manual_seed(a.seed)
+def setup(args):
+    device = pick_device(args.device)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
     try:
-        task = load_task(a)
+        task = load_task(args)
     except data.DataError as e:
         fail(str(e))
-    return device, task, build_model(a, task["n_channels"], len(task["names"])).to(device)
+    return device, task, build_model(args, task["n_channels"], len(task["names"])).to(device)
 
 
-def train(a):
-    device, task, model = setup(a)
-    gen = torch.Generator().manual_seed(a.seed)  # which training series each step sees
-    opt = torch.optim.Adam(model.parameters(), lr=a.lr)
+def train(args):
+    device, task, model = setup(args)
+    gen = torch.Generator().manual_seed(args.seed)  # which training series each step sees
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     step, best = 0, None
-    ckpt_path, best_path = os.path.join(a.out_dir, "ckpt.pt"), os.path.join(a.out_dir, "best.pt")
-    if a.resume:
+    ckpt_path, best_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "best.pt")
+    if args.resume:
         if not os.path.exists(ckpt_path):
             fail(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -799,34 +836,34 @@ def train(a):
         np.random.set_state(ckpt["rng"]["numpy"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         gen.set_state(ckpt["rng"]["data"])
-    os.makedirs(a.out_dir, exist_ok=True)
+    os.makedirs(args.out_dir, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"config: {json.dumps(dataclasses.asdict(a))}")
-    print(f"device {device}, model {a.model}" + (f" ({a.rule} rule)" if a.model == "ctfwp" else "") +
+    print(f"config: {json.dumps(dataclasses.asdict(args))}")
+    print(f"device {device}, model {args.model}" + (f" ({args.rule} rule)" if args.model == "ctfwp" else "") +
           f", {n_params / 1e3:.1f}k parameters, {len(task['train']['y'])} training series, {task['n_channels']} "
           f"channels, {len(task['names'])} classes, " +
-          (f"{fixed_steps(a, task)} {a.solver} steps per solve" if a.solver != "dopri5" else "dopri5") +
+          (f"{fixed_steps(args, task)} {args.solver} steps per solve" if args.solver != "dopri5" else "dopri5") +
           f", starting at step {step}")
 
     def checkpoint(path):
         save_checkpoint(path, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "args": dataclasses.asdict(a),
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "args": dataclasses.asdict(args),
             "names": task["names"], "best": best,
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                     "data": gen.get_state()}})
 
-    if step >= a.steps:
-        print(f"the checkpoint in {a.out_dir} is already at step {step} of --steps {a.steps}; nothing to do")
+    if step >= args.steps:
+        print(f"the checkpoint in {args.out_dir} is already at step {step} of --steps {args.steps}; nothing to do")
         return
-    t0, name, n_train = time.time(), headline(a), len(task["train"]["y"])
-    bar = tqdm(total=a.steps, initial=step, dynamic_ncols=True)
-    while step < a.steps:
-        idx = torch.randint(n_train, (min(a.batch_size, n_train),), generator=gen)
+    t0, name, n_train = time.time(), headline(args), len(task["train"]["y"])
+    bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True)
+    while step < args.steps:
+        idx = torch.randint(n_train, (min(args.batch_size, n_train),), generator=gen)
         t, x, lengths, y = get_batch(task["train"], idx, device)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, a)
+            group["lr"] = lr_at(step, args)
         try:
-            logits, nfe = model(make_path(a, t, x, lengths), a, fixed_steps(a, task))
+            logits, nfe = model(make_path(args, t, x, lengths), args, fixed_steps(args, task))
         except RuntimeError as e:
             if "max_steps" not in str(e):
                 raise
@@ -840,56 +877,56 @@ def train(a):
             sys.exit(1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if a.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+        if args.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", nfe=nfe)
-        log_metrics(a.out_dir, step, "train", {"loss": loss.item(), "nfe": nfe}, t0)
-        if step % a.eval_every == 0 or step == a.steps or step == a.stop_at:
-            result = evaluate(model, a, task, "valid", device)
-            log_metrics(a.out_dir, step, "valid", result, t0)
+        log_metrics(args.out_dir, step, "train", {"loss": loss.item(), "nfe": nfe}, t0)
+        if step % args.eval_every == 0 or step == args.steps or step == args.stop_at:
+            result = evaluate(model, args, task, "valid", device)
+            log_metrics(args.out_dir, step, "valid", result, t0)
             tqdm.write(f"step {step} valid: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
             if best is None or result[name] > best[1]:
                 best = (step, result[name])
                 checkpoint(best_path)
             checkpoint(ckpt_path)
-            if step == a.stop_at:
+            if step == args.stop_at:
                 break
     bar.close()
-    if step == a.steps:
+    if step == args.steps:
         model.load_state_dict(torch.load(best_path, map_location=device, weights_only=False)["model"])
-        result = evaluate(model, a, task, "test", device)
-        log_metrics(a.out_dir, step, "test", result, t0)
+        result = evaluate(model, args, task, "test", device)
+        log_metrics(args.out_dir, step, "test", result, t0)
         print(f"final: test {name} {result[name]:.4f} (" + " ".join(f"{k} {v:.4f}" for k, v in result.items()) +
               f") with the best valid checkpoint (step {best[0]}, valid {name} {best[1]:.4f}), {time.time() - t0:.0f}s")
 
 
-def evaluate_checkpoint(a):
+def evaluate_checkpoint(args):
     """Test predictions of out_dir/best.pt under the solver it was trained with, under --solver (with --rtol, --atol,
     --step_size), and under a tight reference (dopri5, rtol 1e-7, atol 1e-9): accuracy, NFE, time, and each one's
     distance from the reference (share of equal predicted classes, largest logit difference)."""
-    path = os.path.join(a.out_dir, "best.pt")
+    path = os.path.join(args.out_dir, "best.pt")
     if not os.path.exists(path):
         fail(f"--evaluate: no checkpoint at {path}; train first (same --out_dir)")
     saved = torch.load(path, map_location="cpu", weights_only=False)
     trained = Args(**saved["args"])
-    model_keys = ("model", "rule", "drive", "interp", "d_model", "n_head", "d_ff", "dataset", "data", "n_train",
-                  "syn_length", "missing", "seed")
-    a = dataclasses.replace(a, **{k: getattr(trained, k) for k in model_keys})
-    reference = dataclasses.replace(a, solver="dopri5", rtol=1e-7, atol=1e-9)
+    model_keys = ("model", "rule", "drive", "values_from", "interp", "d_model", "n_head", "d_ff", "dataset", "data",
+                  "n_train", "syn_length", "missing", "seed")
+    args = dataclasses.replace(args, **{k: getattr(trained, k) for k in model_keys})
+    reference = dataclasses.replace(args, solver="dopri5", rtol=1e-7, atol=1e-9)
     device, task, model = setup(trained)
     model.load_state_dict(saved["model"])
     y, rows = task["test"]["y"], []
-    for name, args in (("trained", trained), ("asked", a), ("reference", reference)):
+    for name, cfg in (("trained", trained), ("asked", args), ("reference", reference)):
         t = time.time()
-        logits, nfe = predict(model, args, task, "test", device)
-        rows.append((name, args, logits, nfe, time.time() - t))
+        logits, nfe = predict(model, cfg, task, "test", device)
+        rows.append((name, cfg, logits, nfe, time.time() - t))
     ref = rows[-1][2]
-    for name, args, logits, nfe, sec in rows:
-        solver = args.solver + (f" step {args.step_size or task['min_gap']:g}" if args.solver != "dopri5" else
-                                f" rtol {args.rtol:g} atol {args.atol:g}")
+    for name, cfg, logits, nfe, sec in rows:
+        solver = cfg.solver + (f" step {cfg.step_size or task['min_gap']:g}" if cfg.solver != "dopri5" else
+                              f" rtol {cfg.rtol:g} atol {cfg.atol:g}")
         same = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
         print(f"{name:9} {solver:29} test acc {(logits.argmax(-1) == y).float().mean().item():.4f}  NFE per batch "
               f"{nfe:5.0f}  {sec:5.1f}s  vs reference: same class {same:.4f}, max |logit diff| "
@@ -900,21 +937,22 @@ def evaluate_checkpoint(a):
 # Benchmark
 
 
-def bench(a):
+def bench(args):
     """One training step (forward + backward) on a batch of the task, per model/rule and solver."""
-    device = pick_device(a.device)
-    torch.manual_seed(a.seed)
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
     try:
-        task = load_task(a)
+        task = load_task(args)
     except data.DataError as e:
         fail(str(e))
-    t, x, lengths, y = get_batch(task["train"], torch.arange(min(a.batch_size, len(task["train"]["y"]))), device)
-    print(f"device {device}, threads {torch.get_num_threads()}, batch {len(y)}, {fixed_steps(a, task)} fixed steps per "
-          f"solve, d_model {a.d_model}, n_head {a.n_head}, interp {a.interp}, dopri5 rtol {a.rtol} atol {a.atol}")
+    t, x, lengths, y = get_batch(task["train"], torch.arange(min(args.batch_size, len(task["train"]["y"]))), device)
+    print(f"device {device}, threads {torch.get_num_threads()}, batch {len(y)}, {fixed_steps(args, task)} fixed "
+          f"steps per solve, d_model {args.d_model}, n_head {args.n_head}, interp {args.interp}, "
+          f"dopri5 rtol {args.rtol} atol {args.atol}")
     print(f"{'model':12} {'solver':7} {'params':>8} {'step ms':>9} {'NFE':>6}")
     for model_name, rule in (("ctfwp", "hebb"), ("ctfwp", "oja"), ("ctfwp", "delta"), ("ncde", "-")):
         for solver in ("euler", "rk4", "dopri5"):
-            b = dataclasses.replace(a, model=model_name, rule=rule if rule != "-" else a.rule, solver=solver)
+            b = dataclasses.replace(args, model=model_name, rule=rule if rule != "-" else args.rule, solver=solver)
             torch.manual_seed(0)
             model = build_model(b, task["n_channels"], len(task["names"])).to(device)
             times = []
@@ -930,12 +968,12 @@ def bench(a):
 
 
 def main(argv=None):
-    a = parse_args(sys.argv[1:] if argv is None else argv)
-    if a.bench:
-        return bench(a)
-    if a.evaluate:
-        return evaluate_checkpoint(a)
-    train(a)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.bench:
+        return bench(args)
+    if args.evaluate:
+        return evaluate_checkpoint(args)
+    train(args)
 
 
 if __name__ == "__main__":

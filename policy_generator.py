@@ -182,20 +182,21 @@ def parse_args(argv):
     return check_args(args)
 
 
-def check_args(a):
-    if a.env not in ENVS:
-        fail(f"--env must be one of {', '.join(ENVS)}, got {a.env!r}")
+def check_args(args):
+    if args.env not in ENVS:
+        fail(f"--env must be one of {', '.join(ENVS)}, got {args.env!r}")
     for key in ("total_steps", "n_parallel", "hidden", "tile", "embed_dim", "gen_hidden", "n_probes", "eval_hidden",
                 "buffer_size", "batch_size", "eval_every", "n_eval", "sweep_points", "sweep_episodes"):
-        if getattr(a, key) <= 0:
-            fail(f"--{key} must be positive, got {getattr(a, key)}")
-    if a.hidden % a.tile:
-        fail(f"--hidden {a.hidden} is not divisible by --tile {a.tile}; pick a tile that divides the width.")
-    if min(a.noise, a.evaluator_steps, a.generator_steps, a.lr_evaluator, a.lr_generator, a.stop_at) < 0:
+        if getattr(args, key) <= 0:
+            fail(f"--{key} must be positive, got {getattr(args, key)}")
+    if args.hidden % args.tile:
+        fail(f"--hidden {args.hidden} is not divisible by --tile {args.tile}; pick a tile that divides the width.")
+    if min(args.noise, args.evaluator_steps, args.generator_steps, args.lr_evaluator, args.lr_generator,
+           args.stop_at) < 0:
         fail("--noise, --evaluator_steps, --generator_steps, the learning rates and --stop_at must be non-negative.")
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {a.device}: this machine has no CUDA GPU; use --device cpu")
-    return a
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,19 +239,20 @@ class Generator(nn.Module):
     """theta = G(c). Layer l (out x in) is cut into tiles of (out_chunk x in_chunk): the first layer's tiles span all
     inputs, the last layer's all outputs, hidden layers use tile x tile. One pair of tile MLPs per layer type."""
 
-    def __init__(self, shapes, a):
+    def __init__(self, shapes, args):
         super().__init__()
         self.scale = [2 / fan_in**0.5 for _, fan_in in shapes]  # each layer scaled by 2 / sqrt(fan_in)
         n = len(shapes)
         self.kind = ["first"] + ["hidden"] * (n - 2) + ["last"]
-        self.chunk = [(a.tile if i < n - 1 else out, a.tile if i > 0 else inp) for i, (out, inp) in enumerate(shapes)]
+        self.chunk = [(args.tile if i < n - 1 else out, args.tile if i > 0 else inp)
+                      for i, (out, inp) in enumerate(shapes)]
         self.tiles = [(inp // ic, out // oc) for (out, inp), (oc, ic) in zip(shapes, self.chunk)]  # (in, out) tiles
-        self.embeddings = nn.ParameterList([nn.Parameter(torch.randn(ti, to, a.embed_dim)) for ti, to in self.tiles])
+        self.embeddings = nn.ParameterList([nn.Parameter(torch.randn(ti, to, args.embed_dim)) for ti, to in self.tiles])
         self.w_nets, self.b_nets = nn.ModuleDict(), nn.ModuleDict()
         for kind, (oc, ic) in zip(self.kind, self.chunk):
             if kind not in self.w_nets:
-                self.w_nets[kind] = mlp([a.embed_dim + 1, a.gen_hidden, a.gen_hidden, oc * ic])
-                self.b_nets[kind] = mlp([a.embed_dim + 1, a.gen_hidden, a.gen_hidden, oc])
+                self.w_nets[kind] = mlp([args.embed_dim + 1, args.gen_hidden, args.gen_hidden, oc * ic])
+                self.b_nets[kind] = mlp([args.embed_dim + 1, args.gen_hidden, args.gen_hidden, oc])
 
     def forward(self, c):
         """c (B,) normalised commands -> theta (B, n_params)."""
@@ -266,11 +268,11 @@ class Generator(nn.Module):
 class Evaluator(nn.Module):
     """V(theta): the policy's actions on M learned probing states (its fingerprint) -> MLP -> predicted return."""
 
-    def __init__(self, shapes, act_limit, a):
+    def __init__(self, shapes, act_limit, args):
         super().__init__()
         self.shapes, self.act_limit = shapes, act_limit
-        self.probes = nn.Parameter(torch.rand(a.n_probes, shapes[0][1]))  # uniform [0, 1), as the official code
-        self.net = mlp([a.n_probes * shapes[-1][0], a.eval_hidden, a.eval_hidden, 1])
+        self.probes = nn.Parameter(torch.rand(args.n_probes, shapes[0][1]))  # uniform [0, 1), as the official code
+        self.net = mlp([args.n_probes * shapes[-1][0], args.eval_hidden, args.eval_hidden, 1])
 
     def fingerprint(self, theta):
         return policy_forward(theta, self.probes.expand(len(theta), -1, -1), self.shapes, self.act_limit).flatten(1)
@@ -373,23 +375,23 @@ def save_checkpoint(path, obj):
 class GoGePo:
     """Everything a run holds: the nets, their optimisers, the buffer, the normaliser, the counters, the RNGs."""
 
-    def __init__(self, a):
+    def __init__(self, args):
         import gymnasium as gym
 
-        env = gym.make(a.env, disable_env_checker=True)
+        env = gym.make(args.env, disable_env_checker=True)
         obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-        self.a, self.info = a, ENVS[a.env]
+        self.args, self.info = args, ENVS[args.env]
         self.r_range = self.info["r_max"] - self.info["r_min"]
         self.act_limit = torch.as_tensor(env.action_space.high, dtype=torch.float32)
-        self.shapes = layer_shapes(obs_dim, act_dim, a.hidden)
+        self.shapes = layer_shapes(obs_dim, act_dim, args.hidden)
         self.n_params = sum(o * i + o for o, i in self.shapes)
-        torch.manual_seed(a.seed)
-        self.generator, self.evaluator = Generator(self.shapes, a), Evaluator(self.shapes, self.act_limit, a)
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=a.lr_generator)
-        self.opt_v = torch.optim.Adam(self.evaluator.parameters(), lr=a.lr_evaluator)
-        self.buffer, self.norm = Buffer(a.buffer_size, a.recency), RunningNorm(obs_dim)
-        self.gen = torch.Generator().manual_seed(a.seed)  # buffer sampling and parameter noise
-        self.rng = np.random.default_rng(a.seed)  # environment seeds
+        torch.manual_seed(args.seed)
+        self.generator, self.evaluator = Generator(self.shapes, args), Evaluator(self.shapes, self.act_limit, args)
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=args.lr_generator)
+        self.opt_v = torch.optim.Adam(self.evaluator.parameters(), lr=args.lr_evaluator)
+        self.buffer, self.norm = Buffer(args.buffer_size, args.recency), RunningNorm(obs_dim)
+        self.gen = torch.Generator().manual_seed(args.seed)  # buffer sampling and parameter noise
+        self.rng = np.random.default_rng(args.seed)  # environment seeds
         self.steps, self.episodes, self.best, self.solved_at, self.last_eval = 0, 0, -np.inf, None, 0
 
     def command(self, ret):
@@ -398,15 +400,15 @@ class GoGePo:
     def update(self):
         """The paper's update after an episode: evaluator steps (MSE to returns), then generator steps through
         the frozen evaluator with commands drawn from the buffer's returns."""
-        for _ in range(self.a.evaluator_steps):
-            thetas, rets = self.buffer.sample(self.a.batch_size, self.gen)
+        for _ in range(self.args.evaluator_steps):
+            thetas, rets = self.buffer.sample(self.args.batch_size, self.gen)
             loss_v = F.mse_loss(self.evaluator(thetas), rets)
             self.opt_v.zero_grad(set_to_none=True)
             loss_v.backward()
             self.opt_v.step()
         self.evaluator.requires_grad_(False)
-        for _ in range(self.a.generator_steps):
-            _, rets = self.buffer.sample(self.a.batch_size, self.gen)
+        for _ in range(self.args.generator_steps):
+            _, rets = self.buffer.sample(self.args.batch_size, self.gen)
             # recency-weighted sampling with replacement repeats commands: generate each distinct one once (the
             # same loss and gradient as generating all batch_size, at a fraction of the cost)
             unique, inverse = torch.unique(rets, return_inverse=True)
@@ -415,7 +417,7 @@ class GoGePo:
             loss_g.backward()
             self.opt_g.step()
         self.evaluator.requires_grad_(True)
-        return loss_v.item(), loss_g.item() if self.a.generator_steps else float("nan")
+        return loss_v.item(), loss_g.item() if self.args.generator_steps else float("nan")
 
     @torch.no_grad()
     def evaluate(self, envs, ret, n):
@@ -426,7 +428,8 @@ class GoGePo:
 
     def state(self):
         return {"generator": self.generator.state_dict(), "evaluator": self.evaluator.state_dict(),
-                "opt_g": self.opt_g.state_dict(), "opt_v": self.opt_v.state_dict(), "args": dataclasses.asdict(self.a),
+                "opt_g": self.opt_g.state_dict(), "opt_v": self.opt_v.state_dict(),
+                "args": dataclasses.asdict(self.args),
                 "buffer": (self.buffer.thetas, self.buffer.returns), "norm": vars(self.norm),
                 "counters": (self.steps, self.episodes, self.best, self.solved_at, self.last_eval),
                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state(), "gen": self.gen.get_state(),
@@ -446,63 +449,63 @@ class GoGePo:
         self.rng.bit_generator.state = s["rng"]["np"]
 
 
-def make_run(a):
+def make_run(args):
     import gymnasium
 
     try:
-        return GoGePo(a)
+        return GoGePo(args)
     except (gymnasium.error.Error, ImportError) as e:  # DependencyNotInstalled: a missing MuJoCo
-        fail(f"cannot make {a.env}: {e}. The MuJoCo tasks need pip install 'gymnasium[mujoco]'.")
+        fail(f"cannot make {args.env}: {e}. The MuJoCo tasks need pip install 'gymnasium[mujoco]'.")
 
 
-def command_sweep(run, envs, a, t0):
+def command_sweep(run, envs, args, t0):
     """Commanded vs achieved return over the return range (the paper's claim: any return seen in training)."""
     info = run.info
-    print(f"command sweep ({a.sweep_episodes} episodes per command):")
+    print(f"command sweep ({args.sweep_episodes} episodes per command):")
     print(f"{'command':>9} {'achieved':>9} {'std':>7} {'V(G(c))':>9}")
     rows = []
-    for c in np.linspace(info["r_min"], info["r_max"], a.sweep_points):
-        achieved = run.evaluate(envs, c, a.sweep_episodes)
+    for c in np.linspace(info["r_min"], info["r_max"], args.sweep_points):
+        achieved = run.evaluate(envs, c, args.sweep_episodes)
         with torch.no_grad():
             predicted = run.evaluator(run.generator(run.command(c))).item()
         rows.append((c, achieved.mean(), achieved.std(), predicted))
         print(f"{c:9.1f} {achieved.mean():9.1f} {achieved.std():7.1f} {predicted:9.1f}", flush=True)
-    log_metrics(a.out_dir, run.steps, "sweep", {"rows": [list(map(float, r)) for r in rows]}, t0)
+    log_metrics(args.out_dir, run.steps, "sweep", {"rows": [list(map(float, r)) for r in rows]}, t0)
     return rows
 
 
-def train(a):
-    random.seed(a.seed)
-    np.random.seed(a.seed)
+def train(args):
+    random.seed(args.seed)
+    np.random.seed(args.seed)
     try:
         import gymnasium  # noqa: F401
     except ImportError:
         fail("policy_generator.py needs gymnasium (and gymnasium[mujoco] for the MuJoCo tasks): "
              "pip install -r requirements.txt")
-    run = make_run(a)
-    path = os.path.join(a.out_dir, "ckpt.pt")
-    if a.resume or a.sweep_only:
+    run = make_run(args)
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    if args.resume or args.sweep_only:
         if not os.path.exists(path):
-            fail(f"--{'resume' if a.resume else 'sweep_only'}: no checkpoint at {path}")
+            fail(f"--{'resume' if args.resume else 'sweep_only'}: no checkpoint at {path}")
         run.load(torch.load(path, weights_only=False))
-    os.makedirs(a.out_dir, exist_ok=True)
-    envs = make_envs(a.env, max(a.n_parallel, a.n_eval, a.sweep_episodes))
+    os.makedirs(args.out_dir, exist_ok=True)
+    envs = make_envs(args.env, max(args.n_parallel, args.n_eval, args.sweep_episodes))
     t0 = time.time()
-    if a.sweep_only:
-        return command_sweep(run, envs, a, t0)
-    print(f"config: {json.dumps(dataclasses.asdict(a))}")
+    if args.sweep_only:
+        return command_sweep(run, envs, args, t0)
+    print(f"config: {json.dumps(dataclasses.asdict(args))}")
     n_gen = sum(p.numel() for p in run.generator.parameters())
-    print(f"{a.env}: policy of {run.n_params} parameters, generator {n_gen / 1e6:.2f}M, evaluator "
+    print(f"{args.env}: policy of {run.n_params} parameters, generator {n_gen / 1e6:.2f}M, evaluator "
           f"{sum(p.numel() for p in run.evaluator.parameters()) / 1e6:.2f}M, return range ({run.info['r_min']}, "
           f"{run.info['r_max']}), solved at {run.info['solved']}; starting at step {run.steps}")
-    bar = tqdm(total=a.total_steps, initial=run.steps, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=args.total_steps, initial=run.steps, unit="step", dynamic_ncols=True)
     stop = False
-    while run.steps < a.total_steps and not stop:
+    while run.steps < args.total_steps and not stop:
         with torch.no_grad():  # one generator call for the batch; the noise makes the policies differ
-            c = 1.0 if run.episodes == 0 else run.best + a.drive
+            c = 1.0 if run.episodes == 0 else run.best + args.drive
             theta = run.generator(run.command(c))
-            thetas = theta + a.noise * torch.randn(a.n_parallel, run.n_params, generator=run.gen)
-        seeds = run.rng.integers(2**31, size=a.n_parallel)
+            thetas = theta + args.noise * torch.randn(args.n_parallel, run.n_params, generator=run.gen)
+        seeds = run.rng.integers(2**31, size=args.n_parallel)
         rets, env_rets, steps = rollout(envs, thetas, run.shapes, run.act_limit, run.norm, seeds, push=True,
                                         alive_bonus=run.info.get("alive_bonus", 0.0))
         run.steps += steps
@@ -513,30 +516,31 @@ def train(a):
             loss_v, loss_g = run.update()
         bar.update(steps)
         bar.set_postfix(best=f"{run.best:.1f}", ret=f"{env_rets.mean():.1f}", loss_v=f"{loss_v:.2f}")
-        log_metrics(a.out_dir, run.steps, "train", {"return": float(env_rets.mean()), "best": run.best,
+        log_metrics(args.out_dir, run.steps, "train", {"return": float(env_rets.mean()), "best": run.best,
                                                      "command": float(c), "loss_v": loss_v, "loss_g": loss_g}, t0)
-        if run.steps // a.eval_every > run.last_eval // a.eval_every or run.steps >= a.total_steps:
+        if run.steps // args.eval_every > run.last_eval // args.eval_every or run.steps >= args.total_steps:
             run.last_eval = run.steps
-            result = run.evaluate(envs, run.best, a.n_eval)
-            log_metrics(a.out_dir, run.steps, "eval", {"return": float(result.mean()), "std": float(result.std())}, t0)
+            result = run.evaluate(envs, run.best, args.n_eval)
+            log_metrics(args.out_dir, run.steps, "eval",
+                        {"return": float(result.mean()), "std": float(result.std())}, t0)
             tqdm.write(f"step {run.steps} (episode {run.episodes}, {time.time() - t0:.0f}s): eval return "
                        f"{result.mean():.1f} +- {result.std():.1f} for command {run.best:.1f}")
             solved = run.info["solved"]
             if solved is not None and result.mean() >= solved and run.solved_at is None:
                 run.solved_at = (run.steps, time.time() - t0)
-                log_metrics(a.out_dir, run.steps, "eval", {"solved_steps": run.steps}, t0)
-                stop = a.stop_solved
+                log_metrics(args.out_dir, run.steps, "eval", {"solved_steps": run.steps}, t0)
+                stop = args.stop_solved
             save_checkpoint(path, run.state())
-            if a.stop_at and run.steps >= a.stop_at:
+            if args.stop_at and run.steps >= args.stop_at:
                 bar.close()
                 return
     bar.close()
-    result = run.evaluate(envs, run.best, a.n_eval)
-    log_metrics(a.out_dir, run.steps, "final", {"return": float(result.mean()), "std": float(result.std())}, t0)
+    result = run.evaluate(envs, run.best, args.n_eval)
+    log_metrics(args.out_dir, run.steps, "final", {"return": float(result.mean()), "std": float(result.std())}, t0)
     save_checkpoint(path, run.state())
-    command_sweep(run, envs, a, t0)
+    command_sweep(run, envs, args, t0)
     solved = "not solved" if run.solved_at is None else f"solved at step {run.solved_at[0]} ({run.solved_at[1]:.0f}s)"
-    print(f"final: eval return {result.mean():.1f} +- {result.std():.1f} over {a.n_eval} episodes for command "
+    print(f"final: eval return {result.mean():.1f} +- {result.std():.1f} over {args.n_eval} episodes for command "
           f"{run.best:.1f}; {solved}; {run.steps} steps, {run.episodes} episodes, {time.time() - t0:.0f}s")
 
 
@@ -544,10 +548,10 @@ def train(a):
 # Benchmark
 
 
-def bench(a):
+def bench(args):
     """Median times of the parts of one iteration at the configured sizes, in one run."""
-    run = make_run(a)
-    envs = make_envs(a.env, a.n_parallel)
+    run = make_run(args)
+    envs = make_envs(args.env, args.n_parallel)
 
     def timed(fn, n=5):
         times = []
@@ -559,31 +563,31 @@ def bench(a):
 
     with torch.no_grad():
         theta = run.generator(run.command(0.0))
-    for i in range(a.batch_size):  # distinct returns: every generator batch has batch_size distinct commands
+    for i in range(args.batch_size):  # distinct returns: every generator batch has batch_size distinct commands
         run.buffer.add(theta[0] + 0.1 * torch.randn(run.n_params), float(i))
-    x = torch.zeros(a.n_parallel, 1, run.shapes[0][1])
-    thetas = theta.expand(a.n_parallel, -1)
-    print(f"{a.env}, threads {torch.get_num_threads()}, policy {run.n_params} parameters, batch {a.batch_size} "
+    x = torch.zeros(args.n_parallel, 1, run.shapes[0][1])
+    thetas = theta.expand(args.n_parallel, -1)
+    print(f"{args.env}, threads {torch.get_num_threads()}, policy {run.n_params} parameters, batch {args.batch_size} "
           "(all commands distinct: the slowest update)")
     with torch.no_grad():
         print(f"generator, 1 command:                 {timed(lambda: run.generator(run.command(0.0))):8.2f} ms")
     t_up = timed(run.update, 3)
-    print(f"update (evaluator {a.evaluator_steps} + generator {a.generator_steps} steps): {t_up:8.1f} ms")
+    print(f"update (evaluator {args.evaluator_steps} + generator {args.generator_steps} steps): {t_up:8.1f} ms")
     with torch.no_grad():
         t_pol = timed(lambda: policy_forward(thetas, x, run.shapes, run.act_limit), 50)
-    print(f"policy forward, {a.n_parallel} policies, 1 step:      {t_pol:8.3f} ms")
+    print(f"policy forward, {args.n_parallel} policies, 1 step:      {t_pol:8.3f} ms")
     for env in envs:
         env.reset(seed=0)
     act = envs[0].action_space.sample()
     t_env = timed(lambda: [e.step(act) for e in envs], 50)
-    print(f"environment step x {a.n_parallel}:                 {t_env:8.3f} ms")
+    print(f"environment step x {args.n_parallel}:                 {t_env:8.3f} ms")
 
 
 def main(argv=None):
-    a = parse_args(sys.argv[1:] if argv is None else argv)
-    if a.bench:
-        return bench(a)
-    train(a)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.bench:
+        return bench(args)
+    train(args)
 
 
 if __name__ == "__main__":

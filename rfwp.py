@@ -57,6 +57,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -256,37 +257,39 @@ def parse_args(argv):
     return check_args(args)
 
 
-def check_args(a):
+def check_args(args):
     choices = dict(task=("code", "listops", "lm", "rl"), tokenizer=("word", "char"), model=MODELS,
                    impl=("auto", "loop", "chunk", "cuda"))
     for key, allowed in choices.items():
-        if getattr(a, key) not in allowed:
-            fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(a, key)!r}")
+        if getattr(args, key) not in allowed:
+            fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(args, key)!r}")
     for key in ("code_length", "depth", "n_train", "n_eval", "seq_len", "d_model", "n_layer", "n_head", "d_ff",
                 "fast_net_depth", "chunk_size", "batch_size", "steps", "eval_every", "bench_T", "env_steps", "unroll"):
-        if getattr(a, key) <= 0:
-            fail(f"--{key} must be positive, got {getattr(a, key)}")
-    if a.depth >= LISTOPS_LEVELS:
-        fail(f"--depth must be below {LISTOPS_LEVELS} (every node at level {LISTOPS_LEVELS} is a value), got {a.depth}")
-    if a.n_vars not in (3, 5):
-        fail(f"--n_vars must be 3 or 5 (the paper's settings), got {a.n_vars}")
-    bad_ops = set(a.ops.split(",")) - set(LISTOPS)
+        if getattr(args, key) <= 0:
+            fail(f"--{key} must be positive, got {getattr(args, key)}")
+    if args.depth >= LISTOPS_LEVELS:
+        fail(f"--depth must be below {LISTOPS_LEVELS} (every node at level {LISTOPS_LEVELS} is a value), "
+             f"got {args.depth}")
+    if args.n_vars not in (3, 5):
+        fail(f"--n_vars must be 3 or 5 (the paper's settings), got {args.n_vars}")
+    bad_ops = set(args.ops.split(",")) - set(LISTOPS)
     if bad_ops:
         fail(f"--ops: unknown operator(s) {', '.join(sorted(bad_ops))}; choose from {', '.join(LISTOPS)}")
-    if a.d_model % a.n_head:
-        fail(f"--d_model {a.d_model} is not divisible by --n_head {a.n_head}; pick n_head dividing d_model.")
-    if not 0 <= a.dropout < 1 or a.lr <= 0 or min(a.warmup, a.grad_clip, a.stop_at) < 0:
+    if args.d_model % args.n_head:
+        fail(f"--d_model {args.d_model} is not divisible by --n_head {args.n_head}; pick n_head dividing d_model.")
+    if not 0 <= args.dropout < 1 or args.lr <= 0 or min(args.warmup, args.grad_clip, args.stop_at) < 0:
         fail("--dropout must be in [0, 1); --lr positive; --warmup, --grad_clip and --stop_at non-negative.")
-    if min(a.truncate, a.eval, a.entropy_cost, a.baseline_cost, a.reward_scale) < 0 or not 0 <= a.discount <= 1:
+    if (min(args.truncate, args.eval, args.entropy_cost, args.baseline_cost, args.reward_scale) < 0
+            or not 0 <= args.discount <= 1):
         fail("--truncate, --eval, --entropy_cost, --baseline_cost and --reward_scale must be non-negative; --discount "
              "in [0, 1].")
-    if a.task == "rl" and a.model == "transformer":
+    if args.task == "rl" and args.model == "transformer":
         fail("--task rl needs a fast-weight or recurrent core: the transformer's state (a KV cache) grows with every "
              "environment step. Use --model lstm, delta, delta_rnn, rdn, ...")
-    if a.carry_state and a.model == "transformer":
+    if args.carry_state and args.model == "transformer":
         fail("--carry_state needs a fast-weight or recurrent model: the transformer's state (a KV cache) grows "
              "with the stream.")
-    return a
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -579,12 +582,12 @@ def merge(y):
 class SlowNet(nn.Module):
     """Common parts: the slow projection to `sizes` per head (no bias) and the output projection."""
 
-    def __init__(self, a, sizes):
+    def __init__(self, args, sizes):
         super().__init__()
-        self.H, self.d, self.sizes = a.n_head, a.d_model // a.n_head, sizes
-        self.impl, self.chunk_size = a.impl, a.chunk_size
-        self.slow = nn.Linear(a.d_model, a.n_head * sum(sizes), bias=False)
-        self.out = nn.Linear(a.d_model, a.d_model, bias=False)
+        self.H, self.d, self.sizes = args.n_head, args.d_model // args.n_head, sizes
+        self.impl, self.chunk_size = args.impl, args.chunk_size
+        self.slow = nn.Linear(args.d_model, args.n_head * sum(sizes), bias=False)
+        self.out = nn.Linear(args.d_model, args.d_model, bias=False)
 
     def project(self, x):
         """x (B, T, d_model) -> one (B, H, T, size) tensor per entry of sizes; size-1 entries squeezed to (B, H, T)"""
@@ -598,8 +601,8 @@ class SlowNet(nn.Module):
 class LinearLayer(SlowNet):
     """The linear Transformer of the paper's algorithmic tasks: elu + 1, no normalisation, the sum rule."""
 
-    def __init__(self, a):
-        super().__init__(a, [a.d_model // a.n_head] * 3)
+    def __init__(self, args):
+        super().__init__(args, [args.d_model // args.n_head] * 3)
 
     def forward(self, x, state=None):
         q, k, v = self.project(x)
@@ -611,9 +614,9 @@ class LinearLayer(SlowNet):
 class DeltaLayer(SlowNet):
     """DeltaNet (eq. 4-7): q, k = sumnorm(elu + 1), beta = sigmoid, the delta rule."""
 
-    def __init__(self, a):
-        d = a.d_model // a.n_head
-        super().__init__(a, [d, d, d, 1])
+    def __init__(self, args):
+        d = args.d_model // args.n_head
+        super().__init__(args, [d, d, d, 1])
 
     def forward(self, x, state=None):
         q, k, v, b = self.project(x)
@@ -627,9 +630,9 @@ class DeltaMLPLayer(SlowNet):
     h_0 = q, h_l = h_{l-1} + W^l sumnorm(elu(LN_l(h_{l-1})) + 1). Every fast layer is d x d here; the official LM
     code uses pairs of layers with a 4d hidden width."""
 
-    def __init__(self, a):
-        d, L = a.d_model // a.n_head, a.fast_net_depth
-        super().__init__(a, [d] + [d, d, 1] * L)
+    def __init__(self, args):
+        d, L = args.d_model // args.n_head, args.fast_net_depth
+        super().__init__(args, [d] + [d, d, 1] * L)
         self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(L))
 
     def forward(self, x, state=None):
@@ -649,9 +652,9 @@ class DeltaDeltaLayer(SlowNet):
     """Delta Delta Net (eq. 12-16): the slow net programs fast net 1 (d x (3d + 1)) with the delta rule; its output
     q', k', v', beta' programs fast net 2 (d x d) with the delta rule; y = W2 q'."""
 
-    def __init__(self, a):
-        d = a.d_model // a.n_head
-        super().__init__(a, [d, d, 3 * d + 1, 1])
+    def __init__(self, args):
+        d = args.d_model // args.n_head
+        super().__init__(args, [d, d, 3 * d + 1, 1])
 
     def forward(self, x, state=None):
         q, k, v, b = self.project(x)
@@ -667,9 +670,9 @@ class DeltaRNNLayer(SlowNet):
     """Delta RNN (eq. 17-20): z_t = W_t q_t (DeltaNet); R_t by the delta rule from softmax keys, values and beta
     of x; y_t = z_t + R_t softmax(y_{t-1}). State (W, R, y_prev)."""
 
-    def __init__(self, a):
-        d = a.d_model // a.n_head
-        super().__init__(a, [d, d, d, 1, d, d, 1])
+    def __init__(self, args):
+        d = args.d_model // args.n_head
+        super().__init__(args, [d, d, d, 1, d, d, 1])
 
     def forward(self, x, state=None):
         q, k, v, b, k_r, v_r, b_r = self.project(x)
@@ -685,9 +688,9 @@ class DeltaLSTMLayer(SlowNet):
     i, o = sigmoid(z + R s), u = z^u + R^u s (no squashing); c_t = i u + (1 - i) c_{t-1}; h_t = o c_t.
     The three gates run as 3H heads side by side. State (W, R, c, h), W and R (B, 3H, d, d) in gate order i, u, o."""
 
-    def __init__(self, a):
-        d = a.d_model // a.n_head
-        super().__init__(a, [d, d, d, 1, d, d, 1] * 3)
+    def __init__(self, args):
+        d = args.d_model // args.n_head
+        super().__init__(args, [d, d, d, 1, d, d, 1] * 3)
 
     def forward(self, x, state=None):
         p = self.project(x)
@@ -703,11 +706,11 @@ class RDNLayer(SlowNet):
     """Recurrent Delta Net (eq. 28-32): keys, queries, values and beta also see s = tanh(y_{t-1}) through slow
     recurrent weights R_q, R_k, R_v (d x d per head) and r_b; y_t = W_t q_t (un-squashed). State (W, y_prev)."""
 
-    def __init__(self, a):
-        d = a.d_model // a.n_head
-        super().__init__(a, [d, d, d, 1])
-        self.R = nn.Parameter(torch.randn(3, a.n_head, d, d) / math.sqrt(d))  # R_q, R_k, R_v ~ N(0, 1/sqrt(d))
-        self.r_b = nn.Parameter(torch.randn(a.n_head, d) / math.sqrt(d))
+    def __init__(self, args):
+        d = args.d_model // args.n_head
+        super().__init__(args, [d, d, d, 1])
+        self.R = nn.Parameter(torch.randn(3, args.n_head, d, d) / math.sqrt(d))  # R_q, R_k, R_v ~ N(0, 1/sqrt(d))
+        self.r_b = nn.Parameter(torch.randn(args.n_head, d) / math.sqrt(d))
 
     def forward(self, x, state=None):
         q, k, v, b = self.project(x)
@@ -720,8 +723,8 @@ class SoftmaxLayer(SlowNet):
     """Causal softmax attention (the Transformer baseline). Its state is every past key and value, with a 0/1 flag
     per position that a reset sets to 0 (those positions are then masked out)."""
 
-    def __init__(self, a):
-        super().__init__(a, [a.d_model // a.n_head] * 3)
+    def __init__(self, args):
+        super().__init__(args, [args.d_model // args.n_head] * 3)
 
     def forward(self, x, state=None):
         q, k, v = self.project(x)
@@ -741,14 +744,14 @@ LAYERS = dict(transformer=SoftmaxLayer, linear=LinearLayer, delta=DeltaLayer, de
 
 
 class Block(nn.Module):
-    def __init__(self, a):
+    def __init__(self, args):
         super().__init__()
-        self.post_ln = a.post_ln
-        self.ln1, self.ln2 = nn.LayerNorm(a.d_model), nn.LayerNorm(a.d_model)
-        self.fwp = LAYERS[a.model](a)
-        self.ff = nn.Sequential(nn.Linear(a.d_model, a.d_ff), nn.ReLU(), nn.Dropout(a.dropout),
-                                nn.Linear(a.d_ff, a.d_model), nn.Dropout(a.dropout))
-        self.drop = nn.Dropout(a.dropout)
+        self.post_ln = args.post_ln
+        self.ln1, self.ln2 = nn.LayerNorm(args.d_model), nn.LayerNorm(args.d_model)
+        self.fwp = LAYERS[args.model](args)
+        self.ff = nn.Sequential(nn.Linear(args.d_model, args.d_ff), nn.ReLU(), nn.Dropout(args.dropout),
+                                nn.Linear(args.d_ff, args.d_model), nn.Dropout(args.dropout))
+        self.drop = nn.Dropout(args.dropout)
 
     def forward(self, x, state=None):
         if self.post_ln:
@@ -775,12 +778,12 @@ class FWPModel(nn.Module):
     first step -> logits (B, T, n_out), new state. No positional encoding (as in the paper's algorithmic tasks); a
     final LN before the head (the official algorithmic code has none), as in delta_net.py."""
 
-    def __init__(self, a, n_in, n_out, embed=None):
+    def __init__(self, args, n_in, n_out, embed=None):
         super().__init__()
-        self.embed = nn.Embedding(n_in, a.d_model) if embed is None else embed
-        self.blocks = nn.ModuleList(Block(a) for _ in range(a.n_layer))
-        self.ln_f = nn.LayerNorm(a.d_model)
-        self.head = nn.Linear(a.d_model, n_out)
+        self.embed = nn.Embedding(n_in, args.d_model) if embed is None else embed
+        self.blocks = nn.ModuleList(Block(args) for _ in range(args.n_layer))
+        self.ln_f = nn.LayerNorm(args.d_model)
+        self.head = nn.Linear(args.d_model, n_out)
 
     def forward(self, idx, state=None, reset=None):
         state = reset_state(state, reset) or [None] * len(self.blocks)
@@ -794,11 +797,11 @@ class FWPModel(nn.Module):
 class LSTMModel(nn.Module):
     """The LSTM baseline: embedding -> nn.LSTM (n_layer layers) -> linear. State [(h, c)], each (B, n_layer, D)."""
 
-    def __init__(self, a, n_in, n_out, embed=None):
+    def __init__(self, args, n_in, n_out, embed=None):
         super().__init__()
-        self.embed = nn.Embedding(n_in, a.d_model) if embed is None else embed
-        self.lstm = nn.LSTM(a.d_model, a.d_model, a.n_layer, batch_first=True, dropout=a.dropout)
-        self.head = nn.Linear(a.d_model, n_out)
+        self.embed = nn.Embedding(n_in, args.d_model) if embed is None else embed
+        self.lstm = nn.LSTM(args.d_model, args.d_model, args.n_layer, batch_first=True, dropout=args.dropout)
+        self.head = nn.Linear(args.d_model, n_out)
 
     def forward(self, idx, state=None, reset=None):
         state = reset_state(state, reset)
@@ -807,9 +810,9 @@ class LSTMModel(nn.Module):
         return self.head(y), [(h.transpose(0, 1), c.transpose(0, 1))]
 
 
-def build_model(a, n_in, n_out, embed=None):
+def build_model(args, n_in, n_out, embed=None):
     """embed: the input module (default an embedding of n_in token ids; the RL agent passes nn.Identity())."""
-    return (LSTMModel if a.model == "lstm" else FWPModel)(a, n_in, n_out, embed)
+    return (LSTMModel if args.model == "lstm" else FWPModel)(args, n_in, n_out, embed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -872,9 +875,9 @@ def listops_eval(tree):
     """The value of a ListOps tree: an int, or (op, [children])."""
     if isinstance(tree, int):
         return tree
-    op, args = tree[0], [listops_eval(c) for c in tree[1]]
+    op, values = tree[0], [listops_eval(c) for c in tree[1]]
     return dict(MIN=min, MAX=max, FIRST=lambda x: x[0], LAST=lambda x: x[-1], SM=lambda x: sum(x) % 10,
-                MED=lambda x: int(statistics.median(x)))[op](args)
+                MED=lambda x: int(statistics.median(x)))[op](values)
 
 
 LISTOPS_LEVELS = 20  # the official generator's cap: every node at level 20 (the root is level 1) is a value
@@ -908,25 +911,25 @@ def listops_tokens(tree):
     return ["[" + tree[0]] + [tok for c in tree[1] for tok in listops_tokens(c)] + ["]"]
 
 
-def make_examples(a, split):
+def make_examples(args, split):
     """The fixed examples of a split: (list of input id lists, list of target lists with -100 = no loss), the
     input vocabulary and the number of output classes. Each split has its own seed."""
-    rng = random.Random(f"{a.task}-{split}-{a.seed}")
-    n = a.n_train if split == "train" else a.n_eval
-    if a.task == "code":
-        vocab = list(CODE_VARS[: a.n_vars]) + CODE_WORDS
+    rng = random.Random(f"{args.task}-{split}-{args.seed}")
+    n = args.n_train if split == "train" else args.n_eval
+    if args.task == "code":
+        vocab = list(CODE_VARS[: args.n_vars]) + CODE_WORDS
         blank = CODE_MAX - CODE_MIN + 1  # classes: values CODE_MIN..CODE_MAX, then blank
         xs, ys = [], []
         for _ in range(n):
-            tokens, targets = code_program(rng, a.code_length, a.n_vars, a.official_if)
+            tokens, targets = code_program(rng, args.code_length, args.n_vars, args.official_if)
             xs.append([vocab.index(t) for t in tokens])
             ys.append([blank if t is None else t - CODE_MIN for t in targets])
         return xs, ys, vocab, blank + 1
-    ops = a.ops.split(",")
+    ops = args.ops.split(",")
     vocab = ["[" + op for op in ops] + ["]"] + [str(n) for n in range(10)]
     xs, ys = [], []
     for _ in range(n):
-        tree = listops_tree(rng, a.depth, ops)
+        tree = listops_tree(rng, args.depth, ops)
         xs.append([vocab.index(t) for t in listops_tokens(tree)])
         ys.append([-100] * (len(xs[-1]) - 1) + [listops_eval(tree)])  # the label is read at the last token
     return xs, ys, vocab, 10
@@ -948,13 +951,13 @@ def detach_state(state):
     return None if state is None else [tuple(s.detach() for s in layer) for layer in state]
 
 
-def lr_at(step, a):
-    if step < a.warmup:
-        return a.lr * (step + 1) / a.warmup
-    if not a.cosine:
-        return a.lr
-    progress = (step - a.warmup) / max(1, a.steps - a.warmup)
-    return a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+def lr_at(step, args):
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if not args.cosine:
+        return args.lr
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def pick_device(name, impl="auto"):
@@ -976,62 +979,62 @@ def pick_device(name, impl="auto"):
     return device
 
 
-def load_task(a):
+def load_task(args):
     """code, listops: the three fixed splits. lm: the corpus as parallel streams."""
-    if a.task == "lm":
-        train, valid, test, vocab = data.load_text(a.dataset, a.tokenizer, a.data_dir)
-        return {"n_in": len(vocab), "n_out": len(vocab), "vocab": vocab, "train": data.batchify(train, a.batch_size),
-                "valid": data.batchify(valid, a.batch_size), "test": data.batchify(test, a.batch_size)}
+    if args.task == "lm":
+        train, valid, test, vocab = data.load_text(args.dataset, args.tokenizer, args.data_dir)
+        return {"n_in": len(vocab), "n_out": len(vocab), "vocab": vocab, "train": data.batchify(train, args.batch_size),
+                "valid": data.batchify(valid, args.batch_size), "test": data.batchify(test, args.batch_size)}
     task = {}
     for split in ("train", "valid", "test"):
-        xs, ys, vocab, n_out = make_examples(a, split)
+        xs, ys, vocab, n_out = make_examples(args, split)
         task[split] = (xs, ys)
     return dict(task, n_in=len(vocab) + 1, n_out=n_out, vocab=vocab, pad=len(vocab))  # + the pad id
 
 
-def batches(task, a, split):
+def batches(task, args, split):
     """The evaluation batches of a split, in order."""
-    if a.task == "lm":
+    if args.task == "lm":
         streams = task[split]
-        return (data.segment(streams, i, a.seq_len) for i in range(data.n_segments(streams, a.seq_len)))
+        return (data.segment(streams, i, args.seq_len) for i in range(data.n_segments(streams, args.seq_len)))
     xs, ys = task[split]
-    return (pad_batch(xs[i : i + a.batch_size], ys[i : i + a.batch_size], task["pad"])
-            for i in range(0, len(xs), a.batch_size))
+    return (pad_batch(xs[i : i + args.batch_size], ys[i : i + args.batch_size], task["pad"])
+            for i in range(0, len(xs), args.batch_size))
 
 
 @torch.no_grad()
-def evaluate(model, a, task, split, device):
+def evaluate(model, args, task, split, device):
     """code: print accuracy (at executed prints) and sequence accuracy (every position right); listops:
     accuracy; lm: loss and perplexity (or bits per character) over the whole split, state carried if asked."""
     model.eval()
     loss_sum, n_tok, n_right, n_print, print_right, n_seq, seq_right = 0.0, 0, 0, 0, 0, 0, 0
     state = None
-    for x, y in batches(task, a, split):
+    for x, y in batches(task, args, split):
         x, y = x.to(device), y.to(device)
-        logits, state = model(x, state if a.carry_state else None)
+        logits, state = model(x, state if args.carry_state else None)
         mask = y != -100
         loss_sum += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
         right = (logits.argmax(-1) == y) & mask
         n_tok, n_right = n_tok + mask.sum().item(), n_right + right.sum().item()
-        if a.task == "code":
+        if args.task == "code":
             printed = mask & (y != task["n_out"] - 1)
             n_print, print_right = n_print + printed.sum().item(), print_right + (right & printed).sum().item()
             n_seq, seq_right = n_seq + len(y), seq_right + (right == mask).all(-1).sum().item()
     model.train()
     loss = loss_sum / n_tok
-    if a.task == "code":
+    if args.task == "code":
         return {"loss": loss, "print_acc": print_right / n_print, "seq_acc": seq_right / n_seq}
-    if a.task == "listops":
+    if args.task == "listops":
         return {"loss": loss, "acc": n_right / n_tok}
-    return {"loss": loss, "ppl" if a.tokenizer == "word" else "bpc":
-            math.exp(min(loss, 50)) if a.tokenizer == "word" else loss / math.log(2)}
+    return {"loss": loss, "ppl" if args.tokenizer == "word" else "bpc":
+            math.exp(min(loss, 50)) if args.tokenizer == "word" else loss / math.log(2)}
 
 
 HEADLINE = {"code": "seq_acc", "listops": "acc"}  # lm: ppl or bpc, lower is better
 
 
-def headline(a):
-    return HEADLINE.get(a.task, "ppl" if a.tokenizer == "word" else "bpc")
+def headline(args):
+    return HEADLINE.get(args.task, "ppl" if args.tokenizer == "word" else "bpc")
 
 
 def save_checkpoint(path, obj):
@@ -1069,54 +1072,54 @@ def log_metrics(out_dir, step, split, metrics, t0):
             f.write(json.dumps(dict(step=step, split=split, metric=name, value=value, time=time.time() - t0)) + "\n")
 
 
-def train(a):
-    device = pick_device(a.device, a.impl)
-    seed_everything(a.seed)
-    gen = torch.Generator().manual_seed(a.seed)  # which training examples each step sees
+def train(args):
+    device = pick_device(args.device, args.impl)
+    seed_everything(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)  # which training examples each step sees
     try:
-        task = load_task(a)
+        task = load_task(args)
     except data.DataError as e:
         fail(str(e))
-    model = build_model(a, task["n_in"], task["n_out"]).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=a.lr, betas=(0.9, 0.995), eps=1e-9)  # the paper's Adam
+    model = build_model(args, task["n_in"], task["n_out"]).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.995), eps=1e-9)  # the paper's Adam
     step, state, best = 0, None, None
-    ckpt_path, best_path = os.path.join(a.out_dir, "ckpt.pt"), os.path.join(a.out_dir, "best.pt")
-    lower_is_better = a.task == "lm"
-    if a.resume:
+    ckpt_path, best_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "best.pt")
+    lower_is_better = args.task == "lm"
+    if args.resume:
         ckpt = resume_from(ckpt_path, model, opt, device)
         step, state, best = ckpt["step"], ckpt["train_state"], ckpt["best"]
         gen.set_state(ckpt["rng"]["data"])
-    os.makedirs(a.out_dir, exist_ok=True)
+    os.makedirs(args.out_dir, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"config: {json.dumps(dataclasses.asdict(a))}")
-    print(f"device {device}, model {a.model}, {n_params / 1e6:.2f}M parameters, starting at step {step}")
+    print(f"config: {json.dumps(dataclasses.asdict(args))}")
+    print(f"device {device}, model {args.model}, {n_params / 1e6:.2f}M parameters, starting at step {step}")
 
     def checkpoint(path):
         save_checkpoint(path, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "args": dataclasses.asdict(a),
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "args": dataclasses.asdict(args),
             "vocab": task["vocab"], "train_state": detach_state(state), "best": best,
             "rng": dict(rng_state(), data=gen.get_state())})
 
-    if step >= a.steps:
-        print(f"the checkpoint in {a.out_dir} is already at step {step} of --steps {a.steps}; nothing to do")
+    if step >= args.steps:
+        print(f"the checkpoint in {args.out_dir} is already at step {step} of --steps {args.steps}; nothing to do")
         return
-    t0, name = time.time(), headline(a)
-    n_seg = data.n_segments(task["train"], a.seq_len) if a.task == "lm" else 0
-    bar = tqdm(total=a.steps, initial=step, dynamic_ncols=True)
-    while step < a.steps:
-        if a.task == "lm":
+    t0, name = time.time(), headline(args)
+    n_seg = data.n_segments(task["train"], args.seq_len) if args.task == "lm" else 0
+    bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True)
+    while step < args.steps:
+        if args.task == "lm":
             i = step % n_seg
-            x, y = data.segment(task["train"], i, a.seq_len)
+            x, y = data.segment(task["train"], i, args.seq_len)
             if i == 0:
                 state = None  # a new pass over the corpus starts from empty fast weights
         else:
             xs, ys = task["train"]
-            idx = torch.randint(len(xs), (a.batch_size,), generator=gen).tolist()
+            idx = torch.randint(len(xs), (args.batch_size,), generator=gen).tolist()
             x, y = pad_batch([xs[i] for i in idx], [ys[i] for i in idx], task["pad"])
         x, y = x.to(device), y.to(device)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, a)
-        logits, new_state = model(x, state if a.carry_state else None)
+            group["lr"] = lr_at(step, args)
+        logits, new_state = model(x, state if args.carry_state else None)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
         if not torch.isfinite(loss):
             bar.close()
@@ -1125,29 +1128,29 @@ def train(a):
             sys.exit(1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if a.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+        if args.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
-        state = detach_state(new_state) if a.carry_state else None
+        state = detach_state(new_state) if args.carry_state else None
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        log_metrics(a.out_dir, step, "train", {"loss": loss.item()}, t0)
-        if step % a.eval_every == 0 or step == a.steps or step == a.stop_at:
-            result = evaluate(model, a, task, "valid", device)
-            log_metrics(a.out_dir, step, "valid", result, t0)
+        log_metrics(args.out_dir, step, "train", {"loss": loss.item()}, t0)
+        if step % args.eval_every == 0 or step == args.steps or step == args.stop_at:
+            result = evaluate(model, args, task, "valid", device)
+            log_metrics(args.out_dir, step, "valid", result, t0)
             tqdm.write(f"step {step} valid: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
             if best is None or (result[name] < best[1] if lower_is_better else result[name] > best[1]):
                 best = (step, result[name])
                 checkpoint(best_path)
             checkpoint(ckpt_path)
-            if step == a.stop_at:
+            if step == args.stop_at:
                 break
     bar.close()
-    if step == a.steps:
+    if step == args.steps:
         model.load_state_dict(torch.load(best_path, map_location=device, weights_only=False)["model"])
-        result = evaluate(model, a, task, "test", device)
-        log_metrics(a.out_dir, step, "test", result, t0)
+        result = evaluate(model, args, task, "test", device)
+        log_metrics(args.out_dir, step, "test", result, t0)
         print(f"final: test {name} {result[name]:.4f} (" + " ".join(f"{k} {v:.4f}" for k, v in result.items()) +
               f") with the best valid checkpoint (step {best[0]}, valid {name} {best[1]:.4f}), {time.time() - t0:.0f}s")
 
@@ -1246,8 +1249,8 @@ class AtariEnvs:
         self.envs.close()
 
 
-def make_envs(a, n, seed):
-    return (AtariEnvs if a.env.startswith("ALE/") else GymEnvs)(a.env, n, seed)
+def make_envs(args, n, seed):
+    return (AtariEnvs if args.env.startswith("ALE/") else GymEnvs)(args.env, n, seed)
 
 
 class Residual(nn.Module):
@@ -1283,20 +1286,20 @@ class Agent(nn.Module):
     -> policy logits and baseline (one linear head). The core's reset mask zeroes the state of the environments
     whose episode just ended."""
 
-    def __init__(self, a, obs_shape, n_actions):
+    def __init__(self, args, obs_shape, n_actions):
         super().__init__()
-        self.image, self.memoryless = len(obs_shape) == 3, a.memoryless
+        self.image, self.memoryless = len(obs_shape) == 3, args.memoryless
         if self.image:
             self.encoder, n_feat = ImpalaCNN(obs_shape[0]), 256
         else:
-            self.encoder = nn.Sequential(nn.Linear(obs_shape[0], a.d_model), nn.ReLU(),
-                                         nn.Linear(a.d_model, a.d_model), nn.ReLU())
-            n_feat = a.d_model
+            self.encoder = nn.Sequential(nn.Linear(obs_shape[0], args.d_model), nn.ReLU(),
+                                         nn.Linear(args.d_model, args.d_model), nn.ReLU())
+            n_feat = args.d_model
             self.register_buffer("obs_count", torch.zeros(()))
             self.register_buffer("obs_mean", torch.zeros(obs_shape))
             self.register_buffer("obs_var", torch.ones(obs_shape))
-        self.core_in = nn.Linear(n_feat + 1, a.d_model)
-        self.core = build_model(dataclasses.replace(a, impl="loop" if a.impl == "chunk" else a.impl), None,
+        self.core_in = nn.Linear(n_feat + 1, args.d_model)
+        self.core = build_model(dataclasses.replace(args, impl="loop" if args.impl == "chunk" else args.impl), None,
                                 n_actions + 1, embed=nn.Identity())  # one step per call: no chunks
 
     @torch.no_grad()
@@ -1341,14 +1344,37 @@ def vtrace(log_rhos, discounts, rewards, values, bootstrap_value, rho_bar=1.0, c
         return vs, rho * (rewards + discounts * vs_next - values)
 
 
-def rl_unroll(agent, envs, carry, a, device):
-    """Step every environment a.unroll times with the current policy (graph kept), then compute the bootstrap value.
-    carry: obs (numpy), last reward (B,), reset (B,) bool, core state. Returns the trajectory (T, B) tensors, the
-    returns of the episodes that ended, the emulator seconds, and the new carry."""
+class Carry(NamedTuple):
+    """What one unroll hands to the next: the agent's next inputs and its core state."""
+    obs: np.ndarray  # (B, ...) the latest observations
+    last_reward: torch.Tensor  # (B,) the reward that came with them
+    reset: torch.Tensor  # (B,) bool: the episode ended there, so the core state starts from zero
+    state: object  # the core state (None: zero)
+
+
+class Unroll(NamedTuple):
+    traj: dict  # (T, B) tensors: logits, values, actions, rewards, discounts; bootstrap (B,)
+    finished: list  # returns of the episodes that ended in this unroll
+    env_time: float  # seconds spent in the environments
+    carry: Carry
+
+
+class Update(NamedTuple):
+    loss: torch.Tensor
+    parts: dict  # pg_loss, baseline_loss, entropy
+    finished: list
+    env_time: float
+    carry: Carry
+
+
+def rl_unroll(agent, envs, carry, args, device):
+    """Step every environment args.unroll times with the current policy (graph kept), then compute the bootstrap
+    value. Returns an Unroll: the trajectory, the returns of the episodes that ended, the emulator seconds, the new
+    Carry."""
     obs, last_reward, reset, state = carry
     logits, values, actions, rewards, discounts, finished, env_time, seen = [], [], [], [], [], [], 0.0, [obs]
-    for t in range(a.unroll):
-        if a.truncate and t % a.truncate == 0:
+    for t in range(args.unroll):
+        if args.truncate and t % args.truncate == 0:
             state = detach_state(state)
         logit, value, state = agent(torch.as_tensor(obs, device=device), last_reward, state, reset)
         action = torch.multinomial(F.softmax(logit.detach().float(), -1), 1).squeeze(-1)
@@ -1363,18 +1389,18 @@ def rl_unroll(agent, envs, carry, a, device):
         last_reward = torch.as_tensor(reward, device=device)
         reset = torch.as_tensor(done, device=device)
         logits.append(logit), values.append(value), actions.append(action)
-        rewards.append(a.reward_scale * last_reward)
-        discounts.append(a.discount * (1 - torch.as_tensor(life_end, device=device, dtype=torch.float32)))
+        rewards.append(args.reward_scale * last_reward)
+        discounts.append(args.discount * (1 - torch.as_tensor(life_end, device=device, dtype=torch.float32)))
     with torch.no_grad():  # V(x_T): the state is not advanced (the next unroll starts from x_T again)
         _, bootstrap, _ = agent(torch.as_tensor(obs, device=device), last_reward, state, reset)
     if not agent.image:  # the observation statistics change between unrolls, never within one
         agent.observe(torch.as_tensor(np.concatenate(seen[:-1]), device=device))
     traj = dict(logits=torch.stack(logits), values=torch.stack(values), actions=torch.stack(actions),
                 rewards=torch.stack(rewards), discounts=torch.stack(discounts), bootstrap=bootstrap)
-    return traj, finished, env_time, (obs, last_reward, reset, detach_state(state))
+    return Unroll(traj, finished, env_time, Carry(obs, last_reward, reset, detach_state(state)))
 
 
-def rl_loss(traj, a):
+def rl_loss(traj, args):
     """IMPALA's loss, summed over time and batch (torchbeast): policy gradient with V-trace advantages, 0.5 x
     baseline_cost x (v_s - V)^2, minus entropy_cost x entropy. Rewards (scaled by reward_scale) clipped to [-1, 1]."""
     log_probs = F.log_softmax(traj["logits"].float(), -1)  # (T, B, A)
@@ -1386,90 +1412,93 @@ def rl_loss(traj, a):
     pg = -(log_pi * advantages).sum()
     baseline = 0.5 * (vs - values).square().sum()
     entropy = -(log_probs.exp() * log_probs).sum()
-    total = pg + a.baseline_cost * baseline - a.entropy_cost * entropy
+    total = pg + args.baseline_cost * baseline - args.entropy_cost * entropy
     return total, {"pg_loss": pg.item(), "baseline_loss": baseline.item(), "entropy": entropy.item() / vs.numel()}
 
 
-def rl_update(agent, opt, envs, carry, a, device):
-    """One unroll and, if its loss is finite, one clipped RMSProp step. Returns the loss, its parts, the returns of
-    the episodes that ended, the emulator seconds and the new carry."""
-    traj, finished, env_time, carry = rl_unroll(agent, envs, carry, a, device)
-    loss, parts = rl_loss(traj, a)
+def rl_update(agent, opt, envs, carry, args, device):
+    """One unroll and, if its loss is finite, one clipped RMSProp step. Returns an Update: the loss, its parts, the
+    returns of the episodes that ended, the emulator seconds and the new Carry."""
+    unroll = rl_unroll(agent, envs, carry, args, device)
+    loss, parts = rl_loss(unroll.traj, args)
     if torch.isfinite(loss):
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if a.grad_clip > 0:
-            nn.utils.clip_grad_norm_(agent.parameters(), a.grad_clip)
+        if args.grad_clip > 0:
+            nn.utils.clip_grad_norm_(agent.parameters(), args.grad_clip)
         opt.step()
-    return loss, parts, finished, env_time, carry
+    return Update(loss, parts, unroll.finished, unroll.env_time, unroll.carry)
 
 
 def rl_start(envs, device, n):
+    """Reset the environments: the first Carry (zero reward, a reset everywhere, no core state)."""
     envs.returns = np.zeros(n, dtype=np.float64)
-    return envs.reset(), torch.zeros(n, device=device), torch.ones(n, dtype=torch.bool, device=device), None
+    return Carry(envs.reset(), torch.zeros(n, device=device), torch.ones(n, dtype=torch.bool, device=device), None)
 
 
-def rl_train(a):
-    device = pick_device(a.device, a.impl)
-    seed_everything(a.seed)
-    envs = make_envs(a, a.batch_size, a.seed)
-    agent = Agent(a, envs.obs_shape, envs.n_actions).to(device)
-    opt = torch.optim.RMSprop(agent.parameters(), lr=a.lr, alpha=0.99, eps=0.01)
-    per_update = a.batch_size * a.unroll
-    n_updates = max(1, a.env_steps // per_update)
+def rl_train(args):
+    device = pick_device(args.device, args.impl)
+    seed_everything(args.seed)
+    envs = make_envs(args, args.batch_size, args.seed)
+    agent = Agent(args, envs.obs_shape, envs.n_actions).to(device)
+    opt = torch.optim.RMSprop(agent.parameters(), lr=args.lr, alpha=0.99, eps=0.01)
+    per_update = args.batch_size * args.unroll
+    n_updates = max(1, args.env_steps // per_update)
     step, returns = 0, []
-    ckpt_path = os.path.join(a.out_dir, "ckpt.pt")
-    if a.resume:
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    if args.resume:
         ckpt = resume_from(ckpt_path, agent, opt, device)
         step, returns = ckpt["step"], ckpt["returns"]
-        envs.seed = a.seed + step  # fresh episodes: the environments' own state is not saved
-    os.makedirs(a.out_dir, exist_ok=True)
+        envs.seed = args.seed + step  # fresh episodes: the environments' own state is not saved
+    os.makedirs(args.out_dir, exist_ok=True)
     n_params = sum(p.numel() for p in agent.parameters())
-    print(f"config: {json.dumps(dataclasses.asdict(a))}")
-    print(f"device {device}, env {a.env} (observation {envs.obs_shape}, {envs.n_actions} actions), core {a.model}, "
-          f"{n_params / 1e6:.2f}M parameters, {n_updates} updates of {a.batch_size} x {a.unroll} steps, starting at "
+    print(f"config: {json.dumps(dataclasses.asdict(args))}")
+    print(f"device {device}, env {args.env} (observation {envs.obs_shape}, {envs.n_actions} actions), "
+          f"core {args.model}, {n_params / 1e6:.2f}M parameters, {n_updates} updates of {args.batch_size} x "
+          f"{args.unroll} steps, starting at "
           f"update {step}")
 
     def checkpoint():
         save_checkpoint(ckpt_path, {
-            "model": agent.state_dict(), "optimizer": opt.state_dict(), "step": step, "args": dataclasses.asdict(a),
+            "model": agent.state_dict(), "optimizer": opt.state_dict(), "step": step, "args": dataclasses.asdict(args),
             "returns": returns, "rng": rng_state()})
 
     if step >= n_updates:
-        print(f"the checkpoint in {a.out_dir} is already at update {step} of {n_updates}; nothing to do")
+        print(f"the checkpoint in {args.out_dir} is already at update {step} of {n_updates}; nothing to do")
         return
-    carry = rl_start(envs, device, a.batch_size)
+    carry = rl_start(envs, device, args.batch_size)
     t0, env_time, t_window, step_window = time.time(), 0.0, time.time(), step
     bar = tqdm(total=n_updates * per_update, initial=step * per_update, unit="step", dynamic_ncols=True)
     while step < n_updates:
         for group in opt.param_groups:
-            group["lr"] = a.lr * (1 - step / n_updates)  # linear decay to 0
-        loss, parts, finished, t_env, carry = rl_update(agent, opt, envs, carry, a, device)
-        if not torch.isfinite(loss):
+            group["lr"] = args.lr * (1 - step / n_updates)  # linear decay to 0
+        update = rl_update(agent, opt, envs, carry, args, device)
+        if not torch.isfinite(update.loss):
             bar.close()
-            print(f"error: the loss became {loss.item()} at update {step}; the last good checkpoint stays at "
+            print(f"error: the loss became {update.loss.item()} at update {step}; the last good checkpoint stays at "
                   f"{ckpt_path}. Lower --lr.", file=sys.stderr)
             sys.exit(1)
-        step, env_time = step + 1, env_time + t_env
-        returns += finished
+        carry, step, env_time = update.carry, step + 1, env_time + update.env_time
+        returns += update.finished
         bar.update(per_update)
-        for r in finished:
-            log_metrics(a.out_dir, step * per_update, "episode", {"return": r}, t0)
-        log_metrics(a.out_dir, step * per_update, "train", dict(loss=loss.item(), **parts), t0)
+        for r in update.finished:
+            log_metrics(args.out_dir, step * per_update, "episode", {"return": r}, t0)
+        log_metrics(args.out_dir, step * per_update, "train", dict(loss=update.loss.item(), **update.parts), t0)
         recent = returns[-100:]
         if recent:
-            bar.set_postfix(ret=f"{np.mean(recent):.1f}", ent=f"{parts['entropy']:.2f}")
-        if step % a.eval_every == 0 or step == n_updates or step == a.stop_at:
+            bar.set_postfix(ret=f"{np.mean(recent):.1f}", ent=f"{update.parts['entropy']:.2f}")
+        if step % args.eval_every == 0 or step == n_updates or step == args.stop_at:
             dt, n = time.time() - t_window, per_update * (step - step_window)
             mean = np.mean(recent) if recent else float("nan")
             tqdm.write(f"update {step} ({step * per_update} steps): return {mean:.1f} (last {len(recent)} episodes), "
                        f"{len(returns)} episodes, {n / dt:.0f} steps/s, "
                        f"{100 * env_time / dt:.0f}% of the time in the environments")
-            log_metrics(a.out_dir, step * per_update, "train", {"steps_per_s": n / dt, "env_time_frac": env_time / dt},
+            log_metrics(args.out_dir, step * per_update, "train",
+                        {"steps_per_s": n / dt, "env_time_frac": env_time / dt},
                         t0)
             t_window, step_window, env_time = time.time(), step, 0.0
             checkpoint()
-            if step == a.stop_at:
+            if step == args.stop_at:
                 break
     bar.close()
     envs.close()
@@ -1479,68 +1508,70 @@ def rl_train(a):
 
 
 @torch.no_grad()
-def rl_evaluate(a):
-    """The greedy (argmax) policy of out_dir/ckpt.pt, one episode in each of a.eval environments."""
-    device = pick_device(a.device)
-    ckpt_path = os.path.join(a.out_dir, "ckpt.pt")
+def rl_evaluate(args):
+    """The greedy (argmax) policy of out_dir/ckpt.pt, one episode in each of args.eval environments."""
+    device = pick_device(args.device)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if not os.path.exists(ckpt_path):
         fail(f"--eval: no checkpoint at {ckpt_path}; train first (same --out_dir)")
     ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
     saved = Args(**ckpt["args"])
     if saved.task != "rl":
         fail(f"--eval: {ckpt_path} is a --task {saved.task} checkpoint, not an agent")
-    envs = make_envs(saved, a.eval, a.seed + 10**6)  # seeds apart from training's
+    envs = make_envs(saved, args.eval, args.seed + 10**6)  # seeds apart from training's
     agent = Agent(saved, envs.obs_shape, envs.n_actions).to(device)
     agent.load_state_dict(ckpt["model"])
     agent.eval()
-    obs, last_reward, reset, state = rl_start(envs, device, a.eval)
-    scores = np.full(a.eval, np.nan)
+    obs, last_reward, reset, state = rl_start(envs, device, args.eval)
+    scores = np.full(args.eval, np.nan)
     t0 = time.time()
     while np.isnan(scores).any():
         logit, _, state = agent(torch.as_tensor(obs, device=device), last_reward, state, reset)
         obs, reward, done, life_end = envs.step(logit.argmax(-1).cpu().numpy())
         envs.returns += reward
-        end = life_end if a.eval_per_life else done
+        end = life_end if args.eval_per_life else done
         first = end & np.isnan(scores)
         scores[first] = envs.returns[first]
         envs.returns[end] = 0
         last_reward, reset = torch.as_tensor(reward, device=device), torch.as_tensor(done, device=device)
     envs.close()
-    log_metrics(a.out_dir, ckpt["step"], "eval", {"return_mean": scores.mean(), "return_std": scores.std()}, t0)
-    print(f"eval: greedy policy of {ckpt_path} (update {ckpt['step']}), {a.eval} episodes of {saved.env}: return "
+    log_metrics(args.out_dir, ckpt["step"], "eval", {"return_mean": scores.mean(), "return_std": scores.std()}, t0)
+    print(f"eval: greedy policy of {ckpt_path} (update {ckpt['step']}), {args.eval} episodes of {saved.env}: return "
           f"{scores.mean():.1f} +- {scores.std():.1f} (min {scores.min():.1f}, max {scores.max():.1f}), "
           f"{time.time() - t0:.0f}s")
     return scores
 
 
-def rl_bench(a):
+def rl_bench(args):
     """Environment steps per second: the emulator alone (random actions), then a full update (acting, V-trace,
     backward, RMSProp) for each core, with the share of the update spent in the environments."""
-    device = pick_device(a.device)
-    envs = make_envs(a, a.batch_size, a.seed)
-    n = a.batch_size * a.unroll
-    print(f"device {device}, threads {torch.get_num_threads()}, env {a.env}, {a.batch_size} environments x unroll "
-          f"{a.unroll} = {n} steps per update, d_model {a.d_model}, n_layer {a.n_layer}, n_head {a.n_head}")
+    device = pick_device(args.device)
+    envs = make_envs(args, args.batch_size, args.seed)
+    n = args.batch_size * args.unroll
+    print(f"device {device}, threads {torch.get_num_threads()}, env {args.env}, {args.batch_size} environments x "
+          f"unroll {args.unroll} = {n} steps per update, d_model {args.d_model}, n_layer {args.n_layer}, "
+          f"n_head {args.n_head}")
     envs.reset()
     t = time.perf_counter()
-    for _ in range(a.unroll):
-        envs.step(np.random.randint(envs.n_actions, size=a.batch_size))
+    for _ in range(args.unroll):
+        envs.step(np.random.randint(envs.n_actions, size=args.batch_size))
     print(f"{'emulator only':14} {n / (time.perf_counter() - t):9.0f} steps/s")
     print(f"{'core':14} {'params':>8} {'steps/s':>9} {'in envs':>8}")
     for name in MODELS:
         if name == "transformer":
             continue
         torch.manual_seed(0)
-        agent = Agent(dataclasses.replace(a, model=name), envs.obs_shape, envs.n_actions).to(device)
-        opt = torch.optim.RMSprop(agent.parameters(), lr=a.lr, alpha=0.99, eps=0.01)
-        carry, times, env_times = rl_start(envs, device, a.batch_size), [], []
+        agent = Agent(dataclasses.replace(args, model=name), envs.obs_shape, envs.n_actions).to(device)
+        opt = torch.optim.RMSprop(agent.parameters(), lr=args.lr, alpha=0.99, eps=0.01)
+        carry, times, env_times = rl_start(envs, device, args.batch_size), [], []
         for _ in range(3):  # the first is a warm-up
             t = time.perf_counter()
-            _, _, _, t_env, carry = rl_update(agent, opt, envs, carry, a, device)
+            update = rl_update(agent, opt, envs, carry, args, device)
+            carry = update.carry
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
-            env_times.append(t_env)
+            env_times.append(update.env_time)
         t_med, env_med = float(np.median(times[1:])), float(np.median(env_times[1:]))
         n_params = sum(p.numel() for p in agent.parameters())
         print(f"{name:14} {n_params / 1e6:7.2f}M {n / t_med:9.0f} {100 * env_med / t_med:7.0f}%", flush=True)
@@ -1564,25 +1595,25 @@ def saved_mib(fn):
     return sum(storages.values()) / 2**20
 
 
-def bench(a):
+def bench(args):
     """Training steps (forward, backward) of every model at the configured size, batch 32, T = bench_T. On CUDA, each
     fast-weight model twice: --impl chunk (the recurrent parts step in Python) and --impl cuda (fused kernels), the
     second checked against the first in the same run (max |difference| / max |value| over the logits and every
     parameter's gradient)."""
-    device = pick_device(a.device)
-    B, T = 32, a.bench_T
+    device = pick_device(args.device)
+    B, T = 32, args.bench_T
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    impls = ["chunk", "cuda"] if device.type == "cuda" and cuda_kernels() else [a.impl]
-    print(f"device {device}, threads {torch.get_num_threads()}, batch {B}, T {T}, d_model {a.d_model}, n_layer "
-          f"{a.n_layer}, n_head {a.n_head}; mem MiB: on CUDA the peak allocated, on CPU the tensors autograd saves for "
-          "the backward")
+    impls = ["chunk", "cuda"] if device.type == "cuda" and cuda_kernels() else [args.impl]
+    print(f"device {device}, threads {torch.get_num_threads()}, batch {B}, T {T}, d_model {args.d_model}, "
+          f"n_layer {args.n_layer}, n_head {args.n_head}; mem MiB: on CUDA the peak allocated, on CPU the tensors "
+          "autograd saves for the backward")
     print(f"{'model':12} {'impl':6} {'params':>8} {'fwd+bwd ms':>11} {'tok/s':>9} {'mem MiB':>9} {'rel err':>9}")
     x = torch.randint(0, 20, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
     for name in MODELS:
         reference = None
         for impl in impls[:1] if name in ("lstm", "transformer") else impls:
             torch.manual_seed(0)
-            model = build_model(dataclasses.replace(a, model=name, impl=impl), 20, 20).to(device)
+            model = build_model(dataclasses.replace(args, model=name, impl=impl), 20, 20).to(device)
 
             def step():
                 logits, _ = model(x)
@@ -1615,17 +1646,17 @@ def bench(a):
                   f"{err:>9}", flush=True)
 
 
-def relative_error(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+def relative_error(args, b):
+    return ((args.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
 
 def main(argv=None):
-    a = parse_args(sys.argv[1:] if argv is None else argv)
-    if a.task == "rl":
-        return rl_bench(a) if a.bench else rl_evaluate(a) if a.eval else rl_train(a)
-    if a.bench:
-        return bench(a)
-    train(a)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.task == "rl":
+        return rl_bench(args) if args.bench else rl_evaluate(args) if args.eval else rl_train(args)
+    if args.bench:
+        return bench(args)
+    train(args)
 
 
 if __name__ == "__main__":

@@ -25,235 +25,16 @@ import torch
 import torch.nn.functional as F
 
 import data
-import delta_net
-import linear_transformer
-import ode_fwp
-import policy_generator
-import rfwp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(2)
 
 
 # ----------------------------------------------------------------------------------------------
-# delta_net.py: the delta rule
+# Shared helpers: run a script as a user would (from a temporary copy of just that script, data.py and
+# cuda_kernels.cu), read its metrics, compare two runs. Each section below imports its own script.
 
-
-def delta_inputs(B=2, H=3, T=37, d_k=8, d_v=10, seed=0, dtype=torch.float64, state=True):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, T, d_k, generator=g, dtype=dtype)
-    k = F.normalize(torch.randn(B, H, T, d_k, generator=g, dtype=dtype), dim=-1)
-    v = torch.randn(B, H, T, d_v, generator=g, dtype=dtype)
-    beta = torch.rand(B, H, T, generator=g, dtype=dtype)
-    W = torch.randn(B, H, d_v, d_k, generator=g, dtype=dtype) if state else None
-    return [t.requires_grad_() if t is not None else None for t in (q, k, v, beta, W)]
-
-
-def outputs_and_grads(fn, inputs, seed=1):
-    y, W = fn(*inputs)
-    g = torch.Generator().manual_seed(seed)
-    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device, y.dtype)
-    gW = torch.randn(W.shape, generator=g, dtype=torch.float64).to(W.device, W.dtype)
-    leaves = [t for t in inputs if t is not None]
-    grads = torch.autograd.grad((y * gy).sum() + (W * gW).sum(), leaves)
-    return y, W, grads
-
-
-@pytest.mark.parametrize("chunk_size", [1, 8, 16, 64])
-@pytest.mark.parametrize("state", [True, False])
-def test_chunk_equals_loop_float64(chunk_size, state):
-    """Outputs, final state and the gradients of q, k, v, beta and W0; T=37 is not a multiple of C."""
-    x = delta_inputs(state=state)
-    y1, W1, g1 = outputs_and_grads(delta_net.delta_rule_loop, x)
-    y2, W2, g2 = outputs_and_grads(functools.partial(delta_net.delta_rule_chunk, chunk_size=chunk_size), x)
-    assert y1.dtype == y2.dtype == torch.float64
-    torch.testing.assert_close(y2, y1, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(W2, W1, rtol=1e-10, atol=1e-10)
-    assert len(g1) == (5 if state else 4)
-    for a, b in zip(g2, g1):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
-
-
-def test_chunk_equals_loop_with_large_beta_keys():
-    """Unnormalised keys with beta near 1 make (I + A) far from the identity: T must still be exact."""
-    q, k, v, beta, W = delta_inputs(T=50, d_k=6, d_v=6, seed=3)
-    with torch.no_grad():
-        k.mul_(1.5)
-        beta.fill_(0.99)
-    y1, W1, g1 = outputs_and_grads(delta_net.delta_rule_loop, [q, k, v, beta, W])
-    y2, W2, g2 = outputs_and_grads(functools.partial(delta_net.delta_rule_chunk, chunk_size=16), [q, k, v, beta, W])
-    torch.testing.assert_close(y2, y1, rtol=1e-9, atol=1e-9)
-    for a, b in zip(g2, g1):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
-
-
-def test_gradcheck_loop_and_chunk():
-    x = delta_inputs(B=1, H=2, T=7, d_k=3, d_v=4)
-    assert torch.autograd.gradcheck(delta_net.delta_rule_loop, x)
-    assert torch.autograd.gradcheck(functools.partial(delta_net.delta_rule_chunk, chunk_size=3), x)
-
-
-def test_loop_matches_plain_python_recurrence():
-    """The loop against the equations written out per head with vectors (guards the spec itself)."""
-    q, k, v, beta, W0 = [t.detach() for t in delta_inputs(B=1, H=2, T=5, d_k=3, d_v=4)]
-    y, W = delta_net.delta_rule_loop(q, k, v, beta, W0)
-    for h in range(2):
-        Wh = W0[0, h].clone()
-        for t in range(5):
-            v_bar = Wh @ k[0, h, t]
-            Wh = Wh + beta[0, h, t] * torch.outer(v[0, h, t] - v_bar, k[0, h, t])
-            torch.testing.assert_close(y[0, h, t], Wh @ q[0, h, t])
-        torch.testing.assert_close(W[0, h], Wh)
-
-
-def test_delta_rule_stores_and_overwrites():
-    """beta = 1 with an orthonormal key: W k returns exactly the last value written under k."""
-    k = torch.eye(4, dtype=torch.float64)[None, None, [0, 1, 0]]  # keys e0, e1, e0 again
-    v = torch.tensor([[1.0, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9]], dtype=torch.float64)[None, None]
-    beta = torch.ones(1, 1, 3, dtype=torch.float64)
-    y, W = delta_net.delta_rule_loop(k, k, v, beta)
-    torch.testing.assert_close(W[0, 0] @ k[0, 0, 0], v[0, 0, 2])  # overwritten
-    torch.testing.assert_close(W[0, 0] @ k[0, 0, 1], v[0, 0, 1])  # kept
-
-
-@pytest.mark.parametrize("impl", ["loop", "chunk"])
-def test_state_carried_across_calls(impl):
-    """One call over T1 + T2 equals two calls with the state passed along (outputs and gradients)."""
-    fn = functools.partial(delta_net.delta_rule, impl=impl, chunk_size=8)
-    q, k, v, beta, W0 = delta_inputs(T=37)
-    y, W = fn(q, k, v, beta, W0)
-    t1 = 20
-    ya, Wa = fn(q[:, :, :t1], k[:, :, :t1], v[:, :, :t1], beta[:, :, :t1], W0)
-    yb, Wb = fn(q[:, :, t1:], k[:, :, t1:], v[:, :, t1:], beta[:, :, t1:], Wa)
-    torch.testing.assert_close(torch.cat([ya, yb], 2), y, rtol=1e-11, atol=1e-11)
-    torch.testing.assert_close(Wb, W, rtol=1e-11, atol=1e-11)
-    g_one = torch.autograd.grad(y.sum() + W.sum(), [q, W0])
-    g_two = torch.autograd.grad(ya.sum() + yb.sum() + Wb.sum(), [q, W0])
-    for a, b in zip(g_two, g_one):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-
-
-def test_autocast_keeps_state_fp32():
-    """Under bf16 autocast the inputs may be bf16, but the state and its products stay fp32 in both forms."""
-    x = [t.detach().float().requires_grad_() for t in delta_inputs(T=20, d_k=8, d_v=8)]
-    for fn in (delta_net.delta_rule_loop, delta_net.delta_rule_chunk):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y, W = fn(*x)
-        assert y.dtype == W.dtype == torch.float32
-        y_ref, W_ref = fn(*x)
-        torch.testing.assert_close(y, y_ref)
-        (y.sum() + W.sum()).backward()
-
-
-def test_chunk_fp32_close_to_float64_loop():
-    x64 = [t.detach() for t in delta_inputs(B=2, H=2, T=300, d_k=64, d_v=64)]
-    y64, W64 = delta_net.delta_rule_loop(*x64)
-    y32, W32 = delta_net.delta_rule_chunk(*[t.float() for t in x64], chunk_size=64)
-    assert y32.dtype == torch.float32 and W32.dtype == torch.float32
-    assert (y32.double() - y64).norm() / y64.norm() < 1e-5
-    assert (W32.double() - W64).norm() / W64.norm() < 1e-5
-
-
-def tiny_args(**kw):
-    return delta_net.parse_args(["--preset", "tiny"] + [s for k, v in kw.items() for s in (f"--{k}", str(v))])
-
-
-@pytest.mark.parametrize("qk_map", ["elu_sumnorm", "l2"])
-def test_model_impls_agree_and_carry_state(qk_map):
-    """The whole model: loop and chunk give the same logits, and segment-by-segment = all at once."""
-    torch.manual_seed(0)
-    a = tiny_args(qk_map=qk_map, n_layer=2, impl="loop")
-    model = delta_net.DeltaNet(a, 16).double()
-    x = torch.randint(0, 16, (3, 29))
-    logits_loop, state_loop = model(x)
-    for block in model.blocks:
-        block.attn.impl = "chunk"
-    block.attn.chunk_size = 8
-    logits_chunk, state_chunk = model(x)
-    torch.testing.assert_close(logits_chunk, logits_loop, rtol=1e-10, atol=1e-10)
-    part1, s = model(x[:, :11])
-    part2, s = model(x[:, 11:], s)
-    torch.testing.assert_close(torch.cat([part1, part2], 1), logits_loop, rtol=1e-10, atol=1e-10)
-    for W1, W2 in zip(s, state_loop):
-        torch.testing.assert_close(W1, W2, rtol=1e-10, atol=1e-10)
-
-
-def test_feature_maps():
-    a = tiny_args()
-    layer = delta_net.DeltaLayer(a)
-    x = torch.randn(5, 7)
-    phi = layer.feature_map(x)
-    assert (phi > 0).all()
-    torch.testing.assert_close(phi.sum(-1), torch.ones(5))  # sumnorm(elu + 1)
-    layer.qk_map = "l2"
-    torch.testing.assert_close(layer.feature_map(x).norm(dim=-1), torch.ones(5))
-
-
-def test_recall_batch_structure():
-    gen = torch.Generator().manual_seed(0)
-    n, V = 5, 20
-    x, y = delta_net.recall_batch(64, n, V, gen)
-    assert x.shape == (64, 2 * n, 2) and y.shape == (64, 2 * n)
-    keys, values, queries = x[:, :n, 0], x[:, :n, 1], x[:, n:, 0]
-    assert (keys < V // 2).all() and (values >= V // 2).all() and (values < V).all()
-    assert (x[:, n:, 1] == V).all() and (y[:, :n] == -100).all()  # blank value id while querying
-    for b in range(64):
-        assert len(set(keys[b].tolist())) == n  # distinct keys
-        assert sorted(queries[b].tolist()) == sorted(keys[b].tolist())  # every key queried once
-        lookup = dict(zip(keys[b].tolist(), values[b].tolist()))
-        assert y[b, n:].tolist() == [lookup[k] for k in queries[b].tolist()]
-
-
-@pytest.mark.parametrize("script", ["delta_net", "linear_transformer"])
-def test_recall_repeat_keys_asks_for_the_latest_value(script):
-    """--repeat_keys: keys drawn with replacement; each query's target is the value of the key's latest write
-    (checked against a plain dict that every write overwrites); the queries are the written keys, permuted."""
-    recall_batch = {"delta_net": delta_net, "linear_transformer": linear_transformer}[script].recall_batch
-    gen = torch.Generator().manual_seed(0)
-    n, V = 12, 16
-    x, y = recall_batch(64, n, V, gen, repeat_keys=True)
-    assert x.shape == (64, 2 * n, 2) and (x[:, n:, 1] == V).all() and (y[:, :n] == -100).all()
-    keys, values, queries = x[:, :n, 0], x[:, :n, 1], x[:, n:, 0]
-    rewritten = 0
-    for b in range(64):
-        latest = {}
-        for k, v in zip(keys[b].tolist(), values[b].tolist()):
-            rewritten += k in latest and latest[k] != v
-            latest[k] = v
-        assert sorted(queries[b].tolist()) == sorted(keys[b].tolist())
-        assert y[b, n:].tolist() == [latest[k] for k in queries[b].tolist()]
-    assert rewritten > 64  # 12 keys from 8: overwrites are common, so the test sees them
-    # without the flag the keys stay distinct
-    x0, _ = recall_batch(4, 3, V, torch.Generator().manual_seed(1))
-    assert all(len(set(r.tolist())) == 3 for r in x0[:, :3, 0])
-
-
-def check_paper_optimizer(script):
-    """--preset paper: the official LM optimizer (Adam, no weight decay, cosine to 0); the default: AdamW (0.9, 0.98),
-    weight decay 0.1 on matrices, cosine to lr / 10."""
-    paper, default = script.parse_args(["--preset", "paper"]), script.parse_args([])
-    model = torch.nn.Linear(3, 3)
-    assert [(g["weight_decay"], g["betas"]) for g in script.build_optimizer(model, paper).param_groups] == \
-        [(0.0, (0.9, 0.999))] * 2
-    assert [(g["weight_decay"], g["betas"]) for g in script.build_optimizer(model, default).param_groups] == \
-        [(0.1, (0.9, 0.98)), (0.0, (0.9, 0.98))]
-    assert script.lr_at(paper.warmup, paper) == paper.lr and script.lr_at(paper.steps, paper) == 0
-    assert math.isclose(script.lr_at(default.steps, default), default.lr / 10)
-
-
-def test_paper_preset_optimizer():
-    check_paper_optimizer(delta_net)
-
-
-def test_summed_embeddings_for_id_tuples():
-    model = delta_net.DeltaNet(tiny_args(), 10)
-    ids = torch.randint(0, 10, (2, 5, 2))
-    torch.testing.assert_close(model.embed(ids).sum(-2), model.embed(ids[..., 0]) + model.embed(ids[..., 1]))
-    assert model(ids)[0].shape == (2, 5, 10)
-
-
-# ----------------------------------------------------------------------------------------------
-# delta_net.py: the script (subprocesses from a temporary copy of just the script and its helpers)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def script_copy(tmp_path, name="delta_net.py"):
@@ -294,7 +75,230 @@ def assert_same_run(a, b, rtol=1e-5):
         assert close(x, y), (x, y)
 
 
-def test_smoke_recall_and_determinism(tmp_path):
+# ----------------------------------------------------------------------------------------------
+# delta_net.py: the delta rule
+
+import delta_net  # noqa: E402
+
+
+def delta_inputs(B=2, H=3, T=37, d_k=8, d_v=10, seed=0, dtype=torch.float64, state=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, d_k, generator=g, dtype=dtype)
+    k = F.normalize(torch.randn(B, H, T, d_k, generator=g, dtype=dtype), dim=-1)
+    v = torch.randn(B, H, T, d_v, generator=g, dtype=dtype)
+    beta = torch.rand(B, H, T, generator=g, dtype=dtype)
+    W = torch.randn(B, H, d_v, d_k, generator=g, dtype=dtype) if state else None
+    return [t.requires_grad_() if t is not None else None for t in (q, k, v, beta, W)]
+
+
+def outputs_and_grads(fn, inputs, seed=1):
+    y, W = fn(*inputs)
+    g = torch.Generator().manual_seed(seed)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device, y.dtype)
+    gW = torch.randn(W.shape, generator=g, dtype=torch.float64).to(W.device, W.dtype)
+    leaves = [t for t in inputs if t is not None]
+    grads = torch.autograd.grad((y * gy).sum() + (W * gW).sum(), leaves)
+    return y, W, grads
+
+
+@pytest.mark.parametrize("chunk_size", [1, 8, 16, 64])
+@pytest.mark.parametrize("state", [True, False])
+def test_dn_chunk_equals_loop_float64(chunk_size, state):
+    """Outputs, final state and the gradients of q, k, v, beta and W0; T=37 is not a multiple of C."""
+    x = delta_inputs(state=state)
+    y1, W1, g1 = outputs_and_grads(delta_net.delta_rule_loop, x)
+    y2, W2, g2 = outputs_and_grads(functools.partial(delta_net.delta_rule_chunk, chunk_size=chunk_size), x)
+    assert y1.dtype == y2.dtype == torch.float64
+    torch.testing.assert_close(y2, y1, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(W2, W1, rtol=1e-10, atol=1e-10)
+    assert len(g1) == (5 if state else 4)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_dn_chunk_equals_loop_with_large_beta_keys():
+    """Unnormalised keys with beta near 1 make (I + A) far from the identity: T must still be exact."""
+    q, k, v, beta, W = delta_inputs(T=50, d_k=6, d_v=6, seed=3)
+    with torch.no_grad():
+        k.mul_(1.5)
+        beta.fill_(0.99)
+    y1, W1, g1 = outputs_and_grads(delta_net.delta_rule_loop, [q, k, v, beta, W])
+    y2, W2, g2 = outputs_and_grads(functools.partial(delta_net.delta_rule_chunk, chunk_size=16), [q, k, v, beta, W])
+    torch.testing.assert_close(y2, y1, rtol=1e-9, atol=1e-9)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+
+
+def test_dn_gradcheck_loop_and_chunk():
+    x = delta_inputs(B=1, H=2, T=7, d_k=3, d_v=4)
+    assert torch.autograd.gradcheck(delta_net.delta_rule_loop, x)
+    assert torch.autograd.gradcheck(functools.partial(delta_net.delta_rule_chunk, chunk_size=3), x)
+
+
+def test_dn_loop_matches_plain_python_recurrence():
+    """The loop against the equations written out per head with vectors (guards the spec itself)."""
+    q, k, v, beta, W0 = [t.detach() for t in delta_inputs(B=1, H=2, T=5, d_k=3, d_v=4)]
+    y, W = delta_net.delta_rule_loop(q, k, v, beta, W0)
+    for h in range(2):
+        Wh = W0[0, h].clone()
+        for t in range(5):
+            v_bar = Wh @ k[0, h, t]
+            Wh = Wh + beta[0, h, t] * torch.outer(v[0, h, t] - v_bar, k[0, h, t])
+            torch.testing.assert_close(y[0, h, t], Wh @ q[0, h, t])
+        torch.testing.assert_close(W[0, h], Wh)
+
+
+def test_dn_delta_rule_stores_and_overwrites():
+    """beta = 1 with an orthonormal key: W k returns exactly the last value written under k."""
+    k = torch.eye(4, dtype=torch.float64)[None, None, [0, 1, 0]]  # keys e0, e1, e0 again
+    v = torch.tensor([[1.0, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9]], dtype=torch.float64)[None, None]
+    beta = torch.ones(1, 1, 3, dtype=torch.float64)
+    y, W = delta_net.delta_rule_loop(k, k, v, beta)
+    torch.testing.assert_close(W[0, 0] @ k[0, 0, 0], v[0, 0, 2])  # overwritten
+    torch.testing.assert_close(W[0, 0] @ k[0, 0, 1], v[0, 0, 1])  # kept
+
+
+@pytest.mark.parametrize("impl", ["loop", "chunk"])
+def test_dn_state_carried_across_calls(impl):
+    """One call over T1 + T2 equals two calls with the state passed along (outputs and gradients)."""
+    fn = functools.partial(delta_net.delta_rule, impl=impl, chunk_size=8)
+    q, k, v, beta, W0 = delta_inputs(T=37)
+    y, W = fn(q, k, v, beta, W0)
+    t1 = 20
+    ya, Wa = fn(q[:, :, :t1], k[:, :, :t1], v[:, :, :t1], beta[:, :, :t1], W0)
+    yb, Wb = fn(q[:, :, t1:], k[:, :, t1:], v[:, :, t1:], beta[:, :, t1:], Wa)
+    torch.testing.assert_close(torch.cat([ya, yb], 2), y, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(Wb, W, rtol=1e-11, atol=1e-11)
+    g_one = torch.autograd.grad(y.sum() + W.sum(), [q, W0])
+    g_two = torch.autograd.grad(ya.sum() + yb.sum() + Wb.sum(), [q, W0])
+    for a, b in zip(g_two, g_one):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_dn_autocast_keeps_state_fp32():
+    """Under bf16 autocast the inputs may be bf16, but the state and its products stay fp32 in both forms."""
+    x = [t.detach().float().requires_grad_() for t in delta_inputs(T=20, d_k=8, d_v=8)]
+    for fn in (delta_net.delta_rule_loop, delta_net.delta_rule_chunk):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, W = fn(*x)
+        assert y.dtype == W.dtype == torch.float32
+        y_ref, W_ref = fn(*x)
+        torch.testing.assert_close(y, y_ref)
+        (y.sum() + W.sum()).backward()
+
+
+def test_dn_chunk_fp32_close_to_float64_loop():
+    x64 = [t.detach() for t in delta_inputs(B=2, H=2, T=300, d_k=64, d_v=64)]
+    y64, W64 = delta_net.delta_rule_loop(*x64)
+    y32, W32 = delta_net.delta_rule_chunk(*[t.float() for t in x64], chunk_size=64)
+    assert y32.dtype == torch.float32 and W32.dtype == torch.float32
+    assert (y32.double() - y64).norm() / y64.norm() < 1e-5
+    assert (W32.double() - W64).norm() / W64.norm() < 1e-5
+
+
+def tiny_args(**kw):
+    return delta_net.parse_args(["--preset", "tiny"] + [s for k, v in kw.items() for s in (f"--{k}", str(v))])
+
+
+@pytest.mark.parametrize("qk_map", ["elu_sumnorm", "l2"])
+def test_dn_model_impls_agree_and_carry_state(qk_map):
+    """The whole model: loop and chunk give the same logits, and segment-by-segment = all at once."""
+    torch.manual_seed(0)
+    a = tiny_args(qk_map=qk_map, n_layer=2, impl="loop")
+    model = delta_net.DeltaNet(a, 16).double()
+    x = torch.randint(0, 16, (3, 29))
+    logits_loop, state_loop = model(x)
+    for block in model.blocks:
+        block.attn.impl = "chunk"
+    block.attn.chunk_size = 8
+    logits_chunk, state_chunk = model(x)
+    torch.testing.assert_close(logits_chunk, logits_loop, rtol=1e-10, atol=1e-10)
+    part1, s = model(x[:, :11])
+    part2, s = model(x[:, 11:], s)
+    torch.testing.assert_close(torch.cat([part1, part2], 1), logits_loop, rtol=1e-10, atol=1e-10)
+    for W1, W2 in zip(s, state_loop):
+        torch.testing.assert_close(W1, W2, rtol=1e-10, atol=1e-10)
+
+
+def test_dn_feature_maps():
+    a = tiny_args()
+    layer = delta_net.DeltaLayer(a)
+    x = torch.randn(5, 7)
+    phi = layer.feature_map(x)
+    assert (phi > 0).all()
+    torch.testing.assert_close(phi.sum(-1), torch.ones(5))  # sumnorm(elu + 1)
+    layer.qk_map = "l2"
+    torch.testing.assert_close(layer.feature_map(x).norm(dim=-1), torch.ones(5))
+
+
+def test_dn_recall_batch_structure():
+    gen = torch.Generator().manual_seed(0)
+    n, V = 5, 20
+    x, y = delta_net.recall_batch(64, n, V, gen)
+    assert x.shape == (64, 2 * n, 2) and y.shape == (64, 2 * n)
+    keys, values, queries = x[:, :n, 0], x[:, :n, 1], x[:, n:, 0]
+    assert (keys < V // 2).all() and (values >= V // 2).all() and (values < V).all()
+    assert (x[:, n:, 1] == V).all() and (y[:, :n] == -100).all()  # blank value id while querying
+    for b in range(64):
+        assert len(set(keys[b].tolist())) == n  # distinct keys
+        assert sorted(queries[b].tolist()) == sorted(keys[b].tolist())  # every key queried once
+        lookup = dict(zip(keys[b].tolist(), values[b].tolist()))
+        assert y[b, n:].tolist() == [lookup[k] for k in queries[b].tolist()]
+
+
+@pytest.mark.parametrize("script", ["delta_net", "linear_transformer"])
+def test_dn_lt_recall_repeat_keys_asks_for_the_latest_value(script):
+    """--repeat_keys: keys drawn with replacement; each query's target is the value of the key's latest write
+    (checked against a plain dict that every write overwrites); the queries are the written keys, permuted."""
+    recall_batch = {"delta_net": delta_net, "linear_transformer": linear_transformer}[script].recall_batch
+    gen = torch.Generator().manual_seed(0)
+    n, V = 12, 16
+    x, y = recall_batch(64, n, V, gen, repeat_keys=True)
+    assert x.shape == (64, 2 * n, 2) and (x[:, n:, 1] == V).all() and (y[:, :n] == -100).all()
+    keys, values, queries = x[:, :n, 0], x[:, :n, 1], x[:, n:, 0]
+    rewritten = 0
+    for b in range(64):
+        latest = {}
+        for k, v in zip(keys[b].tolist(), values[b].tolist()):
+            rewritten += k in latest and latest[k] != v
+            latest[k] = v
+        assert sorted(queries[b].tolist()) == sorted(keys[b].tolist())
+        assert y[b, n:].tolist() == [latest[k] for k in queries[b].tolist()]
+    assert rewritten > 64  # 12 keys from 8: overwrites are common, so the test sees them
+    # without the flag the keys stay distinct
+    x0, _ = recall_batch(4, 3, V, torch.Generator().manual_seed(1))
+    assert all(len(set(r.tolist())) == 3 for r in x0[:, :3, 0])
+
+
+def check_paper_optimizer(script):
+    """--preset paper: the official LM optimizer (Adam, no weight decay, cosine to 0); the default: AdamW (0.9, 0.98),
+    weight decay 0.1 on matrices, cosine to lr / 10."""
+    paper, default = script.parse_args(["--preset", "paper"]), script.parse_args([])
+    model = torch.nn.Linear(3, 3)
+    assert [(g["weight_decay"], g["betas"]) for g in script.build_optimizer(model, paper).param_groups] == \
+        [(0.0, (0.9, 0.999))] * 2
+    assert [(g["weight_decay"], g["betas"]) for g in script.build_optimizer(model, default).param_groups] == \
+        [(0.1, (0.9, 0.98)), (0.0, (0.9, 0.98))]
+    assert script.lr_at(paper.warmup, paper) == paper.lr and script.lr_at(paper.steps, paper) == 0
+    assert math.isclose(script.lr_at(default.steps, default), default.lr / 10)
+
+
+def test_dn_paper_preset_optimizer():
+    check_paper_optimizer(delta_net)
+
+
+def test_dn_summed_embeddings_for_id_tuples():
+    model = delta_net.DeltaNet(tiny_args(), 10)
+    ids = torch.randint(0, 10, (2, 5, 2))
+    torch.testing.assert_close(model.embed(ids).sum(-2), model.embed(ids[..., 0]) + model.embed(ids[..., 1]))
+    assert model(ids)[0].shape == (2, 5, 10)
+
+
+# ----------------------------------------------------------------------------------------------
+# delta_net.py: the script (subprocesses from a temporary copy of just the script and its helpers)
+
+
+def test_dn_smoke_recall_and_determinism(tmp_path):
     script = script_copy(tmp_path)
     runs = []
     for i in range(2):
@@ -307,7 +311,7 @@ def test_smoke_recall_and_determinism(tmp_path):
     assert_same_run(runs[0], runs[1])  # same seed, same losses
 
 
-def test_resume_is_exact(tmp_path):
+def test_dn_resume_is_exact(tmp_path):
     """A run stopped at step 10 and resumed ends where an uninterrupted run ends (CPU, fixed seed; to float rounding)."""
     script = script_copy(tmp_path)
     common = ["--preset", "tiny", "--dropout", "0.1", "--steps", "20", "--eval_every", "5"]
@@ -320,7 +324,7 @@ def test_resume_is_exact(tmp_path):
     assert_same_run([m for m in split if m[0] > 10], [m for m in full if m[0] > 10])
 
 
-def test_nan_loss_stops_and_keeps_checkpoint(tmp_path):
+def test_dn_nan_loss_stops_and_keeps_checkpoint(tmp_path):
     script = script_copy(tmp_path)
     out = str(tmp_path / "out")
     run(script, "--preset", "tiny", "--steps", "10", "--out_dir", out)
@@ -342,7 +346,7 @@ def write_corpus(folder, n_lines=400, seed=0):
 
 
 @pytest.mark.parametrize("tokenizer", ["word", "char"])
-def test_smoke_lm_carry_state_and_sample(tmp_path, tokenizer):
+def test_dn_smoke_lm_carry_state_and_sample(tmp_path, tokenizer):
     script = script_copy(tmp_path)
     corpus, out = str(tmp_path / "corpus"), str(tmp_path / "out")
     write_corpus(corpus)
@@ -356,7 +360,7 @@ def test_smoke_lm_carry_state_and_sample(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("pos_enc", ["none", "sin"])
-def test_sample_constant_memory_state_matches_parallel(pos_enc):
+def test_dn_sample_constant_memory_state_matches_parallel(pos_enc):
     """Token-by-token generation (positions counted by the caller) carries exactly the state a parallel pass over
     the same tokens ends with."""
     torch.manual_seed(0)
@@ -385,7 +389,7 @@ def test_sample_constant_memory_state_matches_parallel(pos_enc):
     (["--device", "tpu9"], "is not a device"),
     (["--task", "lm", "--sample", "5"], "no checkpoint"),
 ])
-def test_cli_errors(tmp_path, args, message):
+def test_dn_cli_errors(tmp_path, args, message):
     script = script_copy(tmp_path)
     p = run(script, "--preset", "tiny", "--out_dir", str(tmp_path / "out"), *args, check=False)
     assert p.returncode != 0
@@ -393,25 +397,25 @@ def test_cli_errors(tmp_path, args, message):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_cuda_device_without_cuda_is_an_error(tmp_path):
+def test_dn_cuda_device_without_cuda_is_an_error(tmp_path):
     p = run(script_copy(tmp_path), "--preset", "tiny", "--device", "cuda", check=False)
     assert p.returncode == 2 and "no CUDA GPU" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_sample_from_a_recall_checkpoint_is_an_error(tmp_path):
+def test_dn_sample_from_a_recall_checkpoint_is_an_error(tmp_path):
     script, out = script_copy(tmp_path), str(tmp_path / "out")
     run(script, "--preset", "tiny", "--steps", "2", "--out_dir", out)
     p = run(script, "--task", "lm", "--sample", "5", "--out_dir", out, check=False)
     assert p.returncode == 2 and "trained on --task recall" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_help_lists_every_flag(tmp_path):
+def test_dn_help_lists_every_flag(tmp_path):
     p = run(script_copy(tmp_path), "--help")
     for field in dataclasses.fields(delta_net.Args):
         assert f"--{field.name} (" in p.stdout
 
 
-def test_empty_corpus_is_an_error(tmp_path):
+def test_dn_empty_corpus_is_an_error(tmp_path):
     script = script_copy(tmp_path)
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -421,7 +425,7 @@ def test_empty_corpus_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("name, args, port", [("delta_net.py", [], "29517"),
                                               ("linear_transformer.py", ["--phi", "favor", "--favor_redraw", "5"], "29518")])
-def test_ddp_two_processes_on_cpu(tmp_path, name, args, port):
+def test_dn_lt_ddp_two_processes_on_cpu(tmp_path, name, args, port):
     """Both ranks end with identical parameters; only rank 0 logs and writes metrics."""
     script = script_copy(tmp_path, name)
     out = str(tmp_path / "out")
@@ -438,6 +442,8 @@ def test_ddp_two_processes_on_cpu(tmp_path, name, args, port):
 
 # ----------------------------------------------------------------------------------------------
 # linear_transformer.py: the sum rule, feature maps, softmax baseline
+
+import linear_transformer  # noqa: E402
 
 
 def lt_inputs(B=2, H=3, T=37, d_phi=8, d_v=10, seed=0, dtype=torch.float64, denom=True):
@@ -672,7 +678,7 @@ def test_lt_pos_enc_breaks_the_softmax_baselines_permutation_invariance():
 
 
 @pytest.mark.parametrize("script", ["delta_net", "linear_transformer"])
-def test_scale_out_multiplies_the_fast_weight_output(script):
+def test_dn_lt_scale_out_multiplies_the_fast_weight_output(script):
     """--scale_out: the official LM layers' y / sqrt(d_head) before the output projection (linear, so the layer's
     output is exactly the unscaled one times d_head^-1/2); the paper preset turns it on with the positions."""
     mod = {"delta_net": delta_net, "linear_transformer": linear_transformer}[script]
@@ -722,6 +728,8 @@ def test_lt_help_lists_every_flag(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # rfwp.py: recurrent FWPs, the tasks
+
+import rfwp  # noqa: E402
 
 
 def rf_model(name, **kw):
@@ -1301,6 +1309,8 @@ def test_rl_ale_game_names():
 # ----------------------------------------------------------------------------------------------
 # ode_fwp.py: solvers, control paths, learning rules, data parsers, the script
 
+import ode_fwp  # noqa: E402
+
 
 def linear_ode(dtype=torch.float64):
     A = torch.tensor([[-1.0, 2.0], [-2.0, -1.0]], dtype=dtype)
@@ -1463,7 +1473,7 @@ def test_od_constant_control_vector_field_is_the_rule_by_hand(rule):
     f = model.vector_field(path)
     with torch.no_grad():
         torch.testing.assert_close(f(0.3, W), 5.0 * expected)  # dW/ds = span dW/dt, span 5
-        W0 = ode_fwp.hebb(None, *model.kvb(path, path.t0))
+        W0 = ode_fwp.hebb(None, *model.rule_kvb(path, path.t0)[1:])
         torch.testing.assert_close(W0[0], beta[:, None, None] * v[:, :, None] * k[:, None, :])
         if rule != "oja":  # closed forms with constant k, v, beta over t in [0, 5]
             WT, _ = ode_fwp.rk4(f, W0, 200)
@@ -1474,6 +1484,67 @@ def test_od_constant_control_vector_field_is_the_rule_by_hand(rule):
                 u0 = (W0 @ k[..., None])[..., 0]
                 ref = W0 + ((v - u0)[..., None] * k[:, None, :] * ((1 - torch.exp(-5.0 * rate)) / (k * k).sum(-1))[:, None, None])
             torch.testing.assert_close(WT, ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("rule", ["hebb", "oja", "delta"])
+@pytest.mark.parametrize("values_from", ["x", "dx"])
+def test_od_layouts_vector_field_and_readout_by_hand(values_from, rule):
+    """Both layouts on a linear control path (X(t) = x0 + t g, so dX/dt = g): the vector field, W(t_1) and the
+    readout against the formulas written out here from the parameters.
+    values_from x (official delta_cde / hebb_cde_v2): k, beta from LN(W_in g), v = tanh(W_v X), y = W q.
+    values_from dx (official hebb_cde / oja_cde): k_raw, b from LN(W_in X), u = W_v g; hebb: b u softmax(k_raw)^T
+    (the raw logit, no tanh); oja: sigmoid(b) tanh(u) softmax(k_raw - W^T tanh(u))^T; delta:
+    sigmoid(b) (tanh(u) - W k) k^T; y = W^T q with q from X(t_N)."""
+    torch.manual_seed(0)
+    args = ode_fwp.check_args(od_args(rule=rule, values_from=values_from, d_model=6, n_head=2))
+    assert args.drive == ("dx" if values_from == "x" else "x")
+    model = ode_fwp.build_model(args, 3, 4).double()
+    H, d, B = 2, 3, 2
+    x0, g = torch.randn(B, 3, dtype=torch.float64), torch.randn(B, 3, dtype=torch.float64)
+    t = torch.tensor([[0.0, 4.0]] * B, dtype=torch.float64)
+    path = ode_fwp.ControlPath(t, torch.stack([x0, x0 + 4.0 * g], 1), torch.tensor([2] * B), "linear")
+    lin = lambda layer, z: z @ layer.weight.T + layer.bias
+    ln = lambda z, m: (z - z.mean(-1, keepdim=True)) / torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + m.eps) \
+        * m.weight + m.bias
+    sm = lambda z: torch.exp(z) / torch.exp(z).sum(-1, keepdim=True)
+    sig = lambda z: 1 / (1 + torch.exp(-z))
+
+    def field(tau, W):  # dW/dt at data time tau, by hand
+        X = x0 + tau * g
+        kb = lin(model.W_kb, ln(lin(model.W_in, g if values_from == "x" else X), model.ln_in)).view(B, H, d + 1)
+        k_raw, b = kb[..., :d], kb[..., d]
+        out = torch.zeros_like(W)
+        for n in range(B):
+            for i in range(H):
+                if values_from == "x":
+                    k, beta, v = sm(k_raw[n, i]), sig(b[n, i]), torch.tanh(lin(model.W_v, X[n])).view(H, d)[i]
+                    rule_v = {"hebb": v, "oja": v, "delta": v - W[n, i] @ k}[rule]
+                    rule_k = k - W[n, i].T @ v if rule == "oja" else k
+                    out[n, i] = beta * torch.outer(rule_v, rule_k)
+                    continue
+                u = lin(model.W_v, g[n]).view(H, d)[i]
+                if rule == "hebb":
+                    out[n, i] = b[n, i] * torch.outer(u, sm(k_raw[n, i]))
+                elif rule == "oja":
+                    out[n, i] = sig(b[n, i]) * torch.outer(torch.tanh(u), sm(k_raw[n, i] - W[n, i].T @ torch.tanh(u)))
+                else:
+                    k = sm(k_raw[n, i])
+                    out[n, i] = sig(b[n, i]) * torch.outer(torch.tanh(u) - W[n, i] @ k, k)
+        return out
+
+    W = torch.randn(B, H, d, d, dtype=torch.float64)
+    with torch.no_grad():
+        f = model.vector_field(path)
+        torch.testing.assert_close(f(0.25, W), 4.0 * field(1.0, W))  # dW/ds = span dW/dt at s = 1/4, t = 1
+        W0 = field(0.0, torch.zeros_like(W))  # the rule with W = 0 at the first observation
+        WT, _ = ode_fwp.rk4(f, W0, 40)
+        logits, _ = model(path, dataclasses.replace(args, solver="rk4"), 40)
+        u_N = lin(model.W_in, g if values_from == "x" else x0 + 4.0 * g)
+        q = sm(lin(model.W_q, ln(u_N, model.ln_in)).view(B, H, d))
+        read = (WT @ q[..., None] if values_from == "x" else WT.transpose(-1, -2) @ q[..., None]).flatten(1)
+        y = lin(model.out, read)
+        y = y + model.ff(model.ln_ff(y))
+        torch.testing.assert_close(logits, lin(model.head, y))
 
 
 @pytest.mark.parametrize("model_name, rule", [("ctfwp", "hebb"), ("ctfwp", "oja"), ("ctfwp", "delta"), ("ncde", "delta")])
@@ -1736,6 +1807,8 @@ def test_od_help_lists_every_flag(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # policy_generator.py: GoGePo
 
+import policy_generator  # noqa: E402
+
 
 def pg_run(**kw):
     a = dataclasses.replace(policy_generator.Args(), **{**policy_generator.PRESETS["tiny"], **kw})
@@ -1877,80 +1950,10 @@ def test_pg_help_lists_every_flag(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# data.py
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def http_server(tmp_path):
-    root = tmp_path / "www"
-    root.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-def test_download_and_load_wikitext_from_local_server(tmp_path, http_server, monkeypatch):
-    root, base = http_server
-    corpus = tmp_path / "corpus"
-    write_corpus(str(corpus), n_lines=50)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for split in ("train", "valid", "test"):
-            z.write(corpus / f"wiki.{split}.tokens", f"wikitext-2/wiki.{split}.tokens")
-    (root / "wikitext-2-v1.zip").write_bytes(buf.getvalue())
-    monkeypatch.setitem(data.URLS, "wikitext-2", f"{base}/wikitext-2-v1.zip")
-    cache = str(tmp_path / "cache")
-    train, valid, test, vocab = data.load_text("wikitext-2", "word", cache)
-    assert os.path.exists(os.path.join(cache, "wikitext-2-v1.zip"))
-    assert train.numel() == 50 * 9 and valid.numel() == 5 * 9  # 8 words + <eos> per line
-    assert "<eos>" in vocab and "<unk>" in vocab and len(vocab) == 12
-    assert vocab[train[0]] == (corpus / "wiki.train.tokens").read_text().split()[0]
-    assert not [f for f in os.listdir(cache) if ".part" in f]
-
-
-def test_download_checksum_and_failure_messages(tmp_path, http_server):
-    root, base = http_server
-    (root / "f.bin").write_bytes(b"fast weights")
-    dest = str(tmp_path / "d" / "f.bin")
-    good = data.sha256sum(str(root / "f.bin"))
-    with pytest.raises(data.DataError, match="checksum mismatch"):
-        data.download(f"{base}/f.bin", dest, sha256="0" * 64)
-    assert not os.listdir(tmp_path / "d")  # nothing half-written
-    assert data.download(f"{base}/f.bin", dest, sha256=good) == dest
-    assert open(dest, "rb").read() == b"fast weights"
-    with pytest.raises(data.DataError, match="put it at .*missing.bin"):
-        data.download(f"{base}/missing.bin", str(tmp_path / "d" / "missing.bin"))
-
-
-def test_load_text_file_char_and_batching(tmp_path):
-    path = tmp_path / "t.txt"
-    path.write_text("abcdefghij" * 20)
-    train, valid, test, vocab = data.load_text(str(path), "char", str(tmp_path))
-    assert (train.numel(), valid.numel(), test.numel()) == (180, 10, 10)
-    assert "".join(vocab[i] for i in train[:10]) == "abcdefghij"
-    streams = data.batchify(torch.arange(23), 2)  # rows continue across segments
-    assert streams.tolist() == [list(range(11)), list(range(11, 22))]
-    segs = [data.segment(streams, i, 4) for i in range(data.n_segments(streams, 4))]
-    assert torch.cat([x for x, _ in segs], 1).tolist() == [list(range(10)), list(range(11, 21))]
-    assert torch.cat([y for _, y in segs], 1).tolist() == [list(range(1, 11)), list(range(12, 22))]
-    with pytest.raises(data.DataError):
-        data.load_text(str(path), "bpe", str(tmp_path))
-
-
-# ----------------------------------------------------------------------------------------------
 # cuda_kernels.cu: compile check everywhere nvcc is; the kernels where CUDA is
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH")
-def test_cuda_kernels_compile(tmp_path):
+def test_kernels_compile(tmp_path):
     import sysconfig
 
     include = os.path.join(os.path.dirname(torch.__file__), "include")
@@ -1979,7 +1982,7 @@ def rel_err(a, b):
 @pytest.mark.parametrize("T", [1, 37, 1000])
 @pytest.mark.parametrize("BH", [(1, 1), (4, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_delta_kernel_equals_loop(d, T, BH, dtype):
+def test_dn_cuda_delta_kernel_equals_loop(d, T, BH, dtype):
     """Outputs, final W and all five gradients against the float64 loop on the same (rounded) inputs."""
     assert delta_net.cuda_kernels() is not None, "cuda_kernels.cu failed to build"
     x = [t.detach().cuda() for t in delta_inputs(B=BH[0], H=BH[1], T=T, d_k=d, d_v=d, seed=T + d)]
@@ -1995,7 +1998,7 @@ def test_cuda_delta_kernel_equals_loop(d, T, BH, dtype):
 
 
 @needs_cuda
-def test_cuda_delta_kernel_float64_exact_and_gradcheck():
+def test_dn_cuda_delta_kernel_float64_exact_and_gradcheck():
     x = [t.detach().cuda().requires_grad_() for t in delta_inputs(T=37, d_k=40, d_v=24)]
     ref = outputs_and_grads(delta_net.delta_rule_loop, x)
     out = outputs_and_grads(cuda_delta, x)
@@ -2006,7 +2009,7 @@ def test_cuda_delta_kernel_float64_exact_and_gradcheck():
 
 
 @needs_cuda
-def test_cuda_delta_state_split_equals_one_call():
+def test_dn_cuda_delta_state_split_equals_one_call():
     q, k, v, beta, W0 = [t.detach().cuda().float() for t in delta_inputs(T=100, d_k=64, d_v=64)]
     y, W = cuda_delta(q, k, v, beta, W0)
     ya, Wa = cuda_delta(q[:, :, :60].contiguous(), k[:, :, :60].contiguous(), v[:, :, :60].contiguous(),
@@ -2019,7 +2022,7 @@ def test_cuda_delta_state_split_equals_one_call():
 
 @needs_cuda
 @pytest.mark.parametrize("d", [16, 128])
-def test_cuda_sum_kernel_equals_loop(d):
+def test_lt_cuda_sum_kernel_equals_loop(d):
     """The sum rule W_t = W_{t-1} + v_t k_t^T, y_t = W_t q_t (linear_transformer.py's), through the raw op."""
     ext = delta_net.cuda_kernels()
     q, k, v, _, W0 = [t.detach().cuda() for t in delta_inputs(B=2, H=3, T=200, d_k=d, d_v=d)]
@@ -2041,7 +2044,7 @@ def test_cuda_sum_kernel_equals_loop(d):
 
 
 @needs_cuda
-def test_cuda_chunk_equals_cpu_loop():
+def test_dn_cuda_chunk_equals_cpu_loop():
     x = delta_inputs(T=100, d_k=64, d_v=64)
     y1, W1, g1 = outputs_and_grads(delta_net.delta_rule_loop, x)
     x_gpu = [t.detach().cuda().requires_grad_() for t in x]
@@ -2054,7 +2057,7 @@ def test_cuda_chunk_equals_cpu_loop():
 
 @needs_cuda
 @pytest.mark.parametrize("impl", ["cuda", "chunk"])
-def test_cuda_bf16_training_smoke(tmp_path, impl):
+def test_dn_cuda_bf16_training_smoke(tmp_path, impl):
     script = os.path.join(HERE, "delta_net.py")  # not a copy: a new source path would rebuild the kernel (1 min)
     p = run(script, "--preset", "tiny", "--device", "cuda", "--dtype", "bfloat16", "--impl", impl,
             "--out_dir", str(tmp_path / "o"))
@@ -2066,7 +2069,7 @@ def test_cuda_bf16_training_smoke(tmp_path, impl):
 @pytest.mark.parametrize("T", [1, 1000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("denom", [True, False])
-def test_cuda_lt_equals_loop(d_phi, T, dtype, denom):
+def test_lt_cuda_equals_loop(d_phi, T, dtype, denom):
     """linear_attention on CUDA (the sum kernel; d_phi 384 > 128 falls back to chunk) against the float64 loop on
     the CPU: outputs, (W, z) and the gradients of q, k, v, W0, z0."""
     x = lt_inputs(B=2, H=3, T=T, d_phi=d_phi, d_v=64, denom=denom)
@@ -2080,7 +2083,7 @@ def test_cuda_lt_equals_loop(d_phi, T, dtype, denom):
 
 
 @needs_cuda
-def test_cuda_lt_state_split_equals_one_call():
+def test_lt_cuda_state_split_equals_one_call():
     q, k, v, W0, z0 = [t.detach().cuda().float() for t in lt_inputs(T=100, d_phi=64, d_v=64)]
     y, (W, z) = linear_attention(q, k, v, (W0, z0), True, "cuda")
     ya, sa = linear_attention(q[:, :, :60], k[:, :, :60], v[:, :, :60], (W0, z0), True, "cuda")
@@ -2093,7 +2096,7 @@ def test_cuda_lt_state_split_equals_one_call():
 @needs_cuda
 @pytest.mark.parametrize("args", [["--impl", "cuda"], ["--impl", "chunk"], ["--attn", "softmax"],
                                   ["--phi", "favor", "--impl", "cuda"]])
-def test_cuda_lt_bf16_training_smoke(tmp_path, args):
+def test_lt_cuda_bf16_training_smoke(tmp_path, args):
     p = run(os.path.join(HERE, "linear_transformer.py"), "--preset", "tiny", "--device", "cuda", "--dtype", "bfloat16",
             "--out_dir", str(tmp_path / "o"), *args)  # the repo's copy: its kernel build is cached
     assert "device cuda" in p.stdout and "final: test acc" in p.stdout and "warning" not in p.stderr
@@ -2357,3 +2360,72 @@ def test_rf_cuda_bench_and_training_smoke(tmp_path):
     p = run(os.path.join(HERE, "rfwp.py"), "--preset", "tiny", "--model", "delta_lstm", "--device", "cuda", "--out_dir",
             str(tmp_path / "o"))
     assert "final: test seq_acc" in p.stdout and "warning" not in p.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# data.py
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_data_download_and_load_wikitext_from_local_server(tmp_path, http_server, monkeypatch):
+    root, base = http_server
+    corpus = tmp_path / "corpus"
+    write_corpus(str(corpus), n_lines=50)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for split in ("train", "valid", "test"):
+            z.write(corpus / f"wiki.{split}.tokens", f"wikitext-2/wiki.{split}.tokens")
+    (root / "wikitext-2-v1.zip").write_bytes(buf.getvalue())
+    monkeypatch.setitem(data.URLS, "wikitext-2", f"{base}/wikitext-2-v1.zip")
+    cache = str(tmp_path / "cache")
+    train, valid, test, vocab = data.load_text("wikitext-2", "word", cache)
+    assert os.path.exists(os.path.join(cache, "wikitext-2-v1.zip"))
+    assert train.numel() == 50 * 9 and valid.numel() == 5 * 9  # 8 words + <eos> per line
+    assert "<eos>" in vocab and "<unk>" in vocab and len(vocab) == 12
+    assert vocab[train[0]] == (corpus / "wiki.train.tokens").read_text().split()[0]
+    assert not [f for f in os.listdir(cache) if ".part" in f]
+
+
+def test_data_download_checksum_and_failure_messages(tmp_path, http_server):
+    root, base = http_server
+    (root / "f.bin").write_bytes(b"fast weights")
+    dest = str(tmp_path / "d" / "f.bin")
+    good = data.sha256sum(str(root / "f.bin"))
+    with pytest.raises(data.DataError, match="checksum mismatch"):
+        data.download(f"{base}/f.bin", dest, sha256="0" * 64)
+    assert not os.listdir(tmp_path / "d")  # nothing half-written
+    assert data.download(f"{base}/f.bin", dest, sha256=good) == dest
+    assert open(dest, "rb").read() == b"fast weights"
+    with pytest.raises(data.DataError, match="put it at .*missing.bin"):
+        data.download(f"{base}/missing.bin", str(tmp_path / "d" / "missing.bin"))
+
+
+def test_data_load_text_file_char_and_batching(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("abcdefghij" * 20)
+    train, valid, test, vocab = data.load_text(str(path), "char", str(tmp_path))
+    assert (train.numel(), valid.numel(), test.numel()) == (180, 10, 10)
+    assert "".join(vocab[i] for i in train[:10]) == "abcdefghij"
+    streams = data.batchify(torch.arange(23), 2)  # rows continue across segments
+    assert streams.tolist() == [list(range(11)), list(range(11, 22))]
+    segs = [data.segment(streams, i, 4) for i in range(data.n_segments(streams, 4))]
+    assert torch.cat([x for x, _ in segs], 1).tolist() == [list(range(10)), list(range(11, 21))]
+    assert torch.cat([y for _, y in segs], 1).tolist() == [list(range(1, 11)), list(range(12, 22))]
+    with pytest.raises(data.DataError):
+        data.load_text(str(path), "bpe", str(tmp_path))
+
+
