@@ -80,6 +80,10 @@ class Args:
     """synthetic: time grid 0, 1, ..., syn_length - 1 from which each series keeps a random half"""
     missing: float = 0.1
     """synthetic: probability that a value is missing (NaN)"""
+    intensity: bool = False
+    """add one channel per value channel counting its observations so far (the official sepsis "OI" input)"""
+    raw_time: bool = False
+    """the time channel in data units (the official speech and sepsis input) instead of divided by the largest time"""
     # model
     model: str = "ctfwp"
     """ctfwp (continuous-time fast weight programmer) or ncde (neural CDE baseline)"""
@@ -91,6 +95,11 @@ class Args:
     """ctfwp: x (values tanh(W_v X(t)), keys from the drive, readout W q: the official delta_cde / hebb_cde_v2
     layout) or dx (values from dX/dt, keys, beta and query from X(t), readout W^T q: the official hebb_cde /
     oja_cde layout, with its Hebb and Oja forms; --drive is then x)"""
+    v_layernorm: bool = False
+    """ctfwp: values tanh(W_v2 LN(W_v X)) instead of tanh(W_v X) (the official --cde_use_v_laynorm)"""
+    post_tanh: bool = False
+    """ctfwp --rule delta: dW/dt = beta tanh(u - W k) k^T with u = W_v X, the tanh after the subtraction (the official
+    --delta_ode_post_tahn)"""
     interp: str = "cubic"
     """control path: cubic (natural cubic spline) or linear"""
     d_model: int = 32
@@ -121,6 +130,14 @@ class Args:
     """linear warm-up steps, then cosine decay to lr / 10"""
     grad_clip: float = 1.0
     """gradient norm clip (0 disables)"""
+    l2: float = 0.0
+    """add l2 x sum over parameter tensors of ||p|| (the norm, not squared: the official penalty, 0.03)"""
+    plateau: bool = False
+    """no warm-up or cosine: the lr drops x0.1 when the mean training loss has not improved for 2 evaluations
+    (the official ReduceLROnPlateau(patience=2) on the training loss)"""
+    pos_weight: float = 0.0
+    """two classes: binary cross-entropy on the logit difference with this weight on the positives (the official
+    sepsis loss: 10); 0: cross-entropy"""
     eval_every: int = 100
     """evaluate on valid, keep the best checkpoint, every this many steps"""
     seed: int = 0
@@ -142,10 +159,18 @@ class Args:
 PRESETS = {
     "tiny": dict(n_train=64, syn_length=16, d_model=8, n_head=2, d_ff=16, batch_size=16, steps=4, eval_every=2,
                  warmup=1),
-    # the paper's Speech Commands model (hidden 80, 4 heads, FF 320; rk4, step = the observation gap) and batch;
-    # steps, lr and eval_every are this repo's guess, not the paper's
-    "speech": dict(dataset="speech_commands", d_model=80, n_head=4, d_ff=320, batch_size=1024, steps=20_000,
-                   lr=1e-3, eval_every=200),
+    # The official recipes (speech_and_physionet/: delta_cde, rk4 at the observation gap, Adam at base_lr x batch / 32,
+    # no clipping, the penalty 0.03 sum ||p||, ReduceLROnPlateau(patience=2) on the training loss every 10 epochs, raw
+    # time). Steps: epochs x batches per epoch of the 70% training split (speech 24 of 1024: 500 epochs; sepsis 28:
+    # 200 epochs); evaluation every 10 epochs.
+    "speech": dict(dataset="speech_commands", d_model=80, n_head=4, d_ff=320, batch_size=1024, lr=5e-5 * 1024 / 32,
+                   steps=500 * 24, eval_every=10 * 24, warmup=0, grad_clip=0.0, l2=0.03, plateau=True, raw_time=True),
+    "sepsis": dict(dataset="sepsis", d_model=160, n_head=32, d_ff=640, v_layernorm=True, batch_size=1024,
+                   lr=4e-5 * 1024 / 32, steps=200 * 28, eval_every=10 * 28, warmup=0, grad_clip=0.0, l2=0.03,
+                   plateau=True, raw_time=True, pos_weight=10.0),
+    "sepsis_oi": dict(dataset="sepsis", d_model=80, n_head=16, d_ff=64, intensity=True, post_tanh=True,
+                      batch_size=1024, lr=3e-5 * 1024 / 32, steps=200 * 28, eval_every=10 * 28, warmup=0,
+                      grad_clip=0.0, l2=0.03, plateau=True, raw_time=True, pos_weight=10.0),
 }
 
 
@@ -212,6 +237,10 @@ def check_args(args):
     for key in ("n_train", "d_model", "n_head", "d_ff", "batch_size", "steps", "eval_every", "max_steps"):
         if getattr(args, key) <= 0:
             fail(f"--{key} must be positive, got {getattr(args, key)}")
+    if args.post_tanh and args.rule != "delta":
+        fail(f"--post_tanh changes the delta rule; it does nothing with --rule {args.rule}")
+    if min(args.l2, args.pos_weight) < 0:
+        fail(f"--l2 and --pos_weight must be non-negative, got {args.l2} and {args.pos_weight}")
     if args.values_from == "dx":
         args.drive = "x"  # this layout reads keys, beta and the query from X(t)
     if args.syn_length < 4:
@@ -397,6 +426,11 @@ def delta(W, k, v, beta):
 RULES = {"hebb": hebb, "oja": oja, "delta": delta}
 
 
+def delta_post_tanh(W, k, u, beta):
+    """--post_tanh (the official --delta_ode_post_tahn): dW/dt = beta tanh(u - W k) k^T, u the value before any tanh."""
+    return beta[..., None, None] * torch.tanh(u - (W @ k[..., None])[..., 0])[..., :, None] * k[..., None, :]
+
+
 def oja_softmax_after(W, k_raw, v, beta):
     """The official oja_cde form: dW/dt = beta v softmax(k_raw - W^T v)^T (the softmax after the subtraction)."""
     return beta[..., None, None] * v[..., :, None] * (k_raw - (W.transpose(-1, -2) @ v[..., None])[..., 0]
@@ -416,11 +450,13 @@ class CTFWP(nn.Module):
     def __init__(self, args, n_channels, n_classes):
         super().__init__()
         self.rule, self.drive, self.H, self.d = RULES[args.rule], args.drive, args.n_head, args.d_model // args.n_head
-        self.values_from, self.rule_name = args.values_from, args.rule
+        self.values_from, self.rule_name, self.post_tanh = args.values_from, args.rule, args.post_tanh
         D = args.d_model
         self.W_in, self.ln_in = nn.Linear(n_channels, D), nn.LayerNorm(D)
         self.W_kb = nn.Linear(D, self.H * (self.d + 1))  # keys and beta of every head
         self.W_v = nn.Linear(n_channels, D)
+        if args.v_layernorm:  # the official --cde_use_v_laynorm: values from W_v2 LN(W_v X)
+            self.ln_v, self.W_v2 = nn.LayerNorm(D), nn.Linear(D, D)
         self.W_q, self.out = nn.Linear(D, D), nn.Linear(D, D)
         self.ln_ff = nn.LayerNorm(D)
         self.ff = nn.Sequential(nn.Linear(D, args.d_ff), nn.ReLU(), nn.Linear(args.d_ff, D))
@@ -434,11 +470,16 @@ class CTFWP(nn.Module):
         """The rule and its (k, v, beta) at time t: (B, H, d), (B, H, d), (B, H)."""
         X, dX = path(t)
         kb = self.W_kb(self.h(X, dX)).view(-1, self.H, self.d + 1)
+        k_raw, b = kb[..., :-1], kb[..., -1]  # (B, H, d), (B, H)
+        u = self.W_v(dX if self.values_from == "dx" else X)
+        if hasattr(self, "ln_v"):
+            u = self.W_v2(self.ln_v(u))
+        u = u.view(-1, self.H, self.d)
+        if self.post_tanh:
+            return delta_post_tanh, k_raw.softmax(-1), u, torch.sigmoid(b)
         if self.values_from == "dx":
-            return DX_RULES[self.rule_name](kb[..., :-1], kb[..., -1], self.W_v(dX).view(-1, self.H, self.d))
-        k, beta = kb[..., :-1].softmax(-1), torch.sigmoid(kb[..., -1])
-        v = torch.tanh(self.W_v(X)).view(-1, self.H, self.d)
-        return self.rule, k, v, beta
+            return DX_RULES[self.rule_name](k_raw, b, u)
+        return self.rule, k_raw.softmax(-1), torch.tanh(u), torch.sigmoid(b)
 
     def vector_field(self, path):
         span = (path.t1 - path.t0)[:, None, None, None]
@@ -645,16 +686,25 @@ def load_sepsis(folder, max_hours=72):
     return series, np.array(labels), ["no sepsis", "sepsis"]
 
 
-def pad_split(series, labels, mean, std, t_max):
-    """Padded tensors of one split; values normalised, time (/ t_max) prepended as channel 0."""
+def observation_counts(x):
+    """Intensity channels (N, C) for values x (N, C): how many times each channel has been observed up to and
+    including each time (Kidger et al. 2020's observational intensity, as the official sepsis code)."""
+    return np.cumsum(~np.isnan(x), 0).astype(np.float32)
+
+
+def pad_split(series, labels, mean, std, t_max, intensity=False):
+    """Padded tensors of one split; values normalised, time (/ t_max) prepended as channel 0; with intensity, C
+    observation-count channels after the C values (not normalised, as the official code)."""
     n, N = len(series), max(len(t) for t, _ in series)
     C = series[0][1].shape[1]
     t = np.zeros((n, N))
-    x = np.full((n, N, C + 1), np.nan, dtype=np.float32)
+    x = np.full((n, N, 1 + C * (2 if intensity else 1)), np.nan, dtype=np.float32)
     for i, (ti, xi) in enumerate(series):
         L = len(ti)
         t[i, :L], t[i, L:] = ti, ti[-1] + np.arange(1, N - L + 1)
-        x[i, :L, 0], x[i, :L, 1:] = ti / t_max, (xi - mean) / std
+        x[i, :L, 0], x[i, :L, 1:C + 1] = ti / t_max, (xi - mean) / std
+        if intensity:
+            x[i, :L, C + 1:] = observation_counts(xi)
     return {"t": torch.tensor(t), "x": torch.tensor(x), "lengths": torch.tensor([len(s[0]) for s in series]),
             "y": torch.tensor(labels, dtype=torch.long)}
 
@@ -701,11 +751,13 @@ def load_task(args):
     values = np.concatenate([x for _, x in pools[0][0]])
     mean, std = np.nanmean(values, 0), np.nanstd(values, 0)
     mean, std = np.nan_to_num(mean), np.where(np.nan_to_num(std) > 0, np.nan_to_num(std), 1.0)
-    t_max = max(max(t[-1] for t, _ in s) for s, _ in pools) or 1.0
-    task = {split: pad_split(s, ys, mean, std, t_max) for split, (s, ys) in zip(("train", "valid", "test"), pools)}
+    t_max = 1.0 if args.raw_time else max(max(t[-1] for t, _ in s) for s, _ in pools) or 1.0
+    task = {split: pad_split(s, ys, mean, std, t_max, args.intensity)
+            for split, (s, ys) in zip(("train", "valid", "test"), pools)}
     min_gap = min(np.diff(t).min() for s, _ in pools for t, _ in s)
     max_span = max(t[-1] - t[0] for s, _ in pools for t, _ in s)
-    return dict(task, names=names, n_channels=values.shape[1] + 1, min_gap=min_gap, max_span=max_span)
+    n_channels = 1 + values.shape[1] * (2 if args.intensity else 1)
+    return dict(task, names=names, n_channels=n_channels, min_gap=min_gap, max_span=max_span)
 
 
 def fixed_steps(args, task):
@@ -762,10 +814,24 @@ def predict(model, args, task, split, device):
 def evaluate(model, args, task, split, device):
     logits, nfe = predict(model, args, task, split, device)
     y = task[split]["y"]
-    result = {"loss": F.cross_entropy(logits, y).item(), "acc": (logits.argmax(-1) == y).float().mean().item()}
+    result = {"loss": task_loss(logits, y, args).item(), "acc": (logits.argmax(-1) == y).float().mean().item()}
     if logits.shape[1] == 2:
         result["auroc"] = auroc(logits.softmax(-1)[:, 1].numpy(), y.numpy())
     return dict(result, nfe=nfe)
+
+
+def task_loss(logits, y, args):
+    """Cross-entropy; with --pos_weight (two classes) the official sepsis loss, binary cross-entropy on the logit
+    difference with the positives weighted."""
+    if args.pos_weight > 0:
+        weight = torch.tensor(args.pos_weight, dtype=logits.dtype, device=logits.device)
+        return F.binary_cross_entropy_with_logits(logits[:, 1] - logits[:, 0], y.to(logits.dtype), pos_weight=weight)
+    return F.cross_entropy(logits, y)
+
+
+def l2_penalty(model, args):
+    """The official penalty: l2 x the sum over parameter tensors of their (unsquared) L2 norms."""
+    return args.l2 * sum(p.norm() for p in model.parameters()) if args.l2 > 0 else 0.0
 
 
 def headline(args):
@@ -822,8 +888,11 @@ def setup(args):
 def train(args):
     device, task, model = setup(args)
     gen = torch.Generator().manual_seed(args.seed)  # which training series each step sees
+    if args.pos_weight > 0 and len(task["names"]) != 2:
+        fail(f"--pos_weight needs two classes; this task has {len(task['names'])}")
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    step, best = 0, None
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=2)
+    step, best, window = 0, None, []  # window: training losses since the last evaluation
     ckpt_path, best_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "best.pt")
     if args.resume:
         if not os.path.exists(ckpt_path):
@@ -831,6 +900,8 @@ def train(args):
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
+        if "plateau" in ckpt:  # checkpoints from before --plateau existed have none
+            plateau.load_state_dict(ckpt["plateau"])
         step, best = ckpt["step"], ckpt["best"]
         random.setstate(ckpt["rng"]["python"])
         np.random.set_state(ckpt["rng"]["numpy"])
@@ -847,8 +918,8 @@ def train(args):
 
     def checkpoint(path):
         save_checkpoint(path, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "args": dataclasses.asdict(args),
-            "names": task["names"], "best": best,
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "plateau": plateau.state_dict(), "step": step,
+            "args": dataclasses.asdict(args), "names": task["names"], "best": best,
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                     "data": gen.get_state()}})
 
@@ -860,8 +931,9 @@ def train(args):
     while step < args.steps:
         idx = torch.randint(n_train, (min(args.batch_size, n_train),), generator=gen)
         t, x, lengths, y = get_batch(task["train"], idx, device)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
+        if not args.plateau:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, args)
         try:
             logits, nfe = model(make_path(args, t, x, lengths), args, fixed_steps(args, task))
         except RuntimeError as e:
@@ -869,7 +941,7 @@ def train(args):
                 raise
             bar.close()
             fail(f"{e}. The last good checkpoint stays at {ckpt_path}.")
-        loss = F.cross_entropy(logits, y)
+        loss = task_loss(logits, y, args) + l2_penalty(model, args)
         if not torch.isfinite(loss):
             bar.close()
             print(f"error: the loss became {loss.item()} at step {step}; the last good checkpoint stays at "
@@ -883,8 +955,12 @@ def train(args):
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", nfe=nfe)
-        log_metrics(args.out_dir, step, "train", {"loss": loss.item(), "nfe": nfe}, t0)
+        log_metrics(args.out_dir, step, "train", {"loss": loss.item(), "nfe": nfe, "lr": opt.param_groups[0]["lr"]}, t0)
+        window.append(loss.item())
         if step % args.eval_every == 0 or step == args.steps or step == args.stop_at:
+            if args.plateau:
+                plateau.step(float(np.mean(window)))  # x0.1 after 2 evaluations without a lower training loss
+            window = []
             result = evaluate(model, args, task, "valid", device)
             log_metrics(args.out_dir, step, "valid", result, t0)
             tqdm.write(f"step {step} valid: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))

@@ -1777,6 +1777,66 @@ def test_od_resume_is_exact_and_evaluate_compares_solvers(tmp_path):
     assert float(rows[1][2]) == 1.0 and float(rows[1][3]) < 1e-3 and float(rows[2][3]) == 0.0
 
 
+def test_od_official_recipe_pieces(tmp_path):
+    """The pieces of the official recipes (--preset speech, sepsis, sepsis_oi): the observation-count channels,
+    raw time, the L2 penalty (unsquared norms) in the training loss, the weighted binary loss, the plateau schedule."""
+    x = np.array([[1.0, np.nan], [np.nan, np.nan], [2.0, 3.0], [np.nan, 4.0]])
+    np.testing.assert_array_equal(ode_fwp.observation_counts(x), [[1, 0], [1, 0], [2, 1], [2, 2]])
+    args = ode_fwp.check_args(od_args(intensity=True, raw_time=True))
+    task = ode_fwp.load_task(args)
+    assert task["n_channels"] == 1 + 2 * 2  # time, 2 values, 2 counts
+    split = task["train"]
+    for i in range(3):
+        n = int(split["lengths"][i])
+        np.testing.assert_array_equal(split["x"][i, :n, 0].numpy(), split["t"][i, :n].numpy().astype(np.float32))
+        counts = ode_fwp.observation_counts(split["x"][i, :n, 1:3].numpy())
+        np.testing.assert_array_equal(split["x"][i, :n, 3:].numpy(), counts)
+    # the penalty: l2 x sum ||p|| over tensors, in the first logged training loss
+    script = script_copy(tmp_path, "ode_fwp.py")
+    for name, extra in (("plain", []), ("l2", ["--l2", "0.03"])):
+        run(script, "--preset", "tiny", "--steps", "1", "--out_dir", str(tmp_path / name), *extra)
+    first = [next(m["value"] for m in read_metrics(tmp_path / n) if m["metric"] == "loss") for n in ("plain", "l2")]
+    _, _, model = ode_fwp.setup(od_args())
+    by_hand = 0.03 * sum(math.sqrt((p.detach().double() ** 2).sum().item()) for p in model.parameters())
+    assert math.isclose(first[1] - first[0], by_hand, rel_tol=1e-4)
+    assert math.isclose(ode_fwp.l2_penalty(model, od_args(l2=0.03)).item(), by_hand, rel_tol=1e-6)
+    # the weighted binary loss on the logit difference
+    logits, y = torch.randn(6, 2, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1, 0])
+    z, w = logits[:, 1] - logits[:, 0], 10.0
+    by_hand = -(w * y * torch.log(torch.sigmoid(z)) + (1 - y) * torch.log(1 - torch.sigmoid(z))).mean()
+    torch.testing.assert_close(ode_fwp.task_loss(logits, y, od_args(pos_weight=w)), by_hand)
+    # --plateau: no warm-up or cosine; the lr only ever drops by factors of 10
+    run(script, "--preset", "tiny", "--steps", "6", "--eval_every", "1", "--plateau", "--lr", "0.01", "--out_dir",
+        str(tmp_path / "plateau"))
+    lrs = [m["value"] for m in read_metrics(tmp_path / "plateau") if m["metric"] == "lr"]
+    assert lrs[0] == 0.01 and all(abs(math.log10(0.01 / lr) - round(math.log10(0.01 / lr))) < 1e-9 for lr in lrs) and lrs == sorted(lrs, reverse=True)
+    presets = {n: ode_fwp.parse_args(["--preset", n]) for n in ("speech", "sepsis", "sepsis_oi")}
+    assert presets["sepsis_oi"].intensity and presets["sepsis_oi"].post_tanh and presets["sepsis"].v_layernorm
+    assert [presets[n].lr for n in presets] == [5e-5 * 32, 4e-5 * 32, 3e-5 * 32]  # base_lr x 1024 / 32
+
+
+def test_od_post_tanh_and_value_layernorm_by_hand():
+    """--post_tanh: dW/dt = beta tanh(u - W k) k^T; --v_layernorm: u = W_v2 LN(W_v X) (official delta_cde flags)."""
+    torch.manual_seed(0)
+    args = ode_fwp.check_args(od_args(rule="delta", post_tanh=True, v_layernorm=True, d_model=6, n_head=2))
+    model = ode_fwp.build_model(args, 3, 4).double()
+    H, d, B = 2, 3, 2
+    x0, g = torch.randn(B, 3, dtype=torch.float64), torch.randn(B, 3, dtype=torch.float64)
+    t = torch.tensor([[0.0, 4.0]] * B, dtype=torch.float64)
+    path = ode_fwp.ControlPath(t, torch.stack([x0, x0 + 4.0 * g], 1), torch.tensor([2] * B), "linear")
+    X = x0 + 1.0 * g
+    kb = model.W_kb(model.ln_in(model.W_in(g))).view(B, H, d + 1)
+    k, beta = kb[..., :d].softmax(-1), torch.sigmoid(kb[..., d])
+    u = model.W_v2(torch.nn.functional.layer_norm(model.W_v(X), (6,), model.ln_v.weight, model.ln_v.bias)).view(B, H, d)
+    W = torch.randn(B, H, d, d, dtype=torch.float64)
+    expected = torch.stack([torch.stack([beta[n, i] * torch.outer(torch.tanh(u[n, i] - W[n, i] @ k[n, i]), k[n, i])
+                                         for i in range(H)]) for n in range(B)])
+    with torch.no_grad():
+        torch.testing.assert_close(model.vector_field(path)(0.25, W), 4.0 * expected)
+    with pytest.raises(SystemExit):
+        ode_fwp.check_args(od_args(rule="hebb", post_tanh=True))
+
+
 def test_od_bench_runs(tmp_path):
     p = run(script_copy(tmp_path, "ode_fwp.py"), "--preset", "tiny", "--bench")
     for label in ("ctfwp-hebb", "ctfwp-oja", "ctfwp-delta", "ncde"):
