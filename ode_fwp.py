@@ -82,6 +82,9 @@ class Args:
     """synthetic: probability that a value is missing (NaN)"""
     intensity: bool = False
     """add one channel per value channel counting its observations so far (the official sepsis "OI" input)"""
+    logsig_window: int = 0
+    """> 1: the path through every N-th observation (linear), so on each window dX/dt is the window's depth-1
+    log-signature (its increment) over its duration: the official EigenWorms input with 4; trailing points dropped"""
     raw_time: bool = False
     """the time channel in data units (the official speech and sepsis input) instead of divided by the largest time"""
     # model
@@ -171,6 +174,11 @@ PRESETS = {
     "sepsis_oi": dict(dataset="sepsis", d_model=80, n_head=16, d_ff=64, intensity=True, post_tanh=True,
                       batch_size=1024, lr=3e-5 * 1024 / 32, steps=200 * 28, eval_every=10 * 28, warmup=0,
                       grad_clip=0.0, l2=0.03, plateau=True, raw_time=True, pos_weight=10.0),
+    # eigenworms/ of the official code: depth-1 log-signature windows of 4 steps, the delta rule with the tanh after
+    # the subtraction, hidden 128, 16 heads, FF 64, Adam 1e-4, the whole training set as one batch, 1000 epochs
+    "eigenworms": dict(dataset="EigenWorms", logsig_window=4, interp="linear", post_tanh=True, d_model=128,
+                       n_head=16, d_ff=64, lr=1e-4, batch_size=1024, steps=1000, eval_every=1, warmup=0,
+                       grad_clip=0.0),
 }
 
 
@@ -241,6 +249,8 @@ def check_args(args):
         fail(f"--post_tanh changes the delta rule; it does nothing with --rule {args.rule}")
     if min(args.l2, args.pos_weight) < 0:
         fail(f"--l2 and --pos_weight must be non-negative, got {args.l2} and {args.pos_weight}")
+    if args.logsig_window > 1 and args.interp != "linear":
+        fail("--logsig_window needs --interp linear (the path between window ends is then the log-signature's line)")
     if args.values_from == "dx":
         args.drive = "x"  # this layout reads keys, beta and the query from X(t)
     if args.syn_length < 4:
@@ -692,6 +702,14 @@ def observation_counts(x):
     return np.cumsum(~np.isnan(x), 0).astype(np.float32)
 
 
+def logsig_windows(t, x, w):
+    """Depth-1 log-signature windows of w steps (Morrill et al. 2021, the log-ODE method): the observations 0, w, 2w,
+    ... (as the official EigenWorms windows [i, i + w], trailing points dropped); a linear path through them has,
+    on each window, the derivative (x[i + w] - x[i]) / (t[i + w] - t[i]), the window's log-signature over its
+    duration."""
+    return t[::w], x[::w]
+
+
 def pad_split(series, labels, mean, std, t_max, intensity=False):
     """Padded tensors of one split; values normalised, time (/ t_max) prepended as channel 0; with intensity, C
     observation-count channels after the C values (not normalised, as the official code)."""
@@ -745,6 +763,8 @@ def load_task(args):
         perm = rng.permutation(len(series))
         cut = [round(0.7 * len(series)), round(0.85 * len(series))]
         pools = [([series[i] for i in idx], ys[idx]) for idx in np.split(perm, cut)]
+    if args.logsig_window > 1:
+        pools = [([logsig_windows(t, x, args.logsig_window) for t, x in series], ys) for series, ys in pools]
     for split, (series, ys) in zip(("train", "valid", "test"), pools):
         if not len(series) or any(len(t) < 2 for t, _ in series):
             raise data.DataError(f"the {split} split is empty or has a series with fewer than 2 observations")

@@ -1815,6 +1815,31 @@ def test_od_official_recipe_pieces(tmp_path):
     assert [presets[n].lr for n in presets] == [5e-5 * 32, 4e-5 * 32, 3e-5 * 32]  # base_lr x 1024 / 32
 
 
+@pytest.mark.parametrize("L", [20, 21, 23])
+def test_od_logsig_windows_against_increments(L):
+    """--logsig_window 4: on each window [i, i + 4] (i = 0, 4, ... with i + 4 < L, the official windows; trailing
+    points dropped) the linear path's dX/dt times the window's duration is its depth-1 log-signature, computed
+    here directly as the increment x[i + 4] - x[i] of every channel (time included)."""
+    rng = np.random.default_rng(0)
+    t = np.cumsum(rng.uniform(0.5, 1.5, L))
+    x = rng.normal(size=(L, 3))
+    tw, xw = ode_fwp.logsig_windows(t, x, 4)
+    starts = [i for i in range(0, L - 4, 4)]
+    assert len(tw) == len(starts) + 1
+    full = np.concatenate([t[:, None], x], 1)
+    path = ode_fwp.ControlPath(torch.tensor(tw)[None], torch.tensor(np.concatenate([tw[:, None], xw], 1))[None],
+                               torch.tensor([len(tw)]), "linear")
+    for j, i in enumerate(starts):
+        mid = torch.tensor([(t[i] + t[i + 4]) / 2], dtype=torch.float64)
+        _, dX = path(mid)
+        np.testing.assert_allclose(dX[0].numpy() * (t[i + 4] - t[i]), full[i + 4] - full[i], rtol=1e-12)
+    plain, windowed = (ode_fwp.load_task(ode_fwp.check_args(od_args(logsig_window=w, interp="linear")))
+                       for w in (0, 2))
+    assert [(n + 1) // 2 for n in plain["train"]["lengths"].tolist()] == windowed["train"]["lengths"].tolist()
+    args = ode_fwp.parse_args(["--preset", "eigenworms"])
+    assert (args.logsig_window, args.interp, args.post_tanh, args.d_model, args.n_head) == (4, "linear", True, 128, 16)
+
+
 def test_od_post_tanh_and_value_layernorm_by_hand():
     """--post_tanh: dW/dt = beta tanh(u - W k) k^T; --v_layernorm: u = W_v2 LN(W_v X) (official delta_cde flags)."""
     torch.manual_seed(0)
