@@ -166,60 +166,6 @@ PRESETS = {
 }
 
 
-def fail(msg):
-    """A user error: one message, non-zero exit, no traceback."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def print_help():
-    """Every Args field with its type, default and docstring (read from this file's source)."""
-    import ast
-    import inspect
-
-    body = ast.parse(inspect.getsource(Args)).body[0].body
-    print(f"usage: python {os.path.basename(sys.argv[0])} [--preset {'|'.join(PRESETS)}] [--key value ...]")
-    for node, doc in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr):
-            name = node.target.id
-            print(f"  --{name} ({ast.unparse(node.annotation)}, {getattr(Args, name)!r}): {doc.value.value}")
-    sys.exit(0)
-
-
-def parse_args(argv):
-    """--key value (or --key=value; a bare --flag sets a bool), --preset NAME applied first."""
-    if "--help" in argv or "-h" in argv:
-        print_help()
-    fields = {f.name: f for f in dataclasses.fields(Args)}
-    kv, i = {}, 0
-    while i < len(argv):
-        key, _, val = argv[i].removeprefix("--").partition("=")
-        if not argv[i].startswith("--") or (key not in fields and key != "preset"):
-            fail(f"unknown argument {argv[i]!r}; --help lists the flags")
-        is_bool = key in fields and fields[key].type is bool
-        if not val and not (is_bool and (i + 1 == len(argv) or argv[i + 1].startswith("--"))):
-            if i + 1 == len(argv):
-                fail(f"--{key} needs a value")
-            val, i = argv[i + 1], i + 1
-        kv[key] = val or "true"
-        i += 1
-    preset = kv.pop("preset", None)
-    if preset is not None and preset not in PRESETS:
-        fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    args = Args(**PRESETS.get(preset, {}))
-    for key, val in kv.items():
-        typ = fields[key].type
-        try:
-            if typ is bool:
-                if val.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                val = val.lower() in ("true", "1")
-            setattr(args, key, typ(val))
-        except ValueError:
-            fail(f"--{key} expects {typ.__name__}, got {val!r}")
-    return check_args(args)
-
-
 def check_args(args):
     choices = dict(task=("recall", "lm"), tokenizer=("word", "char"), attn=("linear", "softmax"),
                    phi=("elu1", "dpfp", "favor", "relu"), normalize=("denom", "sumnorm", "none"),
@@ -609,34 +555,6 @@ def evaluate(model, args, task, split, device, autocast):
     return {"loss": loss, "bpc": loss / math.log(2)}
 
 
-def pick_device(name):
-    if name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            fail(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            fail(f"--device {name}: this machine has no CUDA GPU; use --device cpu (or auto)")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def save_checkpoint(path, obj):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic: a killed run leaves the previous checkpoint intact
-
-
-def log_metrics(out_dir, step, split, metrics, t0):
-    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-        for name, value in metrics.items():
-            f.write(json.dumps(dict(step=step, split=split, metric=name, value=value, time=time.time() - t0)) + "\n")
-
-
 def load_task(args, rank, world):
     """recall: nothing to load. lm: the corpus laid out as parallel streams (each rank its own rows)."""
     if args.task == "recall":
@@ -890,6 +808,93 @@ def bench(args):
             print(f"{fast} vs softmax (fwd+bwd): " + (f"{fast} faster from T = {wins[0]}" if wins else
                                                       f"softmax faster at every T measured (up to {pairs[-1][0]})")
                   + "; " + ", ".join(f"T {T}: {fb['softmax', T] / fb[fast, T]:.2f}x" for T, _ in pairs))
+
+
+# ----------------------------------------------------------------------------------------------
+# Scaffolding, the same in every script: command line (from the Args fields and their docstrings), errors,
+# device, checkpoint writes, metrics. Nothing here is specific to the method.
+
+
+def fail(msg):
+    """A user error: one message, non-zero exit, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def print_help():
+    """Every Args field with its type, default and docstring (read from this file's source)."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(Args)).body[0].body
+    print(f"usage: python {os.path.basename(sys.argv[0])} [--preset {'|'.join(PRESETS)}] [--key value ...]")
+    for node, doc in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr):
+            name = node.target.id
+            print(f"  --{name} ({ast.unparse(node.annotation)}, {getattr(Args, name)!r}): {doc.value.value}")
+    sys.exit(0)
+
+
+def parse_args(argv):
+    """--key value (or --key=value; a bare --flag sets a bool), --preset NAME applied first."""
+    if "--help" in argv or "-h" in argv:
+        print_help()
+    fields = {f.name: f for f in dataclasses.fields(Args)}
+    kv, i = {}, 0
+    while i < len(argv):
+        key, _, val = argv[i].removeprefix("--").partition("=")
+        if not argv[i].startswith("--") or (key not in fields and key != "preset"):
+            fail(f"unknown argument {argv[i]!r}; --help lists the flags")
+        is_bool = key in fields and fields[key].type is bool
+        if not val and not (is_bool and (i + 1 == len(argv) or argv[i + 1].startswith("--"))):
+            if i + 1 == len(argv):
+                fail(f"--{key} needs a value")
+            val, i = argv[i + 1], i + 1
+        kv[key] = val or "true"
+        i += 1
+    preset = kv.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    args = Args(**PRESETS.get(preset, {}))
+    for key, val in kv.items():
+        typ = fields[key].type
+        try:
+            if typ is bool:
+                if val.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                val = val.lower() in ("true", "1")
+            setattr(args, key, typ(val))
+        except ValueError:
+            fail(f"--{key} expects {typ.__name__}, got {val!r}")
+    return check_args(args)
+
+
+def pick_device(name):
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            fail(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            fail(f"--device {name}: this machine has no CUDA GPU; use --device cpu (or auto)")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def save_checkpoint(path, obj):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # atomic: a killed run leaves the previous checkpoint intact
+
+
+def log_metrics(out_dir, step, split, metrics, t0):
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        for name, value in metrics.items():
+            f.write(json.dumps(dict(step=step, split=split, metric=name, value=value, time=time.time() - t0)) + "\n")
 
 
 def main(argv=None):
