@@ -540,9 +540,7 @@ def train(args):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
+    seed_everything(args.seed + rank)
     gen = torch.Generator().manual_seed(args.seed + rank)  # training data
     if args.impl == "cuda" and device.type != "cuda":
         print(f"warning: --impl cuda needs a CUDA device, not {device}; using --impl chunk", file=sys.stderr)
@@ -559,15 +557,8 @@ def train(args):
     opt = build_optimizer(model, args)
     step, state, ckpt_path = 0, None, os.path.join(args.out_dir, "ckpt.pt")
     if args.resume:
-        if not os.path.exists(ckpt_path):
-            fail(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        ckpt = resume_from(ckpt_path, model, opt, device)
         step, state = ckpt["step"], ckpt["train_state"]
-        random.setstate(ckpt["rng"]["python"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
         gen.set_state(ckpt["rng"]["data"])
     raw_model = model
     if world > 1:
@@ -585,8 +576,7 @@ def train(args):
                 "model": raw_model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                 "args": dataclasses.asdict(args),
                 "vocab": task.get("vocab"), "train_state": detach_state(state),
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                        "data": gen.get_state()}})
+                "rng": dict(rng_state(), data=gen.get_state())})
 
     if step >= args.steps:
         print(f"the checkpoint in {args.out_dir} is already at step {step} of --steps {args.steps}; nothing to do")
@@ -734,7 +724,7 @@ def bench(args):
 
 # ----------------------------------------------------------------------------------------------
 # Scaffolding, the same in every script: command line (from the Args fields and their docstrings), errors,
-# device, checkpoint writes, metrics. Nothing here is specific to the method.
+# device, checkpoint writes, seeds and --resume, metrics. Nothing here is specific to the method.
 
 
 def fail(msg):
@@ -817,6 +807,29 @@ def log_metrics(out_dir, step, split, metrics, t0):
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         for name, value in metrics.items():
             f.write(json.dumps(dict(step=step, split=split, metric=name, value=value, time=time.time() - t0)) + "\n")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def resume_from(path, model, opt, device):
+    """--resume: load model and optimizer in place, restore the global RNGs; return the checkpoint dict."""
+    if not os.path.exists(path):
+        fail(f"--resume: no checkpoint at {path}")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    random.setstate(ckpt["rng"]["python"])
+    np.random.set_state(ckpt["rng"]["numpy"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    return ckpt
 
 
 def main(argv=None):

@@ -813,9 +813,7 @@ def lr_at(step, args):
 
 def setup(args):
     device = pick_device(args.device)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)
     try:
         task = load_task(args)
     except data.DataError as e:
@@ -833,17 +831,10 @@ def train(args):
     step, best, window = 0, None, []  # window: training losses since the last evaluation
     ckpt_path, best_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "best.pt")
     if args.resume:
-        if not os.path.exists(ckpt_path):
-            fail(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        ckpt = resume_from(ckpt_path, model, opt, device)
         if "plateau" in ckpt:  # checkpoints from before --plateau existed have none
             plateau.load_state_dict(ckpt["plateau"])
         step, best = ckpt["step"], ckpt["best"]
-        random.setstate(ckpt["rng"]["python"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
         gen.set_state(ckpt["rng"]["data"])
     os.makedirs(args.out_dir, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
@@ -858,8 +849,7 @@ def train(args):
         save_checkpoint(path, {
             "model": model.state_dict(), "optimizer": opt.state_dict(), "plateau": plateau.state_dict(), "step": step,
             "args": dataclasses.asdict(args), "names": task["names"], "best": best,
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                    "data": gen.get_state()}})
+            "rng": dict(rng_state(), data=gen.get_state())})
 
     if step >= args.steps:
         print(f"the checkpoint in {args.out_dir} is already at step {step} of --steps {args.steps}; nothing to do")
@@ -983,7 +973,7 @@ def bench(args):
 
 # ----------------------------------------------------------------------------------------------
 # Scaffolding, the same in every script: command line (from the Args fields and their docstrings), errors,
-# device, checkpoint writes, metrics. Nothing here is specific to the method.
+# device, checkpoint writes, seeds and --resume, metrics. Nothing here is specific to the method.
 
 
 def fail(msg):
@@ -1066,6 +1056,29 @@ def log_metrics(out_dir, step, split, metrics, t0):
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         for name, value in metrics.items():
             f.write(json.dumps(dict(step=step, split=split, metric=name, value=value, time=time.time() - t0)) + "\n")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def resume_from(path, model, opt, device):
+    """--resume: load model and optimizer in place, restore the global RNGs; return the checkpoint dict."""
+    if not os.path.exists(path):
+        fail(f"--resume: no checkpoint at {path}")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    random.setstate(ckpt["rng"]["python"])
+    np.random.set_state(ckpt["rng"]["numpy"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    return ckpt
 
 
 def main(argv=None):

@@ -960,29 +960,6 @@ def headline(args):
     return HEADLINE.get(args.task, "ppl" if args.tokenizer == "word" else "bpc")
 
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def resume_from(path, model, opt, device):
-    """--resume: load model and optimizer in place, restore the global RNGs; return the checkpoint dict."""
-    if not os.path.exists(path):
-        fail(f"--resume: no checkpoint at {path}")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    random.setstate(ckpt["rng"]["python"])
-    np.random.set_state(ckpt["rng"]["numpy"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    return ckpt
-
-
 def train(args):
     device = pick_device(args.device, args.impl)
     seed_everything(args.seed)
@@ -1563,7 +1540,8 @@ def relative_error(args, b):
 
 # ----------------------------------------------------------------------------------------------
 # Scaffolding, the same in every script: command line (from the Args fields and their docstrings), errors,
-# device, checkpoint writes, metrics (here parse_args also fills the RL defaults, pick_device checks --impl cuda).
+# device, checkpoint writes, seeds and --resume, metrics (here parse_args also fills the RL defaults and
+# pick_device checks --impl cuda).
 
 
 def fail(msg):
@@ -1653,6 +1631,29 @@ def log_metrics(out_dir, step, split, metrics, t0):
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         for name, value in metrics.items():
             f.write(json.dumps(dict(step=step, split=split, metric=name, value=value, time=time.time() - t0)) + "\n")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def resume_from(path, model, opt, device):
+    """--resume: load model and optimizer in place, restore the global RNGs; return the checkpoint dict."""
+    if not os.path.exists(path):
+        fail(f"--resume: no checkpoint at {path}")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    random.setstate(ckpt["rng"]["python"])
+    np.random.set_state(ckpt["rng"]["numpy"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    return ckpt
 
 
 def main(argv=None):
