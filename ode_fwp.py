@@ -101,8 +101,8 @@ class Args:
     v_layernorm: bool = False
     """ctfwp: values tanh(W_v2 LN(W_v X)) instead of tanh(W_v X) (the official --cde_use_v_laynorm)"""
     post_tanh: bool = False
-    """ctfwp --rule delta: dW/dt = beta tanh(u - W k) k^T with u = W_v X, the tanh after the subtraction (the official
-    --delta_ode_post_tahn)"""
+    """ctfwp --rule delta: dW/dt = beta tanh(u - W k) k^T with u the value before its tanh (W_v X, or W_v dX/dt with
+    --values_from dx): the tanh after the subtraction (the official --delta_ode_post_tahn)"""
     interp: str = "cubic"
     """control path: cubic (natural cubic spline) or linear"""
     d_model: int = 32
@@ -198,7 +198,7 @@ def check_args(args):
     if args.logsig_window > 1 and args.interp != "linear":
         fail("--logsig_window needs --interp linear (the path between window ends is then the log-signature's line)")
     if args.values_from == "dx":
-        args.drive = "x"  # this layout reads keys, beta and the query from X(t)
+        args.drive = "x"  # the one place that decides it: this layout reads keys, beta and the query from X(t)  # this layout reads keys, beta and the query from X(t)
     if args.syn_length < 4:
         fail(f"--syn_length must be at least 4, got {args.syn_length}")
     if args.d_model % args.n_head:
@@ -405,8 +405,8 @@ DX_RULES = {
 class CTFWP(nn.Module):
     def __init__(self, args, n_channels, n_classes):
         super().__init__()
-        self.rule, self.drive, self.H, self.d = RULES[args.rule], args.drive, args.n_head, args.d_model // args.n_head
-        self.values_from, self.rule_name, self.post_tanh = args.values_from, args.rule, args.post_tanh
+        self.rule, self.drive, self.H, self.d = args.rule, args.drive, args.n_head, args.d_model // args.n_head
+        self.values_from, self.post_tanh = args.values_from, args.post_tanh
         D = args.d_model
         self.W_in, self.ln_in = nn.Linear(n_channels, D), nn.LayerNorm(D)
         self.W_kb = nn.Linear(D, self.H * (self.d + 1))  # keys and beta of every head
@@ -419,8 +419,7 @@ class CTFWP(nn.Module):
         self.head = nn.Linear(D, n_classes)
 
     def h(self, X, dX):
-        use_dx = self.drive == "dx" and self.values_from == "x"  # --values_from dx reads keys from X(t)
-        return self.ln_in(self.W_in(dX if use_dx else X))  # (B, D)
+        return self.ln_in(self.W_in(dX if self.drive == "dx" else X))  # (B, D)
 
     def rule_kvb(self, path, t):
         """The rule and its (k, v, beta) at time t: (B, H, d), (B, H, d), (B, H)."""
@@ -434,8 +433,8 @@ class CTFWP(nn.Module):
         if self.post_tanh:
             return delta_post_tanh, k_raw.softmax(-1), u, torch.sigmoid(b)
         if self.values_from == "dx":
-            return DX_RULES[self.rule_name](k_raw, b, u)
-        return self.rule, k_raw.softmax(-1), torch.tanh(u), torch.sigmoid(b)
+            return DX_RULES[self.rule](k_raw, b, u)
+        return RULES[self.rule], k_raw.softmax(-1), torch.tanh(u), torch.sigmoid(b)
 
     def vector_field(self, path):
         span = (path.t1 - path.t0)[:, None, None, None]
