@@ -1254,17 +1254,36 @@ def test_rl_atari_fire_after_a_lost_life():
     envs.close()
 
 
-def test_rl_eval_per_life_scores_one_life(tmp_path):
-    """--eval_per_life: an Atari episode ends at the first lost life (the official test()); the default scores the
-    whole game. Same checkpoint, same seeds: a life's score is at most the game's."""
-    script = script_copy(tmp_path, "rfwp.py")
-    common = ["--task", "rl", "--preset", "tiny", "--model", "lstm", "--env", "ALE/Breakout-v5", "--unroll", "5",
-              "--batch_size", "2", "--out_dir", str(tmp_path / "o")]
-    run(script, *common, "--env_steps", "10")
-    game = run(script, *common, "--eval", "2")
-    life = run(script, *common, "--eval", "2", "--eval_per_life")
-    evals = [m for m in read_metrics(tmp_path / "o") if m["split"] == "eval" and m["metric"] == "return_mean"]
-    assert len(evals) == 2 and evals[1]["value"] <= evals[0]["value"], (game.stdout, life.stdout)
+def test_rl_eval_per_life_scores_one_life(tmp_path, monkeypatch):
+    """--eval_per_life: an episode ends at the first lost life (the official test()); the default scores the whole
+    game. Scripted environments: reward 1 per step, a life lost every 4 steps, game over at step 12, so a life
+    scores exactly 4 and a game 12, whatever the policy."""
+
+    class LivesEnvs:
+        obs_shape, n_actions = (3,), 2
+
+        def __init__(self, n):
+            self.t = np.zeros(n, dtype=int)
+
+        def reset(self):
+            self.t[:] = 0
+            return np.zeros((len(self.t), 3), np.float32)
+
+        def step(self, actions):
+            self.t += 1
+            done = self.t % 12 == 0
+            life_end = self.t % 4 == 0
+            return np.zeros((len(self.t), 3), np.float32), np.ones(len(self.t), np.float32), done, life_end
+
+        def close(self):
+            pass
+
+    args = rfwp.parse_args(["--task", "rl", "--preset", "tiny", "--model", "lstm", "--out_dir", str(tmp_path)])
+    agent = rfwp.Agent(args, LivesEnvs.obs_shape, LivesEnvs.n_actions)
+    torch.save({"args": dataclasses.asdict(args), "model": agent.state_dict(), "step": 0}, tmp_path / "ckpt.pt")
+    monkeypatch.setattr(rfwp, "make_envs", lambda saved, n, seed: LivesEnvs(n))
+    assert rfwp.rl_evaluate(dataclasses.replace(args, eval=2)).tolist() == [12.0, 12.0]
+    assert rfwp.rl_evaluate(dataclasses.replace(args, eval=2, eval_per_life=True)).tolist() == [4.0, 4.0]
 
 
 def test_rl_bench_runs(tmp_path):
