@@ -86,8 +86,8 @@ class Args:
     """listops: exact nesting depth of the operator tree (the paper: 10 and 15)"""
     ops: str = "MIN,MAX,FIRST"
     """listops: operators, from MIN, MAX, FIRST, LAST, MED, SM (sum mod 10)"""
-    n_train: int = 10_000
-    """code, listops: training examples (generated in memory, fixed seed)"""
+    n_train: int = 100_000
+    """code, listops: training examples (generated in memory, fixed seed; the paper: 10k, --preset paper)"""
     n_eval: int = 1000
     """code, listops: validation and test examples each"""
     dataset: str = "wikitext-2"
@@ -131,17 +131,21 @@ class Args:
     model: str = "rdn"
     """lstm | transformer | linear | delta | delta_mlp | delta_delta | delta_rnn | delta_lstm | rdn"""
     d_model: int = 64
-    """residual stream width (lstm: hidden size)"""
+    """residual stream width (lstm: hidden size; rl default 128, lstm 256, CartPole-NoVel 64)"""
     n_layer: int = 2
-    """number of blocks (lstm: layers)"""
+    """number of blocks (lstm: layers; rl lstm default 1, CartPole-NoVel 2)"""
     n_head: int = 4
     """heads per layer; d_head = d_model / n_head"""
     d_ff: int = 256
-    """feed-forward hidden width"""
+    """feed-forward hidden width (rl default 512, CartPole-NoVel 256)"""
     dropout: float = 0.0
     """dropout after the fast-weight output and in the feed-forward block"""
     fast_net_depth: int = 1
     """delta_mlp: layers of the fast network (the official default: 1)"""
+    official_rl_core: bool = False
+    """the official RL cores' forms (torchbeast/ of the official code; on by default for --task rl): linear and delta
+    q, k = (elu + 1) / (sum + 1e-5), delta_rnn q, k = softmax, no final LN before the heads, lstm = nn.LSTM on the
+    core inputs themselves (no linear map to d_model first)"""
     post_ln: bool = False
     """blocks x = LN(x + FWP(x)), x = LN(x + FF(x)) (nn.TransformerEncoderLayer's form: the official algorithmic
     Transformer baseline's) instead of x + FWP(LN(x)), x + FF(LN(x)) (the official FWP layers')"""
@@ -153,7 +157,7 @@ class Args:
     """chunk length C of the chunkwise form"""
     # training
     batch_size: int = 32
-    """sequences (or lm streams) per step; rl: environments stepped together (default 16; CartPole-NoVel 8)"""
+    """sequences (or lm streams) per step; rl: environments stepped together (default 32; CartPole-NoVel 8)"""
     steps: int = 4000
     """optimizer steps (rl: env_steps / (batch_size x unroll))"""
     lr: float = 3e-3
@@ -188,15 +192,19 @@ PRESETS = {
                  batch_size=8, steps=20, eval_every=10, seq_len=32, warmup=5, chunk_size=8),
     # the paper's algorithmic setting (Irie et al. 2021, appendix; official code): no positional encoding,
     # Adam (0.9, 0.995, eps 1e-9) at a constant 3e-4, no clipping, best validation checkpoint evaluated on test
-    "paper": dict(code_length=100, d_model=256, n_layer=4, n_head=16, d_ff=1024, dropout=0.1, lr=3e-4, batch_size=64,
-                  warmup=0, cosine=False, grad_clip=0.0, steps=31_250, eval_every=500, depth=10),
+    "paper": dict(code_length=100, n_train=10_000, d_model=256, n_layer=4, n_head=16, d_ff=1024, dropout=0.1, lr=3e-4,
+                  batch_size=64, warmup=0, cosine=False, grad_clip=0.0, steps=31_250, eval_every=500, depth=10),
 }
 
 
-# --task rl: the settings flags and preset leave unset. IMPALA's (RMSProp 6e-4, clip 40) for Atari and any gymnasium
-# id; the CPU memory task learns in a few minutes with more, smaller updates and a larger step.
-IMPALA = dict(lr=6e-4, grad_clip=40.0, batch_size=16, eval_every=25)
-ENV_DEFAULTS = {"CartPole-NoVel": dict(IMPALA, lr=3e-3, batch_size=8, unroll=20, reward_scale=0.1, eval_every=50)}
+# --task rl: the settings flags and preset leave unset. For Atari and any gymnasium id the official code's: IMPALA's
+# optimizer (RMSProp 6e-4, clip 40), batch 32, the official cores (2 layers of d 128, 4 heads of 32, FF 512; the
+# LSTM: one layer of 256). The CPU memory task learns in a few minutes with smaller cores, more, smaller updates and
+# a larger step.
+IMPALA = dict(lr=6e-4, grad_clip=40.0, batch_size=32, eval_every=25, d_model=128, d_ff=512, official_rl_core=True)
+RL_DEFAULTS = {"lstm": dict(IMPALA, d_model=256, n_layer=1)}
+ENV_DEFAULTS = {"CartPole-NoVel": dict(IMPALA, d_model=64, d_ff=256, lr=3e-3, batch_size=8, unroll=20, reward_scale=0.1,
+                                      eval_every=50)}
 
 
 def check_args(args):
@@ -500,9 +508,9 @@ def rdn(q, k, v, b, R, r_b, W, y, impl):
     return rdn_loop(q, k, v, b, R, r_b, W, y)
 
 
-def elu1_sumnorm(x):
+def elu1_sumnorm(x, eps=0.0):
     x = F.elu(x) + 1
-    return x / x.sum(-1, keepdim=True)
+    return x / (x.sum(-1, keepdim=True) + eps)
 
 
 def heads(x, H):
@@ -527,7 +535,7 @@ class SlowNet(nn.Module):
     def __init__(self, args, sizes):
         super().__init__()
         self.H, self.d, self.sizes = args.n_head, args.d_model // args.n_head, sizes
-        self.impl, self.chunk_size = args.impl, args.chunk_size
+        self.impl, self.chunk_size, self.official = args.impl, args.chunk_size, args.official_rl_core
         self.slow = nn.Linear(args.d_model, args.n_head * sum(sizes), bias=False)
         self.out = nn.Linear(args.d_model, args.d_model, bias=False)
 
@@ -541,20 +549,26 @@ class SlowNet(nn.Module):
 
 
 class LinearLayer(SlowNet):
-    """The linear Transformer of the paper's algorithmic tasks: elu + 1, no normalisation, the sum rule."""
+    """The linear Transformer of the paper's algorithmic tasks: elu + 1, no normalisation, the sum rule
+    (--official_rl_core: the official RL layer's (elu + 1) / (sum + 1e-5))."""
 
     def __init__(self, args):
         super().__init__(args, [args.d_model // args.n_head] * 3)
 
     def forward(self, x, state=None):
         q, k, v = self.project(x)
-        y, W = fast_weight(F.elu(q) + 1, F.elu(k) + 1, v, None, None if state is None else state[0], self.impl,
+        if self.official:
+            q, k = elu1_sumnorm(q, 1e-5), elu1_sumnorm(k, 1e-5)
+        else:
+            q, k = F.elu(q) + 1, F.elu(k) + 1
+        y, W = fast_weight(q, k, v, None, None if state is None else state[0], self.impl,
                            self.chunk_size)
         return self.out(merge(y)), (W,)
 
 
 class DeltaLayer(SlowNet):
-    """DeltaNet (eq. 4-7): q, k = sumnorm(elu + 1), beta = sigmoid, the delta rule."""
+    """DeltaNet (eq. 4-7): q, k = sumnorm(elu + 1), beta = sigmoid, the delta rule (--official_rl_core: the sum
+    plus 1e-5 in the normalisation, as the official RL layer)."""
 
     def __init__(self, args):
         d = args.d_model // args.n_head
@@ -562,8 +576,9 @@ class DeltaLayer(SlowNet):
 
     def forward(self, x, state=None):
         q, k, v, b = self.project(x)
-        y, W = fast_weight(elu1_sumnorm(q), elu1_sumnorm(k), v, torch.sigmoid(b), None if state is None else state[0],
-                           self.impl, self.chunk_size)
+        eps = 1e-5 if self.official else 0.0
+        y, W = fast_weight(elu1_sumnorm(q, eps), elu1_sumnorm(k, eps), v, torch.sigmoid(b),
+                           None if state is None else state[0], self.impl, self.chunk_size)
         return self.out(merge(y)), (W,)
 
 
@@ -610,7 +625,8 @@ class DeltaDeltaLayer(SlowNet):
 
 class DeltaRNNLayer(SlowNet):
     """Delta RNN (eq. 17-20): z_t = W_t q_t (DeltaNet); R_t by the delta rule from softmax keys, values and beta
-    of x; y_t = z_t + R_t softmax(y_{t-1}). State (W, R, y_prev)."""
+    of x; y_t = z_t + R_t softmax(y_{t-1}). State (W, R, y_prev). --official_rl_core: q and k of the DeltaNet part
+    through a softmax instead (the official RL layer)."""
 
     def __init__(self, args):
         d = args.d_model // args.n_head
@@ -619,7 +635,8 @@ class DeltaRNNLayer(SlowNet):
     def forward(self, x, state=None):
         q, k, v, b, k_r, v_r, b_r = self.project(x)
         W, R, y = state or (None, self.zeros(x, self.d, self.d), self.zeros(x, self.d))
-        z, W = fast_weight(elu1_sumnorm(q), elu1_sumnorm(k), v, torch.sigmoid(b), W, self.impl, self.chunk_size)
+        fmap = (lambda u: F.softmax(u, -1)) if self.official else elu1_sumnorm
+        z, W = fast_weight(fmap(q), fmap(k), v, torch.sigmoid(b), W, self.impl, self.chunk_size)
         ys, R, y = delta_rnn(z, F.softmax(k_r, -1), v_r, torch.sigmoid(b_r), R, y, self.impl)
         return self.out(merge(ys)), (W, R, y)
 
@@ -718,13 +735,14 @@ def reset_state(state, reset):
 class FWPModel(nn.Module):
     """Token ids (B, T), a state (one tuple per layer, or None) and an optional reset mask (B,) applied before the
     first step -> logits (B, T, n_out), new state. No positional encoding (as in the paper's algorithmic tasks); a
-    final LN before the head (the official algorithmic code has none), as in delta_net.py."""
+    final LN before the head (the official algorithmic and RL code have none: --official_rl_core), as in
+    delta_net.py."""
 
     def __init__(self, args, n_in, n_out, embed=None):
         super().__init__()
         self.embed = nn.Embedding(n_in, args.d_model) if embed is None else embed
         self.blocks = nn.ModuleList(Block(args) for _ in range(args.n_layer))
-        self.ln_f = nn.LayerNorm(args.d_model)
+        self.ln_f = nn.Identity() if args.official_rl_core else nn.LayerNorm(args.d_model)
         self.head = nn.Linear(args.d_model, n_out)
 
     def forward(self, idx, state=None, reset=None):
@@ -737,12 +755,14 @@ class FWPModel(nn.Module):
 
 
 class LSTMModel(nn.Module):
-    """The LSTM baseline: embedding -> nn.LSTM (n_layer layers) -> linear. State [(h, c)], each (B, n_layer, D)."""
+    """The LSTM baseline: embedding -> nn.LSTM (n_layer layers) -> linear. State [(h, c)], each (B, n_layer, D).
+    With an embed module given, n_in is the width of its output."""
 
     def __init__(self, args, n_in, n_out, embed=None):
         super().__init__()
         self.embed = nn.Embedding(n_in, args.d_model) if embed is None else embed
-        self.lstm = nn.LSTM(args.d_model, args.d_model, args.n_layer, batch_first=True, dropout=args.dropout)
+        self.lstm = nn.LSTM(args.d_model if embed is None else n_in, args.d_model, args.n_layer, batch_first=True,
+                            dropout=args.dropout)
         self.head = nn.Linear(args.d_model, n_out)
 
     def forward(self, idx, state=None, reset=None):
@@ -753,7 +773,8 @@ class LSTMModel(nn.Module):
 
 
 def build_model(args, n_in, n_out, embed=None):
-    """embed: the input module (default an embedding of n_in token ids; the RL agent passes nn.Identity())."""
+    """embed: the input module (default an embedding of n_in token ids; the RL agent passes nn.Identity() and the
+    width of its inputs as n_in)."""
     return (LSTMModel if args.model == "lstm" else FWPModel)(args, n_in, n_out, embed)
 
 
@@ -1172,7 +1193,8 @@ class Agent(nn.Module):
     """Encoder (Atari: ImpalaCNN; vectors: standardised by running statistics, then a two-layer MLP) -> concat the
     clipped last reward -> linear to d_model -> the core (any rfwp.py model but the transformer; one step per call)
     -> policy logits and baseline (one linear head). The core's reset mask zeroes the state of the environments
-    whose episode just ended."""
+    whose episode just ended. With --official_rl_core an lstm core reads the concatenation itself (the official
+    LSTM agent has no linear map before its LSTM; its fast-weight agents have one, as here)."""
 
     def __init__(self, args, obs_shape, n_actions):
         super().__init__()
@@ -1186,9 +1208,11 @@ class Agent(nn.Module):
             self.register_buffer("obs_count", torch.zeros(()))
             self.register_buffer("obs_mean", torch.zeros(obs_shape))
             self.register_buffer("obs_var", torch.ones(obs_shape))
-        self.core_in = nn.Linear(n_feat + 1, args.d_model)
-        self.core = build_model(dataclasses.replace(args, impl="loop" if args.impl == "chunk" else args.impl), None,
-                                n_actions + 1, embed=nn.Identity())  # one step per call: no chunks
+        raw = args.official_rl_core and args.model == "lstm"
+        self.core_in = nn.Identity() if raw else nn.Linear(n_feat + 1, args.d_model)
+        self.core = build_model(dataclasses.replace(args, impl="loop" if args.impl == "chunk" else args.impl),
+                                n_feat + 1 if raw else args.d_model, n_actions + 1,
+                                embed=nn.Identity())  # one step per call: no chunks
 
     @torch.no_grad()
     def observe(self, obs):
@@ -1586,7 +1610,8 @@ def parse_args(argv):
         fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     args = Args(**PRESETS.get(preset, {}))
     if kv.get("task", args.task) == "rl":
-        for key, val in ENV_DEFAULTS.get(kv.get("env", args.env), IMPALA).items():
+        model_defaults = RL_DEFAULTS.get(kv.get("model", args.model), IMPALA)
+        for key, val in ENV_DEFAULTS.get(kv.get("env", args.env), model_defaults).items():
             if key not in kv and key not in PRESETS.get(preset, {}):
                 setattr(args, key, val)
     for key, val in kv.items():

@@ -892,7 +892,7 @@ def test_rf_rdn_equations():
 def run_code(tokens, official_if=False):
     """An independent interpreter: the program as text, ordinary semantics (official_if: a conditional assignment
     runs only while its variable is unassigned); returns the prints by token index."""
-    env, printed, i = {}, {}, 0
+    env, printed = {}, {}
     text = " ".join(tokens).split(" ; ")
     pos = 0
     for stmt in text:
@@ -1186,6 +1186,83 @@ def test_rl_truncate_detaches_the_state_every_k_steps(truncate):
         _, _, _, carry = rfwp.rl_unroll(agent, envs, carry, a, torch.device("cpu"))
     steps = has_graph[:7] + has_graph[8:15]  # the bootstrap calls (8th of each unroll) aside
     assert steps == [t > 0 and not (truncate and t % truncate == 0) for t in list(range(7)) * 2]
+
+
+def official_rl_core_step(agent, name, x, state):
+    """One step of the official RL core (torchbeast/ of the official code: layer.py, model.py), written out with the
+    agent's parameters: input_proj (the lstm: none), per layer a pre-LN fast-weight sub-layer and a pre-LN FF
+    sub-layer, each residual, no final LN, the heads. x (B, n_feat + 1); state: a list per layer (None: zero)."""
+    if name == "lstm":  # nn.LSTM directly on the 257 (here n_feat + 1) inputs, gates i, f, g, o
+        lstm, new, h = agent.core.lstm, [], x
+        for l in range(lstm.num_layers):
+            hp, cp = state[l] if state[l] is not None else (torch.zeros_like(h[:, :lstm.hidden_size]),) * 2
+            w_ih, b_ih, w_hh, b_hh = (getattr(lstm, f"{n}_l{l}") for n in ("weight_ih", "bias_ih", "weight_hh", "bias_hh"))
+            i, f, g, o = (h @ w_ih.T + b_ih + hp @ w_hh.T + b_hh).chunk(4, -1)
+            c = torch.sigmoid(f) * cp + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            new.append((h, c))
+        out = agent.core.head(h)
+        return out[:, :-1], out[:, -1], new
+    def elu_p1_sum_norm_eps(u):
+        return (F.elu(u) + 1) / ((F.elu(u) + 1).sum(-1, keepdim=True) + 1e-5)
+
+    def delta(M, k, v, beta):  # M + beta (v - M k) k^T
+        return M + beta[..., None, None] * (v - (M @ k[..., None])[..., 0])[..., None] * k[..., None, :]
+    h, new = agent.core_in(x), []  # input_proj
+    for block, st in zip(agent.core.blocks, state):
+        layer, B = block.fwp, h.shape[0]
+        H, d = layer.H, layer.d
+        parts = layer.slow(block.ln1(h)).view(B, H, -1).split(layer.sizes, -1)
+        zero = torch.zeros(B, H, d, d, dtype=h.dtype)
+        if name == "linear":
+            q, k, v = parts
+            W = (st or {}).get("W", zero) + v[..., None] * elu_p1_sum_norm_eps(k)[..., None, :]
+            y, st = (W @ elu_p1_sum_norm_eps(q)[..., None])[..., 0], dict(W=W)
+        elif name == "delta":
+            q, k, v, b = parts
+            W = delta((st or {}).get("W", zero), elu_p1_sum_norm_eps(k), v, torch.sigmoid(b[..., 0]))
+            y, st = (W @ elu_p1_sum_norm_eps(q)[..., None])[..., 0], dict(W=W)
+        elif name == "delta_rnn":  # fast_weight_delta with softmax q, k, then fast_rnn_v2
+            q, k, v, b, kr, vr, br = parts
+            st = st or dict(W=zero, R=zero, y=torch.zeros(B, H, d, dtype=h.dtype))
+            W = delta(st["W"], F.softmax(k, -1), v, torch.sigmoid(b[..., 0]))
+            R = delta(st["R"], F.softmax(kr, -1), vr, torch.sigmoid(br[..., 0]))
+            y = (W @ F.softmax(q, -1)[..., None])[..., 0] + (R @ F.softmax(st["y"], -1)[..., None])[..., 0]
+            st = dict(W=W, R=R, y=y)
+        else:  # rdn: rec_update_fwm_tanh
+            q, k, v, b = parts
+            st = st or dict(W=zero, y=torch.zeros(B, H, d, dtype=h.dtype))
+            s = torch.tanh(st["y"])
+            Rq, Rk, Rv = ((layer.R[i] @ s[..., None])[..., 0] for i in range(3))
+            beta = torch.sigmoid(b[..., 0] + (layer.r_b * s).sum(-1))
+            W = delta(st["W"], F.softmax(k + Rk, -1), v + Rv, beta)
+            y = (W @ F.softmax(q + Rq, -1)[..., None])[..., 0]
+            st = dict(W=W, y=y)
+        h = h + layer.out(y.reshape(B, H * d))
+        h = h + block.ff(block.ln2(h))
+        new.append(st)
+    out = agent.core.head(h)  # no final LN
+    return out[:, :-1], out[:, -1], new
+
+
+@pytest.mark.parametrize("name", ["linear", "delta", "delta_rnn", "rdn", "lstm"])
+def test_rl_cores_equal_the_official_forms(name):
+    """--task rl uses the official RL cores (--official_rl_core, on by default for rl): each core, stepped through 6
+    environment steps with its state carried, equals the official layer's equations written out."""
+    a = rfwp.parse_args(["--task", "rl", "--model", name, "--d_model", "8", "--n_head", "2", "--d_ff", "16",
+                         "--n_layer", "2"])
+    assert a.official_rl_core
+    torch.manual_seed(0)
+    agent = rfwp.Agent(a, (3,), 2).double()
+    obs, r = torch.randn(6, 4, 3, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    state, ref_state = None, [None] * a.n_layer
+    for t in range(6):
+        logit, value, state = agent(obs[t], r[t], state)
+        standardised = ((obs[t] - agent.obs_mean) / (agent.obs_var + 1e-8).sqrt()).clamp(-10, 10)
+        x = torch.cat([agent.encoder(standardised), r[t].clamp(-1, 1)[:, None]], -1)
+        ref_logit, ref_value, ref_state = official_rl_core_step(agent, name, x, ref_state)
+        torch.testing.assert_close(logit, ref_logit, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-10)
 
 
 def test_rl_memoryless_agent_starts_every_step_from_zero():
