@@ -51,151 +51,6 @@ from tqdm import tqdm
 import data
 
 
-@dataclass
-class Args:
-    # task
-    task: str = "recall"
-    """recall (associative recall, synthetic) or lm (language modelling through data.py)"""
-    n_pairs: int = 24
-    """recall: key-value pairs per sequence; every key is queried once afterwards"""
-    repeat_keys: bool = False
-    """recall: draw keys with replacement; a rewritten key must answer its latest value (tests overwriting)"""
-    vocab_size: int = 128
-    """recall: keys come from the first half of the ids, values from the second (plus one blank id)"""
-    dataset: str = "wikitext-2"
-    """lm: wikitext-103 | wikitext-2 | enwik8 | a text file | a folder with train/valid/test files"""
-    tokenizer: str = "word"
-    """lm: word (perplexity) or char (bits per character)"""
-    data_dir: str = data.DATA_DIR
-    """where downloads are cached"""
-    seq_len: int = 256
-    """lm: tokens per training segment"""
-    carry_state: bool = False
-    """lm: carry the fast weights across consecutive segments (train and eval), detached"""
-    sample: int = 0
-    """lm: generate this many tokens from the checkpoint in out_dir and exit"""
-    prompt: str = "The"
-    """lm: text the generation starts from"""
-    temperature: float = 1.0
-    """lm: sampling temperature"""
-    # model
-    d_model: int = 128
-    """residual stream width"""
-    n_layer: int = 2
-    """number of blocks"""
-    n_head: int = 4
-    """heads per layer; d_head = d_model / n_head"""
-    d_ff: int = 512
-    """feed-forward hidden width"""
-    pos_enc: str = "auto"
-    """auto (sin for --attn softmax, and for lm unless --carry_state, as the official LM code), sin (sinusoidal,
-    added to the embedding) or none"""
-    scale_out: bool = False
-    """multiply the fast-weight output by 1/sqrt(d_head) before the output projection (the official LM layers)"""
-    dropout: float = 0.0
-    """dropout after the attention output and in the feed-forward block"""
-    attn: str = "linear"
-    """linear (the sum-rule fast weight programmer) or softmax (causal softmax attention, the baseline)"""
-    phi: str = "elu1"
-    """feature map of q and k: elu1 (elu(x)+1), dpfp (DPFP-nu), favor (FAVOR+ random features), relu"""
-    normalize: str = "denom"
-    """denom (y = W q / (z . q)), sumnorm (q, k divided by their sums, no denominator) or none"""
-    dpfp_nu: int = 1
-    """dpfp: rolls nu; d_phi = 2 nu d_head"""
-    n_features: int = 64
-    """favor: random features m = d_phi"""
-    favor_redraw: int = 1000
-    """favor: draw a new random projection every this many training steps (0: never)"""
-    impl: str = "auto"
-    """auto (cuda kernel for T < 1024 on CUDA, else chunk) | loop | chunk | parallel | cuda: the sum rule's form"""
-    chunk_size: int = 64
-    """chunk length C of the chunkwise form"""
-    # training
-    batch_size: int = 32
-    """sequences (recall) or parallel streams (lm) per step and process"""
-    steps: int = 1000
-    """optimizer steps"""
-    lr: float = 2e-3
-    """peak learning rate (AdamW)"""
-    weight_decay: float = 0.1
-    """AdamW weight decay on matrices"""
-    beta2: float = 0.98
-    """AdamW's second-moment decay"""
-    warmup: int = 100
-    """linear warm-up steps, then cosine decay to lr * lr_min"""
-    lr_min: float = 0.1
-    """where the cosine ends, as a fraction of lr"""
-    grad_clip: float = 1.0
-    """gradient norm clip (0 disables)"""
-    eval_every: int = 200
-    """evaluate and checkpoint every this many steps"""
-    eval_batches: int = 16
-    """recall: batches in each evaluation (lm evaluates the whole split)"""
-    seed: int = 0
-    """seed of python, numpy and torch"""
-    device: str = "auto"
-    """auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"""
-    dtype: str = "float32"
-    """float32 or bfloat16 (autocast, CUDA only; the fast-weight state stays fp32)"""
-    out_dir: str = "out/linear_transformer"
-    """metrics.jsonl and ckpt.pt go here"""
-    resume: bool = False
-    """continue from out_dir/ckpt.pt"""
-    stop_at: int = 0
-    """exit after this step, checkpoint saved (a time-boxed job); --resume continues. 0: run to the end"""
-    bench: bool = False
-    """run the speed/memory benchmark of the sum-rule implementations and softmax attention, and exit"""
-    bench_T: str = "256,1024,4096,16384"
-    """--bench: comma-separated sequence lengths (B=4, H=4)"""
-    bench_d: int = 64
-    """--bench: d_phi = d_head"""
-    bench_impls: str = "loop,chunk,parallel,cuda,softmax"
-    """--bench: which implementations (cuda only where CUDA is)"""
-
-
-PRESETS = {
-    "tiny": dict(d_model=32, n_layer=1, n_head=2, d_ff=64, n_pairs=4, vocab_size=16, batch_size=8, steps=20,
-                 eval_every=10, eval_batches=2, seq_len=32, warmup=5),
-    # WikiText-103 "small" of the official code (16 layers, d 128, 8 heads of 16, FF 2048, segments of 256,
-    # lr 2.5e-4, 2k warm-up, cosine over 500k steps, clip 0.25); their adaptive input/softmax is not used here.
-    # The paper's linear Transformer there: elu1 with the denominator (its Table 2 "Linear")
-    "paper": dict(task="lm", dataset="wikitext-103", d_model=128, n_layer=16, n_head=8, d_ff=2048, dropout=0.1,
-                  seq_len=256, batch_size=96, steps=500_000, lr=2.5e-4, warmup=2000, grad_clip=0.25, eval_every=5000,
-                  weight_decay=0.0, beta2=0.999, lr_min=0.0,  # the official optimizer: Adam, cosine to 0
-                  pos_enc="sin", scale_out=True),  # the official LM model: positions, output scaled
-}
-
-
-def check_args(args):
-    choices = dict(task=("recall", "lm"), tokenizer=("word", "char"), attn=("linear", "softmax"),
-                   phi=("elu1", "dpfp", "favor", "relu"), normalize=("denom", "sumnorm", "none"),
-                   pos_enc=("auto", "sin", "none"), impl=("auto", "loop", "chunk", "parallel", "cuda"),
-                   dtype=("float32", "bfloat16"))
-    for key, allowed in choices.items():
-        if getattr(args, key) not in allowed:
-            fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(args, key)!r}")
-    for key in ("d_model", "n_layer", "n_head", "d_ff", "batch_size", "steps", "eval_every", "eval_batches",
-                "chunk_size", "seq_len", "n_pairs", "vocab_size", "bench_d", "dpfp_nu", "n_features"):
-        if getattr(args, key) <= 0:
-            fail(f"--{key} must be positive, got {getattr(args, key)}")
-    if args.pos_enc == "auto":
-        args.pos_enc = "sin" if (args.attn == "softmax" or args.task == "lm" and not args.carry_state) else "none"
-    if args.d_model % args.n_head:
-        fail(f"--d_model {args.d_model} is not divisible by --n_head {args.n_head}; pick n_head dividing d_model.")
-    if args.task == "recall" and not args.repeat_keys and 2 * args.n_pairs > args.vocab_size:
-        fail(f"--n_pairs {args.n_pairs} needs --vocab_size of at least {2 * args.n_pairs} (distinct keys in one half).")
-    if (not 0 <= args.dropout < 1 or args.lr <= 0
-            or min(args.warmup, args.grad_clip, args.stop_at, args.favor_redraw) < 0):
-        fail("--dropout must be in [0, 1); --lr positive; --warmup, --grad_clip, --stop_at and --favor_redraw "
-             "non-negative.")
-    if not 0 <= args.beta2 < 1 or not 0 <= args.lr_min <= 1:
-        fail(f"--beta2 must be in [0, 1) and --lr_min in [0, 1], got {args.beta2} and {args.lr_min}.")
-    if args.attn == "softmax" and args.carry_state:
-        fail("--carry_state needs --attn linear: softmax attention's state (all past keys and values) grows with "
-             "the stream instead of staying one d_head x d_phi matrix.")
-    return args
-
-
 # ----------------------------------------------------------------------------------------------
 # The sum rule. Shapes: q, k (B, H, T, d_phi) already feature-mapped; v (B, H, T, d_v); W (B, H, d_v, d_phi);
 # z (B, H, d_phi). The state of one layer is (W, z), with z None unless normalize is denom.
@@ -497,6 +352,156 @@ def recall_batch(batch_size, n_pairs, vocab_size, gen, repeat_keys=False):
     x = torch.cat([torch.stack([keys, values], -1), queries], 1)  # (B, 2 n_pairs, 2)
     y = torch.cat([torch.full_like(values, -100), answer], 1)  # (B, 2 n_pairs)
     return x, y
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: every flag with its default and docstring (--help prints them), the presets, and the checks
+# of a command line's values.
+
+
+@dataclass
+class Args:
+    # task
+    task: str = "recall"
+    """recall (associative recall, synthetic) or lm (language modelling through data.py)"""
+    n_pairs: int = 24
+    """recall: key-value pairs per sequence; every key is queried once afterwards"""
+    repeat_keys: bool = False
+    """recall: draw keys with replacement; a rewritten key must answer its latest value (tests overwriting)"""
+    vocab_size: int = 128
+    """recall: keys come from the first half of the ids, values from the second (plus one blank id)"""
+    dataset: str = "wikitext-2"
+    """lm: wikitext-103 | wikitext-2 | enwik8 | a text file | a folder with train/valid/test files"""
+    tokenizer: str = "word"
+    """lm: word (perplexity) or char (bits per character)"""
+    data_dir: str = data.DATA_DIR
+    """where downloads are cached"""
+    seq_len: int = 256
+    """lm: tokens per training segment"""
+    carry_state: bool = False
+    """lm: carry the fast weights across consecutive segments (train and eval), detached"""
+    sample: int = 0
+    """lm: generate this many tokens from the checkpoint in out_dir and exit"""
+    prompt: str = "The"
+    """lm: text the generation starts from"""
+    temperature: float = 1.0
+    """lm: sampling temperature"""
+    # model
+    d_model: int = 128
+    """residual stream width"""
+    n_layer: int = 2
+    """number of blocks"""
+    n_head: int = 4
+    """heads per layer; d_head = d_model / n_head"""
+    d_ff: int = 512
+    """feed-forward hidden width"""
+    pos_enc: str = "auto"
+    """auto (sin for --attn softmax, and for lm unless --carry_state, as the official LM code), sin (sinusoidal,
+    added to the embedding) or none"""
+    scale_out: bool = False
+    """multiply the fast-weight output by 1/sqrt(d_head) before the output projection (the official LM layers)"""
+    dropout: float = 0.0
+    """dropout after the attention output and in the feed-forward block"""
+    attn: str = "linear"
+    """linear (the sum-rule fast weight programmer) or softmax (causal softmax attention, the baseline)"""
+    phi: str = "elu1"
+    """feature map of q and k: elu1 (elu(x)+1), dpfp (DPFP-nu), favor (FAVOR+ random features), relu"""
+    normalize: str = "denom"
+    """denom (y = W q / (z . q)), sumnorm (q, k divided by their sums, no denominator) or none"""
+    dpfp_nu: int = 1
+    """dpfp: rolls nu; d_phi = 2 nu d_head"""
+    n_features: int = 64
+    """favor: random features m = d_phi"""
+    favor_redraw: int = 1000
+    """favor: draw a new random projection every this many training steps (0: never)"""
+    impl: str = "auto"
+    """auto (cuda kernel for T < 1024 on CUDA, else chunk) | loop | chunk | parallel | cuda: the sum rule's form"""
+    chunk_size: int = 64
+    """chunk length C of the chunkwise form"""
+    # training
+    batch_size: int = 32
+    """sequences (recall) or parallel streams (lm) per step and process"""
+    steps: int = 1000
+    """optimizer steps"""
+    lr: float = 2e-3
+    """peak learning rate (AdamW)"""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices"""
+    beta2: float = 0.98
+    """AdamW's second-moment decay"""
+    warmup: int = 100
+    """linear warm-up steps, then cosine decay to lr * lr_min"""
+    lr_min: float = 0.1
+    """where the cosine ends, as a fraction of lr"""
+    grad_clip: float = 1.0
+    """gradient norm clip (0 disables)"""
+    eval_every: int = 200
+    """evaluate and checkpoint every this many steps"""
+    eval_batches: int = 16
+    """recall: batches in each evaluation (lm evaluates the whole split)"""
+    seed: int = 0
+    """seed of python, numpy and torch"""
+    device: str = "auto"
+    """auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"""
+    dtype: str = "float32"
+    """float32 or bfloat16 (autocast, CUDA only; the fast-weight state stays fp32)"""
+    out_dir: str = "out/linear_transformer"
+    """metrics.jsonl and ckpt.pt go here"""
+    resume: bool = False
+    """continue from out_dir/ckpt.pt"""
+    stop_at: int = 0
+    """exit after this step, checkpoint saved (a time-boxed job); --resume continues. 0: run to the end"""
+    bench: bool = False
+    """run the speed/memory benchmark of the sum-rule implementations and softmax attention, and exit"""
+    bench_T: str = "256,1024,4096,16384"
+    """--bench: comma-separated sequence lengths (B=4, H=4)"""
+    bench_d: int = 64
+    """--bench: d_phi = d_head"""
+    bench_impls: str = "loop,chunk,parallel,cuda,softmax"
+    """--bench: which implementations (cuda only where CUDA is)"""
+
+
+PRESETS = {
+    "tiny": dict(d_model=32, n_layer=1, n_head=2, d_ff=64, n_pairs=4, vocab_size=16, batch_size=8, steps=20,
+                 eval_every=10, eval_batches=2, seq_len=32, warmup=5),
+    # WikiText-103 "small" of the official code (16 layers, d 128, 8 heads of 16, FF 2048, segments of 256,
+    # lr 2.5e-4, 2k warm-up, cosine over 500k steps, clip 0.25); their adaptive input/softmax is not used here.
+    # The paper's linear Transformer there: elu1 with the denominator (its Table 2 "Linear")
+    "paper": dict(task="lm", dataset="wikitext-103", d_model=128, n_layer=16, n_head=8, d_ff=2048, dropout=0.1,
+                  seq_len=256, batch_size=96, steps=500_000, lr=2.5e-4, warmup=2000, grad_clip=0.25, eval_every=5000,
+                  weight_decay=0.0, beta2=0.999, lr_min=0.0,  # the official optimizer: Adam, cosine to 0
+                  pos_enc="sin", scale_out=True),  # the official LM model: positions, output scaled
+}
+
+
+def check_args(args):
+    choices = dict(task=("recall", "lm"), tokenizer=("word", "char"), attn=("linear", "softmax"),
+                   phi=("elu1", "dpfp", "favor", "relu"), normalize=("denom", "sumnorm", "none"),
+                   pos_enc=("auto", "sin", "none"), impl=("auto", "loop", "chunk", "parallel", "cuda"),
+                   dtype=("float32", "bfloat16"))
+    for key, allowed in choices.items():
+        if getattr(args, key) not in allowed:
+            fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(args, key)!r}")
+    for key in ("d_model", "n_layer", "n_head", "d_ff", "batch_size", "steps", "eval_every", "eval_batches",
+                "chunk_size", "seq_len", "n_pairs", "vocab_size", "bench_d", "dpfp_nu", "n_features"):
+        if getattr(args, key) <= 0:
+            fail(f"--{key} must be positive, got {getattr(args, key)}")
+    if args.pos_enc == "auto":
+        args.pos_enc = "sin" if (args.attn == "softmax" or args.task == "lm" and not args.carry_state) else "none"
+    if args.d_model % args.n_head:
+        fail(f"--d_model {args.d_model} is not divisible by --n_head {args.n_head}; pick n_head dividing d_model.")
+    if args.task == "recall" and not args.repeat_keys and 2 * args.n_pairs > args.vocab_size:
+        fail(f"--n_pairs {args.n_pairs} needs --vocab_size of at least {2 * args.n_pairs} (distinct keys in one half).")
+    if (not 0 <= args.dropout < 1 or args.lr <= 0
+            or min(args.warmup, args.grad_clip, args.stop_at, args.favor_redraw) < 0):
+        fail("--dropout must be in [0, 1); --lr positive; --warmup, --grad_clip, --stop_at and --favor_redraw "
+             "non-negative.")
+    if not 0 <= args.beta2 < 1 or not 0 <= args.lr_min <= 1:
+        fail(f"--beta2 must be in [0, 1) and --lr_min in [0, 1], got {args.beta2} and {args.lr_min}.")
+    if args.attn == "softmax" and args.carry_state:
+        fail("--carry_state needs --attn linear: softmax attention's state (all past keys and values) grows with "
+             "the stream instead of staying one d_head x d_phi matrix.")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------

@@ -65,153 +65,6 @@ DATA_DIR = data.DATA_DIR  # (the Args field `data` hides the module inside the c
 SPEECH_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 
 
-@dataclass
-class Args:
-    # task
-    dataset: str = "synthetic"
-    """synthetic (no download), a UEA archive name (EigenWorms, ...), speech_commands or sepsis (AUROC)"""
-    data: str = ""
-    """a UEA/UCR .ts file NAME_TRAIN.ts (NAME_TEST.ts beside it); 15% of TRAIN validates. Overrides --dataset"""
-    data_dir: str = DATA_DIR
-    """where downloads are cached"""
-    n_train: int = 2000
-    """synthetic: training series (validation and test: n_train / 4 each)"""
-    syn_length: int = 64
-    """synthetic: time grid 0, 1, ..., syn_length - 1 from which each series keeps a random half"""
-    missing: float = 0.1
-    """synthetic: probability that a value is missing (NaN)"""
-    intensity: bool = False
-    """add one channel per value channel counting its observations so far (the official sepsis "OI" input)"""
-    logsig_window: int = 0
-    """> 1: the path through every N-th observation (linear), so on each window dX/dt is the window's depth-1
-    log-signature (its increment) over its duration: the official EigenWorms input with 4; trailing points dropped"""
-    raw_time: bool = False
-    """the time channel in data units (the official speech and sepsis input) instead of divided by the largest time"""
-    # model
-    model: str = "ctfwp"
-    """ctfwp (continuous-time fast weight programmer) or ncde (neural CDE baseline)"""
-    rule: str = "delta"
-    """ctfwp: hebb | oja | delta"""
-    drive: str = "dx"
-    """ctfwp --values_from x: keys, beta and query from dX/dt (dx, the CDE form) or from X(t) (x)"""
-    values_from: str = "x"
-    """ctfwp: x (values tanh(W_v X(t)), keys from the drive, readout W q: the official delta_cde / hebb_cde_v2
-    layout) or dx (values from dX/dt, keys, beta and query from X(t), readout W^T q: the official hebb_cde /
-    oja_cde layout, with its Hebb and Oja forms; --drive is then x)"""
-    v_layernorm: bool = False
-    """ctfwp: values tanh(W_v2 LN(W_v X)) instead of tanh(W_v X) (the official --cde_use_v_laynorm)"""
-    post_tanh: bool = False
-    """ctfwp --rule delta: dW/dt = beta tanh(u - W k) k^T with u the value before its tanh (W_v X, or W_v dX/dt with
-    --values_from dx): the tanh after the subtraction (the official --delta_ode_post_tahn)"""
-    interp: str = "cubic"
-    """control path: cubic (natural cubic spline) or linear"""
-    d_model: int = 32
-    """ctfwp: width (n_head fast weights of d_head x d_head); ncde: size of z"""
-    n_head: int = 4
-    """ctfwp: heads; d_head = d_model / n_head"""
-    d_ff: int = 128
-    """ctfwp: feed-forward width of the readout block; ncde: width of the vector field MLP"""
-    # solver
-    solver: str = "rk4"
-    """euler | rk4 (fixed step) | dopri5 (adaptive, Dormand-Prince 5(4))"""
-    step_size: float = 0.0
-    """euler, rk4: step in data time units; 0 = the smallest gap between two observations in the data"""
-    rtol: float = 1e-3
-    """dopri5: relative tolerance"""
-    atol: float = 1e-4
-    """dopri5: absolute tolerance"""
-    max_steps: int = 10_000
-    """dopri5: give up (with a message) after this many steps per solve"""
-    # training
-    batch_size: int = 64
-    """series per step"""
-    steps: int = 600
-    """optimizer steps"""
-    lr: float = 3e-3
-    """peak learning rate (Adam)"""
-    warmup: int = 30
-    """linear warm-up steps, then cosine decay to lr / 10"""
-    grad_clip: float = 1.0
-    """gradient norm clip (0 disables)"""
-    l2: float = 0.0
-    """add l2 x sum over parameter tensors of ||p|| (the norm, not squared: the official penalty, 0.03)"""
-    plateau: bool = False
-    """no warm-up or cosine: the lr drops x0.1 when the mean training loss has not improved for 2 evaluations
-    (the official ReduceLROnPlateau(patience=2) on the training loss)"""
-    pos_weight: float = 0.0
-    """two classes: binary cross-entropy on the logit difference with this weight on the positives (the official
-    sepsis loss: 10); 0: cross-entropy"""
-    eval_every: int = 100
-    """evaluate on valid, keep the best checkpoint, every this many steps"""
-    seed: int = 0
-    """seed of python, numpy, torch, the synthetic data and the data splits"""
-    device: str = "auto"
-    """auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"""
-    out_dir: str = "out/ode_fwp"
-    """metrics.jsonl, ckpt.pt (latest) and best.pt (best on valid) go here"""
-    resume: bool = False
-    """continue from out_dir/ckpt.pt"""
-    stop_at: int = 0
-    """exit after this step, checkpoint saved (a time-boxed job); --resume continues. 0: run to the end"""
-    evaluate: bool = False
-    """evaluate out_dir/best.pt on test under its trained solver, --solver and a tight dopri5 reference, and exit"""
-    bench: bool = False
-    """time one training step (forward and backward) and count NFE for each rule, ncde and solver, and exit"""
-
-
-PRESETS = {
-    "tiny": dict(n_train=64, syn_length=16, d_model=8, n_head=2, d_ff=16, batch_size=16, steps=4, eval_every=2,
-                 warmup=1),
-    # The official recipes (speech_and_physionet/: delta_cde, rk4 at the observation gap, Adam at base_lr x batch / 32,
-    # no clipping, the penalty 0.03 sum ||p||, ReduceLROnPlateau(patience=2) on the training loss every 10 epochs, raw
-    # time). Steps: epochs x batches per epoch of the 70% training split (speech 24 of 1024: 500 epochs; sepsis 28:
-    # 200 epochs); evaluation every 10 epochs.
-    "speech": dict(dataset="speech_commands", d_model=80, n_head=4, d_ff=320, batch_size=1024, lr=5e-5 * 1024 / 32,
-                   steps=500 * 24, eval_every=10 * 24, warmup=0, grad_clip=0.0, l2=0.03, plateau=True, raw_time=True),
-    "sepsis": dict(dataset="sepsis", d_model=160, n_head=32, d_ff=640, v_layernorm=True, batch_size=1024,
-                   lr=4e-5 * 1024 / 32, steps=200 * 28, eval_every=10 * 28, warmup=0, grad_clip=0.0, l2=0.03,
-                   plateau=True, raw_time=True, pos_weight=10.0),
-    "sepsis_oi": dict(dataset="sepsis", d_model=80, n_head=16, d_ff=64, intensity=True, post_tanh=True,
-                      batch_size=1024, lr=3e-5 * 1024 / 32, steps=200 * 28, eval_every=10 * 28, warmup=0,
-                      grad_clip=0.0, l2=0.03, plateau=True, raw_time=True, pos_weight=10.0),
-    # eigenworms/ of the official code: depth-1 log-signature windows of 4 steps, the delta rule with the tanh after
-    # the subtraction, hidden 128, 16 heads, FF 64, Adam 1e-4, the whole training set as one batch, 1000 epochs
-    "eigenworms": dict(dataset="EigenWorms", logsig_window=4, interp="linear", post_tanh=True, d_model=128,
-                       n_head=16, d_ff=64, lr=1e-4, batch_size=1024, steps=1000, eval_every=1, warmup=0,
-                       grad_clip=0.0),
-}
-
-
-def check_args(args):
-    choices = dict(model=("ctfwp", "ncde"), rule=("hebb", "oja", "delta"), drive=("dx", "x"),
-                   values_from=("x", "dx"), interp=("cubic", "linear"), solver=("euler", "rk4", "dopri5"))
-    for key, allowed in choices.items():
-        if getattr(args, key) not in allowed:
-            fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(args, key)!r}")
-    for key in ("n_train", "d_model", "n_head", "d_ff", "batch_size", "steps", "eval_every", "max_steps"):
-        if getattr(args, key) <= 0:
-            fail(f"--{key} must be positive, got {getattr(args, key)}")
-    if args.post_tanh and args.rule != "delta":
-        fail(f"--post_tanh changes the delta rule; it does nothing with --rule {args.rule}")
-    if min(args.l2, args.pos_weight) < 0:
-        fail(f"--l2 and --pos_weight must be non-negative, got {args.l2} and {args.pos_weight}")
-    if args.logsig_window > 1 and args.interp != "linear":
-        fail("--logsig_window needs --interp linear (the path between window ends is then the log-signature's line)")
-    if args.values_from == "dx":
-        args.drive = "x"  # the one place that decides it: this layout reads keys, beta and the query from X(t)  # this layout reads keys, beta and the query from X(t)
-    if args.syn_length < 4:
-        fail(f"--syn_length must be at least 4, got {args.syn_length}")
-    if args.d_model % args.n_head:
-        fail(f"--d_model {args.d_model} is not divisible by --n_head {args.n_head}; pick n_head dividing d_model.")
-    if not 0 <= args.missing < 1 or args.lr <= 0 or min(args.warmup, args.grad_clip, args.stop_at, args.step_size) < 0:
-        fail("--missing must be in [0, 1); --lr positive; --warmup, --grad_clip, --stop_at, --step_size non-negative.")
-    if args.rtol <= 0 or args.atol <= 0:
-        fail("--rtol and --atol must be positive.")
-    if args.data and not args.data.endswith("_TRAIN.ts"):
-        fail(f"--data {args.data!r}: give the NAME_TRAIN.ts file of a UEA/UCR set (NAME_TEST.ts must be beside it).")
-    return args
-
-
 # ----------------------------------------------------------------------------------------------
 # ODE solvers over s in [0, 1]: f(s, y) -> dy/ds, y any tensor. Each returns (y(1), NFE); autograd goes through
 # the solver's arithmetic (discretise-then-optimise), the adaptive step sizes are not differentiated.
@@ -741,6 +594,158 @@ def get_batch(split, idx, device):
 def make_path(args, t, x, lengths):
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return ControlPath(t.to(dtype), x.to(dtype), lengths, args.interp)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: every flag with its default and docstring (--help prints them), the presets, and the checks
+# of a command line's values.
+
+
+@dataclass
+class Args:
+    # task
+    dataset: str = "synthetic"
+    """synthetic (no download), a UEA archive name (EigenWorms, ...), speech_commands or sepsis (AUROC)"""
+    data: str = ""
+    """a UEA/UCR .ts file NAME_TRAIN.ts (NAME_TEST.ts beside it); 15% of TRAIN validates. Overrides --dataset"""
+    data_dir: str = DATA_DIR
+    """where downloads are cached"""
+    n_train: int = 2000
+    """synthetic: training series (validation and test: n_train / 4 each)"""
+    syn_length: int = 64
+    """synthetic: time grid 0, 1, ..., syn_length - 1 from which each series keeps a random half"""
+    missing: float = 0.1
+    """synthetic: probability that a value is missing (NaN)"""
+    intensity: bool = False
+    """add one channel per value channel counting its observations so far (the official sepsis "OI" input)"""
+    logsig_window: int = 0
+    """> 1: the path through every N-th observation (linear), so on each window dX/dt is the window's depth-1
+    log-signature (its increment) over its duration: the official EigenWorms input with 4; trailing points dropped"""
+    raw_time: bool = False
+    """the time channel in data units (the official speech and sepsis input) instead of divided by the largest time"""
+    # model
+    model: str = "ctfwp"
+    """ctfwp (continuous-time fast weight programmer) or ncde (neural CDE baseline)"""
+    rule: str = "delta"
+    """ctfwp: hebb | oja | delta"""
+    drive: str = "dx"
+    """ctfwp --values_from x: keys, beta and query from dX/dt (dx, the CDE form) or from X(t) (x)"""
+    values_from: str = "x"
+    """ctfwp: x (values tanh(W_v X(t)), keys from the drive, readout W q: the official delta_cde / hebb_cde_v2
+    layout) or dx (values from dX/dt, keys, beta and query from X(t), readout W^T q: the official hebb_cde /
+    oja_cde layout, with its Hebb and Oja forms; --drive is then x)"""
+    v_layernorm: bool = False
+    """ctfwp: values tanh(W_v2 LN(W_v X)) instead of tanh(W_v X) (the official --cde_use_v_laynorm)"""
+    post_tanh: bool = False
+    """ctfwp --rule delta: dW/dt = beta tanh(u - W k) k^T with u the value before its tanh (W_v X, or W_v dX/dt with
+    --values_from dx): the tanh after the subtraction (the official --delta_ode_post_tahn)"""
+    interp: str = "cubic"
+    """control path: cubic (natural cubic spline) or linear"""
+    d_model: int = 32
+    """ctfwp: width (n_head fast weights of d_head x d_head); ncde: size of z"""
+    n_head: int = 4
+    """ctfwp: heads; d_head = d_model / n_head"""
+    d_ff: int = 128
+    """ctfwp: feed-forward width of the readout block; ncde: width of the vector field MLP"""
+    # solver
+    solver: str = "rk4"
+    """euler | rk4 (fixed step) | dopri5 (adaptive, Dormand-Prince 5(4))"""
+    step_size: float = 0.0
+    """euler, rk4: step in data time units; 0 = the smallest gap between two observations in the data"""
+    rtol: float = 1e-3
+    """dopri5: relative tolerance"""
+    atol: float = 1e-4
+    """dopri5: absolute tolerance"""
+    max_steps: int = 10_000
+    """dopri5: give up (with a message) after this many steps per solve"""
+    # training
+    batch_size: int = 64
+    """series per step"""
+    steps: int = 600
+    """optimizer steps"""
+    lr: float = 3e-3
+    """peak learning rate (Adam)"""
+    warmup: int = 30
+    """linear warm-up steps, then cosine decay to lr / 10"""
+    grad_clip: float = 1.0
+    """gradient norm clip (0 disables)"""
+    l2: float = 0.0
+    """add l2 x sum over parameter tensors of ||p|| (the norm, not squared: the official penalty, 0.03)"""
+    plateau: bool = False
+    """no warm-up or cosine: the lr drops x0.1 when the mean training loss has not improved for 2 evaluations
+    (the official ReduceLROnPlateau(patience=2) on the training loss)"""
+    pos_weight: float = 0.0
+    """two classes: binary cross-entropy on the logit difference with this weight on the positives (the official
+    sepsis loss: 10); 0: cross-entropy"""
+    eval_every: int = 100
+    """evaluate on valid, keep the best checkpoint, every this many steps"""
+    seed: int = 0
+    """seed of python, numpy, torch, the synthetic data and the data splits"""
+    device: str = "auto"
+    """auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"""
+    out_dir: str = "out/ode_fwp"
+    """metrics.jsonl, ckpt.pt (latest) and best.pt (best on valid) go here"""
+    resume: bool = False
+    """continue from out_dir/ckpt.pt"""
+    stop_at: int = 0
+    """exit after this step, checkpoint saved (a time-boxed job); --resume continues. 0: run to the end"""
+    evaluate: bool = False
+    """evaluate out_dir/best.pt on test under its trained solver, --solver and a tight dopri5 reference, and exit"""
+    bench: bool = False
+    """time one training step (forward and backward) and count NFE for each rule, ncde and solver, and exit"""
+
+
+PRESETS = {
+    "tiny": dict(n_train=64, syn_length=16, d_model=8, n_head=2, d_ff=16, batch_size=16, steps=4, eval_every=2,
+                 warmup=1),
+    # The official recipes (speech_and_physionet/: delta_cde, rk4 at the observation gap, Adam at base_lr x batch / 32,
+    # no clipping, the penalty 0.03 sum ||p||, ReduceLROnPlateau(patience=2) on the training loss every 10 epochs, raw
+    # time). Steps: epochs x batches per epoch of the 70% training split (speech 24 of 1024: 500 epochs; sepsis 28:
+    # 200 epochs); evaluation every 10 epochs.
+    "speech": dict(dataset="speech_commands", d_model=80, n_head=4, d_ff=320, batch_size=1024, lr=5e-5 * 1024 / 32,
+                   steps=500 * 24, eval_every=10 * 24, warmup=0, grad_clip=0.0, l2=0.03, plateau=True, raw_time=True),
+    "sepsis": dict(dataset="sepsis", d_model=160, n_head=32, d_ff=640, v_layernorm=True, batch_size=1024,
+                   lr=4e-5 * 1024 / 32, steps=200 * 28, eval_every=10 * 28, warmup=0, grad_clip=0.0, l2=0.03,
+                   plateau=True, raw_time=True, pos_weight=10.0),
+    "sepsis_oi": dict(dataset="sepsis", d_model=80, n_head=16, d_ff=64, intensity=True, post_tanh=True,
+                      batch_size=1024, lr=3e-5 * 1024 / 32, steps=200 * 28, eval_every=10 * 28, warmup=0,
+                      grad_clip=0.0, l2=0.03, plateau=True, raw_time=True, pos_weight=10.0),
+    # eigenworms/ of the official code: depth-1 log-signature windows of 4 steps, the delta rule with the tanh after
+    # the subtraction, hidden 128, 16 heads, FF 64, Adam 1e-4, the whole training set as one batch, 1000 epochs
+    "eigenworms": dict(dataset="EigenWorms", logsig_window=4, interp="linear", post_tanh=True, d_model=128,
+                       n_head=16, d_ff=64, lr=1e-4, batch_size=1024, steps=1000, eval_every=1, warmup=0,
+                       grad_clip=0.0),
+}
+
+
+def check_args(args):
+    choices = dict(model=("ctfwp", "ncde"), rule=("hebb", "oja", "delta"), drive=("dx", "x"),
+                   values_from=("x", "dx"), interp=("cubic", "linear"), solver=("euler", "rk4", "dopri5"))
+    for key, allowed in choices.items():
+        if getattr(args, key) not in allowed:
+            fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(args, key)!r}")
+    for key in ("n_train", "d_model", "n_head", "d_ff", "batch_size", "steps", "eval_every", "max_steps"):
+        if getattr(args, key) <= 0:
+            fail(f"--{key} must be positive, got {getattr(args, key)}")
+    if args.post_tanh and args.rule != "delta":
+        fail(f"--post_tanh changes the delta rule; it does nothing with --rule {args.rule}")
+    if min(args.l2, args.pos_weight) < 0:
+        fail(f"--l2 and --pos_weight must be non-negative, got {args.l2} and {args.pos_weight}")
+    if args.logsig_window > 1 and args.interp != "linear":
+        fail("--logsig_window needs --interp linear (the path between window ends is then the log-signature's line)")
+    if args.values_from == "dx":
+        args.drive = "x"  # the one place that decides it: this layout reads keys, beta and the query from X(t)
+    if args.syn_length < 4:
+        fail(f"--syn_length must be at least 4, got {args.syn_length}")
+    if args.d_model % args.n_head:
+        fail(f"--d_model {args.d_model} is not divisible by --n_head {args.n_head}; pick n_head dividing d_model.")
+    if not 0 <= args.missing < 1 or args.lr <= 0 or min(args.warmup, args.grad_clip, args.stop_at, args.step_size) < 0:
+        fail("--missing must be in [0, 1); --lr positive; --warmup, --grad_clip, --stop_at, --step_size non-negative.")
+    if args.rtol <= 0 or args.atol <= 0:
+        fail("--rtol and --atol must be positive.")
+    if args.data and not args.data.endswith("_TRAIN.ts"):
+        fail(f"--data {args.data!r}: give the NAME_TRAIN.ts file of a UEA/UCR set (NAME_TEST.ts must be beside it).")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------

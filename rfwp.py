@@ -70,178 +70,6 @@ import data
 MODELS = ("lstm", "transformer", "linear", "delta", "delta_mlp", "delta_delta", "delta_rnn", "delta_lstm", "rdn")
 
 
-@dataclass
-class Args:
-    # task
-    task: str = "code"
-    """code (code execution), listops (sequential ListOps), lm (through data.py) or rl (an IMPALA agent, below)"""
-    code_length: int = 5
-    """code: statements per program (the paper: 100; 5 is learned in a few CPU minutes)"""
-    n_vars: int = 3
-    """code: variables (3 or 5)"""
-    official_if: bool = False
-    """code: a conditional `v = n` runs only while v is unassigned, as in the official generator (false: whenever
-    its condition holds)"""
-    depth: int = 4
-    """listops: exact nesting depth of the operator tree (the paper: 10 and 15)"""
-    ops: str = "MIN,MAX,FIRST"
-    """listops: operators, from MIN, MAX, FIRST, LAST, MED, SM (sum mod 10)"""
-    n_train: int = 100_000
-    """code, listops: training examples (generated in memory, fixed seed; the paper: 10k, --preset paper)"""
-    n_eval: int = 1000
-    """code, listops: validation and test examples each"""
-    dataset: str = "wikitext-2"
-    """lm: wikitext-103 | wikitext-2 | enwik8 | a text file | a folder with train/valid/test files"""
-    tokenizer: str = "word"
-    """lm: word (perplexity) or char (bits per character)"""
-    data_dir: str = data.DATA_DIR
-    """where downloads are cached"""
-    seq_len: int = 256
-    """lm: tokens per training segment"""
-    carry_state: bool = False
-    """lm: carry fast weights and recurrent states across consecutive segments, detached"""
-    # reinforcement learning (--task rl)
-    env: str = "CartPole-NoVel"
-    """rl: CartPole-NoVel (CartPole-v1 seeing only cart position and pole angle: it needs memory), a gymnasium id
-    with vector observations and discrete actions, or ALE/<Game>-v5 (Atari through ale_py's vector environment)"""
-    env_steps: int = 300_000
-    """rl: environment steps in all, summed over the environments (Atari: agent steps of 4 frames each)"""
-    unroll: int = 50
-    """rl: steps of each environment per update, the V-trace trajectory length (CartPole-NoVel default 20)"""
-    entropy_cost: float = 0.01
-    """rl: weight of the entropy bonus"""
-    baseline_cost: float = 0.5
-    """rl: weight of the value (baseline) loss"""
-    discount: float = 0.99
-    """rl: discount factor gamma"""
-    reward_scale: float = 1.0
-    """rl: rewards are multiplied by this in the loss, before the clip to [-1, 1] (CartPole-NoVel default 0.1: its
-    reward of 1 per step would need values of ~100, which RMSProp's small steps reach slowly)"""
-    truncate: int = 0
-    """rl: detach the core state every this many steps of an unroll (1: the official code's per-step detach of the
-    fast weights; 0: backpropagate through the whole unroll)"""
-    memoryless: bool = False
-    """rl: zero the core state before every step (an agent without memory: the ablation for the CPU task)"""
-    eval: int = 0
-    """rl: run the greedy policy of out_dir/ckpt.pt for this many episodes, print mean and std, and exit"""
-    eval_per_life: bool = False
-    """rl --eval on Atari: score one life as an episode (the official test(), which keeps the episodic-life wrapper);
-    default: the whole game, the usual Atari score"""
-    # model
-    model: str = "rdn"
-    """lstm | transformer | linear | delta | delta_mlp | delta_delta | delta_rnn | delta_lstm | rdn"""
-    d_model: int = 64
-    """residual stream width (lstm: hidden size; rl default 128, lstm 256, CartPole-NoVel 64)"""
-    n_layer: int = 2
-    """number of blocks (lstm: layers; rl lstm default 1, CartPole-NoVel 2)"""
-    n_head: int = 4
-    """heads per layer; d_head = d_model / n_head"""
-    d_ff: int = 256
-    """feed-forward hidden width (rl default 512, CartPole-NoVel 256)"""
-    dropout: float = 0.0
-    """dropout after the fast-weight output and in the feed-forward block"""
-    fast_net_depth: int = 1
-    """delta_mlp: layers of the fast network (the official default: 1)"""
-    official_rl_core: bool = False
-    """the official RL cores' forms (torchbeast/ of the official code; on by default for --task rl): linear and delta
-    q, k = (elu + 1) / (sum + 1e-5), delta_rnn q, k = softmax, no final LN before the heads, lstm = nn.LSTM on the
-    core inputs themselves (no linear map to d_model first)"""
-    post_ln: bool = False
-    """blocks x = LN(x + FWP(x)), x = LN(x + FF(x)) (nn.TransformerEncoderLayer's form: the official algorithmic
-    Transformer baseline's) instead of x + FWP(LN(x)), x + FF(LN(x)) (the official FWP layers')"""
-    impl: str = "auto"
-    """auto | loop | chunk | cuda. loop: every part steps through time in Python (the spec); chunk: the input-driven
-    delta/sum-rule parts in the chunkwise form, the recurrent parts loop; auto: chunk (loop for single steps);
-    cuda: the fused kernels of cuda_kernels.cu for every part (CUDA devices, d_head <= 128; not yet run on a GPU)"""
-    chunk_size: int = 64
-    """chunk length C of the chunkwise form"""
-    # training
-    batch_size: int = 32
-    """sequences (or lm streams) per step; rl: environments stepped together (default 32; CartPole-NoVel 8)"""
-    steps: int = 4000
-    """optimizer steps (rl: env_steps / (batch_size x unroll))"""
-    lr: float = 3e-3
-    """peak learning rate (Adam; rl: RMSProp decayed linearly to 0, default 6e-4; CartPole-NoVel 3e-3)"""
-    warmup: int = 100
-    """linear warm-up steps"""
-    cosine: bool = True
-    """after warm-up, cosine decay to lr / 10 (false: constant, as in the paper)"""
-    grad_clip: float = 1.0
-    """gradient norm clip (0 disables; the paper does not clip; rl default 40)"""
-    eval_every: int = 250
-    """evaluate on valid, keep the best checkpoint, every this many steps (rl: print and checkpoint every this many
-    updates, default 25; CartPole-NoVel 50)"""
-    seed: int = 0
-    """seed of python, numpy, torch and the task generators"""
-    device: str = "auto"
-    """auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"""
-    out_dir: str = "out/rfwp"
-    """metrics.jsonl, ckpt.pt (latest) and best.pt (best on valid) go here"""
-    resume: bool = False
-    """continue from out_dir/ckpt.pt"""
-    stop_at: int = 0
-    """exit after this optimizer step, checkpoint saved (a time-boxed job); --resume continues. 0: run to the end"""
-    bench: bool = False
-    """measure training speed and memory of every model at one size, and exit"""
-    bench_T: int = 256
-    """--bench: sequence length (batch 32)"""
-
-
-PRESETS = {
-    "tiny": dict(d_model=32, n_layer=1, n_head=2, d_ff=64, code_length=4, depth=2, n_train=64, n_eval=16,
-                 batch_size=8, steps=20, eval_every=10, seq_len=32, warmup=5, chunk_size=8),
-    # the paper's algorithmic setting (Irie et al. 2021, appendix; official code): no positional encoding,
-    # Adam (0.9, 0.995, eps 1e-9) at a constant 3e-4, no clipping, best validation checkpoint evaluated on test
-    "paper": dict(code_length=100, n_train=10_000, d_model=256, n_layer=4, n_head=16, d_ff=1024, dropout=0.1, lr=3e-4,
-                  batch_size=64, warmup=0, cosine=False, grad_clip=0.0, steps=31_250, eval_every=500, depth=10),
-}
-
-
-# --task rl: the settings flags and preset leave unset. For Atari and any gymnasium id the official code's: IMPALA's
-# optimizer (RMSProp 6e-4, clip 40), batch 32, the official cores (2 layers of d 128, 4 heads of 32, FF 512; the
-# LSTM: one layer of 256). The CPU memory task learns in a few minutes with smaller cores, more, smaller updates and
-# a larger step.
-IMPALA = dict(lr=6e-4, grad_clip=40.0, batch_size=32, eval_every=25, d_model=128, d_ff=512, official_rl_core=True)
-RL_DEFAULTS = {"lstm": dict(IMPALA, d_model=256, n_layer=1)}
-ENV_DEFAULTS = {"CartPole-NoVel": dict(IMPALA, d_model=64, d_ff=256, lr=3e-3, batch_size=8, unroll=20, reward_scale=0.1,
-                                      eval_every=50)}
-
-
-def check_args(args):
-    choices = dict(task=("code", "listops", "lm", "rl"), tokenizer=("word", "char"), model=MODELS,
-                   impl=("auto", "loop", "chunk", "cuda"))
-    for key, allowed in choices.items():
-        if getattr(args, key) not in allowed:
-            fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(args, key)!r}")
-    for key in ("code_length", "depth", "n_train", "n_eval", "seq_len", "d_model", "n_layer", "n_head", "d_ff",
-                "fast_net_depth", "chunk_size", "batch_size", "steps", "eval_every", "bench_T", "env_steps", "unroll"):
-        if getattr(args, key) <= 0:
-            fail(f"--{key} must be positive, got {getattr(args, key)}")
-    if args.depth >= LISTOPS_LEVELS:
-        fail(f"--depth must be below {LISTOPS_LEVELS} (every node at level {LISTOPS_LEVELS} is a value), "
-             f"got {args.depth}")
-    if args.n_vars not in (3, 5):
-        fail(f"--n_vars must be 3 or 5 (the paper's settings), got {args.n_vars}")
-    bad_ops = set(args.ops.split(",")) - set(LISTOPS)
-    if bad_ops:
-        fail(f"--ops: unknown operator(s) {', '.join(sorted(bad_ops))}; choose from {', '.join(LISTOPS)}")
-    if args.d_model % args.n_head:
-        fail(f"--d_model {args.d_model} is not divisible by --n_head {args.n_head}; pick n_head dividing d_model.")
-    if not 0 <= args.dropout < 1 or args.lr <= 0 or min(args.warmup, args.grad_clip, args.stop_at) < 0:
-        fail("--dropout must be in [0, 1); --lr positive; --warmup, --grad_clip and --stop_at non-negative.")
-    if (min(args.truncate, args.eval, args.entropy_cost, args.baseline_cost, args.reward_scale) < 0
-            or not 0 <= args.discount <= 1):
-        fail("--truncate, --eval, --entropy_cost, --baseline_cost and --reward_scale must be non-negative; --discount "
-             "in [0, 1].")
-    if args.task == "rl" and args.model == "transformer":
-        fail("--task rl needs a fast-weight or recurrent core: the transformer's state (a KV cache) grows with every "
-             "environment step. Use --model lstm, delta, delta_rnn, rdn, ...")
-    if args.carry_state and args.model == "transformer":
-        fail("--carry_state needs a fast-weight or recurrent model: the transformer's state (a KV cache) grows "
-             "with the stream.")
-    return args
-
-
 # ----------------------------------------------------------------------------------------------
 # Fast-weight updates. Shapes: q, k (B, H, T, d_k); v (B, H, T, d_v); beta (B, H, T); W (B, H, d_v, d_k).
 
@@ -904,6 +732,183 @@ def pad_batch(xs, ys, pad_id):
     x = torch.tensor([s + [pad_id] * (T - len(s)) for s in xs])
     y = torch.tensor([s + [-100] * (T - len(s)) for s in ys])
     return x, y
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: every flag with its default and docstring (--help prints them), the presets, and the checks
+# of a command line's values.
+
+
+@dataclass
+class Args:
+    # task
+    task: str = "code"
+    """code (code execution), listops (sequential ListOps), lm (through data.py) or rl (an IMPALA agent, below)"""
+    code_length: int = 5
+    """code: statements per program (the paper: 100; 5 is learned in a few CPU minutes)"""
+    n_vars: int = 3
+    """code: variables (3 or 5)"""
+    official_if: bool = False
+    """code: a conditional `v = n` runs only while v is unassigned, as in the official generator (false: whenever
+    its condition holds)"""
+    depth: int = 4
+    """listops: exact nesting depth of the operator tree (the paper: 10 and 15)"""
+    ops: str = "MIN,MAX,FIRST"
+    """listops: operators, from MIN, MAX, FIRST, LAST, MED, SM (sum mod 10)"""
+    n_train: int = 100_000
+    """code, listops: training examples (generated in memory, fixed seed; the paper: 10k, --preset paper)"""
+    n_eval: int = 1000
+    """code, listops: validation and test examples each"""
+    dataset: str = "wikitext-2"
+    """lm: wikitext-103 | wikitext-2 | enwik8 | a text file | a folder with train/valid/test files"""
+    tokenizer: str = "word"
+    """lm: word (perplexity) or char (bits per character)"""
+    data_dir: str = data.DATA_DIR
+    """where downloads are cached"""
+    seq_len: int = 256
+    """lm: tokens per training segment"""
+    carry_state: bool = False
+    """lm: carry fast weights and recurrent states across consecutive segments, detached"""
+    # reinforcement learning (--task rl)
+    env: str = "CartPole-NoVel"
+    """rl: CartPole-NoVel (CartPole-v1 seeing only cart position and pole angle: it needs memory), a gymnasium id
+    with vector observations and discrete actions, or ALE/<Game>-v5 (Atari through ale_py's vector environment)"""
+    env_steps: int = 300_000
+    """rl: environment steps in all, summed over the environments (Atari: agent steps of 4 frames each)"""
+    unroll: int = 50
+    """rl: steps of each environment per update, the V-trace trajectory length (CartPole-NoVel default 20)"""
+    entropy_cost: float = 0.01
+    """rl: weight of the entropy bonus"""
+    baseline_cost: float = 0.5
+    """rl: weight of the value (baseline) loss"""
+    discount: float = 0.99
+    """rl: discount factor gamma"""
+    reward_scale: float = 1.0
+    """rl: rewards are multiplied by this in the loss, before the clip to [-1, 1] (CartPole-NoVel default 0.1: its
+    reward of 1 per step would need values of ~100, which RMSProp's small steps reach slowly)"""
+    truncate: int = 0
+    """rl: detach the core state every this many steps of an unroll (1: the official code's per-step detach of the
+    fast weights; 0: backpropagate through the whole unroll)"""
+    memoryless: bool = False
+    """rl: zero the core state before every step (an agent without memory: the ablation for the CPU task)"""
+    eval: int = 0
+    """rl: run the greedy policy of out_dir/ckpt.pt for this many episodes, print mean and std, and exit"""
+    eval_per_life: bool = False
+    """rl --eval on Atari: score one life as an episode (the official test(), which keeps the episodic-life wrapper);
+    default: the whole game, the usual Atari score"""
+    # model
+    model: str = "rdn"
+    """lstm | transformer | linear | delta | delta_mlp | delta_delta | delta_rnn | delta_lstm | rdn"""
+    d_model: int = 64
+    """residual stream width (lstm: hidden size; rl default 128, lstm 256, CartPole-NoVel 64)"""
+    n_layer: int = 2
+    """number of blocks (lstm: layers; rl lstm default 1, CartPole-NoVel 2)"""
+    n_head: int = 4
+    """heads per layer; d_head = d_model / n_head"""
+    d_ff: int = 256
+    """feed-forward hidden width (rl default 512, CartPole-NoVel 256)"""
+    dropout: float = 0.0
+    """dropout after the fast-weight output and in the feed-forward block"""
+    fast_net_depth: int = 1
+    """delta_mlp: layers of the fast network (the official default: 1)"""
+    official_rl_core: bool = False
+    """the official RL cores' forms (torchbeast/ of the official code; on by default for --task rl): linear and delta
+    q, k = (elu + 1) / (sum + 1e-5), delta_rnn q, k = softmax, no final LN before the heads, lstm = nn.LSTM on the
+    core inputs themselves (no linear map to d_model first)"""
+    post_ln: bool = False
+    """blocks x = LN(x + FWP(x)), x = LN(x + FF(x)) (nn.TransformerEncoderLayer's form: the official algorithmic
+    Transformer baseline's) instead of x + FWP(LN(x)), x + FF(LN(x)) (the official FWP layers')"""
+    impl: str = "auto"
+    """auto | loop | chunk | cuda. loop: every part steps through time in Python (the spec); chunk: the input-driven
+    delta/sum-rule parts in the chunkwise form, the recurrent parts loop; auto: chunk (loop for single steps);
+    cuda: the fused kernels of cuda_kernels.cu for every part (CUDA devices, d_head <= 128; not yet run on a GPU)"""
+    chunk_size: int = 64
+    """chunk length C of the chunkwise form"""
+    # training
+    batch_size: int = 32
+    """sequences (or lm streams) per step; rl: environments stepped together (default 32; CartPole-NoVel 8)"""
+    steps: int = 4000
+    """optimizer steps (rl: env_steps / (batch_size x unroll))"""
+    lr: float = 3e-3
+    """peak learning rate (Adam; rl: RMSProp decayed linearly to 0, default 6e-4; CartPole-NoVel 3e-3)"""
+    warmup: int = 100
+    """linear warm-up steps"""
+    cosine: bool = True
+    """after warm-up, cosine decay to lr / 10 (false: constant, as in the paper)"""
+    grad_clip: float = 1.0
+    """gradient norm clip (0 disables; the paper does not clip; rl default 40)"""
+    eval_every: int = 250
+    """evaluate on valid, keep the best checkpoint, every this many steps (rl: print and checkpoint every this many
+    updates, default 25; CartPole-NoVel 50)"""
+    seed: int = 0
+    """seed of python, numpy, torch and the task generators"""
+    device: str = "auto"
+    """auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"""
+    out_dir: str = "out/rfwp"
+    """metrics.jsonl, ckpt.pt (latest) and best.pt (best on valid) go here"""
+    resume: bool = False
+    """continue from out_dir/ckpt.pt"""
+    stop_at: int = 0
+    """exit after this optimizer step, checkpoint saved (a time-boxed job); --resume continues. 0: run to the end"""
+    bench: bool = False
+    """measure training speed and memory of every model at one size, and exit"""
+    bench_T: int = 256
+    """--bench: sequence length (batch 32)"""
+
+
+PRESETS = {
+    "tiny": dict(d_model=32, n_layer=1, n_head=2, d_ff=64, code_length=4, depth=2, n_train=64, n_eval=16,
+                 batch_size=8, steps=20, eval_every=10, seq_len=32, warmup=5, chunk_size=8),
+    # the paper's algorithmic setting (Irie et al. 2021, appendix; official code): no positional encoding,
+    # Adam (0.9, 0.995, eps 1e-9) at a constant 3e-4, no clipping, best validation checkpoint evaluated on test
+    "paper": dict(code_length=100, n_train=10_000, d_model=256, n_layer=4, n_head=16, d_ff=1024, dropout=0.1, lr=3e-4,
+                  batch_size=64, warmup=0, cosine=False, grad_clip=0.0, steps=31_250, eval_every=500, depth=10),
+}
+
+
+# --task rl: the settings flags and preset leave unset. For Atari and any gymnasium id the official code's: IMPALA's
+# optimizer (RMSProp 6e-4, clip 40), batch 32, the official cores (2 layers of d 128, 4 heads of 32, FF 512; the
+# LSTM: one layer of 256). The CPU memory task learns in a few minutes with smaller cores, more, smaller updates and
+# a larger step.
+IMPALA = dict(lr=6e-4, grad_clip=40.0, batch_size=32, eval_every=25, d_model=128, d_ff=512, official_rl_core=True)
+RL_DEFAULTS = {"lstm": dict(IMPALA, d_model=256, n_layer=1)}
+ENV_DEFAULTS = {"CartPole-NoVel": dict(IMPALA, d_model=64, d_ff=256, lr=3e-3, batch_size=8, unroll=20, reward_scale=0.1,
+                                      eval_every=50)}
+
+
+def check_args(args):
+    choices = dict(task=("code", "listops", "lm", "rl"), tokenizer=("word", "char"), model=MODELS,
+                   impl=("auto", "loop", "chunk", "cuda"))
+    for key, allowed in choices.items():
+        if getattr(args, key) not in allowed:
+            fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(args, key)!r}")
+    for key in ("code_length", "depth", "n_train", "n_eval", "seq_len", "d_model", "n_layer", "n_head", "d_ff",
+                "fast_net_depth", "chunk_size", "batch_size", "steps", "eval_every", "bench_T", "env_steps", "unroll"):
+        if getattr(args, key) <= 0:
+            fail(f"--{key} must be positive, got {getattr(args, key)}")
+    if args.depth >= LISTOPS_LEVELS:
+        fail(f"--depth must be below {LISTOPS_LEVELS} (every node at level {LISTOPS_LEVELS} is a value), "
+             f"got {args.depth}")
+    if args.n_vars not in (3, 5):
+        fail(f"--n_vars must be 3 or 5 (the paper's settings), got {args.n_vars}")
+    bad_ops = set(args.ops.split(",")) - set(LISTOPS)
+    if bad_ops:
+        fail(f"--ops: unknown operator(s) {', '.join(sorted(bad_ops))}; choose from {', '.join(LISTOPS)}")
+    if args.d_model % args.n_head:
+        fail(f"--d_model {args.d_model} is not divisible by --n_head {args.n_head}; pick n_head dividing d_model.")
+    if not 0 <= args.dropout < 1 or args.lr <= 0 or min(args.warmup, args.grad_clip, args.stop_at) < 0:
+        fail("--dropout must be in [0, 1); --lr positive; --warmup, --grad_clip and --stop_at non-negative.")
+    if (min(args.truncate, args.eval, args.entropy_cost, args.baseline_cost, args.reward_scale) < 0
+            or not 0 <= args.discount <= 1):
+        fail("--truncate, --eval, --entropy_cost, --baseline_cost and --reward_scale must be non-negative; --discount "
+             "in [0, 1].")
+    if args.task == "rl" and args.model == "transformer":
+        fail("--task rl needs a fast-weight or recurrent core: the transformer's state (a KV cache) grows with every "
+             "environment step. Use --model lstm, delta, delta_rnn, rdn, ...")
+    if args.carry_state and args.model == "transformer":
+        fail("--carry_state needs a fast-weight or recurrent model: the transformer's state (a KV cache) grows "
+             "with the stream.")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
