@@ -600,7 +600,9 @@ def sample(args, device):
     print(sep.join(vocab[i] for i in ids).replace(" <eos> ", "\n"))
 
 
-def train(args):
+def setup_processes(args):
+    """One process per rank under torchrun (RANK, WORLD_SIZE set; gloo on CPU, nccl on CUDA). -> rank, world, device,
+    and the bf16 autocast context (a no-op unless --dtype bfloat16 on CUDA)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(args.device)
     if world > 1:
@@ -610,20 +612,70 @@ def train(args):
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    master = rank == 0
-    seed_everything(args.seed + rank)
-    gen = torch.Generator().manual_seed(args.seed + rank)  # training data
     if args.impl == "cuda" and device.type != "cuda":
         print(f"warning: --impl cuda needs a CUDA device, not {device}; using --impl chunk", file=sys.stderr)
     use_bf16 = args.dtype == "bfloat16" and device.type == "cuda"
     if args.dtype == "bfloat16" and not use_bf16:
         print(f"warning: --dtype bfloat16 (autocast) is CUDA only; training in float32 on {device}", file=sys.stderr)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
+    return rank, world, device, torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def train_batch(args, task, step, gen, state):
+    """This step's inputs and targets (recall: fresh pairs; lm: the next segment of every stream) and the state they
+    start from (a new pass over the corpus starts from empty fast weights)."""
+    if args.task == "recall":
+        return *recall_batch(args.batch_size, args.n_pairs, args.vocab_size, gen, args.repeat_keys), state
+    i = step % data.n_segments(task["train"], args.seq_len)
+    return *data.segment(task["train"], i, args.seq_len), None if i == 0 else state
+
+
+def optimizer_step(model, opt, loss, args, step, ckpt_path, bar):
+    """A non-finite loss stops the run (the last checkpoint stays); else one clipped optimizer step."""
+    if not torch.isfinite(loss):
+        bar.close()
+        print(f"error: the loss became {loss.item()} at step {step}; the last good checkpoint stays at {ckpt_path}. "
+              "Lower --lr or raise --warmup.", file=sys.stderr)
+        sys.exit(1)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    opt.step()
+
+
+def evaluate_and_log(model, args, task, step, device, autocast, master, t0):
+    """valid (and test at the last step): logged and printed by rank 0."""
+    results = {}
+    for split in ["valid", "test"] if step == args.steps else ["valid"]:
+        results[split] = evaluate(model, args, task, split, device, autocast)
+        if master:
+            log_metrics(args.out_dir, step, split, results[split], t0)
+            tqdm.write(f"step {step} {split}: " + " ".join(f"{k} {v:.4f}" for k, v in results[split].items()))
+    return results
+
+
+def finish_processes(model, world, master):
+    """DDP's invariant, checked: every rank ends with the same weights. Then a clean teardown."""
+    if world == 1:
+        return
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    torch.distributed.all_gather(gathered, flat)
+    if master:
+        print(f"ddp: parameters identical on all {world} ranks: {all(torch.equal(g, flat) for g in gathered)}")
+    torch.distributed.barrier()  # no rank tears down while another still talks to it
+    torch.distributed.destroy_process_group()
+
+
+def train(args):
+    rank, world, device, autocast = setup_processes(args)
+    master = rank == 0
+    seed_everything(args.seed + rank)
+    gen = torch.Generator().manual_seed(args.seed + rank)  # training data
     try:
         task = load_task(args, rank, world)
     except data.DataError as e:
         fail(str(e))
-
     model = LinearTransformer(args, task["vocab_size"]).to(device)
     opt = build_optimizer(model, args)
     step, state, ckpt_path = 0, None, os.path.join(args.out_dir, "ckpt.pt")
@@ -631,70 +683,40 @@ def train(args):
         ckpt = resume_from(ckpt_path, model, opt, device)
         step, state = ckpt["step"], ckpt["train_state"]
         gen.set_state(ckpt["rng"]["data"])
-    raw_model = model
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
-        n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"config: {json.dumps(dataclasses.asdict(args))}")
-        print(f"device {device}, {world} process(es), {n_params / 1e6:.2f}M parameters, starting at step {step}")
-
-    def checkpoint():
-        if master:
-            save_checkpoint(ckpt_path, {
-                "model": raw_model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                "args": dataclasses.asdict(args),
-                "vocab": task.get("vocab"), "train_state": detach_state(state),
-                "rng": dict(rng_state(), data=gen.get_state())})
-
+        print(f"device {device}, {world} process(es), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+              f"parameters, starting at step {step}")
     if step >= args.steps:
         print(f"the checkpoint in {args.out_dir} is already at step {step} of --steps {args.steps}; nothing to do")
         return
-    t0, results = time.time(), {}
-    n_seg = data.n_segments(task["train"], args.seq_len) if args.task == "lm" else 0
-    bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
+    t0, bar = time.time(), tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     while step < args.steps:
-        if args.task == "recall":
-            x, y = recall_batch(args.batch_size, args.n_pairs, args.vocab_size, gen, args.repeat_keys)
-        else:
-            i = step % n_seg
-            x, y = data.segment(task["train"], i, args.seq_len)
-            if i == 0:
-                state = None  # a new pass over the corpus starts from empty fast weights
-        x, y = x.to(device), y.to(device)
+        x, y, state = train_batch(args, task, step, gen, state)
+        redraw = args.attn == "linear" and args.phi == "favor" and args.favor_redraw
+        if redraw and step > 0 and step % args.favor_redraw == 0:
+            model.redraw_features()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        redraw = args.attn == "linear" and args.phi == "favor" and args.favor_redraw
-        if redraw and step % args.favor_redraw == 0 and step > 0:
-            raw_model.redraw_features()
         with autocast:
-            logits, new_state = model(x, state if args.carry_state else None)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
-        if not torch.isfinite(loss):
-            bar.close()
-            print(f"error: the loss became {loss.item()} at step {step}; the last good checkpoint stays at {ckpt_path}. "
-                  "Lower --lr or raise --warmup.", file=sys.stderr)
-            sys.exit(1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        state = detach_state(new_state) if args.carry_state else None
-        step += 1
+            logits, new_state = ddp(x.to(device), state if args.carry_state else None)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-100)
+        optimizer_step(ddp, opt, loss, args, step, ckpt_path, bar)
+        state, step = detach_state(new_state) if args.carry_state else None, step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if master:
             log_metrics(args.out_dir, step, "train", {"loss": loss.item()}, t0)
         if step % args.eval_every == 0 or step == args.steps or step == args.stop_at:
-            for split in ["valid", "test"] if step == args.steps else ["valid"]:
-                results[split] = evaluate(raw_model, args, task, split, device, autocast)
-                if master:
-                    log_metrics(args.out_dir, step, split, results[split], t0)
-                    tqdm.write(f"step {step} {split}: " + " ".join(f"{k} {v:.4f}" for k, v in results[split].items()))
-            checkpoint()
+            results = evaluate_and_log(model, args, task, step, device, autocast, master, t0)
+            if master:
+                save_checkpoint(ckpt_path, {
+                    "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "args": dataclasses.asdict(args), "vocab": task.get("vocab"), "train_state": detach_state(state),
+                    "rng": dict(rng_state(), data=gen.get_state())})
             if step == args.stop_at:
                 break
     bar.close()
@@ -702,14 +724,7 @@ def train(args):
         name = {"recall": "acc", "lm": "ppl" if args.tokenizer == "word" else "bpc"}[args.task]
         print(f"final: test {name} {results['test'][name]:.4f}, valid {name} {results['valid'][name]:.4f} after {step}"
               f" steps, {time.time() - t0:.0f}s")
-    if world > 1:  # DDP's invariant: every rank ends with the same weights
-        flat = torch.cat([p.detach().flatten() for p in raw_model.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        torch.distributed.all_gather(gathered, flat)
-        if master:
-            print(f"ddp: parameters identical on all {world} ranks: {all(torch.equal(g, flat) for g in gathered)}")
-        torch.distributed.barrier()  # no rank tears down while another still talks to it
-        torch.distributed.destroy_process_group()
+    finish_processes(model, world, master)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -825,6 +825,54 @@ def setup(args):
     return device, task, build_model(args, task["n_channels"], len(task["names"])).to(device)
 
 
+def forward_loss(model, args, task, batch, ckpt_path, bar):
+    """The loss of one training batch (task loss + the L2 penalty) and the solver's function evaluations. A solve that
+    exceeds --max_steps is a user error; the last checkpoint stays."""
+    t, x, lengths, y = batch
+    try:
+        logits, nfe = model(make_path(args, t, x, lengths), args, fixed_steps(args, task))
+    except RuntimeError as e:
+        if "max_steps" not in str(e):
+            raise
+        bar.close()
+        fail(f"{e}. The last good checkpoint stays at {ckpt_path}.")
+    return task_loss(logits, y, args) + l2_penalty(model, args), nfe
+
+
+def optimizer_step(model, opt, loss, args, step, ckpt_path, bar):
+    """A non-finite loss stops the run (the last checkpoint stays); else one clipped optimizer step."""
+    if not torch.isfinite(loss):
+        bar.close()
+        print(f"error: the loss became {loss.item()} at step {step}; the last good checkpoint stays at "
+              f"{ckpt_path}. Lower --lr or raise --warmup.", file=sys.stderr)
+        sys.exit(1)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    opt.step()
+
+
+def final_test(model, args, task, device, best, t0):
+    """The final line: the test split with the best-on-valid checkpoint."""
+    name = headline(args)
+    model.load_state_dict(torch.load(os.path.join(args.out_dir, "best.pt"), map_location=device,
+                                     weights_only=False)["model"])
+    result = evaluate(model, args, task, "test", device)
+    log_metrics(args.out_dir, args.steps, "test", result, t0)
+    print(f"final: test {name} {result[name]:.4f} (" + " ".join(f"{k} {v:.4f}" for k, v in result.items()) +
+          f") with the best valid checkpoint (step {best[0]}, valid {name} {best[1]:.4f}), {time.time() - t0:.0f}s")
+
+
+def announce(args, device, task, model, step):
+    print(f"config: {json.dumps(dataclasses.asdict(args))}")
+    print(f"device {device}, model {args.model}" + (f" ({args.rule} rule)" if args.model == "ctfwp" else "") +
+          f", {sum(p.numel() for p in model.parameters()) / 1e3:.1f}k parameters, {len(task['train']['y'])} training "
+          f"series, {task['n_channels']} channels, {len(task['names'])} classes, " +
+          (f"{fixed_steps(args, task)} {args.solver} steps per solve" if args.solver != "dopri5" else "dopri5") +
+          f", starting at step {step}")
+
+
 def train(args):
     device, task, model = setup(args)
     gen = torch.Generator().manual_seed(args.seed)  # which training series each step sees
@@ -832,8 +880,7 @@ def train(args):
         fail(f"--pos_weight needs two classes; this task has {len(task['names'])}")
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=2)
-    step, best, window = 0, None, []  # window: training losses since the last evaluation
-    ckpt_path, best_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "best.pt")
+    step, best, window, ckpt_path = 0, None, [], os.path.join(args.out_dir, "ckpt.pt")  # window: losses since an eval
     if args.resume:
         ckpt = resume_from(ckpt_path, model, opt, device)
         if "plateau" in ckpt:  # checkpoints from before --plateau existed have none
@@ -841,20 +888,7 @@ def train(args):
         step, best = ckpt["step"], ckpt["best"]
         gen.set_state(ckpt["rng"]["data"])
     os.makedirs(args.out_dir, exist_ok=True)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"config: {json.dumps(dataclasses.asdict(args))}")
-    print(f"device {device}, model {args.model}" + (f" ({args.rule} rule)" if args.model == "ctfwp" else "") +
-          f", {n_params / 1e3:.1f}k parameters, {len(task['train']['y'])} training series, {task['n_channels']} "
-          f"channels, {len(task['names'])} classes, " +
-          (f"{fixed_steps(args, task)} {args.solver} steps per solve" if args.solver != "dopri5" else "dopri5") +
-          f", starting at step {step}")
-
-    def checkpoint(path):
-        save_checkpoint(path, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "plateau": plateau.state_dict(), "step": step,
-            "args": dataclasses.asdict(args), "names": task["names"], "best": best,
-            "rng": dict(rng_state(), data=gen.get_state())})
-
+    announce(args, device, task, model, step)
     if step >= args.steps:
         print(f"the checkpoint in {args.out_dir} is already at step {step} of --steps {args.steps}; nothing to do")
         return
@@ -862,28 +896,11 @@ def train(args):
     bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True)
     while step < args.steps:
         idx = torch.randint(n_train, (min(args.batch_size, n_train),), generator=gen)
-        t, x, lengths, y = get_batch(task["train"], idx, device)
         if not args.plateau:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, args)
-        try:
-            logits, nfe = model(make_path(args, t, x, lengths), args, fixed_steps(args, task))
-        except RuntimeError as e:
-            if "max_steps" not in str(e):
-                raise
-            bar.close()
-            fail(f"{e}. The last good checkpoint stays at {ckpt_path}.")
-        loss = task_loss(logits, y, args) + l2_penalty(model, args)
-        if not torch.isfinite(loss):
-            bar.close()
-            print(f"error: the loss became {loss.item()} at step {step}; the last good checkpoint stays at "
-                  f"{ckpt_path}. Lower --lr or raise --warmup.", file=sys.stderr)
-            sys.exit(1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
+        loss, nfe = forward_loss(model, args, task, get_batch(task["train"], idx, device), ckpt_path, bar)
+        optimizer_step(model, opt, loss, args, step, ckpt_path, bar)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", nfe=nfe)
@@ -892,23 +909,21 @@ def train(args):
         if step % args.eval_every == 0 or step == args.steps or step == args.stop_at:
             if args.plateau:
                 plateau.step(float(np.mean(window)))  # x0.1 after 2 evaluations without a lower training loss
-            window = []
-            result = evaluate(model, args, task, "valid", device)
+            result, window = evaluate(model, args, task, "valid", device), []
             log_metrics(args.out_dir, step, "valid", result, t0)
             tqdm.write(f"step {step} valid: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
-            if best is None or result[name] > best[1]:
-                best = (step, result[name])
-                checkpoint(best_path)
-            checkpoint(ckpt_path)
+            improved = best is None or result[name] > best[1]
+            best = (step, result[name]) if improved else best
+            for path in ["best.pt", "ckpt.pt"] if improved else ["ckpt.pt"]:
+                save_checkpoint(os.path.join(args.out_dir, path), {
+                    "model": model.state_dict(), "optimizer": opt.state_dict(), "plateau": plateau.state_dict(),
+                    "step": step, "args": dataclasses.asdict(args), "names": task["names"], "best": best,
+                    "rng": dict(rng_state(), data=gen.get_state())})
             if step == args.stop_at:
                 break
     bar.close()
     if step == args.steps:
-        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=False)["model"])
-        result = evaluate(model, args, task, "test", device)
-        log_metrics(args.out_dir, step, "test", result, t0)
-        print(f"final: test {name} {result[name]:.4f} (" + " ".join(f"{k} {v:.4f}" for k, v in result.items()) +
-              f") with the best valid checkpoint (step {best[0]}, valid {name} {best[1]:.4f}), {time.time() - t0:.0f}s")
+        final_test(model, args, task, device, best, t0)
 
 
 def evaluate_checkpoint(args):

@@ -413,6 +413,44 @@ def command_sweep(run, envs, args, t0):
     return rows
 
 
+def train_round(run, envs, args, t0):
+    """n_parallel noisy policies from the generator at the command best + drive, one episode each; each result goes
+    into the buffer, followed by one update of the evaluator and the generator. -> environment steps taken, and the
+    progress bar's numbers"""
+    with torch.no_grad():  # one generator call for the batch; the noise makes the policies differ
+        c = 1.0 if run.episodes == 0 else run.best + args.drive
+        theta = run.generator(run.command(c))
+        thetas = theta + args.noise * torch.randn(args.n_parallel, run.n_params, generator=run.gen)
+    seeds = run.rng.integers(2**31, size=args.n_parallel)
+    rets, env_rets, steps = rollout(envs, thetas, run.shapes, run.act_limit, run.norm, seeds, push=True,
+                                    alive_bonus=run.info.get("alive_bonus", 0.0))
+    run.steps += steps
+    for theta_p, r in zip(thetas, rets):
+        run.buffer.add(theta_p, float(r))
+        run.best = max(run.best, float(r))
+        run.episodes += 1
+        loss_v, loss_g = run.update()
+    log_metrics(args.out_dir, run.steps, "train", {"return": float(env_rets.mean()), "best": run.best,
+                                                 "command": float(c), "loss_v": loss_v, "loss_g": loss_g}, t0)
+    return steps, dict(best=f"{run.best:.1f}", ret=f"{env_rets.mean():.1f}", loss_v=f"{loss_v:.2f}")
+
+
+def evaluate_and_log(run, envs, args, t0):
+    """The generator's policy for the command best, n_eval episodes. -> whether the task is solved for the first
+    time now"""
+    run.last_eval = run.steps
+    result = run.evaluate(envs, run.best, args.n_eval)
+    log_metrics(args.out_dir, run.steps, "eval", {"return": float(result.mean()), "std": float(result.std())}, t0)
+    tqdm.write(f"step {run.steps} (episode {run.episodes}, {time.time() - t0:.0f}s): eval return "
+               f"{result.mean():.1f} +- {result.std():.1f} for command {run.best:.1f}")
+    solved = run.info["solved"]
+    if solved is not None and result.mean() >= solved and run.solved_at is None:
+        run.solved_at = (run.steps, time.time() - t0)
+        log_metrics(args.out_dir, run.steps, "eval", {"solved_steps": run.steps}, t0)
+        return True
+    return False
+
+
 def train(args):
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -440,35 +478,11 @@ def train(args):
     bar = tqdm(total=args.total_steps, initial=run.steps, unit="step", dynamic_ncols=True)
     stop = False
     while run.steps < args.total_steps and not stop:
-        with torch.no_grad():  # one generator call for the batch; the noise makes the policies differ
-            c = 1.0 if run.episodes == 0 else run.best + args.drive
-            theta = run.generator(run.command(c))
-            thetas = theta + args.noise * torch.randn(args.n_parallel, run.n_params, generator=run.gen)
-        seeds = run.rng.integers(2**31, size=args.n_parallel)
-        rets, env_rets, steps = rollout(envs, thetas, run.shapes, run.act_limit, run.norm, seeds, push=True,
-                                        alive_bonus=run.info.get("alive_bonus", 0.0))
-        run.steps += steps
-        for theta_p, r in zip(thetas, rets):
-            run.buffer.add(theta_p, float(r))
-            run.best = max(run.best, float(r))
-            run.episodes += 1
-            loss_v, loss_g = run.update()
+        steps, progress = train_round(run, envs, args, t0)
         bar.update(steps)
-        bar.set_postfix(best=f"{run.best:.1f}", ret=f"{env_rets.mean():.1f}", loss_v=f"{loss_v:.2f}")
-        log_metrics(args.out_dir, run.steps, "train", {"return": float(env_rets.mean()), "best": run.best,
-                                                     "command": float(c), "loss_v": loss_v, "loss_g": loss_g}, t0)
+        bar.set_postfix(progress)
         if run.steps // args.eval_every > run.last_eval // args.eval_every or run.steps >= args.total_steps:
-            run.last_eval = run.steps
-            result = run.evaluate(envs, run.best, args.n_eval)
-            log_metrics(args.out_dir, run.steps, "eval",
-                        {"return": float(result.mean()), "std": float(result.std())}, t0)
-            tqdm.write(f"step {run.steps} (episode {run.episodes}, {time.time() - t0:.0f}s): eval return "
-                       f"{result.mean():.1f} +- {result.std():.1f} for command {run.best:.1f}")
-            solved = run.info["solved"]
-            if solved is not None and result.mean() >= solved and run.solved_at is None:
-                run.solved_at = (run.steps, time.time() - t0)
-                log_metrics(args.out_dir, run.steps, "eval", {"solved_steps": run.steps}, t0)
-                stop = args.stop_solved
+            stop = evaluate_and_log(run, envs, args, t0) and args.stop_solved
             save_checkpoint(path, run.state())
             if args.stop_at and run.steps >= args.stop_at:
                 bar.close()

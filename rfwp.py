@@ -986,6 +986,42 @@ def headline(args):
     return HEADLINE.get(args.task, "ppl" if args.tokenizer == "word" else "bpc")
 
 
+def train_batch(args, task, step, gen, state):
+    """This step's inputs and targets (code, listops: a random batch of the training set, padded; lm: the next
+    segment of every stream) and the state they start from (a new pass over the corpus starts from zero)."""
+    if args.task == "lm":
+        i = step % data.n_segments(task["train"], args.seq_len)
+        return *data.segment(task["train"], i, args.seq_len), None if i == 0 else state
+    xs, ys = task["train"]
+    idx = torch.randint(len(xs), (args.batch_size,), generator=gen).tolist()
+    return *pad_batch([xs[i] for i in idx], [ys[i] for i in idx], task["pad"]), state
+
+
+def optimizer_step(model, opt, loss, args, step, ckpt_path, bar):
+    """A non-finite loss stops the run (the last checkpoint stays); else one clipped optimizer step."""
+    if not torch.isfinite(loss):
+        bar.close()
+        print(f"error: the loss became {loss.item()} at step {step}; the last good checkpoint stays at {ckpt_path}. "
+              "Lower --lr or raise --warmup.", file=sys.stderr)
+        sys.exit(1)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    opt.step()
+
+
+def final_test(model, args, task, device, best, t0):
+    """The final line: the test split with the best-on-valid checkpoint."""
+    name = headline(args)
+    model.load_state_dict(torch.load(os.path.join(args.out_dir, "best.pt"), map_location=device,
+                                     weights_only=False)["model"])
+    result = evaluate(model, args, task, "test", device)
+    log_metrics(args.out_dir, args.steps, "test", result, t0)
+    print(f"final: test {name} {result[name]:.4f} (" + " ".join(f"{k} {v:.4f}" for k, v in result.items()) +
+          f") with the best valid checkpoint (step {best[0]}, valid {name} {best[1]:.4f}), {time.time() - t0:.0f}s")
+
+
 def train(args):
     device = pick_device(args.device, args.impl)
     seed_everything(args.seed)
@@ -996,57 +1032,27 @@ def train(args):
         fail(str(e))
     model = build_model(args, task["n_in"], task["n_out"]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.995), eps=1e-9)  # the paper's Adam
-    step, state, best = 0, None, None
-    ckpt_path, best_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "best.pt")
-    lower_is_better = args.task == "lm"
+    step, state, best, ckpt_path = 0, None, None, os.path.join(args.out_dir, "ckpt.pt")
     if args.resume:
         ckpt = resume_from(ckpt_path, model, opt, device)
         step, state, best = ckpt["step"], ckpt["train_state"], ckpt["best"]
         gen.set_state(ckpt["rng"]["data"])
     os.makedirs(args.out_dir, exist_ok=True)
-    n_params = sum(p.numel() for p in model.parameters())
     print(f"config: {json.dumps(dataclasses.asdict(args))}")
-    print(f"device {device}, model {args.model}, {n_params / 1e6:.2f}M parameters, starting at step {step}")
-
-    def checkpoint(path):
-        save_checkpoint(path, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "args": dataclasses.asdict(args),
-            "vocab": task["vocab"], "train_state": detach_state(state), "best": best,
-            "rng": dict(rng_state(), data=gen.get_state())})
-
+    print(f"device {device}, model {args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"starting at step {step}")
     if step >= args.steps:
         print(f"the checkpoint in {args.out_dir} is already at step {step} of --steps {args.steps}; nothing to do")
         return
-    t0, name = time.time(), headline(args)
-    n_seg = data.n_segments(task["train"], args.seq_len) if args.task == "lm" else 0
-    bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True)
+    t0, name, bar = time.time(), headline(args), tqdm(total=args.steps, initial=step, dynamic_ncols=True)
     while step < args.steps:
-        if args.task == "lm":
-            i = step % n_seg
-            x, y = data.segment(task["train"], i, args.seq_len)
-            if i == 0:
-                state = None  # a new pass over the corpus starts from empty fast weights
-        else:
-            xs, ys = task["train"]
-            idx = torch.randint(len(xs), (args.batch_size,), generator=gen).tolist()
-            x, y = pad_batch([xs[i] for i in idx], [ys[i] for i in idx], task["pad"])
-        x, y = x.to(device), y.to(device)
+        x, y, state = train_batch(args, task, step, gen, state)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        logits, new_state = model(x, state if args.carry_state else None)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
-        if not torch.isfinite(loss):
-            bar.close()
-            print(f"error: the loss became {loss.item()} at step {step}; the last good checkpoint stays at {ckpt_path}. "
-                  "Lower --lr or raise --warmup.", file=sys.stderr)
-            sys.exit(1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        state = detach_state(new_state) if args.carry_state else None
-        step += 1
+        logits, new_state = model(x.to(device), state if args.carry_state else None)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), ignore_index=-100)
+        optimizer_step(model, opt, loss, args, step, ckpt_path, bar)
+        state, step = detach_state(new_state) if args.carry_state else None, step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         log_metrics(args.out_dir, step, "train", {"loss": loss.item()}, t0)
@@ -1054,19 +1060,18 @@ def train(args):
             result = evaluate(model, args, task, "valid", device)
             log_metrics(args.out_dir, step, "valid", result, t0)
             tqdm.write(f"step {step} valid: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
-            if best is None or (result[name] < best[1] if lower_is_better else result[name] > best[1]):
-                best = (step, result[name])
-                checkpoint(best_path)
-            checkpoint(ckpt_path)
+            improved = best is None or (result[name] < best[1] if args.task == "lm" else result[name] > best[1])
+            best = (step, result[name]) if improved else best
+            for path in ["best.pt", "ckpt.pt"] if improved else ["ckpt.pt"]:
+                save_checkpoint(os.path.join(args.out_dir, path), {
+                    "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "args": dataclasses.asdict(args), "vocab": task["vocab"], "train_state": detach_state(state),
+                    "best": best, "rng": dict(rng_state(), data=gen.get_state())})
             if step == args.stop_at:
                 break
     bar.close()
     if step == args.steps:
-        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=False)["model"])
-        result = evaluate(model, args, task, "test", device)
-        log_metrics(args.out_dir, step, "test", result, t0)
-        print(f"final: test {name} {result[name]:.4f} (" + " ".join(f"{k} {v:.4f}" for k, v in result.items()) +
-              f") with the best valid checkpoint (step {best[0]}, valid {name} {best[1]:.4f}), {time.time() - t0:.0f}s")
+        final_test(model, args, task, device, best, t0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1353,6 +1358,25 @@ def rl_start(envs, device, n):
     return Carry(envs.reset(), torch.zeros(n, device=device), torch.ones(n, dtype=torch.bool, device=device), None)
 
 
+def rl_log_update(args, env_steps, update, returns, bar, t0):
+    """metrics.jsonl: every finished episode's return and the update's losses; the bar: the last 100 returns."""
+    for r in update.finished:
+        log_metrics(args.out_dir, env_steps, "episode", {"return": r}, t0)
+    log_metrics(args.out_dir, env_steps, "train", dict(loss=update.loss.item(), **update.parts), t0)
+    if returns:
+        bar.set_postfix(ret=f"{np.mean(returns[-100:]):.1f}", ent=f"{update.parts['entropy']:.2f}")
+
+
+def rl_log_window(args, step, per_update, returns, dt, n_updates, env_time, t0):
+    """One line per --eval_every updates: the mean of the last 100 returns, speed and the environments' share."""
+    recent, n = returns[-100:], per_update * n_updates
+    mean = np.mean(recent) if recent else float("nan")
+    tqdm.write(f"update {step} ({step * per_update} steps): return {mean:.1f} (last {len(recent)} episodes), "
+               f"{len(returns)} episodes, {n / dt:.0f} steps/s, {100 * env_time / dt:.0f}% of the time in the "
+               "environments")
+    log_metrics(args.out_dir, step * per_update, "train", {"steps_per_s": n / dt, "env_time_frac": env_time / dt}, t0)
+
+
 def rl_train(args):
     device = pick_device(args.device, args.impl)
     seed_everything(args.seed)
@@ -1368,18 +1392,10 @@ def rl_train(args):
         step, returns = ckpt["step"], ckpt["returns"]
         envs.seed = args.seed + step  # fresh episodes: the environments' own state is not saved
     os.makedirs(args.out_dir, exist_ok=True)
-    n_params = sum(p.numel() for p in agent.parameters())
     print(f"config: {json.dumps(dataclasses.asdict(args))}")
     print(f"device {device}, env {args.env} (observation {envs.obs_shape}, {envs.n_actions} actions), "
-          f"core {args.model}, {n_params / 1e6:.2f}M parameters, {n_updates} updates of {args.batch_size} x "
-          f"{args.unroll} steps, starting at "
-          f"update {step}")
-
-    def checkpoint():
-        save_checkpoint(ckpt_path, {
-            "model": agent.state_dict(), "optimizer": opt.state_dict(), "step": step, "args": dataclasses.asdict(args),
-            "returns": returns, "rng": rng_state()})
-
+          f"core {args.model}, {sum(p.numel() for p in agent.parameters()) / 1e6:.2f}M parameters, {n_updates} "
+          f"updates of {args.batch_size} x {args.unroll} steps, starting at update {step}")
     if step >= n_updates:
         print(f"the checkpoint in {args.out_dir} is already at update {step} of {n_updates}; nothing to do")
         return
@@ -1398,23 +1414,13 @@ def rl_train(args):
         carry, step, env_time = update.carry, step + 1, env_time + update.env_time
         returns += update.finished
         bar.update(per_update)
-        for r in update.finished:
-            log_metrics(args.out_dir, step * per_update, "episode", {"return": r}, t0)
-        log_metrics(args.out_dir, step * per_update, "train", dict(loss=update.loss.item(), **update.parts), t0)
-        recent = returns[-100:]
-        if recent:
-            bar.set_postfix(ret=f"{np.mean(recent):.1f}", ent=f"{update.parts['entropy']:.2f}")
+        rl_log_update(args, step * per_update, update, returns, bar, t0)
         if step % args.eval_every == 0 or step == n_updates or step == args.stop_at:
-            dt, n = time.time() - t_window, per_update * (step - step_window)
-            mean = np.mean(recent) if recent else float("nan")
-            tqdm.write(f"update {step} ({step * per_update} steps): return {mean:.1f} (last {len(recent)} episodes), "
-                       f"{len(returns)} episodes, {n / dt:.0f} steps/s, "
-                       f"{100 * env_time / dt:.0f}% of the time in the environments")
-            log_metrics(args.out_dir, step * per_update, "train",
-                        {"steps_per_s": n / dt, "env_time_frac": env_time / dt},
-                        t0)
+            rl_log_window(args, step, per_update, returns, time.time() - t_window, step - step_window, env_time, t0)
             t_window, step_window, env_time = time.time(), step, 0.0
-            checkpoint()
+            save_checkpoint(ckpt_path, {
+                "model": agent.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                "args": dataclasses.asdict(args), "returns": returns, "rng": rng_state()})
             if step == args.stop_at:
                 break
     bar.close()
