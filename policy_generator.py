@@ -374,19 +374,6 @@ class GoGePo:
                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state(), "gen": self.gen.get_state(),
                         "np": self.rng.bit_generator.state}}
 
-    def load(self, s):
-        self.generator.load_state_dict(s["generator"])
-        self.evaluator.load_state_dict(s["evaluator"])
-        self.opt_g.load_state_dict(s["opt_g"])
-        self.opt_v.load_state_dict(s["opt_v"])
-        self.buffer.thetas, self.buffer.returns = s["buffer"]
-        vars(self.norm).update(s["norm"])
-        self.steps, self.episodes, self.best, self.solved_at, self.last_eval = s["counters"]
-        random.setstate(s["rng"]["python"])
-        torch.set_rng_state(s["rng"]["torch"])
-        self.gen.set_state(s["rng"]["gen"])
-        self.rng.bit_generator.state = s["rng"]["np"]
-
 
 def make_run(args):
     import gymnasium
@@ -462,9 +449,7 @@ def train(args):
     run = make_run(args)
     path = os.path.join(args.out_dir, "ckpt.pt")
     if args.resume or args.sweep_only:
-        if not os.path.exists(path):
-            fail(f"--{'resume' if args.resume else 'sweep_only'}: no checkpoint at {path}")
-        run.load(torch.load(path, weights_only=False))
+        resume_from(path, run, "--resume" if args.resume else "--sweep_only")
     os.makedirs(args.out_dir, exist_ok=True)
     envs = make_envs(args.env, max(args.n_parallel, args.n_eval, args.sweep_episodes))
     t0 = time.time()
@@ -538,7 +523,7 @@ def bench(args):
 
 # ----------------------------------------------------------------------------------------------
 # Scaffolding, the same in every script: command line (from the Args fields and their docstrings), errors,
-# device, checkpoint writes, metrics. Nothing here is specific to the method.
+# checkpoint writes, metrics and --resume (here the parts of a GoGePo run). Nothing here is specific to the method.
 
 
 def fail(msg):
@@ -605,6 +590,24 @@ def log_metrics(out_dir, step, split, metrics, t0):
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         for name, value in metrics.items():
             f.write(json.dumps(dict(step=step, split=split, metric=name, value=value, time=time.time() - t0)) + "\n")
+
+
+def resume_from(path, run, flag="--resume"):
+    """--resume: load the networks, optimizers, buffer, normaliser and counters of a GoGePo run in place, restore the
+    RNGs; return the checkpoint dict."""
+    if not os.path.exists(path):
+        fail(f"{flag}: no checkpoint at {path}")
+    ckpt = torch.load(path, weights_only=False)
+    for name in ("generator", "evaluator", "opt_g", "opt_v"):
+        getattr(run, name).load_state_dict(ckpt[name])
+    run.buffer.thetas, run.buffer.returns = ckpt["buffer"]
+    vars(run.norm).update(ckpt["norm"])
+    run.steps, run.episodes, run.best, run.solved_at, run.last_eval = ckpt["counters"]
+    random.setstate(ckpt["rng"]["python"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    run.gen.set_state(ckpt["rng"]["gen"])
+    run.rng.bit_generator.state = ckpt["rng"]["np"]
+    return ckpt
 
 
 def main(argv=None):
