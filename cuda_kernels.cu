@@ -1,5 +1,6 @@
 // Fast-weight update kernels shared by the FWP scripts: the sum rule and the delta rule in their
-// recurrent form, forward and backward, JIT-loaded with torch.utils.cpp_extension.load.
+// recurrent form, forward and backward, JIT-loaded with torch.utils.cpp_extension.load. Further down, each
+// with its own notes: the recurrent FWPs of rfwp.py, and the chunkwise delta rule's pass over chunks.
 //
 // Per batch b and head h, W is d_v x d_k (fp32, or fp64 for fp64 inputs), starting from W0:
 //   sum:   W_t = W_{t-1} + v_t k_t^T                          y_t = W_t q_t
@@ -947,6 +948,68 @@ __global__ void __launch_bounds__(1024)
   store_rows(L, dy0 + bh * d, carry);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The chunkwise delta rule's sequential part (delta_net.py's DeltaRuleChunk; Yang et al. 2024, eq. 8-11). After the
+// UT transform (in PyTorch, for all chunks at once), chunk n of C steps makes one write S <- S + K_n^T U'_n with the
+// pseudo-values U'_n = U_n - W_n S, where S = W^T (d_k x d_v) is the state at the chunk's start. The backward walks
+// the chunks in reverse: dU'_n = G_n + K_n dS, then dS <- dS + E_n - W_n^T dU'_n, where dS is the gradient w.r.t.
+// the state at the chunk's end and G_n = P_n^T dO_n, E_n = Q_n^T dO_n come from PyTorch. Both passes are the one
+// recurrence over chunks
+//     X_n = A_n + sx L_n M,    M <- M + F_n + sm R_n^T X_n
+//   forward:  M = S,  A = U, L = W, sx = -1, R = K, F = 0, sm = +1, chunks in order
+//   backward: M = dS, A = G, L = K, sx = +1, R = W, F = E, sm = -1, chunks in reverse
+// saving, per chunk, M as it was before the chunk (forward: the chunk-start state S_n; backward: dS_{n+1}) and X_n.
+// The columns of M never mix, so block (b h, column tile) keeps kStateCols columns of M in shared memory through all
+// N chunks; per chunk it stages L_n, then R_n, in one C x d_k buffer. Shared: (d_k + C) kStateCols + C d_k entries.
+constexpr int kStateCols = 16;
+
+// grid B H ceil(d_v / kStateCols) (block x = bh * tiles + tile); any block size.
+template <typename scalar_t>
+__global__ void chunk_state_pass_kernel(const scalar_t* __restrict__ A, const scalar_t* __restrict__ L,
+                                        const scalar_t* __restrict__ R, const scalar_t* __restrict__ F,
+                                        const scalar_t* __restrict__ M0, scalar_t* __restrict__ M_saved,
+                                        scalar_t* __restrict__ X, scalar_t* __restrict__ M_final, int N, int C,
+                                        int d_k, int d_v, scalar_t sx, scalar_t sm, bool reverse) {
+  extern __shared__ unsigned char smem_raw[];
+  constexpr int JB = kStateCols;
+  scalar_t* sM = reinterpret_cast<scalar_t*>(smem_raw);  // (d_k, JB): this block's columns of M
+  scalar_t* sX = sM + d_k * JB;                          // (C, JB): the same columns of X_n
+  scalar_t* sLR = sX + C * JB;                           // (C, d_k): L_n, then R_n
+  const int tiles = (d_v + JB - 1) / JB;
+  const int64_t bh = blockIdx.x / tiles;
+  const int j0 = (blockIdx.x % tiles) * JB, J = d_v - j0 < JB ? d_v - j0 : JB;  // columns j0 .. j0 + J - 1
+  for (int e = threadIdx.x; e < d_k * JB; e += blockDim.x)
+    sM[e] = e % JB < J ? M0[(bh * d_k + e / JB) * d_v + j0 + e % JB] : scalar_t(0);
+  for (int step = 0; step < N; ++step) {
+    const int64_t cn = bh * N + (reverse ? N - 1 - step : step);  // the chunk, counted over (b h, n)
+    for (int e = threadIdx.x; e < C * d_k; e += blockDim.x) sLR[e] = L[cn * C * d_k + e];
+    __syncthreads();  // sM (from the previous chunk) and L_n are in place
+    for (int e = threadIdx.x; e < d_k * JB; e += blockDim.x)
+      if (e % JB < J) M_saved[(cn * d_k + e / JB) * d_v + j0 + e % JB] = sM[e];
+    for (int e = threadIdx.x; e < C * JB; e += blockDim.x) {  // X_n = A_n + sx L_n M
+      const int c = e / JB, j = e % JB;
+      scalar_t acc = 0;
+      for (int i = 0; i < d_k; ++i) acc += sLR[c * d_k + i] * sM[i * JB + j];
+      const int64_t o = (cn * C + c) * d_v + j0 + j;
+      sX[e] = j < J ? A[o] + sx * acc : scalar_t(0);
+      if (j < J) X[o] = sX[e];
+    }
+    __syncthreads();  // X_n complete; L_n no longer read
+    for (int e = threadIdx.x; e < C * d_k; e += blockDim.x) sLR[e] = R[cn * C * d_k + e];
+    __syncthreads();
+    for (int e = threadIdx.x; e < d_k * JB; e += blockDim.x) {  // M <- M + F_n + sm R_n^T X_n
+      const int i = e / JB, j = e % JB;
+      scalar_t acc = 0;
+      for (int c = 0; c < C; ++c) acc += sLR[c * d_k + i] * sX[c * JB + j];
+      const scalar_t f = F != nullptr && j < J ? F[(cn * d_k + i) * d_v + j0 + j] : scalar_t(0);
+      sM[e] += f + sm * acc;
+    }
+    __syncthreads();  // M updated; R_n no longer read
+  }
+  for (int e = threadIdx.x; e < d_k * JB; e += blockDim.x)
+    if (e % JB < J) M_final[(bh * d_k + e / JB) * d_v + j0 + e % JB] = sM[e];
+}
+
 // (RPW, KPL) = (N, N): N = 1 for d <= 32, 2 for d <= 64, 4 for d <= 128; NW = ceil(d / N) warps.
 template <typename F>
 void dispatch_layout(int d, F&& f) {
@@ -962,7 +1025,7 @@ void allow_smem(const void* kernel, size_t bytes) {
   int dev = 0, optin = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  TORCH_CHECK(bytes <= (size_t)optin, "recurrent FWP kernel: needs ", bytes, " bytes of shared memory, the device has ",
+  TORCH_CHECK(bytes <= (size_t)optin, "FWP kernel: needs ", bytes, " bytes of shared memory, the device has ",
               optin, "; use a smaller d_head or float32");
   if (bytes > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
 }
@@ -1191,6 +1254,37 @@ std::vector<at::Tensor> rdn_backward(at::Tensor Rs, at::Tensor r_b, at::Tensor q
   return {dq, dk, dv, db, dW0, dy0};
 }
 
+// The chunk recurrence above on (B, H, N, C, .) tensors of one dtype (fp32 or fp64): A (.., C, d_v), L, R (.., C,
+// d_k), F (B, H, N, d_k, d_v) or undefined, M0 (B, H, d_k, d_v) -> M before each chunk (B, H, N, d_k, d_v), X (B, H,
+// N, C, d_v), M after the last chunk.
+std::vector<at::Tensor> chunk_state_pass(at::Tensor A, at::Tensor L, at::Tensor R, at::Tensor F, at::Tensor M0,
+                                         double sx, double sm, bool reverse) {
+  const int64_t B = A.size(0), H = A.size(1), N = A.size(2), C = A.size(3), d_v = A.size(4), d_k = L.size(4);
+  TORCH_CHECK(A.is_cuda() && (A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble),
+              "chunk kernel: float32 or float64 CUDA tensors");
+  for (auto* x : {&L, &R}) TORCH_CHECK(x->sizes() == at::IntArrayRef({B, H, N, C, d_k}), "chunk kernel: shapes");
+  TORCH_CHECK(M0.sizes() == at::IntArrayRef({B, H, d_k, d_v}), "chunk kernel: the state must be (B, H, d_k, d_v)");
+  const c10::cuda::CUDAGuard guard(A.device());
+  A = A.contiguous(), L = L.to(A.scalar_type()).contiguous(), R = R.to(A.scalar_type()).contiguous();
+  M0 = M0.to(A.scalar_type()).contiguous();
+  const bool has_F = F.defined() && F.numel() > 0;
+  if (has_F) F = F.to(A.scalar_type()).contiguous();
+  auto M_saved = at::empty({B, H, N, d_k, d_v}, A.options()), X = at::empty_like(A), M_final = at::empty_like(M0);
+  const int64_t blocks = B * H * ((d_v + kStateCols - 1) / kStateCols);
+  if (blocks == 0 || N == 0) return {M_saved, X, M_final.copy_(M0)};
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "chunk_state_pass", [&] {
+    auto kernel = chunk_state_pass_kernel<scalar_t>;
+    const size_t smem = ((d_k + C) * kStateCols + C * d_k) * sizeof(scalar_t);
+    allow_smem((const void*)kernel, smem);
+    kernel<<<blocks, 256, smem, c10::cuda::getCurrentCUDAStream()>>>(
+        A.data_ptr<scalar_t>(), L.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), ptr<scalar_t>(has_F ? F : at::Tensor()),
+        M0.data_ptr<scalar_t>(), M_saved.data_ptr<scalar_t>(), X.data_ptr<scalar_t>(), M_final.data_ptr<scalar_t>(),
+        N, C, d_k, d_v, (scalar_t)sx, (scalar_t)sm, reverse);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {M_saved, X, M_final};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &fast_weight_forward, "fast-weight update forward (sum or delta rule)");
   m.def("backward", &fast_weight_backward, "fast-weight update backward (sum or delta rule)");
@@ -1200,5 +1294,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("delta_lstm_backward", &delta_lstm_backward, "Delta LSTM recurrence, backward");
   m.def("rdn_forward", &rdn_forward, "Recurrent Delta Net recurrence, forward");
   m.def("rdn_backward", &rdn_backward, "Recurrent Delta Net recurrence, backward");
+  m.def("chunk_state_pass", &chunk_state_pass, "the chunkwise delta rule's pass over chunks (forward or backward)");
   m.def("recurrent_backward_smem", &recurrent_backward_smem, "shared memory of a recurrent backward kernel, bytes");
 }

@@ -78,25 +78,31 @@ class DeltaRuleChunk(torch.autograd.Function):
     T = (I + A)^-1 and A = strict_lower(diag(beta) K K^T) (the UT transform). Everything that does
     not depend on S runs for all chunks at once; only two small matmuls per chunk are sequential.
     The backward reruns nothing: it walks the chunk states S_n saved by the forward in reverse.
+    kernel=True runs each of the two loops over chunks as one CUDA kernel (chunk_state_pass in cuda_kernels.cu,
+    which keeps the state on chip), the rest as here.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, S0):
+    def forward(ctx, q, k, v, beta, S0, kernel=False):
         C = k.shape[-2]
         kb, vb = k * beta[..., None], v * beta[..., None]  # diag(beta) K, diag(beta) V
         A = (kb @ k.transpose(-1, -2)).tril(-1)  # (B, H, N, C, C)
         eye = torch.eye(C, dtype=k.dtype, device=k.device)
         T = torch.linalg.solve_triangular(A + eye, eye.expand_as(A), upper=False, unitriangular=True)
         w, u = T @ kb, T @ vb  # (B, H, N, C, d_k), (B, H, N, C, d_v)
-        S, ups = [S0], []
-        for w_n, u_n, k_n in zip(w.unbind(2), u.unbind(2), k.unbind(2)):  # the only sequential part
-            ups.append(u_n - w_n @ S[-1])  # U' = U - W S
-            S.append(S[-1] + k_n.transpose(-1, -2) @ ups[-1])  # S <- S + K^T U'
-        S_n, up = torch.stack(S[:-1], 2), torch.stack(ups, 2)  # states at chunk starts, pseudo-values
+        if kernel:
+            S_n, up, S_last = cuda_kernels().chunk_state_pass(u, w, k, k.new_empty(0), S0, -1.0, 1.0, False)
+        else:
+            S, ups = [S0], []
+            for w_n, u_n, k_n in zip(w.unbind(2), u.unbind(2), k.unbind(2)):  # the only sequential part
+                ups.append(u_n - w_n @ S[-1])  # U' = U - W S
+                S.append(S[-1] + k_n.transpose(-1, -2) @ ups[-1])  # S <- S + K^T U'
+            S_n, up, S_last = torch.stack(S[:-1], 2), torch.stack(ups, 2), S[-1]  # chunk-start states, pseudo-values
         P = (q @ k.transpose(-1, -2)).tril()  # causal intra-chunk scores, diagonal included
         o = q @ S_n + P @ up  # O = Q S + tril(Q K^T) U'
         ctx.save_for_backward(q, k, v, beta, T, w, up, S_n, P, kb, vb)
-        return o, S[-1]
+        ctx.kernel = kernel
+        return o, S_last
 
     @staticmethod
     def backward(ctx, do, dS):
@@ -104,12 +110,15 @@ class DeltaRuleChunk(torch.autograd.Function):
         do = do.contiguous()
         G = P.transpose(-1, -2) @ do  # the part of dU' that comes from the outputs
         E = q.transpose(-1, -2) @ do  # the part of dS_n that comes from the outputs
-        dS_next, dups = [], []
-        for k_n, w_n, G_n, E_n in reversed(list(zip(k.unbind(2), w.unbind(2), G.unbind(2), E.unbind(2)))):
-            dS_next.append(dS)  # gradient w.r.t. S_{n+1}
-            dups.append(G_n + k_n @ dS)
-            dS = dS + E_n - w_n.transpose(-1, -2) @ dups[-1]
-        dS_next, dup = torch.stack(dS_next[::-1], 2), torch.stack(dups[::-1], 2)
+        if ctx.kernel:
+            dS_next, dup, dS = cuda_kernels().chunk_state_pass(G, k, w, E, dS, 1.0, -1.0, True)
+        else:
+            dS_next, dups = [], []
+            for k_n, w_n, G_n, E_n in reversed(list(zip(k.unbind(2), w.unbind(2), G.unbind(2), E.unbind(2)))):
+                dS_next.append(dS)  # gradient w.r.t. S_{n+1}
+                dups.append(G_n + k_n @ dS)
+                dS = dS + E_n - w_n.transpose(-1, -2) @ dups[-1]
+            dS_next, dup = torch.stack(dS_next[::-1], 2), torch.stack(dups[::-1], 2)
         dP = (do @ up.transpose(-1, -2)).tril()
         dq = do @ S_n.transpose(-1, -2) + dP @ k
         dk = dP.transpose(-1, -2) @ q + up @ dS_next.transpose(-1, -2)
@@ -120,11 +129,12 @@ class DeltaRuleChunk(torch.autograd.Function):
         dkb = dkb + dA @ k
         dk = dk + dA.transpose(-1, -2) @ kb + beta[..., None] * dkb
         dbeta = (dkb * k).sum(-1) + (dvb * v).sum(-1)
-        return dq, dk, beta[..., None] * dvb, dbeta, dS
+        return dq, dk, beta[..., None] * dvb, dbeta, dS, None
 
 
-def delta_rule_chunk(q, k, v, beta, W=None, chunk_size=64):
-    """Chunkwise form of delta_rule_loop: same arguments, same results; any T (the last chunk is padded)."""
+def delta_rule_chunk(q, k, v, beta, W=None, chunk_size=64, kernel=False):
+    """Chunkwise form of delta_rule_loop: same arguments, same results; any T (the last chunk is padded). kernel: the
+    loops over chunks as CUDA kernels (CUDA tensors)."""
     B, H, T, d_k = k.shape
     d_v, dt = v.shape[-1], state_dtype(q)
     C = min(chunk_size, T)
@@ -136,7 +146,7 @@ def delta_rule_chunk(q, k, v, beta, W=None, chunk_size=64):
 
     S0 = q.new_zeros(B, H, d_k, d_v, dtype=dt) if W is None else W.to(dt).transpose(-1, -2)
     with torch.autocast(q.device.type, enabled=False):  # S, A, T and all products in fp32 under autocast
-        o, S = DeltaRuleChunk.apply(chunks(q), chunks(k), chunks(v), chunks(beta), S0)
+        o, S = DeltaRuleChunk.apply(chunks(q), chunks(k), chunks(v), chunks(beta), S0, kernel)
     return o.reshape(B, H, N * C, d_v)[:, :, :T].to(q.dtype), S.transpose(-1, -2)
 
 
@@ -183,9 +193,12 @@ class DeltaRuleCUDA(torch.autograd.Function):
 
 def delta_rule(q, k, v, beta, W=None, impl="auto", chunk_size=64):
     """Dispatch to an implementation; all take and return the fast weight W (B, H, d_v, d_k).
-    cuda (and auto on a CUDA device) use the kernel where it applies (d_k <= 128), else the chunk form."""
+    cuda (and auto on a CUDA device) use the recurrent kernel where it applies (d_k <= 128), else the chunk form;
+    chunk_cuda: the chunk form with its loops over chunks as kernels (CUDA tensors; elsewhere the chunk form)."""
     if impl == "loop":
         return delta_rule_loop(q, k, v, beta, W)
+    if impl == "chunk_cuda" and q.is_cuda and cuda_kernels() is not None:
+        return delta_rule_chunk(q, k, v, beta, W, chunk_size, kernel=True)
     if impl in ("auto", "cuda") and q.is_cuda and k.shape[-1] <= 128 and cuda_kernels() is not None:
         dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)  # autocast may mix bf16 and fp32
         q, k, v, beta = (x.to(dt).contiguous() for x in (q, k, v, beta))
@@ -358,7 +371,8 @@ class Args:
     qk_map: str = "elu_sumnorm"
     """elu_sumnorm (the paper: sumnorm(elu(x)+1)) or l2 (L2-normalised silu, Yang et al. 2024)"""
     impl: str = "auto"
-    """auto | loop | chunk | cuda: which implementation of the delta rule"""
+    """auto | loop | chunk | cuda | chunk_cuda: which implementation of the delta rule (chunk_cuda: the chunk form
+    with its loops over chunks as CUDA kernels; not yet measured on a GPU, so auto does not pick it)"""
     chunk_size: int = 64
     """chunk length C of the chunkwise form (64 measured fastest on 2 CPU cores and D=64)"""
     # training
@@ -400,8 +414,8 @@ class Args:
     """--bench: comma-separated sequence lengths (B=4, H=4)"""
     bench_d: int = 64
     """--bench: d_k = d_v"""
-    bench_impls: str = "loop,chunk,cuda"
-    """--bench: which implementations (cuda only where CUDA is)"""
+    bench_impls: str = "loop,chunk,cuda,chunk_cuda"
+    """--bench: which implementations (cuda and chunk_cuda only where CUDA is)"""
 
 
 PRESETS = {
@@ -418,7 +432,7 @@ PRESETS = {
 
 def check_args(args):
     choices = dict(task=("recall", "lm"), tokenizer=("word", "char"), qk_map=("elu_sumnorm", "l2"),
-                   pos_enc=("auto", "sin", "none"), impl=("auto", "loop", "chunk", "cuda"),
+                   pos_enc=("auto", "sin", "none"), impl=("auto", "loop", "chunk", "cuda", "chunk_cuda"),
                    dtype=("float32", "bfloat16"))
     for key, allowed in choices.items():
         if getattr(args, key) not in allowed:
@@ -546,8 +560,8 @@ def setup_processes(args):
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if args.impl == "cuda" and device.type != "cuda":
-        print(f"warning: --impl cuda needs a CUDA device, not {device}; using --impl chunk", file=sys.stderr)
+    if args.impl in ("cuda", "chunk_cuda") and device.type != "cuda":
+        print(f"warning: --impl {args.impl} needs a CUDA device, not {device}; using --impl chunk", file=sys.stderr)
     use_bf16 = args.dtype == "bfloat16" and device.type == "cuda"
     if args.dtype == "bfloat16" and not use_bf16:
         print(f"warning: --dtype bfloat16 (autocast) is CUDA only; training in float32 on {device}", file=sys.stderr)
@@ -706,11 +720,11 @@ def bench(args):
           " lower) + C^3/3 (T) + 2 C^2 d (T applied) + 2 C^2 d (QK^T, PU', causal halves) + 6 C d^2 (state);"
           " backward = 2x forward\nmem MiB: on CUDA the peak allocated; on CPU the tensors autograd saves for the"
           " backward")
-    print(f"{'impl':6} {'T':>6} {'fwd ms':>9} {'fwd+bwd ms':>11} {'tok/s (f+b)':>12} {'mem MiB':>9} {'GFLOP/s':>8}"
+    print(f"{'impl':10} {'T':>6} {'fwd ms':>9} {'fwd+bwd ms':>11} {'tok/s (f+b)':>12} {'mem MiB':>9} {'GFLOP/s':>8}"
           f" {'% bmm':>6}")
     impls = [i for i in args.bench_impls.split(",") if i in ("loop", "chunk")]
-    if "cuda" in args.bench_impls.split(",") and device.type == "cuda" and cuda_kernels() is not None:
-        impls.append("cuda")
+    if device.type == "cuda" and cuda_kernels() is not None:
+        impls += [i for i in args.bench_impls.split(",") if i in ("cuda", "chunk_cuda")]
     for T in lengths:
         g = torch.Generator().manual_seed(0)
         q, k = (F.normalize(torch.randn(B, H, T, D, generator=g), dim=-1).to(device, dtype) for _ in range(2))
@@ -735,10 +749,10 @@ def bench(args):
             else:
                 mem = saved_mib(fwd_bwd)
             c = min(C, T)
-            flops_fwd = B * H * T * 6 * D * D if impl != "chunk" else \
+            flops_fwd = B * H * T * 6 * D * D if impl in ("loop", "cuda") else \
                 B * H * -(-T // c) * (c * c * D + c**3 / 3 + 4 * c * c * D + 6 * c * D * D)
             rate = 3 * flops_fwd / t_fb / 1e9
-            print(f"{impl:6} {T:6d} {t_f * 1e3:9.1f} {t_fb * 1e3:11.1f} {B * T / t_fb:12.0f} {mem:9.1f} {rate:8.1f}"
+            print(f"{impl:10} {T:6d} {t_f * 1e3:9.1f} {t_fb * 1e3:11.1f} {B * T / t_fb:12.0f} {mem:9.1f} {rate:8.1f}"
                   f" {100 * rate / bmm_rate:5.0f}%", flush=True)
 
 

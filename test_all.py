@@ -2147,7 +2147,8 @@ def test_kernels_compile(tmp_path):
     ptx = (tmp_path / "k.ptx").read_text()
     n_fast_weight = 2 * 2 * 4 * 4  # forward/backward x sum/delta x 4 dtypes x 4 widths of d_k
     n_recurrent = (5 * 4 + 2) * 3  # rnn, lstm forward/backward and rdn forward x 4 dtypes, rdn backward x 2; 3 layouts
-    assert ptx.count(".entry") == n_fast_weight + n_recurrent
+    n_chunk = 2  # the chunk pass, fp32 and fp64
+    assert ptx.count(".entry") == n_fast_weight + n_recurrent + n_chunk
 
 
 def cuda_delta(q, k, v, beta, W):
@@ -2225,19 +2226,24 @@ def test_lt_cuda_sum_kernel_equals_loop(d):
 
 
 @needs_cuda
-def test_dn_cuda_chunk_equals_cpu_loop():
-    x = delta_inputs(T=100, d_k=64, d_v=64)
-    y1, W1, g1 = outputs_and_grads(delta_net.delta_rule_loop, x)
-    x_gpu = [t.detach().cuda().requires_grad_() for t in x]
-    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
-        xs = [t.detach().to(dtype).requires_grad_() for t in x_gpu]
-        y2, W2, g2 = outputs_and_grads(delta_net.delta_rule_chunk, xs)
-        for a, b in zip((y2, W2, *g2), (y1, W1, *g1)):
-            assert ((a.double().cpu() - b).norm() / b.norm()).item() < tol
+@pytest.mark.parametrize("kernel", [False, True])
+def test_dn_cuda_chunk_equals_cpu_loop(kernel):
+    """The chunk form on the GPU (kernel: its loops over chunks as cuda_kernels.cu's chunk_state_pass, --impl
+    chunk_cuda) against the float64 loop on the CPU, T = 100 (not a multiple of the chunk), d_v 80 (five column tiles,
+    the last full), then d_v 70 (the last partly masked): outputs, the final state, every gradient."""
+    for d_v in (80, 70):
+        x = delta_inputs(T=100, d_k=64, d_v=d_v)
+        y1, W1, g1 = outputs_and_grads(delta_net.delta_rule_loop, x)
+        x_gpu = [t.detach().cuda().requires_grad_() for t in x]
+        for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+            xs = [t.detach().to(dtype).requires_grad_() for t in x_gpu]
+            y2, W2, g2 = outputs_and_grads(lambda *a: delta_net.delta_rule_chunk(*a, kernel=kernel), xs)
+            for a, b in zip((y2, W2, *g2), (y1, W1, *g1)):
+                assert ((a.double().cpu() - b).norm() / b.norm()).item() < tol
 
 
 @needs_cuda
-@pytest.mark.parametrize("impl", ["cuda", "chunk"])
+@pytest.mark.parametrize("impl", ["cuda", "chunk", "chunk_cuda"])
 def test_dn_cuda_bf16_training_smoke(tmp_path, impl):
     script = os.path.join(HERE, "delta_net.py")  # not a copy: a new source path would rebuild the kernel (1 min)
     p = run(script, "--preset", "tiny", "--device", "cuda", "--dtype", "bfloat16", "--impl", impl,
@@ -2361,6 +2367,11 @@ ENTRY(lstm_fwd, delta_lstm_forward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I
 ENTRY(lstm_bwd, delta_lstm_backward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I(6), I(7), I(8), I(9), I(10), I(11), I(12), O(0), O(1), O(2), O(3), O(4), O(5), O(6), H, T, d)
 ENTRY(rdn_fwd, rdn_forward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I(6), I(7), O(0), O(1), O(2), O(3), O(4), O(5), O(6), H, T, d)
 ENTRY(rdn_bwd, rdn_backward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I(6), I(7), I(8), I(9), I(10), I(11), O(0), O(1), O(2), O(3), O(4), O(5), H, T, d)
+extern "C" void chunk_pass(const double** in, double** out, int grid, int N, int C, int d_k, int d_v, double sx,
+                           double sm, int reverse) {
+  launch(chunk_state_pass_kernel<double>, grid, 64, in[0], in[1], in[2], in[3], in[4], out[0], out[1], out[2], N, C,
+         d_k, d_v, sx, sm, (bool)reverse);
+}
 """
 
 
@@ -2390,6 +2401,48 @@ def call_on_cpu(lib, name, inputs, out_shapes, grid, H, T, d):
     keep = [t.contiguous() for t in inputs]
     getattr(lib, name)(ptrs(keep), ptrs(outs), grid, H, T, d)
     return outs
+
+
+def chunk_pass_on_cpu(lib, A, L, R, F, M0, sx, sm, reverse):
+    """cuda_kernels.cu's chunk_state_pass_kernel on CPU threads (float64, 64 threads per block)."""
+    import ctypes
+
+    B, H, N, C, d_v = A.shape
+    d_k = L.shape[-1]
+    outs = [torch.full(shape, math.nan, dtype=torch.float64) for shape in [(B, H, N, d_k, d_v), A.shape, M0.shape]]
+    ins = [t.contiguous() for t in (A, L, R)] + [None if F is None else F.contiguous(), M0.contiguous()]
+    lib.chunk_pass((ctypes.c_void_p * 5)(*[None if t is None else t.data_ptr() for t in ins]),
+                   (ctypes.c_void_p * 3)(*[t.data_ptr() for t in outs]), B * H * -(-d_v // 16), N, C, d_k, d_v,
+                   ctypes.c_double(sx), ctypes.c_double(sm), int(reverse))
+    return outs
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on the PATH")
+def test_dn_chunk_pass_kernel_on_cpu_equals_the_chunk_loop(kernels_on_cpu):
+    """The chunk kernel's device code on CPU threads, float64, against DeltaRuleChunk's two loops over chunks written
+    out: forward (S_n, U'_n, S_N from W, U, K, S_0) and backward (dS_{n+1}, dU'_n, dS_0 from K, W, G, E, dS_N), for
+    d_v within one column tile and across two (the second partly masked), C and d_k not multiples of anything."""
+    g = torch.Generator().manual_seed(0)
+    for B, H, N, C, d_k, d_v in [(1, 2, 3, 5, 7, 9), (2, 1, 4, 3, 6, 20)]:
+        r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+        w, u, k, G = r(B, H, N, C, d_k), r(B, H, N, C, d_v), r(B, H, N, C, d_k), r(B, H, N, C, d_v)
+        S0, E, dS = r(B, H, d_k, d_v), r(B, H, N, d_k, d_v), r(B, H, d_k, d_v)
+        S, S_n, ups = S0, [], []
+        for n in range(N):  # the forward's loop
+            S_n.append(S)
+            ups.append(u[:, :, n] - w[:, :, n] @ S)
+            S = S + k[:, :, n].transpose(-1, -2) @ ups[-1]
+        got = chunk_pass_on_cpu(kernels_on_cpu, u, w, k, None, S0, -1.0, 1.0, False)
+        for a, b in zip(got, [torch.stack(S_n, 2), torch.stack(ups, 2), S]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        D, dS_next, dups = dS, [None] * N, [None] * N
+        for n in reversed(range(N)):  # the backward's loop
+            dS_next[n] = D
+            dups[n] = G[:, :, n] + k[:, :, n] @ D
+            D = D + E[:, :, n] - w[:, :, n].transpose(-1, -2) @ dups[n]
+        got = chunk_pass_on_cpu(kernels_on_cpu, G, k, w, E, dS, 1.0, -1.0, True)
+        for a, b in zip(got, [torch.stack(dS_next, 2), torch.stack(dups, 2), D]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on the PATH")
