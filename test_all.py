@@ -2290,8 +2290,8 @@ def test_lt_cuda_bf16_training_smoke(tmp_path, args):
 
 
 
-# rfwp.py's recurrent kernels, their device code on the CPU: one std::thread per CUDA thread, __syncthreads and warp
-# shuffles emulated with barriers (the kernels keep their warps converged, so a shuffle is a warp-wide exchange)
+# The kernels' device code on the CPU (rfwp.py's recurrent kernels, delta_net.py's chunk pass): one std::thread per
+# CUDA thread, __syncthreads and warp shuffles emulated with barriers (the kernels keep their warps converged, so a shuffle is a warp-wide exchange)
 
 CUDA_ON_CPU = r"""
 #include <barrier>
@@ -2377,7 +2377,8 @@ extern "C" void chunk_pass(const double** in, double** out, int grid, int N, int
 
 @pytest.fixture(scope="session")
 def kernels_on_cpu(tmp_path_factory):
-    """cuda_kernels.cu's recurrent device code (from `using acc_type` to the host code) compiled with CUDA_ON_CPU."""
+    """cuda_kernels.cu's recurrent kernels and chunk pass (from `using acc_type` to the host code) compiled with
+    CUDA_ON_CPU."""
     import ctypes
 
     src = open(os.path.join(HERE, "cuda_kernels.cu")).read()
