@@ -36,7 +36,7 @@ Commands:
     python rfwp.py --preset paper --model delta_rnn       # GPU: the paper's code execution setting
     python rfwp.py --task lm --dataset wikitext-2 --model delta_lstm --carry_state
     python rfwp.py --bench                                # training speed and memory of every model
-    python rfwp.py --task rl --model delta                # CartPole without velocities: needs memory, ~5 CPU minutes
+    python rfwp.py --task rl --model delta                # CartPole without velocities: needs memory, ~2.5 CPU minutes
     python rfwp.py --task rl --env ALE/Breakout-v5 --model rdn --env_steps 50_000_000   # Atari (GPU advised)
     python rfwp.py --task rl --model delta --eval 100     # the greedy policy of out/rfwp/ckpt.pt, 100 episodes
 
