@@ -29,6 +29,7 @@ Commands:
 """
 
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -612,6 +613,7 @@ def finish_processes(model, world, master):
     if master:
         print(f"ddp: parameters identical on all {world} ranks: {all(torch.equal(g, flat) for g in gathered)}")
     torch.distributed.barrier()  # no rank tears down while another still talks to it
+    gc.collect()  # the DDP wrapper's reducer, with its reference to the group, goes now
     torch.distributed.destroy_process_group()
 
 
@@ -669,6 +671,7 @@ def train(args):
         name = {"recall": "acc", "lm": "ppl" if args.tokenizer == "word" else "bpc"}[args.task]
         print(f"final: test {name} {results['test'][name]:.4f}, valid {name} {results['valid'][name]:.4f} after {step}"
               f" steps, {time.time() - t0:.0f}s")
+    del ddp  # DDP holds the process group: release it here, not at interpreter exit (gloo aborts there)
     finish_processes(model, world, master)
 
 
