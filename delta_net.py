@@ -633,8 +633,9 @@ def train(args):
         ckpt = resume_from(ckpt_path, model, opt, device)
         step, state = ckpt["step"], ckpt["train_state"]
         gen.set_state(ckpt["rng"]["data"])
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
+    ddp = model  # what the training steps call: the model, wrapped in DDP when there are several processes
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
         print(f"config: {json.dumps(dataclasses.asdict(args))}")

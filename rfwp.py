@@ -41,7 +41,8 @@ Commands:
     python rfwp.py --task rl --model delta --eval 100     # the greedy policy of out/rfwp/ckpt.pt, 100 episodes
 
 RL (--task rl): per environment step, obs -> encoder (IMPALA CNN or MLP) -> [features, clipped last reward] ->
-core (one step, state carried across unrolls, zeroed where an episode ended) -> policy logits, baseline V. Loss per
+core (one step, state carried across unrolls, zeroed where an episode ended; by default the official RL code's core
+forms, --official_rl_core) -> policy logits, baseline V. Loss per
 unroll of T steps: V-trace targets v_s and advantages, -sum log pi(a_s) A_s + 0.5 baseline_cost sum (v_s - V(x_s))^2
 - entropy_cost sum H(pi(.|x_s)). Gradients flow through the fast weights within an unroll (--truncate 1 detaches).
 """

@@ -1371,6 +1371,22 @@ def test_rl_bench_runs(tmp_path):
         assert re.search(rf"^{name} +\d", p.stdout, re.M), p.stdout
 
 
+def test_rl_defaults_follow_the_official_commands():
+    """--task rl fills what flags and presets leave unset: the official cores and sizes for Atari (the LSTM one layer
+    of 256), the small CPU setting for CartPole-NoVel; an explicit flag wins; sequence tasks keep their forms and the
+    default 100k training examples (--preset paper: the paper's 10k)."""
+    size = lambda a: (a.official_rl_core, a.d_model, a.n_layer, a.d_ff, a.batch_size, a.lr)  # noqa: E731
+    atari = ["--task", "rl", "--env", "ALE/Pong-v5"]
+    assert size(rfwp.parse_args(atari)) == (True, 128, 2, 512, 32, 6e-4)
+    assert size(rfwp.parse_args(atari + ["--model", "lstm"])) == (True, 256, 1, 512, 32, 6e-4)
+    assert size(rfwp.parse_args(atari + ["--d_model", "64", "--official_rl_core", "false"])) == \
+        (False, 64, 2, 512, 32, 6e-4)
+    assert size(rfwp.parse_args(["--task", "rl"])) == (True, 64, 2, 256, 8, 3e-3)
+    assert size(rfwp.parse_args(["--task", "rl", "--model", "lstm"])) == (True, 64, 2, 256, 8, 3e-3)
+    assert size(rfwp.parse_args([])) == (False, 64, 2, 256, 32, 3e-3) and rfwp.parse_args([]).n_train == 100_000
+    assert rfwp.parse_args(["--preset", "paper"]).n_train == 10_000
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "transformer"], "needs a fast-weight or recurrent core"),
     (["--env", "NoSuchEnv-v0"], "gymnasium cannot make it"),
@@ -2372,6 +2388,7 @@ extern "C" void chunk_pass(const double** in, double** out, int grid, int N, int
   launch(chunk_state_pass_kernel<double>, grid, 64, in[0], in[1], in[2], in[3], in[4], out[0], out[1], out[2], N, C,
          d_k, d_v, sx, sm, (bool)reverse);
 }
+extern "C" int chunk_cols() { return kStateCols; }
 """
 
 
@@ -2412,8 +2429,9 @@ def chunk_pass_on_cpu(lib, A, L, R, F, M0, sx, sm, reverse):
     d_k = L.shape[-1]
     outs = [torch.full(shape, math.nan, dtype=torch.float64) for shape in [(B, H, N, d_k, d_v), A.shape, M0.shape]]
     ins = [t.contiguous() for t in (A, L, R)] + [None if F is None else F.contiguous(), M0.contiguous()]
+    blocks = B * H * -(-d_v // lib.chunk_cols())  # a block per (b h, column tile of the state)
     lib.chunk_pass((ctypes.c_void_p * 5)(*[None if t is None else t.data_ptr() for t in ins]),
-                   (ctypes.c_void_p * 3)(*[t.data_ptr() for t in outs]), B * H * -(-d_v // 16), N, C, d_k, d_v,
+                   (ctypes.c_void_p * 3)(*[t.data_ptr() for t in outs]), blocks, N, C, d_k, d_v,
                    ctypes.c_double(sx), ctypes.c_double(sm), int(reverse))
     return outs
 
