@@ -23,8 +23,10 @@ Block: x + Out(FWP(LN(x))), then x + FF(LN(x)) (--post_ln: LN(x + Out(FWP(x))), 
 Transformer baseline's form); a final LN and the output head. The fast weights and recurrent
 states start at zero; the output is read after the step's write. Layers whose keys depend only on the current
 input (linear, delta, delta_mlp, delta_delta, and the W parts of delta_rnn and delta_lstm) train in the
-chunkwise-parallel form; the recurrent parts step through time. With --impl cuda on a CUDA device, every part runs as
-a fused kernel of cuda_kernels.cu instead, forward and backward.
+chunkwise-parallel form; the recurrent parts step through time. With --impl kernel every part runs as one fused
+kernel per pass instead, forward and backward: cpu_kernels.cpp on the CPU (the default there, --impl auto),
+cuda_kernels.cu on a CUDA device. Both are JIT-built on first use (a C++ compiler and ninja; nvcc for CUDA); without
+them the PyTorch forms run, after one warning.
 
 Glossary: b batch, h head, t time step, T sequence length, C chunk length, d = d_head = d_model / n_head,
 W, R (d, d) fast weights of one head (fp32), beta in (0, 1) a write strength, s the recurrent input of a step.
@@ -130,47 +132,72 @@ def fast_weight_chunk(q, k, v, beta, W=None, chunk_size=64):
     return torch.stack(ys, 2).reshape(B, H, N * C, d_v)[:, :, :T], S.transpose(-1, -2)
 
 
-_CUDA_KERNELS = None  # the loaded extension; False once a build failed
+_KERNELS = {}  # device type -> the loaded extension, or False once its build failed
+KERNEL_FILES = {"cpu": "cpu_kernels.cpp", "cuda": "cuda_kernels.cu"}
+# --impl auto on the CPU uses the kernel of cpu_kernels.cpp for these parts: each is faster than its PyTorch form in
+# `python rfwp.py --bench` at the default size (rows kernel against chunk) and at one step per call (the RL agent).
+AUTO_ON_CPU = ("fast_weight", "delta_rnn", "delta_lstm", "rdn")
 
 
-def cuda_kernels():
-    """Build and load cuda_kernels.cu on first use (never at import), under a module name holding a hash of
-    the source, so an edit rebuilds and two scripts never clash. None, after one warning, if that fails."""
-    global _CUDA_KERNELS
-    if _CUDA_KERNELS is None:
-        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_kernels.cu")
+def kernels(device_type):
+    """The fused kernels of a device (cpu_kernels.cpp on the CPU, cuda_kernels.cu on CUDA: the same functions), built
+    and loaded on first use (never at import). The build runs on a copy of the source named by a hash of it and of
+    torch's version, so an edit rebuilds, two scripts never clash and a copied script reuses the build. None, after one
+    warning, if that fails (no compiler, no ninja, no nvcc): the PyTorch forms run instead."""
+    if device_type not in _KERNELS:
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), KERNEL_FILES[device_type])
         try:
             from torch.utils.cpp_extension import load
 
             with open(src, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()[:16]
-            _CUDA_KERNELS = load(f"fwp_kernels_{digest}", [src], extra_cuda_cflags=["-O3"], verbose=False)
-        except Exception as e:  # no nvcc, no file, a compile error: the PyTorch path still works
-            print(f"warning: cuda_kernels.cu unavailable ({type(e).__name__}: {str(e)[-2000:]}); using the PyTorch "
-                  "forms", file=sys.stderr)
-            _CUDA_KERNELS = False
-    return _CUDA_KERNELS or None
+                code = f.read()
+            digest = hashlib.sha256(code + torch.__version__.encode()).hexdigest()[:16]
+            name = f"rfwp_{device_type}_kernels_{digest}"
+            root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                           "torch_extensions")
+            build = os.path.join(root, name)
+            os.makedirs(build, exist_ok=True)
+            copy = os.path.join(build, os.path.basename(src))
+            if not os.path.exists(copy):
+                with open(copy + ".tmp", "wb") as f:
+                    f.write(code)
+                os.replace(copy + ".tmp", copy)
+            flags = ["-O3", "-march=native", "-fopenmp" if torch.backends.openmp.is_available() else "-fopenmp-simd"]
+            _KERNELS[device_type] = load(name, [copy], build_directory=build, extra_cflags=flags,
+                                         extra_cuda_cflags=["-O3"], verbose=False)
+        except Exception as e:  # no compiler, no ninja, a compile error: the PyTorch forms still work
+            print(f"warning: {os.path.basename(src)} unavailable ({type(e).__name__}: {str(e)[-2000:]}); using the "
+                  "PyTorch forms", file=sys.stderr)
+            _KERNELS[device_type] = False
+    return _KERNELS[device_type] or None
 
 
-def use_kernel(impl, x, model=None):
-    """--impl cuda uses the fused kernels for inputs x (B, H, T, d) on a CUDA device, d <= 128, T >= 1; for a
-    recurrent model, where its backward's shared memory fits the GPU."""
-    if not (impl == "cuda" and x.is_cuda and x.shape[2] > 0 and x.shape[3] <= 128 and cuda_kernels()):
+def use_kernel(impl, x, part):
+    """Whether the part (fast_weight or a recurrent model) with inputs x (B, H, T, d) runs as a fused kernel: --impl
+    kernel on the CPU (float32, float64) or a CUDA device (d <= 128; for a recurrent model, where its backward's shared
+    memory fits the GPU); --impl auto on the CPU for the parts in AUTO_ON_CPU. T >= 1."""
+    if x.device.type == "cpu":
+        wanted = (impl == "kernel" or impl == "auto" and part in AUTO_ON_CPU) and x.dtype in (torch.float32,
+                                                                                             torch.float64)
+    else:
+        wanted = impl == "kernel" and x.is_cuda and x.shape[3] <= 128
+    if not (wanted and x.shape[2] > 0 and kernels(x.device.type)):
         return False
-    if model is None:
-        return True
-    nbytes = cuda_kernels().recurrent_backward_smem(model, x.shape[3], 8 if x.dtype == torch.float64 else 4)
-    return nbytes <= getattr(torch.cuda.get_device_properties(x.device), "shared_memory_per_block_optin", 48 * 1024)
+    if x.is_cuda and part != "fast_weight":
+        nbytes = kernels("cuda").recurrent_backward_smem(part, x.shape[3], 8 if x.dtype == torch.float64 else 4)
+        return nbytes <= getattr(torch.cuda.get_device_properties(x.device), "shared_memory_per_block_optin",
+                                 48 * 1024)
+    return True
 
 
-class FastWeightCUDA(torch.autograd.Function):
-    """fast_weight_loop as one fused kernel (cuda_kernels.cu; beta None: the sum rule)."""
+class FastWeightKernel(torch.autograd.Function):
+    """fast_weight_loop as one fused kernel per pass (beta None: the sum rule); the backward undoes each write."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, W0):
         ctx.delta, ctx.has_W0 = beta is not None, W0 is not None
         beta = q.new_empty(0) if beta is None else beta
-        y, W, v_bar = cuda_kernels().forward(q, k, v, beta, q.new_empty(0) if W0 is None else W0, ctx.delta)
+        y, W, v_bar = kernels(q.device.type).forward(q, k, v, beta, q.new_empty(0) if W0 is None else W0, ctx.delta)
         ctx.save_for_backward(q, k, v, beta, v_bar, W)
         return y, W
 
@@ -178,17 +205,17 @@ class FastWeightCUDA(torch.autograd.Function):
     def backward(ctx, dy, dW):
         q, k, v, beta, v_bar, W = ctx.saved_tensors
         dy = torch.zeros_like(v) if dy is None else dy
-        dq, dk, dv, dbeta, dW0 = cuda_kernels().backward(q, k, v, beta, v_bar, W, dy, W.new_empty(0) if dW is None
-                                                         else dW, ctx.delta)
+        dq, dk, dv, dbeta, dW0 = kernels(q.device.type).backward(q, k, v, beta, v_bar, W, dy, W.new_empty(0) if dW is
+                                                                 None else dW, ctx.delta)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype) if ctx.delta else None,
                 dW0 if ctx.has_W0 else None)
 
 
 def fast_weight(q, k, v, beta, W, impl, chunk_size):
     """The input-driven delta rule (beta None: sum rule) by impl; see Args.impl."""
-    if use_kernel(impl, q):
+    if use_kernel(impl, q, "fast_weight"):
         q, k, v = (x.contiguous() for x in (q, k, v))
-        return FastWeightCUDA.apply(q, k, v, None if beta is None else beta.contiguous(), W)
+        return FastWeightKernel.apply(q, k, v, None if beta is None else beta.contiguous(), W)
     if impl == "loop" or (impl == "auto" and q.shape[2] == 1):
         return fast_weight_loop(q, k, v, beta, W)
     return fast_weight_chunk(q, k, v, beta, W, chunk_size)
@@ -251,48 +278,48 @@ def grad_of_last(dys, dy_T, ys):
     return dys
 
 
-class DeltaRNNCUDA(torch.autograd.Function):
+class DeltaRNNKernel(torch.autograd.Function):
     """delta_rnn_loop as one kernel per pass; the backward undoes the writes of R instead of storing R_t."""
 
     @staticmethod
     def forward(ctx, z, k, v, beta, R0, y0):
-        ys, R, v_bar = cuda_kernels().delta_rnn_forward(z, k, v, beta, R0, y0, any(ctx.needs_input_grad))
+        ys, R, v_bar = kernels(z.device.type).delta_rnn_forward(z, k, v, beta, R0, y0, any(ctx.needs_input_grad))
         ctx.save_for_backward(k, v, beta, v_bar, ys, y0, R)
         return ys, R, ys[:, :, -1].clone()
 
     @staticmethod
     def backward(ctx, dys, dR, dy_T):
         k, v, beta, v_bar, ys, y0, R = ctx.saved_tensors
-        dz, dk, dv, dbeta, dR0, dy0 = cuda_kernels().delta_rnn_backward(
+        dz, dk, dv, dbeta, dR0, dy0 = kernels(k.device.type).delta_rnn_backward(
             k, v, beta, v_bar, ys, y0, R, grad_of_last(dys, dy_T, ys), R.new_empty(0) if dR is None else dR)
         return dz.to(k.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dR0, dy0
 
 
-class DeltaLSTMCUDA(torch.autograd.Function):
+class DeltaLSTMKernel(torch.autograd.Function):
     """delta_lstm_loop as one kernel per pass; the backward undoes the writes of R^g instead of storing them."""
 
     @staticmethod
     def forward(ctx, z, k, v, beta, R0, c0, h0):
-        hs, cs, R, v_bar = cuda_kernels().delta_lstm_forward(z, k, v, beta, R0, c0, h0, any(ctx.needs_input_grad))
+        hs, cs, R, v_bar = kernels(z.device.type).delta_lstm_forward(z, k, v, beta, R0, c0, h0, any(ctx.needs_input_grad))
         ctx.save_for_backward(z, k, v, beta, v_bar, hs, cs, h0, c0, R)
         return hs, R, cs[:, :, -1].clone(), hs[:, :, -1].clone()
 
     @staticmethod
     def backward(ctx, dhs, dR, dc_T, dh_T):
         z, k, v, beta, v_bar, hs, cs, h0, c0, R = ctx.saved_tensors
-        dz, dk, dv, dbeta, dR0, dc0, dh0 = cuda_kernels().delta_lstm_backward(
+        dz, dk, dv, dbeta, dR0, dc0, dh0 = kernels(z.device.type).delta_lstm_backward(
             z, k, v, beta, v_bar, hs, cs, h0, c0, R, grad_of_last(dhs, dh_T, hs), c0.new_empty(0) if dc_T is None
             else dc_T, R.new_empty(0) if dR is None else dR)
         return dz.to(z.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dR0, dc0, dh0
 
 
-class RDNCUDA(torch.autograd.Function):
+class RDNKernel(torch.autograd.Function):
     """rdn_loop as one kernel per pass. The forward keeps q', k', v', beta and v̄ of every step (vectors, no
     matrices); the slow weights' gradients are sums over b and t of outer products with s_t = tanh(y_{t-1})."""
 
     @staticmethod
     def forward(ctx, q, k, v, b, R, r_b, W0, y0):
-        ys, W, *saved = cuda_kernels().rdn_forward(q, k, v, b, R, r_b, W0, y0, any(ctx.needs_input_grad))
+        ys, W, *saved = kernels(q.device.type).rdn_forward(q, k, v, b, R, r_b, W0, y0, any(ctx.needs_input_grad))
         ctx.save_for_backward(R, r_b, *saved, ys, y0, W)
         ctx.q_dtype = q.dtype
         return ys, W, ys[:, :, -1].clone()
@@ -300,7 +327,7 @@ class RDNCUDA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dys, dW, dy_T):
         R, r_b, q_sv, k_sv, v_sv, beta, v_bar, ys, y0, W = ctx.saved_tensors
-        dq, dk, dv, db, dW0, dy0 = cuda_kernels().rdn_backward(
+        dq, dk, dv, db, dW0, dy0 = kernels(R.device.type).rdn_backward(
             R, r_b, q_sv, k_sv, v_sv, beta, v_bar, ys, y0, W, grad_of_last(dys, dy_T, ys), W.new_empty(0) if dW is None
             else dW)
         s = torch.tanh(torch.cat([y0.unsqueeze(2), ys[:, :, :-1]], 2))  # s_t = tanh(y_{t-1}), (B, H, T, d)
@@ -321,19 +348,19 @@ def states(x, *xs):
 
 def delta_rnn(z, k, v, beta, R, y, impl):
     if use_kernel(impl, z, "delta_rnn"):
-        return DeltaRNNCUDA.apply(*contiguous(z, k, v, beta), *states(z, R, y))
+        return DeltaRNNKernel.apply(*contiguous(z, k, v, beta), *states(z, R, y))
     return delta_rnn_loop(z, k, v, beta, R, y)
 
 
 def delta_lstm(z, k, v, beta, R, c, h, impl):
     if use_kernel(impl, z, "delta_lstm"):
-        return DeltaLSTMCUDA.apply(*contiguous(z, k, v, beta), *states(z, R, c, h))
+        return DeltaLSTMKernel.apply(*contiguous(z, k, v, beta), *states(z, R, c, h))
     return delta_lstm_loop(z, k, v, beta, R, c, h)
 
 
 def rdn(q, k, v, b, R, r_b, W, y, impl):
     if use_kernel(impl, q, "rdn"):
-        return RDNCUDA.apply(*contiguous(q, k, v, b), *states(q, R, r_b, W, y))
+        return RDNKernel.apply(*contiguous(q, k, v, b), *states(q, R, r_b, W, y))
     return rdn_loop(q, k, v, b, R, r_b, W, y)
 
 
@@ -481,8 +508,10 @@ class DeltaLSTMLayer(SlowNet):
         super().__init__(args, [d, d, d, 1, d, d, 1] * 3)
 
     def forward(self, x, state=None):
-        p = self.project(x)
-        q, k, v, b, k_r, v_r, b_r = (torch.cat(p[j::7], 1) for j in range(7))  # (B, 3H, T, .): gates as heads
+        B, T, _ = x.shape  # the projection holds per head the gates' parts in order i, u, o: gates as heads in one copy
+        p = self.slow(x).view(B, T, self.H, 3, -1).permute(0, 3, 2, 1, 4).reshape(B, 3 * self.H, T, -1)
+        parts = zip(p.split(self.sizes[:7], -1), self.sizes)
+        q, k, v, b, k_r, v_r, b_r = (u.squeeze(-1) if n == 1 else u for u, n in parts)  # (B, 3H, T, .)
         W, R, c, h = state or (None, self.zeros(x, self.d, self.d, heads=3 * self.H), self.zeros(x, self.d),
                                self.zeros(x, self.d))
         z, W = fast_weight(elu1_sumnorm(q), elu1_sumnorm(k), v, torch.sigmoid(b), W, self.impl, self.chunk_size)
@@ -820,9 +849,10 @@ class Args:
     """blocks x = LN(x + FWP(x)), x = LN(x + FF(x)) (nn.TransformerEncoderLayer's form: the official algorithmic
     Transformer baseline's) instead of x + FWP(LN(x)), x + FF(LN(x)) (the official FWP layers')"""
     impl: str = "auto"
-    """auto | loop | chunk | cuda. loop: every part steps through time in Python (the spec); chunk: the input-driven
-    delta/sum-rule parts in the chunkwise form, the recurrent parts loop; auto: chunk (loop for single steps);
-    cuda: the fused kernels of cuda_kernels.cu for every part (CUDA devices, d_head <= 128; not yet run on a GPU)"""
+    """auto | loop | chunk | kernel (or its old name cuda). loop: every part steps through time in Python (the spec);
+    chunk: the input-driven delta/sum-rule parts in the chunkwise form, the recurrent parts loop; kernel: every part
+    as a fused kernel (cpu_kernels.cpp on the CPU, float32/64; cuda_kernels.cu on CUDA, d_head <= 128, not yet run on a
+    GPU); auto: on the CPU the kernels (AUTO_ON_CPU), elsewhere chunk (loop for single steps)"""
     chunk_size: int = 64
     """chunk length C of the chunkwise form"""
     # training
@@ -879,10 +909,11 @@ ENV_DEFAULTS = {"CartPole-NoVel": dict(IMPALA, d_model=64, d_ff=256, lr=3e-3, ba
 
 def check_args(args):
     choices = dict(task=("code", "listops", "lm", "rl"), tokenizer=("word", "char"), model=MODELS,
-                   impl=("auto", "loop", "chunk", "cuda"))
+                   impl=("auto", "loop", "chunk", "kernel", "cuda"))
     for key, allowed in choices.items():
         if getattr(args, key) not in allowed:
             fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(args, key)!r}")
+    args.impl = "kernel" if args.impl == "cuda" else args.impl  # the old name of --impl kernel
     for key in ("code_length", "depth", "n_train", "n_eval", "seq_len", "d_model", "n_layer", "n_head", "d_ff",
                 "fast_net_depth", "chunk_size", "batch_size", "steps", "eval_every", "bench_T", "env_steps", "unroll"):
         if getattr(args, key) <= 0:
@@ -1520,22 +1551,25 @@ def saved_mib(fn):
 
 
 def bench(args):
-    """Training steps (forward, backward) of every model at the configured size, batch 32, T = bench_T. On CUDA, each
-    fast-weight model twice: --impl chunk (the recurrent parts step in Python) and --impl cuda (fused kernels), the
-    second checked against the first in the same run (max |difference| / max |value| over the logits and every
-    parameter's gradient)."""
+    """Training steps (forward, backward) of every model at the configured size, batch 32, T = bench_T. Each
+    fast-weight model with --impl chunk (the recurrent parts step in Python) and, where the device's kernels build,
+    --impl kernel (fused kernels); each of those rows checked against --impl loop (the spec) in the same run: rel err
+    = max |difference| / max |value| over the logits and every parameter's gradient of one step. ms: the median of 5
+    timed steps after a warm-up; vs lstm: that over the lstm row's."""
     device = pick_device(args.device)
     B, T = 32, args.bench_T
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    impls = ["chunk", "cuda"] if device.type == "cuda" and cuda_kernels() else [args.impl]
+    impls = ["chunk", "kernel"] if device.type in ("cpu", "cuda") and kernels(device.type) else ["chunk"]
     print(f"device {device}, threads {torch.get_num_threads()}, batch {B}, T {T}, d_model {args.d_model}, "
           f"n_layer {args.n_layer}, n_head {args.n_head}; mem MiB: on CUDA the peak allocated, on CPU the tensors "
           "autograd saves for the backward")
-    print(f"{'model':12} {'impl':6} {'params':>8} {'fwd+bwd ms':>11} {'tok/s':>9} {'mem MiB':>9} {'rel err':>9}")
+    print(f"{'model':12} {'impl':6} {'params':>8} {'fwd+bwd ms':>11} {'vs lstm':>8} {'tok/s':>9} {'mem MiB':>9} "
+          f"{'rel err':>9}")
     x = torch.randint(0, 20, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
+    t_lstm = None
     for name in MODELS:
-        reference = None
-        for impl in impls[:1] if name in ("lstm", "transformer") else impls:
+        baseline = name in ("lstm", "transformer")
+        for impl in ["auto"] if baseline else impls:
             torch.manual_seed(0)
             model = build_model(dataclasses.replace(args, model=name, impl=impl), 20, 20).to(device)
 
@@ -1545,7 +1579,7 @@ def bench(args):
                 return logits
 
             times = []
-            for _ in range(4):  # the first is a warm-up
+            for _ in range(6):  # the first is a warm-up
                 sync()
                 t = time.perf_counter()
                 step()
@@ -1557,17 +1591,25 @@ def bench(args):
                 mem = torch.cuda.max_memory_allocated() / 2**20
             else:
                 mem = saved_mib(step)
-            err = ""
-            if len(impls) > 1:  # the logits and gradients of one more step, against the first form's
-                model.zero_grad()
-                result = [step().detach()] + [p.grad for p in model.parameters() if p.grad is not None]
-                if reference is not None:
-                    err = f"{max(relative_error(r, g) for r, g in zip(result, reference)):9.1e}"
-                reference = reference or result
+            err = "" if baseline else f"{loop_error(model, step):9.1e}"
             t_med = float(np.median(times[1:]))
+            t_lstm = t_lstm or t_med
             n_params = sum(p.numel() for p in model.parameters())
-            print(f"{name:12} {impl:6} {n_params / 1e6:7.2f}M {t_med * 1e3:11.1f} {B * T / t_med:9.0f} {mem:9.1f} "
-                  f"{err:>9}", flush=True)
+            print(f"{name:12} {impl:6} {n_params / 1e6:7.2f}M {t_med * 1e3:11.1f} {t_med / t_lstm:7.1f}x "
+                  f"{B * T / t_med:9.0f} {mem:9.1f} {err:>9}", flush=True)
+
+
+def loop_error(model, step):
+    """The logits and parameter gradients of one step of model, against the same model with --impl loop."""
+    results = []
+    for impl in (None, "loop"):
+        if impl:
+            for m in model.modules():
+                if hasattr(m, "impl"):
+                    m.impl = impl
+        model.zero_grad()
+        results.append([step().detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    return max(relative_error(a, b) for a, b in zip(*results))
 
 
 def relative_error(args, b):
@@ -1577,7 +1619,7 @@ def relative_error(args, b):
 # ----------------------------------------------------------------------------------------------
 # Scaffolding, the same in every script: command line (from the Args fields and their docstrings), errors,
 # device, checkpoint writes, seeds and --resume, metrics (here parse_args also fills the RL defaults and
-# pick_device checks --impl cuda).
+# pick_device checks --impl kernel).
 
 
 def fail(msg):
@@ -1653,8 +1695,8 @@ def pick_device(name, impl="auto"):
         device = torch.device("mps")
     else:
         device = torch.device("cpu")
-    if impl == "cuda" and device.type != "cuda":
-        print(f"warning: --impl cuda needs a CUDA device, not {device}; using --impl chunk", file=sys.stderr)
+    if impl == "kernel" and device.type not in ("cpu", "cuda"):
+        print(f"warning: --impl kernel runs on the CPU and CUDA, not {device}; using --impl chunk", file=sys.stderr)
     return device
 
 

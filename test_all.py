@@ -31,14 +31,14 @@ torch.set_num_threads(2)
 
 
 # ----------------------------------------------------------------------------------------------
-# Shared helpers: run a script as a user would (from a temporary copy of just that script, data.py and
-# cuda_kernels.cu), read its metrics, compare two runs. Each section below imports its own script.
+# Shared helpers: run a script as a user would (from a temporary copy of just that script, data.py and the kernel
+# files), read its metrics, compare two runs. Each section below imports its own script.
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def script_copy(tmp_path, name="delta_net.py"):
-    for f in (name, "data.py", "cuda_kernels.cu"):
+    for f in (name, "data.py", "cuda_kernels.cu", "cpu_kernels.cpp"):
         if os.path.exists(os.path.join(HERE, f)):
             shutil.copy(os.path.join(HERE, f), tmp_path)
     return str(tmp_path / name)
@@ -805,7 +805,7 @@ def test_rf_fast_weight_loop_equals_delta_net():
 
 @pytest.mark.parametrize("name", ["linear", "delta", "delta_mlp", "delta_delta", "delta_rnn", "delta_lstm"])
 def test_rf_model_chunk_equals_loop(name):
-    model = rf_model(name)
+    model = rf_model(name, impl="chunk")
     x = torch.randint(0, 12, (2, 13), generator=torch.Generator().manual_seed(2))
     logits_chunk, _ = model(x)
     for block in model.blocks:
@@ -1012,11 +1012,11 @@ def test_rf_splits_are_fixed_and_distinct():
 @pytest.mark.parametrize("name", rfwp.MODELS)
 def test_rf_smoke_every_model(tmp_path, name):
     script = script_copy(tmp_path, "rfwp.py")
-    impl = ["--impl", "cuda"] if name == "rdn" else []  # without a GPU: a warning, then the PyTorch forms
+    impl = ["--impl", "cuda"] if name == "rdn" else []  # the old name of --impl kernel: the CPU kernels here
     p = run(script, "--preset", "tiny", "--model", name, "--steps", "6", "--eval_every", "3", "--out_dir",
             str(tmp_path / "o"), *impl)
     assert "final: test seq_acc" in p.stdout and os.path.exists(tmp_path / "o" / "best.pt")
-    assert ("--impl cuda needs a CUDA device" in p.stderr) == (bool(impl) and not torch.cuda.is_available())
+    assert "warning" not in p.stderr, p.stderr
 
 
 @pytest.mark.parametrize("args", [["--task", "listops"], ["--task", "lm", "--carry_state", "--model", "rdn"]])
@@ -1041,9 +1041,14 @@ def test_rf_resume_is_exact(tmp_path):
 
 
 def test_rf_bench_runs(tmp_path):
+    """Every model's row; each fast-weight model with chunk and kernel rows, each checked against --impl loop."""
     p = run(script_copy(tmp_path, "rfwp.py"), "--preset", "tiny", "--bench", "--bench_T", "16")
-    for name in rfwp.MODELS:
+    for name in ("lstm", "transformer"):
         assert re.search(rf"^{name} +auto +\d", p.stdout, re.M), p.stdout
+    for name in set(rfwp.MODELS) - {"lstm", "transformer"}:
+        for impl in ("chunk", "kernel"):
+            err = re.search(rf"^{name} +{impl} +.* ([\d.e+-]+)$", p.stdout, re.M)
+            assert err and float(err.group(1)) < 1e-4, p.stdout
 
 
 @pytest.mark.parametrize("args, message", [
@@ -2468,7 +2473,7 @@ def test_dn_chunk_pass_kernel_on_cpu_equals_the_chunk_loop(kernels_on_cpu):
 @pytest.mark.parametrize("model", ["delta_rnn", "delta_lstm", "rdn"])
 def test_rf_kernels_on_cpu_equal_loops(kernels_on_cpu, model):
     """The recurrent kernels' device code, run on CPU threads in float64, against the loops and autograd: outputs,
-    final states, every gradient (the RDN's slow weights through the outer products rfwp.RDNCUDA forms), for each
+    final states, every gradient (the RDN's slow weights through the outer products rfwp.RDNKernel forms), for each
     register layout (d = 3, 16 (two blocks), 40, 70, 128) and T = 1. Checks the indexing, the masking and (with
     threads held back at random) the synchronisation; the host code, the GPU's rounding and speed are for the CUDA
     tests below."""
@@ -2510,10 +2515,19 @@ def test_rf_kernels_on_cpu_equal_loops(kernels_on_cpu, model):
             assert rel_err(a, b) < 1e-12, (model, (B, H, T, d), rel_err(a, b))
 
 
-# rfwp.py's recurrent kernels: Delta RNN, Delta LSTM, RDN against their loops
+# rfwp.py's fused kernels against their loops: cpu_kernels.cpp on the CPU (wherever a C++ compiler is), the same tests
+# with cuda_kernels.cu where CUDA is. Both files serve the same autograd Functions.
 
-RF_RECURRENCES = {"delta_rnn": (rfwp.delta_rnn_loop, rfwp.DeltaRNNCUDA),
-                  "delta_lstm": (rfwp.delta_lstm_loop, rfwp.DeltaLSTMCUDA), "rdn": (rfwp.rdn_loop, rfwp.RDNCUDA)}
+RF_RECURRENCES = {"delta_rnn": (rfwp.delta_rnn_loop, rfwp.DeltaRNNKernel),
+                  "delta_lstm": (rfwp.delta_lstm_loop, rfwp.DeltaLSTMKernel), "rdn": (rfwp.rdn_loop, rfwp.RDNKernel)}
+needs_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
+ON_CPU, ON_CUDA = pytest.param("cpu", marks=needs_cxx), pytest.param("cuda", marks=needs_cuda)
+
+
+def rf_kernels(device):
+    ext = rfwp.kernels(device)
+    assert ext is not None, f"{rfwp.KERNEL_FILES[device]} failed to build (the warning above says why)"
+    return ext
 
 
 def rf_recurrence_inputs(model, B=2, H=3, T=37, d=16, dtype=torch.float64, seed=0):
@@ -2534,84 +2548,186 @@ def rf_recurrence_inputs(model, B=2, H=3, T=37, d=16, dtype=torch.float64, seed=
     return x + [r(B, H, d, dt=sd)] if model == "delta_lstm" else x
 
 
-def rf_recurrence_outputs_and_grads(fn, inputs, seed=1):
+def rf_fast_weight_inputs(rule, B=2, H=3, T=37, d_k=16, d_v=16, dtype=torch.float64, seed=0):
+    """q, k (unit norm), v, W0 and, for the delta rule, beta in (0, 1): the inputs of fast_weight."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    x = [r(B, H, T, d_k), F.normalize(r(B, H, T, d_k), dim=-1), r(B, H, T, d_v), 0.3 * r(B, H, d_v, d_k)]
+    return [t.to(dtype) for t in x + ([torch.sigmoid(r(B, H, T))] if rule == "delta" else [])]
+
+
+def fast_weight_of(kernel):
+    """fast_weight_loop or the kernel as a function of (q, k, v, W0[, beta])"""
+    if kernel:
+        return lambda q, k, v, W0, *beta: rfwp.FastWeightKernel.apply(q, k, v, beta[0] if beta else None, W0)
+    return lambda q, k, v, W0, *beta: rfwp.fast_weight_loop(q, k, v, beta[0] if beta else None, W0)
+
+
+def rf_outputs_and_grads(fn, inputs, seed=1):
     outs = fn(*inputs)
     g = torch.Generator().manual_seed(seed)
     gs = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device, o.dtype) for o in outs]
     return list(outs), list(torch.autograd.grad(sum((o * go).sum() for o, go in zip(outs, gs)), inputs))
 
 
-@needs_cuda
-@pytest.mark.parametrize("model", list(RF_RECURRENCES))
-@pytest.mark.parametrize("T, d, dtype", [(1, 16, torch.float64), (37, 16, torch.float64), (37, 40, torch.float64),
-                                         (300, 64, torch.float64), (37, 128, torch.float32), (300, 16, torch.float32),
-                                         (300, 64, torch.float32), (37, 16, torch.bfloat16), (300, 64, torch.bfloat16)])
-def test_rf_cuda_recurrence_equals_loop(model, T, d, dtype):
-    """Each recurrent kernel against its loop run in float64 on the same (rounded) inputs: outputs, final states and
-    the gradients of every input, initial state and slow weight."""
-    assert rfwp.cuda_kernels() is not None, "cuda_kernels.cu failed to build"
-    loop, kernel = RF_RECURRENCES[model]
-    x = rf_recurrence_inputs(model, T=T, d=d, dtype=dtype, seed=T + d)
-    ref = rf_recurrence_outputs_and_grads(loop, [t.double().cuda().requires_grad_() for t in x])
-    got = rf_recurrence_outputs_and_grads(kernel.apply, [t.cuda().requires_grad_() for t in x])
-    tol = 1e-10 if dtype == torch.float64 else 1e-4
+def assert_kernel_equals_loop(loop, kernel, x, device, tol):
+    """kernel on x (moved to device) against loop on x in float64: every output and every input's gradient."""
+    ref = rf_outputs_and_grads(loop, [t.double().requires_grad_() for t in x])
+    got = rf_outputs_and_grads(kernel, [t.to(device).requires_grad_() for t in x])
     assert [g.dtype for g in got[1]] == [t.dtype for t in x]
     for i, (a, b) in enumerate(zip(got[0] + got[1], ref[0] + ref[1])):
-        assert rel_err(a, b) < tol, (model, i, rel_err(a, b))
+        assert rel_err(a.cpu(), b) < tol, (i, rel_err(a.cpu(), b))
 
 
-@needs_cuda
+RF_KERNEL_SHAPES = {  # (T, d, dtype) per device: T in {1, 37, 300}, every width class of both files, fp64 and fp32
+    "cpu": [(1, 3, torch.float64), (37, 16, torch.float64), (37, 40, torch.float64), (300, 64, torch.float64),
+            (37, 128, torch.float64), (1, 128, torch.float64), (300, 16, torch.float32), (300, 128, torch.float32)],
+    "cuda": [(1, 16, torch.float64), (37, 16, torch.float64), (37, 40, torch.float64), (300, 64, torch.float64),
+             (37, 128, torch.float32), (300, 16, torch.float32), (300, 64, torch.float32), (37, 16, torch.bfloat16),
+             (300, 64, torch.bfloat16)]}
+RF_KERNEL_CASES = [pytest.param(dev.values[0], T, d, dt, marks=dev.marks, id=f"{dev.values[0]}-{T}-{d}-{str(dt)[6:]}")
+                   for dev in (ON_CPU, ON_CUDA) for T, d, dt in RF_KERNEL_SHAPES[dev.values[0]]]
+
+
 @pytest.mark.parametrize("model", list(RF_RECURRENCES))
-def test_rf_cuda_recurrence_gradcheck(model):
-    x = [t.cuda().requires_grad_() for t in rf_recurrence_inputs(model, B=1, H=2, T=5, d=3)]
-    assert torch.autograd.gradcheck(RF_RECURRENCES[model][1].apply, x)
+@pytest.mark.parametrize("device, T, d, dtype", RF_KERNEL_CASES)
+def test_rf_kernel_recurrence_equals_loop(model, device, T, d, dtype):
+    """Each recurrent kernel against its loop run in float64 on the same (rounded) inputs: outputs, final states and
+    the gradients of every input, initial state and slow weight."""
+    rf_kernels(device)
+    loop, kernel = RF_RECURRENCES[model]
+    x = rf_recurrence_inputs(model, T=T, d=d, dtype=dtype, seed=T + d)
+    assert_kernel_equals_loop(loop, kernel.apply, x, device, 1e-10 if dtype == torch.float64 else 1e-4)
 
 
-@needs_cuda
-@pytest.mark.parametrize("model", list(RF_RECURRENCES))
-def test_rf_cuda_recurrence_state_split_equals_one_call(model):
-    """One call over 100 steps = two calls of 60 and 40 with the state passed along; without autograd too."""
-    kernel = RF_RECURRENCES[model][1].apply
-    x = [t.cuda().float() for t in rf_recurrence_inputs(model, T=100, d=64, dtype=torch.float32)]
-    n_seq = 4  # z/q, k, v, beta/b: (B, H, T, ...); the rest: states and slow weights
+@pytest.mark.parametrize("rule", ["delta", "sum"])
+@pytest.mark.parametrize("device, T, d, dtype", RF_KERNEL_CASES)
+def test_rf_kernel_fast_weight_equals_loop(rule, device, T, d, dtype):
+    """The delta-rule and sum-rule kernel against fast_weight_loop in float64: outputs, final W, the gradients of q, k,
+    v, W0 and beta; d_v = d and, where the file allows it, a d_v of its own (d_k <= 128 on CUDA)."""
+    rf_kernels(device)
+    for d_v in {d, 24 if d > 100 else 2 * d + 1}:
+        x = rf_fast_weight_inputs(rule, T=T, d_k=d, d_v=d_v, dtype=dtype, seed=T + d)
+        assert_kernel_equals_loop(fast_weight_of(False), fast_weight_of(True), x, device,
+                                  1e-10 if dtype == torch.float64 else 1e-4 if dtype == torch.float32 else 5e-2)
+
+
+@pytest.mark.parametrize("device", [ON_CPU, ON_CUDA])
+@pytest.mark.parametrize("part", ["delta", "sum", *RF_RECURRENCES])
+def test_rf_kernel_gradcheck(device, part):
+    rf_kernels(device)
+    if part in RF_RECURRENCES:
+        fn, x = RF_RECURRENCES[part][1].apply, rf_recurrence_inputs(part, B=1, H=2, T=5, d=3)
+    else:
+        fn, x = fast_weight_of(True), rf_fast_weight_inputs(part, B=1, H=2, T=5, d_k=3, d_v=4)
+    assert torch.autograd.gradcheck(fn, [t.to(device).requires_grad_() for t in x])
+
+
+@pytest.mark.parametrize("device", [ON_CPU, ON_CUDA])
+@pytest.mark.parametrize("part", ["delta", "sum", *RF_RECURRENCES])
+def test_rf_kernel_state_split_equals_one_call(device, part):
+    """One call over 100 steps = two calls of 60 and 40 with the state passed along (float32, without autograd: the
+    forward that saves nothing for a backward); then the same with autograd, float64, gradients too."""
+
+    def inputs(dtype):
+        if part in RF_RECURRENCES:
+            return rf_recurrence_inputs(part, T=100, d=16, dtype=dtype)
+        x = rf_fast_weight_inputs(part, T=100, d_k=16, d_v=16, dtype=dtype)
+        return x[:3] + x[4:] + x[3:4]  # q, k, v, [beta,] W0: the state last
+
+    def call(x):
+        if part in RF_RECURRENCES:
+            return RF_RECURRENCES[part][1].apply(*x)
+        return fast_weight_of(True)(*x[:3], x[-1], *x[3:-1])
+
+    def split(x):
+        n_seq = 4 if part in RF_RECURRENCES else len(x) - 1  # the sequences (B, H, T, ...) come first
+        ya, *sa = call([t[:, :, :60] for t in x[:n_seq]] + x[n_seq:])
+        kept = x[4:6] if part == "rdn" else []  # the RDN's slow weights R, r_b stay; the states are carried
+        yb, *sb = call([t[:, :, 60:] for t in x[:n_seq]] + kept + sa)
+        return [torch.cat([ya, yb], 2), *sb]
+
+    rf_kernels(device)
     with torch.no_grad():
-        ys, *state = kernel(*x)
-        ya, *sa = kernel(*[t[:, :, :60] for t in x[:n_seq]], *x[n_seq:])
-        if model == "rdn":  # (W, y) carried, the slow weights R, r_b stay
-            yb, *sb = kernel(*[t[:, :, 60:] for t in x[:n_seq]], *x[n_seq:-2], *sa)
-        else:  # (R, y) or (R, c, h)
-            yb, *sb = kernel(*[t[:, :, 60:] for t in x[:n_seq]], *sa)
-    torch.testing.assert_close(torch.cat([ya, yb], 2), ys)
-    for a, b in zip(sb, state):
-        torch.testing.assert_close(a, b)
+        x = [t.to(device) for t in inputs(torch.float32)]
+        for a, b in zip(split(x), call(x)):
+            torch.testing.assert_close(a, b)
+    x = [t.to(device).requires_grad_() for t in inputs(torch.float64)]
+    one, two = call(x), split(x)
+    for a, b in zip(two, one):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    g = [torch.randn_like(o) for o in one]
+    for a, b in zip(torch.autograd.grad(sum((o * go).sum() for o, go in zip(two, g)), x),
+                    torch.autograd.grad(sum((o * go).sum() for o, go in zip(one, g)), x)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@needs_cuda
-@pytest.mark.parametrize("name", ["delta_rnn", "delta_lstm", "rdn", "delta", "linear"])
-def test_rf_cuda_model_equals_loop_with_state_and_reset(name):
-    """The whole model on the GPU, --impl cuda against --impl loop in float64: a first call, then a second with the
-    state carried and a reset mask; logits of both and the gradients of every parameter."""
-    x1, x2 = (torch.randint(0, 12, (4, n), generator=torch.Generator().manual_seed(n)).cuda() for n in (9, 13))
-    reset = torch.tensor([True, False, True, False], device="cuda")
+@pytest.mark.parametrize("device", [ON_CPU, ON_CUDA])
+@pytest.mark.parametrize("name", ["delta_rnn", "delta_lstm", "rdn", "delta", "linear", "delta_mlp", "delta_delta"])
+def test_rf_kernel_model_equals_loop_with_state_and_reset(device, name):
+    """The whole model, --impl kernel against --impl loop in float64: a first call, then a second with the state
+    carried and a reset mask; logits of both and the gradients of every parameter."""
+    rf_kernels(device)
+    x1, x2 = (torch.randint(0, 12, (4, n), generator=torch.Generator().manual_seed(n)).to(device) for n in (9, 13))
+    reset = torch.tensor([True, False, True, False], device=device)
     results = []
-    for impl in ("loop", "cuda"):
-        model = rf_model(name, impl=impl).cuda()
+    for impl in ("loop", "kernel"):
+        model = rf_model(name, impl=impl).to(device)
         out1, s = model(x1)
         out2, _ = model(x2, s, reset=reset)
         grads = torch.autograd.grad(out1.square().sum() + out2.square().sum(), list(model.parameters()))
         results.append([out1, out2, *grads])
+        assert any(type(fn).__name__.endswith("KernelBackward") for fn in grad_fns(out2)) == (impl == "kernel")
     for a, b in zip(*results):
         assert rel_err(a, b) < 1e-10
+
+
+def grad_fns(t):
+    """Every node of t's autograd graph."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            todo += [f for f, _ in fn.next_functions]
+    return seen
+
+
+@needs_cxx
+@pytest.mark.parametrize("name", ["rdn", "delta_lstm", "delta"])
+def test_rl_agent_steps_through_the_cpu_kernels(name):
+    """--task rl, default --impl auto on the CPU: the agent's single steps run the fused kernels (equal to the loop)."""
+    rf_kernels("cpu")
+    args = rfwp.parse_args(["--task", "rl", "--model", name, "--d_model", "16", "--n_head", "2", "--d_ff", "32"])
+    obs, reward = torch.randn(3, 2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    outs = []
+    for impl in ("auto", "loop"):
+        torch.manual_seed(0)
+        agent = rfwp.Agent(dataclasses.replace(args, impl=impl), (2,), 2).double()
+        logits, value, state = agent(obs, reward)
+        logits2, _, _ = agent(obs, reward, state)
+        assert any(type(fn).__name__.endswith("KernelBackward") for fn in grad_fns(logits2)) == (impl == "auto")
+        outs.append(logits2)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
+
+
+def test_rf_kernel_build_failure_falls_back_with_one_warning(tmp_path):
+    """No working compiler (and no earlier build): one warning, then the PyTorch forms train as before."""
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    p = run(script_copy(tmp_path, "rfwp.py"), "--preset", "tiny", "--model", "delta_lstm", "--steps", "4",
+            "--eval_every", "2", "--out_dir", str(tmp_path / "o"), env=env)
+    assert "final: test seq_acc" in p.stdout
+    assert p.stderr.count("warning: cpu_kernels.cpp unavailable") == 1, p.stderr
 
 
 @needs_cuda
 def test_rf_cuda_bench_and_training_smoke(tmp_path):
     p = run(os.path.join(HERE, "rfwp.py"), "--preset", "tiny", "--bench", "--bench_T", "16", "--device", "cuda")
     for name in ("delta", "delta_rnn", "delta_lstm", "rdn"):
-        err = re.search(rf"^{name} +cuda +.* ([\d.e+-]+)$", p.stdout, re.M)
+        err = re.search(rf"^{name} +kernel +.* ([\d.e+-]+)$", p.stdout, re.M)
         assert err and float(err.group(1)) < 1e-4, p.stdout
-    p = run(os.path.join(HERE, "rfwp.py"), "--preset", "tiny", "--model", "delta_lstm", "--device", "cuda", "--out_dir",
-            str(tmp_path / "o"))
+    p = run(os.path.join(HERE, "rfwp.py"), "--preset", "tiny", "--model", "delta_lstm", "--device", "cuda", "--impl",
+            "kernel", "--out_dir", str(tmp_path / "o"))
     assert "final: test seq_acc" in p.stdout and "warning" not in p.stderr
 
 

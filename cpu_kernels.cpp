@@ -1,0 +1,587 @@
+// The CPU twin of cuda_kernels.cu: the same recurrences with the same function names, arguments and results, so
+// one autograd Function per recurrence (rfwp.py) serves both devices. JIT-loaded with torch.utils.cpp_extension.load
+// (a C++ compiler and ninja). float32 and float64 inputs; the state and every sum in the input's precision.
+//
+//   sum rule    W_t = W_{t-1} + v_t k_t^T;                             y_t = W_t q_t
+//   delta rule  W_t = W_{t-1} + beta_t (v_t - W_{t-1} k_t) k_t^T;     y_t = W_t q_t
+//   Delta RNN   R_t by the delta rule;                                 y_t = z_t + R_t softmax(y_{t-1})
+//   Delta LSTM  per gate g in (i, u, o): R^g by the delta rule; a^g = z^g_t + R^g_t softmax(h_{t-1});
+//               c_t = sigmoid(a^i) a^u + (1 - sigmoid(a^i)) c_{t-1};  h_t = sigmoid(a^o) c_t
+//   RDN         s = tanh(y_{t-1}); q = softmax(q_t + R_q s), k = softmax(k_t + R_k s), v = v_t + R_v s,
+//               beta = sigmoid(b_t + r_b . s); W by the delta rule;   y_t = W_t q
+// (Irie et al. 2021, eq. 4-7, 17-32.) One task per (b, h), spread over threads by at::parallel_for; each task walks
+// time holding its d x d matrices in a local buffer, the forward transposed (write_and_read_t), the backward by rows.
+// The common head widths (16, 32, 64) are compile-time constants, so the loops over a row unroll and vectorize.
+//
+// Backward, as on the GPU: no matrix is stored per step. The forward saves v̄_t = W_{t-1} k_t (and, for the RDN, the
+// squashed q, k, the value and beta); the backward starts from the final matrices and undoes each write exactly as
+// written, W_{t-1} = W_t - beta_t (v_t - v̄_t) k_t^T, while it carries dL/dW back. For a write W_t = W_{t-1} + u k^T
+// with u = beta (v - v̄), v̄ = W_{t-1} k, and dM = dL/dW_t, row i of dM gives
+//   du_i = dM_i . k,  dv_i = beta du_i,  dbeta += du_i (v_i - v̄_i),  dk += u_i dM_i - beta du_i W_{t-1,i},
+//   dL/dW_{t-1,i} = dM_i - beta du_i k.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// ---- Vector helpers on raw rows of length n (N > 0: of the compile-time length N). Their arguments never overlap,
+// which `omp simd` tells the compiler, so it vectorizes them (dot: in partial sums, added in another order than one
+// running sum; the results differ from the plain sum's by rounding only).
+template <int N, typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  if constexpr (N > 0) n = N;
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+template <int N, typename T>
+inline void axpy(T* y, T a, const T* x, int64_t n) {  // y += a x
+  if constexpr (N > 0) n = N;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
+}
+
+template <typename T>
+inline T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
+
+template <int N, typename T>
+inline void softmax(const T* x, T* p, int64_t n) {
+  if constexpr (N > 0) n = N;
+  T m = x[0], s = 0;
+  for (int64_t j = 1; j < n; ++j) m = std::max(m, x[j]);
+  for (int64_t j = 0; j < n; ++j) s += p[j] = std::exp(x[j] - m);
+  for (int64_t j = 0; j < n; ++j) p[j] /= s;
+}
+
+// p = softmax(x), dp = dL/dp -> dL/dx = p (dp - p . dp)
+template <int N, typename T>
+inline void softmax_backward(const T* p, const T* dp, T* dx, int64_t n) {
+  if constexpr (N > 0) n = N;
+  const T s = dot<N>(p, dp, n);
+  for (int64_t j = 0; j < n; ++j) dx[j] = p[j] * (dp[j] - s);
+}
+
+// Its backward for row i, given Mi = row i of M_t and dMi = of dL/dM_t: undoes the write (Mi <- M_{t-1,i},
+// dMi <- dL/dM_{t-1,i}), returns dv_i, adds this row's part of dL/dk to dk and of dL/dbeta to dbeta.
+template <int N, typename T>
+inline T delta_write_row_backward(T* Mi, T* dMi, const T* k, T v_i, T v_bar, T beta, T* dk, T& dbeta, int64_t n) {
+  if constexpr (N > 0) n = N;
+  const T u = beta * (v_i - v_bar), du = dot<N>(dMi, k, n);
+  axpy<N>(dk, u, dMi, n);
+  axpy<N>(Mi, -u, k, n);            // M_{t-1}
+  axpy<N>(dMi, -beta * du, k, n);   // through v̄ = M_{t-1} k
+  axpy<N>(dk, -beta * du, Mi, n);
+  dbeta += du * (v_i - v_bar);
+  return beta * du;
+}
+
+// The forwards hold each head's matrix transposed, S = M^T (row j of S is column j of M, of length n = d_v), so that
+// every product is a sum of rows, which vectorizes with no sum across a row: v̄ = M k = sum_j k_j S_j, the write
+// S_j += k_j u, and the read M q = sum_j q_j S_j. One delta-rule write (delta false: the sum rule, u = v) and the read
+// of the written matrix with q: out += M_t q; v̄ and u (n) are outputs too.
+template <int N, typename T>
+inline void write_and_read_t(T* S, const T* k, const T* v, T beta, bool delta, const T* q, T* v_bar, T* u, T* out,
+                             int64_t d_k, int64_t n) {
+  if constexpr (N > 0) n = N;
+  if (delta) {
+    std::fill(v_bar, v_bar + n, T(0));
+    for (int64_t j = 0; j < d_k; ++j) axpy<N>(v_bar, k[j], S + j * n, n);
+    for (int64_t i = 0; i < n; ++i) u[i] = beta * (v[i] - v_bar[i]);
+  } else {
+    std::copy(v, v + n, u);
+  }
+  for (int64_t j = 0; j < d_k; ++j) {
+    axpy<N>(S + j * n, k[j], u, n);
+    axpy<N>(out, q[j], S + j * n, n);
+  }
+}
+
+// out += M x with S = M^T (d_k rows of length n)
+template <int N, typename T>
+inline void mat_vec_t(const T* S, const T* x, T* out, int64_t d_k, int64_t n) {
+  if constexpr (N > 0) n = N;
+  for (int64_t j = 0; j < d_k; ++j) axpy<N>(out, x[j], S + j * n, n);
+}
+
+// dst (cols x rows) = src (rows x cols) transposed
+template <typename T>
+inline void transpose(const T* src, T* dst, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * rows + i] = src[i * cols + j];
+}
+
+// ---- Checks and outputs.
+void check_seq(const at::Tensor& x, at::IntArrayRef shape, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(x.device().is_cpu() && x.sizes() == shape, "FWP CPU kernel: ", name, " must be a CPU tensor of shape ",
+              shape, ", got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == like.scalar_type(), "FWP CPU kernel: ", name, " has another dtype");
+}
+
+void check_state(const at::Tensor& x, at::IntArrayRef shape, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.sizes() == shape, "FWP CPU kernel: ", name, " must be a CPU tensor of shape ",
+              shape, ", got ", x.sizes());
+}
+
+void check_dtype(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "FWP CPU kernel: float32 or float64 inputs, got ", x.scalar_type());
+}
+
+// a state, a saved vector or a gradient in the inputs' dtype, contiguous
+at::Tensor as(const at::Tensor& x, const at::Tensor& like) { return x.to(like.scalar_type()).contiguous(); }
+
+at::Tensor zeros_or(const at::Tensor& x, const at::Tensor& shape_of, const at::Tensor& like) {
+  return x.defined() && x.numel() > 0 ? as(x, like) : at::zeros_like(shape_of);
+}
+
+template <typename T>
+T* ptr(const at::Tensor& x) { return x.defined() && x.numel() > 0 ? x.data_ptr<T>() : nullptr; }
+
+// f(w) with w a compile-time width N for the common head sizes (0: any other, read at run time), so that the loops
+// over a row unroll and vectorize
+template <typename F>
+void dispatch_width(int64_t d, F&& f) {
+  switch (d) {
+    case 16: return f(std::integral_constant<int, 16>());
+    case 32: return f(std::integral_constant<int, 32>());
+    case 64: return f(std::integral_constant<int, 64>());
+    default: return f(std::integral_constant<int, 0>());
+  }
+}
+
+// f(bh) for every (b, h), a few per thread
+template <typename F>
+void for_each_head(int64_t BH, F&& f) {
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) f(bh);
+  });
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// The sum and delta rules. q, k (B, H, T, d_k), v (B, H, T, d_v), beta (B, H, T) (delta) or empty, W0 (B, H, d_v, d_k)
+// or empty -> y (B, H, T, d_v), W_T, v̄ (B, H, T, d_v; delta rule; empty for the sum rule).
+std::vector<at::Tensor> fast_weight_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor beta, at::Tensor W0,
+                                            bool delta) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d_k = q.size(3), d_v = v.size(3);
+  check_dtype(q);
+  check_seq(k, q.sizes(), "k", q), check_seq(v, {B, H, T, d_v}, "v", q);
+  if (delta) check_seq(beta, {B, H, T}, "beta", q);
+  q = q.contiguous(), k = k.contiguous(), v = v.contiguous(), beta = delta ? beta.contiguous() : beta;
+  auto W = W0.defined() && W0.numel() > 0 ? as(W0, q).clone() : at::zeros({B, H, d_v, d_k}, q.options());
+  check_state(W, {B, H, d_v, d_k}, "W0");
+  auto y = at::empty_like(v);
+  auto v_bar = at::empty(delta ? v.sizes().vec() : std::vector<int64_t>{0}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fast_weight_forward", [&] {
+    const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>(),
+                   *bp = ptr<scalar_t>(beta);
+    scalar_t *yp = y.data_ptr<scalar_t>(), *Wp = W.data_ptr<scalar_t>(), *vbp = ptr<scalar_t>(v_bar);
+    dispatch_width(d_v, [&](auto w) {
+      constexpr int N = decltype(w)::value;
+      for_each_head(B * H, [&](int64_t bh) {
+        std::vector<scalar_t> S(d_k * d_v), vb(d_v), u(d_v);
+        transpose(Wp + bh * d_v * d_k, S.data(), d_v, d_k);
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t ok = (bh * T + t) * d_k, ov = (bh * T + t) * d_v;
+          std::fill(yp + ov, yp + ov + d_v, scalar_t(0));
+          write_and_read_t<N>(S.data(), kp + ok, vp + ov, delta ? bp[bh * T + t] : scalar_t(1), delta, qp + ok,
+                              vb.data(), u.data(), yp + ov, d_k, d_v);
+          if (delta) std::copy(vb.begin(), vb.end(), vbp + ov);
+        }
+        transpose(S.data(), Wp + bh * d_v * d_k, d_k, d_v);
+      });
+    });
+  });
+  return {y, W, v_bar};
+}
+
+// The saved tensors, dy (B, H, T, d_v), dW (dL/dW_T, or empty) -> dq, dk, dv, dbeta (empty for the sum rule), dW0.
+std::vector<at::Tensor> fast_weight_backward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor beta,
+                                             at::Tensor v_bar, at::Tensor W, at::Tensor dy, at::Tensor dW,
+                                             bool delta) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d_k = q.size(3), d_v = v.size(3);
+  check_dtype(q);
+  q = q.contiguous(), k = k.contiguous(), v = v.contiguous(), beta = delta ? beta.contiguous() : beta;
+  auto M = as(W, q).clone(), dM = zeros_or(dW, M, q);
+  dy = as(dy, q), v_bar = delta ? as(v_bar, q) : v_bar;
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  auto dbeta = at::empty(delta ? std::vector<int64_t>{B, H, T} : std::vector<int64_t>{0}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fast_weight_backward", [&] {
+    const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>(),
+                   *bp = ptr<scalar_t>(beta), *vbp = ptr<scalar_t>(v_bar), *dyp = dy.data_ptr<scalar_t>();
+    scalar_t *Mp = M.data_ptr<scalar_t>(), *dMp = dM.data_ptr<scalar_t>(), *dqp = dq.data_ptr<scalar_t>(),
+             *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>(), *dbp = ptr<scalar_t>(dbeta);
+    dispatch_width(d_k, [&](auto w) {
+      constexpr int N = decltype(w)::value;
+      for_each_head(B * H, [&](int64_t bh) {
+        scalar_t *Mh = Mp + bh * d_v * d_k, *dMh = dMp + bh * d_v * d_k;
+        for (int64_t t = T - 1; t >= 0; --t) {
+          const int64_t ok = (bh * T + t) * d_k, ov = (bh * T + t) * d_v;
+          scalar_t *gq = dqp + ok, *gk = dkp + ok, db = 0;
+          std::fill(gq, gq + d_k, scalar_t(0));
+          std::fill(gk, gk + d_k, scalar_t(0));
+          for (int64_t i = 0; i < d_v; ++i) {
+            scalar_t *Mi = Mh + i * d_k, *dMi = dMh + i * d_k;
+            const scalar_t gy = dyp[ov + i];
+            axpy<N>(gq, gy, Mi, d_k);  // y_t = W_t q_t
+            axpy<N>(dMi, gy, qp + ok, d_k);
+            if (delta) {
+              dvp[ov + i] = delta_write_row_backward<N>(Mi, dMi, kp + ok, vp[ov + i], vbp[ov + i], bp[bh * T + t], gk,
+                                                        db, d_k);
+            } else {  // W_t = W_{t-1} + v k^T
+              dvp[ov + i] = dot<N>(dMi, kp + ok, d_k);
+              axpy<N>(gk, vp[ov + i], dMi, d_k);
+              axpy<N>(Mi, -vp[ov + i], kp + ok, d_k);
+            }
+          }
+          if (delta) dbp[bh * T + t] = db;
+        }
+      });
+    });
+  });
+  return {dq, dk, dv, dbeta, dM};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Delta RNN: z, k, v (B, H, T, d), beta (B, H, T), R0 (B, H, d, d), y0 (B, H, d) -> y (B, H, T, d), R_T, v̄ (when
+// save; else empty).
+std::vector<at::Tensor> delta_rnn_forward(at::Tensor z, at::Tensor k, at::Tensor v, at::Tensor beta, at::Tensor R0,
+                                          at::Tensor y0, bool save) {
+  const int64_t B = z.size(0), H = z.size(1), T = z.size(2), d = z.size(3);
+  check_dtype(z);
+  for (auto [x, name] : {std::pair{&k, "k"}, {&v, "v"}}) check_seq(*x, z.sizes(), name, z);
+  check_seq(beta, {B, H, T}, "beta", z), check_state(R0, {B, H, d, d}, "R0"), check_state(y0, {B, H, d}, "y0");
+  z = z.contiguous(), k = k.contiguous(), v = v.contiguous(), beta = beta.contiguous();
+  auto R = as(R0, z).clone(), y0c = as(y0, z), y = at::empty_like(z);
+  auto v_bar = at::empty(save ? z.sizes().vec() : std::vector<int64_t>{0}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "delta_rnn_forward", [&] {
+    const scalar_t *zp = z.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>(),
+                   *bp = beta.data_ptr<scalar_t>(), *y0p = y0c.data_ptr<scalar_t>();
+    scalar_t *Rp = R.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>(), *vbp = ptr<scalar_t>(v_bar);
+    dispatch_width(d, [&](auto w) {
+      constexpr int N = decltype(w)::value;
+      for_each_head(B * H, [&](int64_t bh) {
+        std::vector<scalar_t> S(d * d), p(d), vb(d), u(d);
+        transpose(Rp + bh * d * d, S.data(), d, d);
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t o = (bh * T + t) * d;
+          softmax<N>(t > 0 ? yp + o - d : y0p + bh * d, p.data(), d);  // softmax(y_{t-1})
+          std::copy(zp + o, zp + o + d, yp + o);                        // y_t = z_t + R_t p
+          write_and_read_t<N>(S.data(), kp + o, vp + o, bp[bh * T + t], true, p.data(), vb.data(), u.data(), yp + o,
+                              d, d);
+          if (vbp != nullptr) std::copy(vb.begin(), vb.end(), vbp + o);
+        }
+        transpose(S.data(), Rp + bh * d * d, d, d);
+      });
+    });
+  });
+  return {y, R, v_bar};
+}
+
+// dy (B, H, T, d): dL/dy_t, with dL/dy_T (the final state) added at T - 1; dR (B, H, d, d) or empty.
+// -> dz, dk, dv (B, H, T, d), dbeta (B, H, T), dR0, dy0.
+std::vector<at::Tensor> delta_rnn_backward(at::Tensor k, at::Tensor v, at::Tensor beta, at::Tensor v_bar,
+                                           at::Tensor y, at::Tensor y0, at::Tensor R, at::Tensor dy, at::Tensor dR) {
+  const int64_t B = k.size(0), H = k.size(1), T = k.size(2), d = k.size(3);
+  check_dtype(k);
+  k = k.contiguous(), v = v.contiguous(), beta = beta.contiguous(), v_bar = as(v_bar, k), y = as(y, k);
+  y0 = as(y0, k), dy = as(dy, k);
+  auto M = as(R, k).clone(), dM = zeros_or(dR, M, k);
+  auto dz = at::empty_like(k), dk = at::empty_like(k), dv = at::empty_like(k), dbeta = at::empty_like(beta);
+  auto dy0 = at::empty_like(y0);
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "delta_rnn_backward", [&] {
+    const scalar_t *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>(), *bp = beta.data_ptr<scalar_t>(),
+                   *vbp = v_bar.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>(), *y0p = y0.data_ptr<scalar_t>(),
+                   *dyp = dy.data_ptr<scalar_t>();
+    scalar_t *Mp = M.data_ptr<scalar_t>(), *dMp = dM.data_ptr<scalar_t>(), *dzp = dz.data_ptr<scalar_t>(),
+             *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>(), *dbp = dbeta.data_ptr<scalar_t>(),
+             *dy0p = dy0.data_ptr<scalar_t>();
+    dispatch_width(d, [&](auto w) {
+      constexpr int N = decltype(w)::value;
+      for_each_head(B * H, [&](int64_t bh) {
+        std::vector<scalar_t> p(d), dp(d), carry(d, 0);  // carry: dL/dy_t through step t + 1
+        scalar_t *Mh = Mp + bh * d * d, *dMh = dMp + bh * d * d;
+        for (int64_t t = T - 1; t >= 0; --t) {
+          const int64_t o = (bh * T + t) * d;
+          softmax<N>(t > 0 ? yp + o - d : y0p + bh * d, p.data(), d);
+          std::fill(dp.begin(), dp.end(), scalar_t(0));
+          std::fill(dkp + o, dkp + o + d, scalar_t(0));
+          scalar_t db = 0;
+          for (int64_t i = 0; i < d; ++i) {
+            scalar_t *Mi = Mh + i * d, *dMi = dMh + i * d;
+            const scalar_t gy = dyp[o + i] + carry[i];
+            dzp[o + i] = gy;  // y_t = z_t + R_t p_t
+            axpy<N>(dp.data(), gy, Mi, d);
+            axpy<N>(dMi, gy, p.data(), d);
+            dvp[o + i] = delta_write_row_backward<N>(Mi, dMi, kp + o, vp[o + i], vbp[o + i], bp[bh * T + t], dkp + o,
+                                                     db, d);
+          }
+          dbp[bh * T + t] = db;
+          softmax_backward<N>(p.data(), dp.data(), carry.data(), d);  // dL/dy_{t-1} through p_t
+        }
+        std::copy(carry.begin(), carry.end(), dy0p + bh * d);
+      });
+    });
+  });
+  return {dz, dk, dv, dbeta, dM, dy0};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Delta LSTM: z, k, v (B, 3H, T, d), beta (B, 3H, T), gates i, u, o as heads [0, H), [H, 2H), [2H, 3H);
+// R0 (B, 3H, d, d), c0, h0 (B, H, d) -> h (B, H, T, d), c (B, H, T, d), R_T, v̄ (B, 3H, T, d; when save).
+std::vector<at::Tensor> delta_lstm_forward(at::Tensor z, at::Tensor k, at::Tensor v, at::Tensor beta, at::Tensor R0,
+                                           at::Tensor c0, at::Tensor h0, bool save) {
+  const int64_t B = z.size(0), H3 = z.size(1), T = z.size(2), d = z.size(3), H = H3 / 3;
+  TORCH_CHECK(H3 % 3 == 0, "delta_lstm: the head dimension holds the 3 gates");
+  check_dtype(z);
+  for (auto [x, name] : {std::pair{&k, "k"}, {&v, "v"}}) check_seq(*x, z.sizes(), name, z);
+  check_seq(beta, {B, H3, T}, "beta", z);
+  check_state(R0, {B, H3, d, d}, "R0"), check_state(c0, {B, H, d}, "c0"), check_state(h0, {B, H, d}, "h0");
+  z = z.contiguous(), k = k.contiguous(), v = v.contiguous(), beta = beta.contiguous();
+  auto R = as(R0, z).clone(), c0c = as(c0, z), h0c = as(h0, z);
+  auto h = at::empty({B, H, T, d}, z.options()), c = at::empty({B, H, T, d}, z.options());
+  auto v_bar = at::empty(save ? z.sizes().vec() : std::vector<int64_t>{0}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "delta_lstm_forward", [&] {
+    const scalar_t *zp = z.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>(),
+                   *bp = beta.data_ptr<scalar_t>(), *c0p = c0c.data_ptr<scalar_t>(), *h0p = h0c.data_ptr<scalar_t>();
+    scalar_t *Rp = R.data_ptr<scalar_t>(), *hp = h.data_ptr<scalar_t>(), *cp = c.data_ptr<scalar_t>(),
+             *vbp = ptr<scalar_t>(v_bar);
+    dispatch_width(d, [&](auto w) {
+      constexpr int N = decltype(w)::value;
+      for_each_head(B * H, [&](int64_t bh) {
+        const int64_t b = bh / H, hd = bh % H, gates[3] = {b * H3 + hd, b * H3 + H + hd, b * H3 + 2 * H + hd};
+        std::vector<scalar_t> S(3 * d * d), s(d), a(3 * d), vb(d), u(d);
+        for (int64_t g = 0; g < 3; ++g) transpose(Rp + gates[g] * d * d, S.data() + g * d * d, d, d);
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t o = (bh * T + t) * d;
+          softmax<N>(t > 0 ? hp + o - d : h0p + bh * d, s.data(), d);  // softmax(h_{t-1})
+          for (int64_t g = 0; g < 3; ++g) {  // a^g = z^g_t + R^g_t s
+            const int64_t og = (gates[g] * T + t) * d;
+            std::copy(zp + og, zp + og + d, a.data() + g * d);
+            write_and_read_t<N>(S.data() + g * d * d, kp + og, vp + og, bp[gates[g] * T + t], true, s.data(),
+                                vb.data(), u.data(), a.data() + g * d, d, d);
+            if (vbp != nullptr) std::copy(vb.begin(), vb.end(), vbp + og);
+          }
+          const scalar_t* c_prev = t > 0 ? cp + o - d : c0p + bh * d;
+          for (int64_t i = 0; i < d; ++i) {
+            const scalar_t ig = sigmoid(a[i]);
+            cp[o + i] = ig * a[d + i] + (1 - ig) * c_prev[i];
+            hp[o + i] = sigmoid(a[2 * d + i]) * cp[o + i];
+          }
+        }
+        for (int64_t g = 0; g < 3; ++g) transpose(S.data() + g * d * d, Rp + gates[g] * d * d, d, d);
+      });
+    });
+  });
+  return {h, c, R, v_bar};
+}
+
+// dh (B, H, T, d): dL/dh_t with dL/dh_T added at T - 1; dc (B, H, d): dL/dc_T or empty; dR or empty.
+// -> dz, dk, dv (B, 3H, T, d), dbeta (B, 3H, T), dR0, dc0, dh0.
+std::vector<at::Tensor> delta_lstm_backward(at::Tensor z, at::Tensor k, at::Tensor v, at::Tensor beta,
+                                            at::Tensor v_bar, at::Tensor h, at::Tensor c, at::Tensor h0,
+                                            at::Tensor c0, at::Tensor R, at::Tensor dh, at::Tensor dc, at::Tensor dR) {
+  const int64_t B = z.size(0), H3 = z.size(1), T = z.size(2), d = z.size(3), H = H3 / 3;
+  check_dtype(z);
+  z = z.contiguous(), k = k.contiguous(), v = v.contiguous(), beta = beta.contiguous(), v_bar = as(v_bar, z);
+  h = as(h, z), c = as(c, z), h0 = as(h0, z), c0 = as(c0, z), dh = as(dh, z);
+  auto M = as(R, z).clone(), dM = zeros_or(dR, M, z), gc_all = zeros_or(dc, c0, z).clone();
+  auto dz = at::empty_like(z), dk = at::empty_like(z), dv = at::empty_like(z), dbeta = at::empty_like(beta);
+  auto dh0 = at::empty_like(h0);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "delta_lstm_backward", [&] {
+    const scalar_t *zp = z.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>(),
+                   *bp = beta.data_ptr<scalar_t>(), *vbp = v_bar.data_ptr<scalar_t>(), *hp = h.data_ptr<scalar_t>(),
+                   *cp = c.data_ptr<scalar_t>(), *h0p = h0.data_ptr<scalar_t>(), *c0p = c0.data_ptr<scalar_t>(),
+                   *dhp = dh.data_ptr<scalar_t>();
+    scalar_t *Mp = M.data_ptr<scalar_t>(), *dMp = dM.data_ptr<scalar_t>(), *gcp = gc_all.data_ptr<scalar_t>(),
+             *dzp = dz.data_ptr<scalar_t>(), *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>(),
+             *dbp = dbeta.data_ptr<scalar_t>(), *dh0p = dh0.data_ptr<scalar_t>();
+    dispatch_width(d, [&](auto w) {
+      constexpr int N = decltype(w)::value;
+      for_each_head(B * H, [&](int64_t bh) {
+        const int64_t b = bh / H, hd = bh % H;
+        std::vector<scalar_t> s(d), ds(d), a(3 * d), da(3 * d), carry(d, 0);  // carry: dL/dh_t via step t + 1
+        scalar_t* gc = gcp + bh * d;                                            // dL/dc_t
+        for (int64_t t = T - 1; t >= 0; --t) {
+          const int64_t o = (bh * T + t) * d;
+          softmax<N>(t > 0 ? hp + o - d : h0p + bh * d, s.data(), d);
+          for (int64_t g = 0; g < 3; ++g) {  // the gates' pre-activations again, from R_t
+            const int64_t gate = b * H3 + g * H + hd, og = (gate * T + t) * d;
+            for (int64_t i = 0; i < d; ++i) a[g * d + i] = zp[og + i] + dot<N>(Mp + (gate * d + i) * d, s.data(), d);
+          }
+          const scalar_t* c_prev = t > 0 ? cp + o - d : c0p + bh * d;
+          for (int64_t i = 0; i < d; ++i) {
+            const scalar_t gh = dhp[o + i] + carry[i], ig = sigmoid(a[i]), og = sigmoid(a[2 * d + i]);
+            gc[i] += gh * og;  // h_t = o c_t
+            da[i] = gc[i] * (a[d + i] - c_prev[i]) * ig * (1 - ig);  // c_t = i u + (1 - i) c_{t-1}
+            da[d + i] = gc[i] * ig;
+            da[2 * d + i] = gh * cp[o + i] * og * (1 - og);
+            gc[i] *= 1 - ig;  // dL/dc_{t-1}
+          }
+          std::fill(ds.begin(), ds.end(), scalar_t(0));
+          for (int64_t g = 0; g < 3; ++g) {
+            const int64_t gate = b * H3 + g * H + hd, og = (gate * T + t) * d;
+            scalar_t db = 0;
+            std::fill(dkp + og, dkp + og + d, scalar_t(0));
+            for (int64_t i = 0; i < d; ++i) {
+              scalar_t *Mi = Mp + (gate * d + i) * d, *dMi = dMp + (gate * d + i) * d;
+              const scalar_t g_a = da[g * d + i];
+              dzp[og + i] = g_a;
+              axpy<N>(ds.data(), g_a, Mi, d);  // dL/ds = sum_g R^g_t^T da^g
+              axpy<N>(dMi, g_a, s.data(), d);
+              dvp[og + i] = delta_write_row_backward<N>(Mi, dMi, kp + og, vp[og + i], vbp[og + i], bp[gate * T + t],
+                                                     dkp + og, db, d);
+            }
+            dbp[gate * T + t] = db;
+          }
+          softmax_backward<N>(s.data(), ds.data(), carry.data(), d);  // dL/dh_{t-1} through s_t
+        }
+        std::copy(carry.begin(), carry.end(), dh0p + bh * d);
+      });
+    });
+  });
+  return {dz, dk, dv, dbeta, dM, gc_all, dh0};
+}
+
+// ---------------------------------------------------------------------------------------------
+// RDN: q, k, v (B, H, T, d), b (B, H, T) from x; Rs (3, H, d, d) = R_q, R_k, R_v; r_b (H, d); W0 (B, H, d, d),
+// y0 (B, H, d) -> y (B, H, T, d), W_T and, when save, the squashed q, k, the value v, beta and v̄ of every step.
+std::vector<at::Tensor> rdn_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor b, at::Tensor Rs,
+                                    at::Tensor r_b, at::Tensor W0, at::Tensor y0, bool save) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
+  check_dtype(q);
+  for (auto [x, name] : {std::pair{&k, "k"}, {&v, "v"}}) check_seq(*x, q.sizes(), name, q);
+  check_seq(b, {B, H, T}, "b", q);
+  check_state(Rs, {3, H, d, d}, "Rs"), check_state(r_b, {H, d}, "r_b");
+  check_state(W0, {B, H, d, d}, "W0"), check_state(y0, {B, H, d}, "y0");
+  q = q.contiguous(), k = k.contiguous(), v = v.contiguous(), b = b.contiguous();
+  Rs = as(Rs, q), r_b = as(r_b, q), y0 = as(y0, q);
+  auto W = as(W0, q).clone(), y = at::empty_like(q);
+  const std::vector<int64_t> sv = save ? q.sizes().vec() : std::vector<int64_t>{0},
+                             sb = save ? std::vector<int64_t>{B, H, T} : std::vector<int64_t>{0};
+  auto q_sv = at::empty(sv, q.options()), k_sv = at::empty(sv, q.options()), v_sv = at::empty(sv, q.options()),
+       v_bar = at::empty(sv, q.options()), beta = at::empty(sb, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rdn_forward", [&] {
+    const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>(),
+                   *bp = b.data_ptr<scalar_t>(), *Rp = Rs.data_ptr<scalar_t>(), *rbp = r_b.data_ptr<scalar_t>(),
+                   *y0p = y0.data_ptr<scalar_t>();
+    scalar_t *Wp = W.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>(), *q_svp = ptr<scalar_t>(q_sv),
+             *k_svp = ptr<scalar_t>(k_sv), *v_svp = ptr<scalar_t>(v_sv), *v_barp = ptr<scalar_t>(v_bar),
+             *beta_p = ptr<scalar_t>(beta);
+    dispatch_width(d, [&](auto w) {
+      constexpr int N = decltype(w)::value;
+      for_each_head(B * H, [&](int64_t bh) {
+        const int64_t hd = bh % H;
+        std::vector<scalar_t> S(d * d), Rt(3 * d * d), s(d), pre(3 * d), qh(d), kh(d), vb(d), u(d);
+        transpose(Wp + bh * d * d, S.data(), d, d);
+        for (int64_t r = 0; r < 3; ++r) transpose(Rp + (r * H + hd) * d * d, Rt.data() + r * d * d, d, d);
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t o = (bh * T + t) * d;
+          const scalar_t* y_prev = t > 0 ? yp + o - d : y0p + bh * d;
+          for (int64_t j = 0; j < d; ++j) s[j] = std::tanh(y_prev[j]);
+          const scalar_t bt = sigmoid(bp[bh * T + t] + dot<N>(rbp + hd * d, s.data(), d));
+          std::copy(qp + o, qp + o + d, pre.data());  // q_t + R_q s, k_t + R_k s, v_t + R_v s
+          std::copy(kp + o, kp + o + d, pre.data() + d);
+          std::copy(vp + o, vp + o + d, pre.data() + 2 * d);
+          for (int64_t r = 0; r < 3; ++r) mat_vec_t<N>(Rt.data() + r * d * d, s.data(), pre.data() + r * d, d, d);
+          softmax<N>(pre.data(), qh.data(), d);
+          softmax<N>(pre.data() + d, kh.data(), d);
+          std::fill(yp + o, yp + o + d, scalar_t(0));
+          write_and_read_t<N>(S.data(), kh.data(), pre.data() + 2 * d, bt, true, qh.data(), vb.data(), u.data(),
+                              yp + o, d, d);
+          if (save) {
+            std::copy(qh.begin(), qh.end(), q_svp + o);
+            std::copy(kh.begin(), kh.end(), k_svp + o);
+            std::copy(pre.begin() + 2 * d, pre.end(), v_svp + o);
+            std::copy(vb.begin(), vb.end(), v_barp + o);
+            beta_p[bh * T + t] = bt;
+          }
+        }
+        transpose(S.data(), Wp + bh * d * d, d, d);
+      });
+    });
+  });
+  return {y, W, q_sv, k_sv, v_sv, beta, v_bar};
+}
+
+// The saved tensors of rdn_forward, dy (dL/dy_t with dL/dy_T added at T - 1), dW (or empty) -> dq, dk, dv, db (of
+// the inputs q, k, v, b), dW0, dy0. The slow weights' gradients are sums over b and t, left to the caller.
+std::vector<at::Tensor> rdn_backward(at::Tensor Rs, at::Tensor r_b, at::Tensor q_sv, at::Tensor k_sv,
+                                     at::Tensor v_sv, at::Tensor beta, at::Tensor v_bar, at::Tensor y, at::Tensor y0,
+                                     at::Tensor W, at::Tensor dy, at::Tensor dW) {
+  const int64_t B = y.size(0), H = y.size(1), T = y.size(2), d = y.size(3);
+  check_dtype(y);
+  TORCH_CHECK(q_sv.sizes() == y.sizes(), "rdn_backward: the forward did not save its vectors (save=false)");
+  y = y.contiguous(), Rs = as(Rs, y), r_b = as(r_b, y), dy = as(dy, y), y0 = as(y0, y);
+  q_sv = as(q_sv, y), k_sv = as(k_sv, y), v_sv = as(v_sv, y), v_bar = as(v_bar, y), beta = as(beta, y);
+  auto M = as(W, y).clone(), dM = zeros_or(dW, M, y);
+  auto dq = at::empty_like(y), dk = at::empty_like(y), dv = at::empty_like(y), db = at::empty_like(beta);
+  auto dy0 = at::empty_like(y0);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "rdn_backward", [&] {
+    const scalar_t *Rp = Rs.data_ptr<scalar_t>(), *rbp = r_b.data_ptr<scalar_t>(), *qh = q_sv.data_ptr<scalar_t>(),
+                   *kh = k_sv.data_ptr<scalar_t>(), *vh = v_sv.data_ptr<scalar_t>(), *btp = beta.data_ptr<scalar_t>(),
+                   *vbp = v_bar.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>(), *y0p = y0.data_ptr<scalar_t>(),
+                   *dyp = dy.data_ptr<scalar_t>();
+    scalar_t *Mp = M.data_ptr<scalar_t>(), *dMp = dM.data_ptr<scalar_t>(), *dqp = dq.data_ptr<scalar_t>(),
+             *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>(), *dbp = db.data_ptr<scalar_t>(),
+             *dy0p = dy0.data_ptr<scalar_t>();
+    dispatch_width(d, [&](auto w) {
+      constexpr int N = decltype(w)::value;
+      for_each_head(B * H, [&](int64_t bh) {
+        const int64_t hd = bh % H;
+        const scalar_t *Rq = Rp + hd * d * d, *Rk = Rp + (H + hd) * d * d, *Rv = Rp + (2 * H + hd) * d * d;
+        std::vector<scalar_t> dqh(d), dkh(d), ds(d), carry(d, 0);
+        scalar_t *Mh = Mp + bh * d * d, *dMh = dMp + bh * d * d;
+        for (int64_t t = T - 1; t >= 0; --t) {
+          const int64_t o = (bh * T + t) * d;
+          const scalar_t bt = btp[bh * T + t];
+          scalar_t dbt = 0;
+          std::fill(dqh.begin(), dqh.end(), scalar_t(0));
+          std::fill(dkh.begin(), dkh.end(), scalar_t(0));
+          for (int64_t i = 0; i < d; ++i) {
+            scalar_t *Mi = Mh + i * d, *dMi = dMh + i * d;
+            const scalar_t gy = dyp[o + i] + carry[i];
+            axpy<N>(dqh.data(), gy, Mi, d);  // y_t = W_t q
+            axpy<N>(dMi, gy, qh + o, d);
+            dvp[o + i] = delta_write_row_backward<N>(Mi, dMi, kh + o, vh[o + i], vbp[o + i], bt, dkh.data(), dbt, d);
+          }
+          softmax_backward<N>(qh + o, dqh.data(), dqp + o, d);
+          softmax_backward<N>(kh + o, dkh.data(), dkp + o, d);
+          const scalar_t dbp_t = dbt * bt * (1 - bt);
+          dbp[bh * T + t] = dbp_t;
+          for (int64_t j = 0; j < d; ++j) ds[j] = rbp[hd * d + j] * dbp_t;  // dL/ds = R_q^T dq + R_k^T dk + R_v^T dv
+          for (int64_t i = 0; i < d; ++i) {                                   //         + r_b db
+            axpy<N>(ds.data(), dqp[o + i], Rq + i * d, d);
+            axpy<N>(ds.data(), dkp[o + i], Rk + i * d, d);
+            axpy<N>(ds.data(), dvp[o + i], Rv + i * d, d);
+          }
+          const scalar_t* y_prev = t > 0 ? yp + o - d : y0p + bh * d;
+          for (int64_t j = 0; j < d; ++j) {
+            const scalar_t sj = std::tanh(y_prev[j]);
+            carry[j] = ds[j] * (1 - sj * sj);  // s = tanh(y_{t-1})
+          }
+        }
+        std::copy(carry.begin(), carry.end(), dy0p + bh * d);
+      });
+    });
+  });
+  return {dq, dk, dv, db, dM, dy0};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &fast_weight_forward, "fast-weight update forward (sum or delta rule)");
+  m.def("backward", &fast_weight_backward, "fast-weight update backward (sum or delta rule)");
+  m.def("delta_rnn_forward", &delta_rnn_forward, "Delta RNN recurrence, forward");
+  m.def("delta_rnn_backward", &delta_rnn_backward, "Delta RNN recurrence, backward");
+  m.def("delta_lstm_forward", &delta_lstm_forward, "Delta LSTM recurrence, forward");
+  m.def("delta_lstm_backward", &delta_lstm_backward, "Delta LSTM recurrence, backward");
+  m.def("rdn_forward", &rdn_forward, "Recurrent Delta Net recurrence, forward");
+  m.def("rdn_backward", &rdn_backward, "Recurrent Delta Net recurrence, backward");
+}
