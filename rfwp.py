@@ -1499,10 +1499,12 @@ def rl_evaluate(args):
 
 def rl_bench(args):
     """Environment steps per second: the emulator alone (random actions), then a full update (acting, V-trace,
-    backward, RMSProp) for each core, with the share of the update spent in the environments."""
+    backward, RMSProp) for each core, with the share of the update spent in the environments. Each fast-weight core
+    with --impl loop (one Python step per environment step) and, where the device's kernels build, --impl kernel."""
     device = pick_device(args.device)
     envs = make_envs(args, args.batch_size, args.seed)
     n = args.batch_size * args.unroll
+    impls = ["loop", "kernel"] if device.type in ("cpu", "cuda") and kernels(device.type) else ["loop"]
     print(f"device {device}, threads {torch.get_num_threads()}, env {args.env}, {args.batch_size} environments x "
           f"unroll {args.unroll} = {n} steps per update, d_model {args.d_model}, n_layer {args.n_layer}, "
           f"n_head {args.n_head}")
@@ -1511,25 +1513,27 @@ def rl_bench(args):
     for _ in range(args.unroll):
         envs.step(np.random.randint(envs.n_actions, size=args.batch_size))
     print(f"{'emulator only':14} {n / (time.perf_counter() - t):9.0f} steps/s")
-    print(f"{'core':14} {'params':>8} {'steps/s':>9} {'in envs':>8}")
+    print(f"{'core':14} {'impl':6} {'params':>8} {'steps/s':>9} {'in envs':>8}")
     for name in MODELS:
         if name == "transformer":
             continue
-        torch.manual_seed(0)
-        agent = Agent(dataclasses.replace(args, model=name), envs.obs_shape, envs.n_actions).to(device)
-        opt = torch.optim.RMSprop(agent.parameters(), lr=args.lr, alpha=0.99, eps=0.01)
-        carry, times, env_times = rl_start(envs, device, args.batch_size), [], []
-        for _ in range(3):  # the first is a warm-up
-            t = time.perf_counter()
-            update = rl_update(agent, opt, envs, carry, args, device)
-            carry = update.carry
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-            env_times.append(update.env_time)
-        t_med, env_med = float(np.median(times[1:])), float(np.median(env_times[1:]))
-        n_params = sum(p.numel() for p in agent.parameters())
-        print(f"{name:14} {n_params / 1e6:7.2f}M {n / t_med:9.0f} {100 * env_med / t_med:7.0f}%", flush=True)
+        for impl in ["auto"] if name == "lstm" else impls:
+            torch.manual_seed(0)
+            agent = Agent(dataclasses.replace(args, model=name, impl=impl), envs.obs_shape, envs.n_actions).to(device)
+            opt = torch.optim.RMSprop(agent.parameters(), lr=args.lr, alpha=0.99, eps=0.01)
+            carry, times, env_times = rl_start(envs, device, args.batch_size), [], []
+            for _ in range(3):  # the first is a warm-up
+                t = time.perf_counter()
+                update = rl_update(agent, opt, envs, carry, args, device)
+                carry = update.carry
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+                env_times.append(update.env_time)
+            t_med, env_med = float(np.median(times[1:])), float(np.median(env_times[1:]))
+            n_params = sum(p.numel() for p in agent.parameters())
+            print(f"{name:14} {impl:6} {n_params / 1e6:7.2f}M {n / t_med:9.0f} {100 * env_med / t_med:7.0f}%",
+                  flush=True)
     envs.close()
 
 

@@ -1372,8 +1372,10 @@ def test_rl_bench_runs(tmp_path):
     p = run(script_copy(tmp_path, "rfwp.py"), "--task", "rl", "--preset", "tiny", "--bench", "--unroll", "4",
             "--batch_size", "2")
     assert re.search(r"^emulator only +\d+ steps/s", p.stdout, re.M), p.stdout
-    for name in ("lstm", "delta", "rdn"):
-        assert re.search(rf"^{name} +\d", p.stdout, re.M), p.stdout
+    assert re.search(r"^lstm +auto +\d", p.stdout, re.M), p.stdout
+    for name in ("delta", "rdn"):
+        for impl in ("loop", "kernel"):
+            assert re.search(rf"^{name} +{impl} +\d", p.stdout, re.M), p.stdout
 
 
 def test_rl_defaults_follow_the_official_commands():
