@@ -24,6 +24,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -47,15 +49,83 @@ inline void axpy(T* y, T a, const T* x, int64_t n) {  // y += a x
   for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
 }
 
+// exp(x) - 1 and exp(x) for one entry, in arithmetic only, so that a loop over a row vectorizes (std::exp and
+// std::tanh are scalar library calls): x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, Cody and Waite), expm1(r)
+// by its Taylor polynomial (to degree 7 for float, 13 for double: the remainder is below half an ulp), then
+// expm1(x) = 2^n expm1(r) + (2^n - 1), exact in its small-|x| range (n = 0), where exp(x) - 1 would cancel. x is
+// clamped to where 2^n is a normal number (NaN passes through: it compares false).
 template <typename T>
-inline T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
+struct ExpConsts;
+template <>
+struct ExpConsts<float> {
+  using Bits = int32_t;
+  static constexpr float lo = -87.0f, hi = 88.0f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+  static constexpr float round = 12582912.0f;  // 1.5 2^23: adding it rounds to an integer
+  static constexpr int degree = 7, mantissa = 23, bias = 127;
+};
+template <>
+struct ExpConsts<double> {
+  using Bits = int64_t;
+  static constexpr double lo = -708.0, hi = 709.0, ln2_hi = 0.693145751953125, ln2_lo = 1.42860682030941723e-6;
+  static constexpr double round = 6755399441055744.0;  // 1.5 2^52
+  static constexpr int degree = 13, mantissa = 52, bias = 1023;
+};
+
+template <typename T>
+inline void expm1_parts(T x, T& scale, T& em1_r) {  // exp(x) = scale (1 + em1_r), scale = 2^n
+  using C = ExpConsts<T>;
+  x = x < C::lo ? C::lo : x;
+  x = x > C::hi ? C::hi : x;
+  const T n = (x * T(1.4426950408889634) + C::round) - C::round;  // x / ln2 to the nearest integer
+  const T r = (x - n * C::ln2_hi) - n * C::ln2_lo;
+  T p = T(1);
+  for (int i = C::degree; i >= 2; --i) p = T(1) + p * (r * (T(1) / T(i)));  // 1 + r/2 (1 + r/3 (...))
+  em1_r = p * r;
+  const typename C::Bits e = (static_cast<typename C::Bits>(n) + C::bias) << C::mantissa;
+  scale = __builtin_bit_cast(T, e);
+}
+
+template <typename T>
+inline T fast_exp(T x) {
+  T scale, em1;
+  expm1_parts(x, scale, em1);
+  return scale + scale * em1;
+}
+
+template <typename T>
+inline T fast_tanh(T x) {  // tanh |x| = -expm1(-2|x|) / (2 + expm1(-2|x|)), the sign of x
+  T scale, em1;
+  expm1_parts(-2 * std::fabs(x), scale, em1);
+  const T u = scale * em1 + (scale - 1);
+  return std::copysign(-u / (2 + u), x);
+}
+
+template <typename T>
+inline T sigmoid(T x) { return T(1) / (T(1) + fast_exp(-x)); }
+
+template <int N, typename T>
+inline void sigmoid_row(const T* x, T* out, int64_t n) {
+  if constexpr (N > 0) n = N;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = sigmoid(x[j]);
+}
+
+template <int N, typename T>
+inline void tanh_row(const T* x, T* out, int64_t n) {
+  if constexpr (N > 0) n = N;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = fast_tanh(x[j]);
+}
 
 template <int N, typename T>
 inline void softmax(const T* x, T* p, int64_t n) {
   if constexpr (N > 0) n = N;
   T m = x[0], s = 0;
-  for (int64_t j = 1; j < n; ++j) m = std::max(m, x[j]);
-  for (int64_t j = 0; j < n; ++j) s += p[j] = std::exp(x[j] - m);
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += p[j] = fast_exp(x[j] - m);
+#pragma omp simd
   for (int64_t j = 0; j < n; ++j) p[j] /= s;
 }
 
@@ -370,10 +440,11 @@ std::vector<at::Tensor> delta_lstm_forward(at::Tensor z, at::Tensor k, at::Tenso
             if (vbp != nullptr) std::copy(vb.begin(), vb.end(), vbp + og);
           }
           const scalar_t* c_prev = t > 0 ? cp + o - d : c0p + bh * d;
+          sigmoid_row<N>(a.data(), a.data(), d);  // the gates i and o
+          sigmoid_row<N>(a.data() + 2 * d, a.data() + 2 * d, d);
           for (int64_t i = 0; i < d; ++i) {
-            const scalar_t ig = sigmoid(a[i]);
-            cp[o + i] = ig * a[d + i] + (1 - ig) * c_prev[i];
-            hp[o + i] = sigmoid(a[2 * d + i]) * cp[o + i];
+            cp[o + i] = a[i] * a[d + i] + (1 - a[i]) * c_prev[i];
+            hp[o + i] = a[2 * d + i] * cp[o + i];
           }
         }
         for (int64_t g = 0; g < 3; ++g) transpose(S.data() + g * d * d, Rp + gates[g] * d * d, d, d);
@@ -407,7 +478,7 @@ std::vector<at::Tensor> delta_lstm_backward(at::Tensor z, at::Tensor k, at::Tens
       constexpr int N = decltype(w)::value;
       for_each_head(B * H, [&](int64_t bh) {
         const int64_t b = bh / H, hd = bh % H;
-        std::vector<scalar_t> s(d), ds(d), a(3 * d), da(3 * d), carry(d, 0);  // carry: dL/dh_t via step t + 1
+        std::vector<scalar_t> s(d), ds(d), a(3 * d), da(3 * d), sg(2 * d), carry(d, 0);  // carry: dL/dh_t, step t + 1
         scalar_t* gc = gcp + bh * d;                                            // dL/dc_t
         for (int64_t t = T - 1; t >= 0; --t) {
           const int64_t o = (bh * T + t) * d;
@@ -417,8 +488,10 @@ std::vector<at::Tensor> delta_lstm_backward(at::Tensor z, at::Tensor k, at::Tens
             for (int64_t i = 0; i < d; ++i) a[g * d + i] = zp[og + i] + dot<N>(Mp + (gate * d + i) * d, s.data(), d);
           }
           const scalar_t* c_prev = t > 0 ? cp + o - d : c0p + bh * d;
+          sigmoid_row<N>(a.data(), sg.data(), d);  // the gates i and o again
+          sigmoid_row<N>(a.data() + 2 * d, sg.data() + d, d);
           for (int64_t i = 0; i < d; ++i) {
-            const scalar_t gh = dhp[o + i] + carry[i], ig = sigmoid(a[i]), og = sigmoid(a[2 * d + i]);
+            const scalar_t gh = dhp[o + i] + carry[i], ig = sg[i], og = sg[d + i];
             gc[i] += gh * og;  // h_t = o c_t
             da[i] = gc[i] * (a[d + i] - c_prev[i]) * ig * (1 - ig);  // c_t = i u + (1 - i) c_{t-1}
             da[d + i] = gc[i] * ig;
@@ -485,7 +558,7 @@ std::vector<at::Tensor> rdn_forward(at::Tensor q, at::Tensor k, at::Tensor v, at
         for (int64_t t = 0; t < T; ++t) {
           const int64_t o = (bh * T + t) * d;
           const scalar_t* y_prev = t > 0 ? yp + o - d : y0p + bh * d;
-          for (int64_t j = 0; j < d; ++j) s[j] = std::tanh(y_prev[j]);
+          tanh_row<N>(y_prev, s.data(), d);
           const scalar_t bt = sigmoid(bp[bh * T + t] + dot<N>(rbp + hd * d, s.data(), d));
           std::copy(qp + o, qp + o + d, pre.data());  // q_t + R_q s, k_t + R_k s, v_t + R_v s
           std::copy(kp + o, kp + o + d, pre.data() + d);
@@ -537,7 +610,7 @@ std::vector<at::Tensor> rdn_backward(at::Tensor Rs, at::Tensor r_b, at::Tensor q
       for_each_head(B * H, [&](int64_t bh) {
         const int64_t hd = bh % H;
         const scalar_t *Rq = Rp + hd * d * d, *Rk = Rp + (H + hd) * d * d, *Rv = Rp + (2 * H + hd) * d * d;
-        std::vector<scalar_t> dqh(d), dkh(d), ds(d), carry(d, 0);
+        std::vector<scalar_t> dqh(d), dkh(d), ds(d), s(d), carry(d, 0);
         scalar_t *Mh = Mp + bh * d * d, *dMh = dMp + bh * d * d;
         for (int64_t t = T - 1; t >= 0; --t) {
           const int64_t o = (bh * T + t) * d;
@@ -563,10 +636,8 @@ std::vector<at::Tensor> rdn_backward(at::Tensor Rs, at::Tensor r_b, at::Tensor q
             axpy<N>(ds.data(), dvp[o + i], Rv + i * d, d);
           }
           const scalar_t* y_prev = t > 0 ? yp + o - d : y0p + bh * d;
-          for (int64_t j = 0; j < d; ++j) {
-            const scalar_t sj = std::tanh(y_prev[j]);
-            carry[j] = ds[j] * (1 - sj * sj);  // s = tanh(y_{t-1})
-          }
+          tanh_row<N>(y_prev, s.data(), d);  // s = tanh(y_{t-1})
+          for (int64_t j = 0; j < d; ++j) carry[j] = ds[j] * (1 - s[j] * s[j]);
         }
         std::copy(carry.begin(), carry.end(), dy0p + bh * d);
       });

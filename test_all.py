@@ -2602,6 +2602,22 @@ def test_rf_kernel_recurrence_equals_loop(model, device, T, d, dtype):
     assert_kernel_equals_loop(loop, kernel.apply, x, device, 1e-10 if dtype == torch.float64 else 1e-4)
 
 
+@pytest.mark.parametrize("model", list(RF_RECURRENCES))
+@pytest.mark.parametrize("scale", [1e-6, 30.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@needs_cxx
+def test_rf_cpu_kernel_recurrence_at_tiny_and_saturating_inputs(model, scale, dtype):
+    """cpu_kernels.cpp's own exp, expm1 and tanh (vectorizable arithmetic, not the library's calls) where they are
+    hardest: the recurrent inputs z, v (and the RDN's q, k, b) times 1e-6 (tanh and expm1 near 0, softmax near
+    uniform) and times 30 (saturated sigmoids and tanh, softmax of a large spread): the kernel against the float64
+    loop, outputs and every gradient."""
+    rf_kernels("cpu")
+    x = rf_recurrence_inputs(model, T=37, d=16, dtype=dtype, seed=3)
+    x = [t * scale if i in (0, 2) or (model == "rdn" and i < 4) else t for i, t in enumerate(x)]
+    loop, kernel = RF_RECURRENCES[model]
+    assert_kernel_equals_loop(loop, kernel.apply, x, "cpu", 1e-12 if dtype == torch.float64 else 1e-4)
+
+
 @pytest.mark.parametrize("rule", ["delta", "sum"])
 @pytest.mark.parametrize("device, T, d, dtype", RF_KERNEL_CASES)
 def test_rf_kernel_fast_weight_equals_loop(rule, device, T, d, dtype):
