@@ -32,7 +32,7 @@ Glossary: b batch, h head, t time step, T sequence length, C chunk length, d = d
 W, R (d, d) fast weights of one head (fp32), beta in (0, 1) a write strength, s the recurrent input of a step.
 
 Commands:
-    python rfwp.py                                        # rdn on code execution, about 5 CPU minutes
+    python rfwp.py                                        # rdn on code execution, about 1.5 CPU minutes
     python rfwp.py --preset tiny --steps 20               # smoke run
     python rfwp.py --model rdn --task listops             # sequential ListOps (depth 4; the paper: 10, 15)
     python rfwp.py --preset paper --model delta_rnn       # GPU: the paper's code execution setting
@@ -134,8 +134,9 @@ def fast_weight_chunk(q, k, v, beta, W=None, chunk_size=64):
 
 _KERNELS = {}  # device type -> the loaded extension, or False once its build failed
 KERNEL_FILES = {"cpu": "cpu_kernels.cpp", "cuda": "cuda_kernels.cu"}
-# --impl auto on the CPU uses the kernel of cpu_kernels.cpp for these parts: each is faster than its PyTorch form in
-# `python rfwp.py --bench` at the default size (rows kernel against chunk) and at one step per call (the RL agent).
+# --impl auto on the CPU uses the kernel of cpu_kernels.cpp for every part: each measured faster than its PyTorch form
+# on 2 CPU cores, at the default size (`python rfwp.py --bench`: the rows kernel against chunk), at one step per call
+# (`--task rl --bench`) and, for the delta rule, at d_head 16 to 128 and T 256 to 1024 against the chunk form.
 AUTO_ON_CPU = ("fast_weight", "delta_rnn", "delta_lstm", "rdn")
 
 
@@ -509,10 +510,8 @@ class DeltaLSTMLayer(SlowNet):
         super().__init__(args, [d, d, d, 1, d, d, 1] * 3)
 
     def forward(self, x, state=None):
-        B, T, _ = x.shape  # the projection holds per head the gates' parts in order i, u, o: gates as heads in one copy
-        p = self.slow(x).view(B, T, self.H, 3, -1).permute(0, 3, 2, 1, 4).reshape(B, 3 * self.H, T, -1)
-        parts = zip(p.split(self.sizes[:7], -1), self.sizes)
-        q, k, v, b, k_r, v_r, b_r = (u.squeeze(-1) if n == 1 else u for u, n in parts)  # (B, 3H, T, .)
+        p = self.project(x)
+        q, k, v, b, k_r, v_r, b_r = (torch.cat(p[j::7], 1) for j in range(7))  # (B, 3H, T, .): gates as heads
         W, R, c, h = state or (None, self.zeros(x, self.d, self.d, heads=3 * self.H), self.zeros(x, self.d),
                                self.zeros(x, self.d))
         z, W = fast_weight(elu1_sumnorm(q), elu1_sumnorm(k), v, torch.sigmoid(b), W, self.impl, self.chunk_size)
