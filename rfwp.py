@@ -54,6 +54,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
 import re
 import statistics
@@ -144,7 +145,8 @@ def kernels(device_type):
     """The fused kernels of a device (cpu_kernels.cpp on the CPU, cuda_kernels.cu on CUDA: the same functions), built
     and loaded on first use (never at import). The build runs on a copy of the source named by a hash of it and of
     torch's version, so an edit rebuilds, two scripts never clash and a copied script reuses the build. None, after one
-    warning, if that fails (no compiler, no ninja, no nvcc): the PyTorch forms run instead."""
+    warning, if that fails (no compiler, no ninja, no nvcc): the PyTorch forms run instead. The CPU build is for this
+    CPU (-march=native: its vector units; cpu_features names it)."""
     if device_type not in _KERNELS:
         src = os.path.join(os.path.dirname(os.path.abspath(__file__)), KERNEL_FILES[device_type])
         try:
@@ -152,7 +154,7 @@ def kernels(device_type):
 
             with open(src, "rb") as f:
                 code = f.read()
-            digest = hashlib.sha256(code + torch.__version__.encode()).hexdigest()[:16]
+            digest = hashlib.sha256(code + torch.__version__.encode() + cpu_features().encode()).hexdigest()[:16]
             name = f"rfwp_{device_type}_kernels_{digest}"
             root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
                                                                            "torch_extensions")
@@ -171,6 +173,16 @@ def kernels(device_type):
                   "PyTorch forms", file=sys.stderr)
             _KERNELS[device_type] = False
     return _KERNELS[device_type] or None
+
+
+def cpu_features():
+    """The CPU's instruction sets, which a -march=native build uses: part of the build's name, so that a build folder
+    shared by machines of other CPUs (a home directory on a cluster) is never loaded where it would not run."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.machine() + platform.processor()
 
 
 def use_kernel(impl, x, part):
