@@ -32,7 +32,7 @@ Glossary: b batch, h head, t time step, T sequence length, C chunk length, d = d
 W, R (d, d) fast weights of one head (fp32), beta in (0, 1) a write strength, s the recurrent input of a step.
 
 Commands:
-    python rfwp.py                                        # rdn on code execution, about 1.5 CPU minutes
+    python rfwp.py                                        # rdn on code execution, about 2 CPU minutes
     python rfwp.py --preset tiny --steps 20               # smoke run
     python rfwp.py --model rdn --task listops             # sequential ListOps (depth 4; the paper: 10, 15)
     python rfwp.py --preset paper --model delta_rnn       # GPU: the paper's code execution setting
@@ -135,10 +135,9 @@ def fast_weight_chunk(q, k, v, beta, W=None, chunk_size=64):
 
 _KERNELS = {}  # device type -> the loaded extension, or False once its build failed
 KERNEL_FILES = {"cpu": "cpu_kernels.cpp", "cuda": "cuda_kernels.cu"}
-# --impl auto on the CPU uses the kernel of cpu_kernels.cpp for every part: each measured faster than its PyTorch form
-# on 2 CPU cores, at the default size (`python rfwp.py --bench`: the rows kernel against chunk), at one step per call
+# --impl auto on the CPU is --impl kernel: every kernel of cpu_kernels.cpp measured faster than its PyTorch form on 2
+# CPU cores, at the default size (`python rfwp.py --bench`: the rows kernel against chunk), at one step per call
 # (`--task rl --bench`) and, for the delta rule, at d_head 16 to 128 and T 256 to 1024 against the chunk form.
-AUTO_ON_CPU = ("fast_weight", "delta_rnn", "delta_lstm", "rdn")
 
 
 def kernels(device_type):
@@ -146,7 +145,9 @@ def kernels(device_type):
     and loaded on first use (never at import). The build runs on a copy of the source named by a hash of it and of
     torch's version, so an edit rebuilds, two scripts never clash and a copied script reuses the build. None, after one
     warning, if that fails (no compiler, no ninja, no nvcc): the PyTorch forms run instead. The CPU build is for this
-    CPU (-march=native: its vector units; cpu_features names it)."""
+    CPU (-march=native: its vector units; cpu_features names it). None for a device without a kernel file (mps)."""
+    if device_type not in KERNEL_FILES:
+        return None
     if device_type not in _KERNELS:
         src = os.path.join(os.path.dirname(os.path.abspath(__file__)), KERNEL_FILES[device_type])
         try:
@@ -187,11 +188,10 @@ def cpu_features():
 
 def use_kernel(impl, x, part):
     """Whether the part (fast_weight or a recurrent model) with inputs x (B, H, T, d) runs as a fused kernel: --impl
-    kernel on the CPU (float32, float64) or a CUDA device (d <= 128; for a recurrent model, where its backward's shared
-    memory fits the GPU); --impl auto on the CPU for the parts in AUTO_ON_CPU. T >= 1."""
+    kernel (and auto) on the CPU, float32 or float64; --impl kernel on a CUDA device, d <= 128 and, for a recurrent
+    model, where its backward's shared memory fits the GPU. T >= 1."""
     if x.device.type == "cpu":
-        wanted = (impl == "kernel" or impl == "auto" and part in AUTO_ON_CPU) and x.dtype in (torch.float32,
-                                                                                             torch.float64)
+        wanted = impl in ("kernel", "auto") and x.dtype in (torch.float32, torch.float64)
     else:
         wanted = impl == "kernel" and x.is_cuda and x.shape[3] <= 128
     if not (wanted and x.shape[2] > 0 and kernels(x.device.type)):
@@ -313,7 +313,8 @@ class DeltaLSTMKernel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, k, v, beta, R0, c0, h0):
-        hs, cs, R, v_bar = kernels(z.device.type).delta_lstm_forward(z, k, v, beta, R0, c0, h0, any(ctx.needs_input_grad))
+        save = any(ctx.needs_input_grad)
+        hs, cs, R, v_bar = kernels(z.device.type).delta_lstm_forward(z, k, v, beta, R0, c0, h0, save)
         ctx.save_for_backward(z, k, v, beta, v_bar, hs, cs, h0, c0, R)
         return hs, R, cs[:, :, -1].clone(), hs[:, :, -1].clone()
 
@@ -864,7 +865,7 @@ class Args:
     """auto | loop | chunk | kernel (or its old name cuda). loop: every part steps through time in Python (the spec);
     chunk: the input-driven delta/sum-rule parts in the chunkwise form, the recurrent parts loop; kernel: every part
     as a fused kernel (cpu_kernels.cpp on the CPU, float32/64; cuda_kernels.cu on CUDA, d_head <= 128, not yet run on a
-    GPU); auto: on the CPU the kernels (AUTO_ON_CPU), elsewhere chunk (loop for single steps)"""
+    GPU); auto: on the CPU kernel, elsewhere chunk (loop for single steps)"""
     chunk_size: int = 64
     """chunk length C of the chunkwise form"""
     # training
@@ -1526,7 +1527,7 @@ def rl_bench(args):
     device = pick_device(args.device)
     envs = make_envs(args, args.batch_size, args.seed)
     n = args.batch_size * args.unroll
-    impls = ["loop", "kernel"] if device.type in ("cpu", "cuda") and kernels(device.type) else ["loop"]
+    impls = ["loop", "kernel"] if kernels(device.type) else ["loop"]
     print(f"device {device}, threads {torch.get_num_threads()}, env {args.env}, {args.batch_size} environments x "
           f"unroll {args.unroll} = {n} steps per update, d_model {args.d_model}, n_layer {args.n_layer}, "
           f"n_head {args.n_head}")
@@ -1585,7 +1586,7 @@ def bench(args):
     device = pick_device(args.device)
     B, T = 32, args.bench_T
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    impls = ["chunk", "kernel"] if device.type in ("cpu", "cuda") and kernels(device.type) else ["chunk"]
+    impls = ["chunk", "kernel"] if kernels(device.type) else ["chunk"]
     print(f"device {device}, threads {torch.get_num_threads()}, batch {B}, T {T}, d_model {args.d_model}, "
           f"n_layer {args.n_layer}, n_head {args.n_head}; mem MiB: on CUDA the peak allocated, on CPU the tensors "
           "autograd saves for the backward")
