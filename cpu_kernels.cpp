@@ -1,6 +1,7 @@
 // The CPU twin of cuda_kernels.cu: the same recurrences with the same function names, arguments and results, so
-// one autograd Function per recurrence (rfwp.py) serves both devices. JIT-loaded with torch.utils.cpp_extension.load
-// (a C++ compiler and ninja). float32 and float64 inputs; the state and every sum in the input's precision.
+// one autograd Function per recurrence (rfwp.py) serves both devices; and, on the CPU only (the GPU runs ode_fwp.py's
+// PyTorch form), the continuous-time delta rule of ode_fwp.py (ct_linear_rule_*, at the end). JIT-loaded with
+// torch.utils.cpp_extension.load (a C++ compiler and ninja). float32 and float64 inputs; the state and every sum in the input's precision.
 //
 //   sum rule    W_t = W_{t-1} + v_t k_t^T;                             y_t = W_t q_t
 //   delta rule  W_t = W_{t-1} + beta_t (v_t - W_{t-1} k_t) k_t^T;     y_t = W_t q_t
@@ -646,6 +647,147 @@ std::vector<at::Tensor> rdn_backward(at::Tensor Rs, at::Tensor r_b, at::Tensor q
   return {dq, dk, dv, db, dM, dy0};
 }
 
+// ---------------------------------------------------------------------------------------------
+// The continuous-time delta rule (ode_fwp.py; Oja's rule on W^T has the same form): euler or rk4 on
+// dY/ds = c (a - Y p) p^T, Y (rows x cols), with a (BH, S, rows), p (BH, S, cols), c (BH, S) tabulated at the
+// solver's stage nodes (node j of step i at i * stride + j: euler 1 node per step, stride 1; rk4 nodes i h, i h + h/2,
+// (i + 1) h, stride 2). Each row y of Y is its own ODE, y' = c (a_r - y . p) p: a stage at node j, after the stage
+// sigma' p_j' at node j', is sigma p_j with
+//   sigma = c_j (a_j,r - y . p_j - alpha h sigma' (p_j' . p_j)),   and the step is y <- y + h sum_m b_m sigma_m p_j(m)
+// The forward saves Y at the start of every step (BH, n, rows, cols); the backward walks the steps back from it.
+namespace {
+
+struct Stage {
+  int node;
+  double alpha, b;
+};
+const Stage EULER[] = {{0, 0.0, 1.0}};
+const Stage RK4[] = {{0, 0.0, 1.0 / 6}, {1, 0.5, 1.0 / 3}, {1, 0.5, 1.0 / 3}, {2, 1.0, 1.0 / 6}};
+
+struct Steps {  // the solver's stages and where a step's nodes lie in the table
+  const Stage* stages;
+  int n_stages, n_nodes, stride;
+  explicit Steps(bool rk4)
+      : stages(rk4 ? RK4 : EULER), n_stages(rk4 ? 4 : 1), n_nodes(rk4 ? 3 : 1), stride(rk4 ? 2 : 1) {}
+};
+
+// One row's stages at one step: u_j = y . p_j, then sigma_m and its bracket res_m = sigma_m / c_j(m).
+template <typename T>
+inline void ct_stages(const Steps& st, const T* y, const T* const* p, const T* a_r, const T* c, const T* g, T h,
+                      int64_t cols, T* sigma, T* res) {
+  T u[3];
+  for (int j = 0; j < st.n_nodes; ++j) u[j] = dot<0>(y, p[j], cols);
+  for (int m = 0; m < st.n_stages; ++m) {
+    const int j = st.stages[m].node;
+    res[m] = a_r[j] - u[j] - (m ? T(st.stages[m].alpha) * h * sigma[m - 1] * g[m] : T(0));
+    sigma[m] = c[j] * res[m];
+  }
+}
+
+}  // namespace
+
+// Y0 (BH, rows, cols), a (BH, S, rows), p (BH, S, cols), c (BH, S), n_steps -> Y (BH, rows, cols), Ys.
+std::vector<at::Tensor> ct_linear_rule_forward(at::Tensor Y0, at::Tensor a, at::Tensor p, at::Tensor c,
+                                               int64_t n_steps, bool rk4) {
+  const Steps st(rk4);
+  const int64_t BH = a.size(0), S = a.size(1), rows = a.size(2), cols = p.size(2);
+  check_dtype(a);
+  TORCH_CHECK(S == n_steps * st.stride + 1, "FWP CPU kernel: the table needs ", n_steps * st.stride + 1, " nodes");
+  check_seq(p, {BH, S, cols}, "p", a), check_seq(c, {BH, S}, "c", a), check_seq(Y0, {BH, rows, cols}, "Y0", a);
+  a = a.contiguous(), p = p.contiguous(), c = c.contiguous();
+  auto Y = Y0.contiguous().clone();
+  auto Ys = at::empty({BH, n_steps, rows, cols}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ct_linear_rule_forward", [&] {
+    const scalar_t *ap = a.data_ptr<scalar_t>(), *pp = p.data_ptr<scalar_t>(), *cp = c.data_ptr<scalar_t>();
+    scalar_t *Yp = Y.data_ptr<scalar_t>(), *Ysp = Ys.data_ptr<scalar_t>();
+    const scalar_t h = scalar_t(1) / scalar_t(n_steps);
+    for_each_head(BH, [&](int64_t bh) {
+      scalar_t* Yb = Yp + bh * rows * cols;
+      std::vector<scalar_t> a_r(st.n_nodes);
+      for (int64_t i = 0; i < n_steps; ++i) {
+        const int64_t node0 = bh * S + i * st.stride;
+        const scalar_t* pj[3];
+        for (int j = 0; j < st.n_nodes; ++j) pj[j] = pp + (node0 + j) * cols;
+        scalar_t g[4] = {0, 0, 0, 0}, sigma[4], res[4];
+        for (int m = 1; m < st.n_stages; ++m) g[m] = dot<0>(pj[st.stages[m - 1].node], pj[st.stages[m].node], cols);
+        std::copy(Yb, Yb + rows * cols, Ysp + (bh * n_steps + i) * rows * cols);
+        for (int64_t r = 0; r < rows; ++r) {
+          scalar_t* y = Yb + r * cols;
+          for (int j = 0; j < st.n_nodes; ++j) a_r[j] = ap[(node0 + j) * rows + r];
+          ct_stages(st, y, pj, a_r.data(), cp + node0, g, h, cols, sigma, res);
+          for (int m = 0; m < st.n_stages; ++m)
+            axpy<0>(y, h * scalar_t(st.stages[m].b) * sigma[m], pj[st.stages[m].node], cols);
+        }
+      }
+    });
+  });
+  return {Y, Ys};
+}
+
+// dY (BH, rows, cols), Ys, a, p, c, n_steps -> dY0, da, dp, dc.
+std::vector<at::Tensor> ct_linear_rule_backward(at::Tensor dY, at::Tensor Ys, at::Tensor a, at::Tensor p,
+                                                at::Tensor c, int64_t n_steps, bool rk4) {
+  const Steps st(rk4);
+  const int64_t BH = a.size(0), S = a.size(1), rows = a.size(2), cols = p.size(2);
+  check_dtype(a);
+  check_seq(Ys, {BH, n_steps, rows, cols}, "Ys", a);
+  a = a.contiguous(), p = p.contiguous(), c = c.contiguous(), Ys = Ys.contiguous();
+  auto dY0 = as(dY, a).clone();
+  check_state(dY0, {BH, rows, cols}, "dY");
+  auto da = at::zeros_like(a), dp = at::zeros_like(p), dc = at::zeros_like(c);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ct_linear_rule_backward", [&] {
+    const scalar_t *ap = a.data_ptr<scalar_t>(), *pp = p.data_ptr<scalar_t>(), *cp = c.data_ptr<scalar_t>(),
+                   *Ysp = Ys.data_ptr<scalar_t>();
+    scalar_t *dYp = dY0.data_ptr<scalar_t>(), *dap = da.data_ptr<scalar_t>(), *dpp = dp.data_ptr<scalar_t>(),
+             *dcp = dc.data_ptr<scalar_t>();
+    const scalar_t h = scalar_t(1) / scalar_t(n_steps);
+    for_each_head(BH, [&](int64_t bh) {
+      scalar_t* dYb = dYp + bh * rows * cols;  // dL/dY after the step, then (in place) before it
+      std::vector<scalar_t> a_r(st.n_nodes);
+      for (int64_t i = n_steps - 1; i >= 0; --i) {
+        const int64_t node0 = bh * S + i * st.stride;
+        const scalar_t* pj[3];
+        scalar_t* dpj[3];
+        for (int j = 0; j < st.n_nodes; ++j) pj[j] = pp + (node0 + j) * cols, dpj[j] = dpp + (node0 + j) * cols;
+        scalar_t g[4] = {0, 0, 0, 0}, dg[4] = {0, 0, 0, 0}, sigma[4], res[4], dsigma[4];
+        for (int m = 1; m < st.n_stages; ++m) g[m] = dot<0>(pj[st.stages[m - 1].node], pj[st.stages[m].node], cols);
+        const scalar_t* Yi = Ysp + (bh * n_steps + i) * rows * cols;
+        for (int64_t r = 0; r < rows; ++r) {
+          const scalar_t* y = Yi + r * cols;
+          scalar_t* dy = dYb + r * cols;
+          for (int j = 0; j < st.n_nodes; ++j) a_r[j] = ap[(node0 + j) * rows + r];
+          ct_stages(st, y, pj, a_r.data(), cp + node0, g, h, cols, sigma, res);
+          for (int m = 0; m < st.n_stages; ++m) {  // y' = y + h sum_m b_m sigma_m p_j(m)
+            const scalar_t hb = h * scalar_t(st.stages[m].b);
+            dsigma[m] = hb * dot<0>(dy, pj[st.stages[m].node], cols);
+            axpy<0>(dpj[st.stages[m].node], hb * sigma[m], dy, cols);
+          }
+          scalar_t du[3] = {0, 0, 0};
+          for (int m = st.n_stages - 1; m >= 0; --m) {  // sigma_m = c_j (a_j,r - u_j - alpha h sigma_m-1 g_m)
+            const int j = st.stages[m].node;
+            dcp[node0 + j] += dsigma[m] * res[m];
+            const scalar_t dres = dsigma[m] * cp[node0 + j];
+            dap[(node0 + j) * rows + r] += dres, du[j] -= dres;
+            if (m) {
+              const scalar_t ah = scalar_t(st.stages[m].alpha) * h;
+              dsigma[m - 1] -= dres * ah * g[m], dg[m] -= dres * ah * sigma[m - 1];
+            }
+          }
+          for (int j = 0; j < st.n_nodes; ++j) {  // u_j = y . p_j
+            axpy<0>(dpj[j], du[j], y, cols);
+            axpy<0>(dy, du[j], pj[j], cols);
+          }
+        }
+        for (int m = 1; m < st.n_stages; ++m) {  // g_m = p_j(m-1) . p_j(m)
+          axpy<0>(dpj[st.stages[m - 1].node], dg[m], pj[st.stages[m].node], cols);
+          axpy<0>(dpj[st.stages[m].node], dg[m], pj[st.stages[m - 1].node], cols);
+        }
+      }
+    });
+  });
+  return {dY0, da, dp, dc};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &fast_weight_forward, "fast-weight update forward (sum or delta rule)");
   m.def("backward", &fast_weight_backward, "fast-weight update backward (sum or delta rule)");
@@ -655,4 +797,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("delta_lstm_backward", &delta_lstm_backward, "Delta LSTM recurrence, backward");
   m.def("rdn_forward", &rdn_forward, "Recurrent Delta Net recurrence, forward");
   m.def("rdn_backward", &rdn_backward, "Recurrent Delta Net recurrence, backward");
+  m.def("ct_linear_rule_forward", &ct_linear_rule_forward, "continuous-time delta rule, euler or rk4, forward");
+  m.def("ct_linear_rule_backward", &ct_linear_rule_backward, "continuous-time delta rule, euler or rk4, backward");
 }

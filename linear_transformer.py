@@ -487,6 +487,11 @@ def check_args(args):
                 "chunk_size", "seq_len", "n_pairs", "vocab_size", "bench_d", "dpfp_nu", "n_features"):
         if getattr(args, key) <= 0:
             fail(f"--{key} must be positive, got {getattr(args, key)}")
+    for key in ("seed", "sample", "weight_decay"):
+        if getattr(args, key) < 0:
+            fail(f"--{key} must be non-negative, got {getattr(args, key)}")
+    if args.temperature <= 0:
+        fail(f"--temperature must be positive (lower is greedier), got {args.temperature}")
     if args.pos_enc == "auto":
         args.pos_enc = "sin" if (args.attn == "softmax" or args.task == "lm" and not args.carry_state) else "none"
     if args.d_model % args.n_head:
@@ -690,6 +695,8 @@ def train(args):
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
+        if args.resume:
+            truncate_metrics(args.out_dir, step)
         print(f"config: {json.dumps(dataclasses.asdict(args))}")
         print(f"device {device}, {world} process(es), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
               f"parameters, starting at step {step}")
@@ -909,6 +916,25 @@ def log_metrics(out_dir, step, split, metrics, t0):
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         for name, value in metrics.items():
             f.write(json.dumps(dict(step=step, split=split, metric=name, value=value, time=time.time() - t0)) + "\n")
+
+
+def truncate_metrics(out_dir, step):
+    """--resume: drop the metrics.jsonl lines past the checkpoint's step (the killed run logged them; the resumed run
+    logs those steps again), and a line the kill cut short; written atomically, as the checkpoints."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
 
 
 def seed_everything(seed):

@@ -40,13 +40,15 @@ Commands:
     python ode_fwp.py --evaluate --solver dopri5           # the trained model under another solver, vs a reference
     python ode_fwp.py --data path/NAME_TRAIN.ts            # any UEA/UCR .ts classification set (_TEST beside it)
     python ode_fwp.py --dataset EigenWorms                 # downloads: a UEA name, speech_commands, sepsis
-    python ode_fwp.py --bench                              # time and NFE per training step of each model/solver
+    python ode_fwp.py --bench                              # step time and NFE per model/solver/path, then vs length
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import platform
 import random
 import sys
 import time
@@ -85,7 +87,7 @@ def rk4(f, y, n_steps):
         k1 = f(s, y)
         k2 = f(s + h / 2, y + h / 2 * k1)
         k3 = f(s + h / 2, y + h / 2 * k2)
-        k4 = f(s + h, y + h * k3)
+        k4 = f((i + 1) * h, y + h * k3)  # (i + 1) h, not s + h: the next step's first time to the last bit
         y = y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
     return y, 4 * n_steps
 
@@ -141,6 +143,155 @@ def odeint(f, y0, args, n_steps):
     if args.solver == "dopri5":
         return dopri5(f, y0, args.rtol, args.atol, args.max_steps)
     return (euler if args.solver == "euler" else rk4)(f, y0, n_steps)
+
+
+# The fixed-step solvers' stage times are known before the solve: euler evaluates f at s = i h, rk4 at i h, i h + h/2
+# and (i + 1) h. These nodes, written as the solvers write them (so each is the same float), let a vector field
+# whose inputs do not depend on the state be tabulated in one batched pass.
+
+
+def stage_nodes(solver, n_steps):
+    """The s of every stage of euler (n + 1 nodes: i h) or rk4 (2n + 1 nodes: i h, then i h + h/2), float64 (S,)."""
+    h, i = 1.0 / n_steps, torch.arange(n_steps + 1, dtype=torch.float64)
+    if solver == "euler":
+        return i * h
+    return torch.stack([i * h, i * h + h / 2], 1).flatten()[:-1]
+
+
+def tabulated(table, n_nodes):
+    """f(s, y) for the solvers from a table of stage inputs (each (B, S, ...)): the row of node s (s = j / (S - 1))."""
+    return lambda s: [x[:, round(s * (n_nodes - 1))] for x in table]
+
+
+def solver_weights(solver, n_steps):
+    """Weights w_j such that a solve of dy/ds = g(s) (no dependence on y) is y(0) + sum_j w_j g(s_j): euler's h at
+    i h, rk4's h/6 (g(i h) + 2 g(i h + h/2) + 2 g(i h + h/2) + g((i + 1) h)) summed over the steps (Simpson's rule)."""
+    h = 1.0 / n_steps
+    if solver == "euler":
+        return torch.cat([torch.full((n_steps,), h, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    w = torch.zeros(2 * n_steps + 1, dtype=torch.float64)
+    w[0:-1:2] += h / 6
+    w[2::2] += h / 6
+    w[1::2] = 4 * h / 6
+    return w
+
+
+# The fixed-step solvers as stages (node of the step, a, b): the stage's input is y + a h k', k' the previous stage,
+# at the step's node (euler: i h; rk4: i h, i h + h/2, (i + 1) h), and y <- y + h sum b k.
+RK_STAGES = {"euler": [(0, 0.0, 1.0)], "rk4": [(0, 0.0, 1 / 6), (1, 0.5, 1 / 3), (1, 0.5, 1 / 3), (2, 1.0, 1 / 6)]}
+
+
+_KERNELS = {}  # device type -> the loaded extension, or False once its build failed
+
+
+def kernels(device_type):
+    """cpu_kernels.cpp (ct_linear_rule_forward/backward: linear_rule_solve's steps, fused), built and loaded on first
+    use (never at import), on a copy of the source named by a hash of it, of torch's version and of the CPU's
+    instruction sets (the build is -march=native), so an edit rebuilds and every script shares one build. None, after
+    one warning, if that fails (no compiler, no ninja): the PyTorch form runs instead. None off the CPU."""
+    if device_type != "cpu":
+        return None
+    if device_type not in _KERNELS:
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cpp")
+        try:
+            from torch.utils.cpp_extension import load
+
+            with open(src, "rb") as f:
+                code = f.read()
+            digest = hashlib.sha256(code + torch.__version__.encode() + cpu_features().encode()).hexdigest()[:16]
+            name = f"fwp_{device_type}_kernels_{digest}"
+            root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                           "torch_extensions")
+            build = os.path.join(root, name)
+            os.makedirs(build, exist_ok=True)
+            copy = os.path.join(build, os.path.basename(src))
+            if not os.path.exists(copy):
+                with open(copy + ".tmp", "wb") as f:
+                    f.write(code)
+                os.replace(copy + ".tmp", copy)
+            flags = ["-O3", "-march=native", "-fopenmp" if torch.backends.openmp.is_available() else "-fopenmp-simd"]
+            _KERNELS[device_type] = load(name, [copy], build_directory=build, extra_cflags=flags,
+                                         extra_cuda_cflags=["-O3"], verbose=False)
+        except Exception as e:  # no compiler, no ninja, a compile error: the PyTorch form still works
+            print(f"warning: cpu_kernels.cpp unavailable ({type(e).__name__}: {str(e)[-2000:]}); using the PyTorch "
+                  "forms", file=sys.stderr)
+            _KERNELS[device_type] = False
+    return _KERNELS[device_type] or None
+
+
+def cpu_features():
+    """The CPU's instruction sets, which a -march=native build uses: part of the build's name, so that a build folder
+    shared by machines of other CPUs (a home directory on a cluster) is never loaded where it would not run."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
+class LinearRuleKernel(torch.autograd.Function):
+    """linear_rule_solve's steps as one fused kernel per pass (cpu_kernels.cpp): Y0 (BH, rows, cols), a (BH, S, rows),
+    p (BH, S, cols), c (BH, S). The forward keeps Y at the start of every step for the backward."""
+
+    @staticmethod
+    def forward(ctx, Y0, a, p, c, n_steps, rk4):
+        Y, Ys = kernels("cpu").ct_linear_rule_forward(Y0, a, p, c, n_steps, rk4)
+        ctx.save_for_backward(Ys, a, p, c)
+        ctx.n_steps, ctx.rk4 = n_steps, rk4
+        return Y
+
+    @staticmethod
+    def backward(ctx, dY):
+        dY0, da, dp, dc = kernels("cpu").ct_linear_rule_backward(dY.contiguous(), *ctx.saved_tensors, ctx.n_steps,
+                                                                 ctx.rk4)
+        return dY0, da, dp, dc, None, None
+
+
+def use_kernel(impl, x):
+    """--impl kernel and auto take cpu_kernels.cpp for the delta and Oja rules on the CPU (float32, float64)."""
+    return (impl in ("kernel", "auto") and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and kernels("cpu") is not None)
+
+
+def linear_rule_solve(Y0, a, p, c, solver, n_steps, fused=False):
+    """euler or rk4 on dY/ds = c (a - Y p) p^T (delta: Y = W, a = v, p = k; Oja's rule on Y = W^T: a = k, p = v),
+    with a, p tabulated at the stage nodes (B, S, H, d), c (B, S, H), Y (B, H, d, d). Each step is linear in Y:
+    a stage at node j is k = u p_j^T with u = Y P^T gamma + A delta (P (J, d) the step's p_j as rows, A (d, J) its
+    a_j as columns, gamma, delta in R^J); after the stage k' = u' p_j'^T, k = c_j (a_j - (Y + a h k') p_j) p_j^T gives
+    gamma = -c_j (e_j + a h (p_j' . p_j) gamma') and delta = c_j (e_j - a h (p_j' . p_j) delta'). So the step is
+    Y <- Y M + N with M = I + P^T Gamma P and N = A Delta P (Gamma, Delta: h b gamma, h b delta summed into column j),
+    built for all steps at once from the tabulated values; then n products run on Y."""
+    B, S, H, d = p.shape
+    if fused:  # the same steps in cpu_kernels.cpp, row by row (each row of Y is its own ODE)
+        heads = lambda x: x.transpose(1, 2).flatten(0, 1).contiguous()  # noqa: E731  (B, S, H, ...) -> (B H, S, ...)
+        Y = LinearRuleKernel.apply(Y0.flatten(0, 1).contiguous(), heads(a), heads(p), heads(c), n_steps,
+                                   solver == "rk4")
+        return Y.view(B, H, d, d)
+    h, stages = 1.0 / n_steps, RK_STAGES[solver]
+    J = 1 + max(j for j, _, _ in stages)  # nodes per step; node j of step i is tabulated at i (J - 1) + j
+    stride = max(J - 1, 1)
+    at = lambda x, j: x[:, j : j + stride * n_steps : stride]  # noqa: E731  (B, n, ...): node j of every step
+    e = torch.eye(J, dtype=c.dtype, device=c.device)
+    Gam, Del, prev = [0.0] * J, [0.0] * J, None  # columns of Gamma and Delta, each (B, n, H, J)
+    for j, alpha, b in stages:
+        cj = at(c, j)[..., None]
+        if prev is None:
+            gamma, delta = -cj * e[j], cj * e[j]
+        else:
+            j_, gamma_, delta_ = prev
+            g = alpha * h * (at(p, j_) * at(p, j)).sum(-1, keepdim=True)  # (B, n, H, 1)
+            gamma, delta = -cj * (e[j] + g * gamma_), cj * (e[j] - g * delta_)
+        Gam[j], Del[j], prev = Gam[j] + h * b * gamma, Del[j] + h * b * delta, (j, gamma, delta)
+    P = torch.stack([at(p, j) for j in range(J)], -2)  # (B, n, H, J, d)
+    A = torch.stack([at(a, j) for j in range(J)], -1)  # (B, n, H, d, J)
+    M = torch.eye(d, dtype=p.dtype, device=p.device) + P.transpose(-1, -2) @ torch.stack(Gam, -1) @ P
+    N = A @ torch.stack(Del, -1) @ P  # (B, n, H, d, d)
+    steps = lambda x: x.transpose(0, 1).flatten(1, 2).unbind(0)  # noqa: E731  (B, n, H, ...) -> n x (B H, ...)
+    Y = Y0.flatten(0, 1)  # (B H, d, d)
+    # unbind, not indexing: one backward node for all steps (a backward per index would write a whole zero tensor)
+    for M_i, N_i in zip(steps(M), steps(N)):
+        Y = torch.baddbmm(N_i, Y, M_i)
+    return Y.view(B, H, d, d)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,11 +359,14 @@ class ControlPath:
         self.t1 = t.gather(1, (lengths - 1)[:, None]).squeeze(1)
 
     def __call__(self, t):
-        """X(t) and dX/dt at one time per series, t (B,) -> (B, C), (B, C)."""
-        i = torch.searchsorted(self.knots, t[:, None].contiguous(), right=True) - 1
+        """X(t) and dX/dt at one time per series, t (B,) -> (B, C) twice, or at S times, t (B, S) -> (B, S, C) twice."""
+        if t.dim() == 1:
+            X, dX = self(t[:, None])
+            return X[:, 0], dX[:, 0]
+        i = torch.searchsorted(self.knots, t.contiguous(), right=True) - 1  # (B, S)
         i = torch.minimum(i.clamp(min=0), (self.lengths - 2)[:, None])  # the last interval is closed on the right
-        a, b, c, d = self.coeffs.gather(1, i[..., None, None].expand(-1, 1, *self.coeffs.shape[2:]))[:, 0].unbind(-1)
-        tau = (t - self.knots.gather(1, i)[:, 0])[:, None]
+        a, b, c, d = self.coeffs.gather(1, i[..., None, None].expand(-1, -1, *self.coeffs.shape[2:])).unbind(-1)
+        tau = (t - self.knots.gather(1, i))[..., None]
         return a + tau * (b + tau * (c + tau * d)), b + tau * (2 * c + 3 * d * tau)
 
 
@@ -275,19 +429,42 @@ class CTFWP(nn.Module):
         return self.ln_in(self.W_in(dX if self.drive == "dx" else X))  # (B, D)
 
     def rule_kvb(self, path, t):
-        """The rule and its (k, v, beta) at time t: (B, H, d), (B, H, d), (B, H)."""
+        """The rule and its (k, v, beta) at time t (B,): (B, H, d), (B, H, d), (B, H); at t (B, S): (B, S, H, ...)."""
         X, dX = path(t)
-        kb = self.W_kb(self.h(X, dX)).view(-1, self.H, self.d + 1)
+        kb = self.W_kb(self.h(X, dX)).unflatten(-1, (self.H, self.d + 1))
         k_raw, b = kb[..., :-1], kb[..., -1]  # (B, H, d), (B, H)
         u = self.W_v(dX if self.values_from == "dx" else X)
         if hasattr(self, "ln_v"):
             u = self.W_v2(self.ln_v(u))
-        u = u.view(-1, self.H, self.d)
+        u = u.unflatten(-1, (self.H, self.d))
         if self.post_tanh:
             return delta_post_tanh, k_raw.softmax(-1), u, torch.sigmoid(b)
         if self.values_from == "dx":
             return DX_RULES[self.rule](k_raw, b, u)
         return RULES[self.rule], k_raw.softmax(-1), torch.tanh(u), torch.sigmoid(b)
+
+    def solve_precomputed(self, path, args, n_steps):
+        """The same solve with k, v, beta (functions of the path alone) computed at every stage time in one pass
+        (B, S, H, d); then Hebb's rule is a weighted sum, the delta rule and Oja's (the paper's form, linear in W) a
+        product of one affine map per step, and the other forms (--post_tanh, the official Oja) step through the
+        solver with the table."""
+        s = stage_nodes(args.solver, n_steps).to(path.t0)  # (S,)
+        span = path.t1 - path.t0  # (B,)
+        rule, k, v, beta = self.rule_kvb(path, path.t0[:, None] + s * span[:, None])  # (B, S, H, d), ..., (B, S, H)
+        W0 = rule(v.new_zeros(*v[:, 0].shape, k.shape[-1]), k[:, 0], v[:, 0], beta[:, 0])  # W = 0 at t_1
+        c = span[:, None, None] * beta  # (B, S, H): the rule's rate in solver time
+        nfe = len(s)  # the slow net's evaluations (for dopri5 and --impl generic: the vector field's)
+        if rule is hebb:  # dW/ds = c v k^T does not depend on W
+            w = solver_weights(args.solver, n_steps).to(c)[:, None]
+            return W0 + torch.einsum("bsh,bshi,bshj->bhij", w * c, v, k), nfe
+        fused = use_kernel(args.impl, c)
+        if rule is delta:  # dW/ds = c (v - W k) k^T
+            return linear_rule_solve(W0, v, k, c, args.solver, n_steps, fused), nfe
+        if rule is oja:  # dW^T/ds = c (k - W^T v) v^T
+            return linear_rule_solve(W0.transpose(-1, -2), k, v, c, args.solver, n_steps, fused).transpose(-1, -2), nfe
+        at, span4 = tabulated((k, v, beta), len(s)), span[:, None, None, None]
+        W, _ = odeint(lambda s_, W: span4 * rule(W, *at(s_)), W0, args, n_steps)
+        return W, nfe
 
     def vector_field(self, path):
         span = (path.t1 - path.t0)[:, None, None, None]
@@ -299,9 +476,12 @@ class CTFWP(nn.Module):
         return f
 
     def forward(self, path, args, n_steps):
-        rule, k, v, beta = self.rule_kvb(path, path.t0)
-        W0 = rule(v.new_zeros(*v.shape, k.shape[-1]), k, v, beta)  # the rule at the first observation with W = 0
-        W, nfe = odeint(self.vector_field(path), W0, args, n_steps)
+        if precomputed(args):
+            W, nfe = self.solve_precomputed(path, args, n_steps)
+        else:
+            rule, k, v, beta = self.rule_kvb(path, path.t0)
+            W0 = rule(v.new_zeros(*v.shape, k.shape[-1]), k, v, beta)  # the rule at the first observation with W = 0
+            W, nfe = odeint(self.vector_field(path), W0, args, n_steps)
         q = self.W_q(self.h(*path(path.t1))).view(-1, self.H, self.d).softmax(-1)
         Wq = W.transpose(-1, -2) @ q[..., None] if self.values_from == "dx" else W @ q[..., None]  # official forms
         y = self.out(Wq.flatten(1))  # (B, D)
@@ -322,12 +502,24 @@ class NCDE(nn.Module):
 
     def forward(self, path, args, n_steps):
         span = (path.t1 - path.t0)[:, None]
+        if precomputed(args):  # the path's derivative at every stage time in one pass; f(z) needs z, stage by stage
+            s = stage_nodes(args.solver, n_steps).to(span)
+            at = tabulated(path(path.t0[:, None] + s * span)[1:], len(s))
 
-        def f(s, z):
-            return span * (self.f(z) @ path(path.t0 + s * span[:, 0])[1][..., None])[..., 0]
+            def f(s, z):
+                return span * (self.f(z) @ at(s)[0][..., None])[..., 0]
+        else:
+
+            def f(s, z):
+                return span * (self.f(z) @ path(path.t0 + s * span[:, 0])[1][..., None])[..., 0]
 
         z, nfe = odeint(f, self.init(path(path.t0)[0]), args, n_steps)
         return self.head(z), nfe
+
+
+def precomputed(args):
+    """--impl: euler and rk4 take the precomputed path (the generic one is the reference); dopri5 the generic."""
+    return args.impl != "generic" and args.solver != "dopri5"
 
 
 def build_model(args, n_channels, n_classes):
@@ -650,6 +842,10 @@ class Args:
     # solver
     solver: str = "rk4"
     """euler | rk4 (fixed step) | dopri5 (adaptive, Dormand-Prince 5(4))"""
+    impl: str = "auto"
+    """euler, rk4: precomputed (the slow net at every stage time in one batched pass, then only the rule's steps on
+    W), kernel (precomputed, the delta and Oja rules' steps fused in cpu_kernels.cpp on the CPU) or generic (the whole
+    vector field at each stage: the reference; dopri5 always); auto: kernel on the CPU, precomputed elsewhere"""
     step_size: float = 0.0
     """euler, rk4: step in data time units; 0 = the smallest gap between two observations in the data"""
     rtol: float = 1e-3
@@ -692,12 +888,17 @@ class Args:
     evaluate: bool = False
     """evaluate out_dir/best.pt on test under its trained solver, --solver and a tight dopri5 reference, and exit"""
     bench: bool = False
-    """time one training step (forward and backward) and count NFE for each rule, ncde and solver, and exit"""
+    """time a training step (forward and backward) of each rule, ncde, solver and path, then against series length,
+    and exit"""
+    bench_obs: str = "64,256,1024,4096"
+    """--bench: the series lengths (observations) of the scaling table"""
+    bench_generic_max: int = 1024
+    """--bench: time the generic path only up to this many observations (it takes minutes per step beyond)"""
 
 
 PRESETS = {
     "tiny": dict(n_train=64, syn_length=16, d_model=8, n_head=2, d_ff=16, batch_size=16, steps=4, eval_every=2,
-                 warmup=1),
+                 warmup=1, bench_obs="8,16", bench_generic_max=8),
     # The official recipes (speech_and_physionet/: delta_cde, rk4 at the observation gap, Adam at base_lr x batch / 32,
     # no clipping, the penalty 0.03 sum ||p||, ReduceLROnPlateau(patience=2) on the training loss every 10 epochs, raw
     # time). Steps: epochs x batches per epoch of the 70% training split (speech 24 of 1024: 500 epochs; sepsis 28:
@@ -720,17 +921,27 @@ PRESETS = {
 
 def check_args(args):
     choices = dict(model=("ctfwp", "ncde"), rule=("hebb", "oja", "delta"), drive=("dx", "x"),
-                   values_from=("x", "dx"), interp=("cubic", "linear"), solver=("euler", "rk4", "dopri5"))
+                   values_from=("x", "dx"), interp=("cubic", "linear"), solver=("euler", "rk4", "dopri5"),
+                   impl=("auto", "kernel", "precomputed", "generic"))
     for key, allowed in choices.items():
         if getattr(args, key) not in allowed:
             fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(args, key)!r}")
-    for key in ("n_train", "d_model", "n_head", "d_ff", "batch_size", "steps", "eval_every", "max_steps"):
+    for key in ("n_train", "d_model", "n_head", "d_ff", "batch_size", "steps", "eval_every", "max_steps",
+                "bench_generic_max"):
         if getattr(args, key) <= 0:
             fail(f"--{key} must be positive, got {getattr(args, key)}")
+    if args.impl in ("kernel", "precomputed") and args.solver == "dopri5":
+        fail(f"--impl {args.impl} needs a fixed-step solver (euler, rk4): dopri5's stage times are not known ahead")
     if args.post_tanh and args.rule != "delta":
         fail(f"--post_tanh changes the delta rule; it does nothing with --rule {args.rule}")
     if min(args.l2, args.pos_weight) < 0:
         fail(f"--l2 and --pos_weight must be non-negative, got {args.l2} and {args.pos_weight}")
+    if args.logsig_window < 0 or args.logsig_window == 1:
+        fail(f"--logsig_window must be 0 (off) or at least 2 (observations per window), got {args.logsig_window}")
+    if args.seed < 0:
+        fail(f"--seed must be non-negative, got {args.seed}")
+    if not all(v.strip().isdigit() and int(v) >= 2 for v in args.bench_obs.split(",")):
+        fail(f"--bench_obs must be comma-separated observation counts of at least 2, got {args.bench_obs!r}")
     if args.logsig_window > 1 and args.interp != "linear":
         fail("--logsig_window needs --interp linear (the path between window ends is then the log-signature's line)")
     if args.values_from == "dx":
@@ -888,6 +1099,8 @@ def train(args):
         step, best = ckpt["step"], ckpt["best"]
         gen.set_state(ckpt["rng"]["data"])
     os.makedirs(args.out_dir, exist_ok=True)
+    if args.resume:
+        truncate_metrics(args.out_dir, step)
     announce(args, device, task, model, step)
     if step >= args.steps:
         print(f"the checkpoint in {args.out_dir} is already at step {step} of --steps {args.steps}; nothing to do")
@@ -960,34 +1173,89 @@ def evaluate_checkpoint(args):
 # Benchmark
 
 
+def saved_mib(fn):
+    """MiB of tensors autograd keeps for the backward pass of fn (the activation memory), each storage once."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values()) / 2**20
+
+
+def time_step(args, task, batch, device, reps=3):
+    """One model's training step (forward + backward) on a batch: median ms of `reps` after a warm-up (in which the
+    memory is counted), NFE, MiB saved for the backward pass, parameters."""
+    t, x, lengths, y = batch
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    model = build_model(args, task["n_channels"], len(task["names"])).to(device)
+    out = {}
+
+    def step():
+        logits, out["nfe"] = model(make_path(args, t, x, lengths), args, fixed_steps(args, task))
+        F.cross_entropy(logits, y).backward()
+
+    mib = saved_mib(step)
+    times = []
+    for _ in range(reps):
+        sync()
+        t_start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t_start)
+    return np.median(times) * 1e3, out["nfe"], mib, sum(p.numel() for p in model.parameters())
+
+
 def bench(args):
-    """One training step (forward + backward) on a batch of the task, per model/rule and solver."""
+    """(1) The task's batch: a training step of each model/rule and solver, by the precomputed and the generic path
+    (dopri5: generic only). (2) Scale: synthetic series of about N observations for N in --bench_obs (--syn_length 2N:
+    each series keeps half of the grid), rk4 at the observation gap (about 2N steps), batch --batch_size: the CT-FWP
+    rules against the neural CDE at the same width, each by both paths (the generic one up to --bench_generic_max
+    observations), with the activation memory; x generic: the generic path's ms over this row's, same model."""
     device = pick_device(args.device)
-    torch.manual_seed(args.seed)
     try:
         task = load_task(args)
     except data.DataError as e:
         fail(str(e))
-    t, x, lengths, y = get_batch(task["train"], torch.arange(min(args.batch_size, len(task["train"]["y"]))), device)
-    print(f"device {device}, threads {torch.get_num_threads()}, batch {len(y)}, {fixed_steps(args, task)} fixed "
-          f"steps per solve, d_model {args.d_model}, n_head {args.n_head}, interp {args.interp}, "
-          f"dopri5 rtol {args.rtol} atol {args.atol}")
-    print(f"{'model':12} {'solver':7} {'params':>8} {'step ms':>9} {'NFE':>6}")
-    for model_name, rule in (("ctfwp", "hebb"), ("ctfwp", "oja"), ("ctfwp", "delta"), ("ncde", "-")):
-        for solver in ("euler", "rk4", "dopri5"):
-            b = dataclasses.replace(args, model=model_name, rule=rule if rule != "-" else args.rule, solver=solver)
-            torch.manual_seed(0)
-            model = build_model(b, task["n_channels"], len(task["names"])).to(device)
-            times = []
-            for _ in range(4):  # the first is a warm-up
-                t_start = time.perf_counter()
-                logits, nfe = model(make_path(b, t, x, lengths), b, fixed_steps(b, task))
-                F.cross_entropy(logits, y).backward()
-                times.append(time.perf_counter() - t_start)
-            n_params = sum(p.numel() for p in model.parameters())
-            label = model_name if rule == "-" else f"ctfwp-{rule}"
-            ms = np.median(times[1:]) * 1e3
-            print(f"{label:12} {solver:7} {n_params / 1e3:7.1f}k {ms:9.1f} {nfe:6d}", flush=True)
+    n = min(args.batch_size, len(task["train"]["y"]))
+    batch = get_batch(task["train"], torch.arange(n), device)
+    print(f"device {device}, threads {torch.get_num_threads()}, batch {n}, {fixed_steps(args, task)} fixed steps per "
+          f"solve, d_model {args.d_model}, n_head {args.n_head}, interp {args.interp}, dopri5 rtol {args.rtol} atol "
+          f"{args.atol}")
+    print(f"{'model':12} {'solver':7} {'impl':12} {'params':>8} {'step ms':>9} {'NFE':>6}")
+    models = (("ctfwp", "hebb"), ("ctfwp", "oja"), ("ctfwp", "delta"), ("ncde", args.rule))
+    for model_name, rule in models:
+        for solver, impl in (("euler", "precomputed"), ("euler", "generic"), ("rk4", "precomputed"),
+                             ("rk4", "generic"), ("dopri5", "generic")):
+            b = dataclasses.replace(args, model=model_name, rule=rule, solver=solver, impl=impl)
+            ms, nfe, _, n_params = time_step(b, task, batch, device)
+            label = model_name if model_name == "ncde" else f"ctfwp-{rule}"
+            print(f"{label:12} {solver:7} {impl:12} {n_params / 1e3:7.1f}k {ms:9.1f} {nfe:6d}", flush=True)
+    print(f"\nscale: rk4 at the observation gap, batch {args.batch_size}, d_model {args.d_model} (ncde: z of "
+          f"{args.d_model}, MLP {args.d_ff})")
+    print(f"{'obs':>6} {'steps':>6} {'model':12} {'impl':12} {'step ms':>10} {'x generic':>9} {'MiB saved':>10}")
+    for n_obs in (int(v) for v in args.bench_obs.split(",")):
+        s = dataclasses.replace(args, dataset="synthetic", data="", syn_length=2 * n_obs, n_train=4 * args.batch_size,
+                                solver="rk4", step_size=0.0, logsig_window=0)
+        task = load_task(s)
+        batch = get_batch(task["train"], torch.arange(args.batch_size), device)
+        obs = float(batch[2].float().mean())
+        for model_name, rule in models:
+            generic_ms = None
+            for impl in ("generic", "precomputed"):
+                if impl == "generic" and (n_obs > args.bench_generic_max or model_name == "ctfwp" and rule != "delta"):
+                    continue
+                b = dataclasses.replace(s, model=model_name, rule=rule, impl=impl)
+                ms, nfe, mib, _ = time_step(b, task, batch, device, reps=2)
+                generic_ms = ms if impl == "generic" else generic_ms
+                ratio = f"{generic_ms / ms:8.1f}x" if generic_ms else f"{'-':>9}"
+                label = model_name if model_name == "ncde" else f"ctfwp-{rule}"
+                print(f"{obs:6.0f} {fixed_steps(b, task):6d} {label:12} {impl:12} {ms:10.1f} {ratio} {mib:10.1f}",
+                      flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1075,6 +1343,25 @@ def log_metrics(out_dir, step, split, metrics, t0):
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         for name, value in metrics.items():
             f.write(json.dumps(dict(step=step, split=split, metric=name, value=value, time=time.time() - t0)) + "\n")
+
+
+def truncate_metrics(out_dir, step):
+    """--resume: drop the metrics.jsonl lines past the checkpoint's step (the killed run logged them; the resumed run
+    logs those steps again), and a line the kill cut short; written atomically, as the checkpoints."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
 
 
 def seed_everything(seed):

@@ -299,9 +299,10 @@ def check_args(args):
             fail(f"--{key} must be positive, got {getattr(args, key)}")
     if args.hidden % args.tile:
         fail(f"--hidden {args.hidden} is not divisible by --tile {args.tile}; pick a tile that divides the width.")
-    if min(args.noise, args.evaluator_steps, args.generator_steps, args.lr_evaluator, args.lr_generator,
-           args.stop_at) < 0:
-        fail("--noise, --evaluator_steps, --generator_steps, the learning rates and --stop_at must be non-negative.")
+    if min(args.noise, args.evaluator_steps, args.generator_steps, args.drive, args.recency, args.stop_at,
+           args.seed) < 0 or min(args.lr_evaluator, args.lr_generator) <= 0:
+        fail("--noise, --evaluator_steps, --generator_steps, --drive, --recency, --stop_at and --seed must be "
+             "non-negative; the learning rates positive.")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
     return args
@@ -451,6 +452,8 @@ def train(args):
     if args.resume or args.sweep_only:
         resume_from(path, run, "--resume" if args.resume else "--sweep_only")
     os.makedirs(args.out_dir, exist_ok=True)
+    if args.resume:
+        truncate_metrics(args.out_dir, run.steps)
     envs = make_envs(args.env, max(args.n_parallel, args.n_eval, args.sweep_episodes))
     t0 = time.time()
     if args.sweep_only:
@@ -590,6 +593,25 @@ def log_metrics(out_dir, step, split, metrics, t0):
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         for name, value in metrics.items():
             f.write(json.dumps(dict(step=step, split=split, metric=name, value=value, time=time.time() - t0)) + "\n")
+
+
+def truncate_metrics(out_dir, step):
+    """--resume: drop the metrics.jsonl lines past the checkpoint's step (the killed run logged them; the resumed run
+    logs those steps again), and a line the kill cut short; written atomically, as the checkpoints."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
 
 
 def resume_from(path, run, flag="--resume"):

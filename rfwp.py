@@ -156,7 +156,7 @@ def kernels(device_type):
             with open(src, "rb") as f:
                 code = f.read()
             digest = hashlib.sha256(code + torch.__version__.encode() + cpu_features().encode()).hexdigest()[:16]
-            name = f"rfwp_{device_type}_kernels_{digest}"
+            name = f"fwp_{device_type}_kernels_{digest}"  # one build for every script
             root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
                                                                            "torch_extensions")
             build = os.path.join(root, name)
@@ -943,10 +943,10 @@ def check_args(args):
         fail(f"--d_model {args.d_model} is not divisible by --n_head {args.n_head}; pick n_head dividing d_model.")
     if not 0 <= args.dropout < 1 or args.lr <= 0 or min(args.warmup, args.grad_clip, args.stop_at) < 0:
         fail("--dropout must be in [0, 1); --lr positive; --warmup, --grad_clip and --stop_at non-negative.")
-    if (min(args.truncate, args.eval, args.entropy_cost, args.baseline_cost, args.reward_scale) < 0
-            or not 0 <= args.discount <= 1):
-        fail("--truncate, --eval, --entropy_cost, --baseline_cost and --reward_scale must be non-negative; --discount "
-             "in [0, 1].")
+    if (min(args.truncate, args.eval, args.entropy_cost, args.baseline_cost, args.seed) < 0
+            or not 0 <= args.discount <= 1 or args.reward_scale <= 0):
+        fail("--truncate, --eval, --entropy_cost, --baseline_cost and --seed must be non-negative; --discount in "
+             "[0, 1]; --reward_scale positive.")
     if args.task == "rl" and args.model == "transformer":
         fail("--task rl needs a fast-weight or recurrent core: the transformer's state (a KV cache) grows with every "
              "environment step. Use --model lstm, delta, delta_rnn, rdn, ...")
@@ -1093,6 +1093,8 @@ def train(args):
         step, state, best = ckpt["step"], ckpt["train_state"], ckpt["best"]
         gen.set_state(ckpt["rng"]["data"])
     os.makedirs(args.out_dir, exist_ok=True)
+    if args.resume:
+        truncate_metrics(args.out_dir, step)
     print(f"config: {json.dumps(dataclasses.asdict(args))}")
     print(f"device {device}, model {args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"starting at step {step}")
@@ -1447,6 +1449,8 @@ def rl_train(args):
         step, returns = ckpt["step"], ckpt["returns"]
         envs.seed = args.seed + step  # fresh episodes: the environments' own state is not saved
     os.makedirs(args.out_dir, exist_ok=True)
+    if args.resume:
+        truncate_metrics(args.out_dir, step * per_update)  # the RL logs count environment steps
     print(f"config: {json.dumps(dataclasses.asdict(args))}")
     print(f"device {device}, env {args.env} (observation {envs.obs_shape}, {envs.n_actions} actions), "
           f"core {args.model}, {sum(p.numel() for p in agent.parameters()) / 1e6:.2f}M parameters, {n_updates} "
@@ -1737,6 +1741,25 @@ def log_metrics(out_dir, step, split, metrics, t0):
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         for name, value in metrics.items():
             f.write(json.dumps(dict(step=step, split=split, metric=name, value=value, time=time.time() - t0)) + "\n")
+
+
+def truncate_metrics(out_dir, step):
+    """--resume: drop the metrics.jsonl lines past the checkpoint's step (the killed run logged them; the resumed run
+    logs those steps again), and a line the kill cut short; written atomically, as the checkpoints."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
 
 
 def seed_everything(seed):

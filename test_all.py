@@ -37,6 +37,9 @@ torch.set_num_threads(2)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+needs_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
+
+
 def script_copy(tmp_path, name="delta_net.py"):
     for f in (name, "data.py", "cuda_kernels.cu", "cpu_kernels.cpp"):
         if os.path.exists(os.path.join(HERE, f)):
@@ -55,6 +58,26 @@ def run(script, *args, check=True, env=None):
 def read_metrics(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def leave_as_killed(out_dir, full_dir, step):
+    """metrics.jsonl as a run killed some time after its checkpoint at `step` leaves it: lines of the steps after the
+    checkpoint (here the uninterrupted run's) and a last line cut short. --resume must drop both."""
+    with open(os.path.join(full_dir, "metrics.jsonl")) as f:
+        later = [line for line in f if json.loads(line)["step"] > step]
+    assert later
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.writelines(later[: max(1, len(later) // 2)])
+        f.write('{"step": 1')
+
+
+def assert_negative_values_fail(script):
+    """Every int and float flag refuses -1 with the one-line error (exit 2): none of them means anything negative."""
+    for field in dataclasses.fields(script.Args):
+        if field.type in (int, float):
+            with pytest.raises(SystemExit) as exit_info:
+                script.parse_args([f"--{field.name}", "-1"])
+            assert exit_info.value.code == 2, field.name
 
 
 def assert_same_run(a, b, rtol=1e-5):
@@ -318,10 +341,11 @@ def test_dn_resume_is_exact(tmp_path):
     run(script, *common, "--out_dir", str(tmp_path / "full"))
     run(script, *common, "--out_dir", str(tmp_path / "split"), "--stop_at", "10")
     assert torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)["step"] == 10
+    leave_as_killed(tmp_path / "split", tmp_path / "full", 10)
     run(script, *common, "--out_dir", str(tmp_path / "split"), "--resume")
-    full = [(m["step"], m["split"], m["value"]) for m in read_metrics(tmp_path / "full")]
-    split = [(m["step"], m["split"], m["value"]) for m in read_metrics(tmp_path / "split")]
-    assert_same_run([m for m in split if m[0] > 10], [m for m in full if m[0] > 10])
+    full = [(m["step"], m["split"], m["metric"], m["value"]) for m in read_metrics(tmp_path / "full")]
+    split = [(m["step"], m["split"], m["metric"], m["value"]) for m in read_metrics(tmp_path / "split")]
+    assert_same_run(split, full)  # each step once: the killed run's lines past step 10 are gone
 
 
 def test_dn_nan_loss_stops_and_keeps_checkpoint(tmp_path):
@@ -394,6 +418,10 @@ def test_dn_cli_errors(tmp_path, args, message):
     p = run(script, "--preset", "tiny", "--out_dir", str(tmp_path / "out"), *args, check=False)
     assert p.returncode != 0
     assert message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_dn_negative_flag_values_are_errors():
+    assert_negative_values_fail(delta_net)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -610,10 +638,11 @@ def test_lt_favor_redraw_is_saved_and_resume_is_exact(tmp_path):
     run(script, *common, "--out_dir", str(tmp_path / "full"))
     run(script, *common, "--out_dir", str(tmp_path / "split"), "--stop_at", "10")
     omega_10 = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)["model"]["blocks.0.attn.omega"]
+    leave_as_killed(tmp_path / "split", tmp_path / "full", 10)
     run(script, *common, "--out_dir", str(tmp_path / "split"), "--resume")
-    full = [(m["step"], m["split"], m["value"]) for m in read_metrics(tmp_path / "full")]
-    split = [(m["step"], m["split"], m["value"]) for m in read_metrics(tmp_path / "split")]
-    assert_same_run([m for m in split if m[0] > 10], [m for m in full if m[0] > 10])
+    full = [(m["step"], m["split"], m["metric"], m["value"]) for m in read_metrics(tmp_path / "full")]
+    split = [(m["step"], m["split"], m["metric"], m["value"]) for m in read_metrics(tmp_path / "split")]
+    assert_same_run(split, full)  # each step once: the killed run's lines past step 10 are gone
     omega_20 = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["model"]["blocks.0.attn.omega"]
     assert not torch.equal(omega_10, omega_20)
 
@@ -714,6 +743,10 @@ def test_lt_cli_errors(tmp_path, args, message):
     p = run(script_copy(tmp_path, "linear_transformer.py"), "--preset", "tiny", "--out_dir", str(tmp_path / "o"), *args,
             check=False)
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_lt_negative_flag_values_are_errors():
+    assert_negative_values_fail(linear_transformer)
 
 
 def test_lt_paper_preset_optimizer():
@@ -1034,10 +1067,11 @@ def test_rf_resume_is_exact(tmp_path):
     common = ["--preset", "tiny", "--model", "delta_rnn", "--dropout", "0.1", "--steps", "20", "--eval_every", "5"]
     run(script, *common, "--out_dir", str(tmp_path / "full"))
     run(script, *common, "--out_dir", str(tmp_path / "split"), "--stop_at", "10")
+    leave_as_killed(tmp_path / "split", tmp_path / "full", 10)
     run(script, *common, "--out_dir", str(tmp_path / "split"), "--resume")
-    full = [(m["step"], m["split"], m["value"]) for m in read_metrics(tmp_path / "full")]
-    split = [(m["step"], m["split"], m["value"]) for m in read_metrics(tmp_path / "split")]
-    assert_same_run([m for m in split if m[0] > 10], [m for m in full if m[0] > 10])
+    full = [(m["step"], m["split"], m["metric"], m["value"]) for m in read_metrics(tmp_path / "full")]
+    split = [(m["step"], m["split"], m["metric"], m["value"]) for m in read_metrics(tmp_path / "split")]
+    assert_same_run(split, full)  # each step once: the killed run's lines past step 10 are gone
 
 
 def test_rf_bench_runs(tmp_path):
@@ -1062,6 +1096,10 @@ def test_rf_bench_runs(tmp_path):
 def test_rf_cli_errors(tmp_path, args, message):
     p = run(script_copy(tmp_path, "rfwp.py"), "--preset", "tiny", "--out_dir", str(tmp_path / "o"), *args, check=False)
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_rf_negative_flag_values_are_errors():
+    assert_negative_values_fail(rfwp)
 
 
 def test_rf_help_lists_every_flag(tmp_path):
@@ -1293,8 +1331,12 @@ def test_rl_smoke_cartpole_resume_and_eval(tmp_path):
               "--batch_size", "4", "--eval_every", "4", "--out_dir", str(tmp_path / "o")]
     p = run(script, *common, "--stop_at", "8")
     assert "update 8 (320 steps)" in p.stdout and "final" not in p.stdout
+    with open(tmp_path / "o" / "metrics.jsonl", "a") as f:  # as a run killed at environment step 360 leaves it
+        f.write(json.dumps(dict(step=360, split="train", metric="loss", value=0.0, time=1.0)) + '\n{"step": 3')
     p = run(script, *common, "--resume")
     assert "starting at update 8" in p.stdout and "final: mean return" in p.stdout
+    losses = [m["step"] for m in read_metrics(tmp_path / "o") if m["metric"] == "loss"]
+    assert losses == list(range(40, 641, 40))  # each update once (its environment steps), the killed run's gone
     episodes = [m for m in read_metrics(tmp_path / "o") if m["split"] == "episode"]
     assert episodes and all(m["value"] >= 1 for m in episodes)
     p = run(script, *common, "--eval", "3")
@@ -1868,6 +1910,108 @@ def test_od_uea_download_and_ts_training(tmp_path, http_server, monkeypatch):
     assert "2 classes" in p.stdout and "final: test acc" in p.stdout
 
 
+OD_SOLVE_CASES = [dict(rule=r, values_from=vf, solver=so, interp=ip) for r in ("hebb", "oja", "delta")
+                  for vf in ("x", "dx") for so, ip in (("rk4", "cubic"), ("euler", "linear"))]
+OD_SOLVE_CASES += [dict(rule="delta", post_tanh=True), dict(rule="delta", post_tanh=True, values_from="dx"),
+                   dict(rule="oja", v_layernorm=True), dict(rule="delta", drive="x"),
+                   dict(rule="delta", intensity=True), dict(model="ncde"), dict(model="ncde", solver="euler",
+                                                                                  interp="linear")]
+
+
+@pytest.mark.parametrize("impl", ["precomputed", pytest.param("kernel", marks=needs_cxx)])
+@pytest.mark.parametrize("kw", OD_SOLVE_CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_od_precomputed_solve_equals_the_generic_one(kw, impl):
+    """--impl precomputed (every stage's inputs in one pass, then the rule's steps: a weighted sum for Hebb, affine
+    maps for delta and Oja, the solver with a table otherwise) and --impl kernel (delta and Oja's steps in
+    cpu_kernels.cpp) against --impl generic, float64, three series of lengths 9, 5, 2 in one batch (each on its own
+    interval): logits and the gradient of every parameter."""
+    assert impl == "precomputed" or ode_fwp.kernels("cpu") is not None, "cpu_kernels.cpp failed to build"
+    a = ode_fwp.check_args(od_args(d_model=6, n_head=2, **kw))
+    t, x, lengths = irregular_batch(missing=0.1)
+    x = torch.cat([t[..., None] / 10, x], -1)
+    if a.intensity:  # the observation counts as channels, as pad_split makes them
+        x = torch.cat([x, torch.cumsum(~torch.isnan(x[..., 1:]), 1).double()], -1)
+    results = []
+    for b in (dataclasses.replace(a, impl="generic"), dataclasses.replace(a, impl=impl)):
+        torch.manual_seed(0)
+        model = ode_fwp.build_model(b, x.shape[-1], 4).double()
+        logits, nfe = model(ode_fwp.ControlPath(t, x, lengths, a.interp), b, 11)
+        grads = torch.autograd.grad(logits.square().sum(), list(model.parameters()))
+        results.append((logits, grads, nfe))
+    (generic, g_generic, nfe_generic), (fast, g_fast, nfe_fast) = results
+    torch.testing.assert_close(fast, generic, rtol=1e-10, atol=1e-12)
+    for g1, g2 in zip(g_fast, g_generic):
+        torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-12)
+    assert nfe_generic == 11 * (4 if a.solver == "rk4" else 1)
+    assert nfe_fast == (nfe_generic if a.model == "ncde" else 11 * (2 if a.solver == "rk4" else 1) + 1)
+
+
+@pytest.mark.parametrize("solver", ["euler", "rk4"])
+def test_od_stage_nodes_are_the_solvers_own_times_and_weights_integrate(solver):
+    """The tabulated nodes are the very floats the solver passes to f (so a linear path's kinks land on the same
+    side), and the weights integrate dy/ds = g(s): Simpson's rule (rk4) is exact for cubics, euler for constants."""
+    seen = []
+    getattr(ode_fwp, solver)(lambda s, y: seen.append(s) or y, torch.zeros(1), 7)
+    nodes = ode_fwp.stage_nodes(solver, 7).tolist()
+    assert len(set(nodes)) == len(nodes) and set(seen) == set(nodes[: len(nodes) - (solver == "euler")])
+    w = ode_fwp.solver_weights(solver, 7)
+    s = torch.tensor(nodes, dtype=torch.float64)
+    g, exact = ((3 * s**2 - 2 * s + 1), 1.0) if solver == "rk4" else (torch.ones_like(s), 1.0)
+    assert math.isclose((w * g).sum().item(), exact, rel_tol=1e-13)
+
+
+@needs_cxx
+@pytest.mark.parametrize("solver", ["euler", "rk4"])
+def test_od_cpu_kernel_linear_rule_solve_equals_the_pytorch_form(solver):
+    """cpu_kernels.cpp's ct_linear_rule against linear_rule_solve's affine maps: float64 on odd shapes (B 2, H 3, d 5,
+    7 steps; outputs and the gradient of every input; gradcheck), and float32 at the default width (d 8, 50 steps)."""
+    assert ode_fwp.kernels("cpu") is not None, "cpu_kernels.cpp failed to build (the warning above says why)"
+    g = torch.Generator().manual_seed(1)
+    for B, H, d, n, dtype, tol in ((2, 3, 5, 7, torch.float64, 1e-12), (4, 4, 8, 50, torch.float32, 1e-5)):
+        S = n * (2 if solver == "rk4" else 1) + 1
+        a, p = (torch.randn(B, S, H, d, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+        p = p.softmax(-1)  # keys as the model makes them
+        c = (0.5 * torch.rand(B, S, H, generator=g, dtype=torch.float64)).to(dtype)
+        inputs = [x.clone().requires_grad_() for x in (torch.randn(B, H, d, d, generator=g).to(dtype), a, p, c)]
+        dY = torch.randn(B, H, d, d, generator=g).to(dtype)
+        outs = []
+        for fused in (False, True):
+            Y = ode_fwp.linear_rule_solve(*inputs, solver, n, fused)
+            outs.append([Y, *torch.autograd.grad((Y * dY).sum(), inputs)])
+        for x, y in zip(*outs):
+            torch.testing.assert_close(y, x, rtol=tol, atol=tol)
+        if dtype == torch.float64:
+            assert torch.autograd.gradcheck(lambda *z: ode_fwp.linear_rule_solve(*z, solver, n, True), inputs)
+
+
+def test_od_kernel_build_failure_falls_back_with_one_warning(tmp_path):
+    """No working compiler (and no earlier build): one warning, then the PyTorch form trains as before."""
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    p = run(script_copy(tmp_path, "ode_fwp.py"), "--preset", "tiny", "--out_dir", str(tmp_path / "o"), env=env)
+    assert "final: test acc" in p.stdout
+    assert p.stderr.count("warning: cpu_kernels.cpp unavailable") == 1, p.stderr
+
+
+def test_od_linear_rule_solve_gradcheck_and_the_plain_solver():
+    """The affine-map solve on odd shapes (B 2, H 3, d 5, 6 rk4 steps) against rk4 on dY/ds = c (a - Y p) p^T with the
+    same table, and gradcheck of every input."""
+    g = torch.Generator().manual_seed(0)
+    B, H, d, n = 2, 3, 5, 6
+    a, p = (torch.randn(B, 2 * n + 1, H, d, generator=g, dtype=torch.float64) for _ in range(2))
+    c, Y0 = torch.rand(B, 2 * n + 1, H, generator=g, dtype=torch.float64), torch.randn(B, H, d, d, dtype=torch.float64)
+    at = ode_fwp.tabulated((a, p, c), 2 * n + 1)
+
+    def f(s, Y):
+        a_s, p_s, c_s = at(s)
+        return c_s[..., None, None] * (a_s - (Y @ p_s[..., None])[..., 0])[..., None] * p_s[..., None, :]
+
+    torch.testing.assert_close(ode_fwp.linear_rule_solve(Y0, a, p, c, "rk4", n), ode_fwp.rk4(f, Y0, n)[0])
+    inputs = [x.clone().requires_grad_() for x in (Y0, a, p, c)]
+    for solver, n_nodes in (("rk4", 2 * n + 1), ("euler", n + 1)):
+        assert torch.autograd.gradcheck(lambda Y, a, p, c: ode_fwp.linear_rule_solve(Y, a[:, :n_nodes], p[:, :n_nodes],
+                                        c[:, :n_nodes], solver, n), inputs)
+
+
 @pytest.mark.parametrize("args", [[], ["--rule", "hebb", "--interp", "linear"], ["--rule", "oja", "--drive", "x"],
                                   ["--model", "ncde", "--solver", "dopri5"], ["--solver", "euler", "--step_size", "2"]])
 def test_od_smoke_and_determinism(tmp_path, args):
@@ -1884,6 +2028,7 @@ def test_od_resume_is_exact_and_evaluate_compares_solvers(tmp_path):
     script = script_copy(tmp_path, "ode_fwp.py")
     run(script, "--preset", "tiny", "--steps", "6", "--out_dir", str(tmp_path / "full"))
     run(script, "--preset", "tiny", "--steps", "6", "--stop_at", "2", "--out_dir", str(tmp_path / "cut"))
+    leave_as_killed(tmp_path / "cut", tmp_path / "full", 2)
     run(script, "--preset", "tiny", "--steps", "6", "--resume", "--out_dir", str(tmp_path / "cut"))
     full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
     strip = lambda ms: [(m["step"], m["split"], m["metric"], m["value"]) for m in ms]  # noqa: E731
@@ -1995,11 +2140,18 @@ def test_od_bench_runs(tmp_path):
     (["--data", "missing_TRAIN.ts"], "cannot read missing_TRAIN.ts"),
     (["--evaluate"], "no checkpoint"),
     (["--solver", "dopri5", "--rtol", "1e-12", "--atol", "1e-12", "--max_steps", "3"], "max_steps 3"),
+    (["--logsig_window", "-1"], "--logsig_window must be 0 (off) or at least 2"),
+    (["--logsig_window", "1"], "--logsig_window must be 0 (off) or at least 2"),
+    (["--impl", "precomputed", "--solver", "dopri5"], "needs a fixed-step solver"),
 ])
 def test_od_cli_errors(tmp_path, args, message):
     p = run(script_copy(tmp_path, "ode_fwp.py"), "--preset", "tiny", "--out_dir", str(tmp_path / "o"), *args,
             check=False)
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_od_negative_flag_values_are_errors():
+    assert_negative_values_fail(ode_fwp)
 
 
 def test_od_help_lists_every_flag(tmp_path):
@@ -2128,6 +2280,7 @@ def test_pg_resume_is_exact(tmp_path):
             "--n_parallel", "1"]  # 200-step episodes: an evaluation after each
     run(script, *args, "--out_dir", str(tmp_path / "full"))
     run(script, *args, "--stop_at", "400", "--out_dir", str(tmp_path / "cut"))
+    leave_as_killed(tmp_path / "cut", tmp_path / "full", 400)
     run(script, *args, "--resume", "--out_dir", str(tmp_path / "cut"))
     strip = lambda ms: [(m["step"], m["split"], m["metric"], m["value"]) for m in ms]  # noqa: E731
     assert_same_run(strip(read_metrics(tmp_path / "cut")), strip(read_metrics(tmp_path / "full")))
@@ -2145,6 +2298,10 @@ def test_pg_cli_errors(tmp_path, args, message):
     p = run(script_copy(tmp_path, "policy_generator.py"), "--preset", "tiny", "--out_dir", str(tmp_path / "o"),
             *args, check=False)
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_pg_negative_flag_values_are_errors():
+    assert_negative_values_fail(policy_generator)
 
 
 def test_pg_help_lists_every_flag(tmp_path):
@@ -2522,7 +2679,6 @@ def test_rf_kernels_on_cpu_equal_loops(kernels_on_cpu, model):
 
 RF_RECURRENCES = {"delta_rnn": (rfwp.delta_rnn_loop, rfwp.DeltaRNNKernel),
                   "delta_lstm": (rfwp.delta_lstm_loop, rfwp.DeltaLSTMKernel), "rdn": (rfwp.rdn_loop, rfwp.RDNKernel)}
-needs_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
 ON_CPU, ON_CUDA = pytest.param("cpu", marks=needs_cxx), pytest.param("cuda", marks=needs_cuda)
 
 
