@@ -27,13 +27,19 @@ W(t_1) the rule with W = 0, and the readout y = concat_h W_h^T q_h with q = soft
 linear map of X(t_1), logits = Head(z(t_N)).
 Series of different lengths share a batch exactly: series b is solved on its own interval [t_1^b, t_N^b] through
 the change of variables t = t_1^b + s (t_N^b - t_1^b), s in [0, 1], dW/ds = (t_N^b - t_1^b) dW/dt.
+The slow net's k, v, beta depend on the path alone, never on W (the neural CDE's f(z) depends on z). So with a fixed
+step solver (euler, rk4), whose stage times are known before the solve, --impl precomputed evaluates them at every
+stage of every series in one batched pass; what is left is the rule on W: Hebb's a weighted sum of outer products,
+the delta rule's and Oja's (linear in W) one affine map per step, fused in cpu_kernels.cpp with --impl kernel (the
+default on the CPU). --impl generic evaluates the whole vector field at each stage (the reference; dopri5's path).
 
 Glossary: b batch, h head, d = d_head = d_model / n_head, C channels of X (time included), N observations,
 s in [0, 1] the solver's time, span = t_N - t_1 per series, W (d, d) the fast weight of one head, beta in (0, 1)
-a learning rate, NFE the number of vector-field evaluations.
+a learning rate, NFE the number of vector-field evaluations (precomputed: of the slow net, one per stage time).
 
 Commands:
-    python ode_fwp.py                                      # delta rule on the synthetic task, a few CPU minutes
+    python ode_fwp.py                                      # delta rule on irregular spirals, a few CPU minutes
+    python ode_fwp.py --dataset synthetic                  # the harder synthetic task (order and sign of events)
     python ode_fwp.py --preset tiny --steps 4              # smoke run
     python ode_fwp.py --rule hebb --interp linear          # other rules, controls, solvers: --solver dopri5
     python ode_fwp.py --model ncde                         # the neural CDE baseline
@@ -567,6 +573,28 @@ def synthetic_series(n, length, missing, rng):
     return series, y.astype(np.int64)
 
 
+def spirals(n, length, missing, rng):
+    """Irregularly sampled spirals, 2 classes: the example task of the neural CDE library torchcde (Kidger et al.,
+    example/time_series_classification.py): x = cos(phi + t) / (1 + t / 2), y = sin(phi + t) / (1 + t / 2) on
+    t in [0, 4 pi] (length grid points), phi uniform in [0, 2 pi), noise std 0.01, x mirrored for class 1 (the spiral
+    turns clockwise); as the synthetic task, each series keeps a random half of the grid (always the first and last
+    point) and values go missing with probability `missing`. One example, length 8: t 0 1.80 5.39 12.57, x = cos(phi),
+    ..., label 0 (counter-clockwise)."""
+    grid = np.linspace(0, 4 * np.pi, length)
+    phi = rng.uniform(0, 2 * np.pi, (n, 1))
+    y = rng.integers(0, 2, n)
+    xy = np.stack([np.cos(phi + grid), np.sin(phi + grid)], -1) / (1 + 0.5 * grid)[None, :, None]
+    xy[y == 1, :, 0] *= -1
+    xy += 0.01 * rng.standard_normal(xy.shape)
+    xy[rng.random(xy.shape) < missing] = np.nan
+    series = []
+    for i in range(n):
+        keep = rng.random(length) < 0.5
+        keep[0] = keep[-1] = True
+        series.append((grid[keep], xy[i, keep]))
+    return series, y.astype(np.int64)
+
+
 def parse_ts(path):
     """A UEA/UCR .ts file -> (list of (values (L, C) float64 with NaN), list of label strings, channel count).
     Header lines start with '@', comments with '#'; a case is 'dim1:dim2:...:label', values ','-separated, '?'
@@ -735,10 +763,12 @@ def load_task(args):
         ys = np.array([names.index(s) for s in tr_labels])
         pools = [([tr[i] for i in idx], ys[idx]) for idx in (perm[n_valid:], perm[:n_valid])]
         pools.append((te, np.array([names.index(s) for s in te_labels])))
-    elif args.dataset == "synthetic":
+    elif args.dataset in ("spirals", "synthetic"):
         sizes = (args.n_train, args.n_train // 4, args.n_train // 4)
-        pools = [synthetic_series(n, args.syn_length, args.missing, rng) for n in sizes]
-        names = ["-first1", "-first0", "+first1", "+first0"]
+        make = spirals if args.dataset == "spirals" else synthetic_series
+        pools = [make(n, args.syn_length, args.missing, rng) for n in sizes]
+        names = ["counter-clockwise", "clockwise"] if args.dataset == "spirals" else ["-first1", "-first0", "+first1",
+                                                                                      "+first0"]
     else:
         if args.dataset == "speech_commands":
             series, ys, names = load_speech(data.fetch_speech_commands(SPEECH_WORDS, args.data_dir))
@@ -796,18 +826,20 @@ def make_path(args, t, x, lengths):
 @dataclass
 class Args:
     # task
-    dataset: str = "synthetic"
-    """synthetic (no download), a UEA archive name (EigenWorms, ...), speech_commands or sepsis (AUROC)"""
+    dataset: str = "spirals"
+    """spirals (torchcde's example task) or synthetic (order and sign of two events), no download; a UEA archive name
+    (JapaneseVowels, EigenWorms, ...), speech_commands or sepsis (AUROC)"""
     data: str = ""
     """a UEA/UCR .ts file NAME_TRAIN.ts (NAME_TEST.ts beside it); 15% of TRAIN validates. Overrides --dataset"""
     data_dir: str = DATA_DIR
     """where downloads are cached"""
     n_train: int = 2000
-    """synthetic: training series (validation and test: n_train / 4 each)"""
+    """spirals, synthetic: training series (validation and test: n_train / 4 each)"""
     syn_length: int = 64
-    """synthetic: time grid 0, 1, ..., syn_length - 1 from which each series keeps a random half"""
+    """spirals, synthetic: the time grid (synthetic 0, 1, ..., syn_length - 1; spirals syn_length points on
+    [0, 4 pi]) from which each series keeps a random half"""
     missing: float = 0.1
-    """synthetic: probability that a value is missing (NaN)"""
+    """spirals, synthetic: probability that a value is missing (NaN)"""
     intensity: bool = False
     """add one channel per value channel counting its observations so far (the official sepsis "OI" input)"""
     logsig_window: int = 0
@@ -1186,6 +1218,14 @@ def saved_mib(fn):
     return sum(storages.values()) / 2**20
 
 
+def fast_paths(args, device):
+    """The --impl values that differ for this model: kernel where the rule's steps run in cpu_kernels.cpp (the delta
+    rule and the paper's Oja rule, on the CPU), and precomputed."""
+    linear = args.model == "ctfwp" and not args.post_tanh and (args.rule == "delta" or args.values_from == "x" and
+                                                               args.rule == "oja")
+    return (["kernel"] if linear and device.type == "cpu" and kernels("cpu") else []) + ["precomputed"]
+
+
 def time_step(args, task, batch, device, reps=3):
     """One model's training step (forward + backward) on a batch: median ms of `reps` after a warm-up (in which the
     memory is counted), NFE, MiB saved for the backward pass, parameters."""
@@ -1211,11 +1251,11 @@ def time_step(args, task, batch, device, reps=3):
 
 
 def bench(args):
-    """(1) The task's batch: a training step of each model/rule and solver, by the precomputed and the generic path
-    (dopri5: generic only). (2) Scale: synthetic series of about N observations for N in --bench_obs (--syn_length 2N:
+    """(1) The task's batch: a training step of each model/rule and solver, by each path (kernel where the rule's
+    steps have one, precomputed, generic; dopri5: generic only). (2) Scale: synthetic series of about N observations for N in --bench_obs (--syn_length 2N:
     each series keeps half of the grid), rk4 at the observation gap (about 2N steps), batch --batch_size: the CT-FWP
-    rules against the neural CDE at the same width, each by both paths (the generic one up to --bench_generic_max
-    observations), with the activation memory; x generic: the generic path's ms over this row's, same model."""
+    rules against the neural CDE at the same width, each by its paths (the generic one, for the delta rule and the
+    neural CDE, up to --bench_generic_max observations), with the activation memory; x generic: the generic path's ms over this row's, same model."""
     device = pick_device(args.device)
     try:
         task = load_task(args)
@@ -1229,8 +1269,8 @@ def bench(args):
     print(f"{'model':12} {'solver':7} {'impl':12} {'params':>8} {'step ms':>9} {'NFE':>6}")
     models = (("ctfwp", "hebb"), ("ctfwp", "oja"), ("ctfwp", "delta"), ("ncde", args.rule))
     for model_name, rule in models:
-        for solver, impl in (("euler", "precomputed"), ("euler", "generic"), ("rk4", "precomputed"),
-                             ("rk4", "generic"), ("dopri5", "generic")):
+        fast = fast_paths(dataclasses.replace(args, model=model_name, rule=rule), device)
+        for solver, impl in [(s, i) for s in ("euler", "rk4") for i in (*fast, "generic")] + [("dopri5", "generic")]:
             b = dataclasses.replace(args, model=model_name, rule=rule, solver=solver, impl=impl)
             ms, nfe, _, n_params = time_step(b, task, batch, device)
             label = model_name if model_name == "ncde" else f"ctfwp-{rule}"
@@ -1246,7 +1286,7 @@ def bench(args):
         obs = float(batch[2].float().mean())
         for model_name, rule in models:
             generic_ms = None
-            for impl in ("generic", "precomputed"):
+            for impl in ("generic", *fast_paths(dataclasses.replace(s, model=model_name, rule=rule), device)):
                 if impl == "generic" and (n_obs > args.bench_generic_max or model_name == "ctfwp" and rule != "delta"):
                     continue
                 b = dataclasses.replace(s, model=model_name, rule=rule, impl=impl)

@@ -2127,10 +2127,20 @@ def test_od_post_tanh_and_value_layernorm_by_hand():
 
 
 def test_od_bench_runs(tmp_path):
+    """Every model by solver and path, then the scale table: each model at each length, the generic path (and its
+    ratio) where asked, the memory column."""
     p = run(script_copy(tmp_path, "ode_fwp.py"), "--preset", "tiny", "--bench")
+    kernel = ode_fwp.kernels("cpu") is not None
     for label in ("ctfwp-hebb", "ctfwp-oja", "ctfwp-delta", "ncde"):
-        for solver in ("euler", "rk4", "dopri5"):
-            assert re.search(rf"^{label} +{solver} +\d", p.stdout, re.M), p.stdout
+        fused = ("kernel",) if kernel and label in ("ctfwp-oja", "ctfwp-delta") else ()
+        for solver, impl in [(s, i) for s in ("euler", "rk4") for i in (*fused, "precomputed", "generic")]:
+            assert re.search(rf"^{label} +{solver} +{impl} +\d", p.stdout, re.M), p.stdout
+        assert re.search(rf"^{label} +dopri5 +generic +\d", p.stdout, re.M), p.stdout
+    scale = re.findall(r"^ +(\d+) +(\d+) (\S+) +(\w+) +([\d.]+) +(\S+) +([\d.]+)$", p.stdout, re.M)
+    # 4 models x 2 lengths, the generic delta rule and ncde at the first, the kernel rows of oja and delta
+    assert len(scale) == 2 * 4 + 2 + 4 * kernel, p.stdout
+    assert all(float(row[6]) > 0 for row in scale)
+    assert [row[5] for row in scale if row[3] == "generic"] == ["1.0x", "1.0x"]
 
 
 @pytest.mark.parametrize("args, message", [
