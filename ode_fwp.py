@@ -187,6 +187,47 @@ def solver_weights(solver, n_steps):
 RK_STAGES = {"euler": [(0, 0.0, 1.0)], "rk4": [(0, 0.0, 1 / 6), (1, 0.5, 1 / 3), (1, 0.5, 1 / 3), (2, 1.0, 1 / 6)]}
 
 
+def linear_rule_solve(Y0, a, p, c, solver, n_steps, fused=False):
+    """euler or rk4 on dY/ds = c (a - Y p) p^T (delta: Y = W, a = v, p = k; Oja's rule on Y = W^T: a = k, p = v),
+    with a, p tabulated at the stage nodes (B, S, H, d), c (B, S, H), Y (B, H, d, d). Each step is linear in Y:
+    a stage at node j is k = u p_j^T with u = Y P^T gamma + A delta (P (J, d) the step's p_j as rows, A (d, J) its
+    a_j as columns, gamma, delta in R^J); after the stage k' = u' p_j'^T, k = c_j (a_j - (Y + a h k') p_j) p_j^T gives
+    gamma = -c_j (e_j + a h (p_j' . p_j) gamma') and delta = c_j (e_j - a h (p_j' . p_j) delta'). So the step is
+    Y <- Y M + N with M = I + P^T Gamma P and N = A Delta P (Gamma, Delta: h b gamma, h b delta summed into column j),
+    built for all steps at once from the tabulated values; then n products run on Y."""
+    B, S, H, d = p.shape
+    if fused:  # the same steps in cpu_kernels.cpp, row by row (each row of Y is its own ODE)
+        heads = lambda x: x.transpose(1, 2).flatten(0, 1).contiguous()  # noqa: E731  (B, S, H, ...) -> (B H, S, ...)
+        Y = LinearRuleKernel.apply(Y0.flatten(0, 1).contiguous(), heads(a), heads(p), heads(c), n_steps,
+                                   solver == "rk4")
+        return Y.view(B, H, d, d)
+    h, stages = 1.0 / n_steps, RK_STAGES[solver]
+    J = 1 + max(j for j, _, _ in stages)  # nodes per step; node j of step i is tabulated at i (J - 1) + j
+    stride = max(J - 1, 1)
+    at = lambda x, j: x[:, j : j + stride * n_steps : stride]  # noqa: E731  (B, n, ...): node j of every step
+    e = torch.eye(J, dtype=c.dtype, device=c.device)
+    Gam, Del, prev = [0.0] * J, [0.0] * J, None  # columns of Gamma and Delta, each (B, n, H, J)
+    for j, alpha, b in stages:
+        cj = at(c, j)[..., None]
+        if prev is None:
+            gamma, delta = -cj * e[j], cj * e[j]
+        else:
+            j_, gamma_, delta_ = prev
+            g = alpha * h * (at(p, j_) * at(p, j)).sum(-1, keepdim=True)  # (B, n, H, 1)
+            gamma, delta = -cj * (e[j] + g * gamma_), cj * (e[j] - g * delta_)
+        Gam[j], Del[j], prev = Gam[j] + h * b * gamma, Del[j] + h * b * delta, (j, gamma, delta)
+    P = torch.stack([at(p, j) for j in range(J)], -2)  # (B, n, H, J, d)
+    A = torch.stack([at(a, j) for j in range(J)], -1)  # (B, n, H, d, J)
+    M = torch.eye(d, dtype=p.dtype, device=p.device) + P.transpose(-1, -2) @ torch.stack(Gam, -1) @ P
+    N = A @ torch.stack(Del, -1) @ P  # (B, n, H, d, d)
+    steps = lambda x: x.transpose(0, 1).flatten(1, 2).unbind(0)  # noqa: E731  (B, n, H, ...) -> n x (B H, ...)
+    Y = Y0.flatten(0, 1)  # (B H, d, d)
+    # unbind, not indexing: one backward node for all steps (a backward per index would write a whole zero tensor)
+    for M_i, N_i in zip(steps(M), steps(N)):
+        Y = torch.baddbmm(N_i, Y, M_i)
+    return Y.view(B, H, d, d)
+
+
 _KERNELS = {}  # device type -> the loaded extension, or False once its build failed
 
 
@@ -257,47 +298,6 @@ def use_kernel(impl, x):
     """--impl kernel and auto take cpu_kernels.cpp for the delta and Oja rules on the CPU (float32, float64)."""
     return (impl in ("kernel", "auto") and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and kernels("cpu") is not None)
-
-
-def linear_rule_solve(Y0, a, p, c, solver, n_steps, fused=False):
-    """euler or rk4 on dY/ds = c (a - Y p) p^T (delta: Y = W, a = v, p = k; Oja's rule on Y = W^T: a = k, p = v),
-    with a, p tabulated at the stage nodes (B, S, H, d), c (B, S, H), Y (B, H, d, d). Each step is linear in Y:
-    a stage at node j is k = u p_j^T with u = Y P^T gamma + A delta (P (J, d) the step's p_j as rows, A (d, J) its
-    a_j as columns, gamma, delta in R^J); after the stage k' = u' p_j'^T, k = c_j (a_j - (Y + a h k') p_j) p_j^T gives
-    gamma = -c_j (e_j + a h (p_j' . p_j) gamma') and delta = c_j (e_j - a h (p_j' . p_j) delta'). So the step is
-    Y <- Y M + N with M = I + P^T Gamma P and N = A Delta P (Gamma, Delta: h b gamma, h b delta summed into column j),
-    built for all steps at once from the tabulated values; then n products run on Y."""
-    B, S, H, d = p.shape
-    if fused:  # the same steps in cpu_kernels.cpp, row by row (each row of Y is its own ODE)
-        heads = lambda x: x.transpose(1, 2).flatten(0, 1).contiguous()  # noqa: E731  (B, S, H, ...) -> (B H, S, ...)
-        Y = LinearRuleKernel.apply(Y0.flatten(0, 1).contiguous(), heads(a), heads(p), heads(c), n_steps,
-                                   solver == "rk4")
-        return Y.view(B, H, d, d)
-    h, stages = 1.0 / n_steps, RK_STAGES[solver]
-    J = 1 + max(j for j, _, _ in stages)  # nodes per step; node j of step i is tabulated at i (J - 1) + j
-    stride = max(J - 1, 1)
-    at = lambda x, j: x[:, j : j + stride * n_steps : stride]  # noqa: E731  (B, n, ...): node j of every step
-    e = torch.eye(J, dtype=c.dtype, device=c.device)
-    Gam, Del, prev = [0.0] * J, [0.0] * J, None  # columns of Gamma and Delta, each (B, n, H, J)
-    for j, alpha, b in stages:
-        cj = at(c, j)[..., None]
-        if prev is None:
-            gamma, delta = -cj * e[j], cj * e[j]
-        else:
-            j_, gamma_, delta_ = prev
-            g = alpha * h * (at(p, j_) * at(p, j)).sum(-1, keepdim=True)  # (B, n, H, 1)
-            gamma, delta = -cj * (e[j] + g * gamma_), cj * (e[j] - g * delta_)
-        Gam[j], Del[j], prev = Gam[j] + h * b * gamma, Del[j] + h * b * delta, (j, gamma, delta)
-    P = torch.stack([at(p, j) for j in range(J)], -2)  # (B, n, H, J, d)
-    A = torch.stack([at(a, j) for j in range(J)], -1)  # (B, n, H, d, J)
-    M = torch.eye(d, dtype=p.dtype, device=p.device) + P.transpose(-1, -2) @ torch.stack(Gam, -1) @ P
-    N = A @ torch.stack(Del, -1) @ P  # (B, n, H, d, d)
-    steps = lambda x: x.transpose(0, 1).flatten(1, 2).unbind(0)  # noqa: E731  (B, n, H, ...) -> n x (B H, ...)
-    Y = Y0.flatten(0, 1)  # (B H, d, d)
-    # unbind, not indexing: one backward node for all steps (a backward per index would write a whole zero tensor)
-    for M_i, N_i in zip(steps(M), steps(N)):
-        Y = torch.baddbmm(N_i, Y, M_i)
-    return Y.view(B, H, d, d)
 
 
 # ----------------------------------------------------------------------------------------------
