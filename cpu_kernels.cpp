@@ -1,7 +1,8 @@
 // The CPU twin of cuda_kernels.cu: the same recurrences with the same function names, arguments and results, so
 // one autograd Function per recurrence (rfwp.py) serves both devices; and, on the CPU only (the GPU runs ode_fwp.py's
 // PyTorch form), the continuous-time delta rule of ode_fwp.py (ct_linear_rule_*, at the end). JIT-loaded with
-// torch.utils.cpp_extension.load (a C++ compiler and ninja). float32 and float64 inputs; the state and every sum in the input's precision.
+// torch.utils.cpp_extension.load (a C++ compiler and ninja). float32 and float64 inputs; the state and every sum in
+// the input's precision.
 //
 //   sum rule    W_t = W_{t-1} + v_t k_t^T;                             y_t = W_t q_t
 //   delta rule  W_t = W_{t-1} + beta_t (v_t - W_{t-1} k_t) k_t^T;     y_t = W_t q_t
@@ -672,15 +673,26 @@ struct Steps {  // the solver's stages and where a step's nodes lie in the table
 };
 
 // One row's stages at one step: u_j = y . p_j, then sigma_m and its bracket res_m = sigma_m / c_j(m).
-template <typename T>
+template <int N, typename T>
 inline void ct_stages(const Steps& st, const T* y, const T* const* p, const T* a_r, const T* c, const T* g, T h,
                       int64_t cols, T* sigma, T* res) {
   T u[3];
-  for (int j = 0; j < st.n_nodes; ++j) u[j] = dot<0>(y, p[j], cols);
+  for (int j = 0; j < st.n_nodes; ++j) u[j] = dot<N>(y, p[j], cols);
   for (int m = 0; m < st.n_stages; ++m) {
     const int j = st.stages[m].node;
     res[m] = a_r[j] - u[j] - (m ? T(st.stages[m].alpha) * h * sigma[m - 1] * g[m] : T(0));
     sigma[m] = c[j] * res[m];
+  }
+}
+
+// f(w) with w a compile-time row length N for the CT-FWPs' head sizes (d_model / n_head: 8 by default; 0: any other)
+template <typename F>
+void dispatch_ct_width(int64_t d, F&& f) {
+  switch (d) {
+    case 8: return f(std::integral_constant<int, 8>());
+    case 16: return f(std::integral_constant<int, 16>());
+    case 32: return f(std::integral_constant<int, 32>());
+    default: return f(std::integral_constant<int, 0>());
   }
 }
 
@@ -701,24 +713,27 @@ std::vector<at::Tensor> ct_linear_rule_forward(at::Tensor Y0, at::Tensor a, at::
     const scalar_t *ap = a.data_ptr<scalar_t>(), *pp = p.data_ptr<scalar_t>(), *cp = c.data_ptr<scalar_t>();
     scalar_t *Yp = Y.data_ptr<scalar_t>(), *Ysp = Ys.data_ptr<scalar_t>();
     const scalar_t h = scalar_t(1) / scalar_t(n_steps);
-    for_each_head(BH, [&](int64_t bh) {
-      scalar_t* Yb = Yp + bh * rows * cols;
-      std::vector<scalar_t> a_r(st.n_nodes);
-      for (int64_t i = 0; i < n_steps; ++i) {
-        const int64_t node0 = bh * S + i * st.stride;
-        const scalar_t* pj[3];
-        for (int j = 0; j < st.n_nodes; ++j) pj[j] = pp + (node0 + j) * cols;
-        scalar_t g[4] = {0, 0, 0, 0}, sigma[4], res[4];
-        for (int m = 1; m < st.n_stages; ++m) g[m] = dot<0>(pj[st.stages[m - 1].node], pj[st.stages[m].node], cols);
-        std::copy(Yb, Yb + rows * cols, Ysp + (bh * n_steps + i) * rows * cols);
-        for (int64_t r = 0; r < rows; ++r) {
-          scalar_t* y = Yb + r * cols;
-          for (int j = 0; j < st.n_nodes; ++j) a_r[j] = ap[(node0 + j) * rows + r];
-          ct_stages(st, y, pj, a_r.data(), cp + node0, g, h, cols, sigma, res);
-          for (int m = 0; m < st.n_stages; ++m)
-            axpy<0>(y, h * scalar_t(st.stages[m].b) * sigma[m], pj[st.stages[m].node], cols);
+    dispatch_ct_width(cols, [&](auto w) {
+      constexpr int N = decltype(w)::value;
+      for_each_head(BH, [&](int64_t bh) {
+        scalar_t* Yb = Yp + bh * rows * cols;
+        std::vector<scalar_t> a_r(st.n_nodes);
+        for (int64_t i = 0; i < n_steps; ++i) {
+          const int64_t node0 = bh * S + i * st.stride;
+          const scalar_t* pj[3];
+          for (int j = 0; j < st.n_nodes; ++j) pj[j] = pp + (node0 + j) * cols;
+          scalar_t g[4] = {0, 0, 0, 0}, sigma[4], res[4];
+          for (int m = 1; m < st.n_stages; ++m) g[m] = dot<N>(pj[st.stages[m - 1].node], pj[st.stages[m].node], cols);
+          std::copy(Yb, Yb + rows * cols, Ysp + (bh * n_steps + i) * rows * cols);
+          for (int64_t r = 0; r < rows; ++r) {
+            scalar_t* y = Yb + r * cols;
+            for (int j = 0; j < st.n_nodes; ++j) a_r[j] = ap[(node0 + j) * rows + r];
+            ct_stages<N>(st, y, pj, a_r.data(), cp + node0, g, h, cols, sigma, res);
+            for (int m = 0; m < st.n_stages; ++m)
+              axpy<N>(y, h * scalar_t(st.stages[m].b) * sigma[m], pj[st.stages[m].node], cols);
+          }
         }
-      }
+      });
     });
   });
   return {Y, Ys};
@@ -741,48 +756,51 @@ std::vector<at::Tensor> ct_linear_rule_backward(at::Tensor dY, at::Tensor Ys, at
     scalar_t *dYp = dY0.data_ptr<scalar_t>(), *dap = da.data_ptr<scalar_t>(), *dpp = dp.data_ptr<scalar_t>(),
              *dcp = dc.data_ptr<scalar_t>();
     const scalar_t h = scalar_t(1) / scalar_t(n_steps);
-    for_each_head(BH, [&](int64_t bh) {
-      scalar_t* dYb = dYp + bh * rows * cols;  // dL/dY after the step, then (in place) before it
-      std::vector<scalar_t> a_r(st.n_nodes);
-      for (int64_t i = n_steps - 1; i >= 0; --i) {
-        const int64_t node0 = bh * S + i * st.stride;
-        const scalar_t* pj[3];
-        scalar_t* dpj[3];
-        for (int j = 0; j < st.n_nodes; ++j) pj[j] = pp + (node0 + j) * cols, dpj[j] = dpp + (node0 + j) * cols;
-        scalar_t g[4] = {0, 0, 0, 0}, dg[4] = {0, 0, 0, 0}, sigma[4], res[4], dsigma[4];
-        for (int m = 1; m < st.n_stages; ++m) g[m] = dot<0>(pj[st.stages[m - 1].node], pj[st.stages[m].node], cols);
-        const scalar_t* Yi = Ysp + (bh * n_steps + i) * rows * cols;
-        for (int64_t r = 0; r < rows; ++r) {
-          const scalar_t* y = Yi + r * cols;
-          scalar_t* dy = dYb + r * cols;
-          for (int j = 0; j < st.n_nodes; ++j) a_r[j] = ap[(node0 + j) * rows + r];
-          ct_stages(st, y, pj, a_r.data(), cp + node0, g, h, cols, sigma, res);
-          for (int m = 0; m < st.n_stages; ++m) {  // y' = y + h sum_m b_m sigma_m p_j(m)
-            const scalar_t hb = h * scalar_t(st.stages[m].b);
-            dsigma[m] = hb * dot<0>(dy, pj[st.stages[m].node], cols);
-            axpy<0>(dpj[st.stages[m].node], hb * sigma[m], dy, cols);
-          }
-          scalar_t du[3] = {0, 0, 0};
-          for (int m = st.n_stages - 1; m >= 0; --m) {  // sigma_m = c_j (a_j,r - u_j - alpha h sigma_m-1 g_m)
-            const int j = st.stages[m].node;
-            dcp[node0 + j] += dsigma[m] * res[m];
-            const scalar_t dres = dsigma[m] * cp[node0 + j];
-            dap[(node0 + j) * rows + r] += dres, du[j] -= dres;
-            if (m) {
-              const scalar_t ah = scalar_t(st.stages[m].alpha) * h;
-              dsigma[m - 1] -= dres * ah * g[m], dg[m] -= dres * ah * sigma[m - 1];
+    dispatch_ct_width(cols, [&](auto w) {
+      constexpr int N = decltype(w)::value;
+      for_each_head(BH, [&](int64_t bh) {
+        scalar_t* dYb = dYp + bh * rows * cols;  // dL/dY after the step, then (in place) before it
+        std::vector<scalar_t> a_r(st.n_nodes);
+        for (int64_t i = n_steps - 1; i >= 0; --i) {
+          const int64_t node0 = bh * S + i * st.stride;
+          const scalar_t* pj[3];
+          scalar_t* dpj[3];
+          for (int j = 0; j < st.n_nodes; ++j) pj[j] = pp + (node0 + j) * cols, dpj[j] = dpp + (node0 + j) * cols;
+          scalar_t g[4] = {0, 0, 0, 0}, dg[4] = {0, 0, 0, 0}, sigma[4], res[4], dsigma[4];
+          for (int m = 1; m < st.n_stages; ++m) g[m] = dot<N>(pj[st.stages[m - 1].node], pj[st.stages[m].node], cols);
+          const scalar_t* Yi = Ysp + (bh * n_steps + i) * rows * cols;
+          for (int64_t r = 0; r < rows; ++r) {
+            const scalar_t* y = Yi + r * cols;
+            scalar_t* dy = dYb + r * cols;
+            for (int j = 0; j < st.n_nodes; ++j) a_r[j] = ap[(node0 + j) * rows + r];
+            ct_stages<N>(st, y, pj, a_r.data(), cp + node0, g, h, cols, sigma, res);
+            for (int m = 0; m < st.n_stages; ++m) {  // y' = y + h sum_m b_m sigma_m p_j(m)
+              const scalar_t hb = h * scalar_t(st.stages[m].b);
+              dsigma[m] = hb * dot<N>(dy, pj[st.stages[m].node], cols);
+              axpy<N>(dpj[st.stages[m].node], hb * sigma[m], dy, cols);
+            }
+            scalar_t du[3] = {0, 0, 0};
+            for (int m = st.n_stages - 1; m >= 0; --m) {  // sigma_m = c_j (a_j,r - u_j - alpha h sigma_m-1 g_m)
+              const int j = st.stages[m].node;
+              dcp[node0 + j] += dsigma[m] * res[m];
+              const scalar_t dres = dsigma[m] * cp[node0 + j];
+              dap[(node0 + j) * rows + r] += dres, du[j] -= dres;
+              if (m) {
+                const scalar_t ah = scalar_t(st.stages[m].alpha) * h;
+                dsigma[m - 1] -= dres * ah * g[m], dg[m] -= dres * ah * sigma[m - 1];
+              }
+            }
+            for (int j = 0; j < st.n_nodes; ++j) {  // u_j = y . p_j
+              axpy<N>(dpj[j], du[j], y, cols);
+              axpy<N>(dy, du[j], pj[j], cols);
             }
           }
-          for (int j = 0; j < st.n_nodes; ++j) {  // u_j = y . p_j
-            axpy<0>(dpj[j], du[j], y, cols);
-            axpy<0>(dy, du[j], pj[j], cols);
+          for (int m = 1; m < st.n_stages; ++m) {  // g_m = p_j(m-1) . p_j(m)
+            axpy<N>(dpj[st.stages[m - 1].node], dg[m], pj[st.stages[m].node], cols);
+            axpy<N>(dpj[st.stages[m].node], dg[m], pj[st.stages[m - 1].node], cols);
           }
         }
-        for (int m = 1; m < st.n_stages; ++m) {  // g_m = p_j(m-1) . p_j(m)
-          axpy<0>(dpj[st.stages[m - 1].node], dg[m], pj[st.stages[m].node], cols);
-          axpy<0>(dpj[st.stages[m].node], dg[m], pj[st.stages[m - 1].node], cols);
-        }
-      }
+      });
     });
   });
   return {dY0, da, dp, dc};
