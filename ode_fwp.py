@@ -38,7 +38,7 @@ s in [0, 1] the solver's time, span = t_N - t_1 per series, W (d, d) the fast we
 a learning rate, NFE the number of vector-field evaluations (precomputed: of the slow net, one per stage time).
 
 Commands:
-    python ode_fwp.py                                      # delta rule on irregular spirals, a few CPU minutes
+    python ode_fwp.py                                      # delta rule on irregular spirals, under a CPU minute
     python ode_fwp.py --dataset synthetic                  # the harder synthetic task (order and sign of events)
     python ode_fwp.py --preset tiny --steps 4              # smoke run
     python ode_fwp.py --rule hebb --interp linear          # other rules, controls, solvers: --solver dopri5
