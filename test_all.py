@@ -1740,6 +1740,20 @@ def test_od_rk4_and_dopri5_agree_on_the_model():
     assert nfe > 6
 
 
+def test_od_spirals_turn_the_way_their_label_says():
+    """torchcde's spirals: class 0 turns counter-clockwise (the angle of (x, y) grows), class 1 clockwise; each series
+    keeps its first and last grid point and about half of the rest; `missing` of the values are NaN."""
+    series, y = ode_fwp.spirals(300, 64, 0.0, np.random.default_rng(0))
+    grid = np.linspace(0, 4 * np.pi, 64)
+    assert 100 < y.sum() < 200
+    for (t, xy), label in zip(series, y):
+        assert t[0] == 0 and t[-1] == grid[-1] and np.isin(t, grid).all() and 8 < len(t) < 56
+        turn = xy[:-1, 0] * xy[1:, 1] - xy[:-1, 1] * xy[1:, 0]  # z of consecutive positions' cross products
+        assert (np.median(turn) > 0) == (label == 0)
+    series, _ = ode_fwp.spirals(200, 64, 0.3, np.random.default_rng(1))
+    assert abs(np.mean(np.concatenate([np.isnan(xy).ravel() for _, xy in series])) - 0.3) < 0.03
+
+
 def test_od_synthetic_task_labels_follow_the_events():
     """Both label bits read back from the observed series: the sign of channel 0's early bump (always), the order
     of the two early bumps (from the sampled peaks, which a dropped grid point can blur: 95% or more)."""
