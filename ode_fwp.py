@@ -169,22 +169,20 @@ def tabulated(table, n_nodes):
     return lambda s: [x[:, round(s * (n_nodes - 1))] for x in table]
 
 
-def solver_weights(solver, n_steps):
-    """Weights w_j such that a solve of dy/ds = g(s) (no dependence on y) is y(0) + sum_j w_j g(s_j): euler's h at
-    i h, rk4's h/6 (g(i h) + 2 g(i h + h/2) + 2 g(i h + h/2) + g((i + 1) h)) summed over the steps (Simpson's rule)."""
-    h = 1.0 / n_steps
-    if solver == "euler":
-        return torch.cat([torch.full((n_steps,), h, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
-    w = torch.zeros(2 * n_steps + 1, dtype=torch.float64)
-    w[0:-1:2] += h / 6
-    w[2::2] += h / 6
-    w[1::2] = 4 * h / 6
-    return w
-
-
 # The fixed-step solvers as stages (node of the step, a, b): the stage's input is y + a h k', k' the previous stage,
 # at the step's node (euler: i h; rk4: i h, i h + h/2, (i + 1) h), and y <- y + h sum b k.
 RK_STAGES = {"euler": [(0, 0.0, 1.0)], "rk4": [(0, 0.0, 1 / 6), (1, 0.5, 1 / 3), (1, 0.5, 1 / 3), (2, 1.0, 1 / 6)]}
+
+
+def solver_weights(solver, n_steps):
+    """Weights w_j such that a solve of dy/ds = g(s) (no dependence on y) is y(0) + sum_j w_j g(s_j): each stage's
+    h b at its node, summed over the steps (euler: h at i h; rk4: Simpson's rule, h/6, 4h/6, h/6 per step)."""
+    h, stages = 1.0 / n_steps, RK_STAGES[solver]
+    stride = max(max(j for j, _, _ in stages), 1)  # node j of step i is node i stride + j (as in stage_nodes)
+    w = torch.zeros(stride * n_steps + 1, dtype=torch.float64)
+    for j, _, b in stages:
+        w[j : j + stride * n_steps : stride] += h * b
+    return w
 
 
 def linear_rule_solve(Y0, a, p, c, solver, n_steps, fused=False):
@@ -195,7 +193,7 @@ def linear_rule_solve(Y0, a, p, c, solver, n_steps, fused=False):
     gamma = -c_j (e_j + a h (p_j' . p_j) gamma') and delta = c_j (e_j - a h (p_j' . p_j) delta'). So the step is
     Y <- Y M + N with M = I + P^T Gamma P and N = A Delta P (Gamma, Delta: h b gamma, h b delta summed into column j),
     built for all steps at once from the tabulated values; then n products run on Y."""
-    B, S, H, d = p.shape
+    B, _, H, d = p.shape
     if fused:  # the same steps in cpu_kernels.cpp, row by row (each row of Y is its own ODE)
         heads = lambda x: x.transpose(1, 2).flatten(0, 1).contiguous()  # noqa: E731  (B, S, H, ...) -> (B H, S, ...)
         Y = LinearRuleKernel.apply(Y0.flatten(0, 1).contiguous(), heads(a), heads(p), heads(c), n_steps,
@@ -508,16 +506,14 @@ class NCDE(nn.Module):
 
     def forward(self, path, args, n_steps):
         span = (path.t1 - path.t0)[:, None]
+        dX = lambda s: path(path.t0 + s * span[:, 0])[1]  # noqa: E731
         if precomputed(args):  # the path's derivative at every stage time in one pass; f(z) needs z, stage by stage
-            s = stage_nodes(args.solver, n_steps).to(span)
-            at = tabulated(path(path.t0[:, None] + s * span)[1:], len(s))
+            nodes = stage_nodes(args.solver, n_steps).to(span)
+            at = tabulated(path(path.t0[:, None] + nodes * span)[1:], len(nodes))
+            dX = lambda s: at(s)[0]  # noqa: E731
 
-            def f(s, z):
-                return span * (self.f(z) @ at(s)[0][..., None])[..., 0]
-        else:
-
-            def f(s, z):
-                return span * (self.f(z) @ path(path.t0 + s * span[:, 0])[1][..., None])[..., 0]
+        def f(s, z):
+            return span * (self.f(z) @ dX(s)[..., None])[..., 0]
 
         z, nfe = odeint(f, self.init(path(path.t0)[0]), args, n_steps)
         return self.head(z), nfe
@@ -1252,10 +1248,11 @@ def time_step(args, task, batch, device, reps=3):
 
 def bench(args):
     """(1) The task's batch: a training step of each model/rule and solver, by each path (kernel where the rule's
-    steps have one, precomputed, generic; dopri5: generic only). (2) Scale: synthetic series of about N observations for N in --bench_obs (--syn_length 2N:
-    each series keeps half of the grid), rk4 at the observation gap (about 2N steps), batch --batch_size: the CT-FWP
-    rules against the neural CDE at the same width, each by its paths (the generic one, for the delta rule and the
-    neural CDE, up to --bench_generic_max observations), with the activation memory; x generic: the generic path's ms over this row's, same model."""
+    steps have one, precomputed, generic; dopri5: generic only). (2) Scale: synthetic series of about N observations
+    for N in --bench_obs (--syn_length 2N: each series keeps half of the grid), rk4 at the observation gap (about 2N
+    steps), batch --batch_size: the CT-FWP rules against the neural CDE at the same width, each by its paths (the
+    generic one, for the delta rule and the neural CDE, up to --bench_generic_max observations), with the activation
+    memory; x generic: the generic path's ms over this row's, same model and length."""
     device = pick_device(args.device)
     try:
         task = load_task(args)
@@ -1268,13 +1265,14 @@ def bench(args):
           f"{args.atol}")
     print(f"{'model':12} {'solver':7} {'impl':12} {'params':>8} {'step ms':>9} {'NFE':>6}")
     models = (("ctfwp", "hebb"), ("ctfwp", "oja"), ("ctfwp", "delta"), ("ncde", args.rule))
+    label = lambda model_name, rule: model_name if model_name == "ncde" else f"ctfwp-{rule}"  # noqa: E731
     for model_name, rule in models:
         fast = fast_paths(dataclasses.replace(args, model=model_name, rule=rule), device)
         for solver, impl in [(s, i) for s in ("euler", "rk4") for i in (*fast, "generic")] + [("dopri5", "generic")]:
             b = dataclasses.replace(args, model=model_name, rule=rule, solver=solver, impl=impl)
             ms, nfe, _, n_params = time_step(b, task, batch, device)
-            label = model_name if model_name == "ncde" else f"ctfwp-{rule}"
-            print(f"{label:12} {solver:7} {impl:12} {n_params / 1e3:7.1f}k {ms:9.1f} {nfe:6d}", flush=True)
+            print(f"{label(model_name, rule):12} {solver:7} {impl:12} {n_params / 1e3:7.1f}k {ms:9.1f} {nfe:6d}",
+                  flush=True)
     print(f"\nscale: rk4 at the observation gap, batch {args.batch_size}, d_model {args.d_model} (ncde: z of "
           f"{args.d_model}, MLP {args.d_ff})")
     print(f"{'obs':>6} {'steps':>6} {'model':12} {'impl':12} {'step ms':>10} {'x generic':>9} {'MiB saved':>10}")
@@ -1293,9 +1291,8 @@ def bench(args):
                 ms, nfe, mib, _ = time_step(b, task, batch, device, reps=2)
                 generic_ms = ms if impl == "generic" else generic_ms
                 ratio = f"{generic_ms / ms:8.1f}x" if generic_ms else f"{'-':>9}"
-                label = model_name if model_name == "ncde" else f"ctfwp-{rule}"
-                print(f"{obs:6.0f} {fixed_steps(b, task):6d} {label:12} {impl:12} {ms:10.1f} {ratio} {mib:10.1f}",
-                      flush=True)
+                print(f"{obs:6.0f} {fixed_steps(b, task):6d} {label(model_name, rule):12} {impl:12} {ms:10.1f} "
+                      f"{ratio} {mib:10.1f}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------

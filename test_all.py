@@ -1934,7 +1934,7 @@ OD_SOLVE_CASES += [dict(rule="delta", post_tanh=True), dict(rule="delta", post_t
 
 @pytest.mark.parametrize("impl", ["precomputed", pytest.param("kernel", marks=needs_cxx)])
 @pytest.mark.parametrize("kw", OD_SOLVE_CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
-def test_od_precomputed_solve_equals_the_generic_one(kw, impl):
+def test_od_precomputed_solve_equals_the_generic_one(kw, impl, monkeypatch):
     """--impl precomputed (every stage's inputs in one pass, then the rule's steps: a weighted sum for Hebb, affine
     maps for delta and Oja, the solver with a table otherwise) and --impl kernel (delta and Oja's steps in
     cpu_kernels.cpp) against --impl generic, float64, three series of lengths 9, 5, 2 in one batch (each on its own
@@ -1945,6 +1945,11 @@ def test_od_precomputed_solve_equals_the_generic_one(kw, impl):
     x = torch.cat([t[..., None] / 10, x], -1)
     if a.intensity:  # the observation counts as channels, as pad_split makes them
         x = torch.cat([x, torch.cumsum(~torch.isnan(x[..., 1:]), 1).double()], -1)
+    calls = []  # --impl kernel must run the kernel exactly where the rule is linear in W (delta, the paper's Oja)
+    monkeypatch.setattr(ode_fwp.LinearRuleKernel, "apply", lambda *x, f=ode_fwp.LinearRuleKernel.apply: calls.append(1)
+                        or f(*x))
+    linear = a.model == "ctfwp" and not a.post_tanh and (a.rule == "delta" or a.rule == "oja" and a.values_from == "x")
+    assert ("kernel" in ode_fwp.fast_paths(a, torch.device("cpu"))) == (linear and ode_fwp.kernels("cpu") is not None)
     results = []
     for b in (dataclasses.replace(a, impl="generic"), dataclasses.replace(a, impl=impl)):
         torch.manual_seed(0)
@@ -1952,6 +1957,7 @@ def test_od_precomputed_solve_equals_the_generic_one(kw, impl):
         logits, nfe = model(ode_fwp.ControlPath(t, x, lengths, a.interp), b, 11)
         grads = torch.autograd.grad(logits.square().sum(), list(model.parameters()))
         results.append((logits, grads, nfe))
+    assert len(calls) == (linear and impl == "kernel")
     (generic, g_generic, nfe_generic), (fast, g_fast, nfe_fast) = results
     torch.testing.assert_close(fast, generic, rtol=1e-10, atol=1e-12)
     for g1, g2 in zip(g_fast, g_generic):
