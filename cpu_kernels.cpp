@@ -650,12 +650,13 @@ std::vector<at::Tensor> rdn_backward(at::Tensor Rs, at::Tensor r_b, at::Tensor q
 
 // ---------------------------------------------------------------------------------------------
 // The continuous-time delta rule (ode_fwp.py; Oja's rule on W^T has the same form): euler or rk4 on
-// dY/ds = c (a - Y p) p^T, Y (rows x cols), with a (BH, S, rows), p (BH, S, cols), c (BH, S) tabulated at the
-// solver's stage nodes (node j of step i at i * stride + j: euler 1 node per step, stride 1; rk4 nodes i h, i h + h/2,
-// (i + 1) h, stride 2). Each row y of Y is its own ODE, y' = c (a_r - y . p) p: a stage at node j, after the stage
-// sigma' p_j' at node j', is sigma p_j with
+// dY/ds = c (a - Y p) p^T, Y (rows x cols) per batch entry and head, with a (B, S, H, rows), p (B, S, H, cols),
+// c (B, S, H) tabulated at the solver's stage nodes (the model's own layout; node j of step i at i * stride + j:
+// euler 1 node per step, stride 1; rk4 nodes i h, i h + h/2, (i + 1) h, stride 2). Each row y of Y is its own ODE,
+// y' = c (a_r - y . p) p: a stage at node j, after the stage sigma' p_j' at node j', is sigma p_j with
 //   sigma = c_j (a_j,r - y . p_j - alpha h sigma' (p_j' . p_j)),   and the step is y <- y + h sum_m b_m sigma_m p_j(m)
-// The forward saves Y at the start of every step (BH, n, rows, cols); the backward walks the steps back from it.
+// The rows are computed together (sigma a vector over the rows). The forward saves Y at the start of every step; the
+// backward walks the steps back from it.
 namespace {
 
 struct Stage {
@@ -672,17 +673,42 @@ struct Steps {  // the solver's stages and where a step's nodes lie in the table
       : stages(rk4 ? RK4 : EULER), n_stages(rk4 ? 4 : 1), n_nodes(rk4 ? 3 : 1), stride(rk4 ? 2 : 1) {}
 };
 
-// One row's stages at one step: u_j = y . p_j, then sigma_m and its bracket res_m = sigma_m / c_j(m).
+// One step's stages for every row at once. Y is kept transposed (Yt, cols x rows: a row index runs along memory, so
+// each loop below is a vector loop over the rows): u_j = Y p_j, then sigma_m = c_j res_m with the bracket
+// res_m = a_j - u_j - alpha_m h g_m sigma_m-1. u: n_nodes x rows; sigma, res: n_stages x rows.
 template <int N, typename T>
-inline void ct_stages(const Steps& st, const T* y, const T* const* p, const T* a_r, const T* c, const T* g, T h,
-                      int64_t cols, T* sigma, T* res) {
-  T u[3];
-  for (int j = 0; j < st.n_nodes; ++j) u[j] = dot<N>(y, p[j], cols);
+inline void ct_stages(const Steps& st, const T* Yt, const T* const* p, const T* const* a, const T* c, const T* g, T h,
+                      int64_t rows, int64_t cols, T* u, T* sigma, T* res) {
+  if constexpr (N > 0) rows = N, cols = N;
+  for (int j = 0; j < st.n_nodes; ++j) {
+    T* uj = u + j * rows;
+    std::fill(uj, uj + rows, T(0));
+    for (int64_t col = 0; col < cols; ++col) axpy<N>(uj, p[j][col], Yt + col * rows, rows);
+  }
   for (int m = 0; m < st.n_stages; ++m) {
     const int j = st.stages[m].node;
-    res[m] = a_r[j] - u[j] - (m ? T(st.stages[m].alpha) * h * sigma[m - 1] * g[m] : T(0));
-    sigma[m] = c[j] * res[m];
+    const T *aj = a[j], *uj = u + j * rows, f = m ? T(st.stages[m].alpha) * h * g[m] : T(0);
+    const T* prev = sigma + (m ? m - 1 : 0) * rows;
+    T *rm = res + m * rows, *sm = sigma + m * rows;
+    if (m) {
+#pragma omp simd
+      for (int64_t r = 0; r < rows; ++r) rm[r] = aj[r] - uj[r] - f * prev[r];
+    } else {
+#pragma omp simd
+      for (int64_t r = 0; r < rows; ++r) rm[r] = aj[r] - uj[r];
+    }
+#pragma omp simd
+    for (int64_t r = 0; r < rows; ++r) sm[r] = c[j] * rm[r];
   }
+}
+
+// The step's increment per node: z_j = h sum of b_m sigma_m over the stages m at node j (Y <- Y + sum_j z_j p_j^T).
+template <int N, typename T>
+inline void ct_increments(const Steps& st, const T* sigma, T h, int64_t rows, T* z) {
+  if constexpr (N > 0) rows = N;
+  std::fill(z, z + st.n_nodes * rows, T(0));
+  for (int m = 0; m < st.n_stages; ++m)
+    axpy<N>(z + st.stages[m].node * rows, h * T(st.stages[m].b), sigma + m * rows, rows);
 }
 
 // f(w) with w a compile-time row length N for the CT-FWPs' head sizes (d_model / n_head: 8 by default; 0: any other)
@@ -696,103 +722,137 @@ void dispatch_ct_width(int64_t d, F&& f) {
   }
 }
 
+// Where one head's values of node n lie in a (B, S, H, width) table: at base + n * H * width.
+struct Table {
+  int64_t S, H;
+  int64_t base(int64_t bh, int64_t width) const { return ((bh / H) * S * H + bh % H) * width; }
+  int64_t node(int64_t n, int64_t width) const { return n * H * width; }
+};
+
 }  // namespace
 
-// Y0 (BH, rows, cols), a (BH, S, rows), p (BH, S, cols), c (BH, S), n_steps -> Y (BH, rows, cols), Ys.
+// Y0 (B, H, rows, cols), a (B, S, H, rows), p (B, S, H, cols), c (B, S, H), n_steps steps of size h -> Y (B, H, rows,
+// cols), Ys (Y^T at the start of each step, B H x n x cols x rows).
 std::vector<at::Tensor> ct_linear_rule_forward(at::Tensor Y0, at::Tensor a, at::Tensor p, at::Tensor c,
-                                               int64_t n_steps, bool rk4) {
+                                               int64_t n_steps, double step, bool rk4) {
   const Steps st(rk4);
-  const int64_t BH = a.size(0), S = a.size(1), rows = a.size(2), cols = p.size(2);
+  const int64_t B = a.size(0), S = a.size(1), H = a.size(2), rows = a.size(3), cols = p.size(3), BH = B * H;
   check_dtype(a);
   TORCH_CHECK(S == n_steps * st.stride + 1, "FWP CPU kernel: the table needs ", n_steps * st.stride + 1, " nodes");
-  check_seq(p, {BH, S, cols}, "p", a), check_seq(c, {BH, S}, "c", a), check_seq(Y0, {BH, rows, cols}, "Y0", a);
+  check_seq(p, {B, S, H, cols}, "p", a), check_seq(c, {B, S, H}, "c", a), check_seq(Y0, {B, H, rows, cols}, "Y0", a);
   a = a.contiguous(), p = p.contiguous(), c = c.contiguous();
   auto Y = Y0.contiguous().clone();
-  auto Ys = at::empty({BH, n_steps, rows, cols}, a.options());
+  auto Ys = at::empty({BH, n_steps, cols, rows}, a.options());
+  const Table tab{S, H};
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ct_linear_rule_forward", [&] {
     const scalar_t *ap = a.data_ptr<scalar_t>(), *pp = p.data_ptr<scalar_t>(), *cp = c.data_ptr<scalar_t>();
     scalar_t *Yp = Y.data_ptr<scalar_t>(), *Ysp = Ys.data_ptr<scalar_t>();
-    const scalar_t h = scalar_t(1) / scalar_t(n_steps);
-    dispatch_ct_width(cols, [&](auto w) {
+    const scalar_t h = scalar_t(step);
+    dispatch_ct_width(rows == cols ? cols : 0, [&](auto w) {
       constexpr int N = decltype(w)::value;
       for_each_head(BH, [&](int64_t bh) {
         scalar_t* Yb = Yp + bh * rows * cols;
-        std::vector<scalar_t> a_r(st.n_nodes);
+        const scalar_t *ab = ap + tab.base(bh, rows), *pb = pp + tab.base(bh, cols), *cb = cp + tab.base(bh, 1);
+        std::vector<scalar_t> Yt(rows * cols), u(3 * rows), sigma(4 * rows), res(4 * rows), z(3 * rows);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t col = 0; col < cols; ++col) Yt[col * rows + r] = Yb[r * cols + col];
         for (int64_t i = 0; i < n_steps; ++i) {
-          const int64_t node0 = bh * S + i * st.stride;
-          const scalar_t* pj[3];
-          for (int j = 0; j < st.n_nodes; ++j) pj[j] = pp + (node0 + j) * cols;
-          scalar_t g[4] = {0, 0, 0, 0}, sigma[4], res[4];
-          for (int m = 1; m < st.n_stages; ++m) g[m] = dot<N>(pj[st.stages[m - 1].node], pj[st.stages[m].node], cols);
-          std::copy(Yb, Yb + rows * cols, Ysp + (bh * n_steps + i) * rows * cols);
-          for (int64_t r = 0; r < rows; ++r) {
-            scalar_t* y = Yb + r * cols;
-            for (int j = 0; j < st.n_nodes; ++j) a_r[j] = ap[(node0 + j) * rows + r];
-            ct_stages<N>(st, y, pj, a_r.data(), cp + node0, g, h, cols, sigma, res);
-            for (int m = 0; m < st.n_stages; ++m)
-              axpy<N>(y, h * scalar_t(st.stages[m].b) * sigma[m], pj[st.stages[m].node], cols);
+          const scalar_t *pj[3], *aj[3];
+          scalar_t cj[3];
+          for (int j = 0; j < st.n_nodes; ++j) {
+            const int64_t n = i * st.stride + j;
+            pj[j] = pb + tab.node(n, cols), aj[j] = ab + tab.node(n, rows), cj[j] = cb[tab.node(n, 1)];
           }
+          scalar_t g[4] = {0, 0, 0, 0};
+          for (int m = 1; m < st.n_stages; ++m) g[m] = dot<N>(pj[st.stages[m - 1].node], pj[st.stages[m].node], cols);
+          std::copy(Yt.begin(), Yt.end(), Ysp + (bh * n_steps + i) * rows * cols);
+          ct_stages<N>(st, Yt.data(), pj, aj, cj, g, h, rows, cols, u.data(), sigma.data(), res.data());
+          ct_increments<N>(st, sigma.data(), h, rows, z.data());
+          for (int64_t col = 0; col < cols; ++col)  // Y^T <- Y^T + sum_j p_j z_j^T
+            for (int j = 0; j < st.n_nodes; ++j) axpy<N>(Yt.data() + col * rows, pj[j][col], z.data() + j * rows, rows);
         }
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t col = 0; col < cols; ++col) Yb[r * cols + col] = Yt[col * rows + r];
       });
     });
   });
   return {Y, Ys};
 }
 
-// dY (BH, rows, cols), Ys, a, p, c, n_steps -> dY0, da, dp, dc.
+// dY (B, H, rows, cols), Ys, a, p, c, n_steps, h -> dY0, da, dp, dc.
 std::vector<at::Tensor> ct_linear_rule_backward(at::Tensor dY, at::Tensor Ys, at::Tensor a, at::Tensor p,
-                                                at::Tensor c, int64_t n_steps, bool rk4) {
+                                                at::Tensor c, int64_t n_steps, double step, bool rk4) {
   const Steps st(rk4);
-  const int64_t BH = a.size(0), S = a.size(1), rows = a.size(2), cols = p.size(2);
+  const int64_t B = a.size(0), S = a.size(1), H = a.size(2), rows = a.size(3), cols = p.size(3), BH = B * H;
   check_dtype(a);
-  check_seq(Ys, {BH, n_steps, rows, cols}, "Ys", a);
+  check_seq(Ys, {BH, n_steps, cols, rows}, "Ys", a);
   a = a.contiguous(), p = p.contiguous(), c = c.contiguous(), Ys = Ys.contiguous();
   auto dY0 = as(dY, a).clone();
-  check_state(dY0, {BH, rows, cols}, "dY");
+  check_state(dY0, {B, H, rows, cols}, "dY");
   auto da = at::zeros_like(a), dp = at::zeros_like(p), dc = at::zeros_like(c);
+  const Table tab{S, H};
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ct_linear_rule_backward", [&] {
     const scalar_t *ap = a.data_ptr<scalar_t>(), *pp = p.data_ptr<scalar_t>(), *cp = c.data_ptr<scalar_t>(),
                    *Ysp = Ys.data_ptr<scalar_t>();
     scalar_t *dYp = dY0.data_ptr<scalar_t>(), *dap = da.data_ptr<scalar_t>(), *dpp = dp.data_ptr<scalar_t>(),
              *dcp = dc.data_ptr<scalar_t>();
-    const scalar_t h = scalar_t(1) / scalar_t(n_steps);
-    dispatch_ct_width(cols, [&](auto w) {
+    const scalar_t h = scalar_t(step);
+    dispatch_ct_width(rows == cols ? cols : 0, [&](auto w) {
       constexpr int N = decltype(w)::value;
       for_each_head(BH, [&](int64_t bh) {
-        scalar_t* dYb = dYp + bh * rows * cols;  // dL/dY after the step, then (in place) before it
-        std::vector<scalar_t> a_r(st.n_nodes);
+        scalar_t* dYb = dYp + bh * rows * cols;
+        const int64_t a0 = tab.base(bh, rows), p0 = tab.base(bh, cols), c0 = tab.base(bh, 1);
+        // dL/dY^T after the step, then (in place) before it
+        std::vector<scalar_t> dYt(rows * cols), u(3 * rows), sigma(4 * rows), res(4 * rows), z(3 * rows);
+        std::vector<scalar_t> dz(3 * rows), du(3 * rows), dsigma(4 * rows), dres(rows);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t col = 0; col < cols; ++col) dYt[col * rows + r] = dYb[r * cols + col];
         for (int64_t i = n_steps - 1; i >= 0; --i) {
-          const int64_t node0 = bh * S + i * st.stride;
-          const scalar_t* pj[3];
-          scalar_t* dpj[3];
-          for (int j = 0; j < st.n_nodes; ++j) pj[j] = pp + (node0 + j) * cols, dpj[j] = dpp + (node0 + j) * cols;
-          scalar_t g[4] = {0, 0, 0, 0}, dg[4] = {0, 0, 0, 0}, sigma[4], res[4], dsigma[4];
+          const scalar_t *pj[3], *aj[3];
+          scalar_t *dpj[3], *daj[3], *dcj[3], cj[3];
+          for (int j = 0; j < st.n_nodes; ++j) {
+            const int64_t n = i * st.stride + j;
+            pj[j] = pp + p0 + tab.node(n, cols), dpj[j] = dpp + p0 + tab.node(n, cols);
+            aj[j] = ap + a0 + tab.node(n, rows), daj[j] = dap + a0 + tab.node(n, rows);
+            cj[j] = cp[c0 + tab.node(n, 1)], dcj[j] = dcp + c0 + tab.node(n, 1);
+          }
+          scalar_t g[4] = {0, 0, 0, 0}, dg[4] = {0, 0, 0, 0};
           for (int m = 1; m < st.n_stages; ++m) g[m] = dot<N>(pj[st.stages[m - 1].node], pj[st.stages[m].node], cols);
-          const scalar_t* Yi = Ysp + (bh * n_steps + i) * rows * cols;
-          for (int64_t r = 0; r < rows; ++r) {
-            const scalar_t* y = Yi + r * cols;
-            scalar_t* dy = dYb + r * cols;
-            for (int j = 0; j < st.n_nodes; ++j) a_r[j] = ap[(node0 + j) * rows + r];
-            ct_stages<N>(st, y, pj, a_r.data(), cp + node0, g, h, cols, sigma, res);
-            for (int m = 0; m < st.n_stages; ++m) {  // y' = y + h sum_m b_m sigma_m p_j(m)
-              const scalar_t hb = h * scalar_t(st.stages[m].b);
-              dsigma[m] = hb * dot<N>(dy, pj[st.stages[m].node], cols);
-              axpy<N>(dpj[st.stages[m].node], hb * sigma[m], dy, cols);
+          const scalar_t* Yt = Ysp + (bh * n_steps + i) * rows * cols;
+          ct_stages<N>(st, Yt, pj, aj, cj, g, h, rows, cols, u.data(), sigma.data(), res.data());
+          ct_increments<N>(st, sigma.data(), h, rows, z.data());
+          // Y' = Y + sum_j z_j p_j^T: dz_j = dY' p_j, dp_j += dY'^T z_j
+          std::fill(dz.begin(), dz.end(), scalar_t(0));
+          for (int64_t col = 0; col < cols; ++col) {
+            const scalar_t* dy = dYt.data() + col * rows;
+            for (int j = 0; j < st.n_nodes; ++j) {
+              axpy<N>(dz.data() + j * rows, pj[j][col], dy, rows);
+              dpj[j][col] += dot<N>(dy, z.data() + j * rows, rows);
             }
-            scalar_t du[3] = {0, 0, 0};
-            for (int m = st.n_stages - 1; m >= 0; --m) {  // sigma_m = c_j (a_j,r - u_j - alpha h sigma_m-1 g_m)
-              const int j = st.stages[m].node;
-              dcp[node0 + j] += dsigma[m] * res[m];
-              const scalar_t dres = dsigma[m] * cp[node0 + j];
-              dap[(node0 + j) * rows + r] += dres, du[j] -= dres;
-              if (m) {
-                const scalar_t ah = scalar_t(st.stages[m].alpha) * h;
-                dsigma[m - 1] -= dres * ah * g[m], dg[m] -= dres * ah * sigma[m - 1];
-              }
+          }
+          for (int m = 0; m < st.n_stages; ++m) {
+            scalar_t *ds = dsigma.data() + m * rows, hb = h * scalar_t(st.stages[m].b);
+            const scalar_t* dzj = dz.data() + st.stages[m].node * rows;
+            for (int64_t r = 0; r < rows; ++r) ds[r] = hb * dzj[r];
+          }
+          std::fill(du.begin(), du.end(), scalar_t(0));
+          for (int m = st.n_stages - 1; m >= 0; --m) {  // sigma_m = c_j (a_j - u_j - alpha h g_m sigma_m-1)
+            const int j = st.stages[m].node;
+            const scalar_t* ds = dsigma.data() + m * rows;
+            *dcj[j] += dot<N>(ds, res.data() + m * rows, rows);
+            for (int64_t r = 0; r < rows; ++r) dres[r] = ds[r] * cj[j];
+            axpy<N>(daj[j], scalar_t(1), dres.data(), rows);
+            axpy<N>(du.data() + j * rows, scalar_t(-1), dres.data(), rows);
+            if (m) {
+              const scalar_t ahg = scalar_t(st.stages[m].alpha) * h * g[m];
+              axpy<N>(dsigma.data() + (m - 1) * rows, -ahg, dres.data(), rows);
+              dg[m] -= scalar_t(st.stages[m].alpha) * h * dot<N>(dres.data(), sigma.data() + (m - 1) * rows, rows);
             }
-            for (int j = 0; j < st.n_nodes; ++j) {  // u_j = y . p_j
-              axpy<N>(dpj[j], du[j], y, cols);
-              axpy<N>(dy, du[j], pj[j], cols);
+          }
+          for (int64_t col = 0; col < cols; ++col) {  // u_j = Y p_j: dY^T += p_j du_j^T, dp_j += Y^T du_j
+            for (int j = 0; j < st.n_nodes; ++j) {
+              axpy<N>(dYt.data() + col * rows, pj[j][col], du.data() + j * rows, rows);
+              dpj[j][col] += dot<N>(Yt + col * rows, du.data() + j * rows, rows);
             }
           }
           for (int m = 1; m < st.n_stages; ++m) {  // g_m = p_j(m-1) . p_j(m)
@@ -800,6 +860,8 @@ std::vector<at::Tensor> ct_linear_rule_backward(at::Tensor dY, at::Tensor Ys, at
             axpy<N>(dpj[st.stages[m].node], dg[m], pj[st.stages[m - 1].node], cols);
           }
         }
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t col = 0; col < cols; ++col) dYb[r * cols + col] = dYt[col * rows + r];
       });
     });
   });

@@ -78,24 +78,27 @@ SPEECH_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop",
 # the solver's arithmetic (discretise-then-optimise), the adaptive step sizes are not differentiated.
 
 
-def euler(f, y, n_steps):
+def euler(f, y, n_steps, steps=None):
+    """steps: the indices i of the steps to take (default all, range(n_steps)); h = 1 / n_steps either way."""
     h = 1.0 / n_steps
-    for i in range(n_steps):
+    steps = range(n_steps) if steps is None else steps
+    for i in steps:
         y = y + h * f(i * h, y)
-    return y, n_steps
+    return y, len(steps)
 
 
-def rk4(f, y, n_steps):
-    """The classical Runge-Kutta method (global error O(h^4))."""
+def rk4(f, y, n_steps, steps=None):
+    """The classical Runge-Kutta method (global error O(h^4)); steps as for euler."""
     h = 1.0 / n_steps
-    for i in range(n_steps):
+    steps = range(n_steps) if steps is None else steps
+    for i in steps:
         s = i * h
         k1 = f(s, y)
         k2 = f(s + h / 2, y + h / 2 * k1)
         k3 = f(s + h / 2, y + h / 2 * k2)
         k4 = f((i + 1) * h, y + h * k3)  # (i + 1) h, not s + h: the next step's first time to the last bit
         y = y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-    return y, 4 * n_steps
+    return y, 4 * len(steps)
 
 
 # Dormand-Prince 5(4) (Dormand & Prince 1980): nodes C, stage weights A, 5th-order weights B (= the last row of A,
@@ -151,9 +154,14 @@ def odeint(f, y0, args, n_steps):
     return (euler if args.solver == "euler" else rk4)(f, y0, n_steps)
 
 
-# The fixed-step solvers' stage times are known before the solve: euler evaluates f at s = i h, rk4 at i h, i h + h/2
-# and (i + 1) h. These nodes, written as the solvers write them (so each is the same float), let a vector field
-# whose inputs do not depend on the state be tabulated in one batched pass.
+# The fixed-step solvers as stages (node of the step, a, b): the stage's input is y + a h k', k' the previous stage,
+# at the step's node (euler: i h; rk4: i h, i h + h/2, (i + 1) h), and y <- y + h sum b k. Node j of step i is node
+# i stride + j of the solve (stride 1 for euler, 2 for rk4: a step's last node is the next one's first).
+RK_STAGES = {"euler": [(0, 0.0, 1.0)], "rk4": [(0, 0.0, 1 / 6), (1, 0.5, 1 / 3), (1, 0.5, 1 / 3), (2, 1.0, 1 / 6)]}
+NODE_STRIDE = {solver: max(1, max(j for j, _, _ in stages)) for solver, stages in RK_STAGES.items()}
+
+# These stage times are known before the solve, so a vector field whose inputs do not depend on the state can be
+# tabulated in one batched pass. The nodes are written as the solvers write them (each is the same float).
 
 
 def stage_nodes(solver, n_steps):
@@ -164,44 +172,37 @@ def stage_nodes(solver, n_steps):
     return torch.stack([i * h, i * h + h / 2], 1).flatten()[:-1]
 
 
-def tabulated(table, n_nodes):
-    """f(s, y) for the solvers from a table of stage inputs (each (B, S, ...)): the row of node s (s = j / (S - 1))."""
-    return lambda s: [x[:, round(s * (n_nodes - 1))] for x in table]
+def tabulated(table, n_nodes, first=0):
+    """f(s, y) for the solvers from a table of stage inputs (each (B, S, ...)) whose row 0 is node `first` of a
+    solve of n_nodes nodes (node j at s = j / (n_nodes - 1))."""
+    return lambda s: [x[:, round(s * (n_nodes - 1)) - first] for x in table]
 
 
-# The fixed-step solvers as stages (node of the step, a, b): the stage's input is y + a h k', k' the previous stage,
-# at the step's node (euler: i h; rk4: i h, i h + h/2, (i + 1) h), and y <- y + h sum b k.
-RK_STAGES = {"euler": [(0, 0.0, 1.0)], "rk4": [(0, 0.0, 1 / 6), (1, 0.5, 1 / 3), (1, 0.5, 1 / 3), (2, 1.0, 1 / 6)]}
-
-
-def solver_weights(solver, n_steps):
-    """Weights w_j such that a solve of dy/ds = g(s) (no dependence on y) is y(0) + sum_j w_j g(s_j): each stage's
-    h b at its node, summed over the steps (euler: h at i h; rk4: Simpson's rule, h/6, 4h/6, h/6 per step)."""
-    h, stages = 1.0 / n_steps, RK_STAGES[solver]
-    stride = max(max(j for j, _, _ in stages), 1)  # node j of step i is node i stride + j (as in stage_nodes)
+def solver_weights(solver, n_steps, h):
+    """Weights w_j such that n_steps steps of size h on dy/ds = g(s) (no dependence on y) give y + sum_j w_j g(s_j),
+    s_j the steps' nodes: each stage's h b at its node (euler: h at i h; rk4: Simpson's rule, h/6, 4h/6, h/6)."""
+    stride = NODE_STRIDE[solver]
     w = torch.zeros(stride * n_steps + 1, dtype=torch.float64)
-    for j, _, b in stages:
+    for j, _, b in RK_STAGES[solver]:
         w[j : j + stride * n_steps : stride] += h * b
     return w
 
 
-def linear_rule_solve(Y0, a, p, c, solver, n_steps, fused=False):
-    """euler or rk4 on dY/ds = c (a - Y p) p^T (delta: Y = W, a = v, p = k; Oja's rule on Y = W^T: a = k, p = v),
-    with a, p tabulated at the stage nodes (B, S, H, d), c (B, S, H), Y (B, H, d, d). Each step is linear in Y:
-    a stage at node j is k = u p_j^T with u = Y P^T gamma + A delta (P (J, d) the step's p_j as rows, A (d, J) its
+def linear_rule_solve(Y0, a, p, c, solver, h, fused=False):
+    """Steps of size h of euler or rk4 on dY/ds = c (a - Y p) p^T (delta: Y = W, a = v, p = k; Oja's rule on Y = W^T:
+    a = k, p = v), with a, p tabulated at the steps' nodes (B, S, H, d), c (B, S, H), Y (B, H, d, d); n steps take
+    S = n stride + 1 nodes. Each step is linear in Y: a stage at node j is k = u p_j^T with u = Y P^T gamma + A delta (P (J, d) the step's p_j as rows, A (d, J) its
     a_j as columns, gamma, delta in R^J); after the stage k' = u' p_j'^T, k = c_j (a_j - (Y + a h k') p_j) p_j^T gives
     gamma = -c_j (e_j + a h (p_j' . p_j) gamma') and delta = c_j (e_j - a h (p_j' . p_j) delta'). So the step is
     Y <- Y M + N with M = I + P^T Gamma P and N = A Delta P (Gamma, Delta: h b gamma, h b delta summed into column j),
     built for all steps at once from the tabulated values; then n products run on Y."""
-    B, _, H, d = p.shape
+    B, S, H, d = p.shape
+    stride = NODE_STRIDE[solver]
+    n_steps = (S - 1) // stride
     if fused:  # the same steps in cpu_kernels.cpp, row by row (each row of Y is its own ODE)
-        heads = lambda x: x.transpose(1, 2).flatten(0, 1).contiguous()  # noqa: E731  (B, S, H, ...) -> (B H, S, ...)
-        Y = LinearRuleKernel.apply(Y0.flatten(0, 1).contiguous(), heads(a), heads(p), heads(c), n_steps,
-                                   solver == "rk4")
-        return Y.view(B, H, d, d)
-    h, stages = 1.0 / n_steps, RK_STAGES[solver]
-    J = 1 + max(j for j, _, _ in stages)  # nodes per step; node j of step i is tabulated at i (J - 1) + j
-    stride = max(J - 1, 1)
+        return LinearRuleKernel.apply(Y0, a, p, c, n_steps, h, solver == "rk4")
+    stages = RK_STAGES[solver]
+    J = 1 + max(j for j, _, _ in stages)  # nodes per step
     at = lambda x, j: x[:, j : j + stride * n_steps : stride]  # noqa: E731  (B, n, ...): node j of every step
     e = torch.eye(J, dtype=c.dtype, device=c.device)
     Gam, Del, prev = [0.0] * J, [0.0] * J, None  # columns of Gamma and Delta, each (B, n, H, J)
@@ -275,21 +276,21 @@ def cpu_features():
 
 
 class LinearRuleKernel(torch.autograd.Function):
-    """linear_rule_solve's steps as one fused kernel per pass (cpu_kernels.cpp): Y0 (BH, rows, cols), a (BH, S, rows),
-    p (BH, S, cols), c (BH, S). The forward keeps Y at the start of every step for the backward."""
+    """linear_rule_solve's steps as one fused kernel per pass (cpu_kernels.cpp): Y0 (B, H, rows, cols), a (B, S, H,
+    rows), p (B, S, H, cols), c (B, S, H). The forward keeps Y at the start of every step for the backward."""
 
     @staticmethod
-    def forward(ctx, Y0, a, p, c, n_steps, rk4):
-        Y, Ys = kernels("cpu").ct_linear_rule_forward(Y0, a, p, c, n_steps, rk4)
+    def forward(ctx, Y0, a, p, c, n_steps, h, rk4):
+        Y, Ys = kernels("cpu").ct_linear_rule_forward(Y0, a, p, c, n_steps, h, rk4)
         ctx.save_for_backward(Ys, a, p, c)
-        ctx.n_steps, ctx.rk4 = n_steps, rk4
+        ctx.n_steps, ctx.h, ctx.rk4 = n_steps, h, rk4
         return Y
 
     @staticmethod
     def backward(ctx, dY):
         dY0, da, dp, dc = kernels("cpu").ct_linear_rule_backward(dY.contiguous(), *ctx.saved_tensors, ctx.n_steps,
-                                                                 ctx.rk4)
-        return dY0, da, dp, dc, None, None
+                                                                 ctx.h, ctx.rk4)
+        return dY0, da, dp, dc, None, None, None
 
 
 def use_kernel(impl, x):
@@ -393,6 +394,27 @@ def delta(W, k, v, beta):
 RULES = {"hebb": hebb, "oja": oja, "delta": delta}
 
 
+class Softmax(torch.autograd.Function):
+    """x.softmax(-1), forward and backward written out: the same values and the same saved tensor (the output), but
+    about twice as fast as torch's CPU kernels over rows as short as a head (d 8), the largest op of a step once the
+    slow net runs on a table of every stage time."""
+
+    @staticmethod
+    def forward(ctx, x):
+        e = (x - x.amax(-1, keepdim=True)).exp_()
+        y = e.div_(e.sum(-1, keepdim=True))
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        return y * (dy - (dy * y).sum(-1, keepdim=True))
+
+
+softmax = Softmax.apply
+
+
 def delta_post_tanh(W, k, u, beta):
     """--post_tanh (the official --delta_ode_post_tahn): dW/dt = beta tanh(u - W k) k^T, u the value before any tanh."""
     return beta[..., None, None] * torch.tanh(u - (W @ k[..., None])[..., 0])[..., :, None] * k[..., None, :]
@@ -407,9 +429,9 @@ def oja_softmax_after(W, k_raw, v, beta):
 # --values_from dx (the official FastWeightCDE): k, v, beta are computed per rule from k_raw = W_k LN(W_in X(t)), its
 # beta logit b and u = W_v dX/dt; each entry: (rule, k, v, beta).
 DX_RULES = {
-    "hebb": lambda k_raw, b, u: (hebb, k_raw.softmax(-1), u, b),  # the raw logit b times u, no tanh (official)
+    "hebb": lambda k_raw, b, u: (hebb, softmax(k_raw), u, b),  # the raw logit b times u, no tanh (official)
     "oja": lambda k_raw, b, u: (oja_softmax_after, k_raw, torch.tanh(u), torch.sigmoid(b)),
-    "delta": lambda k_raw, b, u: (delta, k_raw.softmax(-1), torch.tanh(u), torch.sigmoid(b)),  # not in the official
+    "delta": lambda k_raw, b, u: (delta, softmax(k_raw), torch.tanh(u), torch.sigmoid(b)),  # not in the official
 }
 
 
@@ -442,33 +464,43 @@ class CTFWP(nn.Module):
             u = self.W_v2(self.ln_v(u))
         u = u.unflatten(-1, (self.H, self.d))
         if self.post_tanh:
-            return delta_post_tanh, k_raw.softmax(-1), u, torch.sigmoid(b)
+            return delta_post_tanh, softmax(k_raw), u, torch.sigmoid(b)
         if self.values_from == "dx":
             return DX_RULES[self.rule](k_raw, b, u)
-        return RULES[self.rule], k_raw.softmax(-1), torch.tanh(u), torch.sigmoid(b)
+        return RULES[self.rule], softmax(k_raw), torch.tanh(u), torch.sigmoid(b)
 
     def solve_precomputed(self, path, args, n_steps):
-        """The same solve with k, v, beta (functions of the path alone) computed at every stage time in one pass
-        (B, S, H, d); then Hebb's rule is a weighted sum, the delta rule and Oja's (the paper's form, linear in W) a
-        product of one affine map per step, and the other forms (--post_tanh, the official Oja) step through the
-        solver with the table."""
+        """The same solve with k, v, beta (functions of the path alone) computed at every stage time in one batched
+        pass per chunk of --solve_chunk steps (B, S, H, d), W carried from chunk to chunk; then Hebb's rule is a
+        weighted sum, the delta rule and Oja's (the paper's form, linear in W) a product of one affine map per step,
+        and the other forms (--post_tanh, the official Oja) step through the solver with the table."""
         s = stage_nodes(args.solver, n_steps).to(path.t0)  # (S,)
-        span = path.t1 - path.t0  # (B,)
-        rule, k, v, beta = self.rule_kvb(path, path.t0[:, None] + s * span[:, None])  # (B, S, H, d), ..., (B, S, H)
-        W0 = rule(v.new_zeros(*v[:, 0].shape, k.shape[-1]), k[:, 0], v[:, 0], beta[:, 0])  # W = 0 at t_1
-        c = span[:, None, None] * beta  # (B, S, H): the rule's rate in solver time
-        nfe = len(s)  # the slow net's evaluations (for dopri5 and --impl generic: the vector field's)
+        stride, span, chunk = NODE_STRIDE[args.solver], path.t1 - path.t0, args.solve_chunk or n_steps
+        W = None
+        for first in range(0, n_steps, chunk):
+            steps = range(first, min(first + chunk, n_steps))
+            rule, k, v, beta = self.rule_kvb(path, path.t0[:, None] + s[first * stride : steps.stop * stride + 1]
+                                             * span[:, None])  # (B, S_chunk, H, d), ..., (B, S_chunk, H)
+            if W is None:  # W = 0 at t_1, then the rule's first evaluation
+                W = rule(v.new_zeros(*v[:, 0].shape, k.shape[-1]), k[:, 0], v[:, 0], beta[:, 0])
+            W = self.tabulated_steps(W, rule, (k, v, beta), span, args, steps, n_steps)
+        return W, len(s)  # NFE: the slow net's evaluations (for dopri5 and --impl generic: the vector field's)
+
+    def tabulated_steps(self, W, rule, kvb, span, args, steps, n_steps):
+        """The solver's steps `steps` (of n_steps) from W, with k, v, beta tabulated at those steps' nodes."""
+        k, v, beta = kvb
+        c, h = span[:, None, None] * beta, 1.0 / n_steps  # c (B, S, H): the rule's rate in solver time
         if rule is hebb:  # dW/ds = c v k^T does not depend on W
-            w = solver_weights(args.solver, n_steps).to(c)[:, None]
-            return W0 + torch.einsum("bsh,bshi,bshj->bhij", w * c, v, k), nfe
+            w = solver_weights(args.solver, len(steps), h).to(c)[:, None]
+            return W + torch.einsum("bsh,bshi,bshj->bhij", w * c, v, k)
         fused = use_kernel(args.impl, c)
         if rule is delta:  # dW/ds = c (v - W k) k^T
-            return linear_rule_solve(W0, v, k, c, args.solver, n_steps, fused), nfe
+            return linear_rule_solve(W, v, k, c, args.solver, h, fused)
         if rule is oja:  # dW^T/ds = c (k - W^T v) v^T
-            return linear_rule_solve(W0.transpose(-1, -2), k, v, c, args.solver, n_steps, fused).transpose(-1, -2), nfe
-        at, span4 = tabulated((k, v, beta), len(s)), span[:, None, None, None]
-        W, _ = odeint(lambda s_, W: span4 * rule(W, *at(s_)), W0, args, n_steps)
-        return W, nfe
+            return linear_rule_solve(W.transpose(-1, -2), k, v, c, args.solver, h, fused).transpose(-1, -2)
+        at = tabulated(kvb, NODE_STRIDE[args.solver] * n_steps + 1, first=NODE_STRIDE[args.solver] * steps.start)
+        span4 = span[:, None, None, None]
+        return (euler if args.solver == "euler" else rk4)(lambda s_, W: span4 * rule(W, *at(s_)), W, n_steps, steps)[0]
 
     def vector_field(self, path):
         span = (path.t1 - path.t0)[:, None, None, None]
@@ -874,6 +906,9 @@ class Args:
     """euler, rk4: precomputed (the slow net at every stage time in one batched pass, then only the rule's steps on
     W), kernel (precomputed, the delta and Oja rules' steps fused in cpu_kernels.cpp on the CPU) or generic (the whole
     vector field at each stage: the reference; dopri5 always); auto: kernel on the CPU, precomputed elsewhere"""
+    solve_chunk: int = 256
+    """precomputed, kernel: solver steps per tabulated chunk (the slow net's tables of one chunk at a time, W carried
+    over: tables that stay in the cache, so a step's time grows linearly with length); 0 = the whole solve at once"""
     step_size: float = 0.0
     """euler, rk4: step in data time units; 0 = the smallest gap between two observations in the data"""
     rtol: float = 1e-3
@@ -966,8 +1001,8 @@ def check_args(args):
         fail(f"--l2 and --pos_weight must be non-negative, got {args.l2} and {args.pos_weight}")
     if args.logsig_window < 0 or args.logsig_window == 1:
         fail(f"--logsig_window must be 0 (off) or at least 2 (observations per window), got {args.logsig_window}")
-    if args.seed < 0:
-        fail(f"--seed must be non-negative, got {args.seed}")
+    if args.seed < 0 or args.solve_chunk < 0:
+        fail(f"--seed and --solve_chunk must be non-negative, got {args.seed} and {args.solve_chunk}")
     if not all(v.strip().isdigit() and int(v) >= 2 for v in args.bench_obs.split(",")):
         fail(f"--bench_obs must be comma-separated observation counts of at least 2, got {args.bench_obs!r}")
     if args.logsig_window > 1 and args.interp != "linear":

@@ -1932,15 +1932,17 @@ OD_SOLVE_CASES += [dict(rule="delta", post_tanh=True), dict(rule="delta", post_t
                                                                                   interp="linear")]
 
 
-@pytest.mark.parametrize("impl", ["precomputed", pytest.param("kernel", marks=needs_cxx)])
+@pytest.mark.parametrize("impl,chunk", [("precomputed", 0), ("precomputed", 4), pytest.param("kernel", 4,
+                                                                                              marks=needs_cxx)])
 @pytest.mark.parametrize("kw", OD_SOLVE_CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
-def test_od_precomputed_solve_equals_the_generic_one(kw, impl, monkeypatch):
+def test_od_precomputed_solve_equals_the_generic_one(kw, impl, chunk, monkeypatch):
     """--impl precomputed (every stage's inputs in one pass, then the rule's steps: a weighted sum for Hebb, affine
     maps for delta and Oja, the solver with a table otherwise) and --impl kernel (delta and Oja's steps in
     cpu_kernels.cpp) against --impl generic, float64, three series of lengths 9, 5, 2 in one batch (each on its own
-    interval): logits and the gradient of every parameter."""
+    interval), 11 steps in one chunk or in chunks of 4, 4 and 3 (W carried over): logits and the gradient of every
+    parameter."""
     assert impl == "precomputed" or ode_fwp.kernels("cpu") is not None, "cpu_kernels.cpp failed to build"
-    a = ode_fwp.check_args(od_args(d_model=6, n_head=2, **kw))
+    a = ode_fwp.check_args(od_args(d_model=6, n_head=2, solve_chunk=chunk, **kw))
     t, x, lengths = irregular_batch(missing=0.1)
     x = torch.cat([t[..., None] / 10, x], -1)
     if a.intensity:  # the observation counts as channels, as pad_split makes them
@@ -1957,7 +1959,7 @@ def test_od_precomputed_solve_equals_the_generic_one(kw, impl, monkeypatch):
         logits, nfe = model(ode_fwp.ControlPath(t, x, lengths, a.interp), b, 11)
         grads = torch.autograd.grad(logits.square().sum(), list(model.parameters()))
         results.append((logits, grads, nfe))
-    assert len(calls) == (linear and impl == "kernel")
+    assert len(calls) == (linear and impl == "kernel") * 3  # once per chunk
     (generic, g_generic, nfe_generic), (fast, g_fast, nfe_fast) = results
     torch.testing.assert_close(fast, generic, rtol=1e-10, atol=1e-12)
     for g1, g2 in zip(g_fast, g_generic):
@@ -1974,7 +1976,7 @@ def test_od_stage_nodes_are_the_solvers_own_times_and_weights_integrate(solver):
     getattr(ode_fwp, solver)(lambda s, y: seen.append(s) or y, torch.zeros(1), 7)
     nodes = ode_fwp.stage_nodes(solver, 7).tolist()
     assert len(set(nodes)) == len(nodes) and set(seen) == set(nodes[: len(nodes) - (solver == "euler")])
-    w = ode_fwp.solver_weights(solver, 7)
+    w = ode_fwp.solver_weights(solver, 7, 1 / 7)
     s = torch.tensor(nodes, dtype=torch.float64)
     g, exact = ((3 * s**2 - 2 * s + 1), 1.0) if solver == "rk4" else (torch.ones_like(s), 1.0)
     assert math.isclose((w * g).sum().item(), exact, rel_tol=1e-13)
@@ -1984,10 +1986,11 @@ def test_od_stage_nodes_are_the_solvers_own_times_and_weights_integrate(solver):
 @pytest.mark.parametrize("solver", ["euler", "rk4"])
 def test_od_cpu_kernel_linear_rule_solve_equals_the_pytorch_form(solver):
     """cpu_kernels.cpp's ct_linear_rule against linear_rule_solve's affine maps: float64 on odd shapes (B 2, H 3, d 5,
-    7 steps; outputs and the gradient of every input; gradcheck), and float32 at the default width (d 8, 50 steps)."""
+    7 steps of 1/10, as in a chunk of a longer solve; outputs and the gradient of every input; gradcheck), and float32
+    at the default width (d 8, 50 steps of 1/50)."""
     assert ode_fwp.kernels("cpu") is not None, "cpu_kernels.cpp failed to build (the warning above says why)"
     g = torch.Generator().manual_seed(1)
-    for B, H, d, n, dtype, tol in ((2, 3, 5, 7, torch.float64, 1e-12), (4, 4, 8, 50, torch.float32, 1e-5)):
+    for B, H, d, n, h, dtype, tol in ((2, 3, 5, 7, 0.1, torch.float64, 1e-12), (4, 4, 8, 50, 0.02, torch.float32, 1e-5)):
         S = n * (2 if solver == "rk4" else 1) + 1
         a, p = (torch.randn(B, S, H, d, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
         p = p.softmax(-1)  # keys as the model makes them
@@ -1996,12 +1999,12 @@ def test_od_cpu_kernel_linear_rule_solve_equals_the_pytorch_form(solver):
         dY = torch.randn(B, H, d, d, generator=g).to(dtype)
         outs = []
         for fused in (False, True):
-            Y = ode_fwp.linear_rule_solve(*inputs, solver, n, fused)
+            Y = ode_fwp.linear_rule_solve(*inputs, solver, h, fused)
             outs.append([Y, *torch.autograd.grad((Y * dY).sum(), inputs)])
         for x, y in zip(*outs):
             torch.testing.assert_close(y, x, rtol=tol, atol=tol)
         if dtype == torch.float64:
-            assert torch.autograd.gradcheck(lambda *z: ode_fwp.linear_rule_solve(*z, solver, n, True), inputs)
+            assert torch.autograd.gradcheck(lambda *z: ode_fwp.linear_rule_solve(*z, solver, h, True), inputs)
 
 
 def test_od_kernel_build_failure_falls_back_with_one_warning(tmp_path):
@@ -2010,6 +2013,19 @@ def test_od_kernel_build_failure_falls_back_with_one_warning(tmp_path):
     p = run(script_copy(tmp_path, "ode_fwp.py"), "--preset", "tiny", "--out_dir", str(tmp_path / "o"), env=env)
     assert "final: test acc" in p.stdout
     assert p.stderr.count("warning: cpu_kernels.cpp unavailable") == 1, p.stderr
+
+
+def test_od_softmax_is_torchs():
+    """The written-out softmax: torch's values and gradients (float64, large and tied logits), and gradcheck."""
+    x = torch.randn(3, 5, 8, dtype=torch.float64) * 30
+    x[0, 0] = 700.0  # all equal and large: exp would overflow without the shift
+    x = x.requires_grad_()
+    dy = torch.randn_like(x)
+    y = ode_fwp.softmax(x)
+    torch.testing.assert_close(y, x.softmax(-1), rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(x.softmax(-1), x, dy)[0],
+                               rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(ode_fwp.softmax, torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True))
 
 
 def test_od_linear_rule_solve_gradcheck_and_the_plain_solver():
@@ -2025,11 +2041,11 @@ def test_od_linear_rule_solve_gradcheck_and_the_plain_solver():
         a_s, p_s, c_s = at(s)
         return c_s[..., None, None] * (a_s - (Y @ p_s[..., None])[..., 0])[..., None] * p_s[..., None, :]
 
-    torch.testing.assert_close(ode_fwp.linear_rule_solve(Y0, a, p, c, "rk4", n), ode_fwp.rk4(f, Y0, n)[0])
+    torch.testing.assert_close(ode_fwp.linear_rule_solve(Y0, a, p, c, "rk4", 1 / n), ode_fwp.rk4(f, Y0, n)[0])
     inputs = [x.clone().requires_grad_() for x in (Y0, a, p, c)]
     for solver, n_nodes in (("rk4", 2 * n + 1), ("euler", n + 1)):
         assert torch.autograd.gradcheck(lambda Y, a, p, c: ode_fwp.linear_rule_solve(Y, a[:, :n_nodes], p[:, :n_nodes],
-                                        c[:, :n_nodes], solver, n), inputs)
+                                        c[:, :n_nodes], solver, 1 / n), inputs)
 
 
 @pytest.mark.parametrize("args", [[], ["--rule", "hebb", "--interp", "linear"], ["--rule", "oja", "--drive", "x"],
