@@ -1287,7 +1287,8 @@ def bench(args):
     for N in --bench_obs (--syn_length 2N: each series keeps half of the grid), rk4 at the observation gap (about 2N
     steps), batch --batch_size: the CT-FWP rules against the neural CDE at the same width, each by its paths (the
     generic one, for the delta rule and the neural CDE, up to --bench_generic_max observations), with the activation
-    memory; x generic: the generic path's ms over this row's, same model and length."""
+    memory; ms/step: the step's ms per solver step (flat where the cost is linear in length); x generic: the generic
+    path's ms over this row's, same model and length."""
     device = pick_device(args.device)
     try:
         task = load_task(args)
@@ -1310,7 +1311,8 @@ def bench(args):
                   flush=True)
     print(f"\nscale: rk4 at the observation gap, batch {args.batch_size}, d_model {args.d_model} (ncde: z of "
           f"{args.d_model}, MLP {args.d_ff})")
-    print(f"{'obs':>6} {'steps':>6} {'model':12} {'impl':12} {'step ms':>10} {'x generic':>9} {'MiB saved':>10}")
+    print(f"{'obs':>6} {'steps':>6} {'model':12} {'impl':12} {'step ms':>10} {'ms/step':>8} {'x generic':>9} "
+          f"{'MiB saved':>10}")
     for n_obs in (int(v) for v in args.bench_obs.split(",")):
         s = dataclasses.replace(args, dataset="synthetic", data="", syn_length=2 * n_obs, n_train=4 * args.batch_size,
                                 solver="rk4", step_size=0.0, logsig_window=0)
@@ -1326,8 +1328,9 @@ def bench(args):
                 ms, nfe, mib, _ = time_step(b, task, batch, device, reps=2)
                 generic_ms = ms if impl == "generic" else generic_ms
                 ratio = f"{generic_ms / ms:8.1f}x" if generic_ms else f"{'-':>9}"
-                print(f"{obs:6.0f} {fixed_steps(b, task):6d} {label(model_name, rule):12} {impl:12} {ms:10.1f} "
-                      f"{ratio} {mib:10.1f}", flush=True)
+                n = fixed_steps(b, task)
+                print(f"{obs:6.0f} {n:6d} {label(model_name, rule):12} {impl:12} {ms:10.1f} {ms / n:8.3f} {ratio} "
+                      f"{mib:10.1f}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2172,11 +2172,12 @@ def test_od_bench_runs(tmp_path):
         for solver, impl in [(s, i) for s in ("euler", "rk4") for i in (*fused, "precomputed", "generic")]:
             assert re.search(rf"^{label} +{solver} +{impl} +\d", p.stdout, re.M), p.stdout
         assert re.search(rf"^{label} +dopri5 +generic +\d", p.stdout, re.M), p.stdout
-    scale = re.findall(r"^ +(\d+) +(\d+) (\S+) +(\w+) +([\d.]+) +(\S+) +([\d.]+)$", p.stdout, re.M)
+    scale = re.findall(r"^ +(\d+) +(\d+) (\S+) +(\w+) +([\d.]+) +([\d.]+) +(\S+) +([\d.]+)$", p.stdout, re.M)
     # 4 models x 2 lengths, the generic delta rule and ncde at the first, the kernel rows of oja and delta
     assert len(scale) == 2 * 4 + 2 + 4 * kernel, p.stdout
-    assert all(float(row[6]) > 0 for row in scale)
-    assert [row[5] for row in scale if row[3] == "generic"] == ["1.0x", "1.0x"]
+    assert all(float(row[7]) > 0 for row in scale)
+    assert all(math.isclose(float(row[5]), float(row[4]) / int(row[1]), abs_tol=0.05 / int(row[1]) + 5e-4) for row in scale)
+    assert [row[6] for row in scale if row[3] == "generic"] == ["1.0x", "1.0x"]
 
 
 @pytest.mark.parametrize("args, message", [
