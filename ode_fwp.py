@@ -3,9 +3,8 @@
 Irie, Faccio, Schmidhuber, "Neural Differential Equations for Learning to Program Neural Nets Through Continuous
 Learning Rules", NeurIPS 2022, arXiv 2206.01649 (section 3: Hebb, Oja and delta rules as ODEs; their CDE form
 with keys from dX/dt; the readout). Baseline: the neural CDE of Kidger, Morrill, Foster, Lyons, "Neural
-Controlled Differential Equations for Irregular Time Series", NeurIPS 2020, arXiv 2005.08926. Derived from
-rfwp.py: same Args style, training loop, checkpoints; the discrete time steps become an ODE solved in this file
-(no ODE library).
+Controlled Differential Equations for Irregular Time Series", NeurIPS 2020, arXiv 2005.08926. The ODEs are solved
+in this file (no ODE library).
 
 A time series (times t_1 < ... < t_N, values with NaN where missing) becomes a control path X(t) (time is channel 0;
 linear or natural cubic interpolation). Per head, a slow net reads the path and a fast weight W (d x d) follows
@@ -29,7 +28,8 @@ Series of different lengths share a batch exactly: series b is solved on its own
 the change of variables t = t_1^b + s (t_N^b - t_1^b), s in [0, 1], dW/ds = (t_N^b - t_1^b) dW/dt.
 The slow net's k, v, beta depend on the path alone, never on W (the neural CDE's f(z) depends on z). So with a fixed
 step solver (euler, rk4), whose stage times are known before the solve, --impl precomputed evaluates them at every
-stage of every series in one batched pass; what is left is the rule on W: Hebb's a weighted sum of outer products,
+stage of every series in batched passes (one per --solve_chunk steps, W carried over, so that the tables stay in the
+cache); what is left is the rule on W: Hebb's a weighted sum of outer products,
 the delta rule's and Oja's (linear in W) one affine map per step, fused in cpu_kernels.cpp with --impl kernel (the
 default on the CPU). --impl generic evaluates the whole vector field at each stage (the reference; dopri5's path).
 
@@ -1257,9 +1257,10 @@ def fast_paths(args, device):
     return (["kernel"] if linear and device.type == "cpu" and kernels("cpu") else []) + ["precomputed"]
 
 
-def time_step(args, task, batch, device, reps=3):
-    """One model's training step (forward + backward) on a batch: median ms of `reps` after a warm-up (in which the
-    memory is counted), NFE, MiB saved for the backward pass, parameters."""
+def step_timer(args, task, batch, device):
+    """One model's training step (forward + backward) on a batch, ready to be timed: a function returning its wall
+    time in ms, after a warm-up step in which the NFE and the MiB saved for the backward pass are counted; and the
+    parameter count."""
     t, x, lengths, y = batch
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
@@ -1270,25 +1271,26 @@ def time_step(args, task, batch, device, reps=3):
         logits, out["nfe"] = model(make_path(args, t, x, lengths), args, fixed_steps(args, task))
         F.cross_entropy(logits, y).backward()
 
-    mib = saved_mib(step)
-    times = []
-    for _ in range(reps):
+    def timed():
         sync()
         t_start = time.perf_counter()
         step()
         sync()
-        times.append(time.perf_counter() - t_start)
-    return np.median(times) * 1e3, out["nfe"], mib, sum(p.numel() for p in model.parameters())
+        return (time.perf_counter() - t_start) * 1e3
+
+    mib = saved_mib(step)
+    return timed, out["nfe"], mib, sum(p.numel() for p in model.parameters())
 
 
 def bench(args):
     """(1) The task's batch: a training step of each model/rule and solver, by each path (kernel where the rule's
-    steps have one, precomputed, generic; dopri5: generic only). (2) Scale: synthetic series of about N observations
-    for N in --bench_obs (--syn_length 2N: each series keeps half of the grid), rk4 at the observation gap (about 2N
-    steps), batch --batch_size: the CT-FWP rules against the neural CDE at the same width, each by its paths (the
-    generic one, for the delta rule and the neural CDE, up to --bench_generic_max observations), with the activation
-    memory; ms/step: the step's ms per solver step (flat where the cost is linear in length); x generic: the generic
-    path's ms over this row's, same model and length."""
+    steps have one, precomputed, generic; dopri5: generic only), median of 3. (2) Scale: synthetic series of about N
+    observations for N in --bench_obs (--syn_length 2N: each series keeps half of the grid), rk4 at the observation gap
+    (about 2N steps), batch --batch_size: the CT-FWP rules against the neural CDE at the same width, each by its paths
+    (the generic one, for the delta rule and the neural CDE, up to --bench_generic_max observations), with the
+    activation memory; every row timed once per round, 3 rounds, the median (so that a slow spell of a shared machine
+    falls on every row alike, not on one length); ms/step: the step's ms per solver step (flat where the cost is
+    linear in length); x generic: the generic path's ms over this row's, same model and length."""
     device = pick_device(args.device)
     try:
         task = load_task(args)
@@ -1306,13 +1308,13 @@ def bench(args):
         fast = fast_paths(dataclasses.replace(args, model=model_name, rule=rule), device)
         for solver, impl in [(s, i) for s in ("euler", "rk4") for i in (*fast, "generic")] + [("dopri5", "generic")]:
             b = dataclasses.replace(args, model=model_name, rule=rule, solver=solver, impl=impl)
-            ms, nfe, _, n_params = time_step(b, task, batch, device)
+            timed, nfe, _, n_params = step_timer(b, task, batch, device)
+            ms = np.median([timed() for _ in range(3)])
             print(f"{label(model_name, rule):12} {solver:7} {impl:12} {n_params / 1e3:7.1f}k {ms:9.1f} {nfe:6d}",
                   flush=True)
     print(f"\nscale: rk4 at the observation gap, batch {args.batch_size}, d_model {args.d_model} (ncde: z of "
-          f"{args.d_model}, MLP {args.d_ff})")
-    print(f"{'obs':>6} {'steps':>6} {'model':12} {'impl':12} {'step ms':>10} {'ms/step':>8} {'x generic':>9} "
-          f"{'MiB saved':>10}")
+          f"{args.d_model}, MLP {args.d_ff}); each row's warm-up, then 3 rounds over the rows", flush=True)
+    rows = []  # (obs, steps, label, impl, timed, MiB saved)
     for n_obs in (int(v) for v in args.bench_obs.split(",")):
         s = dataclasses.replace(args, dataset="synthetic", data="", syn_length=2 * n_obs, n_train=4 * args.batch_size,
                                 solver="rk4", step_size=0.0, logsig_window=0)
@@ -1320,17 +1322,24 @@ def bench(args):
         batch = get_batch(task["train"], torch.arange(args.batch_size), device)
         obs = float(batch[2].float().mean())
         for model_name, rule in models:
-            generic_ms = None
             for impl in ("generic", *fast_paths(dataclasses.replace(s, model=model_name, rule=rule), device)):
                 if impl == "generic" and (n_obs > args.bench_generic_max or model_name == "ctfwp" and rule != "delta"):
                     continue
                 b = dataclasses.replace(s, model=model_name, rule=rule, impl=impl)
-                ms, nfe, mib, _ = time_step(b, task, batch, device, reps=2)
-                generic_ms = ms if impl == "generic" else generic_ms
-                ratio = f"{generic_ms / ms:8.1f}x" if generic_ms else f"{'-':>9}"
-                n = fixed_steps(b, task)
-                print(f"{obs:6.0f} {n:6d} {label(model_name, rule):12} {impl:12} {ms:10.1f} {ms / n:8.3f} {ratio} "
-                      f"{mib:10.1f}", flush=True)
+                timed, _, mib, _ = step_timer(b, task, batch, device)
+                rows.append((obs, fixed_steps(b, task), label(model_name, rule), impl, timed, mib))
+    times = [[] for _ in rows]
+    for _ in range(3):
+        for row, ms in zip(rows, times):
+            ms.append(row[4]())
+    print(f"{'obs':>6} {'steps':>6} {'model':12} {'impl':12} {'step ms':>10} {'ms/step':>8} {'x generic':>9} "
+          f"{'MiB saved':>10}")
+    generic = {}  # (obs, label) -> the generic path's ms
+    for (obs, n, name, impl, _, mib), ms in zip(rows, times):
+        ms = float(np.median(ms))
+        generic.update({(obs, name): ms} if impl == "generic" else {})
+        ratio = f"{generic[obs, name] / ms:8.1f}x" if (obs, name) in generic else f"{'-':>9}"
+        print(f"{obs:6.0f} {n:6d} {name:12} {impl:12} {ms:10.1f} {ms / n:8.3f} {ratio} {mib:10.1f}")
 
 
 # ----------------------------------------------------------------------------------------------
