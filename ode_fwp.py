@@ -191,15 +191,16 @@ def solver_weights(solver, n_steps, h):
 def linear_rule_solve(Y0, a, p, c, solver, h, fused=False):
     """Steps of size h of euler or rk4 on dY/ds = c (a - Y p) p^T (delta: Y = W, a = v, p = k; Oja's rule on Y = W^T:
     a = k, p = v), with a, p tabulated at the steps' nodes (B, S, H, d), c (B, S, H), Y (B, H, d, d); n steps take
-    S = n stride + 1 nodes. Each step is linear in Y: a stage at node j is k = u p_j^T with u = Y P^T gamma + A delta (P (J, d) the step's p_j as rows, A (d, J) its
-    a_j as columns, gamma, delta in R^J); after the stage k' = u' p_j'^T, k = c_j (a_j - (Y + a h k') p_j) p_j^T gives
-    gamma = -c_j (e_j + a h (p_j' . p_j) gamma') and delta = c_j (e_j - a h (p_j' . p_j) delta'). So the step is
+    S = n stride + 1 nodes. Each step is linear in Y: a stage at node j is k = u p_j^T with u = Y P^T gamma + A delta
+    (P (J, d) the step's p_j as rows, A (d, J) its a_j as columns, gamma, delta in R^J); after the stage
+    k' = u' p_j'^T, k = c_j (a_j - (Y + a h k') p_j) p_j^T gives gamma = -c_j (e_j + a h (p_j' . p_j) gamma') and
+    delta = c_j (e_j - a h (p_j' . p_j) delta'). So the step is
     Y <- Y M + N with M = I + P^T Gamma P and N = A Delta P (Gamma, Delta: h b gamma, h b delta summed into column j),
     built for all steps at once from the tabulated values; then n products run on Y."""
     B, S, H, d = p.shape
     stride = NODE_STRIDE[solver]
     n_steps = (S - 1) // stride
-    if fused:  # the same steps in cpu_kernels.cpp, row by row (each row of Y is its own ODE)
+    if fused:  # the same steps in cpu_kernels.cpp (each row of Y is its own ODE; a head's rows step together)
         return LinearRuleKernel.apply(Y0, a, p, c, n_steps, h, solver == "rk4")
     stages = RK_STAGES[solver]
     J = 1 + max(j for j, _, _ in stages)  # nodes per step
