@@ -40,23 +40,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 needs_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def cpu_kernels_build(request):
-    """cpu_kernels.cpp builds in about a minute on first use. Where its users' tests are selected (rfwp's, ode_fwp's)
-    and there is a compiler, a background process builds it as the session starts, beside the tests that come first;
-    the first user then loads the build (or waits on torch's build lock). Never killed: a build cut short would leave
-    its lock behind."""
-    users = ("test_rf_", "test_rl_", "test_od_")
-    if shutil.which(os.environ.get("CXX", "c++")) is None or not any(i.name.startswith(users)
-                                                                     for i in request.session.items):
-        yield None
-        return
-    proc = subprocess.Popen([sys.executable, "-c", "import ode_fwp; ode_fwp.kernels('cpu')"], cwd=HERE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    yield proc
-    proc.wait()
-
-
 def script_copy(tmp_path, name="delta_net.py"):
     for f in (name, "data.py", "cuda_kernels.cu", "cpu_kernels.cpp"):
         if os.path.exists(os.path.join(HERE, f)):
