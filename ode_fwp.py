@@ -161,7 +161,7 @@ RK_STAGES = {"euler": [(0, 0.0, 1.0)], "rk4": [(0, 0.0, 1 / 6), (1, 0.5, 1 / 3),
 NODE_STRIDE = {solver: max(1, max(j for j, _, _ in stages)) for solver, stages in RK_STAGES.items()}
 
 # These stage times are known before the solve, so a vector field whose inputs do not depend on the state can be
-# tabulated in one batched pass. The nodes are written as the solvers write them (each is the same float).
+# tabulated in batched passes. The nodes are written as the solvers write them (each is the same float).
 
 
 def stage_nodes(solver, n_steps):
@@ -904,7 +904,7 @@ class Args:
     solver: str = "rk4"
     """euler | rk4 (fixed step) | dopri5 (adaptive, Dormand-Prince 5(4))"""
     impl: str = "auto"
-    """euler, rk4: precomputed (the slow net at every stage time in one batched pass, then only the rule's steps on
+    """euler, rk4: precomputed (the slow net at every stage time in batched passes, then only the rule's steps on
     W), kernel (precomputed, the delta and Oja rules' steps fused in cpu_kernels.cpp on the CPU) or generic (the whole
     vector field at each stage: the reference; dopri5 always); auto: kernel on the CPU, precomputed elsewhere"""
     solve_chunk: int = 256
