@@ -1338,7 +1338,8 @@ def bench(args):
     generic = {}  # (obs, label) -> the generic path's ms
     for (obs, n, name, impl, _, mib), ms in zip(rows, times):
         ms = float(np.median(ms))
-        generic.update({(obs, name): ms} if impl == "generic" else {})
+        if impl == "generic":
+            generic[obs, name] = ms
         ratio = f"{generic[obs, name] / ms:8.1f}x" if (obs, name) in generic else f"{'-':>9}"
         print(f"{obs:6.0f} {n:6d} {name:12} {impl:12} {ms:10.1f} {ms / n:8.3f} {ratio} {mib:10.1f}")
 
