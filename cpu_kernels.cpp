@@ -754,8 +754,7 @@ std::vector<at::Tensor> ct_linear_rule_forward(at::Tensor Y0, at::Tensor a, at::
         scalar_t* Yb = Yp + bh * rows * cols;
         const scalar_t *ab = ap + tab.base(bh, rows), *pb = pp + tab.base(bh, cols), *cb = cp + tab.base(bh, 1);
         std::vector<scalar_t> Yt(rows * cols), u(3 * rows), sigma(4 * rows), res(4 * rows), z(3 * rows);
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t col = 0; col < cols; ++col) Yt[col * rows + r] = Yb[r * cols + col];
+        transpose(Yb, Yt.data(), rows, cols);
         for (int64_t i = 0; i < n_steps; ++i) {
           const scalar_t *pj[3], *aj[3];
           scalar_t cj[3];
@@ -771,8 +770,7 @@ std::vector<at::Tensor> ct_linear_rule_forward(at::Tensor Y0, at::Tensor a, at::
           for (int64_t col = 0; col < cols; ++col)  // Y^T <- Y^T + sum_j p_j z_j^T
             for (int j = 0; j < st.n_nodes; ++j) axpy<N>(Yt.data() + col * rows, pj[j][col], z.data() + j * rows, rows);
         }
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t col = 0; col < cols; ++col) Yb[r * cols + col] = Yt[col * rows + r];
+        transpose(Yt.data(), Yb, cols, rows);
       });
     });
   });
@@ -805,8 +803,7 @@ std::vector<at::Tensor> ct_linear_rule_backward(at::Tensor dY, at::Tensor Ys, at
         // dL/dY^T after the step, then (in place) before it
         std::vector<scalar_t> dYt(rows * cols), u(3 * rows), sigma(4 * rows), res(4 * rows), z(3 * rows);
         std::vector<scalar_t> dz(3 * rows), du(3 * rows), dsigma(4 * rows), dres(rows);
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t col = 0; col < cols; ++col) dYt[col * rows + r] = dYb[r * cols + col];
+        transpose(dYb, dYt.data(), rows, cols);
         for (int64_t i = n_steps - 1; i >= 0; --i) {
           const scalar_t *pj[3], *aj[3];
           scalar_t *dpj[3], *daj[3], *dcj[3], cj[3];
@@ -860,8 +857,7 @@ std::vector<at::Tensor> ct_linear_rule_backward(at::Tensor dY, at::Tensor Ys, at
             axpy<N>(dpj[st.stages[m].node], dg[m], pj[st.stages[m - 1].node], cols);
           }
         }
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t col = 0; col < cols; ++col) dYb[r * cols + col] = dYt[col * rows + r];
+        transpose(dYt.data(), dYb, cols, rows);
       });
     });
   });
