@@ -49,281 +49,8 @@ import data
 
 
 # ----------------------------------------------------------------------------------------------
-# The delta rule. Shapes: q, k (B, H, T, d_k); v (B, H, T, d_v); beta (B, H, T); W (B, H, d_v, d_k).
-
-
-def state_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def delta_rule_loop(q, k, v, beta, W=None):
-    """The reference recurrence (the spec and the test oracle): one step per token, fp32 state."""
-    B, H, T, d_k = k.shape
-    dt = state_dtype(q)
-    W = q.new_zeros(B, H, v.shape[-1], d_k, dtype=dt) if W is None else W.to(dt)
-    ys = []
-    with torch.autocast(q.device.type, enabled=False):  # the state and its products stay fp32 under autocast
-        for q_t, k_t, v_t, b_t in zip(*(x.to(dt).unbind(2) for x in (q, k, v, beta))):
-            v_bar = (W @ k_t.unsqueeze(-1)).squeeze(-1)  # (B, H, d_v)
-            W = W + (b_t.unsqueeze(-1) * (v_t - v_bar)).unsqueeze(-1) * k_t.unsqueeze(-2)  # + beta (v - v̄) k^T
-            ys.append((W @ q_t.unsqueeze(-1)).squeeze(-1))  # y_t = W_t q_t
-    return torch.stack(ys, 2).to(q.dtype), W
-
-
-class DeltaRuleChunk(torch.autograd.Function):
-    """Chunkwise delta rule (Yang et al. 2024, eq. 8-11) with a hand-written backward.
-
-    Inputs are split into chunks: q, k (B, H, N, C, d_k), v (B, H, N, C, d_v), beta (B, H, N, C);
-    S0 (B, H, d_k, d_v) is the state W^T. Within a chunk, the C delta-rule writes are equivalent to
-    one write S <- S + K^T U' with pseudo-values U' = T (diag(beta) V - diag(beta) K S), where
-    T = (I + A)^-1 and A = strict_lower(diag(beta) K K^T) (the UT transform). Everything that does
-    not depend on S runs for all chunks at once; only two small matmuls per chunk are sequential.
-    The backward reruns nothing: it walks the chunk states S_n saved by the forward in reverse.
-    kernel=True runs each of the two loops over chunks as one CUDA kernel (chunk_state_pass in cuda_kernels.cu,
-    which keeps the state on chip), the rest as here.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, beta, S0, kernel=False):
-        C = k.shape[-2]
-        kb, vb = k * beta[..., None], v * beta[..., None]  # diag(beta) K, diag(beta) V
-        A = (kb @ k.transpose(-1, -2)).tril(-1)  # (B, H, N, C, C)
-        eye = torch.eye(C, dtype=k.dtype, device=k.device)
-        T = torch.linalg.solve_triangular(A + eye, eye.expand_as(A), upper=False, unitriangular=True)
-        w, u = T @ kb, T @ vb  # (B, H, N, C, d_k), (B, H, N, C, d_v)
-        if kernel:
-            S_n, up, S_last = cuda_kernels().chunk_state_pass(u, w, k, k.new_empty(0), S0, -1.0, 1.0, False)
-        else:
-            S, ups = [S0], []
-            for w_n, u_n, k_n in zip(w.unbind(2), u.unbind(2), k.unbind(2)):  # the only sequential part
-                ups.append(u_n - w_n @ S[-1])  # U' = U - W S
-                S.append(S[-1] + k_n.transpose(-1, -2) @ ups[-1])  # S <- S + K^T U'
-            S_n, up, S_last = torch.stack(S[:-1], 2), torch.stack(ups, 2), S[-1]  # chunk-start states, pseudo-values
-        P = (q @ k.transpose(-1, -2)).tril()  # causal intra-chunk scores, diagonal included
-        o = q @ S_n + P @ up  # O = Q S + tril(Q K^T) U'
-        ctx.save_for_backward(q, k, v, beta, T, w, up, S_n, P, kb, vb)
-        ctx.kernel = kernel
-        return o, S_last
-
-    @staticmethod
-    def backward(ctx, do, dS):
-        q, k, v, beta, T, w, up, S_n, P, kb, vb = ctx.saved_tensors
-        do = do.contiguous()
-        G = P.transpose(-1, -2) @ do  # the part of dU' that comes from the outputs
-        E = q.transpose(-1, -2) @ do  # the part of dS_n that comes from the outputs
-        if ctx.kernel:
-            dS_next, dup, dS = cuda_kernels().chunk_state_pass(G, k, w, E, dS, 1.0, -1.0, True)
-        else:
-            dS_next, dups = [], []
-            for k_n, w_n, G_n, E_n in reversed(list(zip(k.unbind(2), w.unbind(2), G.unbind(2), E.unbind(2)))):
-                dS_next.append(dS)  # gradient w.r.t. S_{n+1}
-                dups.append(G_n + k_n @ dS)
-                dS = dS + E_n - w_n.transpose(-1, -2) @ dups[-1]
-            dS_next, dup = torch.stack(dS_next[::-1], 2), torch.stack(dups[::-1], 2)
-        dP = (do @ up.transpose(-1, -2)).tril()
-        dq = do @ S_n.transpose(-1, -2) + dP @ k
-        dk = dP.transpose(-1, -2) @ q + up @ dS_next.transpose(-1, -2)
-        dw = -dup @ S_n.transpose(-1, -2)
-        Tt = T.transpose(-1, -2)
-        dvb, dkb = Tt @ dup, Tt @ dw
-        dA = -(Tt @ (dup @ vb.transpose(-1, -2) + dw @ kb.transpose(-1, -2)) @ Tt).tril(-1)  # d(I+A)^-1
-        dkb = dkb + dA @ k
-        dk = dk + dA.transpose(-1, -2) @ kb + beta[..., None] * dkb
-        dbeta = (dkb * k).sum(-1) + (dvb * v).sum(-1)
-        return dq, dk, beta[..., None] * dvb, dbeta, dS, None
-
-
-def delta_rule_chunk(q, k, v, beta, W=None, chunk_size=64, kernel=False):
-    """Chunkwise form of delta_rule_loop: same arguments, same results; any T (the last chunk is padded). kernel: the
-    loops over chunks as CUDA kernels (CUDA tensors)."""
-    B, H, T, d_k = k.shape
-    d_v, dt = v.shape[-1], state_dtype(q)
-    C = min(chunk_size, T)
-    N = -(-T // C)
-
-    def chunks(x):  # (B, H, T, ...) -> (B, H, N, C, ...), zero-padded; zero k and beta write nothing
-        x = F.pad(x.to(dt), (0, 0, 0, N * C - T) if x.dim() == 4 else (0, N * C - T))
-        return x.reshape(B, H, N, C, *x.shape[3:])
-
-    S0 = q.new_zeros(B, H, d_k, d_v, dtype=dt) if W is None else W.to(dt).transpose(-1, -2)
-    with torch.autocast(q.device.type, enabled=False):  # S, A, T and all products in fp32 under autocast
-        o, S = DeltaRuleChunk.apply(chunks(q), chunks(k), chunks(v), chunks(beta), S0, kernel)
-    return o.reshape(B, H, N * C, d_v)[:, :, :T].to(q.dtype), S.transpose(-1, -2)
-
-
-_CUDA_KERNELS = None  # the loaded extension; False once a build failed
-
-
-def cuda_kernels():
-    """Build and load cuda_kernels.cu on first use (never at import), under a module name holding a hash of
-    the source, so an edit rebuilds and two scripts never clash. None, after one warning, if that fails."""
-    global _CUDA_KERNELS
-    if _CUDA_KERNELS is None:
-        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_kernels.cu")
-        try:
-            from torch.utils.cpp_extension import load
-
-            with open(src, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()[:16]
-            _CUDA_KERNELS = load(f"fwp_kernels_{digest}", [src], extra_cuda_cflags=["-O3"], verbose=False)
-        except Exception as e:  # no nvcc, no file, a compile error: the PyTorch path still works
-            print(f"warning: cuda_kernels.cu unavailable ({type(e).__name__}: {str(e)[-2000:]}); using --impl chunk",
-                  file=sys.stderr)
-            _CUDA_KERNELS = False
-    return _CUDA_KERNELS or None
-
-
-class DeltaRuleCUDA(torch.autograd.Function):
-    """The recurrent delta rule as one fused kernel (cuda_kernels.cu): fp32 state, inputs fp32/bf16/fp16/fp64."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, beta, W0):
-        y, W, v_bar = cuda_kernels().forward(q, k, v, beta, q.new_empty(0) if W0 is None else W0, True)
-        ctx.save_for_backward(q, k, v, beta, v_bar, W)
-        ctx.has_W0 = W0 is not None
-        return y, W
-
-    @staticmethod
-    def backward(ctx, dy, dW):
-        q, k, v, beta, v_bar, W = ctx.saved_tensors
-        dy = v.new_zeros(v.shape) if dy is None else dy
-        dW = W.new_empty(0) if dW is None else dW
-        dq, dk, dv, dbeta, dW0 = cuda_kernels().backward(q, k, v, beta, v_bar, W, dy, dW, True)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dW0 if ctx.has_W0 else None
-
-
-def delta_rule(q, k, v, beta, W=None, impl="auto", chunk_size=64):
-    """Dispatch to an implementation; all take and return the fast weight W (B, H, d_v, d_k).
-    cuda (and auto on a CUDA device) use the recurrent kernel where it applies (d_k <= 128), else the chunk form;
-    chunk_cuda: the chunk form with its loops over chunks as kernels (CUDA tensors; elsewhere the chunk form)."""
-    if impl == "loop":
-        return delta_rule_loop(q, k, v, beta, W)
-    if impl == "chunk_cuda" and q.is_cuda and cuda_kernels() is not None:
-        return delta_rule_chunk(q, k, v, beta, W, chunk_size, kernel=True)
-    if impl in ("auto", "cuda") and q.is_cuda and k.shape[-1] <= 128 and cuda_kernels() is not None:
-        dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)  # autocast may mix bf16 and fp32
-        q, k, v, beta = (x.to(dt).contiguous() for x in (q, k, v, beta))
-        return DeltaRuleCUDA.apply(q, k, v, beta, None if W is None else W.contiguous())
-    return delta_rule_chunk(q, k, v, beta, W, chunk_size)
-
-
-# ----------------------------------------------------------------------------------------------
-# Model
-
-
-class DeltaLayer(nn.Module):
-    """Multi-head delta-rule fast weight layer: (B, T, d_model), W -> (B, T, d_model), W."""
-
-    def __init__(self, args):
-        super().__init__()
-        self.n_head, self.d_head, self.qk_map = args.n_head, args.d_model // args.n_head, args.qk_map
-        self.impl, self.chunk_size = args.impl, args.chunk_size
-        self.qkv = nn.Linear(args.d_model, 3 * args.d_model, bias=False)  # W_q, W_k, W_v
-        self.w_beta = nn.Linear(args.d_model, args.n_head, bias=False)
-        self.out = nn.Linear(args.d_model, args.d_model, bias=False)
-        self.out_scale = self.d_head ** -0.5 if args.scale_out else 1.0
-
-    def feature_map(self, x):
-        if self.qk_map == "l2":
-            return F.normalize(F.silu(x), dim=-1)
-        x = F.elu(x) + 1
-        return x / x.sum(-1, keepdim=True)  # sumnorm
-
-    def forward(self, x, W=None):
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
-        q, k = self.feature_map(q), self.feature_map(k)
-        beta = torch.sigmoid(self.w_beta(x)).transpose(1, 2)  # (B, H, T)
-        y, W = delta_rule(q, k, v, beta, W, self.impl, self.chunk_size)
-        return self.out(self.out_scale * y.transpose(1, 2).reshape(B, T, -1)), W
-
-
-class Block(nn.Module):
-    def __init__(self, args):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(args.d_model), nn.LayerNorm(args.d_model)
-        self.attn = DeltaLayer(args)
-        self.ff = nn.Sequential(nn.Linear(args.d_model, args.d_ff), nn.ReLU(), nn.Dropout(args.dropout),
-                                nn.Linear(args.d_ff, args.d_model), nn.Dropout(args.dropout))
-        self.drop = nn.Dropout(args.dropout)
-
-    def forward(self, x, W=None):
-        y, W = self.attn(self.ln1(x), W)
-        x = x + self.drop(y)
-        return x + self.ff(self.ln2(x)), W
-
-
-def sinusoidal(start, T, d, device=None):
-    """Positions start..start+T-1 as (T, d): PE[t, 2i] = sin(t / 10000^(2i/d)), PE[t, 2i+1] = cos(same)
-    (Vaswani et al. 2017, section 3.5)."""
-    t = torch.arange(start, start + T, device=device, dtype=torch.float32)[:, None]
-    angle = t / 10000 ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)  # (T, ceil(d/2))
-    return torch.stack([angle.sin(), angle.cos()], -1).flatten(-2)[:, :d]
-
-
-class DeltaNet(nn.Module):
-    """Token ids (B, T) and a state (one W per layer, or None) -> logits (B, T, vocab), new state.
-    Ids of shape (B, T, m) give m ids per position whose embeddings are summed (the recall task)."""
-
-    def __init__(self, args, vocab_size):
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, args.d_model)
-        self.pos_enc = args.pos_enc == "sin"
-        self.blocks = nn.ModuleList(Block(args) for _ in range(args.n_layer))
-        self.ln_f = nn.LayerNorm(args.d_model)
-        self.head = nn.Linear(args.d_model, vocab_size, bias=False)
-
-    def forward(self, idx, state=None, pos=0):
-        """pos: the position of idx[:, 0] (positions restart at 0 in every call unless the caller counts)."""
-        x = self.embed(idx) if idx.dim() == 2 else self.embed(idx).sum(-2)
-        if self.pos_enc:
-            x = x + sinusoidal(pos, idx.shape[1], x.shape[-1], x.device).to(x.dtype)
-        state = state or [None] * len(self.blocks)
-        new_state = []
-        for block, W in zip(self.blocks, state):
-            x, W = block(x, W)
-            new_state.append(W)
-        return self.head(self.ln_f(x)), new_state
-
-
-# ----------------------------------------------------------------------------------------------
-# Tasks
-
-
-def recall_batch(batch_size, n_pairs, vocab_size, gen, repeat_keys=False):
-    """Associative recall (Schlag et al. 2021, section 4.1): n_pairs key-value pairs are written, then n_pairs
-    queries follow in a random order and the model must output the value of each queried key. Each position
-    holds two ids whose embeddings are summed: (key, value) while writing, (key, blank) while querying. Keys come
-    from [0, V/2), values from [V/2, V); blank = V. Targets are -100 (no loss) while writing.
-    Default: keys are distinct and every key is queried once. n_pairs=3, V=16:
-        x: (3,12) (5,9) (1,14) | (5,16) (1,16) (3,16)
-        y:   .      .     .    |    9     14     12
-    repeat_keys: keys are drawn with replacement (the paper's setting 2), so a key may be written again with a
-    new value, and the target is the value of its latest write: the memory must overwrite, not only add. The
-    queries are the written keys in a random order (a repeated key is asked as often as it was written):
-        x: (3,12) (5,9) (3,14) | (3,16) (5,16) (3,16)
-        y:   .      .     .    |   14     9     14
-    """
-    half = vocab_size // 2
-    if repeat_keys:
-        keys = torch.randint(0, half, (batch_size, n_pairs), generator=gen)
-    else:
-        keys = torch.rand(batch_size, half, generator=gen).argsort(-1)[:, :n_pairs]
-    values = torch.randint(half, vocab_size, (batch_size, n_pairs), generator=gen)
-    order = torch.rand(batch_size, n_pairs, generator=gen).argsort(-1)
-    asked = keys.gather(1, order)  # (B, n_pairs)
-    # index of the latest write of each asked key: the largest position j with keys[j] == asked key
-    written = (keys[:, None, :] == asked[:, :, None]) * torch.arange(1, n_pairs + 1)  # (B, n_pairs, n_pairs)
-    answer = values.gather(1, written.argmax(-1))
-    queries = torch.stack([asked, torch.full_like(keys, vocab_size)], -1)
-    x = torch.cat([torch.stack([keys, values], -1), queries], 1)  # (B, 2 n_pairs, 2)
-    y = torch.cat([torch.full_like(values, -100), answer], 1)  # (B, 2 n_pairs)
-    return x, y
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration: every flag with its default and docstring (--help prints them), the presets, and the checks
-# of a command line's values.
+# Configuration: every flag with its default and docstring (--help prints them) and the presets. The flags reach
+# the modules only through build_model; check_args checks a command line's values.
 
 
 @dataclass
@@ -430,16 +157,347 @@ PRESETS = {
                   pos_enc="sin", scale_out=True),  # the official LM model: positions, output scaled
 }
 
+# ----------------------------------------------------------------------------------------------
+# The delta rule: the reference loop (the spec). Shapes: q, k (B, H, T, d_k); v (B, H, T, d_v); beta (B, H, T);
+# W (B, H, d_v, d_k).
+
+
+def state_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def delta_rule_loop(q, k, v, beta, W=None):
+    """The reference recurrence (the spec and the test oracle): one step per token, fp32 state."""
+    B, H, T, d_k = k.shape
+    dt = state_dtype(q)
+    W = q.new_zeros(B, H, v.shape[-1], d_k, dtype=dt) if W is None else W.to(dt)
+    ys = []
+    with torch.autocast(q.device.type, enabled=False):  # the state and its products stay fp32 under autocast
+        for q_t, k_t, v_t, b_t in zip(*(x.to(dt).unbind(2) for x in (q, k, v, beta))):
+            v_bar = (W @ k_t.unsqueeze(-1)).squeeze(-1)  # (B, H, d_v)
+            W = W + (b_t.unsqueeze(-1) * (v_t - v_bar)).unsqueeze(-1) * k_t.unsqueeze(-2)  # + beta (v - v̄) k^T
+            ys.append((W @ q_t.unsqueeze(-1)).squeeze(-1))  # y_t = W_t q_t
+    return torch.stack(ys, 2).to(q.dtype), W
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers: plain modules built from keyword arguments, checked on construction.
+
+QK_MAPS = ("elu_sumnorm", "l2")
+IMPLS = ("auto", "loop", "chunk", "cuda", "chunk_cuda")
+POS_ENCS = ("sin", "none")
+
+
+def check_model_args(flag="", **kw):
+    """The checks of the layers' and the model's keyword arguments (each constructor passes those it reads): a
+    ValueError naming the argument and the fix. check_args runs them on the flags (flag="--": the same messages)."""
+    choices = dict(qk_map=QK_MAPS, impl=IMPLS, pos_enc=POS_ENCS)
+    for key, value in kw.items():
+        if key in choices and value not in choices[key]:
+            raise ValueError(f"{flag}{key} must be one of {', '.join(choices[key])}, got {value!r}")
+        if key in ("vocab_size", "d_model", "n_head", "n_layer", "d_ff", "chunk_size"):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{flag}{key} must be an integer, got {value!r}")
+            if value <= 0:
+                raise ValueError(f"{flag}{key} must be positive, got {value}")
+    if "dropout" in kw and not 0 <= kw["dropout"] < 1:
+        raise ValueError(f"{flag}dropout must be in [0, 1), got {kw['dropout']}")
+    if "d_model" in kw and "n_head" in kw and kw["d_model"] % kw["n_head"]:
+        raise ValueError(f"{flag}d_model {kw['d_model']} is not divisible by {flag}n_head {kw['n_head']}; pick n_head "
+                         "dividing d_model.")
+
+
+class DeltaLayer(nn.Module):
+    """Multi-head delta-rule fast weight layer: x (B, T, d_model) and a state W (B, n_head, d_head, d_head) or None
+    (zeros) -> y (B, T, d_model) and the new W. W is fp32 (float64 for float64 inputs), also under autocast.
+    qk_map: the feature map of q and k (feature_map); impl: the delta rule's form (delta_rule); chunk_size: C of the
+    chunk form; scale_out: y / sqrt(d_head) before the output projection (the official LM layers)."""
+
+    def __init__(self, d_model=128, n_head=4, qk_map="elu_sumnorm", impl="auto", chunk_size=64, scale_out=False):
+        super().__init__()
+        check_model_args(d_model=d_model, n_head=n_head, qk_map=qk_map, impl=impl, chunk_size=chunk_size)
+        self.d_model, self.n_head, self.d_head = d_model, n_head, d_model // n_head
+        self.qk_map, self.impl, self.chunk_size, self.scale_out = qk_map, impl, chunk_size, scale_out
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)  # W_q, W_k, W_v
+        self.w_beta = nn.Linear(d_model, n_head, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+        self.out_scale = self.d_head ** -0.5 if scale_out else 1.0
+
+    def extra_repr(self):
+        return (f"d_model={self.d_model}, n_head={self.n_head}, d_head={self.d_head}, qk_map={self.qk_map!r}, "
+                f"impl={self.impl!r}, chunk_size={self.chunk_size}, scale_out={self.scale_out}")
+
+    def feature_map(self, x):
+        """phi of q and k (..., d_head): elu_sumnorm sumnorm(elu(x) + 1) (the paper); l2 silu(x) / |silu(x)|
+        (Yang et al. 2024)."""
+        if self.qk_map == "l2":
+            return F.normalize(F.silu(x), dim=-1)
+        x = F.elu(x) + 1
+        return x / x.sum(-1, keepdim=True)  # sumnorm
+
+    def forward(self, x, state=None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
+        q, k = self.feature_map(q), self.feature_map(k)
+        beta = torch.sigmoid(self.w_beta(x)).transpose(1, 2)  # (B, H, T)
+        y, W = delta_rule(q, k, v, beta, state, self.impl, self.chunk_size)
+        return self.out(self.out_scale * y.transpose(1, 2).reshape(B, T, -1)), W
+
+
+class Block(nn.Module):
+    """x + Dropout(DeltaLayer(LN(x))), then x + FF(LN(x)) with FF = Linear, ReLU, Dropout, Linear, Dropout:
+    x (B, T, d_model) and the layer's state W (B, n_head, d_head, d_head) or None -> (B, T, d_model), the new W."""
+
+    def __init__(self, d_model=128, n_head=4, d_ff=512, dropout=0.0, qk_map="elu_sumnorm", impl="auto", chunk_size=64,
+                 scale_out=False):
+        super().__init__()
+        check_model_args(d_model=d_model, n_head=n_head, d_ff=d_ff, dropout=dropout, qk_map=qk_map, impl=impl,
+                         chunk_size=chunk_size)
+        self.d_model, self.d_ff, self.dropout = d_model, d_ff, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attn = DeltaLayer(d_model, n_head, qk_map, impl, chunk_size, scale_out)
+        self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Dropout(dropout),
+                                nn.Linear(d_ff, d_model), nn.Dropout(dropout))
+        self.drop = nn.Dropout(dropout)
+
+    def extra_repr(self):
+        return f"d_model={self.d_model}, d_ff={self.d_ff}, dropout={self.dropout}"
+
+    def forward(self, x, state=None):
+        y, state = self.attn(self.ln1(x), state)
+        x = x + self.drop(y)
+        return x + self.ff(self.ln2(x)), state
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+def sinusoidal(start, T, d, device=None):
+    """Positions start..start+T-1 as (T, d): PE[t, 2i] = sin(t / 10000^(2i/d)), PE[t, 2i+1] = cos(same)
+    (Vaswani et al. 2017, section 3.5)."""
+    t = torch.arange(start, start + T, device=device, dtype=torch.float32)[:, None]
+    angle = t / 10000 ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)  # (T, ceil(d/2))
+    return torch.stack([angle.sin(), angle.cos()], -1).flatten(-2)[:, :d]
+
+
+class DeltaNet(nn.Module):
+    """Token ids (B, T) and a state (a list of n_layer W, each (B, n_head, d_head, d_head), or None) -> logits
+    (B, T, vocab_size), the new state. Ids of shape (B, T, m) give m ids per position whose embeddings are summed (the
+    recall task). pos_enc: sin (sinusoidal positions added to the embedding) or none; the rest as Block."""
+
+    def __init__(self, vocab_size, d_model=128, n_head=4, n_layer=2, d_ff=512, dropout=0.0, pos_enc="none",
+                 qk_map="elu_sumnorm", impl="auto", chunk_size=64, scale_out=False):
+        super().__init__()
+        check_model_args(vocab_size=vocab_size, d_model=d_model, n_head=n_head, n_layer=n_layer, d_ff=d_ff,
+                         dropout=dropout, pos_enc=pos_enc, qk_map=qk_map, impl=impl, chunk_size=chunk_size)
+        self.vocab_size, self.d_model, self.n_layer, self.pos_enc = vocab_size, d_model, n_layer, pos_enc
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_head, d_ff, dropout, qk_map, impl, chunk_size, scale_out)
+                                    for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+
+    def extra_repr(self):
+        return f"vocab_size={self.vocab_size}, d_model={self.d_model}, n_layer={self.n_layer}, pos_enc={self.pos_enc!r}"
+
+    def forward(self, idx, state=None, pos=0):
+        """pos: the position of idx[:, 0] (positions restart at 0 in every call unless the caller counts)."""
+        x = self.embed(idx) if idx.dim() == 2 else self.embed(idx).sum(-2)
+        if self.pos_enc == "sin":
+            x = x + sinusoidal(pos, idx.shape[1], x.shape[-1], x.device).to(x.dtype)
+        state = state or [None] * len(self.blocks)
+        new_state = []
+        for block, W in zip(self.blocks, state):
+            x, W = block(x, W)
+            new_state.append(W)
+        return self.head(self.ln_f(x)), new_state
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast forms of the delta rule: chunkwise (any device), the fused recurrent kernel (CUDA), and delta_rule, which
+# picks one (impl).
+
+
+class DeltaRuleChunk(torch.autograd.Function):
+    """Chunkwise delta rule (Yang et al. 2024, eq. 8-11) with a hand-written backward.
+
+    Inputs are split into chunks: q, k (B, H, N, C, d_k), v (B, H, N, C, d_v), beta (B, H, N, C);
+    S0 (B, H, d_k, d_v) is the state W^T. Within a chunk, the C delta-rule writes are equivalent to
+    one write S <- S + K^T U' with pseudo-values U' = T (diag(beta) V - diag(beta) K S), where
+    T = (I + A)^-1 and A = strict_lower(diag(beta) K K^T) (the UT transform). Everything that does
+    not depend on S runs for all chunks at once; only two small matmuls per chunk are sequential.
+    The backward reruns nothing: it walks the chunk states S_n saved by the forward in reverse.
+    kernel=True runs each of the two loops over chunks as one CUDA kernel (chunk_state_pass in cuda_kernels.cu,
+    which keeps the state on chip), the rest as here.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, S0, kernel=False):
+        C = k.shape[-2]
+        kb, vb = k * beta[..., None], v * beta[..., None]  # diag(beta) K, diag(beta) V
+        A = (kb @ k.transpose(-1, -2)).tril(-1)  # (B, H, N, C, C)
+        eye = torch.eye(C, dtype=k.dtype, device=k.device)
+        T = torch.linalg.solve_triangular(A + eye, eye.expand_as(A), upper=False, unitriangular=True)
+        w, u = T @ kb, T @ vb  # (B, H, N, C, d_k), (B, H, N, C, d_v)
+        if kernel:
+            S_n, up, S_last = cuda_kernels().chunk_state_pass(u, w, k, k.new_empty(0), S0, -1.0, 1.0, False)
+        else:
+            S, ups = [S0], []
+            for w_n, u_n, k_n in zip(w.unbind(2), u.unbind(2), k.unbind(2)):  # the only sequential part
+                ups.append(u_n - w_n @ S[-1])  # U' = U - W S
+                S.append(S[-1] + k_n.transpose(-1, -2) @ ups[-1])  # S <- S + K^T U'
+            S_n, up, S_last = torch.stack(S[:-1], 2), torch.stack(ups, 2), S[-1]  # chunk-start states, pseudo-values
+        P = (q @ k.transpose(-1, -2)).tril()  # causal intra-chunk scores, diagonal included
+        o = q @ S_n + P @ up  # O = Q S + tril(Q K^T) U'
+        ctx.save_for_backward(q, k, v, beta, T, w, up, S_n, P, kb, vb)
+        ctx.kernel = kernel
+        return o, S_last
+
+    @staticmethod
+    def backward(ctx, do, dS):
+        q, k, v, beta, T, w, up, S_n, P, kb, vb = ctx.saved_tensors
+        do = do.contiguous()
+        G = P.transpose(-1, -2) @ do  # the part of dU' that comes from the outputs
+        E = q.transpose(-1, -2) @ do  # the part of dS_n that comes from the outputs
+        if ctx.kernel:
+            dS_next, dup, dS = cuda_kernels().chunk_state_pass(G, k, w, E, dS, 1.0, -1.0, True)
+        else:
+            dS_next, dups = [], []
+            for k_n, w_n, G_n, E_n in reversed(list(zip(k.unbind(2), w.unbind(2), G.unbind(2), E.unbind(2)))):
+                dS_next.append(dS)  # gradient w.r.t. S_{n+1}
+                dups.append(G_n + k_n @ dS)
+                dS = dS + E_n - w_n.transpose(-1, -2) @ dups[-1]
+            dS_next, dup = torch.stack(dS_next[::-1], 2), torch.stack(dups[::-1], 2)
+        dP = (do @ up.transpose(-1, -2)).tril()
+        dq = do @ S_n.transpose(-1, -2) + dP @ k
+        dk = dP.transpose(-1, -2) @ q + up @ dS_next.transpose(-1, -2)
+        dw = -dup @ S_n.transpose(-1, -2)
+        Tt = T.transpose(-1, -2)
+        dvb, dkb = Tt @ dup, Tt @ dw
+        dA = -(Tt @ (dup @ vb.transpose(-1, -2) + dw @ kb.transpose(-1, -2)) @ Tt).tril(-1)  # d(I+A)^-1
+        dkb = dkb + dA @ k
+        dk = dk + dA.transpose(-1, -2) @ kb + beta[..., None] * dkb
+        dbeta = (dkb * k).sum(-1) + (dvb * v).sum(-1)
+        return dq, dk, beta[..., None] * dvb, dbeta, dS, None
+
+
+def delta_rule_chunk(q, k, v, beta, W=None, chunk_size=64, kernel=False):
+    """Chunkwise form of delta_rule_loop: same arguments, same results; any T (the last chunk is padded). kernel: the
+    loops over chunks as CUDA kernels (CUDA tensors)."""
+    B, H, T, d_k = k.shape
+    d_v, dt = v.shape[-1], state_dtype(q)
+    C = min(chunk_size, T)
+    N = -(-T // C)
+
+    def chunks(x):  # (B, H, T, ...) -> (B, H, N, C, ...), zero-padded; zero k and beta write nothing
+        x = F.pad(x.to(dt), (0, 0, 0, N * C - T) if x.dim() == 4 else (0, N * C - T))
+        return x.reshape(B, H, N, C, *x.shape[3:])
+
+    S0 = q.new_zeros(B, H, d_k, d_v, dtype=dt) if W is None else W.to(dt).transpose(-1, -2)
+    with torch.autocast(q.device.type, enabled=False):  # S, A, T and all products in fp32 under autocast
+        o, S = DeltaRuleChunk.apply(chunks(q), chunks(k), chunks(v), chunks(beta), S0, kernel)
+    return o.reshape(B, H, N * C, d_v)[:, :, :T].to(q.dtype), S.transpose(-1, -2)
+
+
+class DeltaRuleCUDA(torch.autograd.Function):
+    """The recurrent delta rule as one fused kernel (cuda_kernels.cu): fp32 state, inputs fp32/bf16/fp16/fp64."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, W0):
+        y, W, v_bar = cuda_kernels().forward(q, k, v, beta, q.new_empty(0) if W0 is None else W0, True)
+        ctx.save_for_backward(q, k, v, beta, v_bar, W)
+        ctx.has_W0 = W0 is not None
+        return y, W
+
+    @staticmethod
+    def backward(ctx, dy, dW):
+        q, k, v, beta, v_bar, W = ctx.saved_tensors
+        dy = v.new_zeros(v.shape) if dy is None else dy
+        dW = W.new_empty(0) if dW is None else dW
+        dq, dk, dv, dbeta, dW0 = cuda_kernels().backward(q, k, v, beta, v_bar, W, dy, dW, True)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dW0 if ctx.has_W0 else None
+
+
+def delta_rule(q, k, v, beta, W=None, impl="auto", chunk_size=64):
+    """Dispatch to an implementation; all take and return the fast weight W (B, H, d_v, d_k).
+    cuda (and auto on a CUDA device) use the recurrent kernel where it applies (d_k <= 128), else the chunk form;
+    chunk_cuda: the chunk form with its loops over chunks as kernels (CUDA tensors; elsewhere the chunk form).
+    An unknown impl or a chunk_size below 1 is a ValueError."""
+    check_model_args(impl=impl, chunk_size=chunk_size)
+    if impl == "loop":
+        return delta_rule_loop(q, k, v, beta, W)
+    if impl == "chunk_cuda" and q.is_cuda and cuda_kernels() is not None:
+        return delta_rule_chunk(q, k, v, beta, W, chunk_size, kernel=True)
+    if impl in ("auto", "cuda") and q.is_cuda and k.shape[-1] <= 128 and cuda_kernels() is not None:
+        dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)  # autocast may mix bf16 and fp32
+        q, k, v, beta = (x.to(dt).contiguous() for x in (q, k, v, beta))
+        return DeltaRuleCUDA.apply(q, k, v, beta, None if W is None else W.contiguous())
+    return delta_rule_chunk(q, k, v, beta, W, chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks
+
+
+def recall_batch(batch_size, n_pairs, vocab_size, gen, repeat_keys=False):
+    """Associative recall (Schlag et al. 2021, section 4.1): n_pairs key-value pairs are written, then n_pairs
+    queries follow in a random order and the model must output the value of each queried key. Each position
+    holds two ids whose embeddings are summed: (key, value) while writing, (key, blank) while querying. Keys come
+    from [0, V/2), values from [V/2, V); blank = V. Targets are -100 (no loss) while writing.
+    Default: keys are distinct and every key is queried once. n_pairs=3, V=16:
+        x: (3,12) (5,9) (1,14) | (5,16) (1,16) (3,16)
+        y:   .      .     .    |    9     14     12
+    repeat_keys: keys are drawn with replacement (the paper's setting 2), so a key may be written again with a
+    new value, and the target is the value of its latest write: the memory must overwrite, not only add. The
+    queries are the written keys in a random order (a repeated key is asked as often as it was written):
+        x: (3,12) (5,9) (3,14) | (3,16) (5,16) (3,16)
+        y:   .      .     .    |   14     9     14
+    """
+    half = vocab_size // 2
+    if repeat_keys:
+        keys = torch.randint(0, half, (batch_size, n_pairs), generator=gen)
+    else:
+        keys = torch.rand(batch_size, half, generator=gen).argsort(-1)[:, :n_pairs]
+    values = torch.randint(half, vocab_size, (batch_size, n_pairs), generator=gen)
+    order = torch.rand(batch_size, n_pairs, generator=gen).argsort(-1)
+    asked = keys.gather(1, order)  # (B, n_pairs)
+    # index of the latest write of each asked key: the largest position j with keys[j] == asked key
+    written = (keys[:, None, :] == asked[:, :, None]) * torch.arange(1, n_pairs + 1)  # (B, n_pairs, n_pairs)
+    answer = values.gather(1, written.argmax(-1))
+    queries = torch.stack([asked, torch.full_like(keys, vocab_size)], -1)
+    x = torch.cat([torch.stack([keys, values], -1), queries], 1)  # (B, 2 n_pairs, 2)
+    y = torch.cat([torch.full_like(values, -100), answer], 1)  # (B, 2 n_pairs)
+    return x, y
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line and the model: build_model maps the flags to DeltaNet's keywords (each flag has its keyword's
+# name); check_args checks a command line's values, the model's through the constructors' own checks.
+
+MODEL_FLAGS = ("d_model", "n_head", "n_layer", "d_ff", "dropout", "pos_enc", "qk_map", "impl", "chunk_size",
+               "scale_out")
+
+
+def build_model(args, vocab_size):
+    return DeltaNet(vocab_size, **{name: getattr(args, name) for name in MODEL_FLAGS})
+
 
 def check_args(args):
-    choices = dict(task=("recall", "lm"), tokenizer=("word", "char"), qk_map=("elu_sumnorm", "l2"),
-                   pos_enc=("auto", "sin", "none"), impl=("auto", "loop", "chunk", "cuda", "chunk_cuda"),
+    """What only the command line knows (the task and training flags, --pos_enc auto, flag combinations); the model's
+    flags through check_model_args. An error exits with its one-line message (status 2)."""
+    choices = dict(task=("recall", "lm"), tokenizer=("word", "char"), pos_enc=("auto", *POS_ENCS),
                    dtype=("float32", "bfloat16"))
     for key, allowed in choices.items():
         if getattr(args, key) not in allowed:
             fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(args, key)!r}")
-    for key in ("d_model", "n_layer", "n_head", "d_ff", "batch_size", "steps", "eval_every", "eval_batches",
-                "chunk_size", "seq_len", "n_pairs", "vocab_size", "bench_d"):
+    if args.pos_enc == "auto":
+        args.pos_enc = "sin" if (args.task == "lm" and not args.carry_state) else "none"
+    try:
+        check_model_args("--", **{name: getattr(args, name) for name in MODEL_FLAGS})
+    except ValueError as e:
+        fail(str(e))
+    for key in ("batch_size", "steps", "eval_every", "eval_batches", "seq_len", "n_pairs", "vocab_size", "bench_d"):
         if getattr(args, key) <= 0:
             fail(f"--{key} must be positive, got {getattr(args, key)}")
     for key in ("seed", "sample", "weight_decay"):
@@ -447,14 +505,10 @@ def check_args(args):
             fail(f"--{key} must be non-negative, got {getattr(args, key)}")
     if args.temperature <= 0:
         fail(f"--temperature must be positive (lower is greedier), got {args.temperature}")
-    if args.pos_enc == "auto":
-        args.pos_enc = "sin" if (args.task == "lm" and not args.carry_state) else "none"
-    if args.d_model % args.n_head:
-        fail(f"--d_model {args.d_model} is not divisible by --n_head {args.n_head}; pick n_head dividing d_model.")
     if args.task == "recall" and not args.repeat_keys and 2 * args.n_pairs > args.vocab_size:
         fail(f"--n_pairs {args.n_pairs} needs --vocab_size of at least {2 * args.n_pairs} (distinct keys in one half).")
-    if not 0 <= args.dropout < 1 or args.lr <= 0 or args.warmup < 0 or args.grad_clip < 0 or args.stop_at < 0:
-        fail("--dropout must be in [0, 1); --lr positive; --warmup, --grad_clip and --stop_at non-negative.")
+    if args.lr <= 0 or args.warmup < 0 or args.grad_clip < 0 or args.stop_at < 0:
+        fail("--lr must be positive; --warmup, --grad_clip and --stop_at non-negative.")
     if not 0 <= args.beta2 < 1 or not 0 <= args.lr_min <= 1:
         fail(f"--beta2 must be in [0, 1) and --lr_min in [0, 1], got {args.beta2} and {args.lr_min}.")
     return args
@@ -537,7 +591,7 @@ def sample(args, device):
     if train_args.task != "lm":
         fail(f"the checkpoint at {path} was trained on --task {train_args.task}, not lm; it cannot generate text")
     train_args.impl = args.impl
-    model = DeltaNet(train_args, len(vocab)).to(device)
+    model = build_model(train_args, len(vocab)).to(device)
     model.load_state_dict(ckpt["model"])
     model.eval()
     index = {s: i for i, s in enumerate(vocab)}
@@ -631,7 +685,7 @@ def train(args):
         task = load_task(args, rank, world)
     except data.DataError as e:
         fail(str(e))
-    model = DeltaNet(args, task["vocab_size"]).to(device)
+    model = build_model(args, task["vocab_size"]).to(device)
     opt = build_optimizer(model, args)
     step, state, ckpt_path = 0, None, os.path.join(args.out_dir, "ckpt.pt")
     if args.resume:
@@ -769,13 +823,36 @@ def bench(args):
 
 # ----------------------------------------------------------------------------------------------
 # Scaffolding, the same in every script: command line (from the Args fields and their docstrings), errors,
-# device, checkpoint writes, seeds and --resume, metrics. Nothing here is specific to the method.
+# the CUDA kernels' loader, device, checkpoint writes, seeds and --resume, metrics. Nothing here is specific to the
+# method.
 
 
 def fail(msg):
     """A user error: one message, non-zero exit, no traceback."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+_CUDA_KERNELS = None  # the loaded extension; False once a build failed
+
+
+def cuda_kernels():
+    """Build and load cuda_kernels.cu on first use (never at import), under a module name holding a hash of
+    the source, so an edit rebuilds and two scripts never clash. None, after one warning, if that fails."""
+    global _CUDA_KERNELS
+    if _CUDA_KERNELS is None:
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_kernels.cu")
+        try:
+            from torch.utils.cpp_extension import load
+
+            with open(src, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()[:16]
+            _CUDA_KERNELS = load(f"fwp_kernels_{digest}", [src], extra_cuda_cflags=["-O3"], verbose=False)
+        except Exception as e:  # no nvcc, no file, a compile error: the PyTorch path still works
+            print(f"warning: cuda_kernels.cu unavailable ({type(e).__name__}: {str(e)[-2000:]}); using --impl chunk",
+                  file=sys.stderr)
+            _CUDA_KERNELS = False
+    return _CUDA_KERNELS or None
 
 
 def print_help():
@@ -907,3 +984,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+

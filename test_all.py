@@ -223,19 +223,25 @@ def tiny_args(**kw):
     return delta_net.parse_args(["--preset", "tiny"] + [s for k, v in kw.items() for s in (f"--{k}", str(v))])
 
 
+def dn_model(vocab_size=16, **kw):
+    """DeltaNet from keywords, at the tiny preset's sizes unless kw says otherwise (weights from the seed 0)."""
+    torch.manual_seed(0)
+    return delta_net.DeltaNet(vocab_size, **{**dict(d_model=32, n_head=2, n_layer=1, d_ff=64), **kw})
+
+
 @pytest.mark.parametrize("qk_map", ["elu_sumnorm", "l2"])
 def test_dn_model_impls_agree_and_carry_state(qk_map):
-    """The whole model: loop and chunk give the same logits, and segment-by-segment = all at once."""
-    torch.manual_seed(0)
-    a = tiny_args(qk_map=qk_map, n_layer=2, impl="loop")
-    model = delta_net.DeltaNet(a, 16).double()
-    x = torch.randint(0, 16, (3, 29))
+    """The whole model: loop and chunk (C = 8 in every layer) give the same logits, and segment-by-segment = all at
+    once."""
+    model = dn_model(qk_map=qk_map, n_layer=2, impl="loop").double()
+    chunk = dn_model(qk_map=qk_map, n_layer=2, impl="chunk", chunk_size=8).double()
+    chunk.load_state_dict(model.state_dict())
+    x = torch.randint(0, 16, (3, 29), generator=torch.Generator().manual_seed(1))
     logits_loop, state_loop = model(x)
-    for block in model.blocks:
-        block.attn.impl = "chunk"
-    block.attn.chunk_size = 8
-    logits_chunk, state_chunk = model(x)
+    logits_chunk, state_chunk = chunk(x)
     torch.testing.assert_close(logits_chunk, logits_loop, rtol=1e-10, atol=1e-10)
+    for W1, W2 in zip(state_chunk, state_loop):
+        torch.testing.assert_close(W1, W2, rtol=1e-10, atol=1e-10)
     part1, s = model(x[:, :11])
     part2, s = model(x[:, 11:], s)
     torch.testing.assert_close(torch.cat([part1, part2], 1), logits_loop, rtol=1e-10, atol=1e-10)
@@ -244,14 +250,12 @@ def test_dn_model_impls_agree_and_carry_state(qk_map):
 
 
 def test_dn_feature_maps():
-    a = tiny_args()
-    layer = delta_net.DeltaLayer(a)
-    x = torch.randn(5, 7)
-    phi = layer.feature_map(x)
+    x = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
+    phi = delta_net.DeltaLayer(d_model=32, n_head=2).feature_map(x)
     assert (phi > 0).all()
     torch.testing.assert_close(phi.sum(-1), torch.ones(5))  # sumnorm(elu + 1)
-    layer.qk_map = "l2"
-    torch.testing.assert_close(layer.feature_map(x).norm(dim=-1), torch.ones(5))
+    l2 = delta_net.DeltaLayer(d_model=32, n_head=2, qk_map="l2")
+    torch.testing.assert_close(l2.feature_map(x).norm(dim=-1), torch.ones(5))
 
 
 def test_dn_recall_batch_structure():
@@ -311,8 +315,8 @@ def test_dn_paper_preset_optimizer():
 
 
 def test_dn_summed_embeddings_for_id_tuples():
-    model = delta_net.DeltaNet(tiny_args(), 10)
-    ids = torch.randint(0, 10, (2, 5, 2))
+    model = dn_model(10)
+    ids = torch.randint(0, 10, (2, 5, 2), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(model.embed(ids).sum(-2), model.embed(ids[..., 0]) + model.embed(ids[..., 1]))
     assert model(ids)[0].shape == (2, 5, 10)
 
@@ -387,9 +391,8 @@ def test_dn_smoke_lm_carry_state_and_sample(tmp_path, tokenizer):
 def test_dn_sample_constant_memory_state_matches_parallel(pos_enc):
     """Token-by-token generation (positions counted by the caller) carries exactly the state a parallel pass over
     the same tokens ends with."""
-    torch.manual_seed(0)
-    model = delta_net.DeltaNet(tiny_args(pos_enc=pos_enc), 16).double().eval()
-    x = torch.randint(0, 16, (1, 9))
+    model = dn_model(pos_enc=pos_enc).double().eval()
+    x = torch.randint(0, 16, (1, 9), generator=torch.Generator().manual_seed(1))
     logits, state = model(x)
     s = None
     for t in range(9):
@@ -712,10 +715,12 @@ def test_dn_lt_scale_out_multiplies_the_fast_weight_output(script):
     output is exactly the unscaled one times d_head^-1/2); the paper preset turns it on with the positions."""
     mod = {"delta_net": delta_net, "linear_transformer": linear_transformer}[script]
     args = lambda **kw: mod.parse_args(["--preset", "tiny"] + [s for k, v in kw.items() for s in (f"--{k}", str(v))])
-    layer_cls = mod.DeltaLayer if script == "delta_net" else mod.AttentionLayer
     torch.manual_seed(0)
-    plain = layer_cls(args()).double()
-    scaled = layer_cls(args(scale_out="true")).double()
+    if script == "delta_net":
+        plain, scaled = mod.DeltaLayer(d_model=32, n_head=2).double(), mod.DeltaLayer(d_model=32, n_head=2, scale_out=True)
+    else:
+        plain, scaled = mod.AttentionLayer(args()).double(), mod.AttentionLayer(args(scale_out="true"))
+    scaled = scaled.double()
     scaled.load_state_dict(plain.state_dict())
     x = torch.randn(2, 7, plain.out.in_features, dtype=torch.float64)
     d_head = plain.out.in_features // args().n_head
