@@ -157,6 +157,7 @@ PRESETS = {
                   pos_enc="sin", scale_out=True),  # the official LM model: positions, output scaled
 }
 
+
 # ----------------------------------------------------------------------------------------------
 # The delta rule: the reference loop (the spec). Shapes: q, k (B, H, T, d_k); v (B, H, T, d_v); beta (B, H, T);
 # W (B, H, d_v, d_k).
@@ -423,8 +424,8 @@ def delta_rule(q, k, v, beta, W=None, impl="auto", chunk_size=64):
     """Dispatch to an implementation; all take and return the fast weight W (B, H, d_v, d_k).
     cuda (and auto on a CUDA device) use the recurrent kernel where it applies (d_k <= 128), else the chunk form;
     chunk_cuda: the chunk form with its loops over chunks as kernels (CUDA tensors; elsewhere the chunk form).
-    An unknown impl or a chunk_size below 1 is a ValueError."""
-    check_model_args(impl=impl, chunk_size=chunk_size)
+    An unknown impl is a ValueError."""
+    check_model_args(impl=impl)
     if impl == "loop":
         return delta_rule_loop(q, k, v, beta, W)
     if impl == "chunk_cuda" and q.is_cuda and cuda_kernels() is not None:

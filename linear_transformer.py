@@ -53,311 +53,8 @@ import data
 
 
 # ----------------------------------------------------------------------------------------------
-# The sum rule. Shapes: q, k (B, H, T, d_phi) already feature-mapped; v (B, H, T, d_v); W (B, H, d_v, d_phi);
-# z (B, H, d_phi). The state of one layer is (W, z), with z None unless normalize is denom.
-
-EPS = 1e-6  # keeps the denominator and the sum normalisation finite when a feature vector is all zeros (relu)
-
-
-def state_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def linear_attention_loop(q, k, v, state=None, denom=True):
-    """The reference recurrence (the spec and the test oracle): one step per token, fp32 state."""
-    B, H, T, d_phi = k.shape
-    dt = state_dtype(q)
-    W, z = state if state is not None else (None, None)
-    W = q.new_zeros(B, H, v.shape[-1], d_phi, dtype=dt) if W is None else W.to(dt)
-    z = q.new_zeros(B, H, d_phi, dtype=dt) if z is None else z.to(dt)
-    ys = []
-    with torch.autocast(q.device.type, enabled=False):  # the state and its products stay fp32 under autocast
-        for q_t, k_t, v_t in zip(*(x.to(dt).unbind(2) for x in (q, k, v))):
-            W = W + v_t.unsqueeze(-1) * k_t.unsqueeze(-2)  # W_t = W_{t-1} + v_t k_t^T
-            y_t = (W @ q_t.unsqueeze(-1)).squeeze(-1)  # W_t q_t
-            if denom:
-                z = z + k_t  # z_t = z_{t-1} + k_t
-                y_t = y_t / ((z * q_t).sum(-1, keepdim=True) + EPS)  # / (z_t . q_t)
-            ys.append(y_t)
-    return torch.stack(ys, 2).to(q.dtype), (W, z if denom else None)
-
-
-def sum_rule_chunk(q, k, v, W=None, chunk_size=64):
-    """Chunkwise form of the plain sum rule (y_t = W_t q_t): within a chunk of C steps the outputs are a causal
-    (C x C) masked matmul, across chunks the state is a prefix sum of the chunks' writes K_n^T V_n:
-        W_n = W_0 + sum_{m<n} V_m^T K_m        Y_n = Q_n W_n^T + tril(Q_n K_n^T) V_n
-    No step depends on another through a nonlinearity, so all chunks run at once (autograd does the backward)."""
-    B, H, T, d_phi = k.shape
-    d_v, dt = v.shape[-1], state_dtype(q)
-    C = min(chunk_size, T)
-    N = -(-T // C)
-
-    def chunks(x):  # (B, H, T, D) -> (B, H, N, C, D), zero-padded; a zero key writes nothing
-        return F.pad(x.to(dt), (0, 0, 0, N * C - T)).reshape(B, H, N, C, x.shape[-1])
-
-    W0 = q.new_zeros(B, H, d_v, d_phi, dtype=dt) if W is None else W.to(dt)
-    with torch.autocast(q.device.type, enabled=False):
-        q, k, v = chunks(q), chunks(k), chunks(v)
-        writes = v.transpose(-1, -2) @ k  # (B, H, N, d_v, d_phi): sum over the chunk of v_t k_t^T
-        W_n = torch.cat([W0.unsqueeze(2), writes], 2).cumsum(2)  # (B, H, N + 1, d_v, d_phi): W at chunk starts
-        y = q @ W_n[:, :, :-1].transpose(-1, -2) + (q @ k.transpose(-1, -2)).tril() @ v  # inter + intra chunk
-    return y.reshape(B, H, N * C, d_v)[:, :, :T], W_n[:, :, -1]
-
-
-def sum_rule_parallel(q, k, v, W=None):
-    """The attention form: Y = tril(Q K^T) V (+ Q W_0^T). Quadratic in T; the short-T test oracle."""
-    dt = state_dtype(q)
-    with torch.autocast(q.device.type, enabled=False):
-        q, k, v = q.to(dt), k.to(dt), v.to(dt)
-        y = (q @ k.transpose(-1, -2)).tril() @ v  # (B, H, T, T) scores, causal mask
-        W_T = v.transpose(-1, -2) @ k  # the fast weight the T writes add up to
-        if W is not None:
-            y, W_T = y + q @ W.to(dt).transpose(-1, -2), W_T + W.to(dt)
-    return y, W_T
-
-
-_CUDA_KERNELS = None  # the loaded extension; False once a build failed
-
-
-def cuda_kernels():
-    """Build and load cuda_kernels.cu on first use (never at import), under a module name holding a hash of
-    the source, so an edit rebuilds and two scripts never clash. None, after one warning, if that fails."""
-    global _CUDA_KERNELS
-    if _CUDA_KERNELS is None:
-        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_kernels.cu")
-        try:
-            from torch.utils.cpp_extension import load
-
-            with open(src, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()[:16]
-            _CUDA_KERNELS = load(f"fwp_kernels_{digest}", [src], extra_cuda_cflags=["-O3"], verbose=False)
-        except Exception as e:  # no nvcc, no file, a compile error: the PyTorch path still works
-            print(f"warning: cuda_kernels.cu unavailable ({type(e).__name__}: {str(e)[-2000:]}); using --impl chunk",
-                  file=sys.stderr)
-            _CUDA_KERNELS = False
-    return _CUDA_KERNELS or None
-
-
-class SumRuleCUDA(torch.autograd.Function):
-    """The recurrent sum rule as one fused kernel (cuda_kernels.cu, delta=False): fp32 state."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, W0):
-        y, W, _ = cuda_kernels().forward(q, k, v, q.new_empty(0), q.new_empty(0) if W0 is None else W0, False)
-        ctx.save_for_backward(q, k, v, W)
-        ctx.has_W0 = W0 is not None
-        return y, W
-
-    @staticmethod
-    def backward(ctx, dy, dW):
-        q, k, v, W = ctx.saved_tensors
-        dy = v.new_zeros(v.shape) if dy is None else dy.contiguous()
-        dW = W.new_empty(0) if dW is None else dW.contiguous()
-        dq, dk, dv, _, dW0 = cuda_kernels().backward(q, k, v, q.new_empty(0), q.new_empty(0), W, dy, dW, False)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dW0 if ctx.has_W0 else None
-
-
-def linear_attention(q, k, v, state=None, denom=True, impl="auto", chunk_size=64):
-    """Dispatch to an implementation; all take and return the state (W, z). auto: on a CUDA device the kernel
-    for T < 1024 (d_phi <= 128), where it was fastest on an H200 (README), else chunk. loop is the recurrence; the
-    fast forms compute the plain sum rule, and the denominator rides along as one more value row: z_t . q_t =
-    sum_{i<=t} (k_i . q_t) * 1, so the sum rule on v_t extended by a constant 1 stores z as W's last row."""
-    if impl == "loop":
-        return linear_attention_loop(q, k, v, state, denom)
-    W, z = state if state is not None else (None, None)
-    if denom:
-        v = torch.cat([v, torch.ones_like(v[..., :1])], -1)  # (B, H, T, d_v + 1)
-        if W is not None:
-            z = W.new_zeros(W.shape[:2] + W.shape[-1:]) if z is None else z
-            W = torch.cat([W, z.unsqueeze(-2)], -2)  # (B, H, d_v + 1, d_phi)
-    use_kernel = impl == "cuda" or (impl == "auto" and q.shape[2] < 1024)  # measured: chunk wins from T = 1024
-    if use_kernel and q.is_cuda and k.shape[-1] <= 128 and cuda_kernels() is not None:
-        dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)  # autocast may mix bf16 and fp32
-        q_, k_, v_ = (x.to(dt).contiguous() for x in (q, k, v))
-        y, W = SumRuleCUDA.apply(q_, k_, v_, None if W is None else W.contiguous())
-    elif impl == "parallel":
-        y, W = sum_rule_parallel(q, k, v, W)
-    else:
-        y, W = sum_rule_chunk(q, k, v, W, chunk_size)
-    y, z = y.to(state_dtype(q)), None
-    if denom:
-        y, W, z = y[..., :-1] / (y[..., -1:] + EPS), W[..., :-1, :], W[..., -1, :]  # W q / (z . q), then split
-    return y.to(q.dtype), (W, z)
-
-
-def softmax_attention(q, k, v, cache=None):
-    """Causal softmax attention, the quadratic baseline. Its state is every past key and value (a KV cache)."""
-    if cache is not None:
-        k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
-    T, P = q.shape[2], k.shape[2] - q.shape[2]  # P earlier positions in the cache
-    mask = None if P == 0 else torch.ones(T, P + T, dtype=torch.bool, device=q.device).tril(P)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=P == 0)
-    return y, (k, v)
-
-
-# ----------------------------------------------------------------------------------------------
-# Feature maps phi: (..., d_head) -> (..., d_phi)
-
-
-def dpfp(x, nu):
-    """DPFP-nu (Schlag et al. 2021, section 5.3, eq. 37): r = relu([x, -x]) (2 d), phi_{i 2d + j} = r_j r_{j+i}
-    for i = 1..nu (indices mod 2d): d_phi = 2 nu d, sparse, non-negative, and orthogonal for distinct signs."""
-    r = F.relu(torch.cat([x, -x], -1))
-    return torch.cat([r * r.roll(-i, -1) for i in range(1, nu + 1)], -1)
-
-
-def favor_projection(m, d, generator=None):
-    """m random directions (m, d) for FAVOR+: blocks of d orthogonal rows (Haar, via QR with the sign fix), each
-    row rescaled to the norm of a fresh Gaussian vector, so each row is marginally N(0, I_d) (Performer, ORF)."""
-    blocks = []
-    for _ in range(-(-m // d)):
-        Q, R = torch.linalg.qr(torch.randn(d, d, generator=generator))
-        blocks.append((Q * torch.sign(torch.diagonal(R))).T)
-    return torch.cat(blocks)[:m] * torch.randn(m, d, generator=generator).norm(dim=1, keepdim=True)
-
-
-def favor_features(x, omega):
-    """FAVOR+ positive random features (Choromanski et al. 2021, Lemma 1) on x scaled by d^(-1/4):
-    phi(x) = exp(omega x - |x|^2 / 2) / sqrt(m), so E[phi(q) . phi(k)] = exp(q . k / sqrt(d)), the softmax kernel."""
-    x = x * x.shape[-1] ** -0.25
-    omega = omega.to(x.dtype)
-    return torch.exp(x @ omega.T - x.pow(2).sum(-1, keepdim=True) / 2) / math.sqrt(omega.shape[0])
-
-
-# ----------------------------------------------------------------------------------------------
-# Model
-
-
-class AttentionLayer(nn.Module):
-    """Multi-head linear (or softmax) attention: (B, T, d_model), state -> (B, T, d_model), state."""
-
-    def __init__(self, args):
-        super().__init__()
-        self.n_head, self.d_head = args.n_head, args.d_model // args.n_head
-        self.attn, self.phi, self.nu, self.normalize = args.attn, args.phi, args.dpfp_nu, args.normalize
-        self.impl, self.chunk_size = args.impl, args.chunk_size
-        self.qkv = nn.Linear(args.d_model, 3 * args.d_model, bias=False)  # W_q, W_k, W_v
-        self.out = nn.Linear(args.d_model, args.d_model, bias=False)
-        self.out_scale = self.d_head ** -0.5 if args.scale_out else 1.0
-        if args.attn == "linear" and args.phi == "favor":  # a buffer: saved in checkpoints, never trained
-            self.register_buffer("omega", favor_projection(args.n_features, self.d_head))
-
-    def feature_map(self, x):
-        if self.phi == "elu1":
-            x = F.elu(x) + 1
-        elif self.phi == "relu":
-            x = F.relu(x)
-        elif self.phi == "dpfp":
-            x = dpfp(x, self.nu)
-        else:
-            x = favor_features(x, self.omega)
-        return x / (x.sum(-1, keepdim=True) + EPS) if self.normalize == "sumnorm" else x
-
-    def forward(self, x, state=None):
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
-        if self.attn == "softmax":
-            y, state = softmax_attention(q, k, v, state)
-        else:
-            q, k = self.feature_map(q), self.feature_map(k)  # (B, H, T, d_phi)
-            y, state = linear_attention(q, k, v, state, self.normalize == "denom", self.impl, self.chunk_size)
-            y = y * self.out_scale
-        return self.out(y.transpose(1, 2).reshape(B, T, -1)), state
-
-
-class Block(nn.Module):
-    def __init__(self, args):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(args.d_model), nn.LayerNorm(args.d_model)
-        self.attn = AttentionLayer(args)
-        self.ff = nn.Sequential(nn.Linear(args.d_model, args.d_ff), nn.ReLU(), nn.Dropout(args.dropout),
-                                nn.Linear(args.d_ff, args.d_model), nn.Dropout(args.dropout))
-        self.drop = nn.Dropout(args.dropout)
-
-    def forward(self, x, state=None):
-        y, state = self.attn(self.ln1(x), state)
-        x = x + self.drop(y)
-        return x + self.ff(self.ln2(x)), state
-
-
-def sinusoidal(start, T, d, device=None):
-    """Positions start..start+T-1 as (T, d): PE[t, 2i] = sin(t / 10000^(2i/d)), PE[t, 2i+1] = cos(same)
-    (Vaswani et al. 2017, section 3.5)."""
-    t = torch.arange(start, start + T, device=device, dtype=torch.float32)[:, None]
-    angle = t / 10000 ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)  # (T, ceil(d/2))
-    return torch.stack([angle.sin(), angle.cos()], -1).flatten(-2)[:, :d]
-
-
-class LinearTransformer(nn.Module):
-    """Token ids (B, T) and a state (one per layer, or None) -> logits (B, T, vocab), new state.
-    Ids of shape (B, T, m) give m ids per position whose embeddings are summed (the recall task)."""
-
-    def __init__(self, args, vocab_size):
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, args.d_model)
-        self.pos_enc = args.pos_enc == "sin"
-        self.blocks = nn.ModuleList(Block(args) for _ in range(args.n_layer))
-        self.ln_f = nn.LayerNorm(args.d_model)
-        self.head = nn.Linear(args.d_model, vocab_size, bias=False)
-
-    def forward(self, idx, state=None, pos=0):
-        """pos: the position of idx[:, 0] (positions restart at 0 in every call unless the caller counts)."""
-        x = self.embed(idx) if idx.dim() == 2 else self.embed(idx).sum(-2)
-        if self.pos_enc:
-            x = x + sinusoidal(pos, idx.shape[1], x.shape[-1], x.device).to(x.dtype)
-        state = state or [None] * len(self.blocks)
-        new_state = []
-        for block, s in zip(self.blocks, state):
-            x, s = block(x, s)
-            new_state.append(s)
-        return self.head(self.ln_f(x)), new_state
-
-    @torch.no_grad()
-    def redraw_features(self):
-        """FAVOR+: a fresh random projection in every layer (from torch's global RNG, saved in checkpoints)."""
-        for block in self.blocks:
-            if hasattr(block.attn, "omega"):
-                block.attn.omega.copy_(favor_projection(*block.attn.omega.shape))
-
-
-# ----------------------------------------------------------------------------------------------
-# Tasks
-
-
-def recall_batch(batch_size, n_pairs, vocab_size, gen, repeat_keys=False):
-    """Associative recall (Schlag et al. 2021, section 4.1): n_pairs key-value pairs are written, then n_pairs
-    queries follow in a random order and the model must output the value of each queried key. Each position
-    holds two ids whose embeddings are summed: (key, value) while writing, (key, blank) while querying. Keys come
-    from [0, V/2), values from [V/2, V); blank = V. Targets are -100 (no loss) while writing.
-    Default: keys are distinct and every key is queried once. n_pairs=3, V=16:
-        x: (3,12) (5,9) (1,14) | (5,16) (1,16) (3,16)
-        y:   .      .     .    |    9     14     12
-    repeat_keys: keys are drawn with replacement (the paper's setting 2), so a key may be written again with a
-    new value, and the target is the value of its latest write: the memory must overwrite, not only add. The
-    queries are the written keys in a random order (a repeated key is asked as often as it was written):
-        x: (3,12) (5,9) (3,14) | (3,16) (5,16) (3,16)
-        y:   .      .     .    |   14     9     14
-    """
-    half = vocab_size // 2
-    if repeat_keys:
-        keys = torch.randint(0, half, (batch_size, n_pairs), generator=gen)
-    else:
-        keys = torch.rand(batch_size, half, generator=gen).argsort(-1)[:, :n_pairs]
-    values = torch.randint(half, vocab_size, (batch_size, n_pairs), generator=gen)
-    order = torch.rand(batch_size, n_pairs, generator=gen).argsort(-1)
-    asked = keys.gather(1, order)  # (B, n_pairs)
-    # index of the latest write of each asked key: the largest position j with keys[j] == asked key
-    written = (keys[:, None, :] == asked[:, :, None]) * torch.arange(1, n_pairs + 1)  # (B, n_pairs, n_pairs)
-    answer = values.gather(1, written.argmax(-1))
-    queries = torch.stack([asked, torch.full_like(keys, vocab_size)], -1)
-    x = torch.cat([torch.stack([keys, values], -1), queries], 1)  # (B, 2 n_pairs, 2)
-    y = torch.cat([torch.full_like(values, -100), answer], 1)  # (B, 2 n_pairs)
-    return x, y
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration: every flag with its default and docstring (--help prints them), the presets, and the checks
-# of a command line's values.
+# Configuration: every flag with its default and docstring (--help prints them) and the presets. The flags reach
+# the modules only through build_model; check_args checks a command line's values.
 
 
 @dataclass
@@ -475,16 +172,397 @@ PRESETS = {
 }
 
 
+# ----------------------------------------------------------------------------------------------
+# The sum rule: the reference loop (the spec), and softmax attention (the baseline). Shapes: q, k (B, H, T, d_phi)
+# already feature-mapped; v (B, H, T, d_v); W (B, H, d_v, d_phi); z (B, H, d_phi). The state of one layer is (W, z),
+# with z None unless normalize is denom.
+
+EPS = 1e-6  # keeps the denominator and the sum normalisation finite when a feature vector is all zeros (relu)
+
+
+def state_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def linear_attention_loop(q, k, v, state=None, denom=True):
+    """The reference recurrence (the spec and the test oracle): one step per token, fp32 state."""
+    B, H, T, d_phi = k.shape
+    dt = state_dtype(q)
+    W, z = state if state is not None else (None, None)
+    W = q.new_zeros(B, H, v.shape[-1], d_phi, dtype=dt) if W is None else W.to(dt)
+    z = q.new_zeros(B, H, d_phi, dtype=dt) if z is None else z.to(dt)
+    ys = []
+    with torch.autocast(q.device.type, enabled=False):  # the state and its products stay fp32 under autocast
+        for q_t, k_t, v_t in zip(*(x.to(dt).unbind(2) for x in (q, k, v))):
+            W = W + v_t.unsqueeze(-1) * k_t.unsqueeze(-2)  # W_t = W_{t-1} + v_t k_t^T
+            y_t = (W @ q_t.unsqueeze(-1)).squeeze(-1)  # W_t q_t
+            if denom:
+                z = z + k_t  # z_t = z_{t-1} + k_t
+                y_t = y_t / ((z * q_t).sum(-1, keepdim=True) + EPS)  # / (z_t . q_t)
+            ys.append(y_t)
+    return torch.stack(ys, 2).to(q.dtype), (W, z if denom else None)
+
+
+def softmax_attention(q, k, v, cache=None):
+    """Causal softmax attention, the quadratic baseline. Its state is every past key and value (a KV cache)."""
+    if cache is not None:
+        k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+    T, P = q.shape[2], k.shape[2] - q.shape[2]  # P earlier positions in the cache
+    mask = None if P == 0 else torch.ones(T, P + T, dtype=torch.bool, device=q.device).tril(P)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=P == 0)
+    return y, (k, v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature maps phi: (..., d_head) -> (..., d_phi) (elu1 and relu are torch's)
+
+
+def dpfp(x, nu):
+    """DPFP-nu (Schlag et al. 2021, section 5.3, eq. 37): r = relu([x, -x]) (2 d), phi_{i 2d + j} = r_j r_{j+i}
+    for i = 1..nu (indices mod 2d): d_phi = 2 nu d, sparse, non-negative, and orthogonal for distinct signs."""
+    r = F.relu(torch.cat([x, -x], -1))
+    return torch.cat([r * r.roll(-i, -1) for i in range(1, nu + 1)], -1)
+
+
+def favor_projection(m, d, generator=None):
+    """m random directions (m, d) for FAVOR+: blocks of d orthogonal rows (Haar, via QR with the sign fix), each
+    row rescaled to the norm of a fresh Gaussian vector, so each row is marginally N(0, I_d) (Performer, ORF)."""
+    blocks = []
+    for _ in range(-(-m // d)):
+        Q, R = torch.linalg.qr(torch.randn(d, d, generator=generator))
+        blocks.append((Q * torch.sign(torch.diagonal(R))).T)
+    return torch.cat(blocks)[:m] * torch.randn(m, d, generator=generator).norm(dim=1, keepdim=True)
+
+
+def favor_features(x, omega):
+    """FAVOR+ positive random features (Choromanski et al. 2021, Lemma 1) on x scaled by d^(-1/4):
+    phi(x) = exp(omega x - |x|^2 / 2) / sqrt(m), so E[phi(q) . phi(k)] = exp(q . k / sqrt(d)), the softmax kernel."""
+    x = x * x.shape[-1] ** -0.25
+    omega = omega.to(x.dtype)
+    return torch.exp(x @ omega.T - x.pow(2).sum(-1, keepdim=True) / 2) / math.sqrt(omega.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers: plain modules built from keyword arguments, checked on construction.
+
+ATTNS = ("linear", "softmax")
+PHIS = ("elu1", "dpfp", "favor", "relu")
+NORMALIZES = ("denom", "sumnorm", "none")
+IMPLS = ("auto", "loop", "chunk", "parallel", "cuda")
+POS_ENCS = ("sin", "none")
+
+
+def check_model_args(flag="", **kw):
+    """The checks of the layers' and the model's keyword arguments (each constructor passes those it reads): a
+    ValueError naming the argument and the fix. check_args runs them on the flags (flag="--": the same messages)."""
+    choices = dict(attn=ATTNS, phi=PHIS, normalize=NORMALIZES, impl=IMPLS, pos_enc=POS_ENCS)
+    for key, value in kw.items():
+        if key in choices and value not in choices[key]:
+            raise ValueError(f"{flag}{key} must be one of {', '.join(choices[key])}, got {value!r}")
+        if key in ("vocab_size", "d_model", "n_head", "n_layer", "d_ff", "dpfp_nu", "n_features", "chunk_size"):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{flag}{key} must be an integer, got {value!r}")
+            if value <= 0:
+                raise ValueError(f"{flag}{key} must be positive, got {value}")
+    if "dropout" in kw and not 0 <= kw["dropout"] < 1:
+        raise ValueError(f"{flag}dropout must be in [0, 1), got {kw['dropout']}")
+    if "d_model" in kw and "n_head" in kw and kw["d_model"] % kw["n_head"]:
+        raise ValueError(f"{flag}d_model {kw['d_model']} is not divisible by {flag}n_head {kw['n_head']}; pick n_head "
+                         "dividing d_model.")
+
+
+class AttentionLayer(nn.Module):
+    """Multi-head linear (or softmax) attention: x (B, T, d_model) and a state or None (empty) -> y (B, T, d_model)
+    and the new state. attn linear: the state is (W, z), W (B, n_head, d_head, d_phi) and z (B, n_head, d_phi) (z None
+    unless normalize is denom), fp32 (float64 for float64 inputs), also under autocast; attn softmax: (K, V), every
+    past key and value, each (B, n_head, T_past, d_head).
+    phi: the feature map of q and k (feature_map; dpfp_nu for dpfp, n_features = d_phi for favor, whose random
+    projection omega is a buffer); normalize: denom (y = W q / (z . q)), sumnorm or none; impl: the sum rule's form
+    (linear_attention); chunk_size: C of the chunk form; scale_out: y / sqrt(d_head) before the output projection
+    (the official LM layers; linear attention only)."""
+
+    def __init__(self, d_model=128, n_head=4, attn="linear", phi="elu1", normalize="denom", dpfp_nu=1, n_features=64,
+                 impl="auto", chunk_size=64, scale_out=False):
+        super().__init__()
+        check_model_args(d_model=d_model, n_head=n_head, attn=attn, phi=phi, normalize=normalize, dpfp_nu=dpfp_nu,
+                         n_features=n_features, impl=impl, chunk_size=chunk_size)
+        self.d_model, self.n_head, self.d_head = d_model, n_head, d_model // n_head
+        self.attn, self.phi, self.dpfp_nu, self.normalize = attn, phi, dpfp_nu, normalize
+        self.impl, self.chunk_size, self.scale_out = impl, chunk_size, scale_out
+        self.d_phi = {"dpfp": 2 * dpfp_nu * self.d_head, "favor": n_features}.get(phi, self.d_head)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)  # W_q, W_k, W_v
+        self.out = nn.Linear(d_model, d_model, bias=False)
+        self.out_scale = self.d_head ** -0.5 if scale_out else 1.0
+        if attn == "linear" and phi == "favor":  # a buffer: moves with .to(), saved in checkpoints, never trained
+            self.register_buffer("omega", favor_projection(n_features, self.d_head))
+
+    def extra_repr(self):
+        s = f"d_model={self.d_model}, n_head={self.n_head}, d_head={self.d_head}, attn={self.attn!r}"
+        if self.attn == "softmax":
+            return s
+        nu = f", dpfp_nu={self.dpfp_nu}" if self.phi == "dpfp" else ""
+        return (s + f", phi={self.phi!r}{nu}, d_phi={self.d_phi}, normalize={self.normalize!r}, impl={self.impl!r}, "
+                f"chunk_size={self.chunk_size}, scale_out={self.scale_out}")
+
+    def feature_map(self, x):
+        """phi of q and k: (..., d_head) -> (..., d_phi); sumnorm divides by the sum."""
+        if self.phi == "elu1":
+            x = F.elu(x) + 1
+        elif self.phi == "relu":
+            x = F.relu(x)
+        elif self.phi == "dpfp":
+            x = dpfp(x, self.dpfp_nu)
+        else:
+            x = favor_features(x, self.omega)
+        return x / (x.sum(-1, keepdim=True) + EPS) if self.normalize == "sumnorm" else x
+
+    def forward(self, x, state=None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
+        if self.attn == "softmax":
+            y, state = softmax_attention(q, k, v, state)
+        else:
+            q, k = self.feature_map(q), self.feature_map(k)  # (B, H, T, d_phi)
+            y, state = linear_attention(q, k, v, state, self.normalize == "denom", self.impl, self.chunk_size)
+            y = y * self.out_scale
+        return self.out(y.transpose(1, 2).reshape(B, T, -1)), state
+
+    @torch.no_grad()
+    def redraw_features(self, generator=None):
+        """FAVOR+: a fresh random projection omega (from generator, or torch's global RNG)."""
+        self.omega.copy_(favor_projection(*self.omega.shape, generator=generator))
+
+
+class Block(nn.Module):
+    """x + Dropout(AttentionLayer(LN(x))), then x + FF(LN(x)) with FF = Linear, ReLU, Dropout, Linear, Dropout:
+    x (B, T, d_model) and the layer's state (as AttentionLayer) or None -> (B, T, d_model), the new state."""
+
+    def __init__(self, d_model=128, n_head=4, d_ff=512, dropout=0.0, attn="linear", phi="elu1", normalize="denom",
+                 dpfp_nu=1, n_features=64, impl="auto", chunk_size=64, scale_out=False):
+        super().__init__()
+        check_model_args(d_model=d_model, n_head=n_head, d_ff=d_ff, dropout=dropout, attn=attn, phi=phi,
+                         normalize=normalize, dpfp_nu=dpfp_nu, n_features=n_features, impl=impl, chunk_size=chunk_size)
+        self.d_model, self.d_ff, self.dropout = d_model, d_ff, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attn = AttentionLayer(d_model, n_head, attn, phi, normalize, dpfp_nu, n_features, impl, chunk_size,
+                                   scale_out)
+        self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Dropout(dropout),
+                                nn.Linear(d_ff, d_model), nn.Dropout(dropout))
+        self.drop = nn.Dropout(dropout)
+
+    def extra_repr(self):
+        return f"d_model={self.d_model}, d_ff={self.d_ff}, dropout={self.dropout}"
+
+    def forward(self, x, state=None):
+        y, state = self.attn(self.ln1(x), state)
+        x = x + self.drop(y)
+        return x + self.ff(self.ln2(x)), state
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+def sinusoidal(start, T, d, device=None):
+    """Positions start..start+T-1 as (T, d): PE[t, 2i] = sin(t / 10000^(2i/d)), PE[t, 2i+1] = cos(same)
+    (Vaswani et al. 2017, section 3.5)."""
+    t = torch.arange(start, start + T, device=device, dtype=torch.float32)[:, None]
+    angle = t / 10000 ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)  # (T, ceil(d/2))
+    return torch.stack([angle.sin(), angle.cos()], -1).flatten(-2)[:, :d]
+
+
+class LinearTransformer(nn.Module):
+    """Token ids (B, T) and a state (a list of n_layer layer states, as AttentionLayer, or None) -> logits
+    (B, T, vocab_size), the new state. Ids of shape (B, T, m) give m ids per position whose embeddings are summed (the
+    recall task). pos_enc: sin (sinusoidal positions added to the embedding) or none; the rest as Block."""
+
+    def __init__(self, vocab_size, d_model=128, n_head=4, n_layer=2, d_ff=512, dropout=0.0, pos_enc="none",
+                 attn="linear", phi="elu1", normalize="denom", dpfp_nu=1, n_features=64, impl="auto", chunk_size=64,
+                 scale_out=False):
+        super().__init__()
+        check_model_args(vocab_size=vocab_size, d_model=d_model, n_head=n_head, n_layer=n_layer, d_ff=d_ff,
+                         dropout=dropout, pos_enc=pos_enc, attn=attn, phi=phi, normalize=normalize, dpfp_nu=dpfp_nu,
+                         n_features=n_features, impl=impl, chunk_size=chunk_size)
+        self.vocab_size, self.d_model, self.n_layer, self.pos_enc = vocab_size, d_model, n_layer, pos_enc
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_head, d_ff, dropout, attn, phi, normalize, dpfp_nu, n_features,
+                                          impl, chunk_size, scale_out) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+
+    def extra_repr(self):
+        return f"vocab_size={self.vocab_size}, d_model={self.d_model}, n_layer={self.n_layer}, pos_enc={self.pos_enc!r}"
+
+    def forward(self, idx, state=None, pos=0):
+        """pos: the position of idx[:, 0] (positions restart at 0 in every call unless the caller counts)."""
+        x = self.embed(idx) if idx.dim() == 2 else self.embed(idx).sum(-2)
+        if self.pos_enc == "sin":
+            x = x + sinusoidal(pos, idx.shape[1], x.shape[-1], x.device).to(x.dtype)
+        state = state or [None] * len(self.blocks)
+        new_state = []
+        for block, s in zip(self.blocks, state):
+            x, s = block(x, s)
+            new_state.append(s)
+        return self.head(self.ln_f(x)), new_state
+
+    def redraw_features(self, generator=None):
+        """FAVOR+: a fresh random projection in every layer (from generator, or torch's global RNG, which training
+        uses and checkpoints save)."""
+        for block in self.blocks:
+            if hasattr(block.attn, "omega"):
+                block.attn.redraw_features(generator)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast forms of the sum rule: chunkwise, parallel (the attention form), the fused recurrent kernel (CUDA), and
+# linear_attention, which picks one (impl).
+
+
+def sum_rule_chunk(q, k, v, W=None, chunk_size=64):
+    """Chunkwise form of the plain sum rule (y_t = W_t q_t): within a chunk of C steps the outputs are a causal
+    (C x C) masked matmul, across chunks the state is a prefix sum of the chunks' writes K_n^T V_n:
+        W_n = W_0 + sum_{m<n} V_m^T K_m        Y_n = Q_n W_n^T + tril(Q_n K_n^T) V_n
+    No step depends on another through a nonlinearity, so all chunks run at once (autograd does the backward)."""
+    B, H, T, d_phi = k.shape
+    d_v, dt = v.shape[-1], state_dtype(q)
+    C = min(chunk_size, T)
+    N = -(-T // C)
+
+    def chunks(x):  # (B, H, T, D) -> (B, H, N, C, D), zero-padded; a zero key writes nothing
+        return F.pad(x.to(dt), (0, 0, 0, N * C - T)).reshape(B, H, N, C, x.shape[-1])
+
+    W0 = q.new_zeros(B, H, d_v, d_phi, dtype=dt) if W is None else W.to(dt)
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v = chunks(q), chunks(k), chunks(v)
+        writes = v.transpose(-1, -2) @ k  # (B, H, N, d_v, d_phi): sum over the chunk of v_t k_t^T
+        W_n = torch.cat([W0.unsqueeze(2), writes], 2).cumsum(2)  # (B, H, N + 1, d_v, d_phi): W at chunk starts
+        y = q @ W_n[:, :, :-1].transpose(-1, -2) + (q @ k.transpose(-1, -2)).tril() @ v  # inter + intra chunk
+    return y.reshape(B, H, N * C, d_v)[:, :, :T], W_n[:, :, -1]
+
+
+def sum_rule_parallel(q, k, v, W=None):
+    """The attention form: Y = tril(Q K^T) V (+ Q W_0^T). Quadratic in T; the short-T test oracle."""
+    dt = state_dtype(q)
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+        y = (q @ k.transpose(-1, -2)).tril() @ v  # (B, H, T, T) scores, causal mask
+        W_T = v.transpose(-1, -2) @ k  # the fast weight the T writes add up to
+        if W is not None:
+            y, W_T = y + q @ W.to(dt).transpose(-1, -2), W_T + W.to(dt)
+    return y, W_T
+
+
+class SumRuleCUDA(torch.autograd.Function):
+    """The recurrent sum rule as one fused kernel (cuda_kernels.cu, delta=False): fp32 state."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, W0):
+        y, W, _ = cuda_kernels().forward(q, k, v, q.new_empty(0), q.new_empty(0) if W0 is None else W0, False)
+        ctx.save_for_backward(q, k, v, W)
+        ctx.has_W0 = W0 is not None
+        return y, W
+
+    @staticmethod
+    def backward(ctx, dy, dW):
+        q, k, v, W = ctx.saved_tensors
+        dy = v.new_zeros(v.shape) if dy is None else dy.contiguous()
+        dW = W.new_empty(0) if dW is None else dW.contiguous()
+        dq, dk, dv, _, dW0 = cuda_kernels().backward(q, k, v, q.new_empty(0), q.new_empty(0), W, dy, dW, False)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dW0 if ctx.has_W0 else None
+
+
+def linear_attention(q, k, v, state=None, denom=True, impl="auto", chunk_size=64):
+    """Dispatch to an implementation; all take and return the state (W, z). auto: on a CUDA device the kernel
+    for T < 1024 (d_phi <= 128), where it was fastest on an H200 (README), else chunk. loop is the recurrence; the
+    fast forms compute the plain sum rule, and the denominator rides along as one more value row: z_t . q_t =
+    sum_{i<=t} (k_i . q_t) * 1, so the sum rule on v_t extended by a constant 1 stores z as W's last row.
+    An unknown impl is a ValueError."""
+    check_model_args(impl=impl)
+    if impl == "loop":
+        return linear_attention_loop(q, k, v, state, denom)
+    W, z = state if state is not None else (None, None)
+    if denom:
+        v = torch.cat([v, torch.ones_like(v[..., :1])], -1)  # (B, H, T, d_v + 1)
+        if W is not None:
+            z = W.new_zeros(W.shape[:2] + W.shape[-1:]) if z is None else z
+            W = torch.cat([W, z.unsqueeze(-2)], -2)  # (B, H, d_v + 1, d_phi)
+    use_kernel = impl == "cuda" or (impl == "auto" and q.shape[2] < 1024)  # measured: chunk wins from T = 1024
+    if use_kernel and q.is_cuda and k.shape[-1] <= 128 and cuda_kernels() is not None:
+        dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)  # autocast may mix bf16 and fp32
+        q_, k_, v_ = (x.to(dt).contiguous() for x in (q, k, v))
+        y, W = SumRuleCUDA.apply(q_, k_, v_, None if W is None else W.contiguous())
+    elif impl == "parallel":
+        y, W = sum_rule_parallel(q, k, v, W)
+    else:
+        y, W = sum_rule_chunk(q, k, v, W, chunk_size)
+    y, z = y.to(state_dtype(q)), None
+    if denom:
+        y, W, z = y[..., :-1] / (y[..., -1:] + EPS), W[..., :-1, :], W[..., -1, :]  # W q / (z . q), then split
+    return y.to(q.dtype), (W, z)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks
+
+
+def recall_batch(batch_size, n_pairs, vocab_size, gen, repeat_keys=False):
+    """Associative recall (Schlag et al. 2021, section 4.1): n_pairs key-value pairs are written, then n_pairs
+    queries follow in a random order and the model must output the value of each queried key. Each position
+    holds two ids whose embeddings are summed: (key, value) while writing, (key, blank) while querying. Keys come
+    from [0, V/2), values from [V/2, V); blank = V. Targets are -100 (no loss) while writing.
+    Default: keys are distinct and every key is queried once. n_pairs=3, V=16:
+        x: (3,12) (5,9) (1,14) | (5,16) (1,16) (3,16)
+        y:   .      .     .    |    9     14     12
+    repeat_keys: keys are drawn with replacement (the paper's setting 2), so a key may be written again with a
+    new value, and the target is the value of its latest write: the memory must overwrite, not only add. The
+    queries are the written keys in a random order (a repeated key is asked as often as it was written):
+        x: (3,12) (5,9) (3,14) | (3,16) (5,16) (3,16)
+        y:   .      .     .    |   14     9     14
+    """
+    half = vocab_size // 2
+    if repeat_keys:
+        keys = torch.randint(0, half, (batch_size, n_pairs), generator=gen)
+    else:
+        keys = torch.rand(batch_size, half, generator=gen).argsort(-1)[:, :n_pairs]
+    values = torch.randint(half, vocab_size, (batch_size, n_pairs), generator=gen)
+    order = torch.rand(batch_size, n_pairs, generator=gen).argsort(-1)
+    asked = keys.gather(1, order)  # (B, n_pairs)
+    # index of the latest write of each asked key: the largest position j with keys[j] == asked key
+    written = (keys[:, None, :] == asked[:, :, None]) * torch.arange(1, n_pairs + 1)  # (B, n_pairs, n_pairs)
+    answer = values.gather(1, written.argmax(-1))
+    queries = torch.stack([asked, torch.full_like(keys, vocab_size)], -1)
+    x = torch.cat([torch.stack([keys, values], -1), queries], 1)  # (B, 2 n_pairs, 2)
+    y = torch.cat([torch.full_like(values, -100), answer], 1)  # (B, 2 n_pairs)
+    return x, y
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line and the model: build_model maps the flags to LinearTransformer's keywords (each flag has its
+# keyword's name); check_args checks a command line's values, the model's through the constructors' own checks.
+
+MODEL_FLAGS = ("d_model", "n_head", "n_layer", "d_ff", "dropout", "pos_enc", "attn", "phi", "normalize", "dpfp_nu",
+               "n_features", "impl", "chunk_size", "scale_out")
+
+
+def build_model(args, vocab_size):
+    return LinearTransformer(vocab_size, **{name: getattr(args, name) for name in MODEL_FLAGS})
+
+
 def check_args(args):
-    choices = dict(task=("recall", "lm"), tokenizer=("word", "char"), attn=("linear", "softmax"),
-                   phi=("elu1", "dpfp", "favor", "relu"), normalize=("denom", "sumnorm", "none"),
-                   pos_enc=("auto", "sin", "none"), impl=("auto", "loop", "chunk", "parallel", "cuda"),
+    """What only the command line knows (the task and training flags, --pos_enc auto, flag combinations); the model's
+    flags through check_model_args. An error exits with its one-line message (status 2)."""
+    choices = dict(task=("recall", "lm"), tokenizer=("word", "char"), pos_enc=("auto", *POS_ENCS),
                    dtype=("float32", "bfloat16"))
     for key, allowed in choices.items():
         if getattr(args, key) not in allowed:
             fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(args, key)!r}")
-    for key in ("d_model", "n_layer", "n_head", "d_ff", "batch_size", "steps", "eval_every", "eval_batches",
-                "chunk_size", "seq_len", "n_pairs", "vocab_size", "bench_d", "dpfp_nu", "n_features"):
+    if args.pos_enc == "auto":
+        args.pos_enc = "sin" if (args.attn == "softmax" or args.task == "lm" and not args.carry_state) else "none"
+    try:
+        check_model_args("--", **{name: getattr(args, name) for name in MODEL_FLAGS})
+    except ValueError as e:
+        fail(str(e))
+    for key in ("batch_size", "steps", "eval_every", "eval_batches", "seq_len", "n_pairs", "vocab_size", "bench_d"):
         if getattr(args, key) <= 0:
             fail(f"--{key} must be positive, got {getattr(args, key)}")
     for key in ("seed", "sample", "weight_decay"):
@@ -492,16 +570,10 @@ def check_args(args):
             fail(f"--{key} must be non-negative, got {getattr(args, key)}")
     if args.temperature <= 0:
         fail(f"--temperature must be positive (lower is greedier), got {args.temperature}")
-    if args.pos_enc == "auto":
-        args.pos_enc = "sin" if (args.attn == "softmax" or args.task == "lm" and not args.carry_state) else "none"
-    if args.d_model % args.n_head:
-        fail(f"--d_model {args.d_model} is not divisible by --n_head {args.n_head}; pick n_head dividing d_model.")
     if args.task == "recall" and not args.repeat_keys and 2 * args.n_pairs > args.vocab_size:
         fail(f"--n_pairs {args.n_pairs} needs --vocab_size of at least {2 * args.n_pairs} (distinct keys in one half).")
-    if (not 0 <= args.dropout < 1 or args.lr <= 0
-            or min(args.warmup, args.grad_clip, args.stop_at, args.favor_redraw) < 0):
-        fail("--dropout must be in [0, 1); --lr positive; --warmup, --grad_clip, --stop_at and --favor_redraw "
-             "non-negative.")
+    if args.lr <= 0 or min(args.warmup, args.grad_clip, args.stop_at, args.favor_redraw) < 0:
+        fail("--lr must be positive; --warmup, --grad_clip, --stop_at and --favor_redraw non-negative.")
     if not 0 <= args.beta2 < 1 or not 0 <= args.lr_min <= 1:
         fail(f"--beta2 must be in [0, 1) and --lr_min in [0, 1], got {args.beta2} and {args.lr_min}.")
     if args.attn == "softmax" and args.carry_state:
@@ -589,7 +661,7 @@ def sample(args, device):
     if train_args.task != "lm":
         fail(f"the checkpoint at {path} was trained on --task {train_args.task}, not lm; it cannot generate text")
     train_args.impl = args.impl
-    model = LinearTransformer(train_args, len(vocab)).to(device)
+    model = build_model(train_args, len(vocab)).to(device)
     model.load_state_dict(ckpt["model"])
     model.eval()
     index = {s: i for i, s in enumerate(vocab)}
@@ -683,7 +755,7 @@ def train(args):
         task = load_task(args, rank, world)
     except data.DataError as e:
         fail(str(e))
-    model = LinearTransformer(args, task["vocab_size"]).to(device)
+    model = build_model(args, task["vocab_size"]).to(device)
     opt = build_optimizer(model, args)
     step, state, ckpt_path = 0, None, os.path.join(args.out_dir, "ckpt.pt")
     if args.resume:
@@ -833,13 +905,36 @@ def bench(args):
 
 # ----------------------------------------------------------------------------------------------
 # Scaffolding, the same in every script: command line (from the Args fields and their docstrings), errors,
-# device, checkpoint writes, seeds and --resume, metrics. Nothing here is specific to the method.
+# the CUDA kernels' loader, device, checkpoint writes, seeds and --resume, metrics. Nothing here is specific to the
+# method.
 
 
 def fail(msg):
     """A user error: one message, non-zero exit, no traceback."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+_CUDA_KERNELS = None  # the loaded extension; False once a build failed
+
+
+def cuda_kernels():
+    """Build and load cuda_kernels.cu on first use (never at import), under a module name holding a hash of
+    the source, so an edit rebuilds and two scripts never clash. None, after one warning, if that fails."""
+    global _CUDA_KERNELS
+    if _CUDA_KERNELS is None:
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_kernels.cu")
+        try:
+            from torch.utils.cpp_extension import load
+
+            with open(src, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()[:16]
+            _CUDA_KERNELS = load(f"fwp_kernels_{digest}", [src], extra_cuda_cflags=["-O3"], verbose=False)
+        except Exception as e:  # no nvcc, no file, a compile error: the PyTorch path still works
+            print(f"warning: cuda_kernels.cu unavailable ({type(e).__name__}: {str(e)[-2000:]}); using --impl chunk",
+                  file=sys.stderr)
+            _CUDA_KERNELS = False
+    return _CUDA_KERNELS or None
 
 
 def print_help():
@@ -971,3 +1066,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+

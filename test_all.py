@@ -560,23 +560,31 @@ def lt_args(**kw):
     return linear_transformer.parse_args(["--preset", "tiny"] + [s for k, v in kw.items() for s in (f"--{k}", str(v))])
 
 
+def lt_model(vocab_size=16, **kw):
+    """LinearTransformer from keywords, at the tiny preset's sizes unless kw says otherwise (weights from the seed 0)."""
+    torch.manual_seed(0)
+    return linear_transformer.LinearTransformer(vocab_size, **{**dict(d_model=32, n_head=2, n_layer=1, d_ff=64), **kw})
+
+
 @pytest.mark.parametrize("normalize", ["denom", "sumnorm", "none"])
 @pytest.mark.parametrize("phi", ["elu1", "dpfp", "favor", "relu"])
 def test_lt_model_impls_agree_and_carry_state(phi, normalize):
-    """The whole model for every phi and normalisation: loop = chunk = parallel logits, and segment by segment
-    (state carried, z included) = all at once."""
-    torch.manual_seed(0)
-    model = linear_transformer.LinearTransformer(lt_args(phi=phi, normalize=normalize, n_layer=2, dpfp_nu=2,
-                                                         n_features=24, impl="loop"), 16).double()
-    x = torch.randint(0, 16, (3, 29))
+    """The whole model for every phi and normalisation: loop = chunk (C = 8) = parallel logits and final states, and
+    segment by segment (state carried, z included) = all at once."""
+    kw = dict(phi=phi, normalize=normalize, n_layer=2, dpfp_nu=2, n_features=24)
+    model = lt_model(**kw, impl="loop").double()
+    x = torch.randint(0, 16, (3, 29), generator=torch.Generator().manual_seed(1))
     logits_loop, state_loop = model(x)
     assert state_loop[0][0].shape == (3, 2, 16, {"dpfp": 64, "favor": 24}.get(phi, 16))  # (B, H, d_head, d_phi)
     assert (state_loop[0][1] is not None) == (normalize == "denom")
     for impl in ("chunk", "parallel"):
-        for block in model.blocks:
-            block.attn.impl, block.attn.chunk_size = impl, 8
-        logits, _ = model(x)
+        other = lt_model(**kw, impl=impl, chunk_size=8).double()
+        other.load_state_dict(model.state_dict())  # the weights and FAVOR+'s projection
+        logits, state = other(x)
         torch.testing.assert_close(logits, logits_loop, rtol=1e-10, atol=1e-10)
+        for layer, layer_loop in zip(state, state_loop):
+            for a, b in zip(layer, layer_loop):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     part1, s = model(x[:, :11])
     part2, s = model(x[:, 11:], s)
     torch.testing.assert_close(torch.cat([part1, part2], 1), logits_loop, rtol=1e-10, atol=1e-10)
@@ -679,10 +687,9 @@ def test_lt_smoke_lm_and_sample(tmp_path, attn):
 
 @pytest.mark.parametrize("pos_enc", ["none", "sin"])
 def test_lt_sample_state_matches_parallel(pos_enc):
-    torch.manual_seed(0)
     for attn in ("linear", "softmax"):
-        model = linear_transformer.LinearTransformer(lt_args(attn=attn, pos_enc=pos_enc), 16).double().eval()
-        x = torch.randint(0, 16, (1, 9))
+        model = lt_model(attn=attn, pos_enc=pos_enc).double().eval()
+        x = torch.randint(0, 16, (1, 9), generator=torch.Generator().manual_seed(1))
         logits, _ = model(x)
         s = None
         for t in range(9):
@@ -702,8 +709,7 @@ def test_lt_pos_enc_breaks_the_softmax_baselines_permutation_invariance():
     x_perm = torch.cat([x[:, :-1][:, torch.randperm(11)], x[:, -1:]], 1)
     assert not torch.equal(x, x_perm)
     for pos_enc, invariant in (("none", True), ("sin", False)):
-        torch.manual_seed(1)
-        model = linear_transformer.LinearTransformer(lt_args(attn="softmax", pos_enc=pos_enc), 16).double().eval()
+        model = lt_model(attn="softmax", pos_enc=pos_enc).double().eval()
         last, last_perm = model(x)[0][:, -1], model(x_perm)[0][:, -1]
         assert torch.allclose(last, last_perm, rtol=1e-10, atol=1e-12) == invariant
         assert (last - last_perm).abs().max() > 1e-3 or invariant
@@ -714,18 +720,14 @@ def test_dn_lt_scale_out_multiplies_the_fast_weight_output(script):
     """--scale_out: the official LM layers' y / sqrt(d_head) before the output projection (linear, so the layer's
     output is exactly the unscaled one times d_head^-1/2); the paper preset turns it on with the positions."""
     mod = {"delta_net": delta_net, "linear_transformer": linear_transformer}[script]
-    args = lambda **kw: mod.parse_args(["--preset", "tiny"] + [s for k, v in kw.items() for s in (f"--{k}", str(v))])
+    layer = mod.DeltaLayer if script == "delta_net" else mod.AttentionLayer
     torch.manual_seed(0)
-    if script == "delta_net":
-        plain, scaled = mod.DeltaLayer(d_model=32, n_head=2).double(), mod.DeltaLayer(d_model=32, n_head=2, scale_out=True)
-    else:
-        plain, scaled = mod.AttentionLayer(args()).double(), mod.AttentionLayer(args(scale_out="true"))
-    scaled = scaled.double()
+    plain, scaled = layer(d_model=32, n_head=2).double(), layer(d_model=32, n_head=2, scale_out=True).double()
     scaled.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 7, plain.out.in_features, dtype=torch.float64)
-    d_head = plain.out.in_features // args().n_head
-    torch.testing.assert_close(scaled(x)[0], plain(x)[0] / math.sqrt(d_head))
-    assert mod.parse_args(["--preset", "paper"]).scale_out and mod.parse_args(["--preset", "paper"]).pos_enc == "sin"
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(scaled(x)[0], plain(x)[0] / math.sqrt(16))
+    paper = mod.build_model(mod.parse_args(["--preset", "paper"]), 10)
+    assert paper.pos_enc == "sin" and all(block.attn.scale_out for block in paper.blocks)
     assert mod.parse_args(["--task", "lm"]).pos_enc == "sin" and mod.parse_args([]).pos_enc == "none"
 
 
