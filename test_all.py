@@ -217,6 +217,27 @@ def test_dn_autocast_keeps_state_fp32():
         (y.sum() + W.sum()).backward()
 
 
+def test_dn_bf16_inputs_keep_state_fp32():
+    """bf16 q, k, v, beta (as autocast gives them): the state returned is fp32 in both forms, a carried one too, and
+    equals the float64 result on the same rounded inputs to fp32 accuracy; so is each layer's state of the model
+    under CPU bf16 autocast."""
+    x = [t.detach().to(torch.bfloat16) for t in delta_inputs(T=20, d_k=8, d_v=8, state=False)[:4]]
+    _, W_ref = delta_net.delta_rule_loop(*[t.double() for t in x])
+    for impl in ("loop", "chunk"):
+        y, W = delta_net.delta_rule(*x, impl=impl, chunk_size=8)
+        assert y.dtype == torch.bfloat16 and W.dtype == torch.float32, impl
+        assert (W.double() - W_ref).norm() / W_ref.norm() < 1e-5, impl
+        _, W = delta_net.delta_rule(*x, W, impl=impl, chunk_size=8)
+        assert W.dtype == torch.float32, impl
+    model = dn_model(n_layer=2)
+    ids = torch.randint(0, 16, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, state = model(ids)
+        assert [W.dtype for W in state] == [torch.float32] * 2
+        _, state = model(ids, state)
+    assert [W.dtype for W in state] == [torch.float32] * 2
+
+
 def test_dn_chunk_fp32_close_to_float64_loop():
     x64 = [t.detach() for t in delta_inputs(B=2, H=2, T=300, d_k=64, d_v=64)]
     y64, W64 = delta_net.delta_rule_loop(*x64)
@@ -256,13 +277,32 @@ def test_dn_model_impls_agree_and_carry_state(qk_map):
         torch.testing.assert_close(W1, W2, rtol=1e-10, atol=1e-10)
 
 
-def test_dn_feature_maps():
-    x = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
-    phi = delta_net.DeltaLayer(d_model=32, n_head=2).feature_map(x)
-    assert (phi > 0).all()
-    torch.testing.assert_close(phi.sum(-1), torch.ones(5))  # sumnorm(elu + 1)
-    l2 = delta_net.DeltaLayer(d_model=32, n_head=2, qk_map="l2")
-    torch.testing.assert_close(l2.feature_map(x).norm(dim=-1), torch.ones(5))
+def dn_phi_by_hand(x, qk_map):
+    """elu_sumnorm: sumnorm(elu(x) + 1), elu(x) + 1 = x + 1 for x > 0 and exp(x) else; l2: silu(x) / |silu(x)|, silu(x)
+    = x sigmoid(x) = x / (1 + exp(-x))."""
+    if qk_map == "l2":
+        s = x / (1 + torch.exp(-x))
+        return s / s.pow(2).sum(-1, keepdim=True).sqrt()
+    e = torch.where(x > 0, x + 1, torch.exp(x))
+    return e / e.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("qk_map", ["elu_sumnorm", "l2"])
+def test_dn_feature_maps(qk_map):
+    """Each feature map against its formula written out, and the layer's output against the equations by hand: its
+    projections, that map, beta = sigmoid(w_beta x), the reference loop, the output projection."""
+    g = torch.Generator().manual_seed(0)
+    x = 2 * torch.randn(4, 7, 16, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    layer = delta_net.DeltaLayer(d_model=32, n_head=2, qk_map=qk_map).double()
+    torch.testing.assert_close(layer.feature_map(x), dn_phi_by_hand(x, qk_map), rtol=1e-12, atol=1e-12)
+    h = torch.randn(2, 9, 32, generator=g, dtype=torch.float64)
+    q, k, v = (h @ layer.qkv.weight.T).view(2, 9, 3, 2, 16).permute(2, 0, 3, 1, 4)  # (B, H, T, d_head) each
+    beta = torch.sigmoid(h @ layer.w_beta.weight.T).transpose(1, 2)
+    y, W = delta_net.delta_rule_loop(dn_phi_by_hand(q, qk_map), dn_phi_by_hand(k, qk_map), v, beta)
+    out, state = layer(h)
+    torch.testing.assert_close(out, y.transpose(1, 2).reshape(2, 9, 32) @ layer.out.weight.T, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state, W, rtol=1e-10, atol=1e-10)
 
 
 def test_dn_recall_batch_structure():
@@ -326,6 +366,95 @@ def test_dn_summed_embeddings_for_id_tuples():
     ids = torch.randint(0, 10, (2, 5, 2), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(model.embed(ids).sum(-2), model.embed(ids[..., 0]) + model.embed(ids[..., 1]))
     assert model(ids)[0].shape == (2, 5, 10)
+
+
+def run_in_bare_folder(tmp_path, script, code):
+    """Python code run in a folder holding only the script, data.py and cuda_kernels.cu (what a user copies), with
+    nothing from this folder on the path; returns its stdout."""
+    for f in (script, "data.py", "cuda_kernels.cu"):
+        shutil.copy(os.path.join(HERE, f), tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted([script, "data.py", "cuda_kernels.cu"])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+DN_LAYER_USE = """
+import os, torch
+import delta_net
+from delta_net import DeltaLayer
+assert os.path.dirname(os.path.abspath(delta_net.__file__)) == os.getcwd()
+torch.manual_seed(0)
+layer = DeltaLayer(d_model=64, n_head=4)
+x = torch.randn(2, 10, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+y, W = layer(x)  # no state: W starts at zeros
+assert y.shape == (2, 10, 64) and W.shape == (2, 4, 16, 16) and W.dtype == torch.float32
+y1, W1 = layer(x[:, :6])
+y2, W2 = layer(x[:, 6:], W1)  # the state carried into the next call
+torch.testing.assert_close(torch.cat([y1, y2], 1), y)
+torch.testing.assert_close(W2, W)
+(y2.square().sum() + W2.sum()).backward()
+assert x.grad.abs().sum() > 0 and all(p.grad.abs().sum() > 0 for p in layer.parameters())
+for kw, name in ((dict(n_head=5), "n_head"), (dict(impl="chunkk"), "impl")):
+    try:
+        DeltaLayer(d_model=64, **kw)
+    except ValueError as e:
+        assert name in str(e), e
+        print(e)
+    else:
+        raise AssertionError(kw)
+"""
+
+
+def test_dn_layer_keyword_construction(tmp_path):
+    """DeltaLayer imported and used from a copy of the script: keywords, forward and backward with and without a
+    carried state, and a bad keyword is a ValueError naming it."""
+    out = run_in_bare_folder(tmp_path, "delta_net.py", DN_LAYER_USE)
+    assert "not divisible by n_head 5" in out and "impl must be one of" in out
+
+
+def test_dn_constructors_check_their_arguments():
+    """Every layer and the model: a bad keyword is a ValueError naming it and the fix, the command line's message
+    without its dashes; delta_rule checks impl too."""
+    cases = [(dict(d_model=30, n_head=4), "d_model 30 is not divisible by n_head 4; pick n_head dividing d_model"),
+             (dict(impl="chunkk"), "impl must be one of auto, loop, chunk, cuda, chunk_cuda, got 'chunkk'"),
+             (dict(qk_map="elu"), "qk_map must be one of"), (dict(chunk_size=0), "chunk_size must be positive"),
+             (dict(n_head=-2), "n_head must be positive"), (dict(d_model=32.0), "d_model must be an integer")]
+    for cls in (delta_net.DeltaLayer, delta_net.Block, delta_net.DeltaNet):
+        for kw, message in cases:
+            with pytest.raises(ValueError, match=re.escape(message)):
+                cls(**({"vocab_size": 16} if cls is delta_net.DeltaNet else {}), **kw)
+    for kw, message in [(dict(d_ff=0), "d_ff must be positive"), (dict(dropout=1.0), "dropout must be in [0, 1)")]:
+        for cls in (delta_net.Block, delta_net.DeltaNet):
+            with pytest.raises(ValueError, match=re.escape(message)):
+                cls(**({"vocab_size": 16} if cls is delta_net.DeltaNet else {}), **kw)
+    for kw, message in [(dict(vocab_size=0), "vocab_size must be positive"), (dict(n_layer=0), "n_layer must be "),
+                        (dict(pos_enc="auto"), "pos_enc must be one of sin, none")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            delta_net.DeltaNet(**{"vocab_size": 16, **kw})
+    with pytest.raises(ValueError, match="impl must be one of"):
+        delta_net.delta_rule(*delta_inputs(T=3)[:4], impl="chunkk")
+
+
+def test_dn_build_model_maps_every_flag_and_the_defaults_are_the_command_lines():
+    import inspect
+
+    defaults = delta_net.parse_args([])
+    for cls in (delta_net.DeltaLayer, delta_net.Block, delta_net.DeltaNet):
+        for name, p in inspect.signature(cls).parameters.items():
+            assert p.default is inspect.Parameter.empty or p.default == getattr(defaults, name), (cls, name)
+    args = tiny_args(task="lm", d_model=48, n_head=3, n_layer=3, d_ff=40, dropout=0.25, qk_map="l2", impl="loop",
+                     chunk_size=8, scale_out="true")
+    assert args.pos_enc == "sin"
+    torch.manual_seed(0)
+    built = delta_net.build_model(args, 17)
+    torch.manual_seed(0)
+    by_hand = delta_net.DeltaNet(17, d_model=48, n_head=3, n_layer=3, d_ff=40, dropout=0.25, pos_enc="sin",
+                                 qk_map="l2", impl="loop", chunk_size=8, scale_out=True)
+    assert repr(built) == repr(by_hand)
+    for a, b in zip(built.state_dict().values(), by_hand.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -578,6 +707,29 @@ def test_lt_autocast_keeps_state_fp32():
         torch.testing.assert_close(y, y_ref)
 
 
+def test_lt_bf16_inputs_keep_state_fp32():
+    """bf16 q, k, v (as autocast gives them): the state (W, z) returned is fp32 in every form, a carried one too, and
+    equals the float64 result on the same rounded inputs to fp32 accuracy; so is each layer's state of the model
+    under CPU bf16 autocast."""
+    q, k, v = (t.detach().to(torch.bfloat16) for t in lt_inputs(T=20)[:3])
+    _, ref = linear_attention(q.double(), k.double(), v.double(), None, True, "loop")
+    for impl in ("loop", "chunk", "parallel"):
+        y, state = linear_attention(q, k, v, None, True, impl, 8)
+        assert y.dtype == torch.bfloat16 and [s.dtype for s in state] == [torch.float32] * 2, impl
+        for a, b in zip(state, ref):
+            assert (a.double() - b).norm() / b.norm() < 1e-5, impl
+        _, state = linear_attention(q, k, v, state, True, impl, 8)
+        assert [s.dtype for s in state] == [torch.float32] * 2, impl
+    for phi in ("elu1", "favor"):
+        model = lt_model(n_layer=2, phi=phi)
+        ids = torch.randint(0, 16, (2, 9), generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, state = model(ids)
+            assert [s.dtype for layer in state for s in layer] == [torch.float32] * 4, phi
+            _, state = model(ids, state)
+        assert [s.dtype for layer in state for s in layer] == [torch.float32] * 4, phi
+
+
 def lt_args(**kw):
     return linear_transformer.parse_args(["--preset", "tiny"] + [s for k, v in kw.items() for s in (f"--{k}", str(v))])
 
@@ -640,6 +792,48 @@ def test_lt_dpfp_dimension_and_formula():
     assert (phi >= 0).all()
 
 
+def lt_phi_by_hand(x, layer):
+    """The layer's feature map written out: elu1 x + 1 for x > 0 and exp(x) else; relu max(x, 0); dpfp
+    phi_{(i-1) 2d + j} = r_j r_{(j + i) mod 2d}, r = relu([x, -x]); favor exp(omega x' - |x'|^2 / 2) / sqrt(m) with
+    x' = x / d^(1/4); sumnorm then divides by the sum (+ EPS)."""
+    d = x.shape[-1]
+    if layer.phi == "elu1":
+        phi = torch.where(x > 0, x + 1, torch.exp(x))
+    elif layer.phi == "relu":
+        phi = torch.where(x > 0, x, torch.zeros_like(x))
+    elif layer.phi == "dpfp":
+        r = torch.cat([x, -x], -1)
+        r = torch.where(r > 0, r, torch.zeros_like(r))
+        phi = torch.stack([r[..., j] * r[..., (j + i) % (2 * d)] for i in range(1, layer.dpfp_nu + 1)
+                           for j in range(2 * d)], -1)
+    else:
+        xs = x / d**0.25
+        phi = torch.exp(xs @ layer.omega.T - (xs * xs).sum(-1, keepdim=True) / 2) / layer.omega.shape[0] ** 0.5
+    return phi / (phi.sum(-1, keepdim=True) + linear_transformer.EPS) if layer.normalize == "sumnorm" else phi
+
+
+@pytest.mark.parametrize("phi", ["elu1", "dpfp", "favor", "relu"])
+def test_lt_feature_maps(phi):
+    """Each feature map (and normalisation) against its formula written out, and the layer's output against the
+    equations by hand: its projections, that map, the reference loop, the output projection."""
+    g = torch.Generator().manual_seed(0)
+    x = 2 * torch.randn(4, 7, 16, generator=g, dtype=torch.float64)
+    h = torch.randn(2, 9, 32, generator=g, dtype=torch.float64)
+    for normalize in ("denom", "sumnorm", "none"):
+        torch.manual_seed(0)
+        layer = linear_transformer.AttentionLayer(d_model=32, n_head=2, phi=phi, normalize=normalize, dpfp_nu=2,
+                                                  n_features=24).double()
+        assert layer.feature_map(x).shape[-1] == layer.d_phi == {"dpfp": 64, "favor": 24}.get(phi, 16)
+        torch.testing.assert_close(layer.feature_map(x), lt_phi_by_hand(x, layer), rtol=1e-12, atol=1e-12)
+        q, k, v = (h @ layer.qkv.weight.T).view(2, 9, 3, 2, 16).permute(2, 0, 3, 1, 4)  # (B, H, T, d_head) each
+        y, (W, z) = linear_transformer.linear_attention_loop(lt_phi_by_hand(q, layer), lt_phi_by_hand(k, layer), v,
+                                                             None, normalize == "denom")
+        out, state = layer(h)
+        expected = y.transpose(1, 2).reshape(2, 9, 32) @ layer.out.weight.T
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(state[0], W, rtol=1e-10, atol=1e-10)
+
+
 def test_lt_favor_is_an_unbiased_softmax_kernel_estimate():
     """E[phi(q) . phi(k)] = exp(q . k / sqrt(d)) (fixed seed): the mean over 4000 independent draws of the
     orthogonal projection lies within 4 standard errors of the exact kernel for every pair, and those errors
@@ -678,6 +872,92 @@ def test_lt_favor_redraw_is_saved_and_resume_is_exact(tmp_path):
     assert_same_run(split, full)  # each step once: the killed run's lines past step 10 are gone
     omega_20 = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["model"]["blocks.0.attn.omega"]
     assert not torch.equal(omega_10, omega_20)
+
+
+LT_LAYER_USE = """
+import os, torch
+import linear_transformer
+from linear_transformer import AttentionLayer
+assert os.path.dirname(os.path.abspath(linear_transformer.__file__)) == os.getcwd()
+torch.manual_seed(0)
+layer = AttentionLayer(d_model=64, n_head=4)
+x = torch.randn(2, 10, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+y, (W, z) = layer(x)  # no state: W and z start at zeros
+assert y.shape == (2, 10, 64) and W.shape == (2, 4, 16, 16) and z.shape == (2, 4, 16) and W.dtype == torch.float32
+y1, s1 = layer(x[:, :6])
+y2, (W2, z2) = layer(x[:, 6:], s1)  # the state carried into the next call
+torch.testing.assert_close(torch.cat([y1, y2], 1), y)
+torch.testing.assert_close(W2, W)
+torch.testing.assert_close(z2, z)
+(y2.square().sum() + W2.sum()).backward()
+assert x.grad.abs().sum() > 0 and all(p.grad.abs().sum() > 0 for p in layer.parameters())
+favor = AttentionLayer(d_model=64, n_head=4, phi="favor", n_features=32).double()  # omega moves with the module
+assert favor.omega.dtype == torch.float64 and favor(x.detach().double())[1][0].shape == (2, 4, 16, 32)
+for kw, name in ((dict(n_head=5), "n_head"), (dict(impl="chunkk"), "impl")):
+    try:
+        AttentionLayer(d_model=64, **kw)
+    except ValueError as e:
+        assert name in str(e), e
+        print(e)
+    else:
+        raise AssertionError(kw)
+"""
+
+
+def test_lt_layer_keyword_construction(tmp_path):
+    """AttentionLayer imported and used from a copy of the script: keywords, forward and backward with and without a
+    carried state, FAVOR+'s projection moving with .double(), and a bad keyword is a ValueError naming it."""
+    out = run_in_bare_folder(tmp_path, "linear_transformer.py", LT_LAYER_USE)
+    assert "not divisible by n_head 5" in out and "impl must be one of" in out
+
+
+def test_lt_constructors_check_their_arguments():
+    """Every layer and the model: a bad keyword is a ValueError naming it and the fix, the command line's message
+    without its dashes; linear_attention checks impl too."""
+    cases = [(dict(d_model=30, n_head=4), "d_model 30 is not divisible by n_head 4; pick n_head dividing d_model"),
+             (dict(impl="chunkk"), "impl must be one of auto, loop, chunk, parallel, cuda, got 'chunkk'"),
+             (dict(attn="local"), "attn must be one of"), (dict(phi="cosine"), "phi must be one of"),
+             (dict(normalize="l2"), "normalize must be one of"), (dict(dpfp_nu=0), "dpfp_nu must be positive"),
+             (dict(n_features=0), "n_features must be positive"), (dict(chunk_size=0), "chunk_size must be positive"),
+             (dict(n_head=-2), "n_head must be positive"), (dict(d_model=32.0), "d_model must be an integer")]
+    LT = linear_transformer
+    for cls in (LT.AttentionLayer, LT.Block, LT.LinearTransformer):
+        for kw, message in cases:
+            with pytest.raises(ValueError, match=re.escape(message)):
+                cls(**({"vocab_size": 16} if cls is LT.LinearTransformer else {}), **kw)
+    for kw, message in [(dict(d_ff=0), "d_ff must be positive"), (dict(dropout=1.0), "dropout must be in [0, 1)")]:
+        for cls in (LT.Block, LT.LinearTransformer):
+            with pytest.raises(ValueError, match=re.escape(message)):
+                cls(**({"vocab_size": 16} if cls is LT.LinearTransformer else {}), **kw)
+    for kw, message in [(dict(vocab_size=0), "vocab_size must be positive"), (dict(n_layer=0), "n_layer must be "),
+                        (dict(pos_enc="auto"), "pos_enc must be one of sin, none")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            LT.LinearTransformer(**{"vocab_size": 16, **kw})
+    with pytest.raises(ValueError, match="impl must be one of"):
+        linear_attention(*lt_inputs(T=3)[:3], impl="chunkk")
+
+
+def test_lt_build_model_maps_every_flag_and_the_defaults_are_the_command_lines():
+    import inspect
+
+    defaults = linear_transformer.parse_args([])
+    for cls in (linear_transformer.AttentionLayer, linear_transformer.Block, linear_transformer.LinearTransformer):
+        for name, p in inspect.signature(cls).parameters.items():
+            assert p.default is inspect.Parameter.empty or p.default == getattr(defaults, name), (cls, name)
+    args = lt_args(task="lm", d_model=48, n_head=3, n_layer=3, d_ff=40, dropout=0.25, phi="dpfp", dpfp_nu=3,
+                   normalize="sumnorm", impl="parallel", chunk_size=8, scale_out="true")
+    assert args.pos_enc == "sin"
+    kw = dict(d_model=48, n_head=3, n_layer=3, d_ff=40, dropout=0.25, pos_enc="sin", phi="dpfp", dpfp_nu=3,
+              normalize="sumnorm", impl="parallel", chunk_size=8, scale_out=True)
+    for flags, keywords in ((dict(), dict()), (dict(phi="favor", n_features=24), dict(phi="favor", n_features=24)),
+                            (dict(attn="softmax"), dict(attn="softmax"))):
+        torch.manual_seed(0)
+        built = linear_transformer.build_model(dataclasses.replace(args, **flags), 17)
+        torch.manual_seed(0)
+        by_hand = linear_transformer.LinearTransformer(17, **{**kw, **keywords})
+        assert repr(built) == repr(by_hand)
+        for a, b in zip(built.state_dict().values(), by_hand.state_dict().values()):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("args", [[], ["--attn", "softmax"], ["--phi", "dpfp", "--normalize", "sumnorm"]])
