@@ -4,8 +4,7 @@ Schlag, Irie, Schmidhuber, "Linear Transformers Are Secretly Fast Weight Program
 arXiv 2102.11174 (section 3, eq. 1-5 and 14-16; DPFP in section 5.3; capacity in section 4 and 6.1).
 Linear attention: Katharopoulos, Vyas, Pappas, Fleuret, "Transformers are RNNs", ICML 2020
 (arXiv 2006.16236, eq. 4-6). FAVOR+: Choromanski et al., "Rethinking Attention with Performers",
-ICLR 2021 (arXiv 2009.14794, section 2.3, Lemma 1). Derived from delta_net.py: same tasks, training
-loop, checkpoints and --bench; the sum rule instead of the delta rule, and a choice of feature maps.
+ICLR 2021 (arXiv 2009.14794, section 2.3, Lemma 1).
 
 The slow network (projections W_q, W_k, W_v) writes into a fast weight matrix W per head:
     q_t, k_t, v_t = phi(W_q x_t), phi(W_k x_t), W_v x_t     (phi: --phi elu1 | dpfp | favor | relu)
