@@ -74,6 +74,182 @@ SPEECH_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop",
 
 
 # ----------------------------------------------------------------------------------------------
+# Configuration: every flag with its default and docstring (--help prints them), the presets, and the checks
+# of a command line's values.
+
+
+@dataclass
+class Args:
+    # task
+    dataset: str = "spirals"
+    """spirals (torchcde's example task) or synthetic (order and sign of two events), no download; a UEA archive name
+    (JapaneseVowels, EigenWorms, ...), speech_commands or sepsis (AUROC)"""
+    data: str = ""
+    """a UEA/UCR .ts file NAME_TRAIN.ts (NAME_TEST.ts beside it); 15% of TRAIN validates. Overrides --dataset"""
+    data_dir: str = DATA_DIR
+    """where downloads are cached"""
+    n_train: int = 2000
+    """spirals, synthetic: training series (validation and test: n_train / 4 each)"""
+    syn_length: int = 64
+    """spirals, synthetic: the time grid (synthetic 0, 1, ..., syn_length - 1; spirals syn_length points on
+    [0, 4 pi]) from which each series keeps a random half"""
+    missing: float = 0.1
+    """spirals, synthetic: probability that a value is missing (NaN)"""
+    intensity: bool = False
+    """add one channel per value channel counting its observations so far (the official sepsis "OI" input)"""
+    logsig_window: int = 0
+    """> 1: the path through every N-th observation (linear), so on each window dX/dt is the window's depth-1
+    log-signature (its increment) over its duration: the official EigenWorms input with 4; trailing points dropped"""
+    raw_time: bool = False
+    """the time channel in data units (the official speech and sepsis input) instead of divided by the largest time"""
+    # model
+    model: str = "ctfwp"
+    """ctfwp (continuous-time fast weight programmer) or ncde (neural CDE baseline)"""
+    rule: str = "delta"
+    """ctfwp: hebb | oja | delta"""
+    drive: str = "dx"
+    """ctfwp --values_from x: keys, beta and query from dX/dt (dx, the CDE form) or from X(t) (x)"""
+    values_from: str = "x"
+    """ctfwp: x (values tanh(W_v X(t)), keys from the drive, readout W q: the official delta_cde / hebb_cde_v2
+    layout) or dx (values from dX/dt, keys, beta and query from X(t), readout W^T q: the official hebb_cde /
+    oja_cde layout, with its Hebb and Oja forms; --drive is then x)"""
+    v_layernorm: bool = False
+    """ctfwp: values tanh(W_v2 LN(W_v X)) instead of tanh(W_v X) (the official --cde_use_v_laynorm)"""
+    post_tanh: bool = False
+    """ctfwp --rule delta: dW/dt = beta tanh(u - W k) k^T with u the value before its tanh (W_v X, or W_v dX/dt with
+    --values_from dx): the tanh after the subtraction (the official --delta_ode_post_tahn)"""
+    interp: str = "cubic"
+    """control path: cubic (natural cubic spline) or linear"""
+    d_model: int = 32
+    """ctfwp: width (n_head fast weights of d_head x d_head); ncde: size of z"""
+    n_head: int = 4
+    """ctfwp: heads; d_head = d_model / n_head"""
+    d_ff: int = 128
+    """ctfwp: feed-forward width of the readout block; ncde: width of the vector field MLP"""
+    # solver
+    solver: str = "rk4"
+    """euler | rk4 (fixed step) | dopri5 (adaptive, Dormand-Prince 5(4))"""
+    impl: str = "auto"
+    """euler, rk4: precomputed (the slow net at every stage time in batched passes, then only the rule's steps on
+    W), kernel (precomputed, the delta and Oja rules' steps fused in cpu_kernels.cpp on the CPU) or generic (the whole
+    vector field at each stage: the reference; dopri5 always); auto: kernel on the CPU, precomputed elsewhere"""
+    solve_chunk: int = 256
+    """precomputed, kernel: solver steps per tabulated chunk (the slow net's tables of one chunk at a time, W carried
+    over: tables that stay in the cache, so a step's time grows linearly with length); 0 = the whole solve at once"""
+    step_size: float = 0.0
+    """euler, rk4: step in data time units; 0 = the smallest gap between two observations in the data"""
+    rtol: float = 1e-3
+    """dopri5: relative tolerance"""
+    atol: float = 1e-4
+    """dopri5: absolute tolerance"""
+    max_steps: int = 10_000
+    """dopri5: give up (with a message) after this many steps per solve"""
+    # training
+    batch_size: int = 64
+    """series per step"""
+    steps: int = 600
+    """optimizer steps"""
+    lr: float = 3e-3
+    """peak learning rate (Adam)"""
+    warmup: int = 30
+    """linear warm-up steps, then cosine decay to lr / 10"""
+    grad_clip: float = 1.0
+    """gradient norm clip (0 disables)"""
+    l2: float = 0.0
+    """add l2 x sum over parameter tensors of ||p|| (the norm, not squared: the official penalty, 0.03)"""
+    plateau: bool = False
+    """no warm-up or cosine: the lr drops x0.1 when the mean training loss has not improved for 2 evaluations
+    (the official ReduceLROnPlateau(patience=2) on the training loss)"""
+    pos_weight: float = 0.0
+    """two classes: binary cross-entropy on the logit difference with this weight on the positives (the official
+    sepsis loss: 10); 0: cross-entropy"""
+    eval_every: int = 100
+    """evaluate on valid, keep the best checkpoint, every this many steps"""
+    seed: int = 0
+    """seed of python, numpy, torch, the synthetic data and the data splits"""
+    device: str = "auto"
+    """auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"""
+    out_dir: str = "out/ode_fwp"
+    """metrics.jsonl, ckpt.pt (latest) and best.pt (best on valid) go here"""
+    resume: bool = False
+    """continue from out_dir/ckpt.pt"""
+    stop_at: int = 0
+    """exit after this step, checkpoint saved (a time-boxed job); --resume continues. 0: run to the end"""
+    evaluate: bool = False
+    """evaluate out_dir/best.pt on test under its trained solver, --solver and a tight dopri5 reference, and exit"""
+    bench: bool = False
+    """time a training step (forward and backward) of each rule, ncde, solver and path, then against series length,
+    and exit"""
+    bench_obs: str = "64,256,1024,4096"
+    """--bench: the series lengths (observations) of the scaling table"""
+    bench_generic_max: int = 1024
+    """--bench: time the generic path only up to this many observations (it takes minutes per step beyond)"""
+
+
+PRESETS = {
+    "tiny": dict(n_train=64, syn_length=16, d_model=8, n_head=2, d_ff=16, batch_size=16, steps=4, eval_every=2,
+                 warmup=1, bench_obs="8,16", bench_generic_max=8),
+    # The official recipes (speech_and_physionet/: delta_cde, rk4 at the observation gap, Adam at base_lr x batch / 32,
+    # no clipping, the penalty 0.03 sum ||p||, ReduceLROnPlateau(patience=2) on the training loss every 10 epochs, raw
+    # time). Steps: epochs x batches per epoch of the 70% training split (speech 24 of 1024: 500 epochs; sepsis 28:
+    # 200 epochs); evaluation every 10 epochs.
+    "speech": dict(dataset="speech_commands", d_model=80, n_head=4, d_ff=320, batch_size=1024, lr=5e-5 * 1024 / 32,
+                   steps=500 * 24, eval_every=10 * 24, warmup=0, grad_clip=0.0, l2=0.03, plateau=True, raw_time=True),
+    "sepsis": dict(dataset="sepsis", d_model=160, n_head=32, d_ff=640, v_layernorm=True, batch_size=1024,
+                   lr=4e-5 * 1024 / 32, steps=200 * 28, eval_every=10 * 28, warmup=0, grad_clip=0.0, l2=0.03,
+                   plateau=True, raw_time=True, pos_weight=10.0),
+    "sepsis_oi": dict(dataset="sepsis", d_model=80, n_head=16, d_ff=64, intensity=True, post_tanh=True,
+                      batch_size=1024, lr=3e-5 * 1024 / 32, steps=200 * 28, eval_every=10 * 28, warmup=0,
+                      grad_clip=0.0, l2=0.03, plateau=True, raw_time=True, pos_weight=10.0),
+    # eigenworms/ of the official code: depth-1 log-signature windows of 4 steps, the delta rule with the tanh after
+    # the subtraction, hidden 128, 16 heads, FF 64, Adam 1e-4, the whole training set as one batch, 1000 epochs
+    "eigenworms": dict(dataset="EigenWorms", logsig_window=4, interp="linear", post_tanh=True, d_model=128,
+                       n_head=16, d_ff=64, lr=1e-4, batch_size=1024, steps=1000, eval_every=1, warmup=0,
+                       grad_clip=0.0),
+}
+
+
+def check_args(args):
+    choices = dict(model=("ctfwp", "ncde"), rule=("hebb", "oja", "delta"), drive=("dx", "x"),
+                   values_from=("x", "dx"), interp=("cubic", "linear"), solver=("euler", "rk4", "dopri5"),
+                   impl=("auto", "kernel", "precomputed", "generic"))
+    for key, allowed in choices.items():
+        if getattr(args, key) not in allowed:
+            fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(args, key)!r}")
+    for key in ("n_train", "d_model", "n_head", "d_ff", "batch_size", "steps", "eval_every", "max_steps",
+                "bench_generic_max"):
+        if getattr(args, key) <= 0:
+            fail(f"--{key} must be positive, got {getattr(args, key)}")
+    if args.impl in ("kernel", "precomputed") and args.solver == "dopri5":
+        fail(f"--impl {args.impl} needs a fixed-step solver (euler, rk4): dopri5's stage times are not known ahead")
+    if args.post_tanh and args.rule != "delta":
+        fail(f"--post_tanh changes the delta rule; it does nothing with --rule {args.rule}")
+    if min(args.l2, args.pos_weight) < 0:
+        fail(f"--l2 and --pos_weight must be non-negative, got {args.l2} and {args.pos_weight}")
+    if args.logsig_window < 0 or args.logsig_window == 1:
+        fail(f"--logsig_window must be 0 (off) or at least 2 (observations per window), got {args.logsig_window}")
+    if args.seed < 0 or args.solve_chunk < 0:
+        fail(f"--seed and --solve_chunk must be non-negative, got {args.seed} and {args.solve_chunk}")
+    if not all(v.strip().isdigit() and int(v) >= 2 for v in args.bench_obs.split(",")):
+        fail(f"--bench_obs must be comma-separated observation counts of at least 2, got {args.bench_obs!r}")
+    if args.logsig_window > 1 and args.interp != "linear":
+        fail("--logsig_window needs --interp linear (the path between window ends is then the log-signature's line)")
+    if args.values_from == "dx":
+        args.drive = "x"  # the one place that decides it: this layout reads keys, beta and the query from X(t)
+    if args.syn_length < 4:
+        fail(f"--syn_length must be at least 4, got {args.syn_length}")
+    if args.d_model % args.n_head:
+        fail(f"--d_model {args.d_model} is not divisible by --n_head {args.n_head}; pick n_head dividing d_model.")
+    if not 0 <= args.missing < 1 or args.lr <= 0 or min(args.warmup, args.grad_clip, args.stop_at, args.step_size) < 0:
+        fail("--missing must be in [0, 1); --lr positive; --warmup, --grad_clip, --stop_at, --step_size non-negative.")
+    if args.rtol <= 0 or args.atol <= 0:
+        fail("--rtol and --atol must be positive.")
+    if args.data and not args.data.endswith("_TRAIN.ts"):
+        fail(f"--data {args.data!r}: give the NAME_TRAIN.ts file of a UEA/UCR set (NAME_TEST.ts must be beside it).")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
 # ODE solvers over s in [0, 1]: f(s, y) -> dy/ds, y any tensor. Each returns (y(1), NFE); autograd goes through
 # the solver's arithmetic (discretise-then-optimise), the adaptive step sizes are not differentiated.
 
@@ -152,152 +328,6 @@ def odeint(f, y0, args, n_steps):
     if args.solver == "dopri5":
         return dopri5(f, y0, args.rtol, args.atol, args.max_steps)
     return (euler if args.solver == "euler" else rk4)(f, y0, n_steps)
-
-
-# The fixed-step solvers as stages (node of the step, a, b): the stage's input is y + a h k', k' the previous stage,
-# at the step's node (euler: i h; rk4: i h, i h + h/2, (i + 1) h), and y <- y + h sum b k. Node j of step i is node
-# i stride + j of the solve (stride 1 for euler, 2 for rk4: a step's last node is the next one's first).
-RK_STAGES = {"euler": [(0, 0.0, 1.0)], "rk4": [(0, 0.0, 1 / 6), (1, 0.5, 1 / 3), (1, 0.5, 1 / 3), (2, 1.0, 1 / 6)]}
-NODE_STRIDE = {solver: max(1, max(j for j, _, _ in stages)) for solver, stages in RK_STAGES.items()}
-
-# These stage times are known before the solve, so a vector field whose inputs do not depend on the state can be
-# tabulated in batched passes. The nodes are written as the solvers write them (each is the same float).
-
-
-def stage_nodes(solver, n_steps):
-    """The s of every stage of euler (n + 1 nodes: i h) or rk4 (2n + 1 nodes: i h, then i h + h/2), float64 (S,)."""
-    h, i = 1.0 / n_steps, torch.arange(n_steps + 1, dtype=torch.float64)
-    if solver == "euler":
-        return i * h
-    return torch.stack([i * h, i * h + h / 2], 1).flatten()[:-1]
-
-
-def tabulated(table, n_nodes, first=0):
-    """f(s, y) for the solvers from a table of stage inputs (each (B, S, ...)) whose row 0 is node `first` of a
-    solve of n_nodes nodes (node j at s = j / (n_nodes - 1))."""
-    return lambda s: [x[:, round(s * (n_nodes - 1)) - first] for x in table]
-
-
-def solver_weights(solver, n_steps, h):
-    """Weights w_j such that n_steps steps of size h on dy/ds = g(s) (no dependence on y) give y + sum_j w_j g(s_j),
-    s_j the steps' nodes: each stage's h b at its node (euler: h at i h; rk4: Simpson's rule, h/6, 4h/6, h/6)."""
-    stride = NODE_STRIDE[solver]
-    w = torch.zeros(stride * n_steps + 1, dtype=torch.float64)
-    for j, _, b in RK_STAGES[solver]:
-        w[j : j + stride * n_steps : stride] += h * b
-    return w
-
-
-def linear_rule_solve(Y0, a, p, c, solver, h, fused=False):
-    """Steps of size h of euler or rk4 on dY/ds = c (a - Y p) p^T (delta: Y = W, a = v, p = k; Oja's rule on Y = W^T:
-    a = k, p = v), with a, p tabulated at the steps' nodes (B, S, H, d), c (B, S, H), Y (B, H, d, d); n steps take
-    S = n stride + 1 nodes. Each step is linear in Y: a stage at node j is k = u p_j^T with u = Y P^T gamma + A delta
-    (P (J, d) the step's p_j as rows, A (d, J) its a_j as columns, gamma, delta in R^J); after the stage
-    k' = u' p_j'^T, k = c_j (a_j - (Y + a h k') p_j) p_j^T gives gamma = -c_j (e_j + a h (p_j' . p_j) gamma') and
-    delta = c_j (e_j - a h (p_j' . p_j) delta'). So the step is
-    Y <- Y M + N with M = I + P^T Gamma P and N = A Delta P (Gamma, Delta: h b gamma, h b delta summed into column j),
-    built for all steps at once from the tabulated values; then n products run on Y."""
-    B, S, H, d = p.shape
-    stride = NODE_STRIDE[solver]
-    n_steps = (S - 1) // stride
-    if fused:  # the same steps in cpu_kernels.cpp (each row of Y is its own ODE; a head's rows step together)
-        return LinearRuleKernel.apply(Y0, a, p, c, n_steps, h, solver == "rk4")
-    stages = RK_STAGES[solver]
-    J = 1 + max(j for j, _, _ in stages)  # nodes per step
-    at = lambda x, j: x[:, j : j + stride * n_steps : stride]  # noqa: E731  (B, n, ...): node j of every step
-    e = torch.eye(J, dtype=c.dtype, device=c.device)
-    Gam, Del, prev = [0.0] * J, [0.0] * J, None  # columns of Gamma and Delta, each (B, n, H, J)
-    for j, alpha, b in stages:
-        cj = at(c, j)[..., None]
-        if prev is None:
-            gamma, delta = -cj * e[j], cj * e[j]
-        else:
-            j_, gamma_, delta_ = prev
-            g = alpha * h * (at(p, j_) * at(p, j)).sum(-1, keepdim=True)  # (B, n, H, 1)
-            gamma, delta = -cj * (e[j] + g * gamma_), cj * (e[j] - g * delta_)
-        Gam[j], Del[j], prev = Gam[j] + h * b * gamma, Del[j] + h * b * delta, (j, gamma, delta)
-    P = torch.stack([at(p, j) for j in range(J)], -2)  # (B, n, H, J, d)
-    A = torch.stack([at(a, j) for j in range(J)], -1)  # (B, n, H, d, J)
-    M = torch.eye(d, dtype=p.dtype, device=p.device) + P.transpose(-1, -2) @ torch.stack(Gam, -1) @ P
-    N = A @ torch.stack(Del, -1) @ P  # (B, n, H, d, d)
-    steps = lambda x: x.transpose(0, 1).flatten(1, 2).unbind(0)  # noqa: E731  (B, n, H, ...) -> n x (B H, ...)
-    Y = Y0.flatten(0, 1)  # (B H, d, d)
-    # unbind, not indexing: one backward node for all steps (a backward per index would write a whole zero tensor)
-    for M_i, N_i in zip(steps(M), steps(N)):
-        Y = torch.baddbmm(N_i, Y, M_i)
-    return Y.view(B, H, d, d)
-
-
-_KERNELS = {}  # device type -> the loaded extension, or False once its build failed
-
-
-def kernels(device_type):
-    """cpu_kernels.cpp (ct_linear_rule_forward/backward: linear_rule_solve's steps, fused), built and loaded on first
-    use (never at import), on a copy of the source named by a hash of it, of torch's version and of the CPU's
-    instruction sets (the build is -march=native), so an edit rebuilds and every script shares one build. None, after
-    one warning, if that fails (no compiler, no ninja): the PyTorch form runs instead. None off the CPU."""
-    if device_type != "cpu":
-        return None
-    if device_type not in _KERNELS:
-        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cpp")
-        try:
-            from torch.utils.cpp_extension import load
-
-            with open(src, "rb") as f:
-                code = f.read()
-            digest = hashlib.sha256(code + torch.__version__.encode() + cpu_features().encode()).hexdigest()[:16]
-            name = f"fwp_{device_type}_kernels_{digest}"
-            root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                           "torch_extensions")
-            build = os.path.join(root, name)
-            os.makedirs(build, exist_ok=True)
-            copy = os.path.join(build, os.path.basename(src))
-            if not os.path.exists(copy):
-                with open(copy + ".tmp", "wb") as f:
-                    f.write(code)
-                os.replace(copy + ".tmp", copy)
-            flags = ["-O3", "-march=native", "-fopenmp" if torch.backends.openmp.is_available() else "-fopenmp-simd"]
-            _KERNELS[device_type] = load(name, [copy], build_directory=build, extra_cflags=flags,
-                                         extra_cuda_cflags=["-O3"], verbose=False)
-        except Exception as e:  # no compiler, no ninja, a compile error: the PyTorch form still works
-            print(f"warning: cpu_kernels.cpp unavailable ({type(e).__name__}: {str(e)[-2000:]}); using the PyTorch "
-                  "forms", file=sys.stderr)
-            _KERNELS[device_type] = False
-    return _KERNELS[device_type] or None
-
-
-def cpu_features():
-    """The CPU's instruction sets, which a -march=native build uses: part of the build's name, so that a build folder
-    shared by machines of other CPUs (a home directory on a cluster) is never loaded where it would not run."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.machine() + platform.processor()
-
-
-class LinearRuleKernel(torch.autograd.Function):
-    """linear_rule_solve's steps as one fused kernel per pass (cpu_kernels.cpp): Y0 (B, H, rows, cols), a (B, S, H,
-    rows), p (B, S, H, cols), c (B, S, H). The forward keeps Y at the start of every step for the backward."""
-
-    @staticmethod
-    def forward(ctx, Y0, a, p, c, n_steps, h, rk4):
-        Y, Ys = kernels("cpu").ct_linear_rule_forward(Y0, a, p, c, n_steps, h, rk4)
-        ctx.save_for_backward(Ys, a, p, c)
-        ctx.n_steps, ctx.h, ctx.rk4 = n_steps, h, rk4
-        return Y
-
-    @staticmethod
-    def backward(ctx, dY):
-        dY0, da, dp, dc = kernels("cpu").ct_linear_rule_backward(dY.contiguous(), *ctx.saved_tensors, ctx.n_steps,
-                                                                 ctx.h, ctx.rk4)
-        return dY0, da, dp, dc, None, None, None
-
-
-def use_kernel(impl, x):
-    """--impl kernel and auto take cpu_kernels.cpp for the delta and Oja rules on the CPU (float32, float64)."""
-    return (impl in ("kernel", "auto") and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and kernels("cpu") is not None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -559,6 +589,109 @@ def precomputed(args):
 
 def build_model(args, n_channels, n_classes):
     return (CTFWP if args.model == "ctfwp" else NCDE)(args, n_channels, n_classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast forms of the same solves (--impl precomputed, kernel): the slow net's inputs at every stage time of a fixed-step
+# solver in batched passes, the delta and Oja rules' steps as affine maps, and those steps fused in cpu_kernels.cpp.
+
+
+# The fixed-step solvers as stages (node of the step, a, b): the stage's input is y + a h k', k' the previous stage,
+# at the step's node (euler: i h; rk4: i h, i h + h/2, (i + 1) h), and y <- y + h sum b k. Node j of step i is node
+# i stride + j of the solve (stride 1 for euler, 2 for rk4: a step's last node is the next one's first).
+RK_STAGES = {"euler": [(0, 0.0, 1.0)], "rk4": [(0, 0.0, 1 / 6), (1, 0.5, 1 / 3), (1, 0.5, 1 / 3), (2, 1.0, 1 / 6)]}
+NODE_STRIDE = {solver: max(1, max(j for j, _, _ in stages)) for solver, stages in RK_STAGES.items()}
+
+# These stage times are known before the solve, so a vector field whose inputs do not depend on the state can be
+# tabulated in batched passes. The nodes are written as the solvers write them (each is the same float).
+
+
+def stage_nodes(solver, n_steps):
+    """The s of every stage of euler (n + 1 nodes: i h) or rk4 (2n + 1 nodes: i h, then i h + h/2), float64 (S,)."""
+    h, i = 1.0 / n_steps, torch.arange(n_steps + 1, dtype=torch.float64)
+    if solver == "euler":
+        return i * h
+    return torch.stack([i * h, i * h + h / 2], 1).flatten()[:-1]
+
+
+def tabulated(table, n_nodes, first=0):
+    """f(s, y) for the solvers from a table of stage inputs (each (B, S, ...)) whose row 0 is node `first` of a
+    solve of n_nodes nodes (node j at s = j / (n_nodes - 1))."""
+    return lambda s: [x[:, round(s * (n_nodes - 1)) - first] for x in table]
+
+
+def solver_weights(solver, n_steps, h):
+    """Weights w_j such that n_steps steps of size h on dy/ds = g(s) (no dependence on y) give y + sum_j w_j g(s_j),
+    s_j the steps' nodes: each stage's h b at its node (euler: h at i h; rk4: Simpson's rule, h/6, 4h/6, h/6)."""
+    stride = NODE_STRIDE[solver]
+    w = torch.zeros(stride * n_steps + 1, dtype=torch.float64)
+    for j, _, b in RK_STAGES[solver]:
+        w[j : j + stride * n_steps : stride] += h * b
+    return w
+
+
+def linear_rule_solve(Y0, a, p, c, solver, h, fused=False):
+    """Steps of size h of euler or rk4 on dY/ds = c (a - Y p) p^T (delta: Y = W, a = v, p = k; Oja's rule on Y = W^T:
+    a = k, p = v), with a, p tabulated at the steps' nodes (B, S, H, d), c (B, S, H), Y (B, H, d, d); n steps take
+    S = n stride + 1 nodes. Each step is linear in Y: a stage at node j is k = u p_j^T with u = Y P^T gamma + A delta
+    (P (J, d) the step's p_j as rows, A (d, J) its a_j as columns, gamma, delta in R^J); after the stage
+    k' = u' p_j'^T, k = c_j (a_j - (Y + a h k') p_j) p_j^T gives gamma = -c_j (e_j + a h (p_j' . p_j) gamma') and
+    delta = c_j (e_j - a h (p_j' . p_j) delta'). So the step is
+    Y <- Y M + N with M = I + P^T Gamma P and N = A Delta P (Gamma, Delta: h b gamma, h b delta summed into column j),
+    built for all steps at once from the tabulated values; then n products run on Y."""
+    B, S, H, d = p.shape
+    stride = NODE_STRIDE[solver]
+    n_steps = (S - 1) // stride
+    if fused:  # the same steps in cpu_kernels.cpp (each row of Y is its own ODE; a head's rows step together)
+        return LinearRuleKernel.apply(Y0, a, p, c, n_steps, h, solver == "rk4")
+    stages = RK_STAGES[solver]
+    J = 1 + max(j for j, _, _ in stages)  # nodes per step
+    at = lambda x, j: x[:, j : j + stride * n_steps : stride]  # noqa: E731  (B, n, ...): node j of every step
+    e = torch.eye(J, dtype=c.dtype, device=c.device)
+    Gam, Del, prev = [0.0] * J, [0.0] * J, None  # columns of Gamma and Delta, each (B, n, H, J)
+    for j, alpha, b in stages:
+        cj = at(c, j)[..., None]
+        if prev is None:
+            gamma, delta = -cj * e[j], cj * e[j]
+        else:
+            j_, gamma_, delta_ = prev
+            g = alpha * h * (at(p, j_) * at(p, j)).sum(-1, keepdim=True)  # (B, n, H, 1)
+            gamma, delta = -cj * (e[j] + g * gamma_), cj * (e[j] - g * delta_)
+        Gam[j], Del[j], prev = Gam[j] + h * b * gamma, Del[j] + h * b * delta, (j, gamma, delta)
+    P = torch.stack([at(p, j) for j in range(J)], -2)  # (B, n, H, J, d)
+    A = torch.stack([at(a, j) for j in range(J)], -1)  # (B, n, H, d, J)
+    M = torch.eye(d, dtype=p.dtype, device=p.device) + P.transpose(-1, -2) @ torch.stack(Gam, -1) @ P
+    N = A @ torch.stack(Del, -1) @ P  # (B, n, H, d, d)
+    steps = lambda x: x.transpose(0, 1).flatten(1, 2).unbind(0)  # noqa: E731  (B, n, H, ...) -> n x (B H, ...)
+    Y = Y0.flatten(0, 1)  # (B H, d, d)
+    # unbind, not indexing: one backward node for all steps (a backward per index would write a whole zero tensor)
+    for M_i, N_i in zip(steps(M), steps(N)):
+        Y = torch.baddbmm(N_i, Y, M_i)
+    return Y.view(B, H, d, d)
+
+
+class LinearRuleKernel(torch.autograd.Function):
+    """linear_rule_solve's steps as one fused kernel per pass (cpu_kernels.cpp): Y0 (B, H, rows, cols), a (B, S, H,
+    rows), p (B, S, H, cols), c (B, S, H). The forward keeps Y at the start of every step for the backward."""
+
+    @staticmethod
+    def forward(ctx, Y0, a, p, c, n_steps, h, rk4):
+        Y, Ys = kernels("cpu").ct_linear_rule_forward(Y0, a, p, c, n_steps, h, rk4)
+        ctx.save_for_backward(Ys, a, p, c)
+        ctx.n_steps, ctx.h, ctx.rk4 = n_steps, h, rk4
+        return Y
+
+    @staticmethod
+    def backward(ctx, dY):
+        dY0, da, dp, dc = kernels("cpu").ct_linear_rule_backward(dY.contiguous(), *ctx.saved_tensors, ctx.n_steps,
+                                                                 ctx.h, ctx.rk4)
+        return dY0, da, dp, dc, None, None, None
+
+
+def use_kernel(impl, x):
+    """--impl kernel and auto take cpu_kernels.cpp for the delta and Oja rules on the CPU (float32, float64)."""
+    return (impl in ("kernel", "auto") and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and kernels("cpu") is not None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -845,182 +978,6 @@ def get_batch(split, idx, device):
 def make_path(args, t, x, lengths):
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return ControlPath(t.to(dtype), x.to(dtype), lengths, args.interp)
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration: every flag with its default and docstring (--help prints them), the presets, and the checks
-# of a command line's values.
-
-
-@dataclass
-class Args:
-    # task
-    dataset: str = "spirals"
-    """spirals (torchcde's example task) or synthetic (order and sign of two events), no download; a UEA archive name
-    (JapaneseVowels, EigenWorms, ...), speech_commands or sepsis (AUROC)"""
-    data: str = ""
-    """a UEA/UCR .ts file NAME_TRAIN.ts (NAME_TEST.ts beside it); 15% of TRAIN validates. Overrides --dataset"""
-    data_dir: str = DATA_DIR
-    """where downloads are cached"""
-    n_train: int = 2000
-    """spirals, synthetic: training series (validation and test: n_train / 4 each)"""
-    syn_length: int = 64
-    """spirals, synthetic: the time grid (synthetic 0, 1, ..., syn_length - 1; spirals syn_length points on
-    [0, 4 pi]) from which each series keeps a random half"""
-    missing: float = 0.1
-    """spirals, synthetic: probability that a value is missing (NaN)"""
-    intensity: bool = False
-    """add one channel per value channel counting its observations so far (the official sepsis "OI" input)"""
-    logsig_window: int = 0
-    """> 1: the path through every N-th observation (linear), so on each window dX/dt is the window's depth-1
-    log-signature (its increment) over its duration: the official EigenWorms input with 4; trailing points dropped"""
-    raw_time: bool = False
-    """the time channel in data units (the official speech and sepsis input) instead of divided by the largest time"""
-    # model
-    model: str = "ctfwp"
-    """ctfwp (continuous-time fast weight programmer) or ncde (neural CDE baseline)"""
-    rule: str = "delta"
-    """ctfwp: hebb | oja | delta"""
-    drive: str = "dx"
-    """ctfwp --values_from x: keys, beta and query from dX/dt (dx, the CDE form) or from X(t) (x)"""
-    values_from: str = "x"
-    """ctfwp: x (values tanh(W_v X(t)), keys from the drive, readout W q: the official delta_cde / hebb_cde_v2
-    layout) or dx (values from dX/dt, keys, beta and query from X(t), readout W^T q: the official hebb_cde /
-    oja_cde layout, with its Hebb and Oja forms; --drive is then x)"""
-    v_layernorm: bool = False
-    """ctfwp: values tanh(W_v2 LN(W_v X)) instead of tanh(W_v X) (the official --cde_use_v_laynorm)"""
-    post_tanh: bool = False
-    """ctfwp --rule delta: dW/dt = beta tanh(u - W k) k^T with u the value before its tanh (W_v X, or W_v dX/dt with
-    --values_from dx): the tanh after the subtraction (the official --delta_ode_post_tahn)"""
-    interp: str = "cubic"
-    """control path: cubic (natural cubic spline) or linear"""
-    d_model: int = 32
-    """ctfwp: width (n_head fast weights of d_head x d_head); ncde: size of z"""
-    n_head: int = 4
-    """ctfwp: heads; d_head = d_model / n_head"""
-    d_ff: int = 128
-    """ctfwp: feed-forward width of the readout block; ncde: width of the vector field MLP"""
-    # solver
-    solver: str = "rk4"
-    """euler | rk4 (fixed step) | dopri5 (adaptive, Dormand-Prince 5(4))"""
-    impl: str = "auto"
-    """euler, rk4: precomputed (the slow net at every stage time in batched passes, then only the rule's steps on
-    W), kernel (precomputed, the delta and Oja rules' steps fused in cpu_kernels.cpp on the CPU) or generic (the whole
-    vector field at each stage: the reference; dopri5 always); auto: kernel on the CPU, precomputed elsewhere"""
-    solve_chunk: int = 256
-    """precomputed, kernel: solver steps per tabulated chunk (the slow net's tables of one chunk at a time, W carried
-    over: tables that stay in the cache, so a step's time grows linearly with length); 0 = the whole solve at once"""
-    step_size: float = 0.0
-    """euler, rk4: step in data time units; 0 = the smallest gap between two observations in the data"""
-    rtol: float = 1e-3
-    """dopri5: relative tolerance"""
-    atol: float = 1e-4
-    """dopri5: absolute tolerance"""
-    max_steps: int = 10_000
-    """dopri5: give up (with a message) after this many steps per solve"""
-    # training
-    batch_size: int = 64
-    """series per step"""
-    steps: int = 600
-    """optimizer steps"""
-    lr: float = 3e-3
-    """peak learning rate (Adam)"""
-    warmup: int = 30
-    """linear warm-up steps, then cosine decay to lr / 10"""
-    grad_clip: float = 1.0
-    """gradient norm clip (0 disables)"""
-    l2: float = 0.0
-    """add l2 x sum over parameter tensors of ||p|| (the norm, not squared: the official penalty, 0.03)"""
-    plateau: bool = False
-    """no warm-up or cosine: the lr drops x0.1 when the mean training loss has not improved for 2 evaluations
-    (the official ReduceLROnPlateau(patience=2) on the training loss)"""
-    pos_weight: float = 0.0
-    """two classes: binary cross-entropy on the logit difference with this weight on the positives (the official
-    sepsis loss: 10); 0: cross-entropy"""
-    eval_every: int = 100
-    """evaluate on valid, keep the best checkpoint, every this many steps"""
-    seed: int = 0
-    """seed of python, numpy, torch, the synthetic data and the data splits"""
-    device: str = "auto"
-    """auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"""
-    out_dir: str = "out/ode_fwp"
-    """metrics.jsonl, ckpt.pt (latest) and best.pt (best on valid) go here"""
-    resume: bool = False
-    """continue from out_dir/ckpt.pt"""
-    stop_at: int = 0
-    """exit after this step, checkpoint saved (a time-boxed job); --resume continues. 0: run to the end"""
-    evaluate: bool = False
-    """evaluate out_dir/best.pt on test under its trained solver, --solver and a tight dopri5 reference, and exit"""
-    bench: bool = False
-    """time a training step (forward and backward) of each rule, ncde, solver and path, then against series length,
-    and exit"""
-    bench_obs: str = "64,256,1024,4096"
-    """--bench: the series lengths (observations) of the scaling table"""
-    bench_generic_max: int = 1024
-    """--bench: time the generic path only up to this many observations (it takes minutes per step beyond)"""
-
-
-PRESETS = {
-    "tiny": dict(n_train=64, syn_length=16, d_model=8, n_head=2, d_ff=16, batch_size=16, steps=4, eval_every=2,
-                 warmup=1, bench_obs="8,16", bench_generic_max=8),
-    # The official recipes (speech_and_physionet/: delta_cde, rk4 at the observation gap, Adam at base_lr x batch / 32,
-    # no clipping, the penalty 0.03 sum ||p||, ReduceLROnPlateau(patience=2) on the training loss every 10 epochs, raw
-    # time). Steps: epochs x batches per epoch of the 70% training split (speech 24 of 1024: 500 epochs; sepsis 28:
-    # 200 epochs); evaluation every 10 epochs.
-    "speech": dict(dataset="speech_commands", d_model=80, n_head=4, d_ff=320, batch_size=1024, lr=5e-5 * 1024 / 32,
-                   steps=500 * 24, eval_every=10 * 24, warmup=0, grad_clip=0.0, l2=0.03, plateau=True, raw_time=True),
-    "sepsis": dict(dataset="sepsis", d_model=160, n_head=32, d_ff=640, v_layernorm=True, batch_size=1024,
-                   lr=4e-5 * 1024 / 32, steps=200 * 28, eval_every=10 * 28, warmup=0, grad_clip=0.0, l2=0.03,
-                   plateau=True, raw_time=True, pos_weight=10.0),
-    "sepsis_oi": dict(dataset="sepsis", d_model=80, n_head=16, d_ff=64, intensity=True, post_tanh=True,
-                      batch_size=1024, lr=3e-5 * 1024 / 32, steps=200 * 28, eval_every=10 * 28, warmup=0,
-                      grad_clip=0.0, l2=0.03, plateau=True, raw_time=True, pos_weight=10.0),
-    # eigenworms/ of the official code: depth-1 log-signature windows of 4 steps, the delta rule with the tanh after
-    # the subtraction, hidden 128, 16 heads, FF 64, Adam 1e-4, the whole training set as one batch, 1000 epochs
-    "eigenworms": dict(dataset="EigenWorms", logsig_window=4, interp="linear", post_tanh=True, d_model=128,
-                       n_head=16, d_ff=64, lr=1e-4, batch_size=1024, steps=1000, eval_every=1, warmup=0,
-                       grad_clip=0.0),
-}
-
-
-def check_args(args):
-    choices = dict(model=("ctfwp", "ncde"), rule=("hebb", "oja", "delta"), drive=("dx", "x"),
-                   values_from=("x", "dx"), interp=("cubic", "linear"), solver=("euler", "rk4", "dopri5"),
-                   impl=("auto", "kernel", "precomputed", "generic"))
-    for key, allowed in choices.items():
-        if getattr(args, key) not in allowed:
-            fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(args, key)!r}")
-    for key in ("n_train", "d_model", "n_head", "d_ff", "batch_size", "steps", "eval_every", "max_steps",
-                "bench_generic_max"):
-        if getattr(args, key) <= 0:
-            fail(f"--{key} must be positive, got {getattr(args, key)}")
-    if args.impl in ("kernel", "precomputed") and args.solver == "dopri5":
-        fail(f"--impl {args.impl} needs a fixed-step solver (euler, rk4): dopri5's stage times are not known ahead")
-    if args.post_tanh and args.rule != "delta":
-        fail(f"--post_tanh changes the delta rule; it does nothing with --rule {args.rule}")
-    if min(args.l2, args.pos_weight) < 0:
-        fail(f"--l2 and --pos_weight must be non-negative, got {args.l2} and {args.pos_weight}")
-    if args.logsig_window < 0 or args.logsig_window == 1:
-        fail(f"--logsig_window must be 0 (off) or at least 2 (observations per window), got {args.logsig_window}")
-    if args.seed < 0 or args.solve_chunk < 0:
-        fail(f"--seed and --solve_chunk must be non-negative, got {args.seed} and {args.solve_chunk}")
-    if not all(v.strip().isdigit() and int(v) >= 2 for v in args.bench_obs.split(",")):
-        fail(f"--bench_obs must be comma-separated observation counts of at least 2, got {args.bench_obs!r}")
-    if args.logsig_window > 1 and args.interp != "linear":
-        fail("--logsig_window needs --interp linear (the path between window ends is then the log-signature's line)")
-    if args.values_from == "dx":
-        args.drive = "x"  # the one place that decides it: this layout reads keys, beta and the query from X(t)
-    if args.syn_length < 4:
-        fail(f"--syn_length must be at least 4, got {args.syn_length}")
-    if args.d_model % args.n_head:
-        fail(f"--d_model {args.d_model} is not divisible by --n_head {args.n_head}; pick n_head dividing d_model.")
-    if not 0 <= args.missing < 1 or args.lr <= 0 or min(args.warmup, args.grad_clip, args.stop_at, args.step_size) < 0:
-        fail("--missing must be in [0, 1); --lr positive; --warmup, --grad_clip, --stop_at, --step_size non-negative.")
-    if args.rtol <= 0 or args.atol <= 0:
-        fail("--rtol and --atol must be positive.")
-    if args.data and not args.data.endswith("_TRAIN.ts"):
-        fail(f"--data {args.data!r}: give the NAME_TRAIN.ts file of a UEA/UCR set (NAME_TEST.ts must be beside it).")
-    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1346,7 +1303,8 @@ def bench(args):
 
 # ----------------------------------------------------------------------------------------------
 # Scaffolding, the same in every script: command line (from the Args fields and their docstrings), errors,
-# device, checkpoint writes, seeds and --resume, metrics. Nothing here is specific to the method.
+# device, checkpoint writes, seeds and --resume, metrics, the C++ kernels' loader. Nothing here is specific to the
+# method.
 
 
 def fail(msg):
@@ -1471,6 +1429,54 @@ def resume_from(path, model, opt, device):
     np.random.set_state(ckpt["rng"]["numpy"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     return ckpt
+
+
+_KERNELS = {}  # device type -> the loaded extension, or False once its build failed
+
+
+def kernels(device_type):
+    """cpu_kernels.cpp (ct_linear_rule_forward/backward: linear_rule_solve's steps, fused), built and loaded on first
+    use (never at import), on a copy of the source named by a hash of it, of torch's version and of the CPU's
+    instruction sets (the build is -march=native), so an edit rebuilds and every script shares one build. None, after
+    one warning, if that fails (no compiler, no ninja): the PyTorch form runs instead. None off the CPU."""
+    if device_type != "cpu":
+        return None
+    if device_type not in _KERNELS:
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cpp")
+        try:
+            from torch.utils.cpp_extension import load
+
+            with open(src, "rb") as f:
+                code = f.read()
+            digest = hashlib.sha256(code + torch.__version__.encode() + cpu_features().encode()).hexdigest()[:16]
+            name = f"fwp_{device_type}_kernels_{digest}"
+            root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                           "torch_extensions")
+            build = os.path.join(root, name)
+            os.makedirs(build, exist_ok=True)
+            copy = os.path.join(build, os.path.basename(src))
+            if not os.path.exists(copy):
+                with open(copy + ".tmp", "wb") as f:
+                    f.write(code)
+                os.replace(copy + ".tmp", copy)
+            flags = ["-O3", "-march=native", "-fopenmp" if torch.backends.openmp.is_available() else "-fopenmp-simd"]
+            _KERNELS[device_type] = load(name, [copy], build_directory=build, extra_cflags=flags,
+                                         extra_cuda_cflags=["-O3"], verbose=False)
+        except Exception as e:  # no compiler, no ninja, a compile error: the PyTorch form still works
+            print(f"warning: cpu_kernels.cpp unavailable ({type(e).__name__}: {str(e)[-2000:]}); using the PyTorch "
+                  "forms", file=sys.stderr)
+            _KERNELS[device_type] = False
+    return _KERNELS[device_type] or None
+
+
+def cpu_features():
+    """The CPU's instruction sets, which a -march=native build uses: part of the build's name, so that a build folder
+    shared by machines of other CPUs (a home directory on a cluster) is never loaded where it would not run."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.machine() + platform.processor()
 
 
 def main(argv=None):
