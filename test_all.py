@@ -1657,13 +1657,14 @@ def test_od_layouts_vector_field_and_readout_by_hand(values_from, rule):
     (the raw logit, no tanh); oja: sigmoid(b) tanh(u) softmax(k_raw - W^T tanh(u))^T; delta:
     sigmoid(b) (tanh(u) - W k) k^T; y = W^T q with q from X(t_N)."""
     torch.manual_seed(0)
-    args = ode_fwp.check_args(od_args(rule=rule, values_from=values_from, d_model=6, n_head=2))
+    args = ode_fwp.check_args(od_args(rule=rule, values_from=values_from, d_model=6, n_head=2, interp="linear"))
     assert args.drive == ("dx" if values_from == "x" else "x")
     model = ode_fwp.build_model(args, 3, 4).double()
     H, d, B = 2, 3, 2
     x0, g = torch.randn(B, 3, dtype=torch.float64), torch.randn(B, 3, dtype=torch.float64)
-    t = torch.tensor([[0.0, 4.0]] * B, dtype=torch.float64)
-    path = ode_fwp.ControlPath(t, torch.stack([x0, x0 + 4.0 * g], 1), torch.tensor([2] * B), "linear")
+    t, xs = torch.tensor([[0.0, 4.0]] * B, dtype=torch.float64), torch.stack([x0, x0 + 4.0 * g], 1)
+    lengths = torch.tensor([2] * B)
+    path = ode_fwp.ControlPath(t, xs, lengths, "linear")
     lin = lambda layer, z: z @ layer.weight.T + layer.bias
     ln = lambda z, m: (z - z.mean(-1, keepdim=True)) / torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + m.eps) \
         * m.weight + m.bias
@@ -1699,7 +1700,7 @@ def test_od_layouts_vector_field_and_readout_by_hand(values_from, rule):
         torch.testing.assert_close(f(0.25, W), 4.0 * field(1.0, W))  # dW/ds = span dW/dt at s = 1/4, t = 1
         W0 = field(0.0, torch.zeros_like(W))  # the rule with W = 0 at the first observation
         WT, _ = ode_fwp.rk4(f, W0, 40)
-        logits, _ = model(path, dataclasses.replace(args, solver="rk4"), 40)
+        logits, _ = model(t, xs, lengths, 40, solver="rk4")
         u_N = lin(model.W_in, g if values_from == "x" else x0 + 4.0 * g)
         q = sm(lin(model.W_q, ln(u_N, model.ln_in)).view(B, H, d))
         read = (WT @ q[..., None] if values_from == "x" else WT.transpose(-1, -2) @ q[..., None]).flatten(1)
@@ -1717,10 +1718,10 @@ def test_od_series_predictions_do_not_depend_on_the_batch(model_name, rule):
     t, x, lengths = irregular_batch(missing=0.1)
     x = torch.cat([t[..., None] / 10, x], -1)  # the time channel
     model = ode_fwp.build_model(a, 3, 4).double()
-    logits, _ = model(ode_fwp.ControlPath(t, x, lengths, "cubic"), a, 30)
+    logits, _ = model(t, x, lengths, 30)
     for b in range(3):
         n = int(lengths[b])
-        alone, _ = model(ode_fwp.ControlPath(t[b : b + 1, :n], x[b : b + 1, :n], lengths[b : b + 1], "cubic"), a, 30)
+        alone, _ = model(t[b : b + 1, :n], x[b : b + 1, :n], lengths[b : b + 1], 30)
         torch.testing.assert_close(alone[0], logits[b], rtol=1e-10, atol=1e-12)
     logits.square().sum().backward()
     for name, p in model.named_parameters():
@@ -1731,11 +1732,10 @@ def test_od_rk4_and_dopri5_agree_on_the_model():
     torch.manual_seed(0)
     t, x, lengths = irregular_batch(missing=0.1)
     x = torch.cat([t[..., None] / 10, x], -1)
-    path = ode_fwp.ControlPath(t, x, lengths, "cubic")
     model = ode_fwp.build_model(od_args(rule="delta"), 3, 4).double()
     with torch.no_grad():
-        fine, _ = model(path, od_args(solver="rk4"), 400)
-        adaptive, nfe = model(path, od_args(solver="dopri5", rtol=1e-8, atol=1e-10), 0)
+        fine, _ = model(t, x, lengths, 400, solver="rk4")
+        adaptive, nfe = model(t, x, lengths, solver="dopri5", rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(adaptive, fine, rtol=1e-6, atol=1e-7)
     assert nfe > 6
 
@@ -1956,7 +1956,7 @@ def test_od_precomputed_solve_equals_the_generic_one(kw, impl, chunk, monkeypatc
     for b in (dataclasses.replace(a, impl="generic"), dataclasses.replace(a, impl=impl)):
         torch.manual_seed(0)
         model = ode_fwp.build_model(b, x.shape[-1], 4).double()
-        logits, nfe = model(ode_fwp.ControlPath(t, x, lengths, a.interp), b, 11)
+        logits, nfe = model(t, x, lengths, 11)
         grads = torch.autograd.grad(logits.square().sum(), list(model.parameters()))
         results.append((logits, grads, nfe))
     assert len(calls) == (linear and impl == "kernel") * 3  # once per chunk
