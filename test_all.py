@@ -2286,23 +2286,29 @@ def test_pg_buffer_recency_weighting_and_size():
 
 
 def test_pg_distinct_commands_give_the_full_batch_gradient():
-    """update() generates each distinct command once; the loss and gradients equal those of the whole batch."""
-    run = pg_run()
+    """GoGePo.update's generator step generates each distinct command once (generator_loss); the step it takes (plain
+    SGD here) must be the one of the whole batch, every drawn return counted as often as it was drawn: the loss and
+    the new parameters against that batch's loss and gradient computed here directly (float64)."""
+    run = pg_run(evaluator_steps=0, generator_steps=1, batch_size=12)
     run.generator.double()
     run.evaluator.double()
-    rets = torch.tensor([5.0, -3.0, 5.0, 5.0, 12.0, -3.0], dtype=torch.float64)
-    grads = []
-    for dedup in (False, True):
-        run.generator.zero_grad()
-        if dedup:
-            u, inv = torch.unique(rets, return_inverse=True)
-            pred = run.evaluator(run.generator(run.command(u).double()))[inv]
-        else:
-            pred = run.evaluator(run.generator(run.command(rets).double()))
-        F.mse_loss(pred, rets).backward()
-        grads.append([p.grad.clone() for p in run.generator.parameters()])
-    for g0, g1 in zip(*grads):
-        torch.testing.assert_close(g0, g1)
+    g = torch.Generator().manual_seed(0)
+    for ret in (5.0, -3.0, 12.0, 40.0):
+        run.buffer.add(0.3 * torch.randn(run.n_params, generator=g, dtype=torch.float64), ret)
+    state = run.gen.get_state()
+    _, rets = run.buffer.sample(12, run.gen)  # the draw update() will make
+    run.gen.set_state(state)
+    counts = torch.unique(rets, return_counts=True)[1].tolist()
+    assert len(counts) < len(rets) and len(set(counts)) > 1, counts  # repeats, not all equally often
+    params = list(run.generator.parameters())
+    loss = F.mse_loss(run.evaluator(run.generator(rets / run.r_range)), rets)  # every drawn command generated
+    grads = torch.autograd.grad(loss, params)
+    expected = [p.detach() - 0.1 * dp for p, dp in zip(params, grads)]
+    run.opt_g = torch.optim.SGD(params, lr=0.1)
+    loss_v, loss_g = run.update()
+    assert math.isnan(loss_v) and math.isclose(loss_g, loss.item(), rel_tol=1e-12)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-10, atol=1e-13)
 
 
 def test_pg_running_norm_matches_numpy():
