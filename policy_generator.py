@@ -53,7 +53,115 @@ ENVS = {
 
 
 # ----------------------------------------------------------------------------------------------
-# The policy: a flat parameter vector theta and a batched forward for P policies at once.
+# Configuration: every flag with its default and docstring (--help prints them), the presets, and the checks
+# of a command line's values.
+
+
+@dataclass
+class Args:
+    # environment
+    env: str = "MountainCarContinuous-v0"
+    """MountainCarContinuous-v0 | Pendulum-v1 | InvertedPendulum-v5 | Swimmer-v5 | Hopper-v5"""
+    total_steps: int = 100_000
+    """training environment steps (the paper: 100k for MountainCar and InvertedPendulum, 3M for Swimmer, Hopper)"""
+    stop_solved: bool = True
+    """stop training at the first evaluation that reaches the environment's solved return"""
+    n_parallel: int = 4
+    """generated policies rolled out side by side per iteration (each one episode; then one update per episode)"""
+    # policy and generator
+    hidden: int = 256
+    """policy hidden width (two tanh layers)"""
+    tile: int = 16
+    """generator tile: hidden layers are generated in tile x tile blocks"""
+    embed_dim: int = 8
+    """learned embedding size per tile"""
+    gen_hidden: int = 256
+    """width of the generator's tile MLPs (two ReLU layers)"""
+    noise: float = 0.1
+    """std of the Gaussian parameter noise for exploration"""
+    drive: float = 20.0
+    """command = best return so far + drive"""
+    # evaluator
+    n_probes: int = 200
+    """learned probing states"""
+    eval_hidden: int = 256
+    """width of the evaluator MLP (two ReLU layers)"""
+    # updates
+    buffer_size: int = 10_000
+    """replay buffer of (theta, return); sampling weight of the i-th newest entry (1 / i) ** recency"""
+    recency: float = 1.1
+    """exponent of the recency weighting"""
+    batch_size: int = 16
+    """buffer samples per update step"""
+    evaluator_steps: int = 4
+    """evaluator Adam steps per update"""
+    generator_steps: int = 19
+    """generator Adam steps per update"""
+    lr_evaluator: float = 5e-3
+    """Adam learning rate of the evaluator"""
+    lr_generator: float = 2e-6
+    """Adam learning rate of the generator"""
+    # evaluation and bookkeeping
+    eval_every: int = 1000
+    """evaluate G(best return) every this many training steps"""
+    n_eval: int = 10
+    """episodes per evaluation (and of the final one)"""
+    sweep_points: int = 21
+    """command sweep: commands evenly spaced over the return range"""
+    sweep_episodes: int = 5
+    """command sweep: episodes per command"""
+    sweep_only: bool = False
+    """run the command sweep of out_dir/ckpt.pt and exit"""
+    seed: int = 0
+    """seed of python, numpy, torch and the environments"""
+    device: str = "cpu"
+    """cpu (default: small batched ops) or cuda"""
+    out_dir: str = "out/policy_generator"
+    """metrics.jsonl and ckpt.pt (written at every evaluation) go here"""
+    resume: bool = False
+    """continue from out_dir/ckpt.pt"""
+    stop_at: int = 0
+    """exit after the evaluation at or after this many steps, checkpoint saved; --resume continues. 0: no stop"""
+    bench: bool = False
+    """time the generator, one update and a batched rollout step, and exit"""
+
+
+PRESETS = {
+    "tiny": dict(hidden=32, gen_hidden=32, eval_hidden=32, n_probes=8, total_steps=600, eval_every=300, n_eval=2,
+                 sweep_points=3, sweep_episodes=1, buffer_size=50, generator_steps=3, evaluator_steps=2,
+                 stop_solved=False),
+}
+
+
+def check_args(args):
+    """The models' own checks (check_sizes: the same messages, naming the flags), then what only the command line
+    knows: the environment, the run's sizes and rates, the device."""
+    try:
+        sizes = ("hidden", "tile", "embed_dim", "gen_hidden", "n_probes", "eval_hidden")  # the models' keywords
+        check_sizes("--", **{key: getattr(args, key) for key in sizes})
+    except ValueError as e:
+        fail(str(e))
+    if args.env not in ENVS:
+        fail(f"--env must be one of {', '.join(ENVS)}, got {args.env!r}")
+    for key in ("total_steps", "n_parallel", "buffer_size", "batch_size", "eval_every", "n_eval", "sweep_points",
+                "sweep_episodes"):
+        if getattr(args, key) <= 0:
+            fail(f"--{key} must be positive, got {getattr(args, key)}")
+    if min(args.noise, args.evaluator_steps, args.generator_steps, args.drive, args.recency, args.stop_at,
+           args.seed) < 0 or min(args.lr_evaluator, args.lr_generator) <= 0:
+        fail("--noise, --evaluator_steps, --generator_steps, --drive, --recency, --stop_at and --seed must be "
+             "non-negative; the learning rates positive.")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy (a flat parameter vector theta, a batched forward for P policies at once), the generator, the evaluator.
 
 
 def layer_shapes(obs_dim, act_dim, hidden):
@@ -261,114 +369,6 @@ def rollout(envs, thetas, shapes, act_limit, norm, seeds, push=False, alive_bonu
                 active[p] = False
         steps += len(idx)
     return ret, env_ret, steps
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration: every flag with its default and docstring (--help prints them), the presets, and the checks
-# of a command line's values.
-
-
-@dataclass
-class Args:
-    # environment
-    env: str = "MountainCarContinuous-v0"
-    """MountainCarContinuous-v0 | Pendulum-v1 | InvertedPendulum-v5 | Swimmer-v5 | Hopper-v5"""
-    total_steps: int = 100_000
-    """training environment steps (the paper: 100k for MountainCar and InvertedPendulum, 3M for Swimmer, Hopper)"""
-    stop_solved: bool = True
-    """stop training at the first evaluation that reaches the environment's solved return"""
-    n_parallel: int = 4
-    """generated policies rolled out side by side per iteration (each one episode; then one update per episode)"""
-    # policy and generator
-    hidden: int = 256
-    """policy hidden width (two tanh layers)"""
-    tile: int = 16
-    """generator tile: hidden layers are generated in tile x tile blocks"""
-    embed_dim: int = 8
-    """learned embedding size per tile"""
-    gen_hidden: int = 256
-    """width of the generator's tile MLPs (two ReLU layers)"""
-    noise: float = 0.1
-    """std of the Gaussian parameter noise for exploration"""
-    drive: float = 20.0
-    """command = best return so far + drive"""
-    # evaluator
-    n_probes: int = 200
-    """learned probing states"""
-    eval_hidden: int = 256
-    """width of the evaluator MLP (two ReLU layers)"""
-    # updates
-    buffer_size: int = 10_000
-    """replay buffer of (theta, return); sampling weight of the i-th newest entry (1 / i) ** recency"""
-    recency: float = 1.1
-    """exponent of the recency weighting"""
-    batch_size: int = 16
-    """buffer samples per update step"""
-    evaluator_steps: int = 4
-    """evaluator Adam steps per update"""
-    generator_steps: int = 19
-    """generator Adam steps per update"""
-    lr_evaluator: float = 5e-3
-    """Adam learning rate of the evaluator"""
-    lr_generator: float = 2e-6
-    """Adam learning rate of the generator"""
-    # evaluation and bookkeeping
-    eval_every: int = 1000
-    """evaluate G(best return) every this many training steps"""
-    n_eval: int = 10
-    """episodes per evaluation (and of the final one)"""
-    sweep_points: int = 21
-    """command sweep: commands evenly spaced over the return range"""
-    sweep_episodes: int = 5
-    """command sweep: episodes per command"""
-    sweep_only: bool = False
-    """run the command sweep of out_dir/ckpt.pt and exit"""
-    seed: int = 0
-    """seed of python, numpy, torch and the environments"""
-    device: str = "cpu"
-    """cpu (default: small batched ops) or cuda"""
-    out_dir: str = "out/policy_generator"
-    """metrics.jsonl and ckpt.pt (written at every evaluation) go here"""
-    resume: bool = False
-    """continue from out_dir/ckpt.pt"""
-    stop_at: int = 0
-    """exit after the evaluation at or after this many steps, checkpoint saved; --resume continues. 0: no stop"""
-    bench: bool = False
-    """time the generator, one update and a batched rollout step, and exit"""
-
-
-PRESETS = {
-    "tiny": dict(hidden=32, gen_hidden=32, eval_hidden=32, n_probes=8, total_steps=600, eval_every=300, n_eval=2,
-                 sweep_points=3, sweep_episodes=1, buffer_size=50, generator_steps=3, evaluator_steps=2,
-                 stop_solved=False),
-}
-
-
-def check_args(args):
-    """The models' own checks (check_sizes: the same messages, naming the flags), then what only the command line
-    knows: the environment, the run's sizes and rates, the device."""
-    try:
-        sizes = ("hidden", "tile", "embed_dim", "gen_hidden", "n_probes", "eval_hidden")  # the models' keywords
-        check_sizes("--", **{key: getattr(args, key) for key in sizes})
-    except ValueError as e:
-        fail(str(e))
-    if args.env not in ENVS:
-        fail(f"--env must be one of {', '.join(ENVS)}, got {args.env!r}")
-    for key in ("total_steps", "n_parallel", "buffer_size", "batch_size", "eval_every", "n_eval", "sweep_points",
-                "sweep_episodes"):
-        if getattr(args, key) <= 0:
-            fail(f"--{key} must be positive, got {getattr(args, key)}")
-    if min(args.noise, args.evaluator_steps, args.generator_steps, args.drive, args.recency, args.stop_at,
-           args.seed) < 0 or min(args.lr_evaluator, args.lr_generator) <= 0:
-        fail("--noise, --evaluator_steps, --generator_steps, --drive, --recency, --stop_at and --seed must be "
-             "non-negative; the learning rates positive.")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        fail(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
-    return args
 
 
 # ----------------------------------------------------------------------------------------------
