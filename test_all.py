@@ -1983,15 +1983,16 @@ def test_od_stage_nodes_are_the_solvers_own_times_and_weights_integrate(solver):
 
 
 @needs_cxx
+@pytest.mark.parametrize("d", [5, 8, 16, 32])  # the widths the kernel compiles apart (8, 16, 32) and its generic code
 @pytest.mark.parametrize("solver", ["euler", "rk4"])
-def test_od_cpu_kernel_linear_rule_solve_equals_the_pytorch_form(solver):
-    """cpu_kernels.cpp's ct_linear_rule against linear_rule_solve's affine maps: float64 on odd shapes (B 2, H 3, d 5,
-    7 steps of 1/10, as in a chunk of a longer solve; outputs and the gradient of every input; gradcheck), and float32
-    at the default width (d 8, 50 steps of 1/50)."""
+def test_od_cpu_kernel_linear_rule_solve_equals_the_pytorch_form(solver, d):
+    """cpu_kernels.cpp's ct_linear_rule against linear_rule_solve's affine maps: float64 at each width (B 2, H 3,
+    7 steps of 1/10, as in a chunk of a longer solve; outputs and the gradient of every input; gradcheck at the generic
+    width d 5), and float32 at the default width (d 8, 50 steps of 1/50)."""
     assert ode_fwp.kernels("cpu") is not None, "cpu_kernels.cpp failed to build (the warning above says why)"
     g = torch.Generator().manual_seed(1)
-    for B, H, d, n, h, dtype, tol in ((2, 3, 5, 7, 0.1, torch.float64, 1e-12),
-                                      (4, 4, 8, 50, 0.02, torch.float32, 1e-5)):
+    cases = [(2, 3, d, 7, 0.1, torch.float64, 1e-12)] + [(4, 4, 8, 50, 0.02, torch.float32, 1e-5)] * (d == 8)
+    for B, H, d, n, h, dtype, tol in cases:
         S = n * (2 if solver == "rk4" else 1) + 1
         a, p = (torch.randn(B, S, H, d, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
         p = p.softmax(-1)  # keys as the model makes them
@@ -2004,7 +2005,7 @@ def test_od_cpu_kernel_linear_rule_solve_equals_the_pytorch_form(solver):
             outs.append([Y, *torch.autograd.grad((Y * dY).sum(), inputs)])
         for x, y in zip(*outs):
             torch.testing.assert_close(y, x, rtol=tol, atol=tol)
-        if dtype == torch.float64:
+        if d == 5:
             assert torch.autograd.gradcheck(lambda *z: ode_fwp.linear_rule_solve(*z, solver, h, True), inputs)
 
 
