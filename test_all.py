@@ -2050,16 +2050,25 @@ def test_od_linear_rule_solve_gradcheck_and_the_plain_solver():
                                         c[:, :n_nodes], solver, 1 / n), inputs)
 
 
-@pytest.mark.parametrize("args", [[], ["--rule", "hebb", "--interp", "linear"], ["--rule", "oja", "--drive", "x"],
+def od_smoke_run(script, out_dir, *args):
+    """A tiny run of the script: its final line, and finite losses at every step; -> the losses."""
+    p = run(script, "--preset", "tiny", "--out_dir", str(out_dir), *args)
+    assert "final: test acc" in p.stdout
+    losses = [m["value"] for m in read_metrics(out_dir) if m["metric"] == "loss"]
+    assert len(losses) > 4 and all(math.isfinite(v) for v in losses)
+    return losses
+
+
+@pytest.mark.parametrize("args", [["--rule", "hebb", "--interp", "linear"], ["--rule", "oja", "--drive", "x"],
                                   ["--model", "ncde", "--solver", "dopri5"], ["--solver", "euler", "--step_size", "2"]])
-def test_od_smoke_and_determinism(tmp_path, args):
+def test_od_smoke(tmp_path, args):
+    od_smoke_run(script_copy(tmp_path, "ode_fwp.py"), tmp_path / "o", *args)
+
+
+def test_od_smoke_default_and_determinism(tmp_path):
+    """The default run twice, in two processes: same seed, same losses."""
     script = script_copy(tmp_path, "ode_fwp.py")
-    n_runs = 1 if args else 2  # the default twice: same seed, same losses
-    runs = [run(script, "--preset", "tiny", "--out_dir", str(tmp_path / f"o{i}"), *args) for i in range(n_runs)]
-    assert "final: test acc" in runs[0].stdout
-    losses = [[m["value"] for m in read_metrics(tmp_path / f"o{i}") if m["metric"] == "loss"] for i in range(n_runs)]
-    assert len(losses[0]) > 4 and all(math.isfinite(v) for v in losses[0])
-    assert_same_run(losses[0], losses[-1])
+    assert_same_run(od_smoke_run(script, tmp_path / "a"), od_smoke_run(script, tmp_path / "b"))
 
 
 def test_od_resume_is_exact_and_evaluate_compares_solvers(tmp_path):
