@@ -2209,6 +2209,75 @@ def test_od_cli_errors(tmp_path, args, message):
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
 
 
+OD_LAYER_USE = """
+import torch
+from ode_fwp import CTFWP, NCDE
+
+g = torch.Generator().manual_seed(0)
+t = torch.cumsum(0.2 + torch.rand(4, 12, generator=g), 1)  # (B, N) times; a shorter series' padding keeps increasing
+x = torch.cat([t[..., None] / t.max(), torch.randn(4, 12, 2, generator=g)], -1)  # (B, N, C): time and 2 values
+x[1, 3, 1] = float("nan")  # missing
+lengths = torch.tensor([12, 12, 9, 5])
+torch.manual_seed(0)
+model = CTFWP(n_channels=3, n_classes=2, d_model=16, n_head=2, rule="delta", solver="rk4", step_size=0.5)
+assert "d_model=16, n_head=2 (d_head 8)" in repr(model), repr(model)
+logits, nfe = model(t, x, lengths)  # 0.5 over the longest span: the batch's step count
+span = max(float(t[b, lengths[b] - 1] - t[b, 0]) for b in range(4))
+assert logits.shape == (4, 2) and nfe == 2 * -(-span // 0.5) + 1, (logits.shape, nfe, span)
+logits.square().sum().backward()
+assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+# the solver's settings at construction, or for one call: the same logits
+fixed = CTFWP(3, 2, d_model=16, n_head=2, solver="euler", impl="generic")
+fixed.load_state_dict(model.state_dict())
+with torch.no_grad():
+    a, nfe_a = fixed(t, x, lengths, 20)
+    b, nfe_b = model(t, x, lengths, 20, solver="euler", impl="generic")
+    c, nfe_c = model(t, x, lengths, solver="dopri5", rtol=1e-4, atol=1e-6)
+    d, _ = model.double()(t.double(), x.double(), lengths, solver="dopri5", rtol=1e-4, atol=1e-6)
+assert torch.equal(a, b) and nfe_a == nfe_b == 20 and nfe_c > 6 and (a - c).abs().max() < 0.05, (a, c)
+assert d.dtype == torch.float64 and (c - d).abs().max() < 1e-3, (c, d)
+ncde = NCDE(n_channels=3, n_classes=2, d_model=8, d_ff=16, interp="linear", solver="euler", step_size=0.5)
+z, _ = ncde(t, x, lengths)
+z.sum().backward()
+bad = [(dict(d_model=30, n_head=4), "d_model 30 is not divisible by n_head 4"), (dict(rule="hopfield"), "rule must be"),
+       (dict(solver="midpoint"), "solver must be"), (dict(impl="fast"), "impl must be"),
+       (dict(interp="spline"), "interp must be"), (dict(d_ff=0), "d_ff must be positive"),
+       (dict(n_head=-2), "n_head must be positive"), (dict(n_classes=0), "n_classes must be positive"),
+       (dict(solver="dopri5", impl="kernel"), "impl kernel needs a fixed-step solver"),
+       (dict(rule="hebb", post_tanh=True), "post_tanh changes the delta rule"),
+       (dict(step_size=-1.0), "step_size must be non-negative"), (dict(rtol=0.0), "rtol must be positive")]
+for kw, message in bad:
+    try:
+        CTFWP(**dict(dict(n_channels=3, n_classes=2), **kw))
+    except ValueError as e:
+        assert message in str(e), (kw, str(e))
+    else:
+        raise AssertionError(kw)
+for call, message in [(lambda: model(t, x, lengths, solver="dopri5", impl="precomputed"), "impl precomputed needs"),
+                      (lambda: model(t, x, lengths, 0), "n_steps must be positive"),
+                      (lambda: NCDE(3, 2, d_model=0), "d_model must be positive")]:
+    try:
+        call()
+    except ValueError as e:
+        assert message in str(e), str(e)
+    else:
+        raise AssertionError(message)
+print("ok")
+"""
+
+
+def test_od_model_keyword_construction(tmp_path):
+    """A user's copy (ode_fwp.py, data.py, cpu_kernels.cpp, nothing else): the models built from keywords alone, forward
+    and backward on a small batch of series, the solver's settings given at construction or for one call, extra_repr,
+    .double(); bad values raise ValueError naming the argument and the fix."""
+    for f in ("ode_fwp.py", "data.py", "cpu_kernels.cpp"):
+        shutil.copy(os.path.join(HERE, f), tmp_path)
+    (tmp_path / "use_layer.py").write_text(OD_LAYER_USE)
+    p = run(str(tmp_path / "use_layer.py"))
+    assert p.stdout.strip() == "ok", p.stdout
+    assert ode_fwp.kernels("cpu") is None or "warning" not in p.stderr, p.stderr  # the kernel ran where it builds
+
+
 def test_od_negative_flag_values_are_errors():
     assert_negative_values_fail(ode_fwp)
 
@@ -2363,6 +2432,53 @@ def test_pg_cli_errors(tmp_path, args, message):
     p = run(script_copy(tmp_path, "policy_generator.py"), "--preset", "tiny", "--out_dir", str(tmp_path / "o"),
             *args, check=False)
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+
+
+PG_LAYER_USE = """
+import torch
+from policy_generator import Evaluator, Generator, policy_forward
+
+torch.manual_seed(0)
+G = Generator(obs_dim=3, act_dim=2, hidden=32, tile=16, embed_dim=4, gen_hidden=16)
+V = Evaluator(obs_dim=3, act_dim=2, hidden=32, act_limit=[1.0, 2.0], n_probes=8, eval_hidden=16)
+assert G.n_params == (32 * 3 + 32) + (32 * 32 + 32) + (2 * 32 + 2) == sum(o * i + o for o, i in G.shapes)
+assert "3 -> 32 -> 32 -> 2 (1250 parameters), tile=16" in repr(G) and "n_probes=8" in repr(V), (repr(G), repr(V))
+theta = G(torch.tensor([0.2, -0.5, 0.9]))  # normalised commands (B,) -> (B, n_params)
+obs = torch.randn(3, 5, 3)
+actions = policy_forward(theta, obs, G.shapes, V.act_limit)  # (B, N, obs_dim) -> (B, N, act_dim)
+assert theta.shape == (3, 1250) and actions.shape == (3, 5, 2)
+assert torch.equal(actions, policy_forward(theta, obs, G.shapes, 1.0) * torch.tensor([1.0, 2.0]))
+V(theta).square().sum().backward()
+assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in [*G.parameters(), *V.parameters()])
+assert V.double()(G.double()(torch.tensor([0.3], dtype=torch.float64))).dtype == torch.float64
+bad = [(Generator, dict(hidden=60, tile=16), "hidden 60 is not divisible by tile 16"),
+       (Generator, dict(hidden=0), "hidden must be positive"), (Generator, dict(tile=-16), "tile must be positive"),
+       (Generator, dict(embed_dim=0), "embed_dim must be positive"),
+       (Generator, dict(gen_hidden=0), "gen_hidden must be positive"),
+       (Generator, dict(obs_dim=0), "obs_dim must be positive"),
+       (Evaluator, dict(n_probes=0), "n_probes must be positive"),
+       (Evaluator, dict(eval_hidden=-1), "eval_hidden must be positive"),
+       (Evaluator, dict(act_dim=0), "act_dim must be positive"),
+       (Evaluator, dict(act_limit=[1.0, 1.0, 1.0]), "act_limit must be positive, one number or one per action"),
+       (Evaluator, dict(act_limit=-1.0), "act_limit must be positive")]
+for cls, kw, message in bad:
+    try:
+        cls(**dict(dict(obs_dim=3, act_dim=2), **kw))
+    except ValueError as e:
+        assert message in str(e), (kw, str(e))
+    else:
+        raise AssertionError(kw)
+print("ok")
+"""
+
+
+def test_pg_model_keyword_construction(tmp_path):
+    """A user's copy (policy_generator.py alone): the generator and the evaluator built from keywords alone, forward
+    and backward, the sizes in extra_repr, .double(); bad sizes (a tile that does not divide the width) raise
+    ValueError naming the argument and the fix."""
+    shutil.copy(os.path.join(HERE, "policy_generator.py"), tmp_path)
+    (tmp_path / "use_layer.py").write_text(PG_LAYER_USE)
+    assert run(str(tmp_path / "use_layer.py")).stdout.strip() == "ok"
 
 
 def test_pg_negative_flag_values_are_errors():
