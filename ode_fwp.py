@@ -465,67 +465,6 @@ DX_RULES = {
 }
 
 
-# The settings of the models and what each may be: check_settings is called by the constructors (and by forward for
-# the solver arguments given there) and by check_args, so that a module and the command line refuse the same values.
-CHOICES = dict(rule=("hebb", "oja", "delta"), drive=("dx", "x"), values_from=("x", "dx"), interp=("cubic", "linear"),
-               solver=("euler", "rk4", "dopri5"), impl=("auto", "kernel", "precomputed", "generic"))
-POSITIVE = ("n_channels", "n_classes", "d_model", "n_head", "d_ff", "rtol", "atol", "max_steps")
-NON_NEGATIVE = ("step_size", "solve_chunk")
-
-
-def check_settings(flag="", **settings):
-    """A ValueError naming the first bad value among the settings given, and the fix; flag is "--" where the command
-    line asks, so that its message names the flag."""
-    for key, value in settings.items():
-        if key in CHOICES and value not in CHOICES[key]:
-            raise ValueError(f"{flag}{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
-        if key in POSITIVE and not value > 0:
-            raise ValueError(f"{flag}{key} must be positive, got {value}")
-        if key in NON_NEGATIVE and not value >= 0:
-            raise ValueError(f"{flag}{key} must be non-negative, got {value}")
-    s = settings
-    if s.get("impl") in ("kernel", "precomputed") and s.get("solver") == "dopri5":
-        raise ValueError(f"{flag}impl {s['impl']} needs a fixed-step solver (euler, rk4): dopri5's stage times are "
-                         "not known ahead")
-    if s.get("post_tanh") and s.get("rule") != "delta":
-        raise ValueError(f"{flag}post_tanh changes the delta rule; it does nothing with {flag}rule {s.get('rule')}")
-    if "d_model" in s and "n_head" in s and s["d_model"] % s["n_head"]:
-        raise ValueError(f"{flag}d_model {s['d_model']} is not divisible by {flag}n_head {s['n_head']}; pick n_head "
-                         "dividing d_model.")
-
-
-class Solve(NamedTuple):
-    """How one forward pass solves: the solver, its steps per series (euler, rk4) and its other settings."""
-
-    solver: str
-    n_steps: int
-    impl: str
-    solve_chunk: int
-    rtol: float
-    atol: float
-    max_steps: int
-
-
-def solve_settings(model, path, n_steps, given):
-    """The Solve of a forward pass: each solver setting given to forward, or else the model's; n_steps given, or else
-    the batch's longest span over step_size (0: over the batch's smallest gap between two observations)."""
-    s = {key: getattr(model, key) if value is None else value for key, value in given.items()}
-    check_settings(**s)
-    if n_steps is None:
-        gaps = path.knots.diff(dim=1)[torch.arange(path.knots.shape[1] - 1, device=path.knots.device) <
-                                      (path.lengths - 1)[:, None]]
-        n_steps = fixed_step_count((path.t1 - path.t0).max().item(), s["step_size"] or gaps.min().item())
-    elif n_steps <= 0:
-        raise ValueError(f"n_steps must be positive, got {n_steps}")
-    return Solve(s["solver"], n_steps, s["impl"], s.get("solve_chunk", 0), s["rtol"], s["atol"], s["max_steps"])
-
-
-def fixed_step_count(max_span, step):
-    """euler/rk4 steps per solve: the longest span over the step size; every series takes as many steps, each series
-    over its own interval (so a series' prediction depends on the longest span, not on the series beside it)."""
-    return max(1, math.ceil(max_span / step - 1e-9))
-
-
 class CTFWP(nn.Module):
     """The continuous-time fast weight programmer (the equations at the top of this file): per head a fast weight W
     (d_head x d_head) follows the learning rule over each series' control path; the readout of W at the series' last
@@ -705,6 +644,67 @@ class NCDE(nn.Module):
         z, nfe = odeint(f, self.init(path(path.t0)[0]), solve.solver, solve.n_steps, solve.rtol, solve.atol,
                         solve.max_steps)
         return self.head(z), nfe
+
+
+# The settings of the models and what each may be: check_settings is called by the constructors (and by forward for
+# the solver arguments given there) and by check_args, so that a module and the command line refuse the same values.
+CHOICES = dict(rule=("hebb", "oja", "delta"), drive=("dx", "x"), values_from=("x", "dx"), interp=("cubic", "linear"),
+               solver=("euler", "rk4", "dopri5"), impl=("auto", "kernel", "precomputed", "generic"))
+POSITIVE = ("n_channels", "n_classes", "d_model", "n_head", "d_ff", "rtol", "atol", "max_steps")
+NON_NEGATIVE = ("step_size", "solve_chunk")
+
+
+def check_settings(flag="", **settings):
+    """A ValueError naming the first bad value among the settings given, and the fix; flag is "--" where the command
+    line asks, so that its message names the flag."""
+    for key, value in settings.items():
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ValueError(f"{flag}{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+        if key in POSITIVE and not value > 0:
+            raise ValueError(f"{flag}{key} must be positive, got {value}")
+        if key in NON_NEGATIVE and not value >= 0:
+            raise ValueError(f"{flag}{key} must be non-negative, got {value}")
+    s = settings
+    if s.get("impl") in ("kernel", "precomputed") and s.get("solver") == "dopri5":
+        raise ValueError(f"{flag}impl {s['impl']} needs a fixed-step solver (euler, rk4): dopri5's stage times are "
+                         "not known ahead")
+    if s.get("post_tanh") and s.get("rule") != "delta":
+        raise ValueError(f"{flag}post_tanh changes the delta rule; it does nothing with {flag}rule {s.get('rule')}")
+    if "d_model" in s and "n_head" in s and s["d_model"] % s["n_head"]:
+        raise ValueError(f"{flag}d_model {s['d_model']} is not divisible by {flag}n_head {s['n_head']}; pick n_head "
+                         "dividing d_model.")
+
+
+class Solve(NamedTuple):
+    """How one forward pass solves: the solver, its steps per series (euler, rk4) and its other settings."""
+
+    solver: str
+    n_steps: int
+    impl: str
+    solve_chunk: int
+    rtol: float
+    atol: float
+    max_steps: int
+
+
+def solve_settings(model, path, n_steps, given):
+    """The Solve of a forward pass: each solver setting given to forward, or else the model's; n_steps given, or else
+    the batch's longest span over step_size (0: over the batch's smallest gap between two observations)."""
+    s = {key: getattr(model, key) if value is None else value for key, value in given.items()}
+    check_settings(**s)
+    if n_steps is None:
+        inside = torch.arange(1, path.knots.shape[1], device=path.knots.device) < path.lengths[:, None]  # (B, N-1)
+        gap = path.knots.diff(dim=1)[inside].min().item()  # the smallest gap between two observations of a series
+        n_steps = fixed_step_count((path.t1 - path.t0).max().item(), s["step_size"] or gap)
+    elif n_steps <= 0:
+        raise ValueError(f"n_steps must be positive, got {n_steps}")
+    return Solve(s["solver"], n_steps, s["impl"], s.get("solve_chunk", 0), s["rtol"], s["atol"], s["max_steps"])
+
+
+def fixed_step_count(max_span, step):
+    """euler/rk4 steps per solve: the longest span over the step size; every series takes as many steps, each series
+    over its own interval (so a series' prediction depends on the longest span, not on the series beside it)."""
+    return max(1, math.ceil(max_span / step - 1e-9))
 
 
 def precomputed(solve):
