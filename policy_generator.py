@@ -556,11 +556,15 @@ def bench(args):
     run = make_run(args)
     envs = make_envs(args.env, args.n_parallel)
 
+    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
+
     def timed(fn, n=5):
         times = []
         for _ in range(n + 1):  # the first is a warm-up
+            sync()
             t = time.perf_counter()
             fn()
+            sync()
             times.append(time.perf_counter() - t)
         return float(np.median(times[1:])) * 1e3
 
