@@ -472,8 +472,8 @@ class CTFWP(nn.Module):
     n_channels: channels of x (time included as one, so that dX/dt holds the clock); n_classes; d_model: width, n_head
     fast weights of d_head = d_model / n_head; d_ff: the readout block's feed-forward width; rule: hebb | oja | delta;
     values_from: x (values tanh(W_v X(t)), readout W q: the official delta_cde layout) or dx (the official hebb_cde /
-    oja_cde layout: keys, beta and query from X(t)); drive: the x layout's keys, beta and query from dX/dt (dx) or
-    X(t) (x); v_layernorm: values tanh(W_v2 LN(W_v X)); post_tanh: the delta rule with the tanh after the
+    oja_cde layout: keys, beta and query from X(t)); drive: the x layout only, keys, beta and query from dX/dt (dx)
+    or X(t) (x); v_layernorm: values tanh(W_v2 LN(W_v X)); post_tanh: the delta rule with the tanh after the
     subtraction; interp: the control path, cubic | linear.
     The solver (forward may replace each for one call): solver euler | rk4 | dopri5; step_size: euler, rk4, in data
     time units (0: the batch's smallest gap between observations), unless forward is given n_steps; impl: precomputed

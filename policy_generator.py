@@ -387,10 +387,9 @@ class GoGePo:
         self.r_range = self.info["r_max"] - self.info["r_min"]
         self.device = torch.device(args.device)
         torch.manual_seed(args.seed)  # the same initial weights on every device
-        self.generator, self.evaluator = (net.to(self.device) for net in build_model(args, obs_dim, act_dim,
-                                                                                     env.action_space.high))
-        self.shapes, self.n_params, self.act_limit = self.generator.shapes, self.generator.n_params, \
-            self.evaluator.act_limit
+        generator, evaluator = build_model(args, obs_dim, act_dim, env.action_space.high)
+        self.generator, self.evaluator = generator.to(self.device), evaluator.to(self.device)
+        self.shapes, self.n_params, self.act_limit = generator.shapes, generator.n_params, evaluator.act_limit
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=args.lr_generator)
         self.opt_v = torch.optim.Adam(self.evaluator.parameters(), lr=args.lr_evaluator)
         self.buffer, self.norm = Buffer(args.buffer_size, args.recency), RunningNorm(obs_dim)
