@@ -60,6 +60,7 @@ import sys
 import time
 import wave
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -71,6 +72,179 @@ import data
 
 DATA_DIR = data.DATA_DIR  # (the Args field `data` hides the module inside the class body)
 SPEECH_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: every flag with its default and docstring (--help prints them), the presets, and the checks
+# of a command line's values.
+
+
+@dataclass
+class Args:
+    # task
+    dataset: str = "spirals"
+    """spirals (torchcde's example task) or synthetic (order and sign of two events), no download; a UEA archive name
+    (JapaneseVowels, EigenWorms, ...), speech_commands or sepsis (AUROC)"""
+    data: str = ""
+    """a UEA/UCR .ts file NAME_TRAIN.ts (NAME_TEST.ts beside it); 15% of TRAIN validates. Overrides --dataset"""
+    data_dir: str = DATA_DIR
+    """where downloads are cached"""
+    n_train: int = 2000
+    """spirals, synthetic: training series (validation and test: n_train / 4 each)"""
+    syn_length: int = 64
+    """spirals, synthetic: the time grid (synthetic 0, 1, ..., syn_length - 1; spirals syn_length points on
+    [0, 4 pi]) from which each series keeps a random half"""
+    missing: float = 0.1
+    """spirals, synthetic: probability that a value is missing (NaN)"""
+    intensity: bool = False
+    """add one channel per value channel counting its observations so far (the official sepsis "OI" input)"""
+    logsig_window: int = 0
+    """> 1: the path through every N-th observation (linear), so on each window dX/dt is the window's depth-1
+    log-signature (its increment) over its duration: the official EigenWorms input with 4; trailing points dropped"""
+    raw_time: bool = False
+    """the time channel in data units (the official speech and sepsis input) instead of divided by the largest time"""
+    # model
+    model: str = "ctfwp"
+    """ctfwp (continuous-time fast weight programmer) or ncde (neural CDE baseline)"""
+    rule: str = "delta"
+    """ctfwp: hebb | oja | delta"""
+    drive: str = "dx"
+    """ctfwp --values_from x: keys, beta and query from dX/dt (dx, the CDE form) or from X(t) (x)"""
+    values_from: str = "x"
+    """ctfwp: x (values tanh(W_v X(t)), keys from the drive, readout W q: the official delta_cde / hebb_cde_v2
+    layout) or dx (values from dX/dt, keys, beta and query from X(t), readout W^T q: the official hebb_cde /
+    oja_cde layout, with its Hebb and Oja forms; --drive is then x)"""
+    v_layernorm: bool = False
+    """ctfwp: values tanh(W_v2 LN(W_v X)) instead of tanh(W_v X) (the official --cde_use_v_laynorm)"""
+    post_tanh: bool = False
+    """ctfwp --rule delta: dW/dt = beta tanh(u - W k) k^T with u the value before its tanh (W_v X, or W_v dX/dt with
+    --values_from dx): the tanh after the subtraction (the official --delta_ode_post_tahn)"""
+    interp: str = "cubic"
+    """control path: cubic (natural cubic spline) or linear"""
+    d_model: int = 32
+    """ctfwp: width (n_head fast weights of d_head x d_head); ncde: size of z"""
+    n_head: int = 4
+    """ctfwp: heads; d_head = d_model / n_head"""
+    d_ff: int = 128
+    """ctfwp: feed-forward width of the readout block; ncde: width of the vector field MLP"""
+    # solver
+    solver: str = "rk4"
+    """euler | rk4 (fixed step) | dopri5 (adaptive, Dormand-Prince 5(4))"""
+    impl: str = "auto"
+    """euler, rk4: precomputed (the slow net at every stage time in batched passes, then only the rule's steps on
+    W), kernel (precomputed, the delta and Oja rules' steps fused in cpu_kernels.cpp on the CPU) or generic (the whole
+    vector field at each stage: the reference; dopri5 always); auto: kernel on the CPU, precomputed elsewhere"""
+    solve_chunk: int = 256
+    """precomputed, kernel: solver steps per tabulated chunk (the slow net's tables of one chunk at a time, W carried
+    over: tables that stay in the cache, so a step's time grows linearly with length); 0 = the whole solve at once"""
+    step_size: float = 0.0
+    """euler, rk4: step in data time units; 0 = the smallest gap between two observations in the data"""
+    rtol: float = 1e-3
+    """dopri5: relative tolerance"""
+    atol: float = 1e-4
+    """dopri5: absolute tolerance"""
+    max_steps: int = 10_000
+    """dopri5: give up (with a message) after this many steps per solve"""
+    # training
+    batch_size: int = 64
+    """series per step"""
+    steps: int = 600
+    """optimizer steps"""
+    lr: float = 3e-3
+    """peak learning rate (Adam)"""
+    warmup: int = 30
+    """linear warm-up steps, then cosine decay to lr / 10"""
+    grad_clip: float = 1.0
+    """gradient norm clip (0 disables)"""
+    l2: float = 0.0
+    """add l2 x sum over parameter tensors of ||p|| (the norm, not squared: the official penalty, 0.03)"""
+    plateau: bool = False
+    """no warm-up or cosine: the lr drops x0.1 when the mean training loss has not improved for 2 evaluations
+    (the official ReduceLROnPlateau(patience=2) on the training loss)"""
+    pos_weight: float = 0.0
+    """two classes: binary cross-entropy on the logit difference with this weight on the positives (the official
+    sepsis loss: 10); 0: cross-entropy"""
+    eval_every: int = 100
+    """evaluate on valid, keep the best checkpoint, every this many steps"""
+    seed: int = 0
+    """seed of python, numpy, torch, the synthetic data and the data splits"""
+    device: str = "auto"
+    """auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"""
+    out_dir: str = "out/ode_fwp"
+    """metrics.jsonl, ckpt.pt (latest) and best.pt (best on valid) go here"""
+    resume: bool = False
+    """continue from out_dir/ckpt.pt"""
+    stop_at: int = 0
+    """exit after this step, checkpoint saved (a time-boxed job); --resume continues. 0: run to the end"""
+    evaluate: bool = False
+    """evaluate out_dir/best.pt on test under its trained solver, --solver and a tight dopri5 reference, and exit"""
+    bench: bool = False
+    """time a training step (forward and backward) of each rule, ncde, solver and path, then against series length,
+    and exit"""
+    bench_obs: str = "64,256,1024,4096"
+    """--bench: the series lengths (observations) of the scaling table"""
+    bench_generic_max: int = 1024
+    """--bench: time the generic path only up to this many observations (it takes minutes per step beyond)"""
+
+
+PRESETS = {
+    "tiny": dict(n_train=64, syn_length=16, d_model=8, n_head=2, d_ff=16, batch_size=16, steps=4, eval_every=2,
+                 warmup=1, bench_obs="8,16", bench_generic_max=8),
+    # The official recipes (speech_and_physionet/: delta_cde, rk4 at the observation gap, Adam at base_lr x batch / 32,
+    # no clipping, the penalty 0.03 sum ||p||, ReduceLROnPlateau(patience=2) on the training loss every 10 epochs, raw
+    # time). Steps: epochs x batches per epoch of the 70% training split (speech 24 of 1024: 500 epochs; sepsis 28:
+    # 200 epochs); evaluation every 10 epochs.
+    "speech": dict(dataset="speech_commands", d_model=80, n_head=4, d_ff=320, batch_size=1024, lr=5e-5 * 1024 / 32,
+                   steps=500 * 24, eval_every=10 * 24, warmup=0, grad_clip=0.0, l2=0.03, plateau=True, raw_time=True),
+    "sepsis": dict(dataset="sepsis", d_model=160, n_head=32, d_ff=640, v_layernorm=True, batch_size=1024,
+                   lr=4e-5 * 1024 / 32, steps=200 * 28, eval_every=10 * 28, warmup=0, grad_clip=0.0, l2=0.03,
+                   plateau=True, raw_time=True, pos_weight=10.0),
+    "sepsis_oi": dict(dataset="sepsis", d_model=80, n_head=16, d_ff=64, intensity=True, post_tanh=True,
+                      batch_size=1024, lr=3e-5 * 1024 / 32, steps=200 * 28, eval_every=10 * 28, warmup=0,
+                      grad_clip=0.0, l2=0.03, plateau=True, raw_time=True, pos_weight=10.0),
+    # eigenworms/ of the official code: depth-1 log-signature windows of 4 steps, the delta rule with the tanh after
+    # the subtraction, hidden 128, 16 heads, FF 64, Adam 1e-4, the whole training set as one batch, 1000 epochs
+    "eigenworms": dict(dataset="EigenWorms", logsig_window=4, interp="linear", post_tanh=True, d_model=128,
+                       n_head=16, d_ff=64, lr=1e-4, batch_size=1024, steps=1000, eval_every=1, warmup=0,
+                       grad_clip=0.0),
+}
+
+
+MODEL_FLAGS = ("rule", "drive", "values_from", "interp", "d_model", "n_head", "d_ff", "post_tanh", "solver",
+               "step_size", "impl", "solve_chunk", "rtol", "atol", "max_steps")  # the models' keywords
+
+
+def check_args(args):
+    """The models' own checks (check_settings: the same messages, naming the flags), then what only the command line
+    knows: the model's name, the task's and the run's values, the flags that go together."""
+    try:
+        check_settings("--", **{key: getattr(args, key) for key in MODEL_FLAGS})
+    except ValueError as e:
+        fail(str(e))
+    if args.model not in ("ctfwp", "ncde"):
+        fail(f"--model must be one of ctfwp, ncde, got {args.model!r}")
+    for key in ("n_train", "batch_size", "steps", "eval_every", "bench_generic_max"):
+        if getattr(args, key) <= 0:
+            fail(f"--{key} must be positive, got {getattr(args, key)}")
+    if min(args.l2, args.pos_weight) < 0:
+        fail(f"--l2 and --pos_weight must be non-negative, got {args.l2} and {args.pos_weight}")
+    if args.logsig_window < 0 or args.logsig_window == 1:
+        fail(f"--logsig_window must be 0 (off) or at least 2 (observations per window), got {args.logsig_window}")
+    if args.seed < 0:
+        fail(f"--seed must be non-negative, got {args.seed}")
+    if not all(v.strip().isdigit() and int(v) >= 2 for v in args.bench_obs.split(",")):
+        fail(f"--bench_obs must be comma-separated observation counts of at least 2, got {args.bench_obs!r}")
+    if args.logsig_window > 1 and args.interp != "linear":
+        fail("--logsig_window needs --interp linear (the path between window ends is then the log-signature's line)")
+    if args.values_from == "dx":
+        args.drive = "x"  # what the model reads in this layout (keys, beta and the query from X(t)), in the config
+    if args.syn_length < 4:
+        fail(f"--syn_length must be at least 4, got {args.syn_length}")
+    if not 0 <= args.missing < 1 or args.lr <= 0 or min(args.warmup, args.grad_clip, args.stop_at) < 0:
+        fail("--missing must be in [0, 1); --lr positive; --warmup, --grad_clip, --stop_at non-negative.")
+    if args.data and not args.data.endswith("_TRAIN.ts"):
+        fail(f"--data {args.data!r}: give the NAME_TRAIN.ts file of a UEA/UCR set (NAME_TEST.ts must be beside it).")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,8 +305,8 @@ def dopri5(f, y, rtol, atol, max_steps):
     while s < 1.0:
         n_steps += 1
         if n_steps > max_steps:
-            raise RuntimeError(f"dopri5 needed more than --max_steps {max_steps} steps (at s = {s:.4g}, step {h:.3g});"
-                               " raise --rtol/--atol or --max_steps, or use --solver rk4")
+            raise RuntimeError(f"dopri5 needed more than max_steps {max_steps} steps (at s = {s:.4g}, step {h:.3g});"
+                               " raise rtol/atol or max_steps, or use solver rk4")
         h = min(h, 1.0 - s)
         ks = [k1]
         for c, row in zip(DP_C, DP_A):
@@ -148,156 +322,11 @@ def dopri5(f, y, rtol, atol, max_steps):
     return y, nfe
 
 
-def odeint(f, y0, args, n_steps):
-    if args.solver == "dopri5":
-        return dopri5(f, y0, args.rtol, args.atol, args.max_steps)
-    return (euler if args.solver == "euler" else rk4)(f, y0, n_steps)
-
-
-# The fixed-step solvers as stages (node of the step, a, b): the stage's input is y + a h k', k' the previous stage,
-# at the step's node (euler: i h; rk4: i h, i h + h/2, (i + 1) h), and y <- y + h sum b k. Node j of step i is node
-# i stride + j of the solve (stride 1 for euler, 2 for rk4: a step's last node is the next one's first).
-RK_STAGES = {"euler": [(0, 0.0, 1.0)], "rk4": [(0, 0.0, 1 / 6), (1, 0.5, 1 / 3), (1, 0.5, 1 / 3), (2, 1.0, 1 / 6)]}
-NODE_STRIDE = {solver: max(1, max(j for j, _, _ in stages)) for solver, stages in RK_STAGES.items()}
-
-# These stage times are known before the solve, so a vector field whose inputs do not depend on the state can be
-# tabulated in batched passes. The nodes are written as the solvers write them (each is the same float).
-
-
-def stage_nodes(solver, n_steps):
-    """The s of every stage of euler (n + 1 nodes: i h) or rk4 (2n + 1 nodes: i h, then i h + h/2), float64 (S,)."""
-    h, i = 1.0 / n_steps, torch.arange(n_steps + 1, dtype=torch.float64)
-    if solver == "euler":
-        return i * h
-    return torch.stack([i * h, i * h + h / 2], 1).flatten()[:-1]
-
-
-def tabulated(table, n_nodes, first=0):
-    """f(s, y) for the solvers from a table of stage inputs (each (B, S, ...)) whose row 0 is node `first` of a
-    solve of n_nodes nodes (node j at s = j / (n_nodes - 1))."""
-    return lambda s: [x[:, round(s * (n_nodes - 1)) - first] for x in table]
-
-
-def solver_weights(solver, n_steps, h):
-    """Weights w_j such that n_steps steps of size h on dy/ds = g(s) (no dependence on y) give y + sum_j w_j g(s_j),
-    s_j the steps' nodes: each stage's h b at its node (euler: h at i h; rk4: Simpson's rule, h/6, 4h/6, h/6)."""
-    stride = NODE_STRIDE[solver]
-    w = torch.zeros(stride * n_steps + 1, dtype=torch.float64)
-    for j, _, b in RK_STAGES[solver]:
-        w[j : j + stride * n_steps : stride] += h * b
-    return w
-
-
-def linear_rule_solve(Y0, a, p, c, solver, h, fused=False):
-    """Steps of size h of euler or rk4 on dY/ds = c (a - Y p) p^T (delta: Y = W, a = v, p = k; Oja's rule on Y = W^T:
-    a = k, p = v), with a, p tabulated at the steps' nodes (B, S, H, d), c (B, S, H), Y (B, H, d, d); n steps take
-    S = n stride + 1 nodes. Each step is linear in Y: a stage at node j is k = u p_j^T with u = Y P^T gamma + A delta
-    (P (J, d) the step's p_j as rows, A (d, J) its a_j as columns, gamma, delta in R^J); after the stage
-    k' = u' p_j'^T, k = c_j (a_j - (Y + a h k') p_j) p_j^T gives gamma = -c_j (e_j + a h (p_j' . p_j) gamma') and
-    delta = c_j (e_j - a h (p_j' . p_j) delta'). So the step is
-    Y <- Y M + N with M = I + P^T Gamma P and N = A Delta P (Gamma, Delta: h b gamma, h b delta summed into column j),
-    built for all steps at once from the tabulated values; then n products run on Y."""
-    B, S, H, d = p.shape
-    stride = NODE_STRIDE[solver]
-    n_steps = (S - 1) // stride
-    if fused:  # the same steps in cpu_kernels.cpp (each row of Y is its own ODE; a head's rows step together)
-        return LinearRuleKernel.apply(Y0, a, p, c, n_steps, h, solver == "rk4")
-    stages = RK_STAGES[solver]
-    J = 1 + max(j for j, _, _ in stages)  # nodes per step
-    at = lambda x, j: x[:, j : j + stride * n_steps : stride]  # noqa: E731  (B, n, ...): node j of every step
-    e = torch.eye(J, dtype=c.dtype, device=c.device)
-    Gam, Del, prev = [0.0] * J, [0.0] * J, None  # columns of Gamma and Delta, each (B, n, H, J)
-    for j, alpha, b in stages:
-        cj = at(c, j)[..., None]
-        if prev is None:
-            gamma, delta = -cj * e[j], cj * e[j]
-        else:
-            j_, gamma_, delta_ = prev
-            g = alpha * h * (at(p, j_) * at(p, j)).sum(-1, keepdim=True)  # (B, n, H, 1)
-            gamma, delta = -cj * (e[j] + g * gamma_), cj * (e[j] - g * delta_)
-        Gam[j], Del[j], prev = Gam[j] + h * b * gamma, Del[j] + h * b * delta, (j, gamma, delta)
-    P = torch.stack([at(p, j) for j in range(J)], -2)  # (B, n, H, J, d)
-    A = torch.stack([at(a, j) for j in range(J)], -1)  # (B, n, H, d, J)
-    M = torch.eye(d, dtype=p.dtype, device=p.device) + P.transpose(-1, -2) @ torch.stack(Gam, -1) @ P
-    N = A @ torch.stack(Del, -1) @ P  # (B, n, H, d, d)
-    steps = lambda x: x.transpose(0, 1).flatten(1, 2).unbind(0)  # noqa: E731  (B, n, H, ...) -> n x (B H, ...)
-    Y = Y0.flatten(0, 1)  # (B H, d, d)
-    # unbind, not indexing: one backward node for all steps (a backward per index would write a whole zero tensor)
-    for M_i, N_i in zip(steps(M), steps(N)):
-        Y = torch.baddbmm(N_i, Y, M_i)
-    return Y.view(B, H, d, d)
-
-
-_KERNELS = {}  # device type -> the loaded extension, or False once its build failed
-
-
-def kernels(device_type):
-    """cpu_kernels.cpp (ct_linear_rule_forward/backward: linear_rule_solve's steps, fused), built and loaded on first
-    use (never at import), on a copy of the source named by a hash of it, of torch's version and of the CPU's
-    instruction sets (the build is -march=native), so an edit rebuilds and every script shares one build. None, after
-    one warning, if that fails (no compiler, no ninja): the PyTorch form runs instead. None off the CPU."""
-    if device_type != "cpu":
-        return None
-    if device_type not in _KERNELS:
-        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cpp")
-        try:
-            from torch.utils.cpp_extension import load
-
-            with open(src, "rb") as f:
-                code = f.read()
-            digest = hashlib.sha256(code + torch.__version__.encode() + cpu_features().encode()).hexdigest()[:16]
-            name = f"fwp_{device_type}_kernels_{digest}"
-            root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                           "torch_extensions")
-            build = os.path.join(root, name)
-            os.makedirs(build, exist_ok=True)
-            copy = os.path.join(build, os.path.basename(src))
-            if not os.path.exists(copy):
-                with open(copy + ".tmp", "wb") as f:
-                    f.write(code)
-                os.replace(copy + ".tmp", copy)
-            flags = ["-O3", "-march=native", "-fopenmp" if torch.backends.openmp.is_available() else "-fopenmp-simd"]
-            _KERNELS[device_type] = load(name, [copy], build_directory=build, extra_cflags=flags,
-                                         extra_cuda_cflags=["-O3"], verbose=False)
-        except Exception as e:  # no compiler, no ninja, a compile error: the PyTorch form still works
-            print(f"warning: cpu_kernels.cpp unavailable ({type(e).__name__}: {str(e)[-2000:]}); using the PyTorch "
-                  "forms", file=sys.stderr)
-            _KERNELS[device_type] = False
-    return _KERNELS[device_type] or None
-
-
-def cpu_features():
-    """The CPU's instruction sets, which a -march=native build uses: part of the build's name, so that a build folder
-    shared by machines of other CPUs (a home directory on a cluster) is never loaded where it would not run."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.machine() + platform.processor()
-
-
-class LinearRuleKernel(torch.autograd.Function):
-    """linear_rule_solve's steps as one fused kernel per pass (cpu_kernels.cpp): Y0 (B, H, rows, cols), a (B, S, H,
-    rows), p (B, S, H, cols), c (B, S, H). The forward keeps Y at the start of every step for the backward."""
-
-    @staticmethod
-    def forward(ctx, Y0, a, p, c, n_steps, h, rk4):
-        Y, Ys = kernels("cpu").ct_linear_rule_forward(Y0, a, p, c, n_steps, h, rk4)
-        ctx.save_for_backward(Ys, a, p, c)
-        ctx.n_steps, ctx.h, ctx.rk4 = n_steps, h, rk4
-        return Y
-
-    @staticmethod
-    def backward(ctx, dY):
-        dY0, da, dp, dc = kernels("cpu").ct_linear_rule_backward(dY.contiguous(), *ctx.saved_tensors, ctx.n_steps,
-                                                                 ctx.h, ctx.rk4)
-        return dY0, da, dp, dc, None, None, None
-
-
-def use_kernel(impl, x):
-    """--impl kernel and auto take cpu_kernels.cpp for the delta and Oja rules on the CPU (float32, float64)."""
-    return (impl in ("kernel", "auto") and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and kernels("cpu") is not None)
+def odeint(f, y0, solver, n_steps, rtol=1e-3, atol=1e-4, max_steps=10_000):
+    """y(1) and the NFE by euler or rk4 (n_steps steps) or dopri5 (rtol, atol, at most max_steps steps)."""
+    if solver == "dopri5":
+        return dopri5(f, y0, rtol, atol, max_steps)
+    return (euler if solver == "euler" else rk4)(f, y0, n_steps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,20 +466,53 @@ DX_RULES = {
 
 
 class CTFWP(nn.Module):
-    def __init__(self, args, n_channels, n_classes):
+    """The continuous-time fast weight programmer (the equations at the top of this file): per head a fast weight W
+    (d_head x d_head) follows the learning rule over each series' control path; the readout of W at the series' last
+    time gives its logits.
+    n_channels: channels of x (time included as one, so that dX/dt holds the clock); n_classes; d_model: width, n_head
+    fast weights of d_head = d_model / n_head; d_ff: the readout block's feed-forward width; rule: hebb | oja | delta;
+    values_from: x (values tanh(W_v X(t)), readout W q: the official delta_cde layout) or dx (the official hebb_cde /
+    oja_cde layout: keys, beta and query from X(t)); drive: the x layout only, keys, beta and query from dX/dt (dx)
+    or X(t) (x); v_layernorm: values tanh(W_v2 LN(W_v X)); post_tanh: the delta rule with the tanh after the
+    subtraction; interp: the control path, cubic | linear.
+    The solver (forward may replace each for one call): solver euler | rk4 | dopri5; step_size: euler, rk4, in data
+    time units (0: the batch's smallest gap between observations), unless forward is given n_steps; impl: precomputed
+    (the slow net at every stage time in batched passes), kernel (precomputed, and the delta and Oja rules' steps in
+    cpu_kernels.cpp on the CPU), generic (the whole vector field at each stage: the reference; dopri5's) or auto
+    (kernel on the CPU, else precomputed); solve_chunk: precomputed, kernel: steps per tabulated chunk (0: all);
+    rtol, atol, max_steps: dopri5's tolerances and its limit of steps per solve."""
+
+    def __init__(self, n_channels, n_classes, d_model=32, n_head=4, d_ff=128, rule="delta", values_from="x",
+                 drive="dx", v_layernorm=False, post_tanh=False, interp="cubic", solver="rk4", step_size=0.0,
+                 impl="auto", solve_chunk=256, rtol=1e-3, atol=1e-4, max_steps=10_000):
         super().__init__()
-        self.rule, self.drive, self.H, self.d = args.rule, args.drive, args.n_head, args.d_model // args.n_head
-        self.values_from, self.post_tanh = args.values_from, args.post_tanh
-        D = args.d_model
+        check_settings(n_channels=n_channels, n_classes=n_classes, d_model=d_model, n_head=n_head, d_ff=d_ff,
+                       rule=rule, values_from=values_from, drive=drive, post_tanh=post_tanh, interp=interp,
+                       solver=solver, step_size=step_size, impl=impl, solve_chunk=solve_chunk, rtol=rtol, atol=atol,
+                       max_steps=max_steps)
+        self.n_channels, self.n_classes, self.d_model, self.d_ff = n_channels, n_classes, d_model, d_ff
+        self.rule, self.values_from, self.post_tanh, self.interp = rule, values_from, post_tanh, interp
+        self.drive = "x" if values_from == "dx" else drive  # the dx layout reads keys, beta and query from X(t)
+        self.solver, self.step_size, self.impl, self.solve_chunk = solver, step_size, impl, solve_chunk
+        self.rtol, self.atol, self.max_steps = rtol, atol, max_steps
+        self.H, self.d = n_head, d_model // n_head
+        D = d_model
         self.W_in, self.ln_in = nn.Linear(n_channels, D), nn.LayerNorm(D)
         self.W_kb = nn.Linear(D, self.H * (self.d + 1))  # keys and beta of every head
         self.W_v = nn.Linear(n_channels, D)
-        if args.v_layernorm:  # the official --cde_use_v_laynorm: values from W_v2 LN(W_v X)
+        if v_layernorm:  # the official --cde_use_v_laynorm: values from W_v2 LN(W_v X)
             self.ln_v, self.W_v2 = nn.LayerNorm(D), nn.Linear(D, D)
         self.W_q, self.out = nn.Linear(D, D), nn.Linear(D, D)
         self.ln_ff = nn.LayerNorm(D)
-        self.ff = nn.Sequential(nn.Linear(D, args.d_ff), nn.ReLU(), nn.Linear(args.d_ff, D))
+        self.ff = nn.Sequential(nn.Linear(D, d_ff), nn.ReLU(), nn.Linear(d_ff, D))
         self.head = nn.Linear(D, n_classes)
+
+    def extra_repr(self):
+        return (f"n_channels={self.n_channels}, n_classes={self.n_classes}, d_model={self.d_model}, n_head={self.H} "
+                f"(d_head {self.d}), d_ff={self.d_ff}, rule={self.rule}, values_from={self.values_from}, "
+                f"drive={self.drive}, post_tanh={self.post_tanh}, interp={self.interp}, solver={self.solver}, "
+                f"step_size={self.step_size}, impl={self.impl}, solve_chunk={self.solve_chunk}, rtol={self.rtol}, "
+                f"atol={self.atol}, max_steps={self.max_steps}")
 
     def h(self, X, dX):
         return self.ln_in(self.W_in(dX if self.drive == "dx" else X))  # (B, D)
@@ -470,39 +532,6 @@ class CTFWP(nn.Module):
             return DX_RULES[self.rule](k_raw, b, u)
         return RULES[self.rule], softmax(k_raw), torch.tanh(u), torch.sigmoid(b)
 
-    def solve_precomputed(self, path, args, n_steps):
-        """The same solve with k, v, beta (functions of the path alone) computed at every stage time in one batched
-        pass per chunk of --solve_chunk steps (B, S, H, d), W carried from chunk to chunk; then Hebb's rule is a
-        weighted sum, the delta rule and Oja's (the paper's form, linear in W) a product of one affine map per step,
-        and the other forms (--post_tanh, the official Oja) step through the solver with the table."""
-        s = stage_nodes(args.solver, n_steps).to(path.t0)  # (S,)
-        stride, span, chunk = NODE_STRIDE[args.solver], path.t1 - path.t0, args.solve_chunk or n_steps
-        W = None
-        for first in range(0, n_steps, chunk):
-            steps = range(first, min(first + chunk, n_steps))
-            rule, k, v, beta = self.rule_kvb(path, path.t0[:, None] + s[first * stride : steps.stop * stride + 1]
-                                             * span[:, None])  # (B, S_chunk, H, d), ..., (B, S_chunk, H)
-            if W is None:  # W = 0 at t_1, then the rule's first evaluation
-                W = rule(v.new_zeros(*v[:, 0].shape, k.shape[-1]), k[:, 0], v[:, 0], beta[:, 0])
-            W = self.tabulated_steps(W, rule, (k, v, beta), span, args, steps, n_steps)
-        return W, len(s)  # NFE: the slow net's evaluations (for dopri5 and --impl generic: the vector field's)
-
-    def tabulated_steps(self, W, rule, kvb, span, args, steps, n_steps):
-        """The solver's steps `steps` (of n_steps) from W, with k, v, beta tabulated at those steps' nodes."""
-        k, v, beta = kvb
-        c, h = span[:, None, None] * beta, 1.0 / n_steps  # c (B, S, H): the rule's rate in solver time
-        if rule is hebb:  # dW/ds = c v k^T does not depend on W
-            w = solver_weights(args.solver, len(steps), h).to(c)[:, None]
-            return W + torch.einsum("bsh,bshi,bshj->bhij", w * c, v, k)
-        fused = use_kernel(args.impl, c)
-        if rule is delta:  # dW/ds = c (v - W k) k^T
-            return linear_rule_solve(W, v, k, c, args.solver, h, fused)
-        if rule is oja:  # dW^T/ds = c (k - W^T v) v^T
-            return linear_rule_solve(W.transpose(-1, -2), k, v, c, args.solver, h, fused).transpose(-1, -2)
-        at = tabulated(kvb, NODE_STRIDE[args.solver] * n_steps + 1, first=NODE_STRIDE[args.solver] * steps.start)
-        span4 = span[:, None, None, None]
-        return (euler if args.solver == "euler" else rk4)(lambda s_, W: span4 * rule(W, *at(s_)), W, n_steps, steps)[0]
-
     def vector_field(self, path):
         span = (path.t1 - path.t0)[:, None, None, None]
 
@@ -512,53 +541,289 @@ class CTFWP(nn.Module):
 
         return f
 
-    def forward(self, path, args, n_steps):
-        if precomputed(args):
-            W, nfe = self.solve_precomputed(path, args, n_steps)
+    def forward(self, t, x, lengths, n_steps=None, *, solver=None, step_size=None, impl=None, solve_chunk=None,
+                rtol=None, atol=None, max_steps=None):
+        """t (B, N) increasing times (a shorter series' padding continues past its end), x (B, N, n_channels) with
+        NaN where missing, lengths (B,) observations per series (>= 2) -> logits (B, n_classes) and the NFE (int).
+        n_steps: euler/rk4 steps per series, each over its own [t_1, t_N] (default: from step_size); the solver
+        arguments given replace the constructor's for this call. W: (B, H, d, d) from t_1 to t_N."""
+        path = ControlPath(t.to(self.head.weight.dtype), x.to(self.head.weight.dtype), lengths, self.interp)
+        solve = solve_settings(self, path, n_steps, dict(solver=solver, step_size=step_size, impl=impl,
+                                                   solve_chunk=solve_chunk, rtol=rtol, atol=atol, max_steps=max_steps))
+        if precomputed(solve):
+            W, nfe = self.solve_precomputed(path, solve)
         else:
             rule, k, v, beta = self.rule_kvb(path, path.t0)
             W0 = rule(v.new_zeros(*v.shape, k.shape[-1]), k, v, beta)  # the rule at the first observation with W = 0
-            W, nfe = odeint(self.vector_field(path), W0, args, n_steps)
+            W, nfe = odeint(self.vector_field(path), W0, solve.solver, solve.n_steps, solve.rtol, solve.atol,
+                               solve.max_steps)
         q = self.W_q(self.h(*path(path.t1))).view(-1, self.H, self.d).softmax(-1)
         Wq = W.transpose(-1, -2) @ q[..., None] if self.values_from == "dx" else W @ q[..., None]  # official forms
         y = self.out(Wq.flatten(1))  # (B, D)
         y = y + self.ff(self.ln_ff(y))
         return self.head(y), nfe
 
+    def solve_precomputed(self, path, solve):
+        """The same solve with k, v, beta (functions of the path alone) computed at every stage time in one batched
+        pass per chunk of solve_chunk steps (B, S, H, d), W carried from chunk to chunk; then Hebb's rule is a
+        weighted sum, the delta rule and Oja's (the paper's form, linear in W) a product of one affine map per step,
+        and the other forms (post_tanh, the official Oja) step through the solver with the table."""
+        n_steps = solve.n_steps
+        s = stage_nodes(solve.solver, n_steps).to(path.t0)  # (S,)
+        stride, span, chunk = NODE_STRIDE[solve.solver], path.t1 - path.t0, solve.solve_chunk or n_steps
+        W = None
+        for first in range(0, n_steps, chunk):
+            steps = range(first, min(first + chunk, n_steps))
+            rule, k, v, beta = self.rule_kvb(path, path.t0[:, None] + s[first * stride : steps.stop * stride + 1]
+                                             * span[:, None])  # (B, S_chunk, H, d), ..., (B, S_chunk, H)
+            if W is None:  # W = 0 at t_1, then the rule's first evaluation
+                W = rule(v.new_zeros(*v[:, 0].shape, k.shape[-1]), k[:, 0], v[:, 0], beta[:, 0])
+            W = self.tabulated_steps(W, rule, (k, v, beta), span, solve, steps)
+        return W, len(s)  # NFE: the slow net's evaluations (for dopri5 and impl generic: the vector field's)
+
+    def tabulated_steps(self, W, rule, kvb, span, solve, steps):
+        """The solver's steps `steps` (of solve.n_steps) from W, with k, v, beta tabulated at those steps' nodes."""
+        k, v, beta = kvb
+        c, h = span[:, None, None] * beta, 1.0 / solve.n_steps  # c (B, S, H): the rule's rate in solver time
+        if rule is hebb:  # dW/ds = c v k^T does not depend on W
+            w = solver_weights(solve.solver, len(steps), h).to(c)[:, None]
+            return W + torch.einsum("bsh,bshi,bshj->bhij", w * c, v, k)
+        fused = use_kernel(solve.impl, c)
+        if rule is delta:  # dW/ds = c (v - W k) k^T
+            return linear_rule_solve(W, v, k, c, solve.solver, h, fused)
+        if rule is oja:  # dW^T/ds = c (k - W^T v) v^T
+            return linear_rule_solve(W.transpose(-1, -2), k, v, c, solve.solver, h, fused).transpose(-1, -2)
+        stride = NODE_STRIDE[solve.solver]
+        at = tabulated(kvb, stride * solve.n_steps + 1, first=stride * steps.start)
+        span4 = span[:, None, None, None]
+        step = euler if solve.solver == "euler" else rk4
+        return step(lambda s_, W: span4 * rule(W, *at(s_)), W, solve.n_steps, steps)[0]
+
 
 class NCDE(nn.Module):
-    """Kidger et al. 2020: dz/dt = f(z) dX/dt, f: D -> (D, C) an MLP whose last activation is tanh."""
+    """Kidger et al. 2020: dz/dt = f(z) dX/dt, f: D -> (D, C) an MLP whose last activation is tanh, z(t_1) a linear
+    map of X(t_1), logits = Head(z(t_N)). n_channels (C), n_classes; d_model: the size D of z; d_ff: the MLP's width;
+    interp and the solver's settings as CTFWP's (impl: generic, or dX/dt tabulated at every stage time in one pass:
+    auto, precomputed, kernel; f(z) needs z, so the stages still run one by one)."""
 
-    def __init__(self, args, n_channels, n_classes):
+    def __init__(self, n_channels, n_classes, d_model=32, d_ff=128, interp="cubic", solver="rk4", step_size=0.0,
+                 impl="auto", rtol=1e-3, atol=1e-4, max_steps=10_000):
         super().__init__()
-        D, C = args.d_model, n_channels
+        check_settings(n_channels=n_channels, n_classes=n_classes, d_model=d_model, d_ff=d_ff, interp=interp,
+                       solver=solver, step_size=step_size, impl=impl, rtol=rtol, atol=atol, max_steps=max_steps)
+        self.n_channels, self.n_classes, self.d_model, self.d_ff = n_channels, n_classes, d_model, d_ff
+        self.interp, self.solver, self.step_size, self.impl = interp, solver, step_size, impl
+        self.rtol, self.atol, self.max_steps = rtol, atol, max_steps
+        D, C = d_model, n_channels
         self.init = nn.Linear(C, D)
-        self.f = nn.Sequential(nn.Linear(D, args.d_ff), nn.ReLU(), nn.Linear(args.d_ff, args.d_ff), nn.ReLU(),
-                               nn.Linear(args.d_ff, D * C), nn.Tanh(), nn.Unflatten(-1, (D, C)))
+        self.f = nn.Sequential(nn.Linear(D, d_ff), nn.ReLU(), nn.Linear(d_ff, d_ff), nn.ReLU(),
+                               nn.Linear(d_ff, D * C), nn.Tanh(), nn.Unflatten(-1, (D, C)))
         self.head = nn.Linear(D, n_classes)
 
-    def forward(self, path, args, n_steps):
+    def extra_repr(self):
+        return (f"n_channels={self.n_channels}, n_classes={self.n_classes}, d_model={self.d_model}, d_ff={self.d_ff}, "
+                f"interp={self.interp}, solver={self.solver}, step_size={self.step_size}, impl={self.impl}, "
+                f"rtol={self.rtol}, atol={self.atol}, max_steps={self.max_steps}")
+
+    def forward(self, t, x, lengths, n_steps=None, *, solver=None, step_size=None, impl=None, rtol=None, atol=None,
+                max_steps=None):
+        """As CTFWP.forward: t (B, N), x (B, N, n_channels), lengths (B,) -> logits (B, n_classes), NFE; z (B, D)."""
+        path = ControlPath(t.to(self.head.weight.dtype), x.to(self.head.weight.dtype), lengths, self.interp)
+        solve = solve_settings(self, path, n_steps, dict(solver=solver, step_size=step_size, impl=impl, rtol=rtol,
+                                                   atol=atol, max_steps=max_steps))
         span = (path.t1 - path.t0)[:, None]
         dX = lambda s: path(path.t0 + s * span[:, 0])[1]  # noqa: E731
-        if precomputed(args):  # the path's derivative at every stage time in one pass; f(z) needs z, stage by stage
-            nodes = stage_nodes(args.solver, n_steps).to(span)
+        if precomputed(solve):  # the path's derivative at every stage time in one pass; f(z) needs z, stage by stage
+            nodes = stage_nodes(solve.solver, solve.n_steps).to(span)
             at = tabulated(path(path.t0[:, None] + nodes * span)[1:], len(nodes))
             dX = lambda s: at(s)[0]  # noqa: E731
 
         def f(s, z):
             return span * (self.f(z) @ dX(s)[..., None])[..., 0]
 
-        z, nfe = odeint(f, self.init(path(path.t0)[0]), args, n_steps)
+        z, nfe = odeint(f, self.init(path(path.t0)[0]), solve.solver, solve.n_steps, solve.rtol, solve.atol,
+                        solve.max_steps)
         return self.head(z), nfe
 
 
-def precomputed(args):
-    """--impl: euler and rk4 take the precomputed path (the generic one is the reference); dopri5 the generic."""
-    return args.impl != "generic" and args.solver != "dopri5"
+# The settings of the models and what each may be: check_settings is called by the constructors (and by forward for
+# the solver arguments given there) and by check_args, so that a module and the command line refuse the same values.
+CHOICES = dict(rule=("hebb", "oja", "delta"), drive=("dx", "x"), values_from=("x", "dx"), interp=("cubic", "linear"),
+               solver=("euler", "rk4", "dopri5"), impl=("auto", "kernel", "precomputed", "generic"))
+POSITIVE = ("n_channels", "n_classes", "d_model", "n_head", "d_ff", "rtol", "atol", "max_steps")
+NON_NEGATIVE = ("step_size", "solve_chunk")
+
+
+def check_settings(flag="", **settings):
+    """A ValueError naming the first bad value among the settings given, and the fix; flag is "--" where the command
+    line asks, so that its message names the flag."""
+    for key, value in settings.items():
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ValueError(f"{flag}{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+        if key in POSITIVE and not value > 0:
+            raise ValueError(f"{flag}{key} must be positive, got {value}")
+        if key in NON_NEGATIVE and not value >= 0:
+            raise ValueError(f"{flag}{key} must be non-negative, got {value}")
+    s = settings
+    if s.get("impl") in ("kernel", "precomputed") and s.get("solver") == "dopri5":
+        raise ValueError(f"{flag}impl {s['impl']} needs a fixed-step solver (euler, rk4): dopri5's stage times are "
+                         "not known ahead")
+    if s.get("post_tanh") and s.get("rule") != "delta":
+        raise ValueError(f"{flag}post_tanh changes the delta rule; it does nothing with {flag}rule {s.get('rule')}")
+    if "d_model" in s and "n_head" in s and s["d_model"] % s["n_head"]:
+        raise ValueError(f"{flag}d_model {s['d_model']} is not divisible by {flag}n_head {s['n_head']}; pick n_head "
+                         "dividing d_model.")
+
+
+class Solve(NamedTuple):
+    """How one forward pass solves: the solver, its steps per series (euler, rk4) and its other settings."""
+
+    solver: str
+    n_steps: int
+    impl: str
+    solve_chunk: int
+    rtol: float
+    atol: float
+    max_steps: int
+
+
+def solve_settings(model, path, n_steps, given):
+    """The Solve of a forward pass: each solver setting given to forward, or else the model's; n_steps given, or else
+    the batch's longest span over step_size (0: over the batch's smallest gap between two observations)."""
+    s = {key: getattr(model, key) if value is None else value for key, value in given.items()}
+    check_settings(**s)
+    if n_steps is None:
+        inside = torch.arange(1, path.knots.shape[1], device=path.knots.device) < path.lengths[:, None]  # (B, N-1)
+        gap = path.knots.diff(dim=1)[inside].min().item()  # the smallest gap between two observations of a series
+        n_steps = fixed_step_count((path.t1 - path.t0).max().item(), s["step_size"] or gap)
+    elif n_steps <= 0:
+        raise ValueError(f"n_steps must be positive, got {n_steps}")
+    return Solve(s["solver"], n_steps, s["impl"], s.get("solve_chunk", 0), s["rtol"], s["atol"], s["max_steps"])
+
+
+def fixed_step_count(max_span, step):
+    """euler/rk4 steps per solve: the longest span over the step size; every series takes as many steps, each series
+    over its own interval (so a series' prediction depends on the longest span, not on the series beside it)."""
+    return max(1, math.ceil(max_span / step - 1e-9))
+
+
+def precomputed(solve):
+    """impl: euler and rk4 take the precomputed path (the generic one is the reference); dopri5 the generic."""
+    return solve.impl != "generic" and solve.solver != "dopri5"
 
 
 def build_model(args, n_channels, n_classes):
-    return (CTFWP if args.model == "ctfwp" else NCDE)(args, n_channels, n_classes)
+    """The command line's model: each flag the constructor's keyword of the same name."""
+    solver = dict(interp=args.interp, solver=args.solver, step_size=args.step_size, impl=args.impl, rtol=args.rtol,
+                  atol=args.atol, max_steps=args.max_steps)
+    if args.model == "ncde":
+        return NCDE(n_channels, n_classes, d_model=args.d_model, d_ff=args.d_ff, **solver)
+    return CTFWP(n_channels, n_classes, d_model=args.d_model, n_head=args.n_head, d_ff=args.d_ff, rule=args.rule,
+                 values_from=args.values_from, drive=args.drive, v_layernorm=args.v_layernorm,
+                 post_tanh=args.post_tanh, solve_chunk=args.solve_chunk, **solver)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast forms of the same solves (--impl precomputed, kernel): the slow net's inputs at every stage time of a fixed-step
+# solver in batched passes, the delta and Oja rules' steps as affine maps, and those steps fused in cpu_kernels.cpp.
+
+
+# The fixed-step solvers as stages (node of the step, a, b): the stage's input is y + a h k', k' the previous stage,
+# at the step's node (euler: i h; rk4: i h, i h + h/2, (i + 1) h), and y <- y + h sum b k. Node j of step i is node
+# i stride + j of the solve (stride 1 for euler, 2 for rk4: a step's last node is the next one's first).
+RK_STAGES = {"euler": [(0, 0.0, 1.0)], "rk4": [(0, 0.0, 1 / 6), (1, 0.5, 1 / 3), (1, 0.5, 1 / 3), (2, 1.0, 1 / 6)]}
+NODE_STRIDE = {solver: max(1, max(j for j, _, _ in stages)) for solver, stages in RK_STAGES.items()}
+
+# These stage times are known before the solve, so a vector field whose inputs do not depend on the state can be
+# tabulated in batched passes. The nodes are written as the solvers write them (each is the same float).
+
+
+def stage_nodes(solver, n_steps):
+    """The s of every stage of euler (n + 1 nodes: i h) or rk4 (2n + 1 nodes: i h, then i h + h/2), float64 (S,)."""
+    h, i = 1.0 / n_steps, torch.arange(n_steps + 1, dtype=torch.float64)
+    if solver == "euler":
+        return i * h
+    return torch.stack([i * h, i * h + h / 2], 1).flatten()[:-1]
+
+
+def tabulated(table, n_nodes, first=0):
+    """f(s, y) for the solvers from a table of stage inputs (each (B, S, ...)) whose row 0 is node `first` of a
+    solve of n_nodes nodes (node j at s = j / (n_nodes - 1))."""
+    return lambda s: [x[:, round(s * (n_nodes - 1)) - first] for x in table]
+
+
+def solver_weights(solver, n_steps, h):
+    """Weights w_j such that n_steps steps of size h on dy/ds = g(s) (no dependence on y) give y + sum_j w_j g(s_j),
+    s_j the steps' nodes: each stage's h b at its node (euler: h at i h; rk4: Simpson's rule, h/6, 4h/6, h/6)."""
+    stride = NODE_STRIDE[solver]
+    w = torch.zeros(stride * n_steps + 1, dtype=torch.float64)
+    for j, _, b in RK_STAGES[solver]:
+        w[j : j + stride * n_steps : stride] += h * b
+    return w
+
+
+def linear_rule_solve(Y0, a, p, c, solver, h, fused=False):
+    """Steps of size h of euler or rk4 on dY/ds = c (a - Y p) p^T (delta: Y = W, a = v, p = k; Oja's rule on Y = W^T:
+    a = k, p = v), with a, p tabulated at the steps' nodes (B, S, H, d), c (B, S, H), Y (B, H, d, d); n steps take
+    S = n stride + 1 nodes. Each step is linear in Y: a stage at node j is k = u p_j^T with u = Y P^T gamma + A delta
+    (P (J, d) the step's p_j as rows, A (d, J) its a_j as columns, gamma, delta in R^J); after the stage
+    k' = u' p_j'^T, k = c_j (a_j - (Y + a h k') p_j) p_j^T gives gamma = -c_j (e_j + a h (p_j' . p_j) gamma') and
+    delta = c_j (e_j - a h (p_j' . p_j) delta'). So the step is
+    Y <- Y M + N with M = I + P^T Gamma P and N = A Delta P (Gamma, Delta: h b gamma, h b delta summed into column j),
+    built for all steps at once from the tabulated values; then n products run on Y."""
+    B, S, H, d = p.shape
+    stride = NODE_STRIDE[solver]
+    n_steps = (S - 1) // stride
+    if fused:  # the same steps in cpu_kernels.cpp (each row of Y is its own ODE; a head's rows step together)
+        return LinearRuleKernel.apply(Y0, a, p, c, n_steps, h, solver == "rk4")
+    stages = RK_STAGES[solver]
+    J = 1 + max(j for j, _, _ in stages)  # nodes per step
+    at = lambda x, j: x[:, j : j + stride * n_steps : stride]  # noqa: E731  (B, n, ...): node j of every step
+    e = torch.eye(J, dtype=c.dtype, device=c.device)
+    Gam, Del, prev = [0.0] * J, [0.0] * J, None  # columns of Gamma and Delta, each (B, n, H, J)
+    for j, alpha, b in stages:
+        cj = at(c, j)[..., None]
+        if prev is None:
+            gamma, delta = -cj * e[j], cj * e[j]
+        else:
+            j_, gamma_, delta_ = prev
+            g = alpha * h * (at(p, j_) * at(p, j)).sum(-1, keepdim=True)  # (B, n, H, 1)
+            gamma, delta = -cj * (e[j] + g * gamma_), cj * (e[j] - g * delta_)
+        Gam[j], Del[j], prev = Gam[j] + h * b * gamma, Del[j] + h * b * delta, (j, gamma, delta)
+    P = torch.stack([at(p, j) for j in range(J)], -2)  # (B, n, H, J, d)
+    A = torch.stack([at(a, j) for j in range(J)], -1)  # (B, n, H, d, J)
+    M = torch.eye(d, dtype=p.dtype, device=p.device) + P.transpose(-1, -2) @ torch.stack(Gam, -1) @ P
+    N = A @ torch.stack(Del, -1) @ P  # (B, n, H, d, d)
+    steps = lambda x: x.transpose(0, 1).flatten(1, 2).unbind(0)  # noqa: E731  (B, n, H, ...) -> n x (B H, ...)
+    Y = Y0.flatten(0, 1)  # (B H, d, d)
+    # unbind, not indexing: one backward node for all steps (a backward per index would write a whole zero tensor)
+    for M_i, N_i in zip(steps(M), steps(N)):
+        Y = torch.baddbmm(N_i, Y, M_i)
+    return Y.view(B, H, d, d)
+
+
+class LinearRuleKernel(torch.autograd.Function):
+    """linear_rule_solve's steps as one fused kernel per pass (cpu_kernels.cpp): Y0 (B, H, rows, cols), a (B, S, H,
+    rows), p (B, S, H, cols), c (B, S, H). The forward keeps Y at the start of every step for the backward."""
+
+    @staticmethod
+    def forward(ctx, Y0, a, p, c, n_steps, h, rk4):
+        Y, Ys = kernels("cpu").ct_linear_rule_forward(Y0, a, p, c, n_steps, h, rk4)
+        ctx.save_for_backward(Ys, a, p, c)
+        ctx.n_steps, ctx.h, ctx.rk4 = n_steps, h, rk4
+        return Y
+
+    @staticmethod
+    def backward(ctx, dY):
+        dY0, da, dp, dc = kernels("cpu").ct_linear_rule_backward(dY.contiguous(), *ctx.saved_tensors, ctx.n_steps,
+                                                                 ctx.h, ctx.rk4)
+        return dY0, da, dp, dc, None, None, None
+
+
+def use_kernel(impl, x):
+    """--impl kernel and auto take cpu_kernels.cpp for the delta and Oja rules on the CPU (float32, float64)."""
+    return (impl in ("kernel", "auto") and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and kernels("cpu") is not None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -832,195 +1097,14 @@ def load_task(args):
 def fixed_steps(args, task):
     """euler/rk4 steps per solve: the longest series' span over the step size (the same for every batch, so a
     series' prediction does not depend on the batch it is in; shorter series take proportionally shorter steps)."""
-    return max(1, math.ceil(task["max_span"] / (args.step_size or task["min_gap"]) - 1e-9))
+    return fixed_step_count(task["max_span"], args.step_size or task["min_gap"])
 
 
 def get_batch(split, idx, device):
-    """The series idx of a split, trimmed to their longest, and their control path."""
+    """The series idx of a split, trimmed to their longest: t, x, lengths, y."""
     n = int(split["lengths"][idx].max())
     t, x = split["t"][idx, :n].to(device), split["x"][idx, :n].to(device)
     return t, x, split["lengths"][idx].to(device), split["y"][idx].to(device)
-
-
-def make_path(args, t, x, lengths):
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return ControlPath(t.to(dtype), x.to(dtype), lengths, args.interp)
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration: every flag with its default and docstring (--help prints them), the presets, and the checks
-# of a command line's values.
-
-
-@dataclass
-class Args:
-    # task
-    dataset: str = "spirals"
-    """spirals (torchcde's example task) or synthetic (order and sign of two events), no download; a UEA archive name
-    (JapaneseVowels, EigenWorms, ...), speech_commands or sepsis (AUROC)"""
-    data: str = ""
-    """a UEA/UCR .ts file NAME_TRAIN.ts (NAME_TEST.ts beside it); 15% of TRAIN validates. Overrides --dataset"""
-    data_dir: str = DATA_DIR
-    """where downloads are cached"""
-    n_train: int = 2000
-    """spirals, synthetic: training series (validation and test: n_train / 4 each)"""
-    syn_length: int = 64
-    """spirals, synthetic: the time grid (synthetic 0, 1, ..., syn_length - 1; spirals syn_length points on
-    [0, 4 pi]) from which each series keeps a random half"""
-    missing: float = 0.1
-    """spirals, synthetic: probability that a value is missing (NaN)"""
-    intensity: bool = False
-    """add one channel per value channel counting its observations so far (the official sepsis "OI" input)"""
-    logsig_window: int = 0
-    """> 1: the path through every N-th observation (linear), so on each window dX/dt is the window's depth-1
-    log-signature (its increment) over its duration: the official EigenWorms input with 4; trailing points dropped"""
-    raw_time: bool = False
-    """the time channel in data units (the official speech and sepsis input) instead of divided by the largest time"""
-    # model
-    model: str = "ctfwp"
-    """ctfwp (continuous-time fast weight programmer) or ncde (neural CDE baseline)"""
-    rule: str = "delta"
-    """ctfwp: hebb | oja | delta"""
-    drive: str = "dx"
-    """ctfwp --values_from x: keys, beta and query from dX/dt (dx, the CDE form) or from X(t) (x)"""
-    values_from: str = "x"
-    """ctfwp: x (values tanh(W_v X(t)), keys from the drive, readout W q: the official delta_cde / hebb_cde_v2
-    layout) or dx (values from dX/dt, keys, beta and query from X(t), readout W^T q: the official hebb_cde /
-    oja_cde layout, with its Hebb and Oja forms; --drive is then x)"""
-    v_layernorm: bool = False
-    """ctfwp: values tanh(W_v2 LN(W_v X)) instead of tanh(W_v X) (the official --cde_use_v_laynorm)"""
-    post_tanh: bool = False
-    """ctfwp --rule delta: dW/dt = beta tanh(u - W k) k^T with u the value before its tanh (W_v X, or W_v dX/dt with
-    --values_from dx): the tanh after the subtraction (the official --delta_ode_post_tahn)"""
-    interp: str = "cubic"
-    """control path: cubic (natural cubic spline) or linear"""
-    d_model: int = 32
-    """ctfwp: width (n_head fast weights of d_head x d_head); ncde: size of z"""
-    n_head: int = 4
-    """ctfwp: heads; d_head = d_model / n_head"""
-    d_ff: int = 128
-    """ctfwp: feed-forward width of the readout block; ncde: width of the vector field MLP"""
-    # solver
-    solver: str = "rk4"
-    """euler | rk4 (fixed step) | dopri5 (adaptive, Dormand-Prince 5(4))"""
-    impl: str = "auto"
-    """euler, rk4: precomputed (the slow net at every stage time in batched passes, then only the rule's steps on
-    W), kernel (precomputed, the delta and Oja rules' steps fused in cpu_kernels.cpp on the CPU) or generic (the whole
-    vector field at each stage: the reference; dopri5 always); auto: kernel on the CPU, precomputed elsewhere"""
-    solve_chunk: int = 256
-    """precomputed, kernel: solver steps per tabulated chunk (the slow net's tables of one chunk at a time, W carried
-    over: tables that stay in the cache, so a step's time grows linearly with length); 0 = the whole solve at once"""
-    step_size: float = 0.0
-    """euler, rk4: step in data time units; 0 = the smallest gap between two observations in the data"""
-    rtol: float = 1e-3
-    """dopri5: relative tolerance"""
-    atol: float = 1e-4
-    """dopri5: absolute tolerance"""
-    max_steps: int = 10_000
-    """dopri5: give up (with a message) after this many steps per solve"""
-    # training
-    batch_size: int = 64
-    """series per step"""
-    steps: int = 600
-    """optimizer steps"""
-    lr: float = 3e-3
-    """peak learning rate (Adam)"""
-    warmup: int = 30
-    """linear warm-up steps, then cosine decay to lr / 10"""
-    grad_clip: float = 1.0
-    """gradient norm clip (0 disables)"""
-    l2: float = 0.0
-    """add l2 x sum over parameter tensors of ||p|| (the norm, not squared: the official penalty, 0.03)"""
-    plateau: bool = False
-    """no warm-up or cosine: the lr drops x0.1 when the mean training loss has not improved for 2 evaluations
-    (the official ReduceLROnPlateau(patience=2) on the training loss)"""
-    pos_weight: float = 0.0
-    """two classes: binary cross-entropy on the logit difference with this weight on the positives (the official
-    sepsis loss: 10); 0: cross-entropy"""
-    eval_every: int = 100
-    """evaluate on valid, keep the best checkpoint, every this many steps"""
-    seed: int = 0
-    """seed of python, numpy, torch, the synthetic data and the data splits"""
-    device: str = "auto"
-    """auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"""
-    out_dir: str = "out/ode_fwp"
-    """metrics.jsonl, ckpt.pt (latest) and best.pt (best on valid) go here"""
-    resume: bool = False
-    """continue from out_dir/ckpt.pt"""
-    stop_at: int = 0
-    """exit after this step, checkpoint saved (a time-boxed job); --resume continues. 0: run to the end"""
-    evaluate: bool = False
-    """evaluate out_dir/best.pt on test under its trained solver, --solver and a tight dopri5 reference, and exit"""
-    bench: bool = False
-    """time a training step (forward and backward) of each rule, ncde, solver and path, then against series length,
-    and exit"""
-    bench_obs: str = "64,256,1024,4096"
-    """--bench: the series lengths (observations) of the scaling table"""
-    bench_generic_max: int = 1024
-    """--bench: time the generic path only up to this many observations (it takes minutes per step beyond)"""
-
-
-PRESETS = {
-    "tiny": dict(n_train=64, syn_length=16, d_model=8, n_head=2, d_ff=16, batch_size=16, steps=4, eval_every=2,
-                 warmup=1, bench_obs="8,16", bench_generic_max=8),
-    # The official recipes (speech_and_physionet/: delta_cde, rk4 at the observation gap, Adam at base_lr x batch / 32,
-    # no clipping, the penalty 0.03 sum ||p||, ReduceLROnPlateau(patience=2) on the training loss every 10 epochs, raw
-    # time). Steps: epochs x batches per epoch of the 70% training split (speech 24 of 1024: 500 epochs; sepsis 28:
-    # 200 epochs); evaluation every 10 epochs.
-    "speech": dict(dataset="speech_commands", d_model=80, n_head=4, d_ff=320, batch_size=1024, lr=5e-5 * 1024 / 32,
-                   steps=500 * 24, eval_every=10 * 24, warmup=0, grad_clip=0.0, l2=0.03, plateau=True, raw_time=True),
-    "sepsis": dict(dataset="sepsis", d_model=160, n_head=32, d_ff=640, v_layernorm=True, batch_size=1024,
-                   lr=4e-5 * 1024 / 32, steps=200 * 28, eval_every=10 * 28, warmup=0, grad_clip=0.0, l2=0.03,
-                   plateau=True, raw_time=True, pos_weight=10.0),
-    "sepsis_oi": dict(dataset="sepsis", d_model=80, n_head=16, d_ff=64, intensity=True, post_tanh=True,
-                      batch_size=1024, lr=3e-5 * 1024 / 32, steps=200 * 28, eval_every=10 * 28, warmup=0,
-                      grad_clip=0.0, l2=0.03, plateau=True, raw_time=True, pos_weight=10.0),
-    # eigenworms/ of the official code: depth-1 log-signature windows of 4 steps, the delta rule with the tanh after
-    # the subtraction, hidden 128, 16 heads, FF 64, Adam 1e-4, the whole training set as one batch, 1000 epochs
-    "eigenworms": dict(dataset="EigenWorms", logsig_window=4, interp="linear", post_tanh=True, d_model=128,
-                       n_head=16, d_ff=64, lr=1e-4, batch_size=1024, steps=1000, eval_every=1, warmup=0,
-                       grad_clip=0.0),
-}
-
-
-def check_args(args):
-    choices = dict(model=("ctfwp", "ncde"), rule=("hebb", "oja", "delta"), drive=("dx", "x"),
-                   values_from=("x", "dx"), interp=("cubic", "linear"), solver=("euler", "rk4", "dopri5"),
-                   impl=("auto", "kernel", "precomputed", "generic"))
-    for key, allowed in choices.items():
-        if getattr(args, key) not in allowed:
-            fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(args, key)!r}")
-    for key in ("n_train", "d_model", "n_head", "d_ff", "batch_size", "steps", "eval_every", "max_steps",
-                "bench_generic_max"):
-        if getattr(args, key) <= 0:
-            fail(f"--{key} must be positive, got {getattr(args, key)}")
-    if args.impl in ("kernel", "precomputed") and args.solver == "dopri5":
-        fail(f"--impl {args.impl} needs a fixed-step solver (euler, rk4): dopri5's stage times are not known ahead")
-    if args.post_tanh and args.rule != "delta":
-        fail(f"--post_tanh changes the delta rule; it does nothing with --rule {args.rule}")
-    if min(args.l2, args.pos_weight) < 0:
-        fail(f"--l2 and --pos_weight must be non-negative, got {args.l2} and {args.pos_weight}")
-    if args.logsig_window < 0 or args.logsig_window == 1:
-        fail(f"--logsig_window must be 0 (off) or at least 2 (observations per window), got {args.logsig_window}")
-    if args.seed < 0 or args.solve_chunk < 0:
-        fail(f"--seed and --solve_chunk must be non-negative, got {args.seed} and {args.solve_chunk}")
-    if not all(v.strip().isdigit() and int(v) >= 2 for v in args.bench_obs.split(",")):
-        fail(f"--bench_obs must be comma-separated observation counts of at least 2, got {args.bench_obs!r}")
-    if args.logsig_window > 1 and args.interp != "linear":
-        fail("--logsig_window needs --interp linear (the path between window ends is then the log-signature's line)")
-    if args.values_from == "dx":
-        args.drive = "x"  # the one place that decides it: this layout reads keys, beta and the query from X(t)
-    if args.syn_length < 4:
-        fail(f"--syn_length must be at least 4, got {args.syn_length}")
-    if args.d_model % args.n_head:
-        fail(f"--d_model {args.d_model} is not divisible by --n_head {args.n_head}; pick n_head dividing d_model.")
-    if not 0 <= args.missing < 1 or args.lr <= 0 or min(args.warmup, args.grad_clip, args.stop_at, args.step_size) < 0:
-        fail("--missing must be in [0, 1); --lr positive; --warmup, --grad_clip, --stop_at, --step_size non-negative.")
-    if args.rtol <= 0 or args.atol <= 0:
-        fail("--rtol and --atol must be positive.")
-    if args.data and not args.data.endswith("_TRAIN.ts"):
-        fail(f"--data {args.data!r}: give the NAME_TRAIN.ts file of a UEA/UCR set (NAME_TEST.ts must be beside it).")
-    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1043,13 +1127,14 @@ def auroc(score, y):
 
 @torch.no_grad()
 def predict(model, args, task, split, device):
-    """Logits of a whole split (in batches), and the mean NFE per batch."""
+    """Logits of a whole split (in batches) under the solver of args, and the mean NFE per batch."""
+    solver = {key: getattr(args, key) for key in ("solver", "impl", "rtol", "atol", "max_steps")}
     model.eval()
     out, nfes = [], []
     for i in range(0, len(task[split]["y"]), args.batch_size):
         rows = torch.arange(i, min(i + args.batch_size, len(task[split]["y"])))
         t, x, lengths, _ = get_batch(task[split], rows, device)
-        logits, nfe = model(make_path(args, t, x, lengths), args, fixed_steps(args, task))
+        logits, nfe = model(t, x, lengths, fixed_steps(args, task), **solver)
         out.append(logits.float().cpu())
         nfes.append(nfe)
     model.train()
@@ -1105,7 +1190,7 @@ def forward_loss(model, args, task, batch, ckpt_path, bar):
     exceeds --max_steps is a user error; the last checkpoint stays."""
     t, x, lengths, y = batch
     try:
-        logits, nfe = model(make_path(args, t, x, lengths), args, fixed_steps(args, task))
+        logits, nfe = model(t, x, lengths, fixed_steps(args, task))
     except RuntimeError as e:
         if "max_steps" not in str(e):
             raise
@@ -1215,7 +1300,7 @@ def evaluate_checkpoint(args):
     model_keys = ("model", "rule", "drive", "values_from", "interp", "d_model", "n_head", "d_ff", "dataset", "data",
                   "n_train", "syn_length", "missing", "seed")
     args = dataclasses.replace(args, **{k: getattr(trained, k) for k in model_keys})
-    reference = dataclasses.replace(args, solver="dopri5", rtol=1e-7, atol=1e-9)
+    reference = dataclasses.replace(args, solver="dopri5", impl="generic", rtol=1e-7, atol=1e-9)
     device, task, model = setup(trained)
     model.load_state_dict(saved["model"])
     y, rows = task["test"]["y"], []
@@ -1269,7 +1354,7 @@ def step_timer(args, task, batch, device):
     out = {}
 
     def step():
-        logits, out["nfe"] = model(make_path(args, t, x, lengths), args, fixed_steps(args, task))
+        logits, out["nfe"] = model(t, x, lengths, fixed_steps(args, task))
         F.cross_entropy(logits, y).backward()
 
     def timed():
@@ -1346,7 +1431,8 @@ def bench(args):
 
 # ----------------------------------------------------------------------------------------------
 # Scaffolding, the same in every script: command line (from the Args fields and their docstrings), errors,
-# device, checkpoint writes, seeds and --resume, metrics. Nothing here is specific to the method.
+# device, checkpoint writes, seeds and --resume, metrics, the C++ kernels' loader. Nothing here is specific to the
+# method.
 
 
 def fail(msg):
@@ -1471,6 +1557,54 @@ def resume_from(path, model, opt, device):
     np.random.set_state(ckpt["rng"]["numpy"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     return ckpt
+
+
+_KERNELS = {}  # device type -> the loaded extension, or False once its build failed
+
+
+def kernels(device_type):
+    """cpu_kernels.cpp (ct_linear_rule_forward/backward: linear_rule_solve's steps, fused), built and loaded on first
+    use (never at import), on a copy of the source named by a hash of it, of torch's version and of the CPU's
+    instruction sets (the build is -march=native), so an edit rebuilds and every script shares one build. None, after
+    one warning, if that fails (no compiler, no ninja): the PyTorch form runs instead. None off the CPU."""
+    if device_type != "cpu":
+        return None
+    if device_type not in _KERNELS:
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cpp")
+        try:
+            from torch.utils.cpp_extension import load
+
+            with open(src, "rb") as f:
+                code = f.read()
+            digest = hashlib.sha256(code + torch.__version__.encode() + cpu_features().encode()).hexdigest()[:16]
+            name = f"fwp_{device_type}_kernels_{digest}"
+            root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                           "torch_extensions")
+            build = os.path.join(root, name)
+            os.makedirs(build, exist_ok=True)
+            copy = os.path.join(build, os.path.basename(src))
+            if not os.path.exists(copy):
+                with open(copy + ".tmp", "wb") as f:
+                    f.write(code)
+                os.replace(copy + ".tmp", copy)
+            flags = ["-O3", "-march=native", "-fopenmp" if torch.backends.openmp.is_available() else "-fopenmp-simd"]
+            _KERNELS[device_type] = load(name, [copy], build_directory=build, extra_cflags=flags,
+                                         extra_cuda_cflags=["-O3"], verbose=False)
+        except Exception as e:  # no compiler, no ninja, a compile error: the PyTorch form still works
+            print(f"warning: cpu_kernels.cpp unavailable ({type(e).__name__}: {str(e)[-2000:]}); using the PyTorch "
+                  "forms", file=sys.stderr)
+            _KERNELS[device_type] = False
+    return _KERNELS[device_type] or None
+
+
+def cpu_features():
+    """The CPU's instruction sets, which a -march=native build uses: part of the build's name, so that a build folder
+    shared by machines of other CPUs (a home directory on a cluster) is never loaded where it would not run."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.machine() + platform.processor()
 
 
 def main(argv=None):

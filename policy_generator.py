@@ -53,163 +53,6 @@ ENVS = {
 
 
 # ----------------------------------------------------------------------------------------------
-# The policy: a flat parameter vector theta and a batched forward for P policies at once.
-
-
-def layer_shapes(obs_dim, act_dim, hidden):
-    """[(out, in)] of the three layers."""
-    return [(hidden, obs_dim), (hidden, hidden), (act_dim, hidden)]
-
-
-def unpack(theta, shapes):
-    """theta (P, n_params) -> [(W (P, out, in), b (P, out))] in the order W1, b1, W2, b2, W3, b3."""
-    layers, i = [], 0
-    for out, inp in shapes:
-        W = theta[:, i : i + out * inp].view(-1, out, inp)
-        i += out * inp
-        layers.append((W, theta[:, i : i + out]))
-        i += out
-    return layers
-
-
-def policy_forward(theta, obs, shapes, act_limit):
-    """Actions of P policies: theta (P, n_params), obs (P, N, obs_dim) -> (P, N, act_dim). tanh everywhere, the
-    output scaled to the action bound."""
-    x = obs
-    for W, b in unpack(theta, shapes):
-        x = torch.tanh(torch.baddbmm(b[:, None], x, W.transpose(1, 2)))
-    return x * act_limit
-
-
-def mlp(sizes):
-    layers = []
-    for i in range(len(sizes) - 1):
-        layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
-
-
-class Generator(nn.Module):
-    """theta = G(c). Layer l (out x in) is cut into tiles of (out_chunk x in_chunk): the first layer's tiles span all
-    inputs, the last layer's all outputs, hidden layers use tile x tile. One pair of tile MLPs per layer type."""
-
-    def __init__(self, shapes, args):
-        super().__init__()
-        self.scale = [2 / fan_in**0.5 for _, fan_in in shapes]  # each layer scaled by 2 / sqrt(fan_in)
-        n = len(shapes)
-        self.kind = ["first"] + ["hidden"] * (n - 2) + ["last"]
-        self.chunk = [(args.tile if i < n - 1 else out, args.tile if i > 0 else inp)
-                      for i, (out, inp) in enumerate(shapes)]
-        self.tiles = [(inp // ic, out // oc) for (out, inp), (oc, ic) in zip(shapes, self.chunk)]  # (in, out) tiles
-        self.embeddings = nn.ParameterList([nn.Parameter(torch.randn(ti, to, args.embed_dim)) for ti, to in self.tiles])
-        self.w_nets, self.b_nets = nn.ModuleDict(), nn.ModuleDict()
-        for kind, (oc, ic) in zip(self.kind, self.chunk):
-            if kind not in self.w_nets:
-                self.w_nets[kind] = mlp([args.embed_dim + 1, args.gen_hidden, args.gen_hidden, oc * ic])
-                self.b_nets[kind] = mlp([args.embed_dim + 1, args.gen_hidden, args.gen_hidden, oc])
-
-    def forward(self, c):
-        """c (B,) normalised commands -> theta (B, n_params)."""
-        B, out = len(c), []
-        for e, kind, (oc, ic), (ti, to), s in zip(self.embeddings, self.kind, self.chunk, self.tiles, self.scale):
-            z = torch.cat([e.expand(B, -1, -1, -1), c.view(B, 1, 1, 1).expand(B, ti, to, 1)], -1)  # (B, ti, to, E+1)
-            w = self.w_nets[kind](z).view(B, ti, to, oc, ic).permute(0, 2, 3, 1, 4).reshape(B, to * oc, ti * ic)
-            b = self.b_nets[kind](z).mean(1).reshape(B, to * oc)  # biases averaged over the input-side tiles
-            out += [s * w.flatten(1), s * b]
-        return torch.cat(out, 1)
-
-
-class Evaluator(nn.Module):
-    """V(theta): the policy's actions on M learned probing states (its fingerprint) -> MLP -> predicted return."""
-
-    def __init__(self, shapes, act_limit, args):
-        super().__init__()
-        self.shapes, self.act_limit = shapes, act_limit
-        self.probes = nn.Parameter(torch.rand(args.n_probes, shapes[0][1]))  # uniform [0, 1), as the official code
-        self.net = mlp([args.n_probes * shapes[-1][0], args.eval_hidden, args.eval_hidden, 1])
-
-    def fingerprint(self, theta):
-        return policy_forward(theta, self.probes.expand(len(theta), -1, -1), self.shapes, self.act_limit).flatten(1)
-
-    def forward(self, theta):
-        return self.net(self.fingerprint(theta)).squeeze(-1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Replay buffer, observation normaliser, batched rollouts
-
-
-class Buffer:
-    """The newest `size` (theta, return) pairs; a sample draws with replacement, the i-th newest entry with
-    probability proportional to (1 / i) ** recency."""
-
-    def __init__(self, size, recency):
-        self.size, self.recency, self.thetas, self.returns = size, recency, [], []
-
-    def add(self, theta, ret):
-        self.thetas.append(theta)
-        self.returns.append(ret)
-        if len(self.thetas) > self.size:
-            self.thetas.pop(0)
-            self.returns.pop(0)
-
-    def weights(self):
-        w = (1.0 / np.arange(len(self.thetas), 0, -1)) ** self.recency  # oldest first: 1/n, ..., 1/1
-        return w / w.sum()
-
-    def sample(self, k, gen):
-        k = min(k, len(self.thetas))  # as the official code: a young buffer gives smaller batches
-        idx = torch.multinomial(torch.tensor(self.weights()), k, replacement=True, generator=gen).tolist()
-        return torch.stack([self.thetas[i] for i in idx]), torch.tensor([self.returns[i] for i in idx])
-
-
-class RunningNorm:
-    """Running mean and std of the observations seen in training episodes (Chan et al.'s parallel update)."""
-
-    def __init__(self, dim):
-        self.n, self.mean, self.m2 = 0, np.zeros(dim), np.zeros(dim)
-
-    def push(self, x):  # x (N, dim)
-        n, mean = len(x), x.mean(0)
-        delta, total = mean - self.mean, self.n + len(x)
-        self.m2 += ((x - mean) ** 2).sum(0) + delta**2 * self.n * n / total
-        self.mean, self.n = self.mean + delta * n / total, total
-
-    def __call__(self, x):
-        if self.n < 2:
-            return x
-        return (x - self.mean) / (np.sqrt(self.m2 / (self.n - 1)) + 1e-8)
-
-
-def make_envs(name, n):
-    import gymnasium as gym
-
-    return [gym.make(name, disable_env_checker=True) for _ in range(n)]
-
-
-@torch.no_grad()
-def rollout(envs, thetas, shapes, act_limit, norm, seeds, push=False, alive_bonus=0.0):
-    """One episode per policy, side by side: thetas (P, n_params), env p runs policy p from reset(seed=seeds[p]).
-    Returns the training returns (alive bonus removed), the environment returns, and the steps taken."""
-    P = len(thetas)
-    obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs[:P], seeds)])
-    active, ret, env_ret, steps = np.ones(P, bool), np.zeros(P), np.zeros(P), 0
-    while active.any():
-        idx = np.flatnonzero(active)
-        if push:
-            norm.push(obs[idx])
-        x = torch.as_tensor(norm(obs[idx]), dtype=torch.float32)[:, None]
-        actions = policy_forward(thetas[idx], x, shapes, act_limit)[:, 0].numpy()
-        for j, p in enumerate(idx):
-            obs[p], r, terminated, truncated, _ = envs[p].step(actions[j])
-            env_ret[p] += r
-            ret[p] += r - alive_bonus
-            if terminated or truncated:
-                active[p] = False
-        steps += len(idx)
-    return ret, env_ret, steps
-
-
-# ----------------------------------------------------------------------------------------------
 # Configuration: every flag with its default and docstring (--help prints them), the presets, and the checks
 # of a command line's values.
 
@@ -291,21 +134,241 @@ PRESETS = {
 
 
 def check_args(args):
+    """The models' own checks (check_sizes: the same messages, naming the flags), then what only the command line
+    knows: the environment, the run's sizes and rates, the device."""
+    try:
+        sizes = ("hidden", "tile", "embed_dim", "gen_hidden", "n_probes", "eval_hidden")  # the models' keywords
+        check_sizes("--", **{key: getattr(args, key) for key in sizes})
+    except ValueError as e:
+        fail(str(e))
     if args.env not in ENVS:
         fail(f"--env must be one of {', '.join(ENVS)}, got {args.env!r}")
-    for key in ("total_steps", "n_parallel", "hidden", "tile", "embed_dim", "gen_hidden", "n_probes", "eval_hidden",
-                "buffer_size", "batch_size", "eval_every", "n_eval", "sweep_points", "sweep_episodes"):
+    for key in ("total_steps", "n_parallel", "buffer_size", "batch_size", "eval_every", "n_eval", "sweep_points",
+                "sweep_episodes"):
         if getattr(args, key) <= 0:
             fail(f"--{key} must be positive, got {getattr(args, key)}")
-    if args.hidden % args.tile:
-        fail(f"--hidden {args.hidden} is not divisible by --tile {args.tile}; pick a tile that divides the width.")
     if min(args.noise, args.evaluator_steps, args.generator_steps, args.drive, args.recency, args.stop_at,
            args.seed) < 0 or min(args.lr_evaluator, args.lr_generator) <= 0:
         fail("--noise, --evaluator_steps, --generator_steps, --drive, --recency, --stop_at and --seed must be "
              "non-negative; the learning rates positive.")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
     return args
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy (a flat parameter vector theta, a batched forward for P policies at once), the generator, the evaluator.
+
+
+def layer_shapes(obs_dim, act_dim, hidden):
+    """[(out, in)] of the three layers."""
+    return [(hidden, obs_dim), (hidden, hidden), (act_dim, hidden)]
+
+
+def unpack(theta, shapes):
+    """theta (P, n_params) -> [(W (P, out, in), b (P, out))] in the order W1, b1, W2, b2, W3, b3."""
+    layers, i = [], 0
+    for out, inp in shapes:
+        W = theta[:, i : i + out * inp].view(-1, out, inp)
+        i += out * inp
+        layers.append((W, theta[:, i : i + out]))
+        i += out
+    return layers
+
+
+def policy_forward(theta, obs, shapes, act_limit):
+    """Actions of P policies: theta (P, n_params), obs (P, N, obs_dim) -> (P, N, act_dim). tanh everywhere, the
+    output scaled to the action bound."""
+    x = obs
+    for W, b in unpack(theta, shapes):
+        x = torch.tanh(torch.baddbmm(b[:, None], x, W.transpose(1, 2)))
+    return x * act_limit
+
+
+def mlp(sizes):
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def check_sizes(flag="", **sizes):
+    """A ValueError naming the first size that is not positive, or a width the tile does not divide, and the fix; flag
+    is "--" where the command line asks, so that its message names the flag. The constructors and check_args call it."""
+    for key, value in sizes.items():
+        if not value > 0:
+            raise ValueError(f"{flag}{key} must be positive, got {value}")
+    if "hidden" in sizes and "tile" in sizes and sizes["hidden"] % sizes["tile"]:
+        raise ValueError(f"{flag}hidden {sizes['hidden']} is not divisible by {flag}tile {sizes['tile']}; pick a tile "
+                         "that divides the width.")
+
+
+class Generator(nn.Module):
+    """theta = G(c) for the policy obs_dim -> hidden -> hidden -> act_dim (layer_shapes). Layer l (out x in) is cut
+    into tiles of (out_chunk x in_chunk): the first layer's tiles span all inputs, the last layer's all outputs, hidden
+    layers use tile x tile (so tile divides hidden). One pair of tile MLPs (two ReLU layers of gen_hidden) per layer
+    type, each tile with a learned embedding of embed_dim."""
+
+    def __init__(self, obs_dim, act_dim, hidden=256, tile=16, embed_dim=8, gen_hidden=256):
+        super().__init__()
+        check_sizes(obs_dim=obs_dim, act_dim=act_dim, hidden=hidden, tile=tile, embed_dim=embed_dim,
+                    gen_hidden=gen_hidden)
+        self.shapes = shapes = layer_shapes(obs_dim, act_dim, hidden)
+        self.n_params = sum(out * inp + out for out, inp in shapes)
+        self.tile, self.embed_dim, self.gen_hidden = tile, embed_dim, gen_hidden
+        self.scale = [2 / fan_in**0.5 for _, fan_in in shapes]  # each layer scaled by 2 / sqrt(fan_in)
+        n = len(shapes)
+        self.kind = ["first"] + ["hidden"] * (n - 2) + ["last"]
+        self.chunk = [(tile if i < n - 1 else out, tile if i > 0 else inp) for i, (out, inp) in enumerate(shapes)]
+        self.tiles = [(inp // ic, out // oc) for (out, inp), (oc, ic) in zip(shapes, self.chunk)]  # (in, out) tiles
+        self.embeddings = nn.ParameterList([nn.Parameter(torch.randn(ti, to, embed_dim)) for ti, to in self.tiles])
+        self.w_nets, self.b_nets = nn.ModuleDict(), nn.ModuleDict()
+        for kind, (oc, ic) in zip(self.kind, self.chunk):
+            if kind not in self.w_nets:
+                self.w_nets[kind] = mlp([embed_dim + 1, gen_hidden, gen_hidden, oc * ic])
+                self.b_nets[kind] = mlp([embed_dim + 1, gen_hidden, gen_hidden, oc])
+
+    def extra_repr(self):
+        return (f"policy {' -> '.join(str(i) for _, i in self.shapes)} -> {self.shapes[-1][0]} ({self.n_params} "
+                f"parameters), tile={self.tile}, embed_dim={self.embed_dim}, gen_hidden={self.gen_hidden}")
+
+    def forward(self, c):
+        """c (B,) normalised commands -> theta (B, n_params)."""
+        B, out = len(c), []
+        for e, kind, (oc, ic), (ti, to), s in zip(self.embeddings, self.kind, self.chunk, self.tiles, self.scale):
+            z = torch.cat([e.expand(B, -1, -1, -1), c.view(B, 1, 1, 1).expand(B, ti, to, 1)], -1)  # (B, ti, to, E+1)
+            w = self.w_nets[kind](z).view(B, ti, to, oc, ic).permute(0, 2, 3, 1, 4).reshape(B, to * oc, ti * ic)
+            b = self.b_nets[kind](z).mean(1).reshape(B, to * oc)  # biases averaged over the input-side tiles
+            out += [s * w.flatten(1), s * b]
+        return torch.cat(out, 1)
+
+
+class Evaluator(nn.Module):
+    """V(theta): the actions of the policy theta (obs_dim -> hidden -> hidden -> act_dim, actions scaled to act_limit:
+    a number or one per action) on n_probes learned probing states (its fingerprint) -> an MLP with two ReLU layers of
+    eval_hidden -> the predicted return."""
+
+    def __init__(self, obs_dim, act_dim, hidden=256, act_limit=1.0, n_probes=200, eval_hidden=256):
+        super().__init__()
+        check_sizes(obs_dim=obs_dim, act_dim=act_dim, hidden=hidden, n_probes=n_probes, eval_hidden=eval_hidden)
+        act_limit = torch.as_tensor(act_limit, dtype=torch.float32)
+        if act_limit.numel() not in (1, act_dim) or not (act_limit > 0).all():
+            raise ValueError(f"act_limit must be positive, one number or one per action ({act_dim}), got "
+                             f"{act_limit.tolist()}")
+        act_limit = act_limit.reshape(-1).expand(act_dim).clone()
+        self.shapes = layer_shapes(obs_dim, act_dim, hidden)
+        self.register_buffer("act_limit", act_limit, persistent=False)
+        self.probes = nn.Parameter(torch.rand(n_probes, obs_dim))  # uniform [0, 1), as the official code
+        self.net = mlp([n_probes * act_dim, eval_hidden, eval_hidden, 1])
+
+    def extra_repr(self):
+        return (f"policy {' -> '.join(str(i) for _, i in self.shapes)} -> {self.shapes[-1][0]}, "
+                f"act_limit={self.act_limit.tolist()}, n_probes={len(self.probes)}")
+
+    def fingerprint(self, theta):
+        """theta (B, n_params) -> the actions on the probes, flattened (B, n_probes * act_dim)."""
+        return policy_forward(theta, self.probes.expand(len(theta), -1, -1), self.shapes, self.act_limit).flatten(1)
+
+    def forward(self, theta):
+        """theta (B, n_params) -> predicted returns (B,)."""
+        return self.net(self.fingerprint(theta)).squeeze(-1)
+
+
+def generator_loss(generator, evaluator, c, rets):
+    """The generator's loss mean_i (V(G(c_i)) - R_i)^2 through the evaluator, c the normalised commands of the returns
+    R (B,). Recency-weighted sampling with replacement repeats commands: each distinct one is generated once and its
+    prediction counted as often as it was drawn (the whole batch's loss and gradient, at a fraction of the cost)."""
+    unique, inverse = torch.unique(c, return_inverse=True)
+    return F.mse_loss(evaluator(generator(unique))[inverse], rets)
+
+
+def build_model(args, obs_dim, act_dim, act_limit):
+    """The command line's generator and evaluator: each flag the constructor's keyword of the same name."""
+    generator = Generator(obs_dim, act_dim, hidden=args.hidden, tile=args.tile, embed_dim=args.embed_dim,
+                          gen_hidden=args.gen_hidden)
+    evaluator = Evaluator(obs_dim, act_dim, hidden=args.hidden, act_limit=act_limit, n_probes=args.n_probes,
+                          eval_hidden=args.eval_hidden)
+    return generator, evaluator
+
+
+# ----------------------------------------------------------------------------------------------
+# Replay buffer, observation normaliser, batched rollouts
+
+
+class Buffer:
+    """The newest `size` (theta, return) pairs; a sample draws with replacement, the i-th newest entry with
+    probability proportional to (1 / i) ** recency."""
+
+    def __init__(self, size, recency):
+        self.size, self.recency, self.thetas, self.returns = size, recency, [], []
+
+    def add(self, theta, ret):
+        self.thetas.append(theta)
+        self.returns.append(ret)
+        if len(self.thetas) > self.size:
+            self.thetas.pop(0)
+            self.returns.pop(0)
+
+    def weights(self):
+        w = (1.0 / np.arange(len(self.thetas), 0, -1)) ** self.recency  # oldest first: 1/n, ..., 1/1
+        return w / w.sum()
+
+    def sample(self, k, gen):
+        k = min(k, len(self.thetas))  # as the official code: a young buffer gives smaller batches
+        idx = torch.multinomial(torch.tensor(self.weights()), k, replacement=True, generator=gen).tolist()
+        thetas = torch.stack([self.thetas[i] for i in idx])
+        return thetas, torch.tensor([self.returns[i] for i in idx], dtype=thetas.dtype, device=thetas.device)
+
+
+class RunningNorm:
+    """Running mean and std of the observations seen in training episodes (Chan et al.'s parallel update)."""
+
+    def __init__(self, dim):
+        self.n, self.mean, self.m2 = 0, np.zeros(dim), np.zeros(dim)
+
+    def push(self, x):  # x (N, dim)
+        n, mean = len(x), x.mean(0)
+        delta, total = mean - self.mean, self.n + len(x)
+        self.m2 += ((x - mean) ** 2).sum(0) + delta**2 * self.n * n / total
+        self.mean, self.n = self.mean + delta * n / total, total
+
+    def __call__(self, x):
+        if self.n < 2:
+            return x
+        return (x - self.mean) / (np.sqrt(self.m2 / (self.n - 1)) + 1e-8)
+
+
+def make_envs(name, n):
+    import gymnasium as gym
+
+    return [gym.make(name, disable_env_checker=True) for _ in range(n)]
+
+
+@torch.no_grad()
+def rollout(envs, thetas, shapes, act_limit, norm, seeds, push=False, alive_bonus=0.0):
+    """One episode per policy, side by side: thetas (P, n_params), env p runs policy p from reset(seed=seeds[p]).
+    Returns the training returns (alive bonus removed), the environment returns, and the steps taken."""
+    P = len(thetas)
+    obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs[:P], seeds)])
+    active, ret, env_ret, steps = np.ones(P, bool), np.zeros(P), np.zeros(P), 0
+    while active.any():
+        idx = np.flatnonzero(active)
+        if push:
+            norm.push(obs[idx])
+        x = torch.as_tensor(norm(obs[idx]), dtype=torch.float32, device=thetas.device)[:, None]
+        actions = policy_forward(thetas[idx], x, shapes, act_limit)[:, 0].cpu().numpy()
+        for j, p in enumerate(idx):
+            obs[p], r, terminated, truncated, _ = envs[p].step(actions[j])
+            env_ret[p] += r
+            ret[p] += r - alive_bonus
+            if terminated or truncated:
+                active[p] = False
+        steps += len(idx)
+    return ret, env_ret, steps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,11 +385,11 @@ class GoGePo:
         obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
         self.args, self.info = args, ENVS[args.env]
         self.r_range = self.info["r_max"] - self.info["r_min"]
-        self.act_limit = torch.as_tensor(env.action_space.high, dtype=torch.float32)
-        self.shapes = layer_shapes(obs_dim, act_dim, args.hidden)
-        self.n_params = sum(o * i + o for o, i in self.shapes)
-        torch.manual_seed(args.seed)
-        self.generator, self.evaluator = Generator(self.shapes, args), Evaluator(self.shapes, self.act_limit, args)
+        self.device = torch.device(args.device)
+        torch.manual_seed(args.seed)  # the same initial weights on every device
+        generator, evaluator = build_model(args, obs_dim, act_dim, env.action_space.high)
+        self.generator, self.evaluator = generator.to(self.device), evaluator.to(self.device)
+        self.shapes, self.n_params, self.act_limit = generator.shapes, generator.n_params, evaluator.act_limit
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=args.lr_generator)
         self.opt_v = torch.optim.Adam(self.evaluator.parameters(), lr=args.lr_evaluator)
         self.buffer, self.norm = Buffer(args.buffer_size, args.recency), RunningNorm(obs_dim)
@@ -335,11 +398,12 @@ class GoGePo:
         self.steps, self.episodes, self.best, self.solved_at, self.last_eval = 0, 0, -np.inf, None, 0
 
     def command(self, ret):
-        return torch.as_tensor(ret, dtype=torch.float32).view(-1) / self.r_range
+        return torch.as_tensor(ret, dtype=torch.float32, device=self.device).view(-1) / self.r_range
 
     def update(self):
         """The paper's update after an episode: evaluator steps (MSE to returns), then generator steps through
-        the frozen evaluator with commands drawn from the buffer's returns."""
+        the frozen evaluator with commands drawn from the buffer's returns. -> the last loss of each (NaN: no steps)"""
+        loss_v = loss_g = torch.tensor(float("nan"))
         for _ in range(self.args.evaluator_steps):
             thetas, rets = self.buffer.sample(self.args.batch_size, self.gen)
             loss_v = F.mse_loss(self.evaluator(thetas), rets)
@@ -349,15 +413,12 @@ class GoGePo:
         self.evaluator.requires_grad_(False)
         for _ in range(self.args.generator_steps):
             _, rets = self.buffer.sample(self.args.batch_size, self.gen)
-            # recency-weighted sampling with replacement repeats commands: generate each distinct one once (the
-            # same loss and gradient as generating all batch_size, at a fraction of the cost)
-            unique, inverse = torch.unique(rets, return_inverse=True)
-            loss_g = F.mse_loss(self.evaluator(self.generator(self.command(unique)))[inverse], rets)
+            loss_g = generator_loss(self.generator, self.evaluator, rets / self.r_range, rets)
             self.opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             self.opt_g.step()
         self.evaluator.requires_grad_(True)
-        return loss_v.item(), loss_g.item() if self.args.generator_steps else float("nan")
+        return loss_v.item(), loss_g.item()
 
     @torch.no_grad()
     def evaluate(self, envs, ret, n):
@@ -408,7 +469,7 @@ def train_round(run, envs, args, t0):
     with torch.no_grad():  # one generator call for the batch; the noise makes the policies differ
         c = 1.0 if run.episodes == 0 else run.best + args.drive
         theta = run.generator(run.command(c))
-        thetas = theta + args.noise * torch.randn(args.n_parallel, run.n_params, generator=run.gen)
+        thetas = theta + args.noise * torch.randn(args.n_parallel, run.n_params, generator=run.gen).to(run.device)
     seeds = run.rng.integers(2**31, size=args.n_parallel)
     rets, env_rets, steps = rollout(envs, thetas, run.shapes, run.act_limit, run.norm, seeds, push=True,
                                     alive_bonus=run.info.get("alive_bonus", 0.0))
@@ -494,19 +555,23 @@ def bench(args):
     run = make_run(args)
     envs = make_envs(args.env, args.n_parallel)
 
+    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
+
     def timed(fn, n=5):
         times = []
         for _ in range(n + 1):  # the first is a warm-up
+            sync()
             t = time.perf_counter()
             fn()
+            sync()
             times.append(time.perf_counter() - t)
         return float(np.median(times[1:])) * 1e3
 
     with torch.no_grad():
         theta = run.generator(run.command(0.0))
     for i in range(args.batch_size):  # distinct returns: every generator batch has batch_size distinct commands
-        run.buffer.add(theta[0] + 0.1 * torch.randn(run.n_params), float(i))
-    x = torch.zeros(args.n_parallel, 1, run.shapes[0][1])
+        run.buffer.add(theta[0] + 0.1 * torch.randn(run.n_params, device=run.device), float(i))
+    x = torch.zeros(args.n_parallel, 1, run.shapes[0][1], device=run.device)
     thetas = theta.expand(args.n_parallel, -1)
     print(f"{args.env}, threads {torch.get_num_threads()}, policy {run.n_params} parameters, batch {args.batch_size} "
           "(all commands distinct: the slowest update)")
@@ -619,7 +684,7 @@ def resume_from(path, run, flag="--resume"):
     RNGs; return the checkpoint dict."""
     if not os.path.exists(path):
         fail(f"{flag}: no checkpoint at {path}")
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, map_location=run.device, weights_only=False)
     for name in ("generator", "evaluator", "opt_g", "opt_v"):
         getattr(run, name).load_state_dict(ckpt[name])
     run.buffer.thetas, run.buffer.returns = ckpt["buffer"]

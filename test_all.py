@@ -1967,13 +1967,14 @@ def test_od_layouts_vector_field_and_readout_by_hand(values_from, rule):
     (the raw logit, no tanh); oja: sigmoid(b) tanh(u) softmax(k_raw - W^T tanh(u))^T; delta:
     sigmoid(b) (tanh(u) - W k) k^T; y = W^T q with q from X(t_N)."""
     torch.manual_seed(0)
-    args = ode_fwp.check_args(od_args(rule=rule, values_from=values_from, d_model=6, n_head=2))
+    args = ode_fwp.check_args(od_args(rule=rule, values_from=values_from, d_model=6, n_head=2, interp="linear"))
     assert args.drive == ("dx" if values_from == "x" else "x")
     model = ode_fwp.build_model(args, 3, 4).double()
     H, d, B = 2, 3, 2
     x0, g = torch.randn(B, 3, dtype=torch.float64), torch.randn(B, 3, dtype=torch.float64)
-    t = torch.tensor([[0.0, 4.0]] * B, dtype=torch.float64)
-    path = ode_fwp.ControlPath(t, torch.stack([x0, x0 + 4.0 * g], 1), torch.tensor([2] * B), "linear")
+    t, xs = torch.tensor([[0.0, 4.0]] * B, dtype=torch.float64), torch.stack([x0, x0 + 4.0 * g], 1)
+    lengths = torch.tensor([2] * B)
+    path = ode_fwp.ControlPath(t, xs, lengths, "linear")
     lin = lambda layer, z: z @ layer.weight.T + layer.bias
     ln = lambda z, m: (z - z.mean(-1, keepdim=True)) / torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + m.eps) \
         * m.weight + m.bias
@@ -2009,7 +2010,7 @@ def test_od_layouts_vector_field_and_readout_by_hand(values_from, rule):
         torch.testing.assert_close(f(0.25, W), 4.0 * field(1.0, W))  # dW/ds = span dW/dt at s = 1/4, t = 1
         W0 = field(0.0, torch.zeros_like(W))  # the rule with W = 0 at the first observation
         WT, _ = ode_fwp.rk4(f, W0, 40)
-        logits, _ = model(path, dataclasses.replace(args, solver="rk4"), 40)
+        logits, _ = model(t, xs, lengths, 40, solver="rk4")
         u_N = lin(model.W_in, g if values_from == "x" else x0 + 4.0 * g)
         q = sm(lin(model.W_q, ln(u_N, model.ln_in)).view(B, H, d))
         read = (WT @ q[..., None] if values_from == "x" else WT.transpose(-1, -2) @ q[..., None]).flatten(1)
@@ -2027,10 +2028,10 @@ def test_od_series_predictions_do_not_depend_on_the_batch(model_name, rule):
     t, x, lengths = irregular_batch(missing=0.1)
     x = torch.cat([t[..., None] / 10, x], -1)  # the time channel
     model = ode_fwp.build_model(a, 3, 4).double()
-    logits, _ = model(ode_fwp.ControlPath(t, x, lengths, "cubic"), a, 30)
+    logits, _ = model(t, x, lengths, 30)
     for b in range(3):
         n = int(lengths[b])
-        alone, _ = model(ode_fwp.ControlPath(t[b : b + 1, :n], x[b : b + 1, :n], lengths[b : b + 1], "cubic"), a, 30)
+        alone, _ = model(t[b : b + 1, :n], x[b : b + 1, :n], lengths[b : b + 1], 30)
         torch.testing.assert_close(alone[0], logits[b], rtol=1e-10, atol=1e-12)
     logits.square().sum().backward()
     for name, p in model.named_parameters():
@@ -2041,11 +2042,10 @@ def test_od_rk4_and_dopri5_agree_on_the_model():
     torch.manual_seed(0)
     t, x, lengths = irregular_batch(missing=0.1)
     x = torch.cat([t[..., None] / 10, x], -1)
-    path = ode_fwp.ControlPath(t, x, lengths, "cubic")
     model = ode_fwp.build_model(od_args(rule="delta"), 3, 4).double()
     with torch.no_grad():
-        fine, _ = model(path, od_args(solver="rk4"), 400)
-        adaptive, nfe = model(path, od_args(solver="dopri5", rtol=1e-8, atol=1e-10), 0)
+        fine, _ = model(t, x, lengths, 400, solver="rk4")
+        adaptive, nfe = model(t, x, lengths, solver="dopri5", rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(adaptive, fine, rtol=1e-6, atol=1e-7)
     assert nfe > 6
 
@@ -2266,7 +2266,7 @@ def test_od_precomputed_solve_equals_the_generic_one(kw, impl, chunk, monkeypatc
     for b in (dataclasses.replace(a, impl="generic"), dataclasses.replace(a, impl=impl)):
         torch.manual_seed(0)
         model = ode_fwp.build_model(b, x.shape[-1], 4).double()
-        logits, nfe = model(ode_fwp.ControlPath(t, x, lengths, a.interp), b, 11)
+        logits, nfe = model(t, x, lengths, 11)
         grads = torch.autograd.grad(logits.square().sum(), list(model.parameters()))
         results.append((logits, grads, nfe))
     assert len(calls) == (linear and impl == "kernel") * 3  # once per chunk
@@ -2293,15 +2293,16 @@ def test_od_stage_nodes_are_the_solvers_own_times_and_weights_integrate(solver):
 
 
 @needs_cxx
+@pytest.mark.parametrize("d", [5, 8, 16, 32])  # the widths the kernel compiles apart (8, 16, 32) and its generic code
 @pytest.mark.parametrize("solver", ["euler", "rk4"])
-def test_od_cpu_kernel_linear_rule_solve_equals_the_pytorch_form(solver):
-    """cpu_kernels.cpp's ct_linear_rule against linear_rule_solve's affine maps: float64 on odd shapes (B 2, H 3, d 5,
-    7 steps of 1/10, as in a chunk of a longer solve; outputs and the gradient of every input; gradcheck), and float32
-    at the default width (d 8, 50 steps of 1/50)."""
+def test_od_cpu_kernel_linear_rule_solve_equals_the_pytorch_form(solver, d):
+    """cpu_kernels.cpp's ct_linear_rule against linear_rule_solve's affine maps: float64 at each width (B 2, H 3,
+    7 steps of 1/10, as in a chunk of a longer solve; outputs and the gradient of every input; gradcheck at the generic
+    width d 5), and float32 at the default width (d 8, 50 steps of 1/50)."""
     assert ode_fwp.kernels("cpu") is not None, "cpu_kernels.cpp failed to build (the warning above says why)"
     g = torch.Generator().manual_seed(1)
-    for B, H, d, n, h, dtype, tol in ((2, 3, 5, 7, 0.1, torch.float64, 1e-12),
-                                      (4, 4, 8, 50, 0.02, torch.float32, 1e-5)):
+    cases = [(2, 3, d, 7, 0.1, torch.float64, 1e-12)] + [(4, 4, 8, 50, 0.02, torch.float32, 1e-5)] * (d == 8)
+    for B, H, d, n, h, dtype, tol in cases:
         S = n * (2 if solver == "rk4" else 1) + 1
         a, p = (torch.randn(B, S, H, d, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
         p = p.softmax(-1)  # keys as the model makes them
@@ -2314,7 +2315,7 @@ def test_od_cpu_kernel_linear_rule_solve_equals_the_pytorch_form(solver):
             outs.append([Y, *torch.autograd.grad((Y * dY).sum(), inputs)])
         for x, y in zip(*outs):
             torch.testing.assert_close(y, x, rtol=tol, atol=tol)
-        if dtype == torch.float64:
+        if d == 5:
             assert torch.autograd.gradcheck(lambda *z: ode_fwp.linear_rule_solve(*z, solver, h, True), inputs)
 
 
@@ -2359,16 +2360,25 @@ def test_od_linear_rule_solve_gradcheck_and_the_plain_solver():
                                         c[:, :n_nodes], solver, 1 / n), inputs)
 
 
-@pytest.mark.parametrize("args", [[], ["--rule", "hebb", "--interp", "linear"], ["--rule", "oja", "--drive", "x"],
+def od_smoke_run(script, out_dir, *args):
+    """A tiny run of the script: its final line, and finite losses at every step; -> the losses."""
+    p = run(script, "--preset", "tiny", "--out_dir", str(out_dir), *args)
+    assert "final: test acc" in p.stdout
+    losses = [m["value"] for m in read_metrics(out_dir) if m["metric"] == "loss"]
+    assert len(losses) > 4 and all(math.isfinite(v) for v in losses)
+    return losses
+
+
+@pytest.mark.parametrize("args", [["--rule", "hebb", "--interp", "linear"], ["--rule", "oja", "--drive", "x"],
                                   ["--model", "ncde", "--solver", "dopri5"], ["--solver", "euler", "--step_size", "2"]])
-def test_od_smoke_and_determinism(tmp_path, args):
+def test_od_smoke(tmp_path, args):
+    od_smoke_run(script_copy(tmp_path, "ode_fwp.py"), tmp_path / "o", *args)
+
+
+def test_od_smoke_default_and_determinism(tmp_path):
+    """The default run twice, in two processes: same seed, same losses."""
     script = script_copy(tmp_path, "ode_fwp.py")
-    n_runs = 1 if args else 2  # the default twice: same seed, same losses
-    runs = [run(script, "--preset", "tiny", "--out_dir", str(tmp_path / f"o{i}"), *args) for i in range(n_runs)]
-    assert "final: test acc" in runs[0].stdout
-    losses = [[m["value"] for m in read_metrics(tmp_path / f"o{i}") if m["metric"] == "loss"] for i in range(n_runs)]
-    assert len(losses[0]) > 4 and all(math.isfinite(v) for v in losses[0])
-    assert_same_run(losses[0], losses[-1])
+    assert_same_run(od_smoke_run(script, tmp_path / "a"), od_smoke_run(script, tmp_path / "b"))
 
 
 def test_od_resume_is_exact_and_evaluate_compares_solvers(tmp_path):
@@ -2509,6 +2519,75 @@ def test_od_cli_errors(tmp_path, args, message):
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
 
 
+OD_LAYER_USE = """
+import torch
+from ode_fwp import CTFWP, NCDE
+
+g = torch.Generator().manual_seed(0)
+t = torch.cumsum(0.2 + torch.rand(4, 12, generator=g), 1)  # (B, N) times; a shorter series' padding keeps increasing
+x = torch.cat([t[..., None] / t.max(), torch.randn(4, 12, 2, generator=g)], -1)  # (B, N, C): time and 2 values
+x[1, 3, 1] = float("nan")  # missing
+lengths = torch.tensor([12, 12, 9, 5])
+torch.manual_seed(0)
+model = CTFWP(n_channels=3, n_classes=2, d_model=16, n_head=2, rule="delta", solver="rk4", step_size=0.5)
+assert "d_model=16, n_head=2 (d_head 8)" in repr(model), repr(model)
+logits, nfe = model(t, x, lengths)  # 0.5 over the longest span: the batch's step count
+span = max(float(t[b, lengths[b] - 1] - t[b, 0]) for b in range(4))
+assert logits.shape == (4, 2) and nfe == 2 * -(-span // 0.5) + 1, (logits.shape, nfe, span)
+logits.square().sum().backward()
+assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+# the solver's settings at construction, or for one call: the same logits
+fixed = CTFWP(3, 2, d_model=16, n_head=2, solver="euler", impl="generic")
+fixed.load_state_dict(model.state_dict())
+with torch.no_grad():
+    a, nfe_a = fixed(t, x, lengths, 20)
+    b, nfe_b = model(t, x, lengths, 20, solver="euler", impl="generic")
+    c, nfe_c = model(t, x, lengths, solver="dopri5", rtol=1e-4, atol=1e-6)
+    d, _ = model.double()(t.double(), x.double(), lengths, solver="dopri5", rtol=1e-4, atol=1e-6)
+assert torch.equal(a, b) and nfe_a == nfe_b == 20 and nfe_c > 6 and (a - c).abs().max() < 0.05, (a, c)
+assert d.dtype == torch.float64 and (c - d).abs().max() < 1e-3, (c, d)
+ncde = NCDE(n_channels=3, n_classes=2, d_model=8, d_ff=16, interp="linear", solver="euler", step_size=0.5)
+z, _ = ncde(t, x, lengths)
+z.sum().backward()
+bad = [(dict(d_model=30, n_head=4), "d_model 30 is not divisible by n_head 4"), (dict(rule="hopfield"), "rule must be"),
+       (dict(solver="midpoint"), "solver must be"), (dict(impl="fast"), "impl must be"),
+       (dict(interp="spline"), "interp must be"), (dict(d_ff=0), "d_ff must be positive"),
+       (dict(n_head=-2), "n_head must be positive"), (dict(n_classes=0), "n_classes must be positive"),
+       (dict(solver="dopri5", impl="kernel"), "impl kernel needs a fixed-step solver"),
+       (dict(rule="hebb", post_tanh=True), "post_tanh changes the delta rule"),
+       (dict(step_size=-1.0), "step_size must be non-negative"), (dict(rtol=0.0), "rtol must be positive")]
+for kw, message in bad:
+    try:
+        CTFWP(**dict(dict(n_channels=3, n_classes=2), **kw))
+    except ValueError as e:
+        assert message in str(e), (kw, str(e))
+    else:
+        raise AssertionError(kw)
+for call, message in [(lambda: model(t, x, lengths, solver="dopri5", impl="precomputed"), "impl precomputed needs"),
+                      (lambda: model(t, x, lengths, 0), "n_steps must be positive"),
+                      (lambda: NCDE(3, 2, d_model=0), "d_model must be positive")]:
+    try:
+        call()
+    except ValueError as e:
+        assert message in str(e), str(e)
+    else:
+        raise AssertionError(message)
+print("ok")
+"""
+
+
+def test_od_model_keyword_construction(tmp_path):
+    """A user's copy (ode_fwp.py, data.py, cpu_kernels.cpp, nothing else): the models built from keywords alone, forward
+    and backward on a small batch of series, the solver's settings given at construction or for one call, extra_repr,
+    .double(); bad values raise ValueError naming the argument and the fix."""
+    for f in ("ode_fwp.py", "data.py", "cpu_kernels.cpp"):
+        shutil.copy(os.path.join(HERE, f), tmp_path)
+    (tmp_path / "use_layer.py").write_text(OD_LAYER_USE)
+    p = run(str(tmp_path / "use_layer.py"))
+    assert p.stdout.strip() == "ok", p.stdout
+    assert ode_fwp.kernels("cpu") is None or "warning" not in p.stderr, p.stderr  # the kernel ran where it builds
+
+
 def test_od_negative_flag_values_are_errors():
     assert_negative_values_fail(ode_fwp)
 
@@ -2596,23 +2675,29 @@ def test_pg_buffer_recency_weighting_and_size():
 
 
 def test_pg_distinct_commands_give_the_full_batch_gradient():
-    """update() generates each distinct command once; the loss and gradients equal those of the whole batch."""
-    run = pg_run()
+    """GoGePo.update's generator step generates each distinct command once (generator_loss); the step it takes (plain
+    SGD here) must be the one of the whole batch, every drawn return counted as often as it was drawn: the loss and
+    the new parameters against that batch's loss and gradient computed here directly (float64)."""
+    run = pg_run(evaluator_steps=0, generator_steps=1, batch_size=12)
     run.generator.double()
     run.evaluator.double()
-    rets = torch.tensor([5.0, -3.0, 5.0, 5.0, 12.0, -3.0], dtype=torch.float64)
-    grads = []
-    for dedup in (False, True):
-        run.generator.zero_grad()
-        if dedup:
-            u, inv = torch.unique(rets, return_inverse=True)
-            pred = run.evaluator(run.generator(run.command(u).double()))[inv]
-        else:
-            pred = run.evaluator(run.generator(run.command(rets).double()))
-        F.mse_loss(pred, rets).backward()
-        grads.append([p.grad.clone() for p in run.generator.parameters()])
-    for g0, g1 in zip(*grads):
-        torch.testing.assert_close(g0, g1)
+    g = torch.Generator().manual_seed(0)
+    for ret in (5.0, -3.0, 12.0, 40.0):
+        run.buffer.add(0.3 * torch.randn(run.n_params, generator=g, dtype=torch.float64), ret)
+    state = run.gen.get_state()
+    _, rets = run.buffer.sample(12, run.gen)  # the draw update() will make
+    run.gen.set_state(state)
+    counts = torch.unique(rets, return_counts=True)[1].tolist()
+    assert len(counts) < len(rets) and len(set(counts)) > 1, counts  # repeats, not all equally often
+    params = list(run.generator.parameters())
+    loss = F.mse_loss(run.evaluator(run.generator(rets / run.r_range)), rets)  # every drawn command generated
+    grads = torch.autograd.grad(loss, params)
+    expected = [p.detach() - 0.1 * dp for p, dp in zip(params, grads)]
+    run.opt_g = torch.optim.SGD(params, lr=0.1)
+    loss_v, loss_g = run.update()
+    assert math.isnan(loss_v) and math.isclose(loss_g, loss.item(), rel_tol=1e-12)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-10, atol=1e-13)
 
 
 def test_pg_running_norm_matches_numpy():
@@ -2657,6 +2742,53 @@ def test_pg_cli_errors(tmp_path, args, message):
     p = run(script_copy(tmp_path, "policy_generator.py"), "--preset", "tiny", "--out_dir", str(tmp_path / "o"),
             *args, check=False)
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+
+
+PG_LAYER_USE = """
+import torch
+from policy_generator import Evaluator, Generator, policy_forward
+
+torch.manual_seed(0)
+G = Generator(obs_dim=3, act_dim=2, hidden=32, tile=16, embed_dim=4, gen_hidden=16)
+V = Evaluator(obs_dim=3, act_dim=2, hidden=32, act_limit=[1.0, 2.0], n_probes=8, eval_hidden=16)
+assert G.n_params == (32 * 3 + 32) + (32 * 32 + 32) + (2 * 32 + 2) == sum(o * i + o for o, i in G.shapes)
+assert "3 -> 32 -> 32 -> 2 (1250 parameters), tile=16" in repr(G) and "n_probes=8" in repr(V), (repr(G), repr(V))
+theta = G(torch.tensor([0.2, -0.5, 0.9]))  # normalised commands (B,) -> (B, n_params)
+obs = torch.randn(3, 5, 3)
+actions = policy_forward(theta, obs, G.shapes, V.act_limit)  # (B, N, obs_dim) -> (B, N, act_dim)
+assert theta.shape == (3, 1250) and actions.shape == (3, 5, 2)
+assert torch.equal(actions, policy_forward(theta, obs, G.shapes, 1.0) * torch.tensor([1.0, 2.0]))
+V(theta).square().sum().backward()
+assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in [*G.parameters(), *V.parameters()])
+assert V.double()(G.double()(torch.tensor([0.3], dtype=torch.float64))).dtype == torch.float64
+bad = [(Generator, dict(hidden=60, tile=16), "hidden 60 is not divisible by tile 16"),
+       (Generator, dict(hidden=0), "hidden must be positive"), (Generator, dict(tile=-16), "tile must be positive"),
+       (Generator, dict(embed_dim=0), "embed_dim must be positive"),
+       (Generator, dict(gen_hidden=0), "gen_hidden must be positive"),
+       (Generator, dict(obs_dim=0), "obs_dim must be positive"),
+       (Evaluator, dict(n_probes=0), "n_probes must be positive"),
+       (Evaluator, dict(eval_hidden=-1), "eval_hidden must be positive"),
+       (Evaluator, dict(act_dim=0), "act_dim must be positive"),
+       (Evaluator, dict(act_limit=[1.0, 1.0, 1.0]), "act_limit must be positive, one number or one per action"),
+       (Evaluator, dict(act_limit=-1.0), "act_limit must be positive")]
+for cls, kw, message in bad:
+    try:
+        cls(**dict(dict(obs_dim=3, act_dim=2), **kw))
+    except ValueError as e:
+        assert message in str(e), (kw, str(e))
+    else:
+        raise AssertionError(kw)
+print("ok")
+"""
+
+
+def test_pg_model_keyword_construction(tmp_path):
+    """A user's copy (policy_generator.py alone): the generator and the evaluator built from keywords alone, forward
+    and backward, the sizes in extra_repr, .double(); bad sizes (a tile that does not divide the width) raise
+    ValueError naming the argument and the fix."""
+    shutil.copy(os.path.join(HERE, "policy_generator.py"), tmp_path)
+    (tmp_path / "use_layer.py").write_text(PG_LAYER_USE)
+    assert run(str(tmp_path / "use_layer.py")).stdout.strip() == "ok"
 
 
 def test_pg_negative_flag_values_are_errors():
