@@ -2910,13 +2910,29 @@ def assert_kernel_equals_loop(loop, kernel, x, device, tol):
 
 
 RF_KERNEL_SHAPES = {  # (T, d, dtype) per device: T in {1, 37, 300}, every width class of both files, fp64 and fp32
-    "cpu": [(1, 3, torch.float64), (37, 16, torch.float64), (37, 40, torch.float64), (300, 64, torch.float64),
-            (37, 128, torch.float64), (1, 128, torch.float64), (300, 16, torch.float32), (300, 128, torch.float32)],
+    "cpu": [(1, 3, torch.float64), (37, 16, torch.float64), (37, 32, torch.float64), (37, 40, torch.float64),
+            (300, 64, torch.float64), (37, 128, torch.float64), (1, 128, torch.float64), (300, 16, torch.float32),
+            (300, 128, torch.float32)],
     "cuda": [(1, 16, torch.float64), (37, 16, torch.float64), (37, 40, torch.float64), (300, 64, torch.float64),
              (37, 128, torch.float32), (300, 16, torch.float32), (300, 64, torch.float32), (37, 16, torch.bfloat16),
              (300, 64, torch.bfloat16)]}
 RF_KERNEL_CASES = [pytest.param(dev.values[0], T, d, dt, marks=dev.marks, id=f"{dev.values[0]}-{T}-{d}-{str(dt)[6:]}")
                    for dev in (ON_CPU, ON_CUDA) for T, d, dt in RF_KERNEL_SHAPES[dev.values[0]]]
+
+
+def test_rf_cpu_kernel_shapes_cover_every_compiled_width():
+    """cpu_kernels.cpp compiles the loops over a row for a few widths (dispatch_width) and a generic one: each case
+    sends its width to the code of that width, and the kernel tests above and below (every recurrence, the delta and
+    sum rules, against the float64 loops) run each compiled width and a generic one in float64."""
+    with open(os.path.join(HERE, "cpu_kernels.cpp")) as f:
+        src = f.read()
+    body = src[src.index("void dispatch_width("):]
+    body = body[: body.index("\n}\n")]
+    cases = re.findall(r"case (\d+): return f\(std::integral_constant<int, (\d+)>\(\)\);", body)
+    assert cases and "default: return f(std::integral_constant<int, 0>());" in body, body
+    assert all(a == b for a, b in cases), cases
+    widths = {d for _, d, dtype in RF_KERNEL_SHAPES["cpu"] if dtype == torch.float64}
+    assert {int(a) for a, _ in cases} <= widths and widths - {int(a) for a, _ in cases}, (cases, widths)
 
 
 @pytest.mark.parametrize("model", list(RF_RECURRENCES))
