@@ -1178,6 +1178,32 @@ def test_rf_model_keyword_construction_and_checks():
         rfwp.LSTMModel(12, 7, n_head=4)
 
 
+def rf_readme_example():
+    """The README's example of the layers as modules (its python block that imports from rfwp)."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        return re.search(r"```python\n(from rfwp import .*?)```", f.read(), re.S).group(1)
+
+
+def test_rf_layers_from_a_folder_with_only_the_files_they_need(tmp_path):
+    """The README's example, run in a folder holding only rfwp.py, data.py and the kernel files."""
+    for f in ("rfwp.py", "data.py", "cpu_kernels.cpp", "cuda_kernels.cu"):
+        shutil.copy(os.path.join(HERE, f), tmp_path)
+    code = rf_readme_example() + """
+assert rfwp.__file__.startswith(os.getcwd())
+for bad in (dict(n_head=5), dict(impl="chunkk")):
+    try:
+        RDNLayer(d_model=64, **bad)
+    except ValueError as e:
+        print("ValueError:", e)
+"""
+    p = subprocess.run([sys.executable, "-c", "import os, rfwp\n" + code], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, PYTHONPATH=""))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "ValueError: d_model 64 is not divisible by n_head 5" in p.stdout, p.stdout
+    assert "ValueError: impl must be one of auto, loop, chunk, kernel, got 'chunkk'" in p.stdout, p.stdout
+    assert "warning" not in p.stderr, p.stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # rfwp_rl.py: the IMPALA agent with rfwp.py's cores
 
