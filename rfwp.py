@@ -2,9 +2,9 @@
 
 Irie, Schlag, Csordas, Schmidhuber, "Going Beyond Linear Transformers with Recurrent Fast Weight Programmers",
 NeurIPS 2021, arXiv 2106.06295 (section 2: eq. 4-7 DeltaNet, 8-11 Delta MLP, 12-16 Delta Delta Net, 17-20 Delta
-RNN, 21-27 Delta LSTM, 28-32 Recurrent Delta Net). Derived from delta_net.py: same Args style, training loop,
-checkpoints and --bench; one state-carrying interface for every model; two algorithmic tasks; and the paper's RL
-setting (section 4.4), an IMPALA agent (Espeholt et al. 2018, arXiv 1802.01561) whose core is any of these models.
+RNN, 21-27 Delta LSTM, 28-32 Recurrent Delta Net). One state-carrying interface for every model; code execution,
+sequential ListOps and language modelling. The paper's RL experiment (section 4.4) is rfwp_rl.py, which imports its
+cores from this file.
 
 "Delta rule" below always means, per head, with v̄ = W k the value W currently stores under the key k:
     W <- W + beta (v - v̄) k^T                                       (delta_step)
@@ -19,17 +19,21 @@ setting (section 4.4), an IMPALA agent (Espeholt et al. 2018, arXiv 1802.01561) 
     rdn          s = tanh(y_{t-1}); q = softmax(W_q x + R_q s), k = softmax(W_k x + R_k s), v = W_v x + R_v s,
                  beta = sigmoid(w_b x + r_b . s); delta rule; y_t = W_t q_t
     lstm, transformer: the baselines (nn.LSTM; causal softmax attention)
-Block: x + Out(FWP(LN(x))), then x + FF(LN(x)) (--post_ln: LN(x + Out(FWP(x))), then LN(x + FF(x)), the official
+Block: x + Out(FWP(LN(x))), then x + FF(LN(x)) (post_ln: LN(x + Out(FWP(x))), then LN(x + FF(x)), the official
 Transformer baseline's form); a final LN and the output head. The fast weights and recurrent
 states start at zero; the output is read after the step's write. Layers whose keys depend only on the current
 input (linear, delta, delta_mlp, delta_delta, and the W parts of delta_rnn and delta_lstm) train in the
-chunkwise-parallel form; the recurrent parts step through time. With --impl kernel every part runs as one fused
-kernel per pass instead, forward and backward: cpu_kernels.cpp on the CPU (the default there, --impl auto),
+chunkwise-parallel form; the recurrent parts step through time. With impl "kernel" every part runs as one fused
+kernel per pass instead, forward and backward: cpu_kernels.cpp on the CPU (the default there, impl "auto"),
 cuda_kernels.cu on a CUDA device. Both are JIT-built on first use (a C++ compiler and ninja; nvcc for CUDA); without
 them the PyTorch forms run, after one warning.
 
 Glossary: b batch, h head, t time step, T sequence length, C chunk length, d = d_head = d_model / n_head,
 W, R (d, d) fast weights of one head (fp32), beta in (0, 1) a write strength, s the recurrent input of a step.
+
+As modules (a copy needs this file, data.py, cpu_kernels.cpp and cuda_kernels.cu): RDNLayer(d_model=64, n_head=4),
+DeltaLSTMLayer(d_model=64, n_head=4, chunk_size=64), ...: (x, state=None) -> (y, state), x and y (B, T, d_model),
+the state's shapes in each layer's docstring; FWPModel(n_in, n_out, model="rdn", ...) stacks them.
 
 Commands:
     python rfwp.py                                        # rdn on code execution, about 2 CPU minutes
@@ -38,30 +42,21 @@ Commands:
     python rfwp.py --preset paper --model delta_rnn       # GPU: the paper's code execution setting
     python rfwp.py --task lm --dataset wikitext-2 --model delta_lstm --carry_state
     python rfwp.py --bench                                # training speed and memory of every model
-    python rfwp.py --task rl --model delta                # CartPole without velocities: needs memory, ~2.5 CPU minutes
-    python rfwp.py --task rl --env ALE/Breakout-v5 --model rdn --env_steps 50_000_000   # Atari (GPU advised)
-    python rfwp.py --task rl --model delta --eval 100     # the greedy policy of out/rfwp/ckpt.pt, 100 episodes
-
-RL (--task rl): per environment step, obs -> encoder (IMPALA CNN or MLP) -> [features, clipped last reward] ->
-core (one step, state carried across unrolls, zeroed where an episode ended; by default the official RL code's core
-forms, --official_rl_core) -> policy logits, baseline V. Loss per
-unroll of T steps: V-trace targets v_s and advantages, -sum log pi(a_s) A_s + 0.5 baseline_cost sum (v_s - V(x_s))^2
-- entropy_cost sum H(pi(.|x_s)). Gradients flow through the fast weights within an unroll (--truncate 1 detaches).
+    python rfwp_rl.py                                     # the RL experiment: CartPole without velocities
 """
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
 import platform
 import random
-import re
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -72,10 +67,144 @@ from tqdm import tqdm
 import data
 
 MODELS = ("lstm", "transformer", "linear", "delta", "delta_mlp", "delta_delta", "delta_rnn", "delta_lstm", "rdn")
+IMPLS = ("auto", "loop", "chunk", "kernel")
 
 
 # ----------------------------------------------------------------------------------------------
-# Fast-weight updates. Shapes: q, k (B, H, T, d_k); v (B, H, T, d_v); beta (B, H, T); W (B, H, d_v, d_k).
+# Configuration: every flag with its default and docstring (--help prints them), the presets, and the checks
+# of a command line's values (the modules' own checks, check_config below, and what only the command line knows).
+
+
+@dataclass
+class Args:
+    # task
+    task: str = "code"
+    """code (code execution), listops (sequential ListOps) or lm (through data.py); the RL experiment is rfwp_rl.py"""
+    code_length: int = 5
+    """code: statements per program (the paper: 100; 5 is learned in a few CPU minutes)"""
+    n_vars: int = 3
+    """code: variables (3 or 5)"""
+    official_if: bool = False
+    """code: a conditional `v = n` runs only while v is unassigned, as in the official generator (false: whenever
+    its condition holds)"""
+    depth: int = 4
+    """listops: exact nesting depth of the operator tree (the paper: 10 and 15)"""
+    ops: str = "MIN,MAX,FIRST"
+    """listops: operators, from MIN, MAX, FIRST, LAST, MED, SM (sum mod 10)"""
+    n_train: int = 100_000
+    """code, listops: training examples (generated in memory, fixed seed; the paper: 10k, --preset paper)"""
+    n_eval: int = 1000
+    """code, listops: validation and test examples each"""
+    dataset: str = "wikitext-2"
+    """lm: wikitext-103 | wikitext-2 | enwik8 | a text file | a folder with train/valid/test files"""
+    tokenizer: str = "word"
+    """lm: word (perplexity) or char (bits per character)"""
+    data_dir: str = data.DATA_DIR
+    """where downloads are cached"""
+    seq_len: int = 256
+    """lm: tokens per training segment"""
+    carry_state: bool = False
+    """lm: carry fast weights and recurrent states across consecutive segments, detached"""
+    # model
+    model: str = "rdn"
+    """lstm | transformer | linear | delta | delta_mlp | delta_delta | delta_rnn | delta_lstm | rdn"""
+    d_model: int = 64
+    """residual stream width (lstm: hidden size)"""
+    n_layer: int = 2
+    """number of blocks (lstm: layers)"""
+    n_head: int = 4
+    """heads per layer; d_head = d_model / n_head"""
+    d_ff: int = 256
+    """feed-forward hidden width"""
+    dropout: float = 0.0
+    """dropout after the fast-weight output and in the feed-forward block"""
+    fast_net_depth: int = 1
+    """delta_mlp: layers of the fast network (the official default: 1)"""
+    post_ln: bool = False
+    """blocks x = LN(x + FWP(x)), x = LN(x + FF(x)) (nn.TransformerEncoderLayer's form: the official algorithmic
+    Transformer baseline's) instead of x + FWP(LN(x)), x + FF(LN(x)) (the official FWP layers')"""
+    impl: str = "auto"
+    """auto | loop | chunk | kernel (or its old name cuda). loop: every part steps through time in Python (the spec);
+    chunk: the input-driven delta/sum-rule parts in the chunkwise form, the recurrent parts loop; kernel: every part
+    as a fused kernel (cpu_kernels.cpp on the CPU, float32/64; cuda_kernels.cu on CUDA, d_head <= 128, not yet run on a
+    GPU); auto: on the CPU kernel, elsewhere chunk (loop for single steps)"""
+    chunk_size: int = 64
+    """chunk length C of the chunkwise form"""
+    # training
+    batch_size: int = 32
+    """sequences (or lm streams) per step"""
+    steps: int = 4000
+    """optimizer steps"""
+    lr: float = 3e-3
+    """peak learning rate (Adam)"""
+    warmup: int = 100
+    """linear warm-up steps"""
+    cosine: bool = True
+    """after warm-up, cosine decay to lr / 10 (false: constant, as in the paper)"""
+    grad_clip: float = 1.0
+    """gradient norm clip (0 disables; the paper does not clip)"""
+    eval_every: int = 250
+    """evaluate on valid, keep the best checkpoint, every this many steps"""
+    seed: int = 0
+    """seed of python, numpy, torch and the task generators"""
+    device: str = "auto"
+    """auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"""
+    out_dir: str = "out/rfwp"
+    """metrics.jsonl, ckpt.pt (latest) and best.pt (best on valid) go here"""
+    resume: bool = False
+    """continue from out_dir/ckpt.pt"""
+    stop_at: int = 0
+    """exit after this optimizer step, checkpoint saved (a time-boxed job); --resume continues. 0: run to the end"""
+    bench: bool = False
+    """measure training speed and memory of every model at one size, and exit"""
+    bench_T: int = 256
+    """--bench: sequence length (batch 32)"""
+
+
+PRESETS = {
+    "tiny": dict(d_model=32, n_layer=1, n_head=2, d_ff=64, code_length=4, depth=2, n_train=64, n_eval=16,
+                 batch_size=8, steps=20, eval_every=10, seq_len=32, warmup=5, chunk_size=8),
+    # the paper's algorithmic setting (Irie et al. 2021, appendix; official code): no positional encoding,
+    # Adam (0.9, 0.995, eps 1e-9) at a constant 3e-4, no clipping, best validation checkpoint evaluated on test
+    "paper": dict(code_length=100, n_train=10_000, d_model=256, n_layer=4, n_head=16, d_ff=1024, dropout=0.1, lr=3e-4,
+                  batch_size=64, warmup=0, cosine=False, grad_clip=0.0, steps=31_250, eval_every=500, depth=10),
+}
+
+
+def check_args(args):
+    if args.task == "rl":
+        fail("--task rl: the RL experiment (an IMPALA agent with these cores) is rfwp_rl.py beside this file; run "
+             "python rfwp_rl.py --help")
+    for key, allowed in dict(task=("code", "listops", "lm"), tokenizer=("word", "char")).items():
+        if getattr(args, key) not in allowed:
+            fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(args, key)!r}")
+    args.impl = "kernel" if args.impl == "cuda" else args.impl  # the old name of --impl kernel
+    sizes = ("d_model", "n_head", "n_layer", "d_ff", "fast_net_depth", "chunk_size", "code_length", "depth", "n_train",
+             "n_eval", "seq_len", "batch_size", "steps", "eval_every", "bench_T")
+    try:  # the modules' checks: the same messages
+        check_config(model=args.model, impl=args.impl, dropout=args.dropout, **{k: getattr(args, k) for k in sizes})
+    except ValueError as e:
+        fail(f"--{e}")
+    if args.depth >= LISTOPS_LEVELS:
+        fail(f"--depth must be below {LISTOPS_LEVELS} (every node at level {LISTOPS_LEVELS} is a value), "
+             f"got {args.depth}")
+    if args.n_vars not in (3, 5):
+        fail(f"--n_vars must be 3 or 5 (the paper's settings), got {args.n_vars}")
+    bad_ops = set(args.ops.split(",")) - set(LISTOPS)
+    if bad_ops:
+        fail(f"--ops: unknown operator(s) {', '.join(sorted(bad_ops))}; choose from {', '.join(LISTOPS)}")
+    if args.lr <= 0 or min(args.warmup, args.grad_clip, args.stop_at, args.seed) < 0:
+        fail("--lr must be positive; --warmup, --grad_clip, --stop_at and --seed non-negative.")
+    if args.carry_state and args.model == "transformer":
+        fail("--carry_state needs a fast-weight or recurrent model: the transformer's state (a KV cache) grows "
+             "with the stream.")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference recurrences (the spec, --impl loop). Shapes: q, k (B, H, T, d_k); v (B, H, T, d_v); beta (B, H, T);
+# W (B, H, d_v, d_k); the recurrent parts' inputs (B, H, T, d) and beta (B, H, T) come from the layer's input x;
+# states are fp32 (fp64 for fp64 inputs).
 
 
 def state_dtype(x):
@@ -100,6 +229,394 @@ def fast_weight_loop(q, k, v, beta, W=None):
             W = delta_step(W, k[:, :, t], v[:, :, t], beta[:, :, t])
         ys.append((W @ q[:, :, t].unsqueeze(-1)).squeeze(-1))
     return torch.stack(ys, 2), W
+
+
+def delta_rnn_loop(z, k, v, beta, R, y):
+    """Delta RNN (eq. 19-20): for each t, R_t = R_{t-1} + beta_t (v_t - R_{t-1} k_t) k_t^T and
+    y_t = z_t + R_t softmax(y_{t-1}). R (B, H, d, d), y (B, H, d) -> ys (B, H, T, d), R_T, y_T."""
+    ys = []
+    for t in range(z.shape[2]):
+        R = delta_step(R, k[:, :, t], v[:, :, t], beta[:, :, t])
+        y = z[:, :, t] + (R @ F.softmax(y, -1).unsqueeze(-1)).squeeze(-1)
+        ys.append(y)
+    return torch.stack(ys, 2), R, y
+
+
+def delta_lstm_loop(z, k, v, beta, R, c, h):
+    """Delta LSTM (eq. 21-27): the gates i, u, o are heads [0, H), [H, 2H), [2H, 3H) of z, k, v (B, 3H, T, d), beta
+    (B, 3H, T) and R (B, 3H, d, d). For each t, with s = softmax(h_{t-1}): R^g by the delta rule, a^g = z^g_t + R^g_t s;
+    c_t = sigmoid(a^i) a^u + (1 - sigmoid(a^i)) c_{t-1}, h_t = sigmoid(a^o) c_t. c, h (B, H, d) -> hs (B, H, T, d),
+    R_T, c_T, h_T."""
+    hs = []
+    for t in range(z.shape[2]):
+        s = F.softmax(h, -1).repeat(1, 3, 1).unsqueeze(-1)  # (B, 3H, d, 1)
+        R = delta_step(R, k[:, :, t], v[:, :, t], beta[:, :, t])
+        a_i, a_u, a_o = (z[:, :, t] + (R @ s).squeeze(-1)).chunk(3, 1)
+        i = torch.sigmoid(a_i)
+        c = i * a_u + (1 - i) * c
+        h = torch.sigmoid(a_o) * c
+        hs.append(h)
+    return torch.stack(hs, 2), R, c, h
+
+
+def rdn_loop(q, k, v, b, R, r_b, W, y):
+    """Recurrent Delta Net (eq. 28-32): for each t, with s = tanh(y_{t-1}): q' = softmax(q_t + R_q s), k' = softmax(k_t
+    + R_k s), v' = v_t + R_v s, beta = sigmoid(b_t + r_b . s); W_t by the delta rule from k', v', beta; y_t = W_t q'. b
+    (B, H, T); R (3, H, d, d) = R_q, R_k, R_v; r_b (H, d); W (B, H, d, d), y (B, H, d) -> ys (B, H, T, d), W_T, y_T."""
+    ys = []
+    for t in range(q.shape[2]):
+        s = torch.tanh(y)  # (B, H, d)
+        rq, rk, rv = torch.einsum("rhij,bhj->rbhi", R, s)
+        beta = torch.sigmoid(b[:, :, t] + (r_b * s).sum(-1))
+        W = delta_step(W, F.softmax(k[:, :, t] + rk, -1), v[:, :, t] + rv, beta)
+        y = (W @ F.softmax(q[:, :, t] + rq, -1).unsqueeze(-1)).squeeze(-1)
+        ys.append(y)
+    return torch.stack(ys, 2), W, y
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers: (B, T, d_model) and a state (a tuple of tensors, batch first; None = all zeros) -> output, new state. Each
+# is built from keywords that name what it reads and checks them (check_config); fast_weight, delta_rnn, delta_lstm
+# and rdn (below, with the fast forms) pick the form of each part by impl.
+
+
+def check_config(**config):
+    """The modules' checks, which the command line reuses (check_args): a ValueError naming the argument and the fix.
+    model and impl: one of MODELS, IMPLS; dropout in [0, 1); post_ln, official_rl_core: True or False; every other
+    value a positive integer; n_head divides d_model."""
+    for name, value in config.items():
+        if name in ("model", "impl"):
+            choices = MODELS if name == "model" else IMPLS
+            ok, must = value in choices, f"one of {', '.join(choices)}"
+        elif name == "dropout":
+            ok, must = 0 <= value < 1, "in [0, 1)"
+        elif name in ("post_ln", "official_rl_core"):
+            ok, must = isinstance(value, bool), "True or False"
+        else:
+            ok, must = isinstance(value, int) and not isinstance(value, bool) and value > 0, "a positive integer"
+        if not ok:
+            raise ValueError(f"{name} must be {must}, got {value!r}")
+    if "n_head" in config and config["d_model"] % config["n_head"]:
+        raise ValueError(f"d_model {config['d_model']} is not divisible by n_head {config['n_head']}; pick an n_head "
+                         "that divides d_model (d_head = d_model / n_head)")
+
+
+def elu1_sumnorm(x, eps=0.0):
+    x = F.elu(x) + 1
+    return x / (x.sum(-1, keepdim=True) + eps)
+
+
+def heads(x, H):
+    """(B, T, H * D) -> (B, H, T, D)"""
+    B, T, _ = x.shape
+    return x.view(B, T, H, -1).transpose(1, 2)
+
+
+def merge(y):
+    """(B, H, T, D) -> (B, T, H * D)"""
+    B, H, T, D = y.shape
+    return y.transpose(1, 2).reshape(B, T, H * D)
+
+
+def d_head(d_model, n_head):
+    check_config(d_model=d_model, n_head=n_head)
+    return d_model // n_head
+
+
+class SlowNet(nn.Module):
+    """Common parts: the slow projection to `sizes` per head (no bias), the output projection, and what the layer reads
+    among impl, chunk_size, fast_net_depth and official_rl_core (checked, kept as attributes)."""
+
+    def __init__(self, d_model, n_head, sizes, **config):
+        super().__init__()
+        check_config(d_model=d_model, n_head=n_head, **config)
+        self.d_model, self.n_head, self.H, self.d, self.sizes = d_model, n_head, n_head, d_model // n_head, sizes
+        for name, value in config.items():
+            setattr(self, name, value)
+        self.slow = nn.Linear(d_model, n_head * sum(sizes), bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def extra_repr(self):
+        names = ("d_model", "n_head", "impl", "chunk_size", "fast_net_depth", "official_rl_core")
+        return ", ".join(f"{n}={getattr(self, n)!r}" for n in names if hasattr(self, n))
+
+    def project(self, x):
+        """x (B, T, d_model) -> one (B, H, T, size) tensor per entry of sizes; size-1 entries squeezed to (B, H, T)"""
+        parts = heads(self.slow(x), self.H).split(self.sizes, -1)
+        return [p.squeeze(-1) if s == 1 else p for p, s in zip(parts, self.sizes)]
+
+    def zeros(self, x, *shape, heads=None):
+        return x.new_zeros(x.shape[0], heads or self.H, *shape, dtype=state_dtype(x))
+
+
+class LinearLayer(SlowNet):
+    """The linear Transformer of the paper's algorithmic tasks: elu + 1, no normalisation, the sum rule
+    (official_rl_core: the official RL layer's (elu + 1) / (sum + 1e-5)). State (W,), W (B, H, d, d)."""
+
+    def __init__(self, d_model=64, n_head=4, impl="auto", chunk_size=64, official_rl_core=False):
+        d = d_head(d_model, n_head)
+        super().__init__(d_model, n_head, [d] * 3, impl=impl, chunk_size=chunk_size, official_rl_core=official_rl_core)
+
+    def forward(self, x, state=None):
+        q, k, v = self.project(x)
+        if self.official_rl_core:
+            q, k = elu1_sumnorm(q, 1e-5), elu1_sumnorm(k, 1e-5)
+        else:
+            q, k = F.elu(q) + 1, F.elu(k) + 1
+        y, W = fast_weight(q, k, v, None, None if state is None else state[0], self.impl, self.chunk_size)
+        return self.out(merge(y)), (W,)
+
+
+class DeltaLayer(SlowNet):
+    """DeltaNet (eq. 4-7): q, k = sumnorm(elu + 1), beta = sigmoid, the delta rule (official_rl_core: the sum
+    plus 1e-5 in the normalisation, as the official RL layer). State (W,), W (B, H, d, d)."""
+
+    def __init__(self, d_model=64, n_head=4, impl="auto", chunk_size=64, official_rl_core=False):
+        d = d_head(d_model, n_head)
+        super().__init__(d_model, n_head, [d, d, d, 1], impl=impl, chunk_size=chunk_size,
+                         official_rl_core=official_rl_core)
+
+    def forward(self, x, state=None):
+        q, k, v, b = self.project(x)
+        eps = 1e-5 if self.official_rl_core else 0.0
+        y, W = fast_weight(elu1_sumnorm(q, eps), elu1_sumnorm(k, eps), v, torch.sigmoid(b),
+                           None if state is None else state[0], self.impl, self.chunk_size)
+        return self.out(merge(y)), (W,)
+
+
+class DeltaMLPLayer(SlowNet):
+    """Delta MLP (eq. 8-11): the slow net emits a query and, for each of L = fast_net_depth fast layers, a key, a value
+    and beta; h_0 = q, h_l = h_{l-1} + W^l sumnorm(elu(LN_l(h_{l-1})) + 1). Every fast layer is d x d here; the official
+    LM code uses pairs of layers with a 4d hidden width. State (W^1, ..., W^L), each (B, H, d, d)."""
+
+    def __init__(self, d_model=64, n_head=4, impl="auto", chunk_size=64, fast_net_depth=1):
+        d = d_head(d_model, n_head)
+        check_config(fast_net_depth=fast_net_depth)
+        super().__init__(d_model, n_head, [d] + [d, d, 1] * fast_net_depth, impl=impl, chunk_size=chunk_size,
+                         fast_net_depth=fast_net_depth)
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(fast_net_depth))
+
+    def forward(self, x, state=None):
+        h, *kvb = self.project(x)
+        state = state or (None,) * len(self.norms)
+        new_state = []
+        for l, (norm, W) in enumerate(zip(self.norms, state)):
+            k, v, b = kvb[3 * l : 3 * l + 3]
+            y, W = fast_weight(elu1_sumnorm(norm(h)), elu1_sumnorm(k), v, torch.sigmoid(b), W, self.impl,
+                               self.chunk_size)
+            h = h + y
+            new_state.append(W)
+        return self.out(merge(h)), tuple(new_state)
+
+
+class DeltaDeltaLayer(SlowNet):
+    """Delta Delta Net (eq. 12-16): the slow net programs fast net 1 (d x (3d + 1)) with the delta rule; its output
+    q', k', v', beta' programs fast net 2 (d x d) with the delta rule; y = W2 q'. State (W1, W2), W1 (B, H, 3d + 1, d),
+    W2 (B, H, d, d)."""
+
+    def __init__(self, d_model=64, n_head=4, impl="auto", chunk_size=64):
+        d = d_head(d_model, n_head)
+        super().__init__(d_model, n_head, [d, d, 3 * d + 1, 1], impl=impl, chunk_size=chunk_size)
+
+    def forward(self, x, state=None):
+        q, k, v, b = self.project(x)
+        W1, W2 = state or (None, None)
+        o, W1 = fast_weight(elu1_sumnorm(q), elu1_sumnorm(k), v, torch.sigmoid(b), W1, self.impl, self.chunk_size)
+        q2, k2, v2, b2 = o.split([self.d, self.d, self.d, 1], -1)
+        y, W2 = fast_weight(elu1_sumnorm(q2), elu1_sumnorm(k2), v2, torch.sigmoid(b2.squeeze(-1)), W2, self.impl,
+                            self.chunk_size)
+        return self.out(merge(y)), (W1, W2)
+
+
+class DeltaRNNLayer(SlowNet):
+    """Delta RNN (eq. 17-20): z_t = W_t q_t (DeltaNet); R_t by the delta rule from softmax keys, values and beta
+    of x; y_t = z_t + R_t softmax(y_{t-1}). State (W, R, y_prev): W, R (B, H, d, d), y_prev (B, H, d).
+    official_rl_core: q and k of the DeltaNet part through a softmax instead (the official RL layer)."""
+
+    def __init__(self, d_model=64, n_head=4, impl="auto", chunk_size=64, official_rl_core=False):
+        d = d_head(d_model, n_head)
+        super().__init__(d_model, n_head, [d, d, d, 1, d, d, 1], impl=impl, chunk_size=chunk_size,
+                         official_rl_core=official_rl_core)
+
+    def forward(self, x, state=None):
+        q, k, v, b, k_r, v_r, b_r = self.project(x)
+        W, R, y = state or (None, self.zeros(x, self.d, self.d), self.zeros(x, self.d))
+        fmap = (lambda u: F.softmax(u, -1)) if self.official_rl_core else elu1_sumnorm
+        z, W = fast_weight(fmap(q), fmap(k), v, torch.sigmoid(b), W, self.impl, self.chunk_size)
+        ys, R, y = delta_rnn(z, F.softmax(k_r, -1), v_r, torch.sigmoid(b_r), R, y, self.impl)
+        return self.out(merge(ys)), (W, R, y)
+
+
+class DeltaLSTMLayer(SlowNet):
+    """Delta LSTM (eq. 21-27, the official "v4"): per gate g in (i, u, o) a DeltaNet part z^g = W^g q^g and a recurrent
+    fast weight R^g (delta rule, softmax keys from x) read with s = softmax(h_{t-1}); i, o = sigmoid(z + R s), u = z^u +
+    R^u s (no squashing); c_t = i u + (1 - i) c_{t-1}; h_t = o c_t. The three gates run as 3H heads side by side. State
+    (W, R, c, h): W, R (B, 3H, d, d) in gate order i, u, o; c, h (B, H, d)."""
+
+    def __init__(self, d_model=64, n_head=4, impl="auto", chunk_size=64):
+        d = d_head(d_model, n_head)
+        super().__init__(d_model, n_head, [d, d, d, 1, d, d, 1] * 3, impl=impl, chunk_size=chunk_size)
+
+    def forward(self, x, state=None):
+        p = self.project(x)
+        q, k, v, b, k_r, v_r, b_r = (torch.cat(p[j::7], 1) for j in range(7))  # (B, 3H, T, .): gates as heads
+        W, R, c, h = state or (None, self.zeros(x, self.d, self.d, heads=3 * self.H), self.zeros(x, self.d),
+                               self.zeros(x, self.d))
+        z, W = fast_weight(elu1_sumnorm(q), elu1_sumnorm(k), v, torch.sigmoid(b), W, self.impl, self.chunk_size)
+        hs, R, c, h = delta_lstm(z, F.softmax(k_r, -1), v_r, torch.sigmoid(b_r), R, c, h, self.impl)
+        return self.out(merge(hs)), (W, R, c, h)
+
+
+class RDNLayer(SlowNet):
+    """Recurrent Delta Net (eq. 28-32): keys, queries, values and beta also see s = tanh(y_{t-1}) through slow
+    recurrent weights R_q, R_k, R_v (d x d per head) and r_b; y_t = W_t q_t (un-squashed). State (W, y_prev):
+    W (B, H, d, d), y_prev (B, H, d). Every step depends on the last, so there is no chunkwise form."""
+
+    def __init__(self, d_model=64, n_head=4, impl="auto"):
+        d = d_head(d_model, n_head)
+        super().__init__(d_model, n_head, [d, d, d, 1], impl=impl)
+        self.R = nn.Parameter(torch.randn(3, n_head, d, d) / math.sqrt(d))  # R_q, R_k, R_v ~ N(0, 1/sqrt(d))
+        self.r_b = nn.Parameter(torch.randn(n_head, d) / math.sqrt(d))
+
+    def forward(self, x, state=None):
+        q, k, v, b = self.project(x)
+        W, y = state or (self.zeros(x, self.d, self.d), self.zeros(x, self.d))
+        ys, W, y = rdn(q, k, v, b, self.R.to(y.dtype), self.r_b.to(y.dtype), W, y, self.impl)
+        return self.out(merge(ys)), (W, y)
+
+
+class SoftmaxLayer(SlowNet):
+    """Causal softmax attention (the Transformer baseline). Its state is every past key and value, with a 0/1 flag
+    per position that a reset sets to 0 (those positions are then masked out): (k, v, seen), k and v (B, H, P, d),
+    seen (B, P) for the P positions seen so far."""
+
+    def __init__(self, d_model=64, n_head=4):
+        super().__init__(d_model, n_head, [d_head(d_model, n_head)] * 3)
+
+    def forward(self, x, state=None):
+        q, k, v = self.project(x)
+        seen = x.new_ones(x.shape[0], x.shape[1])  # (B, T)
+        if state is not None:
+            k, v, seen = torch.cat([state[0], k], 2), torch.cat([state[1], v], 2), torch.cat([state[2], seen], 1)
+        T, P = q.shape[2], k.shape[2] - q.shape[2]  # P cached positions
+        mask = None
+        if P:
+            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P) & (seen > 0)[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=P == 0)
+        return self.out(merge(y)), (k, v, seen)
+
+
+LAYERS = dict(transformer=SoftmaxLayer, linear=LinearLayer, delta=DeltaLayer, delta_mlp=DeltaMLPLayer,
+              delta_delta=DeltaDeltaLayer, delta_rnn=DeltaRNNLayer, delta_lstm=DeltaLSTMLayer, rdn=RDNLayer)
+
+
+def make_layer(model, **config):
+    """The layer of a model name, given those keywords of config that its class reads (rdn: no chunk_size, ...)."""
+    if model not in LAYERS:
+        raise ValueError(f"model must be one of {', '.join(LAYERS)} (the lstm is LSTMModel), got {model!r}")
+    params = inspect.signature(LAYERS[model]).parameters
+    return LAYERS[model](**{k: v for k, v in config.items() if k in params})
+
+
+# ----------------------------------------------------------------------------------------------
+# The models: blocks of a layer and a feed-forward net; the LSTM baseline; build_model maps the flags to them.
+
+
+class Block(nn.Module):
+    """x + Out(FWP(LN(x))), then x + FF(LN(x)) (post_ln: LN(x + Out(FWP(x))), then LN(x + FF(x))); FWP the layer of
+    `model` built with the keywords it reads. (B, T, d_model), the layer's state -> (B, T, d_model), its new state."""
+
+    def __init__(self, model="delta", d_model=64, n_head=4, d_ff=256, dropout=0.0, post_ln=False, impl="auto",
+                 chunk_size=64, fast_net_depth=1, official_rl_core=False):
+        super().__init__()
+        check_config(d_model=d_model, n_head=n_head, d_ff=d_ff, dropout=dropout, post_ln=post_ln)
+        self.post_ln = post_ln
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.fwp = make_layer(model, d_model=d_model, n_head=n_head, impl=impl, chunk_size=chunk_size,
+                              fast_net_depth=fast_net_depth, official_rl_core=official_rl_core)
+        self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_ff, d_model),
+                                nn.Dropout(dropout))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, state=None):
+        if self.post_ln:
+            y, state = self.fwp(x, state)
+            x = self.ln1(x + self.drop(y))
+            return self.ln2(x + self.ff(x)), state
+        y, state = self.fwp(self.ln1(x), state)
+        x = x + self.drop(y)
+        return x + self.ff(self.ln2(x)), state
+
+
+def reset_state(state, reset):
+    """Zero the state of the sequences where reset (B,) is True (their episode or document ended)."""
+    if state is None or reset is None:
+        return state
+    def mask(s):
+        return s * (~reset).to(s.dtype).view(-1, *[1] * (s.dim() - 1))
+
+    return [None if layer is None else tuple(None if s is None else mask(s) for s in layer) for layer in state]
+
+
+class FWPModel(nn.Module):
+    """Token ids (B, T) (or, with an embed module, what it maps to (B, T, n_in = d_model)), a state (one tuple per
+    block, its layer's state, or None) and an optional reset mask (B,) applied before the first step -> logits
+    (B, T, n_out), new state. n_layer Blocks of `model`; no positional encoding (as in the paper's algorithmic tasks); a
+    final LN before the head (official_rl_core: none, as the official algorithmic and RL code)."""
+
+    def __init__(self, n_in, n_out, model="delta", d_model=64, n_head=4, n_layer=2, d_ff=256, dropout=0.0,
+                 post_ln=False, impl="auto", chunk_size=64, fast_net_depth=1, official_rl_core=False, embed=None):
+        super().__init__()
+        check_config(n_in=n_in, n_out=n_out, d_model=d_model, n_layer=n_layer, official_rl_core=official_rl_core)
+        if embed is not None and n_in != d_model:
+            raise ValueError(f"n_in {n_in} must equal d_model {d_model} when an embed module is given (n_in is the "
+                             "width of its output, which the blocks read)")
+        self.embed = nn.Embedding(n_in, d_model) if embed is None else embed
+        block = dict(model=model, d_model=d_model, n_head=n_head, d_ff=d_ff, dropout=dropout, post_ln=post_ln,
+                     impl=impl, chunk_size=chunk_size, fast_net_depth=fast_net_depth, official_rl_core=official_rl_core)
+        self.blocks = nn.ModuleList(Block(**block) for _ in range(n_layer))
+        self.ln_f = nn.Identity() if official_rl_core else nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, n_out)
+
+    def forward(self, idx, state=None, reset=None):
+        state = reset_state(state, reset) or [None] * len(self.blocks)
+        x, new_state = self.embed(idx), []
+        for block, s in zip(self.blocks, state):
+            x, s = block(x, s)
+            new_state.append(s)
+        return self.head(self.ln_f(x)), new_state
+
+
+class LSTMModel(nn.Module):
+    """The LSTM baseline: embedding -> nn.LSTM (n_layer layers of d_model) -> linear; with an embed module given, n_in
+    is the width of its output. State [(h, c)], each (B, n_layer, d_model)."""
+
+    def __init__(self, n_in, n_out, d_model=64, n_layer=2, dropout=0.0, embed=None):
+        super().__init__()
+        check_config(n_in=n_in, n_out=n_out, d_model=d_model, n_layer=n_layer, dropout=dropout)
+        self.embed = nn.Embedding(n_in, d_model) if embed is None else embed
+        self.lstm = nn.LSTM(d_model if embed is None else n_in, d_model, n_layer, batch_first=True, dropout=dropout)
+        self.head = nn.Linear(d_model, n_out)
+
+    def forward(self, idx, state=None, reset=None):
+        state = reset_state(state, reset)
+        hc = None if state is None else tuple(s.transpose(0, 1).contiguous() for s in state[0])
+        y, (h, c) = self.lstm(self.embed(idx), hc)
+        return self.head(y), [(h.transpose(0, 1), c.transpose(0, 1))]
+
+
+def build_model(args, n_in, n_out, embed=None):
+    """The command line's model: the flags mapped to the constructors (the only place that reads Args for a module)."""
+    if args.model == "lstm":
+        return LSTMModel(n_in, n_out, d_model=args.d_model, n_layer=args.n_layer, dropout=args.dropout, embed=embed)
+    return FWPModel(n_in, n_out, model=args.model, d_model=args.d_model, n_head=args.n_head, n_layer=args.n_layer,
+                    d_ff=args.d_ff, dropout=args.dropout, post_ln=args.post_ln, impl=args.impl,
+                    chunk_size=args.chunk_size, fast_net_depth=args.fast_net_depth, embed=embed)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast forms: the chunkwise delta and sum rules; the fused kernels (cpu_kernels.cpp and cuda_kernels.cu, the
+# same functions) as autograd Functions; fast_weight, delta_rnn, delta_lstm and rdn pick a form by impl.
 
 
 def fast_weight_chunk(q, k, v, beta, W=None, chunk_size=64):
@@ -133,57 +650,9 @@ def fast_weight_chunk(q, k, v, beta, W=None, chunk_size=64):
     return torch.stack(ys, 2).reshape(B, H, N * C, d_v)[:, :, :T], S.transpose(-1, -2)
 
 
-_KERNELS = {}  # device type -> the loaded extension, or False once its build failed
-KERNEL_FILES = {"cpu": "cpu_kernels.cpp", "cuda": "cuda_kernels.cu"}
 # --impl auto on the CPU is --impl kernel: every kernel of cpu_kernels.cpp measured faster than its PyTorch form on 2
 # CPU cores, at the default size (`python rfwp.py --bench`: the rows kernel against chunk), at one step per call
-# (`--task rl --bench`) and, for the delta rule, at d_head 16 to 128 and T 256 to 1024 against the chunk form.
-
-
-def kernels(device_type):
-    """The fused kernels of a device (cpu_kernels.cpp on the CPU, cuda_kernels.cu on CUDA: the same functions), built
-    and loaded on first use (never at import). The build runs on a copy of the source named by a hash of it and of
-    torch's version, so an edit rebuilds, two scripts never clash and a copied script reuses the build. None, after one
-    warning, if that fails (no compiler, no ninja, no nvcc): the PyTorch forms run instead. The CPU build is for this
-    CPU (-march=native: its vector units; cpu_features names it). None for a device without a kernel file (mps)."""
-    if device_type not in KERNEL_FILES:
-        return None
-    if device_type not in _KERNELS:
-        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), KERNEL_FILES[device_type])
-        try:
-            from torch.utils.cpp_extension import load
-
-            with open(src, "rb") as f:
-                code = f.read()
-            digest = hashlib.sha256(code + torch.__version__.encode() + cpu_features().encode()).hexdigest()[:16]
-            name = f"fwp_{device_type}_kernels_{digest}"  # one build for every script
-            root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                           "torch_extensions")
-            build = os.path.join(root, name)
-            os.makedirs(build, exist_ok=True)
-            copy = os.path.join(build, os.path.basename(src))
-            if not os.path.exists(copy):
-                with open(copy + ".tmp", "wb") as f:
-                    f.write(code)
-                os.replace(copy + ".tmp", copy)
-            flags = ["-O3", "-march=native", "-fopenmp" if torch.backends.openmp.is_available() else "-fopenmp-simd"]
-            _KERNELS[device_type] = load(name, [copy], build_directory=build, extra_cflags=flags,
-                                         extra_cuda_cflags=["-O3"], verbose=False)
-        except Exception as e:  # no compiler, no ninja, a compile error: the PyTorch forms still work
-            print(f"warning: {os.path.basename(src)} unavailable ({type(e).__name__}: {str(e)[-2000:]}); using the "
-                  "PyTorch forms", file=sys.stderr)
-            _KERNELS[device_type] = False
-    return _KERNELS[device_type] or None
-
-
-def cpu_features():
-    """The CPU's instruction sets, which a -march=native build uses: part of the build's name, so that a build folder
-    shared by machines of other CPUs (a home directory on a cluster) is never loaded where it would not run."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.machine() + platform.processor()
+# (`python rfwp_rl.py --bench`) and, for the delta rule, at d_head 16 to 128 and T 256 to 1024 against the chunk form.
 
 
 def use_kernel(impl, x, part):
@@ -232,55 +701,6 @@ def fast_weight(q, k, v, beta, W, impl, chunk_size):
     if impl == "loop" or (impl == "auto" and q.shape[2] == 1):
         return fast_weight_loop(q, k, v, beta, W)
     return fast_weight_chunk(q, k, v, beta, W, chunk_size)
-
-
-# ----------------------------------------------------------------------------------------------
-# The recurrent parts: the reference loops (the spec), then the fused kernels of cuda_kernels.cu. Inputs
-# (B, H, T, d) and beta (B, H, T) come from the layer's input x; states are fp32 (fp64 for fp64 inputs).
-
-
-def delta_rnn_loop(z, k, v, beta, R, y):
-    """Delta RNN (eq. 19-20): for each t, R_t = R_{t-1} + beta_t (v_t - R_{t-1} k_t) k_t^T and
-    y_t = z_t + R_t softmax(y_{t-1}). R (B, H, d, d), y (B, H, d) -> ys (B, H, T, d), R_T, y_T."""
-    ys = []
-    for t in range(z.shape[2]):
-        R = delta_step(R, k[:, :, t], v[:, :, t], beta[:, :, t])
-        y = z[:, :, t] + (R @ F.softmax(y, -1).unsqueeze(-1)).squeeze(-1)
-        ys.append(y)
-    return torch.stack(ys, 2), R, y
-
-
-def delta_lstm_loop(z, k, v, beta, R, c, h):
-    """Delta LSTM (eq. 21-27): the gates i, u, o are heads [0, H), [H, 2H), [2H, 3H) of z, k, v (B, 3H, T, d), beta
-    (B, 3H, T) and R (B, 3H, d, d). For each t, with s = softmax(h_{t-1}): R^g by the delta rule, a^g = z^g_t + R^g_t s;
-    c_t = sigmoid(a^i) a^u + (1 - sigmoid(a^i)) c_{t-1}, h_t = sigmoid(a^o) c_t. c, h (B, H, d) -> hs (B, H, T, d),
-    R_T, c_T, h_T."""
-    hs = []
-    for t in range(z.shape[2]):
-        s = F.softmax(h, -1).repeat(1, 3, 1).unsqueeze(-1)  # (B, 3H, d, 1)
-        R = delta_step(R, k[:, :, t], v[:, :, t], beta[:, :, t])
-        a_i, a_u, a_o = (z[:, :, t] + (R @ s).squeeze(-1)).chunk(3, 1)
-        i = torch.sigmoid(a_i)
-        c = i * a_u + (1 - i) * c
-        h = torch.sigmoid(a_o) * c
-        hs.append(h)
-    return torch.stack(hs, 2), R, c, h
-
-
-def rdn_loop(q, k, v, b, R, r_b, W, y):
-    """Recurrent Delta Net (eq. 28-32): for each t, with s = tanh(y_{t-1}): q' = softmax(q_t + R_q s),
-    k' = softmax(k_t + R_k s), v' = v_t + R_v s, beta = sigmoid(b_t + r_b . s); W_t by the delta rule from k', v',
-    beta; y_t = W_t q'. b (B, H, T); R (3, H, d, d) = R_q, R_k, R_v; r_b (H, d); W (B, H, d, d), y (B, H, d)
-    -> ys (B, H, T, d), W_T, y_T."""
-    ys = []
-    for t in range(q.shape[2]):
-        s = torch.tanh(y)  # (B, H, d)
-        rq, rk, rv = torch.einsum("rhij,bhj->rbhi", R, s)
-        beta = torch.sigmoid(b[:, :, t] + (r_b * s).sum(-1))
-        W = delta_step(W, F.softmax(k[:, :, t] + rk, -1), v[:, :, t] + rv, beta)
-        y = (W @ F.softmax(q[:, :, t] + rq, -1).unsqueeze(-1)).squeeze(-1)
-        ys.append(y)
-    return torch.stack(ys, 2), W, y
 
 
 def grad_of_last(dys, dy_T, ys):
@@ -377,276 +797,6 @@ def rdn(q, k, v, b, R, r_b, W, y, impl):
     if use_kernel(impl, q, "rdn"):
         return RDNKernel.apply(*contiguous(q, k, v, b), *states(q, R, r_b, W, y))
     return rdn_loop(q, k, v, b, R, r_b, W, y)
-
-
-def elu1_sumnorm(x, eps=0.0):
-    x = F.elu(x) + 1
-    return x / (x.sum(-1, keepdim=True) + eps)
-
-
-def heads(x, H):
-    """(B, T, H * D) -> (B, H, T, D)"""
-    B, T, _ = x.shape
-    return x.view(B, T, H, -1).transpose(1, 2)
-
-
-def merge(y):
-    """(B, H, T, D) -> (B, T, H * D)"""
-    B, H, T, D = y.shape
-    return y.transpose(1, 2).reshape(B, T, H * D)
-
-
-# ----------------------------------------------------------------------------------------------
-# Layers: (B, T, d_model) and a state (a tuple of tensors, batch first; None = all zeros) -> output, new state
-
-
-class SlowNet(nn.Module):
-    """Common parts: the slow projection to `sizes` per head (no bias) and the output projection."""
-
-    def __init__(self, args, sizes):
-        super().__init__()
-        self.H, self.d, self.sizes = args.n_head, args.d_model // args.n_head, sizes
-        self.impl, self.chunk_size, self.official = args.impl, args.chunk_size, args.official_rl_core
-        self.slow = nn.Linear(args.d_model, args.n_head * sum(sizes), bias=False)
-        self.out = nn.Linear(args.d_model, args.d_model, bias=False)
-
-    def project(self, x):
-        """x (B, T, d_model) -> one (B, H, T, size) tensor per entry of sizes; size-1 entries squeezed to (B, H, T)"""
-        parts = heads(self.slow(x), self.H).split(self.sizes, -1)
-        return [p.squeeze(-1) if s == 1 else p for p, s in zip(parts, self.sizes)]
-
-    def zeros(self, x, *shape, heads=None):
-        return x.new_zeros(x.shape[0], heads or self.H, *shape, dtype=state_dtype(x))
-
-
-class LinearLayer(SlowNet):
-    """The linear Transformer of the paper's algorithmic tasks: elu + 1, no normalisation, the sum rule
-    (--official_rl_core: the official RL layer's (elu + 1) / (sum + 1e-5))."""
-
-    def __init__(self, args):
-        super().__init__(args, [args.d_model // args.n_head] * 3)
-
-    def forward(self, x, state=None):
-        q, k, v = self.project(x)
-        if self.official:
-            q, k = elu1_sumnorm(q, 1e-5), elu1_sumnorm(k, 1e-5)
-        else:
-            q, k = F.elu(q) + 1, F.elu(k) + 1
-        y, W = fast_weight(q, k, v, None, None if state is None else state[0], self.impl,
-                           self.chunk_size)
-        return self.out(merge(y)), (W,)
-
-
-class DeltaLayer(SlowNet):
-    """DeltaNet (eq. 4-7): q, k = sumnorm(elu + 1), beta = sigmoid, the delta rule (--official_rl_core: the sum
-    plus 1e-5 in the normalisation, as the official RL layer)."""
-
-    def __init__(self, args):
-        d = args.d_model // args.n_head
-        super().__init__(args, [d, d, d, 1])
-
-    def forward(self, x, state=None):
-        q, k, v, b = self.project(x)
-        eps = 1e-5 if self.official else 0.0
-        y, W = fast_weight(elu1_sumnorm(q, eps), elu1_sumnorm(k, eps), v, torch.sigmoid(b),
-                           None if state is None else state[0], self.impl, self.chunk_size)
-        return self.out(merge(y)), (W,)
-
-
-class DeltaMLPLayer(SlowNet):
-    """Delta MLP (eq. 8-11): the slow net emits a query and, for each of L fast layers, a key, a value and beta;
-    h_0 = q, h_l = h_{l-1} + W^l sumnorm(elu(LN_l(h_{l-1})) + 1). Every fast layer is d x d here; the official LM
-    code uses pairs of layers with a 4d hidden width."""
-
-    def __init__(self, args):
-        d, L = args.d_model // args.n_head, args.fast_net_depth
-        super().__init__(args, [d] + [d, d, 1] * L)
-        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(L))
-
-    def forward(self, x, state=None):
-        h, *kvb = self.project(x)
-        state = state or (None,) * len(self.norms)
-        new_state = []
-        for l, (norm, W) in enumerate(zip(self.norms, state)):
-            k, v, b = kvb[3 * l : 3 * l + 3]
-            y, W = fast_weight(elu1_sumnorm(norm(h)), elu1_sumnorm(k), v, torch.sigmoid(b), W, self.impl,
-                               self.chunk_size)
-            h = h + y
-            new_state.append(W)
-        return self.out(merge(h)), tuple(new_state)
-
-
-class DeltaDeltaLayer(SlowNet):
-    """Delta Delta Net (eq. 12-16): the slow net programs fast net 1 (d x (3d + 1)) with the delta rule; its output
-    q', k', v', beta' programs fast net 2 (d x d) with the delta rule; y = W2 q'."""
-
-    def __init__(self, args):
-        d = args.d_model // args.n_head
-        super().__init__(args, [d, d, 3 * d + 1, 1])
-
-    def forward(self, x, state=None):
-        q, k, v, b = self.project(x)
-        W1, W2 = state or (None, None)
-        o, W1 = fast_weight(elu1_sumnorm(q), elu1_sumnorm(k), v, torch.sigmoid(b), W1, self.impl, self.chunk_size)
-        q2, k2, v2, b2 = o.split([self.d, self.d, self.d, 1], -1)
-        y, W2 = fast_weight(elu1_sumnorm(q2), elu1_sumnorm(k2), v2, torch.sigmoid(b2.squeeze(-1)), W2, self.impl,
-                            self.chunk_size)
-        return self.out(merge(y)), (W1, W2)
-
-
-class DeltaRNNLayer(SlowNet):
-    """Delta RNN (eq. 17-20): z_t = W_t q_t (DeltaNet); R_t by the delta rule from softmax keys, values and beta
-    of x; y_t = z_t + R_t softmax(y_{t-1}). State (W, R, y_prev). --official_rl_core: q and k of the DeltaNet part
-    through a softmax instead (the official RL layer)."""
-
-    def __init__(self, args):
-        d = args.d_model // args.n_head
-        super().__init__(args, [d, d, d, 1, d, d, 1])
-
-    def forward(self, x, state=None):
-        q, k, v, b, k_r, v_r, b_r = self.project(x)
-        W, R, y = state or (None, self.zeros(x, self.d, self.d), self.zeros(x, self.d))
-        fmap = (lambda u: F.softmax(u, -1)) if self.official else elu1_sumnorm
-        z, W = fast_weight(fmap(q), fmap(k), v, torch.sigmoid(b), W, self.impl, self.chunk_size)
-        ys, R, y = delta_rnn(z, F.softmax(k_r, -1), v_r, torch.sigmoid(b_r), R, y, self.impl)
-        return self.out(merge(ys)), (W, R, y)
-
-
-class DeltaLSTMLayer(SlowNet):
-    """Delta LSTM (eq. 21-27, the official "v4"): per gate g in (i, u, o) a DeltaNet part z^g = W^g q^g and a
-    recurrent fast weight R^g (delta rule, softmax keys from x) read with s = softmax(h_{t-1});
-    i, o = sigmoid(z + R s), u = z^u + R^u s (no squashing); c_t = i u + (1 - i) c_{t-1}; h_t = o c_t.
-    The three gates run as 3H heads side by side. State (W, R, c, h), W and R (B, 3H, d, d) in gate order i, u, o."""
-
-    def __init__(self, args):
-        d = args.d_model // args.n_head
-        super().__init__(args, [d, d, d, 1, d, d, 1] * 3)
-
-    def forward(self, x, state=None):
-        p = self.project(x)
-        q, k, v, b, k_r, v_r, b_r = (torch.cat(p[j::7], 1) for j in range(7))  # (B, 3H, T, .): gates as heads
-        W, R, c, h = state or (None, self.zeros(x, self.d, self.d, heads=3 * self.H), self.zeros(x, self.d),
-                               self.zeros(x, self.d))
-        z, W = fast_weight(elu1_sumnorm(q), elu1_sumnorm(k), v, torch.sigmoid(b), W, self.impl, self.chunk_size)
-        hs, R, c, h = delta_lstm(z, F.softmax(k_r, -1), v_r, torch.sigmoid(b_r), R, c, h, self.impl)
-        return self.out(merge(hs)), (W, R, c, h)
-
-
-class RDNLayer(SlowNet):
-    """Recurrent Delta Net (eq. 28-32): keys, queries, values and beta also see s = tanh(y_{t-1}) through slow
-    recurrent weights R_q, R_k, R_v (d x d per head) and r_b; y_t = W_t q_t (un-squashed). State (W, y_prev)."""
-
-    def __init__(self, args):
-        d = args.d_model // args.n_head
-        super().__init__(args, [d, d, d, 1])
-        self.R = nn.Parameter(torch.randn(3, args.n_head, d, d) / math.sqrt(d))  # R_q, R_k, R_v ~ N(0, 1/sqrt(d))
-        self.r_b = nn.Parameter(torch.randn(args.n_head, d) / math.sqrt(d))
-
-    def forward(self, x, state=None):
-        q, k, v, b = self.project(x)
-        W, y = state or (self.zeros(x, self.d, self.d), self.zeros(x, self.d))
-        ys, W, y = rdn(q, k, v, b, self.R.to(y.dtype), self.r_b.to(y.dtype), W, y, self.impl)
-        return self.out(merge(ys)), (W, y)
-
-
-class SoftmaxLayer(SlowNet):
-    """Causal softmax attention (the Transformer baseline). Its state is every past key and value, with a 0/1 flag
-    per position that a reset sets to 0 (those positions are then masked out)."""
-
-    def __init__(self, args):
-        super().__init__(args, [args.d_model // args.n_head] * 3)
-
-    def forward(self, x, state=None):
-        q, k, v = self.project(x)
-        seen = x.new_ones(x.shape[0], x.shape[1])  # (B, T)
-        if state is not None:
-            k, v, seen = torch.cat([state[0], k], 2), torch.cat([state[1], v], 2), torch.cat([state[2], seen], 1)
-        T, P = q.shape[2], k.shape[2] - q.shape[2]  # P cached positions
-        mask = None
-        if P:
-            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P) & (seen > 0)[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=P == 0)
-        return self.out(merge(y)), (k, v, seen)
-
-
-LAYERS = dict(transformer=SoftmaxLayer, linear=LinearLayer, delta=DeltaLayer, delta_mlp=DeltaMLPLayer,
-              delta_delta=DeltaDeltaLayer, delta_rnn=DeltaRNNLayer, delta_lstm=DeltaLSTMLayer, rdn=RDNLayer)
-
-
-class Block(nn.Module):
-    def __init__(self, args):
-        super().__init__()
-        self.post_ln = args.post_ln
-        self.ln1, self.ln2 = nn.LayerNorm(args.d_model), nn.LayerNorm(args.d_model)
-        self.fwp = LAYERS[args.model](args)
-        self.ff = nn.Sequential(nn.Linear(args.d_model, args.d_ff), nn.ReLU(), nn.Dropout(args.dropout),
-                                nn.Linear(args.d_ff, args.d_model), nn.Dropout(args.dropout))
-        self.drop = nn.Dropout(args.dropout)
-
-    def forward(self, x, state=None):
-        if self.post_ln:
-            y, state = self.fwp(x, state)
-            x = self.ln1(x + self.drop(y))
-            return self.ln2(x + self.ff(x)), state
-        y, state = self.fwp(self.ln1(x), state)
-        x = x + self.drop(y)
-        return x + self.ff(self.ln2(x)), state
-
-
-def reset_state(state, reset):
-    """Zero the state of the sequences where reset (B,) is True (their episode or document ended)."""
-    if state is None or reset is None:
-        return state
-    def mask(s):
-        return s * (~reset).to(s.dtype).view(-1, *[1] * (s.dim() - 1))
-
-    return [None if layer is None else tuple(None if s is None else mask(s) for s in layer) for layer in state]
-
-
-class FWPModel(nn.Module):
-    """Token ids (B, T), a state (one tuple per layer, or None) and an optional reset mask (B,) applied before the
-    first step -> logits (B, T, n_out), new state. No positional encoding (as in the paper's algorithmic tasks); a
-    final LN before the head (the official algorithmic and RL code have none: --official_rl_core), as in
-    delta_net.py."""
-
-    def __init__(self, args, n_in, n_out, embed=None):
-        super().__init__()
-        self.embed = nn.Embedding(n_in, args.d_model) if embed is None else embed
-        self.blocks = nn.ModuleList(Block(args) for _ in range(args.n_layer))
-        self.ln_f = nn.Identity() if args.official_rl_core else nn.LayerNorm(args.d_model)
-        self.head = nn.Linear(args.d_model, n_out)
-
-    def forward(self, idx, state=None, reset=None):
-        state = reset_state(state, reset) or [None] * len(self.blocks)
-        x, new_state = self.embed(idx), []
-        for block, s in zip(self.blocks, state):
-            x, s = block(x, s)
-            new_state.append(s)
-        return self.head(self.ln_f(x)), new_state
-
-
-class LSTMModel(nn.Module):
-    """The LSTM baseline: embedding -> nn.LSTM (n_layer layers) -> linear. State [(h, c)], each (B, n_layer, D).
-    With an embed module given, n_in is the width of its output."""
-
-    def __init__(self, args, n_in, n_out, embed=None):
-        super().__init__()
-        self.embed = nn.Embedding(n_in, args.d_model) if embed is None else embed
-        self.lstm = nn.LSTM(args.d_model if embed is None else n_in, args.d_model, args.n_layer, batch_first=True,
-                            dropout=args.dropout)
-        self.head = nn.Linear(args.d_model, n_out)
-
-    def forward(self, idx, state=None, reset=None):
-        state = reset_state(state, reset)
-        hc = None if state is None else tuple(s.transpose(0, 1).contiguous() for s in state[0])
-        y, (h, c) = self.lstm(self.embed(idx), hc)
-        return self.head(y), [(h.transpose(0, 1), c.transpose(0, 1))]
-
-
-def build_model(args, n_in, n_out, embed=None):
-    """embed: the input module (default an embedding of n_in token ids; the RL agent passes nn.Identity() and the
-    width of its inputs as n_in)."""
-    return (LSTMModel if args.model == "lstm" else FWPModel)(args, n_in, n_out, embed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -775,185 +925,6 @@ def pad_batch(xs, ys, pad_id):
     x = torch.tensor([s + [pad_id] * (T - len(s)) for s in xs])
     y = torch.tensor([s + [-100] * (T - len(s)) for s in ys])
     return x, y
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration: every flag with its default and docstring (--help prints them), the presets, and the checks
-# of a command line's values.
-
-
-@dataclass
-class Args:
-    # task
-    task: str = "code"
-    """code (code execution), listops (sequential ListOps), lm (through data.py) or rl (an IMPALA agent, below)"""
-    code_length: int = 5
-    """code: statements per program (the paper: 100; 5 is learned in a few CPU minutes)"""
-    n_vars: int = 3
-    """code: variables (3 or 5)"""
-    official_if: bool = False
-    """code: a conditional `v = n` runs only while v is unassigned, as in the official generator (false: whenever
-    its condition holds)"""
-    depth: int = 4
-    """listops: exact nesting depth of the operator tree (the paper: 10 and 15)"""
-    ops: str = "MIN,MAX,FIRST"
-    """listops: operators, from MIN, MAX, FIRST, LAST, MED, SM (sum mod 10)"""
-    n_train: int = 100_000
-    """code, listops: training examples (generated in memory, fixed seed; the paper: 10k, --preset paper)"""
-    n_eval: int = 1000
-    """code, listops: validation and test examples each"""
-    dataset: str = "wikitext-2"
-    """lm: wikitext-103 | wikitext-2 | enwik8 | a text file | a folder with train/valid/test files"""
-    tokenizer: str = "word"
-    """lm: word (perplexity) or char (bits per character)"""
-    data_dir: str = data.DATA_DIR
-    """where downloads are cached"""
-    seq_len: int = 256
-    """lm: tokens per training segment"""
-    carry_state: bool = False
-    """lm: carry fast weights and recurrent states across consecutive segments, detached"""
-    # reinforcement learning (--task rl)
-    env: str = "CartPole-NoVel"
-    """rl: CartPole-NoVel (CartPole-v1 seeing only cart position and pole angle: it needs memory), a gymnasium id
-    with vector observations and discrete actions, or ALE/<Game>-v5 (Atari through ale_py's vector environment)"""
-    env_steps: int = 300_000
-    """rl: environment steps in all, summed over the environments (Atari: agent steps of 4 frames each)"""
-    unroll: int = 50
-    """rl: steps of each environment per update, the V-trace trajectory length (CartPole-NoVel default 20)"""
-    entropy_cost: float = 0.01
-    """rl: weight of the entropy bonus"""
-    baseline_cost: float = 0.5
-    """rl: weight of the value (baseline) loss"""
-    discount: float = 0.99
-    """rl: discount factor gamma"""
-    reward_scale: float = 1.0
-    """rl: rewards are multiplied by this in the loss, before the clip to [-1, 1] (CartPole-NoVel default 0.1: its
-    reward of 1 per step would need values of ~100, which RMSProp's small steps reach slowly)"""
-    truncate: int = 0
-    """rl: detach the core state every this many steps of an unroll (1: the official code's per-step detach of the
-    fast weights; 0: backpropagate through the whole unroll)"""
-    memoryless: bool = False
-    """rl: zero the core state before every step (an agent without memory: the ablation for the CPU task)"""
-    eval: int = 0
-    """rl: run the greedy policy of out_dir/ckpt.pt for this many episodes, print mean and std, and exit"""
-    eval_per_life: bool = False
-    """rl --eval on Atari: score one life as an episode (the official test(), which keeps the episodic-life wrapper);
-    default: the whole game, the usual Atari score"""
-    # model
-    model: str = "rdn"
-    """lstm | transformer | linear | delta | delta_mlp | delta_delta | delta_rnn | delta_lstm | rdn"""
-    d_model: int = 64
-    """residual stream width (lstm: hidden size; rl default 128, lstm 256, CartPole-NoVel 64)"""
-    n_layer: int = 2
-    """number of blocks (lstm: layers; rl lstm default 1, CartPole-NoVel 2)"""
-    n_head: int = 4
-    """heads per layer; d_head = d_model / n_head"""
-    d_ff: int = 256
-    """feed-forward hidden width (rl default 512, CartPole-NoVel 256)"""
-    dropout: float = 0.0
-    """dropout after the fast-weight output and in the feed-forward block"""
-    fast_net_depth: int = 1
-    """delta_mlp: layers of the fast network (the official default: 1)"""
-    official_rl_core: bool = False
-    """the official RL cores' forms (torchbeast/ of the official code; on by default for --task rl): linear and delta
-    q, k = (elu + 1) / (sum + 1e-5), delta_rnn q, k = softmax, no final LN before the heads, lstm = nn.LSTM on the
-    core inputs themselves (no linear map to d_model first)"""
-    post_ln: bool = False
-    """blocks x = LN(x + FWP(x)), x = LN(x + FF(x)) (nn.TransformerEncoderLayer's form: the official algorithmic
-    Transformer baseline's) instead of x + FWP(LN(x)), x + FF(LN(x)) (the official FWP layers')"""
-    impl: str = "auto"
-    """auto | loop | chunk | kernel (or its old name cuda). loop: every part steps through time in Python (the spec);
-    chunk: the input-driven delta/sum-rule parts in the chunkwise form, the recurrent parts loop; kernel: every part
-    as a fused kernel (cpu_kernels.cpp on the CPU, float32/64; cuda_kernels.cu on CUDA, d_head <= 128, not yet run on a
-    GPU); auto: on the CPU kernel, elsewhere chunk (loop for single steps)"""
-    chunk_size: int = 64
-    """chunk length C of the chunkwise form"""
-    # training
-    batch_size: int = 32
-    """sequences (or lm streams) per step; rl: environments stepped together (default 32; CartPole-NoVel 8)"""
-    steps: int = 4000
-    """optimizer steps (rl: env_steps / (batch_size x unroll))"""
-    lr: float = 3e-3
-    """peak learning rate (Adam; rl: RMSProp decayed linearly to 0, default 6e-4; CartPole-NoVel 3e-3)"""
-    warmup: int = 100
-    """linear warm-up steps"""
-    cosine: bool = True
-    """after warm-up, cosine decay to lr / 10 (false: constant, as in the paper)"""
-    grad_clip: float = 1.0
-    """gradient norm clip (0 disables; the paper does not clip; rl default 40)"""
-    eval_every: int = 250
-    """evaluate on valid, keep the best checkpoint, every this many steps (rl: print and checkpoint every this many
-    updates, default 25; CartPole-NoVel 50)"""
-    seed: int = 0
-    """seed of python, numpy, torch and the task generators"""
-    device: str = "auto"
-    """auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"""
-    out_dir: str = "out/rfwp"
-    """metrics.jsonl, ckpt.pt (latest) and best.pt (best on valid) go here"""
-    resume: bool = False
-    """continue from out_dir/ckpt.pt"""
-    stop_at: int = 0
-    """exit after this optimizer step, checkpoint saved (a time-boxed job); --resume continues. 0: run to the end"""
-    bench: bool = False
-    """measure training speed and memory of every model at one size, and exit"""
-    bench_T: int = 256
-    """--bench: sequence length (batch 32)"""
-
-
-PRESETS = {
-    "tiny": dict(d_model=32, n_layer=1, n_head=2, d_ff=64, code_length=4, depth=2, n_train=64, n_eval=16,
-                 batch_size=8, steps=20, eval_every=10, seq_len=32, warmup=5, chunk_size=8),
-    # the paper's algorithmic setting (Irie et al. 2021, appendix; official code): no positional encoding,
-    # Adam (0.9, 0.995, eps 1e-9) at a constant 3e-4, no clipping, best validation checkpoint evaluated on test
-    "paper": dict(code_length=100, n_train=10_000, d_model=256, n_layer=4, n_head=16, d_ff=1024, dropout=0.1, lr=3e-4,
-                  batch_size=64, warmup=0, cosine=False, grad_clip=0.0, steps=31_250, eval_every=500, depth=10),
-}
-
-
-# --task rl: the settings flags and preset leave unset. For Atari and any gymnasium id the official code's: IMPALA's
-# optimizer (RMSProp 6e-4, clip 40), batch 32, the official cores (2 layers of d 128, 4 heads of 32, FF 512; the
-# LSTM: one layer of 256). The CPU memory task learns in a few minutes with smaller cores, more, smaller updates and
-# a larger step.
-IMPALA = dict(lr=6e-4, grad_clip=40.0, batch_size=32, eval_every=25, d_model=128, d_ff=512, official_rl_core=True)
-RL_DEFAULTS = {"lstm": dict(IMPALA, d_model=256, n_layer=1)}
-ENV_DEFAULTS = {"CartPole-NoVel": dict(IMPALA, d_model=64, d_ff=256, lr=3e-3, batch_size=8, unroll=20, reward_scale=0.1,
-                                      eval_every=50)}
-
-
-def check_args(args):
-    choices = dict(task=("code", "listops", "lm", "rl"), tokenizer=("word", "char"), model=MODELS,
-                   impl=("auto", "loop", "chunk", "kernel", "cuda"))
-    for key, allowed in choices.items():
-        if getattr(args, key) not in allowed:
-            fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(args, key)!r}")
-    args.impl = "kernel" if args.impl == "cuda" else args.impl  # the old name of --impl kernel
-    for key in ("code_length", "depth", "n_train", "n_eval", "seq_len", "d_model", "n_layer", "n_head", "d_ff",
-                "fast_net_depth", "chunk_size", "batch_size", "steps", "eval_every", "bench_T", "env_steps", "unroll"):
-        if getattr(args, key) <= 0:
-            fail(f"--{key} must be positive, got {getattr(args, key)}")
-    if args.depth >= LISTOPS_LEVELS:
-        fail(f"--depth must be below {LISTOPS_LEVELS} (every node at level {LISTOPS_LEVELS} is a value), "
-             f"got {args.depth}")
-    if args.n_vars not in (3, 5):
-        fail(f"--n_vars must be 3 or 5 (the paper's settings), got {args.n_vars}")
-    bad_ops = set(args.ops.split(",")) - set(LISTOPS)
-    if bad_ops:
-        fail(f"--ops: unknown operator(s) {', '.join(sorted(bad_ops))}; choose from {', '.join(LISTOPS)}")
-    if args.d_model % args.n_head:
-        fail(f"--d_model {args.d_model} is not divisible by --n_head {args.n_head}; pick n_head dividing d_model.")
-    if not 0 <= args.dropout < 1 or args.lr <= 0 or min(args.warmup, args.grad_clip, args.stop_at) < 0:
-        fail("--dropout must be in [0, 1); --lr positive; --warmup, --grad_clip and --stop_at non-negative.")
-    if (min(args.truncate, args.eval, args.entropy_cost, args.baseline_cost, args.seed) < 0
-            or not 0 <= args.discount <= 1 or args.reward_scale <= 0):
-        fail("--truncate, --eval, --entropy_cost, --baseline_cost and --seed must be non-negative; --discount in "
-             "[0, 1]; --reward_scale positive.")
-    if args.task == "rl" and args.model == "transformer":
-        fail("--task rl needs a fast-weight or recurrent core: the transformer's state (a KV cache) grows with every "
-             "environment step. Use --model lstm, delta, delta_rnn, rdn, ...")
-    if args.carry_state and args.model == "transformer":
-        fail("--carry_state needs a fast-weight or recurrent model: the transformer's state (a KV cache) grows "
-             "with the stream.")
-    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1132,439 +1103,6 @@ def train(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Reinforcement learning (--task rl): an IMPALA agent (Espeholt et al. 2018, arXiv 1802.01561) with an rfwp core,
-# as in the paper's Atari experiments (section 4.4). Synchronous: one process steps a batch of environments with the
-# current policy, keeping the graph, and learns from each unroll with V-trace.
-
-MEMORY_TASKS = {"CartPole-NoVel": ("CartPole-v1", [0, 2])}  # name -> (gymnasium id, the observation dims kept)
-
-
-class GymEnvs:
-    """A batch of gymnasium environments in this process (vector observations, discrete actions), reset where an
-    episode ends (the observation returned with the end is the next episode's first). step -> obs, reward, done
-    (terminated or truncated), life_end (= done here)."""
-
-    def __init__(self, name, n, seed):
-        import gymnasium as gym
-
-        gym_id, self.keep = MEMORY_TASKS.get(name, (name, None))
-        try:
-            self.envs = gym.vector.SyncVectorEnv([lambda: gym.make(gym_id)] * n,
-                                                 autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-        except gym.error.Error as e:
-            fail(f"--env {name}: gymnasium cannot make it ({e}). Use CartPole-NoVel, a gymnasium id with vector "
-                 "observations and discrete actions, or ALE/<Game>-v5.")
-        space, act = self.envs.single_observation_space, self.envs.single_action_space
-        if not isinstance(act, gym.spaces.Discrete) or len(space.shape) != 1:
-            self.envs.close()
-            fail(f"--env {name}: the agent needs vector observations and discrete actions; it has {space} and {act}.")
-        self.obs_shape = (len(self.keep) if self.keep else space.shape[0],)
-        self.n_actions, self.seed = int(act.n), seed
-
-    def view(self, obs):
-        return (obs if self.keep is None else obs[:, self.keep]).astype(np.float32)
-
-    def reset(self):
-        return self.view(self.envs.reset(seed=self.seed)[0])
-
-    def step(self, actions):
-        obs, reward, terminated, truncated, _ = self.envs.step(actions)
-        done = terminated | truncated
-        return self.view(obs), reward.astype(np.float32), done, done
-
-    def close(self):
-        self.envs.close()
-
-
-def ale_game(name):
-    """ALE/MsPacman-v5 -> ms_pacman, the ROM name ale_py's vector environment takes."""
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name.removeprefix("ALE/").rsplit("-v", 1)[0]).lower()
-
-
-class AtariEnvs:
-    """ale_py's native vector environment with the usual preprocessing (no OpenCV): 84x84 grey, a stack of 4,
-    frame skip 4 with a max over the last two frames, up to 30 no-op starts, FIRE at reset, no sticky actions
-    (as the paper's NoFrameskip-v4). Raw rewards (the loss clips them). life_end marks a lost life or game over:
-    there the bootstrap stops, as torchbeast's episodic-life wrapper does, while the core state and the reported
-    score run over the whole game.
-    FIRE after a lost life: the official wrappers press FIRE in the reset that follows every lost life (their
-    FireResetEnv sits on top of the episodic-life wrapper); in games such as Breakout nothing moves until FIRE is
-    pressed. Here the step after a lost life executes FIRE whatever the agent chose. The agent's sampled action is
-    then ignored by the environment, so the transition does not depend on it and the data stay on-policy for
-    V-trace (that step's policy-gradient term has zero mean). Games without a FIRE action are unaffected."""
-
-    def __init__(self, name, n, seed):
-        from ale_py import roms
-        from ale_py.vector_env import AtariVectorEnv
-
-        game = ale_game(name)
-        if game not in roms.get_all_rom_ids():
-            fail(f"--env {name}: ale_py has no ROM {game!r}; use a name like ALE/Breakout-v5 or ALE/MsPacman-v5.")
-        self.envs = AtariVectorEnv(game, n, autoreset_mode="SameStep", reward_clipping=False)
-        self.obs_shape = self.envs.single_observation_space.shape  # (4, 84, 84) uint8
-        self.n_actions, self.seed, self.lives = int(self.envs.single_action_space.n), seed, None
-        action_set = [action.name for action in self.envs.ale.get_action_set()]  # NOOP, FIRE, RIGHT, ...
-        self.fire = action_set.index("FIRE") if "FIRE" in action_set else None
-        self.fire_next = np.zeros(n, dtype=bool)
-
-    def reset(self):
-        obs, info = self.envs.reset(seed=self.seed)
-        self.lives, self.fire_next[:] = info["lives"], False
-        return obs
-
-    def step(self, actions):
-        if self.fire is not None:
-            actions = np.where(self.fire_next, self.fire, actions)
-        obs, reward, terminated, truncated, info = self.envs.step(actions)
-        done = terminated | truncated
-        life_end = done | (info["lives"] < self.lives)
-        self.lives, self.fire_next = info["lives"], life_end & ~done  # a new game gets FIRE from the reset itself
-        return obs, reward.astype(np.float32), done, life_end
-
-    def close(self):
-        self.envs.close()
-
-
-def make_envs(args, n, seed):
-    return (AtariEnvs if args.env.startswith("ALE/") else GymEnvs)(args.env, n, seed)
-
-
-class Residual(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
-
-
-class ImpalaCNN(nn.Module):
-    """IMPALA's deep residual encoder (Espeholt et al. 2018, fig. 3): per stage (16, 32, 32 channels) conv 3x3,
-    max-pool 3x3 stride 2, two residual blocks; then ReLU, FC 3872 -> 256, ReLU. Frames (N, 4, 84, 84) uint8."""
-
-    def __init__(self, in_channels, n_out=256):
-        super().__init__()
-        stages = []
-        for c in (16, 32, 32):
-            stages += [nn.Conv2d(in_channels, c, 3, padding=1), nn.MaxPool2d(3, 2, padding=1), Residual(c),
-                       Residual(c)]
-            in_channels = c
-        self.stages = nn.Sequential(*stages)
-        self.fc = nn.Linear(32 * 11 * 11, n_out)
-
-    def forward(self, x):
-        return F.relu(self.fc(F.relu(self.stages(x.float() / 255)).flatten(1)))
-
-
-class Agent(nn.Module):
-    """Encoder (Atari: ImpalaCNN; vectors: standardised by running statistics, then a two-layer MLP) -> concat the
-    clipped last reward -> linear to d_model -> the core (any rfwp.py model but the transformer; one step per call)
-    -> policy logits and baseline (one linear head). The core's reset mask zeroes the state of the environments
-    whose episode just ended. With --official_rl_core an lstm core reads the concatenation itself (the official
-    LSTM agent has no linear map before its LSTM; its fast-weight agents have one, as here)."""
-
-    def __init__(self, args, obs_shape, n_actions):
-        super().__init__()
-        self.image, self.memoryless = len(obs_shape) == 3, args.memoryless
-        if self.image:
-            self.encoder, n_feat = ImpalaCNN(obs_shape[0]), 256
-        else:
-            self.encoder = nn.Sequential(nn.Linear(obs_shape[0], args.d_model), nn.ReLU(),
-                                         nn.Linear(args.d_model, args.d_model), nn.ReLU())
-            n_feat = args.d_model
-            self.register_buffer("obs_count", torch.zeros(()))
-            self.register_buffer("obs_mean", torch.zeros(obs_shape))
-            self.register_buffer("obs_var", torch.ones(obs_shape))
-        raw = args.official_rl_core and args.model == "lstm"
-        self.core_in = nn.Identity() if raw else nn.Linear(n_feat + 1, args.d_model)
-        self.core = build_model(dataclasses.replace(args, impl="loop" if args.impl == "chunk" else args.impl),
-                                n_feat + 1 if raw else args.d_model, n_actions + 1,
-                                embed=nn.Identity())  # one step per call: no chunks
-
-    @torch.no_grad()
-    def observe(self, obs):
-        """Merge a batch (N, n_obs) into the running mean and variance of vector observations (Chan et al. 1979)."""
-        if self.image:
-            return
-        n, mean, var = obs.shape[0], obs.mean(0), obs.var(0, unbiased=False)
-        total, delta = self.obs_count + n, mean - self.obs_mean
-        self.obs_var.copy_((self.obs_var * self.obs_count + var * n + delta**2 * self.obs_count * n / total) / total)
-        self.obs_mean.add_(delta * n / total)
-        self.obs_count.copy_(total)
-
-    def forward(self, obs, last_reward, state=None, reset=None):
-        """obs (B, *obs_shape), last_reward (B,), reset (B,) bool -> logits (B, A), value (B,), new state"""
-        if self.memoryless:  # --memoryless: every step starts from the zero state
-            reset = torch.ones(obs.shape[0], dtype=torch.bool, device=obs.device)
-        if not self.image:
-            obs = ((obs - self.obs_mean) / (self.obs_var + 1e-8).sqrt()).clamp(-10, 10)
-        x = torch.cat([self.encoder(obs), last_reward.clamp(-1, 1).unsqueeze(-1)], -1)
-        out, state = self.core(self.core_in(x).unsqueeze(1), state, reset)  # (B, 1, A + 1)
-        return out[:, 0, :-1], out[:, 0, -1], state
-
-
-def vtrace(log_rhos, discounts, rewards, values, bootstrap_value, rho_bar=1.0, c_bar=1.0):
-    """V-trace targets (Espeholt et al. 2018, eq. 1 and section 4.2), all (T, B) but bootstrap_value (B,):
-    v_s = V(x_s) + sum_{t>=s} (prod_{i=s}^{t-1} gamma_i c_i) delta_t
-    delta_t = rho_t (r_t + gamma_t V(x_{t+1}) - V(x_t)),
-    rho_t = min(rho_bar, pi/mu), c_i = min(c_bar, pi/mu), computed backwards as v_s - V(x_s) = delta_s + gamma_s c_s
-    (v_{s+1} - V(x_{s+1})). Returns v_s and the policy-gradient advantages rho_s (r_s + gamma_s v_{s+1} - V(x_s))."""
-    with torch.no_grad():
-        rhos = log_rhos.exp()
-        rho, c = rhos.clamp(max=rho_bar), rhos.clamp(max=c_bar)
-        values_next = torch.cat([values[1:], bootstrap_value[None]])
-        deltas = rho * (rewards + discounts * values_next - values)
-        acc, vs_minus_v = torch.zeros_like(bootstrap_value), []
-        for t in reversed(range(len(deltas))):
-            acc = deltas[t] + discounts[t] * c[t] * acc
-            vs_minus_v.append(acc)
-        vs = torch.stack(vs_minus_v[::-1]) + values
-        vs_next = torch.cat([vs[1:], bootstrap_value[None]])
-        return vs, rho * (rewards + discounts * vs_next - values)
-
-
-class Carry(NamedTuple):
-    """What one unroll hands to the next: the agent's next inputs and its core state."""
-    obs: np.ndarray  # (B, ...) the latest observations
-    last_reward: torch.Tensor  # (B,) the reward that came with them
-    reset: torch.Tensor  # (B,) bool: the episode ended there, so the core state starts from zero
-    state: object  # the core state (None: zero)
-
-
-class Unroll(NamedTuple):
-    traj: dict  # (T, B) tensors: logits, values, actions, rewards, discounts; bootstrap (B,)
-    finished: list  # returns of the episodes that ended in this unroll
-    env_time: float  # seconds spent in the environments
-    carry: Carry
-
-
-class Update(NamedTuple):
-    loss: torch.Tensor
-    parts: dict  # pg_loss, baseline_loss, entropy
-    finished: list
-    env_time: float
-    carry: Carry
-
-
-def rl_unroll(agent, envs, carry, args, device):
-    """Step every environment args.unroll times with the current policy (graph kept), then compute the bootstrap
-    value. Returns an Unroll: the trajectory, the returns of the episodes that ended, the emulator seconds, the new
-    Carry."""
-    obs, last_reward, reset, state = carry
-    logits, values, actions, rewards, discounts, finished, env_time, seen = [], [], [], [], [], [], 0.0, [obs]
-    for t in range(args.unroll):
-        if args.truncate and t % args.truncate == 0:
-            state = detach_state(state)
-        logit, value, state = agent(torch.as_tensor(obs, device=device), last_reward, state, reset)
-        action = torch.multinomial(F.softmax(logit.detach().float(), -1), 1).squeeze(-1)
-        t_env = time.perf_counter()
-        obs, reward, done, life_end = envs.step(action.cpu().numpy())
-        env_time += time.perf_counter() - t_env
-        seen.append(obs)
-        envs.returns += reward
-        finished += envs.returns[done].tolist()
-        envs.returns[done] = 0
-        # the next step's input: the new observation, this reward, and a reset where the episode ended
-        last_reward = torch.as_tensor(reward, device=device)
-        reset = torch.as_tensor(done, device=device)
-        logits.append(logit), values.append(value), actions.append(action)
-        rewards.append(args.reward_scale * last_reward)
-        discounts.append(args.discount * (1 - torch.as_tensor(life_end, device=device, dtype=torch.float32)))
-    with torch.no_grad():  # V(x_T): the state is not advanced (the next unroll starts from x_T again)
-        _, bootstrap, _ = agent(torch.as_tensor(obs, device=device), last_reward, state, reset)
-    if not agent.image:  # the observation statistics change between unrolls, never within one
-        agent.observe(torch.as_tensor(np.concatenate(seen[:-1]), device=device))
-    traj = dict(logits=torch.stack(logits), values=torch.stack(values), actions=torch.stack(actions),
-                rewards=torch.stack(rewards), discounts=torch.stack(discounts), bootstrap=bootstrap)
-    return Unroll(traj, finished, env_time, Carry(obs, last_reward, reset, detach_state(state)))
-
-
-def rl_loss(traj, args):
-    """IMPALA's loss, summed over time and batch (torchbeast): policy gradient with V-trace advantages, 0.5 x
-    baseline_cost x (v_s - V)^2, minus entropy_cost x entropy. Rewards (scaled by reward_scale) clipped to [-1, 1]."""
-    log_probs = F.log_softmax(traj["logits"].float(), -1)  # (T, B, A)
-    log_pi = log_probs.gather(-1, traj["actions"].unsqueeze(-1)).squeeze(-1)
-    behaviour = log_pi.detach()  # synchronous: the behaviour policy is the current one, pi/mu = 1
-    values = traj["values"].float()
-    vs, advantages = vtrace(log_pi.detach() - behaviour, traj["discounts"], traj["rewards"].clamp(-1, 1),
-                            values.detach(), traj["bootstrap"].float())
-    pg = -(log_pi * advantages).sum()
-    baseline = 0.5 * (vs - values).square().sum()
-    entropy = -(log_probs.exp() * log_probs).sum()
-    total = pg + args.baseline_cost * baseline - args.entropy_cost * entropy
-    return total, {"pg_loss": pg.item(), "baseline_loss": baseline.item(), "entropy": entropy.item() / vs.numel()}
-
-
-def rl_update(agent, opt, envs, carry, args, device):
-    """One unroll and, if its loss is finite, one clipped RMSProp step. Returns an Update: the loss, its parts, the
-    returns of the episodes that ended, the emulator seconds and the new Carry."""
-    unroll = rl_unroll(agent, envs, carry, args, device)
-    loss, parts = rl_loss(unroll.traj, args)
-    if torch.isfinite(loss):
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip > 0:
-            nn.utils.clip_grad_norm_(agent.parameters(), args.grad_clip)
-        opt.step()
-    return Update(loss, parts, unroll.finished, unroll.env_time, unroll.carry)
-
-
-def rl_start(envs, device, n):
-    """Reset the environments: the first Carry (zero reward, a reset everywhere, no core state)."""
-    envs.returns = np.zeros(n, dtype=np.float64)
-    return Carry(envs.reset(), torch.zeros(n, device=device), torch.ones(n, dtype=torch.bool, device=device), None)
-
-
-def rl_log_update(args, env_steps, update, returns, bar, t0):
-    """metrics.jsonl: every finished episode's return and the update's losses; the bar: the last 100 returns."""
-    for r in update.finished:
-        log_metrics(args.out_dir, env_steps, "episode", {"return": r}, t0)
-    log_metrics(args.out_dir, env_steps, "train", dict(loss=update.loss.item(), **update.parts), t0)
-    if returns:
-        bar.set_postfix(ret=f"{np.mean(returns[-100:]):.1f}", ent=f"{update.parts['entropy']:.2f}")
-
-
-def rl_log_window(args, step, per_update, returns, dt, n_updates, env_time, t0):
-    """One line per --eval_every updates: the mean of the last 100 returns, speed and the environments' share."""
-    recent, n = returns[-100:], per_update * n_updates
-    mean = np.mean(recent) if recent else float("nan")
-    tqdm.write(f"update {step} ({step * per_update} steps): return {mean:.1f} (last {len(recent)} episodes), "
-               f"{len(returns)} episodes, {n / dt:.0f} steps/s, {100 * env_time / dt:.0f}% of the time in the "
-               "environments")
-    log_metrics(args.out_dir, step * per_update, "train", {"steps_per_s": n / dt, "env_time_frac": env_time / dt}, t0)
-
-
-def rl_train(args):
-    device = pick_device(args.device, args.impl)
-    seed_everything(args.seed)
-    envs = make_envs(args, args.batch_size, args.seed)
-    agent = Agent(args, envs.obs_shape, envs.n_actions).to(device)
-    opt = torch.optim.RMSprop(agent.parameters(), lr=args.lr, alpha=0.99, eps=0.01)
-    per_update = args.batch_size * args.unroll
-    n_updates = max(1, args.env_steps // per_update)
-    step, returns = 0, []
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    if args.resume:
-        ckpt = resume_from(ckpt_path, agent, opt, device)
-        step, returns = ckpt["step"], ckpt["returns"]
-        envs.seed = args.seed + step  # fresh episodes: the environments' own state is not saved
-    os.makedirs(args.out_dir, exist_ok=True)
-    if args.resume:
-        truncate_metrics(args.out_dir, step * per_update)  # the RL logs count environment steps
-    print(f"config: {json.dumps(dataclasses.asdict(args))}")
-    print(f"device {device}, env {args.env} (observation {envs.obs_shape}, {envs.n_actions} actions), "
-          f"core {args.model}, {sum(p.numel() for p in agent.parameters()) / 1e6:.2f}M parameters, {n_updates} "
-          f"updates of {args.batch_size} x {args.unroll} steps, starting at update {step}")
-    if step >= n_updates:
-        print(f"the checkpoint in {args.out_dir} is already at update {step} of {n_updates}; nothing to do")
-        return
-    carry = rl_start(envs, device, args.batch_size)
-    t0, env_time, t_window, step_window = time.time(), 0.0, time.time(), step
-    bar = tqdm(total=n_updates * per_update, initial=step * per_update, unit="step", dynamic_ncols=True)
-    while step < n_updates:
-        for group in opt.param_groups:
-            group["lr"] = args.lr * (1 - step / n_updates)  # linear decay to 0
-        update = rl_update(agent, opt, envs, carry, args, device)
-        if not torch.isfinite(update.loss):
-            bar.close()
-            print(f"error: the loss became {update.loss.item()} at update {step}; the last good checkpoint stays at "
-                  f"{ckpt_path}. Lower --lr.", file=sys.stderr)
-            sys.exit(1)
-        carry, step, env_time = update.carry, step + 1, env_time + update.env_time
-        returns += update.finished
-        bar.update(per_update)
-        rl_log_update(args, step * per_update, update, returns, bar, t0)
-        if step % args.eval_every == 0 or step == n_updates or step == args.stop_at:
-            rl_log_window(args, step, per_update, returns, time.time() - t_window, step - step_window, env_time, t0)
-            t_window, step_window, env_time = time.time(), step, 0.0
-            save_checkpoint(ckpt_path, {
-                "model": agent.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                "args": dataclasses.asdict(args), "returns": returns, "rng": rng_state()})
-            if step == args.stop_at:
-                break
-    bar.close()
-    envs.close()
-    if step == n_updates:
-        print(f"final: mean return of the last {len(returns[-100:])} episodes {np.mean(returns[-100:]):.1f} after "
-              f"{step * per_update} environment steps, {time.time() - t0:.0f}s")
-
-
-@torch.no_grad()
-def rl_evaluate(args):
-    """The greedy (argmax) policy of out_dir/ckpt.pt, one episode in each of args.eval environments."""
-    device = pick_device(args.device)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    if not os.path.exists(ckpt_path):
-        fail(f"--eval: no checkpoint at {ckpt_path}; train first (same --out_dir)")
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-    saved = Args(**ckpt["args"])
-    if saved.task != "rl":
-        fail(f"--eval: {ckpt_path} is a --task {saved.task} checkpoint, not an agent")
-    envs = make_envs(saved, args.eval, args.seed + 10**6)  # seeds apart from training's
-    agent = Agent(saved, envs.obs_shape, envs.n_actions).to(device)
-    agent.load_state_dict(ckpt["model"])
-    agent.eval()
-    obs, last_reward, reset, state = rl_start(envs, device, args.eval)
-    scores = np.full(args.eval, np.nan)
-    t0 = time.time()
-    while np.isnan(scores).any():
-        logit, _, state = agent(torch.as_tensor(obs, device=device), last_reward, state, reset)
-        obs, reward, done, life_end = envs.step(logit.argmax(-1).cpu().numpy())
-        envs.returns += reward
-        end = life_end if args.eval_per_life else done
-        first = end & np.isnan(scores)
-        scores[first] = envs.returns[first]
-        envs.returns[end] = 0
-        last_reward, reset = torch.as_tensor(reward, device=device), torch.as_tensor(done, device=device)
-    envs.close()
-    log_metrics(args.out_dir, ckpt["step"], "eval", {"return_mean": scores.mean(), "return_std": scores.std()}, t0)
-    print(f"eval: greedy policy of {ckpt_path} (update {ckpt['step']}), {args.eval} episodes of {saved.env}: return "
-          f"{scores.mean():.1f} +- {scores.std():.1f} (min {scores.min():.1f}, max {scores.max():.1f}), "
-          f"{time.time() - t0:.0f}s")
-    return scores
-
-
-def rl_bench(args):
-    """Environment steps per second: the emulator alone (random actions), then a full update (acting, V-trace,
-    backward, RMSProp) for each core, with the share of the update spent in the environments. Each fast-weight core
-    with --impl loop (one Python step per environment step) and, where the device's kernels build, --impl kernel."""
-    device = pick_device(args.device)
-    envs = make_envs(args, args.batch_size, args.seed)
-    n = args.batch_size * args.unroll
-    impls = ["loop", "kernel"] if kernels(device.type) else ["loop"]
-    print(f"device {device}, threads {torch.get_num_threads()}, env {args.env}, {args.batch_size} environments x "
-          f"unroll {args.unroll} = {n} steps per update, d_model {args.d_model}, n_layer {args.n_layer}, "
-          f"n_head {args.n_head}")
-    envs.reset()
-    t = time.perf_counter()
-    for _ in range(args.unroll):
-        envs.step(np.random.randint(envs.n_actions, size=args.batch_size))
-    print(f"{'emulator only':14} {n / (time.perf_counter() - t):9.0f} steps/s")
-    print(f"{'core':14} {'impl':6} {'params':>8} {'steps/s':>9} {'in envs':>8}")
-    for name in MODELS:
-        if name == "transformer":
-            continue
-        for impl in ["auto"] if name == "lstm" else impls:
-            torch.manual_seed(0)
-            agent = Agent(dataclasses.replace(args, model=name, impl=impl), envs.obs_shape, envs.n_actions).to(device)
-            opt = torch.optim.RMSprop(agent.parameters(), lr=args.lr, alpha=0.99, eps=0.01)
-            carry, times, env_times = rl_start(envs, device, args.batch_size), [], []
-            for _ in range(3):  # the first is a warm-up
-                t = time.perf_counter()
-                update = rl_update(agent, opt, envs, carry, args, device)
-                carry = update.carry
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t)
-                env_times.append(update.env_time)
-            t_med, env_med = float(np.median(times[1:])), float(np.median(env_times[1:]))
-            n_params = sum(p.numel() for p in agent.parameters())
-            print(f"{name:14} {impl:6} {n_params / 1e6:7.2f}M {n / t_med:9.0f} {100 * env_med / t_med:7.0f}%",
-                  flush=True)
-    envs.close()
-
-
-# ----------------------------------------------------------------------------------------------
 # Benchmark
 
 
@@ -1643,14 +1181,14 @@ def loop_error(model, step):
     return max(relative_error(a, b) for a, b in zip(*results))
 
 
-def relative_error(args, b):
-    return ((args.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+def relative_error(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
 
 # ----------------------------------------------------------------------------------------------
 # Scaffolding, the same in every script: command line (from the Args fields and their docstrings), errors,
-# device, checkpoint writes, seeds and --resume, metrics (here parse_args also fills the RL defaults and
-# pick_device checks --impl kernel).
+# device, checkpoint writes, seeds and --resume, metrics; here also the kernels' loader (and pick_device checks
+# --impl kernel). Nothing here is specific to the method.
 
 
 def fail(msg):
@@ -1694,11 +1232,6 @@ def parse_args(argv):
     if preset is not None and preset not in PRESETS:
         fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     args = Args(**PRESETS.get(preset, {}))
-    if kv.get("task", args.task) == "rl":
-        model_defaults = RL_DEFAULTS.get(kv.get("model", args.model), IMPALA)
-        for key, val in ENV_DEFAULTS.get(kv.get("env", args.env), model_defaults).items():
-            if key not in kv and key not in PRESETS.get(preset, {}):
-                setattr(args, key, val)
     for key, val in kv.items():
         typ = fields[key].type
         try:
@@ -1785,10 +1318,58 @@ def resume_from(path, model, opt, device):
     return ckpt
 
 
+_KERNELS = {}  # device type -> the loaded extension, or False once its build failed
+KERNEL_FILES = {"cpu": "cpu_kernels.cpp", "cuda": "cuda_kernels.cu"}
+
+
+def kernels(device_type):
+    """The fused kernels of a device (cpu_kernels.cpp on the CPU, cuda_kernels.cu on CUDA: the same functions), built
+    and loaded on first use (never at import). The build runs on a copy of the source named by a hash of it and of
+    torch's version, so an edit rebuilds, two scripts never clash and a copied script reuses the build. None, after one
+    warning, if that fails (no compiler, no ninja, no nvcc): the PyTorch forms run instead. The CPU build is for this
+    CPU (-march=native: its vector units; cpu_features names it). None for a device without a kernel file (mps)."""
+    if device_type not in KERNEL_FILES:
+        return None
+    if device_type not in _KERNELS:
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), KERNEL_FILES[device_type])
+        try:
+            from torch.utils.cpp_extension import load
+
+            with open(src, "rb") as f:
+                code = f.read()
+            digest = hashlib.sha256(code + torch.__version__.encode() + cpu_features().encode()).hexdigest()[:16]
+            name = f"fwp_{device_type}_kernels_{digest}"  # one build for every script
+            root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                           "torch_extensions")
+            build = os.path.join(root, name)
+            os.makedirs(build, exist_ok=True)
+            copy = os.path.join(build, os.path.basename(src))
+            if not os.path.exists(copy):
+                with open(copy + ".tmp", "wb") as f:
+                    f.write(code)
+                os.replace(copy + ".tmp", copy)
+            flags = ["-O3", "-march=native", "-fopenmp" if torch.backends.openmp.is_available() else "-fopenmp-simd"]
+            _KERNELS[device_type] = load(name, [copy], build_directory=build, extra_cflags=flags,
+                                         extra_cuda_cflags=["-O3"], verbose=False)
+        except Exception as e:  # no compiler, no ninja, a compile error: the PyTorch forms still work
+            print(f"warning: {os.path.basename(src)} unavailable ({type(e).__name__}: {str(e)[-2000:]}); using the "
+                  "PyTorch forms", file=sys.stderr)
+            _KERNELS[device_type] = False
+    return _KERNELS[device_type] or None
+
+
+def cpu_features():
+    """The CPU's instruction sets, which a -march=native build uses: part of the build's name, so that a build folder
+    shared by machines of other CPUs (a home directory on a cluster) is never loaded where it would not run."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.task == "rl":
-        return rl_bench(args) if args.bench else rl_evaluate(args) if args.eval else rl_train(args)
     if args.bench:
         return bench(args)
     train(args)

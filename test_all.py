@@ -6,6 +6,7 @@ Run: python -m pytest test_all.py
 import dataclasses
 import functools
 import http.server
+import inspect
 import io
 import json
 import math
@@ -1157,10 +1158,11 @@ def test_rf_model_chunk_equals_loop(name):
     torch.testing.assert_close(logits_chunk, logits_loop, rtol=1e-10, atol=1e-10)
 
 
-def rf_layer_inputs(a, name):
+def rf_layer_inputs(name, **kw):
+    """One head of width 4 (keywords as make_layer takes them) and a float64 input of 5 steps."""
     torch.manual_seed(0)
-    layer = rfwp.LAYERS[name](a).double()
-    return layer, torch.randn(2, 5, a.d_model, dtype=torch.float64)
+    layer = rfwp.make_layer(name, d_model=4, n_head=1, **kw).double()
+    return layer, torch.randn(2, 5, 4, dtype=torch.float64)
 
 
 def test_rf_post_ln_transformer_equals_torch_encoder_layers():
@@ -1186,8 +1188,7 @@ def test_rf_post_ln_transformer_equals_torch_encoder_layers():
 
 def test_rf_delta_rnn_and_lstm_equations():
     """The recurrent layers against their equations written out step by step (one head, d = 4)."""
-    a = rfwp.parse_args(["--d_model", "4", "--n_head", "1", "--impl", "loop"])
-    layer, x = rf_layer_inputs(a, "delta_rnn")
+    layer, x = rf_layer_inputs("delta_rnn", impl="loop")
     q, k, v, b, k_r, v_r, b_r = layer.project(x)
     z, _ = rfwp.fast_weight_loop(rfwp.elu1_sumnorm(q), rfwp.elu1_sumnorm(k), v, torch.sigmoid(b))
     R, y, ys = torch.zeros(2, 1, 4, 4, dtype=torch.float64), torch.zeros(2, 1, 4, dtype=torch.float64), []
@@ -1198,7 +1199,7 @@ def test_rf_delta_rnn_and_lstm_equations():
         ys.append(y)
     torch.testing.assert_close(layer(x)[0], layer.out(rfwp.merge(torch.stack(ys, 2))))
 
-    layer, x = rf_layer_inputs(a, "delta_lstm")
+    layer, x = rf_layer_inputs("delta_lstm", impl="loop")
     p = layer.project(x)
     c, h, Rs, hs = (torch.zeros(2, 1, 4, dtype=torch.float64),) * 2 + ([torch.zeros(2, 1, 4, 4, dtype=torch.float64)] * 3,) + ([],)
     zs = [rfwp.fast_weight_loop(rfwp.elu1_sumnorm(p[7 * g]), rfwp.elu1_sumnorm(p[7 * g + 1]), p[7 * g + 2],
@@ -1217,8 +1218,7 @@ def test_rf_delta_rnn_and_lstm_equations():
 
 
 def test_rf_rdn_equations():
-    a = rfwp.parse_args(["--d_model", "4", "--n_head", "1"])
-    layer, x = rf_layer_inputs(a, "rdn")
+    layer, x = rf_layer_inputs("rdn")
     q, k, v, b = layer.project(x)
     W, y, ys = torch.zeros(2, 1, 4, 4, dtype=torch.float64), torch.zeros(2, 1, 4, dtype=torch.float64), []
     Rq, Rk, Rv = layer.R[:, 0]
@@ -1402,10 +1402,13 @@ def test_rf_bench_runs(tmp_path):
     (["--model", "transformer", "--carry_state"], "--carry_state needs"),
     (["--d_model", "30", "--n_head", "4"], "not divisible"),
     (["--resume"], "no checkpoint"),
+    (["--impl", "chunkk"], "--impl must be one of auto, loop, chunk, kernel, got 'chunkk'"),
+    (["--task", "rl"], "is rfwp_rl.py"),
 ])
 def test_rf_cli_errors(tmp_path, args, message):
     p = run(script_copy(tmp_path, "rfwp.py"), "--preset", "tiny", "--out_dir", str(tmp_path / "o"), *args, check=False)
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+    assert p.stderr.count("\n") == 1, p.stderr  # one line
 
 
 def test_rf_negative_flag_values_are_errors():
@@ -1418,7 +1421,109 @@ def test_rf_help_lists_every_flag(tmp_path):
         assert f"--{field.name} (" in p.stdout
 
 
-# rfwp.py --task rl: the IMPALA agent
+@pytest.mark.parametrize("name", list(rfwp.LAYERS))
+def test_rf_layer_keyword_construction(name):
+    """Every layer is a torch module built from keywords with defaults, each one it reads (no other: a keyword it
+    does not read is a TypeError), checked with a ValueError naming the argument; forward and backward on (2, 10, 64)
+    with and without a carried state (two calls = one call over both halves, float64); extra_repr shows the sizes."""
+    cls = rfwp.LAYERS[name]
+    params = inspect.signature(cls).parameters
+    assert list(params)[:2] == ["d_model", "n_head"] and all(p.default is not p.empty for p in params.values())
+    torch.manual_seed(0)
+    layer = cls(d_model=64, n_head=4)
+    assert layer.extra_repr().startswith("d_model=64, n_head=4" + (", impl='auto'" if "impl" in params else ""))
+    x = torch.randn(2, 10, 64, requires_grad=True)
+    y, state = layer(x)
+    y2, state2 = layer(x.flip(1), state)
+    (y.square().sum() + y2.square().sum()).backward()
+    assert y.shape == y2.shape == (2, 10, 64) and x.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in layer.parameters())
+    layer.double()
+    xd = x.detach().double()
+    y, state = layer(xd)
+    y2, state2 = layer(xd.flip(1), state)
+    y12, state12 = layer(torch.cat([xd, xd.flip(1)], 1))
+    torch.testing.assert_close(torch.cat([y, y2], 1), y12, rtol=1e-10, atol=1e-10)
+    for a, b in zip(state2, state12):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    bad = [dict(n_head=5), dict(n_head=0), dict(d_model=-8), dict(d_model=64.0)]
+    bad += [dict(impl="chunkk"), dict(impl="cuda")] if "impl" in params else []
+    bad += [dict(chunk_size=0)] if "chunk_size" in params else []
+    bad += [dict(fast_net_depth=0)] if "fast_net_depth" in params else []
+    bad += [dict(official_rl_core="yes")] if "official_rl_core" in params else []
+    for kw in bad:
+        with pytest.raises(ValueError, match=list(kw)[0]):
+            cls(**kw)
+    for unread in {"impl", "chunk_size", "fast_net_depth", "official_rl_core"} - set(params):
+        with pytest.raises(TypeError):
+            cls(**{unread: 1})
+
+
+RF_BAD_MODEL_KEYWORDS = [
+    (rfwp.FWPModel, dict(model="lstm"), "model"), (rfwp.FWPModel, dict(model="gru"), "model"),
+    (rfwp.FWPModel, dict(n_layer=0), "n_layer"), (rfwp.FWPModel, dict(n_in=0), "n_in"),
+    (rfwp.FWPModel, dict(embed=torch.nn.Identity()), "n_in 12 must equal d_model 64"),
+    (rfwp.FWPModel, dict(d_model=30), "n_head"), (rfwp.FWPModel, dict(dropout=1.0), "dropout"),
+    (rfwp.FWPModel, dict(impl="chunkk"), "impl"), (rfwp.LSTMModel, dict(n_layer=0), "n_layer"),
+    (rfwp.LSTMModel, dict(dropout=-0.1), "dropout"), (rfwp.Block, dict(d_ff=0), "d_ff"),
+    (rfwp.Block, dict(post_ln=1), "post_ln")]
+
+
+def test_rf_model_keyword_construction_and_checks():
+    """Block, FWPModel and LSTMModel from keywords; each bad value a ValueError naming it (the command line's messages
+    come from the same checks): FWPModel's n_in is its embedding's size or, with an embed module given, must equal
+    d_model; the lstm is LSTMModel, not an FWPModel; a keyword a class does not read is a TypeError."""
+    torch.manual_seed(0)
+    model = rfwp.FWPModel(12, 7, model="rdn", d_model=16, n_head=2, n_layer=2, d_ff=32)
+    assert model.embed.num_embeddings == 12 and len(model.blocks) == 2 and isinstance(model.blocks[0].fwp, rfwp.RDNLayer)
+    logits, state = model(torch.randint(0, 12, (3, 5)))
+    assert logits.shape == (3, 5, 7) and len(state) == 2
+    core = rfwp.FWPModel(16, 7, model="delta", d_model=16, n_head=2, embed=torch.nn.Identity())
+    assert core(torch.randn(3, 5, 16))[0].shape == (3, 5, 7)
+    assert rfwp.LSTMModel(12, 7, d_model=16, n_layer=1)(torch.randint(0, 12, (3, 5)))[0].shape == (3, 5, 7)
+    for cls, kw, message in RF_BAD_MODEL_KEYWORDS:
+        with pytest.raises(ValueError, match=message):
+            cls(**kw) if cls is rfwp.Block else cls(**{"n_in": 12, "n_out": 7, **kw})
+    with pytest.raises(TypeError):
+        rfwp.LSTMModel(12, 7, n_head=4)
+
+
+def rf_readme_example():
+    """The README's example of the layers as modules (its python block that imports from rfwp)."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        return re.search(r"```python\n(from rfwp import .*?)```", f.read(), re.S).group(1)
+
+
+def test_rf_layers_from_a_folder_with_only_the_files_they_need(tmp_path):
+    """The README's example, run in a folder holding only rfwp.py, data.py and the kernel files."""
+    for f in ("rfwp.py", "data.py", "cpu_kernels.cpp", "cuda_kernels.cu"):
+        shutil.copy(os.path.join(HERE, f), tmp_path)
+    code = rf_readme_example() + """
+assert rfwp.__file__.startswith(os.getcwd())
+for bad in (dict(n_head=5), dict(impl="chunkk")):
+    try:
+        RDNLayer(d_model=64, **bad)
+    except ValueError as e:
+        print("ValueError:", e)
+"""
+    p = subprocess.run([sys.executable, "-c", "import os, rfwp\n" + code], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, PYTHONPATH=""))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "ValueError: d_model 64 is not divisible by n_head 5" in p.stdout, p.stdout
+    assert "ValueError: impl must be one of auto, loop, chunk, kernel, got 'chunkk'" in p.stdout, p.stdout
+    assert "warning" not in p.stderr, p.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# rfwp_rl.py: the IMPALA agent with rfwp.py's cores
+
+import rfwp_rl  # noqa: E402
+
+
+def rl_script_copy(tmp_path):
+    """rfwp_rl.py with the files its docstring says a copy needs: rfwp.py, data.py and the kernel files."""
+    shutil.copy(os.path.join(HERE, "rfwp.py"), tmp_path)
+    return script_copy(tmp_path, "rfwp_rl.py")
 
 
 def vtrace_reference(log_rhos, discounts, rewards, values, bootstrap, rho_bar=1.0, c_bar=1.0):
@@ -1456,7 +1561,7 @@ def test_rl_vtrace_equals_reference(rho_bar, c_bar):
     rewards = torch.randn(T, B, generator=g, dtype=torch.float64)
     values = torch.randn(T, B, generator=g, dtype=torch.float64)
     bootstrap = torch.randn(B, generator=g, dtype=torch.float64)
-    vs, adv = rfwp.vtrace(log_rhos, discounts, rewards, values, bootstrap, rho_bar, c_bar)
+    vs, adv = rfwp_rl.vtrace(log_rhos, discounts, rewards, values, bootstrap, rho_bar, c_bar)
     vs_ref, adv_ref = vtrace_reference(log_rhos, discounts, rewards, values, bootstrap, rho_bar, c_bar)
     torch.testing.assert_close(vs, vs_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(adv, adv_ref, rtol=1e-12, atol=1e-12)
@@ -1465,7 +1570,7 @@ def test_rl_vtrace_equals_reference(rho_bar, c_bar):
 def test_rl_vtrace_on_policy_is_the_discounted_return():
     """pi = mu, gamma = 1, V = 0, bootstrap 0: v_s is the plain sum of the rewards to the end of the unroll."""
     r = torch.arange(1.0, 6.0, dtype=torch.float64).view(5, 1)
-    vs, _ = rfwp.vtrace(torch.zeros(5, 1), torch.ones(5, 1), r, torch.zeros(5, 1), torch.zeros(1))
+    vs, _ = rfwp_rl.vtrace(torch.zeros(5, 1), torch.ones(5, 1), r, torch.zeros(5, 1), torch.zeros(1))
     torch.testing.assert_close(vs.flatten(), torch.tensor([15.0, 14, 12, 9, 5], dtype=torch.float64))
 
 
@@ -1492,16 +1597,16 @@ def test_rl_core_state_resets_where_an_episode_ends(name):
     step's policy and value equal a fresh agent run over that environment's current episode alone."""
     torch.manual_seed(0)
     np.random.seed(0)
-    a = rfwp.parse_args(["--task", "rl", "--preset", "tiny", "--model", name, "--unroll", "8"])
-    agent = rfwp.Agent(a, (3,), 2).double()
+    a = rfwp_rl.parse_args(["--preset", "tiny", "--model", name, "--unroll", "8"])
+    agent = rfwp_rl.build_agent(a, (3,), 2).double()
     seen = []  # (obs, last_reward) each step
     forward = agent.forward
     agent.forward = lambda obs, r, state, reset: (seen.append((obs.double(), r.double(), reset)),
                                                   forward(obs.double(), r.double(), state, reset))[1]
     envs = ScriptedEnvs()
-    carry = rfwp.rl_start(envs, torch.device("cpu"), 2)
+    carry = rfwp_rl.rl_start(envs, torch.device("cpu"), 2)
     stats = {k: v.clone() for k, v in agent.state_dict().items() if k.startswith("obs_")}
-    traj, finished, _, carry = rfwp.rl_unroll(agent, envs, carry, a, torch.device("cpu"))
+    traj, finished, _, carry = rfwp_rl.rl_unroll(agent, envs, carry, a, torch.device("cpu"))
     assert sorted(finished) == [3.0, 3.0, 5.0]
     assert agent.obs_count == 16  # the unroll's observations, merged after it
     agent.load_state_dict(stats, strict=False)
@@ -1525,18 +1630,17 @@ def test_rl_truncate_detaches_the_state_every_k_steps(truncate):
     """rl_unroll with --truncate K: the state entering step t carries a graph unless t % K == 0 (K = 0: never
     detached within an unroll); between unrolls it is always detached."""
     torch.manual_seed(0)
-    a = rfwp.parse_args(["--task", "rl", "--preset", "tiny", "--model", "rdn", "--unroll", "7", "--truncate",
-                         str(truncate)])
-    agent = rfwp.Agent(a, (3,), 2)
+    a = rfwp_rl.parse_args(["--preset", "tiny", "--model", "rdn", "--unroll", "7", "--truncate", str(truncate)])
+    agent = rfwp_rl.build_agent(a, (3,), 2)
     has_graph = []
     forward = agent.forward
     agent.forward = lambda obs, r, state, reset: (
         has_graph.append(state is not None and any(s.grad_fn is not None for layer in state for s in layer)),
         forward(obs, r, state, reset))[1]
     envs = ScriptedEnvs()
-    carry = rfwp.rl_start(envs, torch.device("cpu"), 2)
+    carry = rfwp_rl.rl_start(envs, torch.device("cpu"), 2)
     for _ in range(2):
-        _, _, _, carry = rfwp.rl_unroll(agent, envs, carry, a, torch.device("cpu"))
+        _, _, _, carry = rfwp_rl.rl_unroll(agent, envs, carry, a, torch.device("cpu"))
     steps = has_graph[:7] + has_graph[8:15]  # the bootstrap calls (8th of each unroll) aside
     assert steps == [t > 0 and not (truncate and t % truncate == 0) for t in list(range(7)) * 2]
 
@@ -1600,13 +1704,12 @@ def official_rl_core_step(agent, name, x, state):
 
 @pytest.mark.parametrize("name", ["linear", "delta", "delta_rnn", "rdn", "lstm"])
 def test_rl_cores_equal_the_official_forms(name):
-    """--task rl uses the official RL cores (--official_rl_core, on by default for rl): each core, stepped through 6
+    """rfwp_rl.py uses the official RL cores (--official_rl_core, on by default): each core, stepped through 6
     environment steps with its state carried, equals the official layer's equations written out."""
-    a = rfwp.parse_args(["--task", "rl", "--model", name, "--d_model", "8", "--n_head", "2", "--d_ff", "16",
-                         "--n_layer", "2"])
+    a = rfwp_rl.parse_args(["--model", name, "--d_model", "8", "--n_head", "2", "--d_ff", "16", "--n_layer", "2"])
     assert a.official_rl_core
     torch.manual_seed(0)
-    agent = rfwp.Agent(a, (3,), 2).double()
+    agent = rfwp_rl.build_agent(a, (3,), 2).double()
     obs, r = torch.randn(6, 4, 3, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
     state, ref_state = None, [None] * a.n_layer
     for t in range(6):
@@ -1621,8 +1724,8 @@ def test_rl_cores_equal_the_official_forms(name):
 def test_rl_memoryless_agent_starts_every_step_from_zero():
     """--memoryless: each step's output = a fresh agent's on that observation alone, whatever state is passed."""
     torch.manual_seed(0)
-    a = rfwp.parse_args(["--task", "rl", "--preset", "tiny", "--model", "delta", "--memoryless"])
-    agent = rfwp.Agent(a, (3,), 2).double()
+    a = rfwp_rl.parse_args(["--preset", "tiny", "--model", "delta", "--memoryless"])
+    agent = rfwp_rl.build_agent(a, (3,), 2).double()
     obs, r = torch.randn(5, 2, 3, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
     state = None
     for t in range(5):
@@ -1636,8 +1739,8 @@ def test_rl_memoryless_agent_starts_every_step_from_zero():
 
 def test_rl_smoke_cartpole_resume_and_eval(tmp_path):
     """The CPU memory task for a few hundred steps, a resumed run, then --eval of the checkpoint."""
-    script = script_copy(tmp_path, "rfwp.py")
-    common = ["--task", "rl", "--preset", "tiny", "--model", "delta", "--env_steps", "640", "--unroll", "10",
+    script = rl_script_copy(tmp_path)
+    common = ["--preset", "tiny", "--model", "delta", "--env_steps", "640", "--unroll", "10",
               "--batch_size", "4", "--eval_every", "4", "--out_dir", str(tmp_path / "o")]
     p = run(script, *common, "--stop_at", "8")
     assert "update 8 (320 steps)" in p.stdout and "final" not in p.stdout
@@ -1655,8 +1758,8 @@ def test_rl_smoke_cartpole_resume_and_eval(tmp_path):
 
 def test_rl_smoke_atari(tmp_path):
     """ale_py's vector environment with the IMPALA CNN: a few hundred agent steps of Breakout."""
-    script = script_copy(tmp_path, "rfwp.py")
-    p = run(script, "--task", "rl", "--preset", "tiny", "--model", "lstm", "--env", "ALE/Breakout-v5", "--env_steps",
+    script = rl_script_copy(tmp_path)
+    p = run(script, "--preset", "tiny", "--model", "lstm", "--env", "ALE/Breakout-v5", "--env_steps",
             "200", "--unroll", "25", "--batch_size", "4", "--out_dir", str(tmp_path / "o"))
     assert "observation (4, 84, 84), 4 actions" in p.stdout and "final: mean return" in p.stdout, p.stdout
 
@@ -1665,7 +1768,7 @@ def test_rl_atari_fire_after_a_lost_life():
     """Breakout waits for FIRE after each lost life. An agent that only ever sends NOOP still loses all 5 lives
     (the step after each loss executes FIRE, as the official FireResetEnv over the episodic-life wrapper); with the
     forced FIRE switched off, the ball is never served again and the game stalls at 4 lives."""
-    envs = rfwp.AtariEnvs("ALE/Breakout-v5", 2, seed=0)
+    envs = rfwp_rl.AtariEnvs("ALE/Breakout-v5", 2, seed=0)
     assert envs.fire == 1  # Breakout's minimal action set: NOOP, FIRE, RIGHT, LEFT
     noop = np.zeros(2, dtype=np.int64)
     envs.reset()
@@ -1712,17 +1815,16 @@ def test_rl_eval_per_life_scores_one_life(tmp_path, monkeypatch):
         def close(self):
             pass
 
-    args = rfwp.parse_args(["--task", "rl", "--preset", "tiny", "--model", "lstm", "--out_dir", str(tmp_path)])
-    agent = rfwp.Agent(args, LivesEnvs.obs_shape, LivesEnvs.n_actions)
+    args = rfwp_rl.parse_args(["--preset", "tiny", "--model", "lstm", "--out_dir", str(tmp_path)])
+    agent = rfwp_rl.build_agent(args, LivesEnvs.obs_shape, LivesEnvs.n_actions)
     torch.save({"args": dataclasses.asdict(args), "model": agent.state_dict(), "step": 0}, tmp_path / "ckpt.pt")
-    monkeypatch.setattr(rfwp, "make_envs", lambda saved, n, seed: LivesEnvs(n))
-    assert rfwp.rl_evaluate(dataclasses.replace(args, eval=2)).tolist() == [12.0, 12.0]
-    assert rfwp.rl_evaluate(dataclasses.replace(args, eval=2, eval_per_life=True)).tolist() == [4.0, 4.0]
+    monkeypatch.setattr(rfwp_rl, "make_envs", lambda saved, n, seed: LivesEnvs(n))
+    assert rfwp_rl.evaluate(dataclasses.replace(args, eval=2)).tolist() == [12.0, 12.0]
+    assert rfwp_rl.evaluate(dataclasses.replace(args, eval=2, eval_per_life=True)).tolist() == [4.0, 4.0]
 
 
 def test_rl_bench_runs(tmp_path):
-    p = run(script_copy(tmp_path, "rfwp.py"), "--task", "rl", "--preset", "tiny", "--bench", "--unroll", "4",
-            "--batch_size", "2")
+    p = run(rl_script_copy(tmp_path), "--preset", "tiny", "--bench", "--unroll", "4", "--batch_size", "2")
     assert re.search(r"^emulator only +\d+ steps/s", p.stdout, re.M), p.stdout
     assert re.search(r"^lstm +auto +\d", p.stdout, re.M), p.stdout
     for name in ("delta", "rdn"):
@@ -1731,18 +1833,23 @@ def test_rl_bench_runs(tmp_path):
 
 
 def test_rl_defaults_follow_the_official_commands():
-    """--task rl fills what flags and presets leave unset: the official cores and sizes for Atari (the LSTM one layer
-    of 256), the small CPU setting for CartPole-NoVel; an explicit flag wins; sequence tasks keep their forms and the
-    default 100k training examples (--preset paper: the paper's 10k)."""
-    size = lambda a: (a.official_rl_core, a.d_model, a.n_layer, a.d_ff, a.batch_size, a.lr)  # noqa: E731
-    atari = ["--task", "rl", "--env", "ALE/Pong-v5"]
-    assert size(rfwp.parse_args(atari)) == (True, 128, 2, 512, 32, 6e-4)
-    assert size(rfwp.parse_args(atari + ["--model", "lstm"])) == (True, 256, 1, 512, 32, 6e-4)
-    assert size(rfwp.parse_args(atari + ["--d_model", "64", "--official_rl_core", "false"])) == \
-        (False, 64, 2, 512, 32, 6e-4)
-    assert size(rfwp.parse_args(["--task", "rl"])) == (True, 64, 2, 256, 8, 3e-3)
-    assert size(rfwp.parse_args(["--task", "rl", "--model", "lstm"])) == (True, 64, 2, 256, 8, 3e-3)
-    assert size(rfwp.parse_args([])) == (False, 64, 2, 256, 32, 3e-3) and rfwp.parse_args([]).n_train == 100_000
+    """rfwp_rl.py's defaults are the CPU memory task's; any other environment gets what flags and presets leave unset
+    from the official settings: the official cores and sizes (the LSTM one layer of 256), IMPALA's batch, unroll,
+    raw rewards and lr; an explicit flag and the preset win. rfwp.py's sequence tasks keep their own defaults and
+    forms (a final LN) and the default 100k training examples (--preset paper: the paper's 10k)."""
+    size = lambda a: (a.official_rl_core, a.d_model, a.n_layer, a.d_ff, a.batch_size, a.lr, a.unroll,  # noqa: E731
+                      a.reward_scale)
+    atari = ["--env", "ALE/Pong-v5"]
+    assert size(rfwp_rl.parse_args(atari)) == (True, 128, 2, 512, 32, 6e-4, 50, 1.0)
+    assert size(rfwp_rl.parse_args(atari + ["--model", "lstm"])) == (True, 256, 1, 512, 32, 6e-4, 50, 1.0)
+    assert size(rfwp_rl.parse_args(atari + ["--d_model", "64", "--official_rl_core", "false"])) == \
+        (False, 64, 2, 512, 32, 6e-4, 50, 1.0)
+    assert size(rfwp_rl.parse_args(atari + ["--preset", "tiny"]))[1:5] == (32, 1, 64, 8)
+    assert size(rfwp_rl.parse_args([])) == (True, 64, 2, 256, 8, 3e-3, 20, 0.1)
+    assert size(rfwp_rl.parse_args(["--model", "lstm"])) == (True, 64, 2, 256, 8, 3e-3, 20, 0.1)
+    a = rfwp.parse_args([])
+    assert (a.d_model, a.n_layer, a.d_ff, a.batch_size, a.lr, a.n_train) == (64, 2, 256, 32, 3e-3, 100_000)
+    assert isinstance(rfwp.build_model(a, 5, 5).ln_f, torch.nn.LayerNorm)
     assert rfwp.parse_args(["--preset", "paper"]).n_train == 10_000
 
 
@@ -1757,14 +1864,38 @@ def test_rl_defaults_follow_the_official_commands():
 def test_rl_cli_errors(tmp_path, capsys, args, message):
     """In this process (the flag parsing and environment checks are the same code as a subprocess runs)."""
     with pytest.raises(SystemExit) as exit_info:
-        rfwp.main(["--task", "rl", "--preset", "tiny", "--out_dir", str(tmp_path / "o"), *args])
+        rfwp_rl.main(["--preset", "tiny", "--out_dir", str(tmp_path / "o"), *args])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_rl_agent_keyword_construction():
+    """Agent from keywords (build_agent maps the flags to them); a transformer core, a bad size or impl is a
+    ValueError with the command line's message."""
+    torch.manual_seed(0)
+    agent = rfwp_rl.Agent((3,), 2, model="delta_lstm", d_model=16, n_head=2, n_layer=1, d_ff=32)
+    logits, value, state = agent(torch.randn(4, 3), torch.zeros(4))
+    assert logits.shape == (4, 2) and value.shape == (4,) and state[0][1].shape == (4, 6, 8, 8)
+    assert isinstance(agent.core.ln_f, torch.nn.Identity)  # official_rl_core by default
+    for kw, message in [(dict(model="transformer"), "needs a fast-weight or recurrent core"),
+                        (dict(d_model=30), "d_model 30 is not divisible by n_head 4"), (dict(impl="chunkk"), "impl")]:
+        with pytest.raises(ValueError, match=message):
+            rfwp_rl.Agent((3,), 2, **kw)
+
+
+def test_rl_negative_flag_values_are_errors():
+    assert_negative_values_fail(rfwp_rl)
+
+
+def test_rl_help_lists_every_flag(tmp_path):
+    p = run(rl_script_copy(tmp_path), "--help")
+    for field in dataclasses.fields(rfwp_rl.Args):
+        assert f"--{field.name} (" in p.stdout
 
 
 def test_rl_observation_statistics_merge_exactly():
     """Running mean and variance merged batch by batch = numpy's over all observations."""
-    a = rfwp.parse_args(["--task", "rl", "--preset", "tiny"])
-    agent = rfwp.Agent(a, (3,), 2).double()
+    a = rfwp_rl.parse_args(["--preset", "tiny"])
+    agent = rfwp_rl.build_agent(a, (3,), 2).double()
     x = np.random.default_rng(0).normal(2.0, 3.0, (23, 3))
     for part in np.split(x, [5, 6, 17]):
         agent.observe(torch.as_tensor(part))
@@ -1773,7 +1904,7 @@ def test_rl_observation_statistics_merge_exactly():
 
 
 def test_rl_ale_game_names():
-    assert [rfwp.ale_game(n) for n in ("ALE/Breakout-v5", "ALE/MsPacman-v5", "ALE/MontezumaRevenge-v5")] == [
+    assert [rfwp_rl.ale_game(n) for n in ("ALE/Breakout-v5", "ALE/MsPacman-v5", "ALE/MontezumaRevenge-v5")] == [
         "breakout", "ms_pacman", "montezuma_revenge"]
 
 
@@ -3247,13 +3378,29 @@ def assert_kernel_equals_loop(loop, kernel, x, device, tol):
 
 
 RF_KERNEL_SHAPES = {  # (T, d, dtype) per device: T in {1, 37, 300}, every width class of both files, fp64 and fp32
-    "cpu": [(1, 3, torch.float64), (37, 16, torch.float64), (37, 40, torch.float64), (300, 64, torch.float64),
-            (37, 128, torch.float64), (1, 128, torch.float64), (300, 16, torch.float32), (300, 128, torch.float32)],
+    "cpu": [(1, 3, torch.float64), (37, 16, torch.float64), (37, 32, torch.float64), (37, 40, torch.float64),
+            (300, 64, torch.float64), (37, 128, torch.float64), (1, 128, torch.float64), (300, 16, torch.float32),
+            (300, 128, torch.float32)],
     "cuda": [(1, 16, torch.float64), (37, 16, torch.float64), (37, 40, torch.float64), (300, 64, torch.float64),
              (37, 128, torch.float32), (300, 16, torch.float32), (300, 64, torch.float32), (37, 16, torch.bfloat16),
              (300, 64, torch.bfloat16)]}
 RF_KERNEL_CASES = [pytest.param(dev.values[0], T, d, dt, marks=dev.marks, id=f"{dev.values[0]}-{T}-{d}-{str(dt)[6:]}")
                    for dev in (ON_CPU, ON_CUDA) for T, d, dt in RF_KERNEL_SHAPES[dev.values[0]]]
+
+
+def test_rf_cpu_kernel_shapes_cover_every_compiled_width():
+    """cpu_kernels.cpp compiles the loops over a row for a few widths (dispatch_width) and a generic one: each case
+    sends its width to the code of that width, and the kernel tests above and below (every recurrence, the delta and
+    sum rules, against the float64 loops) run each compiled width and a generic one in float64."""
+    with open(os.path.join(HERE, "cpu_kernels.cpp")) as f:
+        src = f.read()
+    body = src[src.index("void dispatch_width("):]
+    body = body[: body.index("\n}\n")]
+    cases = re.findall(r"case (\d+): return f\(std::integral_constant<int, (\d+)>\(\)\);", body)
+    assert cases and "default: return f(std::integral_constant<int, 0>());" in body, body
+    assert all(a == b for a, b in cases), cases
+    widths = {d for _, d, dtype in RF_KERNEL_SHAPES["cpu"] if dtype == torch.float64}
+    assert {int(a) for a, _ in cases} <= widths and widths - {int(a) for a, _ in cases}, (cases, widths)
 
 
 @pytest.mark.parametrize("model", list(RF_RECURRENCES))
@@ -3379,14 +3526,13 @@ def grad_fns(t):
 @needs_cxx
 @pytest.mark.parametrize("name", ["rdn", "delta_lstm", "delta"])
 def test_rl_agent_steps_through_the_cpu_kernels(name):
-    """--task rl, default --impl auto on the CPU: the agent's single steps run the fused kernels (equal to the loop)."""
+    """rfwp_rl.py, default impl auto on the CPU: the agent's single steps run the fused kernels (equal to the loop)."""
     rf_kernels("cpu")
-    args = rfwp.parse_args(["--task", "rl", "--model", name, "--d_model", "16", "--n_head", "2", "--d_ff", "32"])
     obs, reward = torch.randn(3, 2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     outs = []
     for impl in ("auto", "loop"):
         torch.manual_seed(0)
-        agent = rfwp.Agent(dataclasses.replace(args, impl=impl), (2,), 2).double()
+        agent = rfwp_rl.Agent((2,), 2, model=name, d_model=16, n_head=2, d_ff=32, impl=impl).double()
         logits, value, state = agent(obs, reward)
         logits2, _, _ = agent(obs, reward, state)
         assert any(type(fn).__name__.endswith("KernelBackward") for fn in grad_fns(logits2)) == (impl == "auto")
