@@ -61,6 +61,33 @@ def read_metrics(out_dir):
         return [json.loads(line) for line in f]
 
 
+def readme_snippets(module):
+    """The README's "Use a layer" blocks that import from `module`: [(the files their first line names, the code)]."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        blocks = re.findall(r"```python\n# files: (.*?)\n(.*?)```", f.read(), re.S)
+    found = [(files.split(), code) for files, code in blocks if re.search(rf"^from {module} import ", code, re.M)]
+    assert found, f"README.md has no 'Use a layer' block importing from {module}"
+    return found
+
+
+def run_readme_snippets(tmp_path, module, extra=""):
+    """Run each such block, then `extra`, in an empty folder holding only the files the block names (no PYTHONPATH:
+    the module comes from that folder); -> the stdout of each."""
+    outputs = []
+    for i, (files, code) in enumerate(readme_snippets(module)):
+        folder = tmp_path / f"snippet{i}"
+        folder.mkdir()
+        for f in files:
+            shutil.copy(os.path.join(HERE, f), folder)
+        check = f"\nimport os, {module}\nassert {module}.__file__.startswith(os.getcwd())\n"
+        p = subprocess.run([sys.executable, "-c", code + check + extra], cwd=folder, capture_output=True, text=True,
+                           timeout=600, env=dict(os.environ, PYTHONPATH=""))
+        assert p.returncode == 0, f"README block {i} of {module}:\n{code}\n{p.stderr[-3000:]}"
+        assert "warning" not in p.stderr, p.stderr
+        outputs.append(p.stdout)
+    return outputs
+
+
 def leave_as_killed(out_dir, full_dir, step):
     """metrics.jsonl as a run killed some time after its checkpoint at `step` leaves it: lines of the steps after the
     checkpoint (here the uninterrupted run's) and a last line cut short. --resume must drop both."""
@@ -406,6 +433,11 @@ for kw, name in ((dict(n_head=5), "n_head"), (dict(impl="chunkk"), "impl")):
     else:
         raise AssertionError(kw)
 """
+
+
+def test_dn_readme_block_runs_from_a_folder_with_only_the_files_it_needs(tmp_path):
+    """The README's "Use a layer" block for delta_net.py, run as written in a folder holding only the files it names."""
+    run_readme_snippets(tmp_path, "delta_net")
 
 
 def test_dn_layer_keyword_construction(tmp_path):
@@ -903,6 +935,11 @@ for kw, name in ((dict(n_head=5), "n_head"), (dict(impl="chunkk"), "impl")):
     else:
         raise AssertionError(kw)
 """
+
+
+def test_lt_readme_block_runs_from_a_folder_with_only_the_files_it_needs(tmp_path):
+    """The README's "Use a layer" block for linear_transformer.py, run as written in a folder holding only the files it names."""
+    run_readme_snippets(tmp_path, "linear_transformer")
 
 
 def test_lt_layer_keyword_construction(tmp_path):
@@ -1488,30 +1525,18 @@ def test_rf_model_keyword_construction_and_checks():
         rfwp.LSTMModel(12, 7, n_head=4)
 
 
-def rf_readme_example():
-    """The README's example of the layers as modules (its python block that imports from rfwp)."""
-    with open(os.path.join(HERE, "README.md")) as f:
-        return re.search(r"```python\n(from rfwp import .*?)```", f.read(), re.S).group(1)
-
-
-def test_rf_layers_from_a_folder_with_only_the_files_they_need(tmp_path):
-    """The README's example, run in a folder holding only rfwp.py, data.py and the kernel files."""
-    for f in ("rfwp.py", "data.py", "cpu_kernels.cpp", "cuda_kernels.cu"):
-        shutil.copy(os.path.join(HERE, f), tmp_path)
-    code = rf_readme_example() + """
-assert rfwp.__file__.startswith(os.getcwd())
+def test_rf_readme_layers_run_from_a_folder_with_only_the_files_they_need(tmp_path):
+    """The README's "Use a layer" block for rfwp.py, run in a folder holding only the files it names; there, bad
+    keywords are ValueErrors naming the argument."""
+    out = run_readme_snippets(tmp_path, "rfwp", """
 for bad in (dict(n_head=5), dict(impl="chunkk")):
     try:
         RDNLayer(d_model=64, **bad)
     except ValueError as e:
         print("ValueError:", e)
-"""
-    p = subprocess.run([sys.executable, "-c", "import os, rfwp\n" + code], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=600, env=dict(os.environ, PYTHONPATH=""))
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "ValueError: d_model 64 is not divisible by n_head 5" in p.stdout, p.stdout
-    assert "ValueError: impl must be one of auto, loop, chunk, kernel, got 'chunkk'" in p.stdout, p.stdout
-    assert "warning" not in p.stderr, p.stderr
+""")[0]
+    assert "ValueError: d_model 64 is not divisible by n_head 5" in out, out
+    assert "ValueError: impl must be one of auto, loop, chunk, kernel, got 'chunkk'" in out, out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2707,6 +2732,11 @@ print("ok")
 """
 
 
+def test_od_readme_block_runs_from_a_folder_with_only_the_files_it_needs(tmp_path):
+    """The README's "Use a layer" block for ode_fwp.py, run as written in a folder holding only the files it names."""
+    run_readme_snippets(tmp_path, "ode_fwp")
+
+
 def test_od_model_keyword_construction(tmp_path):
     """A user's copy (ode_fwp.py, data.py, cpu_kernels.cpp, nothing else): the models built from keywords alone, forward
     and backward on a small batch of series, the solver's settings given at construction or for one call, extra_repr,
@@ -2911,6 +2941,11 @@ for cls, kw, message in bad:
         raise AssertionError(kw)
 print("ok")
 """
+
+
+def test_pg_readme_block_runs_from_a_folder_with_only_the_files_it_needs(tmp_path):
+    """The README's "Use a layer" block for policy_generator.py, run as written in a folder holding only the files it names."""
+    run_readme_snippets(tmp_path, "policy_generator")
 
 
 def test_pg_model_keyword_construction(tmp_path):
