@@ -3662,3 +3662,20 @@ def test_data_load_text_file_char_and_batching(tmp_path):
         data.load_text(str(path), "bpe", str(tmp_path))
 
 
+# ----------------------------------------------------------------------------------------------
+# figures/plot.py: the README's figures from the committed logs
+
+
+def test_fig_plot_draws_every_figure_from_the_committed_logs(tmp_path):
+    sys.path.insert(0, os.path.join(HERE, "figures"))
+    try:
+        import plot
+    finally:
+        sys.path.pop(0)
+    p = subprocess.run([sys.executable, os.path.join(HERE, "figures", "plot.py"), "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for name in plot.FIGURES:
+        with open(tmp_path / f"{name}.png", "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+
