@@ -38,7 +38,8 @@ torch.set_num_threads(2)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-needs_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
+CXX = shutil.which(os.environ.get("CXX", "c++"))  # the compiler torch.utils.cpp_extension builds with: $CXX, else c++
+needs_cxx = pytest.mark.skipif(CXX is None, reason="no C++ compiler ($CXX, else c++)")
 
 
 def script_copy(tmp_path, name="delta_net.py"):
@@ -3110,16 +3111,25 @@ def test_lt_cuda_bf16_training_smoke(tmp_path, args):
 
 
 
-# The kernels' device code on the CPU (rfwp.py's recurrent kernels, delta_net.py's chunk pass): one std::thread per
-# CUDA thread, __syncthreads and warp shuffles emulated with barriers (the kernels keep their warps converged, so a shuffle is a warp-wide exchange)
+# The kernels' device code on the CPU (rfwp.py's recurrent kernels, delta_net.py's chunk pass): each CUDA thread a fiber
+# (ucontext), at most 4 OS threads per block; __syncthreads and warp shuffles wait as on the GPU (the kernels keep their
+# warps converged, so a shuffle is a warp-wide exchange)
 
 CUDA_ON_CPU = r"""
+#include <ucontext.h>
+
+#include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
+#include <mutex>
+#include <random>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -3130,25 +3140,50 @@ CUDA_ON_CPU = r"""
 #define __launch_bounds__(n)
 using std::max;
 struct Dim3 { unsigned x = 1, y = 1, z = 1; };
-thread_local Dim3 threadIdx, blockIdx;
-Dim3 blockDim;
-std::barrier<>* block_barrier;
-struct Warp { std::unique_ptr<std::barrier<>> barrier; double lanes[32]; };
-std::vector<Warp>* warps;
+thread_local Dim3 threadIdx;  // the running fiber's, set by its worker before each resume
+Dim3 blockIdx, blockDim;
 unsigned char smem_raw[1 << 22];
-void __syncthreads() {  // then a random eighth of the threads lags behind, so that a race shows
-  block_barrier->arrive_and_wait();
-  thread_local unsigned state = 12345 + 977 * threadIdx.x;
-  state = state * 1103515245u + 12345u;
-  if ((state >> 16) % 8 == 0) std::this_thread::sleep_for(std::chrono::microseconds((state >> 8) % 20000));
+
+// A block's warps are dealt out to at most kWorkers OS threads (a block of 1,024 CUDA threads would otherwise be 1,024
+// OS threads). A worker runs its runnable fibers one at a time, in a random order, each until it waits: at a warp
+// exchange, which goes on once all 32 lanes of the warp are there, or at __syncthreads, which goes on once every thread
+// of the block is there (the workers meet at an OS barrier). In a random order a thread reads before or after another
+// thread's write of the same phase, so a missing __syncthreads shows; a __syncthreads or an exchange that not every
+// thread reaches (a hang on the GPU) is an error.
+constexpr unsigned kWorkers = 4;
+constexpr size_t kStack = 1 << 18;
+enum class Wait { run, warp, block, done };
+struct Fiber { ucontext_t ctx; unsigned t, exchanges; Wait wait; };
+thread_local ucontext_t worker_ctx;
+thread_local Fiber* current;
+std::function<void()> kernel_body;
+std::vector<double> lanes;  // (warps, 2, 32): a warp's exchanges alternate between two rows of 32 lanes
+std::atomic<bool> failed;
+std::atomic<unsigned> arrived;  // the fibers at the block's current __syncthreads
+std::string error;
+std::mutex error_mutex;
+void fail(const char* msg) {
+  std::lock_guard<std::mutex> lock(error_mutex);
+  if (!failed.exchange(true)) error = msg;
 }
+struct PhaseEnd {  // the workers' barrier completes a phase: every thread of the block came, or none (all returned)
+  void operator()() noexcept {
+    unsigned n = arrived.exchange(0);
+    if (n != 0 && n != blockDim.x) fail("a __syncthreads that only part of the block reached (the rest returned)");
+  }
+};
+std::barrier<PhaseEnd>* workers;
+void park(Wait w) {
+  current->wait = w;
+  swapcontext(&current->ctx, &worker_ctx);
+}
+void __syncthreads() { park(Wait::block); }
 template <class T> T shfl(T x, int src) {
-  Warp& w = (*warps)[threadIdx.x / 32];
-  w.lanes[threadIdx.x % 32] = x;
-  w.barrier->arrive_and_wait();
-  T out = w.lanes[src];
-  w.barrier->arrive_and_wait();
-  return out;
+  Fiber* f = current;
+  double* row = &lanes[((f->t / 32) * 2 + f->exchanges++ % 2) * 32];
+  row[f->t % 32] = x;
+  park(Wait::warp);
+  return T(row[src]);
 }
 template <class T> T __shfl_xor_sync(unsigned, T x, int mask) { return shfl(x, (threadIdx.x % 32) ^ mask); }
 template <class T> T __shfl_sync(unsigned, T x, int src) { return shfl(x, src); }
@@ -3157,28 +3192,85 @@ template <class T> T warp_sum(T x) {
   for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffff, x, offset);
   return x;
 }
-template <class... A> void launch(void (*kernel)(A...), int grid, int threads, A... args) {
-  blockDim.x = threads;
-  for (int b = 0; b < grid; ++b) {
-    std::barrier<> barrier(threads);
-    std::vector<Warp> ws(threads / 32);
-    for (auto& w : ws) w.barrier = std::make_unique<std::barrier<>>(32);
-    block_barrier = &barrier, warps = &ws;
-    std::memset(smem_raw, 0xff, sizeof(smem_raw));  // NaNs: shared memory starts uninitialised
-    std::vector<std::thread> threads_;
-    for (int t = 0; t < threads; ++t) threads_.emplace_back([=] { threadIdx.x = t, blockIdx.x = b; kernel(args...); });
-    for (auto& t : threads_) t.join();
+void fiber_main() {
+  kernel_body();
+  current->wait = Wait::done;
+  setcontext(&worker_ctx);
+}
+void work(std::vector<Fiber>& fibers, unsigned first_warp, unsigned n_workers, unsigned seed) {
+  std::vector<std::vector<Fiber*>> warps;  // this worker's: first_warp, first_warp + n_workers, ...
+  std::vector<Fiber*> order;
+  for (unsigned w = first_warp; 32 * w < fibers.size(); w += n_workers) {
+    warps.emplace_back();
+    for (unsigned lane = 0; lane < 32; ++lane) warps.back().push_back(&fibers[32 * w + lane]);
+    order.insert(order.end(), warps.back().begin(), warps.back().end());
   }
+  std::minstd_rand rng(seed);
+  for (;;) {
+    if (rng() % 4 == 0) std::this_thread::sleep_for(std::chrono::microseconds(rng() % 500));  // the workers' timing
+    for (bool progress = true; progress;) {
+      progress = false;
+      std::shuffle(order.begin(), order.end(), rng);
+      for (Fiber* f : order)
+        if (f->wait == Wait::run) {
+          current = f, threadIdx.x = f->t, progress = true;
+          swapcontext(&worker_ctx, &f->ctx);
+        }
+      for (auto& warp : warps)
+        if (std::all_of(warp.begin(), warp.end(), [](Fiber* f) { return f->wait == Wait::warp; }))
+          for (Fiber* f : warp) f->wait = Wait::run, progress = true;
+    }
+    unsigned done = 0, block = 0;
+    for (Fiber* f : order) done += f->wait == Wait::done, block += f->wait == Wait::block;
+    if (done + block < order.size()) fail("a warp exchange that only part of the warp reached");
+    if (failed || done == order.size()) return workers->arrive_and_drop();
+    arrived += block;
+    workers->arrive_and_wait();
+    if (failed) return workers->arrive_and_drop();
+    for (Fiber* f : order) f->wait = Wait::run;
+  }
+}
+template <class... A> int launch(void (*kernel)(A...), int grid, int threads, A... args) {
+  blockDim.x = threads;
+  const unsigned n_warps = threads / 32, n_workers = std::min(n_warps, kWorkers);
+  std::vector<Fiber> fibers(threads);
+  std::vector<std::unique_ptr<char[]>> stacks(threads);
+  for (auto& s : stacks) s.reset(new char[kStack]);
+  kernel_body = [&] { kernel(args...); };
+  failed = false, arrived = 0;
+  for (int b = 0; b < grid && !failed; ++b) {
+    blockIdx.x = b;
+    lanes.assign(n_warps * 64, std::nan(""));
+    std::memset(smem_raw, 0xff, sizeof(smem_raw));  // NaNs: shared memory starts uninitialised
+    for (int t = 0; t < threads; ++t) {
+      Fiber& f = fibers[t];
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = stacks[t].get(), f.ctx.uc_stack.ss_size = kStack, f.ctx.uc_link = nullptr;
+      makecontext(&f.ctx, fiber_main, 0);
+      f.t = t, f.exchanges = 0, f.wait = Wait::run;
+    }
+    std::barrier<PhaseEnd> barrier(n_workers);
+    workers = &barrier;
+    std::vector<std::thread> pool;
+    for (unsigned w = 0; w < n_workers; ++w) pool.emplace_back(work, std::ref(fibers), w, n_workers, 7919u * b + w);
+    for (auto& p : pool) p.join();
+  }
+  return failed;
 }
 DEVICE_CODE
 int warps_for(int d) { return d <= 32 ? d : d <= 64 ? (d + 1) / 2 : (d + 3) / 4; }
-template <template <class, int, int> class K, class... A> void run(int d, int grid, A... args) {
-  auto go = [&](auto n) { launch(K<double, decltype(n)::value, decltype(n)::value>::f, grid, 32 * warps_for(d), args...); };
-  if (d <= 32) go(std::integral_constant<int, 1>()); else if (d <= 64) go(std::integral_constant<int, 2>());
-  else go(std::integral_constant<int, 4>());
+template <template <class, int, int> class K, class... A> int run(int d, int grid, A... args) {
+  auto go = [&](auto n) {
+    return launch(K<double, decltype(n)::value, decltype(n)::value>::f, grid, 32 * warps_for(d), args...);
+  };
+  if (d <= 32) return go(std::integral_constant<int, 1>());
+  if (d <= 64) return go(std::integral_constant<int, 2>());
+  return go(std::integral_constant<int, 4>());
 }
 #define ENTRY(name, kernel, ...) template <class S, int R, int K> struct name##_k { static constexpr auto f = kernel<S, R, K>; }; \
-  extern "C" void name(const double** in, double** out, int grid, int H, int T, int d) { run<name##_k>(d, grid, __VA_ARGS__); }
+  extern "C" int name(const double** in, double** out, int grid, int H, int T, int d) { \
+    return run<name##_k>(d, grid, __VA_ARGS__); \
+  }
 #define I(i) in[i]
 #define O(i) out[i]
 ENTRY(rnn_fwd, delta_rnn_forward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), O(0), O(1), O(2), T, d)
@@ -3187,12 +3279,13 @@ ENTRY(lstm_fwd, delta_lstm_forward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I
 ENTRY(lstm_bwd, delta_lstm_backward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I(6), I(7), I(8), I(9), I(10), I(11), I(12), O(0), O(1), O(2), O(3), O(4), O(5), O(6), H, T, d)
 ENTRY(rdn_fwd, rdn_forward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I(6), I(7), O(0), O(1), O(2), O(3), O(4), O(5), O(6), H, T, d)
 ENTRY(rdn_bwd, rdn_backward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I(6), I(7), I(8), I(9), I(10), I(11), O(0), O(1), O(2), O(3), O(4), O(5), H, T, d)
-extern "C" void chunk_pass(const double** in, double** out, int grid, int N, int C, int d_k, int d_v, double sx,
-                           double sm, int reverse) {
-  launch(chunk_state_pass_kernel<double>, grid, 64, in[0], in[1], in[2], in[3], in[4], out[0], out[1], out[2], N, C,
-         d_k, d_v, sx, sm, (bool)reverse);
+extern "C" int chunk_pass(const double** in, double** out, int grid, int N, int C, int d_k, int d_v, double sx,
+                          double sm, int reverse) {
+  return launch(chunk_state_pass_kernel<double>, grid, 64, in[0], in[1], in[2], in[3], in[4], out[0], out[1], out[2],
+                N, C, d_k, d_v, sx, sm, (bool)reverse);
 }
 extern "C" int chunk_cols() { return kStateCols; }
+extern "C" const char* emulation_error() { return error.c_str(); }
 """
 
 
@@ -3208,10 +3301,17 @@ def kernels_on_cpu(tmp_path_factory):
     device_code = src[start:end].replace("extern __shared__ unsigned char smem_raw[];", "")
     folder = tmp_path_factory.mktemp("cuda_on_cpu")
     (folder / "k.cpp").write_text(CUDA_ON_CPU.replace("DEVICE_CODE", device_code))
-    p = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-o", str(folder / "k.so"),
+    p = subprocess.run([CXX, "-std=c++20", "-O1", "-shared", "-fPIC", "-o", str(folder / "k.so"),
                         str(folder / "k.cpp"), "-lpthread"], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    return ctypes.CDLL(str(folder / "k.so"))
+    lib = ctypes.CDLL(str(folder / "k.so"))
+    lib.emulation_error.restype = ctypes.c_char_p
+    return lib
+
+
+def launch_on_cpu(lib, name, *args):
+    """One emulated launch; a __syncthreads or a warp exchange that not every thread reached fails the test."""
+    assert getattr(lib, name)(*args) == 0, f"{name}: {lib.emulation_error().decode()}"
 
 
 def call_on_cpu(lib, name, inputs, out_shapes, grid, H, T, d):
@@ -3221,7 +3321,7 @@ def call_on_cpu(lib, name, inputs, out_shapes, grid, H, T, d):
     outs = [torch.full(s, math.nan, dtype=torch.float64) for s in out_shapes]
     ptrs = lambda ts: (ctypes.c_void_p * len(ts))(*[t.contiguous().data_ptr() for t in ts])  # noqa: E731
     keep = [t.contiguous() for t in inputs]
-    getattr(lib, name)(ptrs(keep), ptrs(outs), grid, H, T, d)
+    launch_on_cpu(lib, name, ptrs(keep), ptrs(outs), grid, H, T, d)
     return outs
 
 
@@ -3234,13 +3334,13 @@ def chunk_pass_on_cpu(lib, A, L, R, F, M0, sx, sm, reverse):
     outs = [torch.full(shape, math.nan, dtype=torch.float64) for shape in [(B, H, N, d_k, d_v), A.shape, M0.shape]]
     ins = [t.contiguous() for t in (A, L, R)] + [None if F is None else F.contiguous(), M0.contiguous()]
     blocks = B * H * -(-d_v // lib.chunk_cols())  # a block per (b h, column tile of the state)
-    lib.chunk_pass((ctypes.c_void_p * 5)(*[None if t is None else t.data_ptr() for t in ins]),
-                   (ctypes.c_void_p * 3)(*[t.data_ptr() for t in outs]), blocks, N, C, d_k, d_v,
-                   ctypes.c_double(sx), ctypes.c_double(sm), int(reverse))
+    launch_on_cpu(lib, "chunk_pass", (ctypes.c_void_p * 5)(*[None if t is None else t.data_ptr() for t in ins]),
+                  (ctypes.c_void_p * 3)(*[t.data_ptr() for t in outs]), blocks, N, C, d_k, d_v, ctypes.c_double(sx),
+                  ctypes.c_double(sm), int(reverse))
     return outs
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on the PATH")
+@needs_cxx
 def test_dn_chunk_pass_kernel_on_cpu_equals_the_chunk_loop(kernels_on_cpu):
     """The chunk kernel's device code on CPU threads, float64, against DeltaRuleChunk's two loops over chunks written
     out: forward (S_n, U'_n, S_N from W, U, K, S_0) and backward (dS_{n+1}, dU'_n, dS_0 from K, W, G, E, dS_N), for
@@ -3268,7 +3368,7 @@ def test_dn_chunk_pass_kernel_on_cpu_equals_the_chunk_loop(kernels_on_cpu):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on the PATH")
+@needs_cxx
 @pytest.mark.parametrize("model", ["delta_rnn", "delta_lstm", "rdn"])
 def test_rf_kernels_on_cpu_equal_loops(kernels_on_cpu, model):
     """The recurrent kernels' device code, run on CPU threads in float64, against the loops and autograd: outputs,
