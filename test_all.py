@@ -771,8 +771,8 @@ def test_lt_model_impls_agree_and_carry_state(phi, normalize):
 
 def test_lt_softmax_cache_equals_one_call():
     """Softmax attention's state is its KV cache: token by token = one causal pass, and it matches the formula."""
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 9, 4, dtype=torch.float64) for _ in range(3))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 4, generator=g, dtype=torch.float64) for _ in range(3))
     y, (K, V) = linear_transformer.softmax_attention(q, k, v)
     scores = (q @ k.transpose(-1, -2) / 2).masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
     torch.testing.assert_close(y, scores.softmax(-1) @ v)
@@ -783,7 +783,7 @@ def test_lt_softmax_cache_equals_one_call():
 
 
 def test_lt_dpfp_dimension_and_formula():
-    x = torch.randn(5, 7, 6)
+    x = torch.randn(5, 7, 6, generator=torch.Generator().manual_seed(0))
     for nu in (1, 2, 3):
         phi = linear_transformer.dpfp(x, nu)
         assert phi.shape == (5, 7, 2 * nu * 6)
@@ -1009,9 +1009,9 @@ def test_lt_pos_enc_breaks_the_softmax_baselines_permutation_invariance():
     assert lt_args(task="lm").pos_enc == "sin" and lt_args(task="lm", carry_state="true").pos_enc == "none"
     paper = linear_transformer.parse_args(["--preset", "paper"])
     assert paper.pos_enc == "sin" and paper.scale_out
-    torch.manual_seed(0)
-    x = torch.randint(0, 16, (2, 12))
-    x_perm = torch.cat([x[:, :-1][:, torch.randperm(11)], x[:, -1:]], 1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 16, (2, 12), generator=g)
+    x_perm = torch.cat([x[:, :-1][:, torch.randperm(11, generator=g)], x[:, -1:]], 1)
     assert not torch.equal(x, x_perm)
     for pos_enc, invariant in (("none", True), ("sin", False)):
         model = lt_model(attn="softmax", pos_enc=pos_enc).double().eval()
@@ -1163,7 +1163,7 @@ def rf_layer_inputs(name, **kw):
     """One head of width 4 (keywords as make_layer takes them) and a float64 input of 5 steps."""
     torch.manual_seed(0)
     layer = rfwp.make_layer(name, d_model=4, n_head=1, **kw).double()
-    return layer, torch.randn(2, 5, 4, dtype=torch.float64)
+    return layer, torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
 def test_rf_post_ln_transformer_equals_torch_encoder_layers():
@@ -1433,7 +1433,7 @@ def test_rf_layer_keyword_construction(name):
     torch.manual_seed(0)
     layer = cls(d_model=64, n_head=4)
     assert layer.extra_repr().startswith("d_model=64, n_head=4" + (", impl='auto'" if "impl" in params else ""))
-    x = torch.randn(2, 10, 64, requires_grad=True)
+    x = torch.randn(2, 10, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
     y, state = layer(x)
     y2, state2 = layer(x.flip(1), state)
     (y.square().sum() + y2.square().sum()).backward()
@@ -1477,11 +1477,13 @@ def test_rf_model_keyword_construction_and_checks():
     torch.manual_seed(0)
     model = rfwp.FWPModel(12, 7, model="rdn", d_model=16, n_head=2, n_layer=2, d_ff=32)
     assert model.embed.num_embeddings == 12 and len(model.blocks) == 2 and isinstance(model.blocks[0].fwp, rfwp.RDNLayer)
-    logits, state = model(torch.randint(0, 12, (3, 5)))
+    g = torch.Generator().manual_seed(1)
+    logits, state = model(torch.randint(0, 12, (3, 5), generator=g))
     assert logits.shape == (3, 5, 7) and len(state) == 2
     core = rfwp.FWPModel(16, 7, model="delta", d_model=16, n_head=2, embed=torch.nn.Identity())
-    assert core(torch.randn(3, 5, 16))[0].shape == (3, 5, 7)
-    assert rfwp.LSTMModel(12, 7, d_model=16, n_layer=1)(torch.randint(0, 12, (3, 5)))[0].shape == (3, 5, 7)
+    assert core(torch.randn(3, 5, 16, generator=g))[0].shape == (3, 5, 7)
+    lstm = rfwp.LSTMModel(12, 7, d_model=16, n_layer=1)
+    assert lstm(torch.randint(0, 12, (3, 5), generator=g))[0].shape == (3, 5, 7)
     for cls, kw, message in RF_BAD_MODEL_KEYWORDS:
         with pytest.raises(ValueError, match=message):
             cls(**kw) if cls is rfwp.Block else cls(**{"n_in": 12, "n_out": 7, **kw})
@@ -1580,16 +1582,16 @@ class ScriptedEnvs:
     obs_shape, n_actions = (3,), 2
 
     def __init__(self):
-        self.t = np.zeros(2, dtype=int)
+        self.t, self.rng = np.zeros(2, dtype=int), np.random.default_rng(0)
 
     def reset(self):
         self.t[:] = 0
-        return np.random.randn(2, 3).astype(np.float32)
+        return self.rng.standard_normal((2, 3)).astype(np.float32)
 
     def step(self, actions):
         self.t += 1
         done = self.t % np.array([3, 5]) == 0
-        return np.random.randn(2, 3).astype(np.float32), np.ones(2, np.float32), done, done
+        return self.rng.standard_normal((2, 3)).astype(np.float32), np.ones(2, np.float32), done, done
 
 
 @pytest.mark.parametrize("name", ["lstm", "delta", "rdn"])
@@ -1597,7 +1599,6 @@ def test_rl_core_state_resets_where_an_episode_ends(name):
     """rl_unroll zeroes the core state of an environment right after its episode ends (and of no other): each
     step's policy and value equal a fresh agent run over that environment's current episode alone."""
     torch.manual_seed(0)
-    np.random.seed(0)
     a = rfwp_rl.parse_args(["--preset", "tiny", "--model", name, "--unroll", "8"])
     agent = rfwp_rl.build_agent(a, (3,), 2).double()
     seen = []  # (obs, last_reward) each step
@@ -1711,7 +1712,8 @@ def test_rl_cores_equal_the_official_forms(name):
     assert a.official_rl_core
     torch.manual_seed(0)
     agent = rfwp_rl.build_agent(a, (3,), 2).double()
-    obs, r = torch.randn(6, 4, 3, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    obs, r = torch.randn(6, 4, 3, generator=g, dtype=torch.float64), torch.randn(6, 4, generator=g, dtype=torch.float64)
     state, ref_state = None, [None] * a.n_layer
     for t in range(6):
         logit, value, state = agent(obs[t], r[t], state)
@@ -1727,7 +1729,8 @@ def test_rl_memoryless_agent_starts_every_step_from_zero():
     torch.manual_seed(0)
     a = rfwp_rl.parse_args(["--preset", "tiny", "--model", "delta", "--memoryless"])
     agent = rfwp_rl.build_agent(a, (3,), 2).double()
-    obs, r = torch.randn(5, 2, 3, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    obs = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    r = torch.ones(2, dtype=torch.float64)
     state = None
     for t in range(5):
         logit, value, state = agent(obs[t], r, state)
@@ -1874,7 +1877,7 @@ def test_rl_agent_keyword_construction():
     ValueError with the command line's message."""
     torch.manual_seed(0)
     agent = rfwp_rl.Agent((3,), 2, model="delta_lstm", d_model=16, n_head=2, n_layer=1, d_ff=32)
-    logits, value, state = agent(torch.randn(4, 3), torch.zeros(4))
+    logits, value, state = agent(torch.randn(4, 3, generator=torch.Generator().manual_seed(1)), torch.zeros(4))
     assert logits.shape == (4, 2) and value.shape == (4,) and state[0][1].shape == (4, 6, 8, 8)
     assert isinstance(agent.core.ln_f, torch.nn.Identity)  # official_rl_core by default
     for kw, message in [(dict(model="transformer"), "needs a fast-weight or recurrent core"),
@@ -1956,8 +1959,9 @@ def test_od_dopri5_meets_its_tolerance_and_its_gradient_is_the_exact_one():
 
 
 def test_od_gradcheck_rk4_and_euler():
-    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
-    A = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.Generator().manual_seed(0)
+    y0 = torch.randn(2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(3, 3, generator=g, dtype=torch.float64, requires_grad=True)
     for solve in (ode_fwp.rk4, ode_fwp.euler):
         assert torch.autograd.gradcheck(lambda y, M: solve(lambda s, z: torch.tanh(z @ M) * (1 + s), y, 3)[0], (y0, A))
 
@@ -2000,7 +2004,8 @@ def test_od_path_passes_through_knots_and_batches_exactly(interp):
             X, _ = path(t[:, i].clone().index_fill_(0, torch.tensor([b]), t[b, i].item()))
             torch.testing.assert_close(X[b], filled[b, i], rtol=0, atol=1e-12)
         alone = ode_fwp.ControlPath(t[b : b + 1, :n], x[b : b + 1, :n], lengths[b : b + 1], interp)
-        s = t[b, 0] + torch.rand(20, dtype=torch.float64) * (t[b, n - 1] - t[b, 0])
+        u = torch.rand(20, generator=torch.Generator().manual_seed(b), dtype=torch.float64)
+        s = t[b, 0] + u * (t[b, n - 1] - t[b, 0])
         for si in s:
             X1, dX1 = alone(si.view(1))
             X2, dX2 = path(torch.full((3,), si.item(), dtype=torch.float64))
@@ -2063,7 +2068,7 @@ def test_od_constant_control_vector_field_is_the_rule_by_hand(rule):
     k = torch.exp(kb[:, :d]) / torch.exp(kb[:, :d]).sum(-1, keepdim=True)
     beta = 1 / (1 + torch.exp(-kb[:, d]))
     v = torch.tanh(model.W_v.weight @ x + model.W_v.bias).view(H, d)
-    W = torch.randn(2, H, d, d, dtype=torch.float64)
+    W = torch.randn(2, H, d, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     expected = torch.zeros_like(W)
     for b in range(2):
         for i in range(H):
@@ -2103,7 +2108,8 @@ def test_od_layouts_vector_field_and_readout_by_hand(values_from, rule):
     assert args.drive == ("dx" if values_from == "x" else "x")
     model = ode_fwp.build_model(args, 3, 4).double()
     H, d, B = 2, 3, 2
-    x0, g = torch.randn(B, 3, dtype=torch.float64), torch.randn(B, 3, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    x0, g = torch.randn(B, 3, generator=gen, dtype=torch.float64), torch.randn(B, 3, generator=gen, dtype=torch.float64)
     t, xs = torch.tensor([[0.0, 4.0]] * B, dtype=torch.float64), torch.stack([x0, x0 + 4.0 * g], 1)
     lengths = torch.tensor([2] * B)
     path = ode_fwp.ControlPath(t, xs, lengths, "linear")
@@ -2136,7 +2142,7 @@ def test_od_layouts_vector_field_and_readout_by_hand(values_from, rule):
                     out[n, i] = sig(b[n, i]) * torch.outer(torch.tanh(u) - W[n, i] @ k, k)
         return out
 
-    W = torch.randn(B, H, d, d, dtype=torch.float64)
+    W = torch.randn(B, H, d, d, generator=gen, dtype=torch.float64)
     with torch.no_grad():
         f = model.vector_field(path)
         torch.testing.assert_close(f(0.25, W), 4.0 * field(1.0, W))  # dW/ds = span dW/dt at s = 1/4, t = 1
@@ -2461,15 +2467,17 @@ def test_od_kernel_build_failure_falls_back_with_one_warning(tmp_path):
 
 def test_od_softmax_is_torchs():
     """The written-out softmax: torch's values and gradients (float64, large and tied logits), and gradcheck."""
-    x = torch.randn(3, 5, 8, dtype=torch.float64) * 30
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 8, generator=g, dtype=torch.float64) * 30
     x[0, 0] = 700.0  # all equal and large: exp would overflow without the shift
     x = x.requires_grad_()
-    dy = torch.randn_like(x)
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
     y = ode_fwp.softmax(x)
     torch.testing.assert_close(y, x.softmax(-1), rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(x.softmax(-1), x, dy)[0],
                                rtol=1e-12, atol=1e-14)
-    assert torch.autograd.gradcheck(ode_fwp.softmax, torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(ode_fwp.softmax, torch.randn(2, 3, 4, generator=g, dtype=torch.float64,
+                                                                 requires_grad=True))
 
 
 def test_od_linear_rule_solve_gradcheck_and_the_plain_solver():
@@ -2554,7 +2562,8 @@ def test_od_official_recipe_pieces(tmp_path):
     assert math.isclose(first[1] - first[0], by_hand, rel_tol=1e-4)
     assert math.isclose(ode_fwp.l2_penalty(model, od_args(l2=0.03)).item(), by_hand, rel_tol=1e-6)
     # the weighted binary loss on the logit difference
-    logits, y = torch.randn(6, 2, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1, 0])
+    logits = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
     z, w = logits[:, 1] - logits[:, 0], 10.0
     by_hand = -(w * y * torch.log(torch.sigmoid(z)) + (1 - y) * torch.log(1 - torch.sigmoid(z))).mean()
     torch.testing.assert_close(ode_fwp.task_loss(logits, y, od_args(pos_weight=w)), by_hand)
@@ -2599,14 +2608,15 @@ def test_od_post_tanh_and_value_layernorm_by_hand():
     args = ode_fwp.check_args(od_args(rule="delta", post_tanh=True, v_layernorm=True, d_model=6, n_head=2))
     model = ode_fwp.build_model(args, 3, 4).double()
     H, d, B = 2, 3, 2
-    x0, g = torch.randn(B, 3, dtype=torch.float64), torch.randn(B, 3, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    x0, g = torch.randn(B, 3, generator=gen, dtype=torch.float64), torch.randn(B, 3, generator=gen, dtype=torch.float64)
     t = torch.tensor([[0.0, 4.0]] * B, dtype=torch.float64)
     path = ode_fwp.ControlPath(t, torch.stack([x0, x0 + 4.0 * g], 1), torch.tensor([2] * B), "linear")
     X = x0 + 1.0 * g
     kb = model.W_kb(model.ln_in(model.W_in(g))).view(B, H, d + 1)
     k, beta = kb[..., :d].softmax(-1), torch.sigmoid(kb[..., d])
     u = model.W_v2(torch.nn.functional.layer_norm(model.W_v(X), (6,), model.ln_v.weight, model.ln_v.bias)).view(B, H, d)
-    W = torch.randn(B, H, d, d, dtype=torch.float64)
+    W = torch.randn(B, H, d, d, generator=gen, dtype=torch.float64)
     expected = torch.stack([torch.stack([beta[n, i] * torch.outer(torch.tanh(u[n, i] - W[n, i] @ k[n, i]), k[n, i])
                                          for i in range(H)]) for n in range(B)])
     with torch.no_grad():
@@ -2749,7 +2759,7 @@ def test_pg_generated_vector_is_a_plain_mlp():
     (o, i1), (h2, i2), (a, i3) = run.shapes
     mlp = torch.nn.Sequential(torch.nn.Linear(i1, o), torch.nn.Tanh(), torch.nn.Linear(i2, h2), torch.nn.Tanh(),
                               torch.nn.Linear(i3, a), torch.nn.Tanh()).double()
-    obs = torch.randn(2, 7, i1, dtype=torch.float64)
+    obs = torch.randn(2, 7, i1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     acts = policy_generator.policy_forward(theta, obs, run.shapes, run.act_limit.double())
     for p in range(2):
         torch.nn.utils.vector_to_parameters(theta[p], mlp.parameters())  # W1, b1, W2, b2, W3, b3: the same order
@@ -2777,10 +2787,10 @@ def test_pg_generator_tiles_and_fan_in_scaling():
 
 def test_pg_fingerprint_depends_only_on_the_actions_on_the_probes():
     run = pg_run(env="Pendulum-v1")
-    torch.manual_seed(1)
-    theta = torch.randn(1, run.n_params) * 0.3
+    g = torch.Generator().manual_seed(1)
+    theta = torch.randn(1, run.n_params, generator=g) * 0.3
     (W1, b1), (W2, b2), (W3, b3) = [(W[0], b[0]) for W, b in policy_generator.unpack(theta, run.shapes)]
-    perm = torch.randperm(len(b1))  # permuting the first hidden layer's units: other parameters, same function
+    perm = torch.randperm(len(b1), generator=g)  # the first hidden layer's units permuted: other weights, same function
     other = torch.cat([W1[perm].flatten(), b1[perm], W2[:, perm].flatten(), b2, W3.flatten(), b3])[None]
     assert not torch.equal(other, theta)
     with torch.no_grad():
@@ -2886,7 +2896,7 @@ V = Evaluator(obs_dim=3, act_dim=2, hidden=32, act_limit=[1.0, 2.0], n_probes=8,
 assert G.n_params == (32 * 3 + 32) + (32 * 32 + 32) + (2 * 32 + 2) == sum(o * i + o for o, i in G.shapes)
 assert "3 -> 32 -> 32 -> 2 (1250 parameters), tile=16" in repr(G) and "n_probes=8" in repr(V), (repr(G), repr(V))
 theta = G(torch.tensor([0.2, -0.5, 0.9]))  # normalised commands (B,) -> (B, n_params)
-obs = torch.randn(3, 5, 3)
+obs = torch.randn(3, 5, 3, generator=torch.Generator().manual_seed(1))
 actions = policy_forward(theta, obs, G.shapes, V.act_limit)  # (B, N, obs_dim) -> (B, N, act_dim)
 assert theta.shape == (3, 1250) and actions.shape == (3, 5, 2)
 assert torch.equal(actions, policy_forward(theta, obs, G.shapes, 1.0) * torch.tensor([1.0, 2.0]))
@@ -3036,7 +3046,8 @@ def test_lt_cuda_sum_kernel_equals_loop(d):
         W = W + v[:, :, t, :, None].double() * k[:, :, t, None, :].double()
         ys.append((W @ q[:, :, t, :, None].double()).squeeze(-1))
     y_ref = torch.stack(ys, 2)
-    dy, dW = torch.randn_like(y_ref), torch.randn_like(W)
+    g = torch.Generator().manual_seed(1)
+    dy, dW = (torch.randn(t.shape, generator=g, dtype=t.dtype).cuda() for t in (y_ref, W))
     g_ref = torch.autograd.grad((y_ref * dy).sum() + (W * dW).sum(), (q, k, v, W0))
     y, W_out, _ = ext.forward(q.detach(), k.detach(), v.detach(), q.new_empty(0), W0.detach(), False)
     dq, dk, dv, _, dW0 = ext.backward(q.detach(), k.detach(), v.detach(), q.new_empty(0), q.new_empty(0), W_out,
@@ -3586,7 +3597,8 @@ def test_rf_kernel_state_split_equals_one_call(device, part):
     one, two = call(x), split(x)
     for a, b in zip(two, one):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    g = [torch.randn_like(o) for o in one]
+    gen = torch.Generator().manual_seed(1)
+    g = [torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device) for o in one]
     for a, b in zip(torch.autograd.grad(sum((o * go).sum() for o, go in zip(two, g)), x),
                     torch.autograd.grad(sum((o * go).sum() for o, go in zip(one, g)), x)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -3628,7 +3640,8 @@ def grad_fns(t):
 def test_rl_agent_steps_through_the_cpu_kernels(name):
     """rfwp_rl.py, default impl auto on the CPU: the agent's single steps run the fused kernels (equal to the loop)."""
     rf_kernels("cpu")
-    obs, reward = torch.randn(3, 2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    obs = torch.randn(3, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    reward = torch.zeros(3, dtype=torch.float64)
     outs = []
     for impl in ("auto", "loop"):
         torch.manual_seed(0)
