@@ -73,6 +73,41 @@ def leave_as_killed(out_dir, full_dir, step):
         f.write('{"step": 1')
 
 
+def error_line(stderr):
+    """A user error's message: stderr's one line, after nothing but a progress bar (tqdm's lines start with a \\r)."""
+    *before, last = stderr.rstrip("\n").split("\n")
+    assert all(line.startswith("\r") for line in before), stderr
+    return last
+
+
+def assert_cli_error(script, argv, message, capsys):
+    """script.main(argv) in this process (the code a subprocess runs, without its start-up): exit status 2 and the
+    one-line message holding `message`; any other exception fails the test, as a traceback would."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error_line(err).startswith("error: ") and message in error_line(err), err
+
+
+def assert_cli_error_without_traceback(script, *args, message):
+    """The script run as a user runs it (a subprocess, through `if __name__ == "__main__"`) with a user error: exit
+    status 2, the one-line message, no traceback. One case per script; its other CLI errors run in this process."""
+    p = run(script, *args, check=False)
+    assert p.returncode == 2 and error_line(p.stderr).startswith("error: ") and message in error_line(p.stderr), p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def assert_help_lists_every_flag(script, capsys):
+    """--help (in this process): every Args field with its type, then exit status 0."""
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for field in dataclasses.fields(script.Args):
+        assert f"--{field.name} (" in out, field.name
+
+
 def assert_negative_values_fail(script):
     """Every int and float flag refuses -1 with the one-line error (exit 2): none of them means anything negative."""
     for field in dataclasses.fields(script.Args):
@@ -564,11 +599,14 @@ def test_dn_sample_constant_memory_state_matches_parallel(pos_enc):
     (["--device", "tpu9"], "is not a device"),
     (["--task", "lm", "--sample", "5"], "no checkpoint"),
 ])
-def test_dn_cli_errors(tmp_path, args, message):
-    script = script_copy(tmp_path)
-    p = run(script, "--preset", "tiny", "--out_dir", str(tmp_path / "out"), *args, check=False)
-    assert p.returncode == 2
-    assert message in p.stderr and "Traceback" not in p.stderr
+def test_dn_cli_errors(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert_cli_error(delta_net, ["--preset", "tiny", "--out_dir", str(tmp_path / "out"), *args], message, capsys)
+
+
+def test_dn_cli_error_without_traceback(tmp_path):
+    assert_cli_error_without_traceback(script_copy(tmp_path), "--preset", "tiny", "--out_dir", str(tmp_path / "out"),
+                                       "--resume", message="no checkpoint")
 
 
 def test_dn_negative_flag_values_are_errors():
@@ -576,30 +614,26 @@ def test_dn_negative_flag_values_are_errors():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_dn_cuda_device_without_cuda_is_an_error(tmp_path):
-    p = run(script_copy(tmp_path), "--preset", "tiny", "--device", "cuda", check=False)
-    assert p.returncode == 2 and "no CUDA GPU" in p.stderr and "Traceback" not in p.stderr
+def test_dn_cuda_device_without_cuda_is_an_error(tmp_path, capsys):
+    assert_cli_error(delta_net, ["--preset", "tiny", "--device", "cuda", "--out_dir", str(tmp_path / "out")],
+                     "no CUDA GPU", capsys)
 
 
-def test_dn_sample_from_a_recall_checkpoint_is_an_error(tmp_path):
-    script, out = script_copy(tmp_path), str(tmp_path / "out")
-    run(script, "--preset", "tiny", "--steps", "2", "--out_dir", out)
-    p = run(script, "--task", "lm", "--sample", "5", "--out_dir", out, check=False)
-    assert p.returncode == 2 and "trained on --task recall" in p.stderr and "Traceback" not in p.stderr
+def test_dn_sample_from_a_recall_checkpoint_is_an_error(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    delta_net.main(["--preset", "tiny", "--steps", "2", "--out_dir", out])
+    assert_cli_error(delta_net, ["--task", "lm", "--sample", "5", "--out_dir", out], "trained on --task recall", capsys)
 
 
-def test_dn_help_lists_every_flag(tmp_path):
-    p = run(script_copy(tmp_path), "--help")
-    for field in dataclasses.fields(delta_net.Args):
-        assert f"--{field.name} (" in p.stdout
+def test_dn_help_lists_every_flag(capsys):
+    assert_help_lists_every_flag(delta_net, capsys)
 
 
-def test_dn_empty_corpus_is_an_error(tmp_path):
-    script = script_copy(tmp_path)
+def test_dn_empty_corpus_is_an_error(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    p = run(script, "--preset", "tiny", "--task", "lm", "--dataset", str(empty), check=False)
-    assert p.returncode == 2 and "empty" in p.stderr and "Traceback" not in p.stderr
+    assert_cli_error(delta_net, ["--preset", "tiny", "--task", "lm", "--dataset", str(empty), "--out_dir",
+                                 str(tmp_path / "out")], "empty", capsys)
 
 
 @pytest.mark.parametrize("name, args, port", [("delta_net.py", [], "29517"),
@@ -1051,10 +1085,14 @@ def test_lt_bench_runs(tmp_path):
     (["--impl", "fast"], "--impl must be one of"),
     (["--favor_redraw", "-1"], "--favor_redraw non-negative"),
 ])
-def test_lt_cli_errors(tmp_path, args, message):
-    p = run(script_copy(tmp_path, "linear_transformer.py"), "--preset", "tiny", "--out_dir", str(tmp_path / "o"), *args,
-            check=False)
-    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+def test_lt_cli_errors(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert_cli_error(linear_transformer, ["--preset", "tiny", "--out_dir", str(tmp_path / "o"), *args], message, capsys)
+
+
+def test_lt_cli_error_without_traceback(tmp_path):
+    assert_cli_error_without_traceback(script_copy(tmp_path, "linear_transformer.py"), "--preset", "tiny", "--out_dir",
+                                       str(tmp_path / "o"), "--resume", message="no checkpoint")
 
 
 def test_lt_negative_flag_values_are_errors():
@@ -1065,10 +1103,8 @@ def test_lt_paper_preset_optimizer():
     check_paper_optimizer(linear_transformer)
 
 
-def test_lt_help_lists_every_flag(tmp_path):
-    p = run(script_copy(tmp_path, "linear_transformer.py"), "--help")
-    for field in dataclasses.fields(linear_transformer.Args):
-        assert f"--{field.name} (" in p.stdout
+def test_lt_help_lists_every_flag(capsys):
+    assert_help_lists_every_flag(linear_transformer, capsys)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1406,20 +1442,22 @@ def test_rf_bench_runs(tmp_path):
     (["--impl", "chunkk"], "--impl must be one of auto, loop, chunk, kernel, got 'chunkk'"),
     (["--task", "rl"], "is rfwp_rl.py"),
 ])
-def test_rf_cli_errors(tmp_path, args, message):
-    p = run(script_copy(tmp_path, "rfwp.py"), "--preset", "tiny", "--out_dir", str(tmp_path / "o"), *args, check=False)
-    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
-    assert p.stderr.count("\n") == 1, p.stderr  # one line
+def test_rf_cli_errors(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert_cli_error(rfwp, ["--preset", "tiny", "--out_dir", str(tmp_path / "o"), *args], message, capsys)
+
+
+def test_rf_cli_error_without_traceback(tmp_path):
+    assert_cli_error_without_traceback(script_copy(tmp_path, "rfwp.py"), "--preset", "tiny", "--out_dir",
+                                       str(tmp_path / "o"), "--resume", message="no checkpoint")
 
 
 def test_rf_negative_flag_values_are_errors():
     assert_negative_values_fail(rfwp)
 
 
-def test_rf_help_lists_every_flag(tmp_path):
-    p = run(script_copy(tmp_path, "rfwp.py"), "--help")
-    for field in dataclasses.fields(rfwp.Args):
-        assert f"--{field.name} (" in p.stdout
+def test_rf_help_lists_every_flag(capsys):
+    assert_help_lists_every_flag(rfwp, capsys)
 
 
 @pytest.mark.parametrize("name", list(rfwp.LAYERS))
@@ -1865,11 +1903,14 @@ def test_rl_defaults_follow_the_official_commands():
     (["--eval", "3"], "no checkpoint"),
     (["--discount", "1.5"], "--discount in [0, 1]"),
 ])
-def test_rl_cli_errors(tmp_path, capsys, args, message):
-    """In this process (the flag parsing and environment checks are the same code as a subprocess runs)."""
-    with pytest.raises(SystemExit) as exit_info:
-        rfwp_rl.main(["--preset", "tiny", "--out_dir", str(tmp_path / "o"), *args])
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+def test_rl_cli_errors(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert_cli_error(rfwp_rl, ["--preset", "tiny", "--out_dir", str(tmp_path / "o"), *args], message, capsys)
+
+
+def test_rl_cli_error_without_traceback(tmp_path):
+    assert_cli_error_without_traceback(rl_script_copy(tmp_path), "--preset", "tiny", "--out_dir", str(tmp_path / "o"),
+                                       "--env", "Pendulum-v1", message="discrete actions")
 
 
 def test_rl_agent_keyword_construction():
@@ -1890,10 +1931,8 @@ def test_rl_negative_flag_values_are_errors():
     assert_negative_values_fail(rfwp_rl)
 
 
-def test_rl_help_lists_every_flag(tmp_path):
-    p = run(rl_script_copy(tmp_path), "--help")
-    for field in dataclasses.fields(rfwp_rl.Args):
-        assert f"--{field.name} (" in p.stdout
+def test_rl_help_lists_every_flag(capsys):
+    assert_help_lists_every_flag(rfwp_rl, capsys)
 
 
 def test_rl_observation_statistics_merge_exactly():
@@ -2655,10 +2694,15 @@ def test_od_bench_runs(tmp_path):
     (["--logsig_window", "1"], "--logsig_window must be 0 (off) or at least 2"),
     (["--impl", "precomputed", "--solver", "dopri5"], "needs a fixed-step solver"),
 ])
-def test_od_cli_errors(tmp_path, args, message):
-    p = run(script_copy(tmp_path, "ode_fwp.py"), "--preset", "tiny", "--out_dir", str(tmp_path / "o"), *args,
-            check=False)
-    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+def test_od_cli_errors(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert_cli_error(ode_fwp, ["--preset", "tiny", "--out_dir", str(tmp_path / "o"), *args], message, capsys)
+
+
+def test_od_cli_error_without_traceback(tmp_path):
+    assert_cli_error_without_traceback(script_copy(tmp_path, "ode_fwp.py"), "--preset", "tiny", "--out_dir",
+                                       str(tmp_path / "o"), "--data", "missing_TRAIN.ts",
+                                       message="cannot read missing_TRAIN.ts")
 
 
 OD_LAYER_USE = """
@@ -2734,10 +2778,8 @@ def test_od_negative_flag_values_are_errors():
     assert_negative_values_fail(ode_fwp)
 
 
-def test_od_help_lists_every_flag(tmp_path):
-    p = run(script_copy(tmp_path, "ode_fwp.py"), "--help")
-    for field in dataclasses.fields(ode_fwp.Args):
-        assert f"--{field.name} (" in p.stdout
+def test_od_help_lists_every_flag(capsys):
+    assert_help_lists_every_flag(ode_fwp, capsys)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2880,10 +2922,14 @@ def test_pg_resume_is_exact(tmp_path):
     (["--resume"], "no checkpoint"),
     (["--noise", "-1"], "non-negative"),
 ])
-def test_pg_cli_errors(tmp_path, args, message):
-    p = run(script_copy(tmp_path, "policy_generator.py"), "--preset", "tiny", "--out_dir", str(tmp_path / "o"),
-            *args, check=False)
-    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+def test_pg_cli_errors(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert_cli_error(policy_generator, ["--preset", "tiny", "--out_dir", str(tmp_path / "o"), *args], message, capsys)
+
+
+def test_pg_cli_error_without_traceback(tmp_path):
+    assert_cli_error_without_traceback(script_copy(tmp_path, "policy_generator.py"), "--preset", "tiny", "--out_dir",
+                                       str(tmp_path / "o"), "--resume", message="no checkpoint")
 
 
 PG_LAYER_USE = """
@@ -2937,10 +2983,8 @@ def test_pg_negative_flag_values_are_errors():
     assert_negative_values_fail(policy_generator)
 
 
-def test_pg_help_lists_every_flag(tmp_path):
-    p = run(script_copy(tmp_path, "policy_generator.py"), "--help")
-    for field in dataclasses.fields(policy_generator.Args):
-        assert f"--{field.name} (" in p.stdout
+def test_pg_help_lists_every_flag(capsys):
+    assert_help_lists_every_flag(policy_generator, capsys)
 
 
 # ----------------------------------------------------------------------------------------------
