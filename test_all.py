@@ -1,6 +1,22 @@
 """Tests for the FWP scripts: exactness (float64), state carrying, smoke runs, resume, CLI errors, data.
 
-Run: python -m pytest test_all.py
+Run: python -m pytest test_all.py (one script's tests: -k dn_, lt_, rf_, rl_, od_, pg_ or data_).
+
+A fast form is trusted as far as a test fails when it is wrong. For a new one, plant a bug and check that it is caught:
+copy the repository (cp -r . /tmp/planted), change one line of the fast form in the copy, run that script's tests there
+(cd /tmp/planted && python -m pytest test_all.py -k <prefix>_) and expect failures; if none fails, add the test that
+would. An edited cpu_kernels.cpp builds again on first use (about a minute). Bugs planted so, and what caught them:
+  A. cpu_kernels.cpp's dispatch_width sends d_head 32 to the 16-wide code (-k rf_: the d 32 cases of
+     test_rf_kernel_recurrence_equals_loop and test_rf_kernel_fast_weight_equals_loop, and
+     test_rf_cpu_kernel_shapes_cover_every_compiled_width); the same in dispatch_ct_width (-k od_: the d 32 cases of
+     test_od_cpu_kernel_linear_rule_solve_equals_the_pytorch_form).
+  B. delta_net.py's state_dtype returns the input's dtype (-k dn_: test_dn_bf16_inputs_keep_state_fp32).
+  C. delta_net.py's feature map replaced by a softmax (-k dn_: test_dn_feature_maps[elu_sumnorm]).
+  D. policy_generator.py's generator step on the distinct commands without their multiplicity (-k pg_:
+     test_pg_distinct_commands_give_the_full_batch_gradient).
+  E. cuda_kernels.cu's Delta RNN backward with one buffer of partial sums instead of two, or without its
+     __syncthreads; the chunk pass without one of its __syncthreads (-k on_cpu, no GPU needed:
+     test_rf_kernels_on_cpu_equal_loops[delta_rnn], test_dn_chunk_pass_kernel_on_cpu_equals_the_chunk_loop).
 """
 
 import dataclasses
