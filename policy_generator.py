@@ -115,11 +115,14 @@ class Args:
     seed: int = 0
     """seed of python, numpy, torch and the environments"""
     device: str = "cpu"
-    """cpu (default: small batched ops) or cuda"""
+    """cpu (default: small batched ops), cuda, cuda:1, mps or auto (cuda > mps > cpu)"""
     out_dir: str = "out/policy_generator"
     """metrics.jsonl and ckpt.pt (written at every evaluation) go here"""
     resume: bool = False
-    """continue from out_dir/ckpt.pt"""
+    """continue the run in out_dir from its ckpt.pt (the only way to add to a run there)"""
+    overwrite: bool = False
+    """start a new run in an out_dir that holds one: delete its ckpt.pt and metrics.jsonl first (without
+    this flag or --resume, such a run stops before writing anything)"""
     stop_at: int = 0
     """exit after the evaluation at or after this many steps, checkpoint saved; --resume continues. 0: no stop"""
     bench: bool = False
@@ -133,9 +136,14 @@ PRESETS = {
 }
 
 
+# The flags a --resume must share with its checkpoint (they shape the nets), and the advice when a run diverges.
+RESUME_FLAGS = ("env", "hidden", "tile", "embed_dim", "gen_hidden", "n_probes", "eval_hidden")
+DIVERGED = "Lower --lr_evaluator or --lr_generator."
+
+
 def check_args(args):
     """The models' own checks (check_sizes: the same messages, naming the flags), then what only the command line
-    knows: the environment, the run's sizes and rates, the device."""
+    knows: the environment, the run's sizes and rates (parse_args checks the device)."""
     try:
         sizes = ("hidden", "tile", "embed_dim", "gen_hidden", "n_probes", "eval_hidden")  # the models' keywords
         check_sizes("--", **{key: getattr(args, key) for key in sizes})
@@ -151,12 +159,6 @@ def check_args(args):
            args.seed) < 0 or min(args.lr_evaluator, args.lr_generator) <= 0:
         fail("--noise, --evaluator_steps, --generator_steps, --drive, --recency, --stop_at and --seed must be "
              "non-negative; the learning rates positive.")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        fail(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
     return args
 
 
@@ -385,7 +387,7 @@ class GoGePo:
         obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
         self.args, self.info = args, ENVS[args.env]
         self.r_range = self.info["r_max"] - self.info["r_min"]
-        self.device = torch.device(args.device)
+        self.device = pick_device(args.device)
         torch.manual_seed(args.seed)  # the same initial weights on every device
         generator, evaluator = build_model(args, obs_dim, act_dim, env.action_space.high)
         self.generator, self.evaluator = generator.to(self.device), evaluator.to(self.device)
@@ -402,11 +404,13 @@ class GoGePo:
 
     def update(self):
         """The paper's update after an episode: evaluator steps (MSE to returns), then generator steps through
-        the frozen evaluator with commands drawn from the buffer's returns. -> the last loss of each (NaN: no steps)"""
+        the frozen evaluator with commands drawn from the buffer's returns. -> the last loss of each (NaN: no steps);
+        a non-finite loss stops the run (check_finite)"""
         loss_v = loss_g = torch.tensor(float("nan"))
         for _ in range(self.args.evaluator_steps):
             thetas, rets = self.buffer.sample(self.args.batch_size, self.gen)
             loss_v = F.mse_loss(self.evaluator(thetas), rets)
+            check_finite(self.steps, self.args.out_dir, DIVERGED, {"the evaluator's loss": loss_v})
             self.opt_v.zero_grad(set_to_none=True)
             loss_v.backward()
             self.opt_v.step()
@@ -414,6 +418,7 @@ class GoGePo:
         for _ in range(self.args.generator_steps):
             _, rets = self.buffer.sample(self.args.batch_size, self.gen)
             loss_g = generator_loss(self.generator, self.evaluator, rets / self.r_range, rets)
+            check_finite(self.steps, self.args.out_dir, DIVERGED, {"the generator's loss": loss_g})
             self.opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             self.opt_g.step()
@@ -424,13 +429,14 @@ class GoGePo:
     def evaluate(self, envs, ret, n):
         """Returns of the noise-free policy G(ret) over n episodes (run side by side)."""
         theta = self.generator(self.command(ret)).expand(n, -1)
+        check_finite(self.steps, self.args.out_dir, DIVERGED, {"the generated policy": theta})
         seeds = self.rng.integers(2**31, size=n)
         return rollout(envs, theta, self.shapes, self.act_limit, self.norm, seeds)[1]
 
     def state(self):
         return {"generator": self.generator.state_dict(), "evaluator": self.evaluator.state_dict(),
                 "opt_g": self.opt_g.state_dict(), "opt_v": self.opt_v.state_dict(),
-                "args": dataclasses.asdict(self.args),
+                "args": dataclasses.asdict(self.args), "step": self.steps,
                 "buffer": (self.buffer.thetas, self.buffer.returns), "norm": vars(self.norm),
                 "counters": (self.steps, self.episodes, self.best, self.solved_at, self.last_eval),
                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state(), "gen": self.gen.get_state(),
@@ -470,6 +476,7 @@ def train_round(run, envs, args, t0):
         c = 1.0 if run.episodes == 0 else run.best + args.drive
         theta = run.generator(run.command(c))
         thetas = theta + args.noise * torch.randn(args.n_parallel, run.n_params, generator=run.gen).to(run.device)
+    check_finite(run.steps, args.out_dir, DIVERGED, {"the generated policy": theta})
     seeds = run.rng.integers(2**31, size=args.n_parallel)
     rets, env_rets, steps = rollout(envs, thetas, run.shapes, run.act_limit, run.norm, seeds, push=True,
                                     alive_bonus=run.info.get("alive_bonus", 0.0))
@@ -511,10 +518,14 @@ def train(args):
     run = make_run(args)
     path = os.path.join(args.out_dir, "ckpt.pt")
     if args.resume or args.sweep_only:
-        resume_from(path, run, "--resume" if args.resume else "--sweep_only")
+        ckpt = resume_from(path, run, "--resume" if args.resume else "--sweep_only")
+    done = run.steps >= args.total_steps or args.stop_solved and run.solved_at is not None  # the final evaluation next
+    if args.resume and nothing_left(args.out_dir, run.steps, run.steps if done else args.total_steps, args.stop_at,
+                                    ckpt.get("final", False)):
+        return
     os.makedirs(args.out_dir, exist_ok=True)
-    if args.resume:
-        truncate_metrics(args.out_dir, run.steps)
+    if args.resume:  # training done: the final evaluation and sweep are left, their lines from before a kill go
+        truncate_metrics(args.out_dir, run.steps, ["final", "sweep"] if done else [])
     envs = make_envs(args.env, max(args.n_parallel, args.n_eval, args.sweep_episodes))
     t0 = time.time()
     if args.sweep_only:
@@ -525,13 +536,14 @@ def train(args):
           f"{sum(p.numel() for p in run.evaluator.parameters()) / 1e6:.2f}M, return range ({run.info['r_min']}, "
           f"{run.info['r_max']}), solved at {run.info['solved']}; starting at step {run.steps}")
     bar = tqdm(total=args.total_steps, initial=run.steps, unit="step", dynamic_ncols=True)
-    stop = False
+    stop = done
     while run.steps < args.total_steps and not stop:
         steps, progress = train_round(run, envs, args, t0)
         bar.update(steps)
         bar.set_postfix(progress)
         if run.steps // args.eval_every > run.last_eval // args.eval_every or run.steps >= args.total_steps:
             stop = evaluate_and_log(run, envs, args, t0) and args.stop_solved
+            check_finite(run.steps, args.out_dir, DIVERGED, {}, [run.generator, run.evaluator], bar)
             save_checkpoint(path, run.state())
             if args.stop_at and run.steps >= args.stop_at:
                 bar.close()
@@ -539,8 +551,8 @@ def train(args):
     bar.close()
     result = run.evaluate(envs, run.best, args.n_eval)
     log_metrics(args.out_dir, run.steps, "final", {"return": float(result.mean()), "std": float(result.std())}, t0)
-    save_checkpoint(path, run.state())
     command_sweep(run, envs, args, t0)
+    mark_final(path)  # the checkpoint of the last evaluation: the run's end
     solved = "not solved" if run.solved_at is None else f"solved at step {run.solved_at[0]} ({run.solved_at[1]:.0f}s)"
     print(f"final: eval return {result.mean():.1f} +- {result.std():.1f} over {args.n_eval} episodes for command "
           f"{run.best:.1f}; {solved}; {run.steps} steps, {run.episodes} episodes, {time.time() - t0:.0f}s")
@@ -591,7 +603,8 @@ def bench(args):
 
 # ----------------------------------------------------------------------------------------------
 # Scaffolding, the same in every script: command line (from the Args fields and their docstrings), errors,
-# checkpoint writes, metrics and --resume (here the parts of a GoGePo run). Nothing here is specific to the method.
+# device, the output folder, checkpoint writes and reads, divergence, metrics and --resume (here the parts of a GoGePo
+# run). Nothing here is specific to the method.
 
 
 def fail(msg):
@@ -615,21 +628,24 @@ def print_help():
 
 
 def parse_args(argv):
-    """--key value (or --key=value; a bare --flag sets a bool), --preset NAME applied first."""
+    """--key value (or --key=value; a bare --flag sets a bool), --preset NAME applied first; check_args, then what every
+    script asks: finite floats, a seed numpy takes, a --device this machine has, an --out_dir that is not empty."""
     if "--help" in argv or "-h" in argv:
         print_help()
     fields = {f.name: f for f in dataclasses.fields(Args)}
     kv, i = {}, 0
     while i < len(argv):
-        key, _, val = argv[i].removeprefix("--").partition("=")
+        key, eq, val = argv[i].removeprefix("--").partition("=")
         if not argv[i].startswith("--") or (key not in fields and key != "preset"):
             fail(f"unknown argument {argv[i]!r}; --help lists the flags")
         is_bool = key in fields and fields[key].type is bool
-        if not val and not (is_bool and (i + 1 == len(argv) or argv[i + 1].startswith("--"))):
+        if not eq and is_bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            val = "true"  # a bare --flag
+        elif not eq:
             if i + 1 == len(argv):
                 fail(f"--{key} needs a value")
             val, i = argv[i + 1], i + 1
-        kv[key] = val or "true"
+        kv[key] = val
         i += 1
     preset = kv.pop("preset", None)
     if preset is not None and preset not in PRESETS:
@@ -642,16 +658,148 @@ def parse_args(argv):
                 if val.lower() not in ("true", "false", "1", "0"):
                     raise ValueError
                 val = val.lower() in ("true", "1")
-            setattr(args, key, typ(val))
+            value = typ(val)
+            if typ is float and not np.isfinite(value):
+                raise ValueError
+            setattr(args, key, value)
         except ValueError:
-            fail(f"--{key} expects {typ.__name__}, got {val!r}")
-    return check_args(args)
+            fail(f"--{key} expects {'a finite float' if typ is float else typ.__name__}, got {val!r}")
+    args = check_args(args)
+    if not 0 <= args.seed < 2**32:
+        fail(f"--seed must be in [0, 2**32 - 1] (numpy's seeds), got {args.seed}")
+    if not args.out_dir:
+        fail("--out_dir must name a folder (. for the current one), got ''")
+    pick_device(args.device)
+    return args
+
+
+def pick_device(name):
+    """auto: cuda > mps > cpu; else the device named, if this machine has it (a one-line error if not)."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        fail(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= n_gpu:
+        fail(f"--device {name}: this machine has " + (f"{n_gpu} CUDA GPU(s), cuda:0 to cuda:{n_gpu - 1}" if n_gpu else
+                                                      "no CUDA GPU; use --device cpu (or auto)"))
+    if device.type == "mps" and not mps:
+        fail(f"--device {name}: this torch has no MPS (Apple GPU) backend here; use --device cpu (or auto)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        fail(f"--device {name}: the scripts run on cpu, cuda or mps")
+    return device
+
+
+RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl")  # what a run writes to its out_dir
+
+
+def open_out_dir(args):
+    """A training run's --out_dir, checked before anything is written: a folder this process can write to, and never
+    another run's: --resume continues the run there, --overwrite deletes its RUN_FILES first, else a one-line error."""
+    out = args.out_dir
+    if args.resume and args.overwrite:
+        fail("--resume continues the run in --out_dir, --overwrite replaces it: give one of them")
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--out_dir {out} is a file, not a folder; give a folder")
+    probe = os.path.join(out, f".write_test_{os.getpid()}")
+    try:
+        os.makedirs(out, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"--out_dir {out} cannot be written to ({e.strerror or e}); give a folder you can write to")
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if found and not args.resume and not args.overwrite:
+        fail(f"--out_dir {out} holds a run ({', '.join(found)}): continue it with --resume, give another --out_dir, "
+             "or replace it with --overwrite")
+    for f in found if args.overwrite else []:
+        try:
+            os.remove(os.path.join(out, f))
+        except FileNotFoundError:  # another process of this run removed it first
+            pass
 
 
 def save_checkpoint(path, obj):
+    """obj and the script's name (read_checkpoint checks it), written atomically: a killed run leaves the previous
+    checkpoint intact."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic: a killed run leaves the previous checkpoint intact
+    torch.save(dict(obj, script=os.path.basename(__file__)), tmp)
+    os.replace(tmp, path)
+
+
+def mark_final(path):
+    """Record in the checkpoint at path that the run's final evaluation is written: a --resume then has nothing left."""
+    save_checkpoint(path, dict(torch.load(path, map_location="cpu", weights_only=False), final=True))
+
+
+def read_checkpoint(path, flag, device="cpu", args=None):
+    """The checkpoint at path, or a one-line error: none there, a truncated or corrupt file, another script's, or (with
+    args) a run whose RESUME_FLAGS differ from args'."""
+    if not os.path.exists(path):
+        fail(f"{flag}: no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+        saved = ckpt["args"]
+    except Exception as e:  # a truncated or corrupt file: zip, pickle, EOF and key errors alike
+        fail(f"{flag}: {path} is not a readable checkpoint ({type(e).__name__}: a truncated or corrupt file); restore "
+             "it, or start anew with --overwrite")
+    script = os.path.basename(__file__)
+    if ckpt.get("script", script) != script:
+        fail(f"{flag}: {path} is a checkpoint of {ckpt['script']}, not of {script}; run that script, or give another "
+             "--out_dir")
+    differ = [key for key in RESUME_FLAGS if args is not None and key in saved and saved[key] != getattr(args, key)]
+    if differ:
+        fail(f"{flag}: {path} holds a run of " + ", ".join(f"--{key} {saved[key]}" for key in differ) + " (this run: "
+             + ", ".join(f"--{key} {getattr(args, key)}" for key in differ) + "); give the same flags, or another "
+             "--out_dir")
+    return ckpt
+
+
+def nothing_left(out_dir, step, steps, stop_at, final):
+    """--resume of a checkpoint at step, of a run of steps: True, after saying so, if nothing is left to do (the run
+    finished, its final evaluation written; or the checkpoint at or past --steps or --stop_at). A run whose training
+    steps are done but whose final evaluation is not written has that left."""
+    if step == steps and final:
+        print(f"the run in {out_dir} is finished (step {step} of {steps}, its final results written); nothing to do")
+    elif step > steps:
+        print(f"the checkpoint in {out_dir} is at step {step}, past the run's {steps} steps; nothing to do")
+    elif stop_at and stop_at <= step < steps:
+        print(f"the checkpoint in {out_dir} is at step {step}, at or past --stop_at {stop_at}; nothing to do (a later "
+              "--stop_at, or none, continues)")
+    else:
+        return False
+    return True
+
+
+def check_finite(step, out_dir, fix, values, modules=(), bar=None):
+    """A divergence stops the run before anything of it is logged or saved (exit 1): a non-finite value in values (name
+    -> a number or tensor: a loss, generated weights) or weight of modules. The message says what stays on disk."""
+    values = {name: torch.as_tensor(v) for name, v in values.items()}
+    bad = [f"{name} became {v.item() if v.numel() == 1 else 'non-finite'}" for name, v in values.items()
+           if not v.isfinite().all()]
+    bad += [f"the weights of {type(m).__name__} became non-finite" for m in modules
+            if not all(t.isfinite().all() for t in m.state_dict().values() if t.is_floating_point())]
+    if bad:
+        if bar is not None:
+            bar.close()
+        tqdm.write(f"error: {' and '.join(bad)} at step {step}; the run stops, saving nothing of it: "
+                   f"{on_disk(out_dir)}. {fix}", file=sys.stderr)
+        sys.exit(1)
+
+
+def on_disk(out_dir):
+    """What a stopped run leaves in out_dir: its last checkpoint and that checkpoint's step, or none."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=False)["step"]
+    except FileNotFoundError:
+        return f"it has no checkpoint ({path} was never written)"
+    except Exception:  # unreadable: left as it was
+        return f"{path} stays as it was"
+    return f"the last good checkpoint, {path} (step {step}), stays"
 
 
 def log_metrics(out_dir, step, split, metrics, t0):
@@ -660,9 +808,10 @@ def log_metrics(out_dir, step, split, metrics, t0):
             f.write(json.dumps(dict(step=step, split=split, metric=name, value=value, time=time.time() - t0)) + "\n")
 
 
-def truncate_metrics(out_dir, step):
+def truncate_metrics(out_dir, step, final=()):
     """--resume: drop the metrics.jsonl lines past the checkpoint's step (the killed run logged them; the resumed run
-    logs those steps again), and a line the kill cut short; written atomically, as the checkpoints."""
+    logs those steps again), a line the kill cut short, and the lines at step of the final evaluation's splits `final`
+    (one the checkpoint does not record, which the resumed run writes); written atomically, as the checkpoints."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return
@@ -670,7 +819,8 @@ def truncate_metrics(out_dir, step):
     with open(path) as f:
         for line in f:
             try:
-                if json.loads(line)["step"] <= step:
+                m = json.loads(line)
+                if m["step"] < step or m["step"] == step and m["split"] not in final:
                     keep.append(line)
             except (ValueError, KeyError, TypeError):
                 pass
@@ -680,16 +830,23 @@ def truncate_metrics(out_dir, step):
 
 
 def resume_from(path, run, flag="--resume"):
-    """--resume: load the networks, optimizers, buffer, normaliser and counters of a GoGePo run in place, restore the
-    RNGs; return the checkpoint dict."""
-    if not os.path.exists(path):
-        fail(f"{flag}: no checkpoint at {path}")
-    ckpt = torch.load(path, map_location=run.device, weights_only=False)
-    for name in ("generator", "evaluator", "opt_g", "opt_v"):
-        getattr(run, name).load_state_dict(ckpt[name])
+    """--resume, --sweep_only: the checkpoint of a run like this one (read_checkpoint); the networks, optimizers (at
+    this run's learning rates), buffer, normaliser and counters of a GoGePo run loaded in place, the RNGs restored;
+    returns the checkpoint dict."""
+    ckpt = read_checkpoint(path, flag, run.device, run.args)
+    try:
+        for name in ("generator", "evaluator", "opt_g", "opt_v"):
+            getattr(run, name).load_state_dict(ckpt[name])
+    except (RuntimeError, ValueError, KeyError) as e:
+        fail(f"{flag}: the weights in {path} do not fit this run's nets ({str(e).strip().splitlines()[0]}); give the "
+             "flags it was trained with, or another --out_dir")
     run.buffer.thetas, run.buffer.returns = ckpt["buffer"]
     vars(run.norm).update(ckpt["norm"])
     run.steps, run.episodes, run.best, run.solved_at, run.last_eval = ckpt["counters"]
+    for opt, lr in ((run.opt_g, run.args.lr_generator), (run.opt_v, run.args.lr_evaluator)):
+        for group in opt.param_groups:
+            group["lr"] = lr  # this run's flags, as the other scripts' learning rates
+    ckpt["rng"] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in ckpt["rng"].items()}
     random.setstate(ckpt["rng"]["python"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     run.gen.set_state(ckpt["rng"]["gen"])
@@ -701,6 +858,8 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.bench:
         return bench(args)
+    if not args.sweep_only:
+        open_out_dir(args)
     train(args)
 
 

@@ -113,7 +113,10 @@ class Args:
     out_dir: str = "out/rfwp_rl"
     """metrics.jsonl and ckpt.pt go here"""
     resume: bool = False
-    """continue from out_dir/ckpt.pt"""
+    """continue the run in out_dir from its ckpt.pt (the only way to add to a run there)"""
+    overwrite: bool = False
+    """start a new run in an out_dir that holds one: delete its ckpt.pt and metrics.jsonl first (without
+    this flag or --resume, such a run stops before writing anything)"""
     stop_at: int = 0
     """exit after this update, checkpoint saved (a time-boxed job); --resume continues. 0: run to the end"""
     eval: int = 0
@@ -133,6 +136,10 @@ PRESETS = {"tiny": dict(d_model=32, n_layer=1, n_head=2, d_ff=64, batch_size=8, 
 # heads of 32, FF 512; the LSTM: one layer of 256).
 IMPALA = dict(lr=6e-4, batch_size=32, unroll=50, reward_scale=1.0, eval_every=25, d_model=128, d_ff=512)
 RL_DEFAULTS = {"lstm": dict(IMPALA, d_model=256, n_layer=1)}
+
+
+RESUME_FLAGS = ("env", "model", "d_model", "n_layer", "n_head", "d_ff", "fast_net_depth", "official_rl_core",
+                "memoryless")  # the flags a --resume must share with its checkpoint: the agent's shape and inputs
 
 
 def check_args(args):
@@ -424,6 +431,8 @@ def rl_unroll(agent, envs, carry, args, device):
         if args.truncate and t % args.truncate == 0:
             state = rfwp.detach_state(state)
         logit, value, state = agent(torch.as_tensor(obs, device=device), last_reward, state, reset)
+        if not torch.isfinite(logit).all():  # a diverged agent: no distribution to sample from
+            raise FloatingPointError(logit.detach())
         action = torch.multinomial(F.softmax(logit.detach().float(), -1), 1).squeeze(-1)
         t_env = time.perf_counter()
         obs, reward, done, life_end = envs.step(action.cpu().numpy())
@@ -497,9 +506,11 @@ def train(args):
     step, returns = 0, []
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if args.resume:
-        ckpt = resume_from(ckpt_path, agent, opt, device)
+        ckpt = resume_from(ckpt_path, agent, opt, device, args)
         step, returns = ckpt["step"], ckpt["returns"]
         envs.seed = args.seed + step  # fresh episodes: the environments' own state is not saved
+        if nothing_left(args.out_dir, step, n_updates, args.stop_at, True):  # its last checkpoint is its final result
+            return
     os.makedirs(args.out_dir, exist_ok=True)
     if args.resume:
         truncate_metrics(args.out_dir, step * per_update)  # the RL logs count environment steps
@@ -507,26 +518,23 @@ def train(args):
     print(f"device {device}, env {args.env} (observation {envs.obs_shape}, {envs.n_actions} actions), "
           f"core {args.model}, {sum(p.numel() for p in agent.parameters()) / 1e6:.2f}M parameters, {n_updates} "
           f"updates of {args.batch_size} x {args.unroll} steps, starting at update {step}")
-    if step >= n_updates:
-        print(f"the checkpoint in {args.out_dir} is already at update {step} of {n_updates}; nothing to do")
-        return
     carry = rl_start(envs, device, args.batch_size)
     t0, env_time, t_window, step_window = time.time(), 0.0, time.time(), step
     bar = tqdm(total=n_updates * per_update, initial=step * per_update, unit="step", dynamic_ncols=True)
     while step < n_updates:
         for group in opt.param_groups:
             group["lr"] = args.lr * (1 - step / n_updates)  # linear decay to 0
-        update = rl_update(agent, opt, envs, carry, args, device)
-        if not torch.isfinite(update.loss):
-            bar.close()
-            print(f"error: the loss became {update.loss.item()} at update {step}; the last good checkpoint stays at "
-                  f"{ckpt_path}. Lower --lr.", file=sys.stderr)
-            sys.exit(1)
+        try:
+            update = rl_update(agent, opt, envs, carry, args, device)
+        except FloatingPointError as e:  # rl_unroll's non-finite policy logits
+            check_finite(step, args.out_dir, "Lower --lr.", {"the policy logits": e.args[0]}, bar=bar)
+        check_finite(step, args.out_dir, "Lower --lr.", {"the loss": update.loss}, bar=bar)
         carry, step, env_time = update.carry, step + 1, env_time + update.env_time
         returns += update.finished
         bar.update(per_update)
         rl_log_update(args, step * per_update, update, returns, bar, t0)
         if step % args.eval_every == 0 or step == n_updates or step == args.stop_at:
+            check_finite(step, args.out_dir, "Lower --lr.", {}, [agent], bar)
             rl_log_window(args, step, per_update, returns, time.time() - t_window, step - step_window, env_time, t0)
             t_window, step_window, env_time = time.time(), step, 0.0
             save_checkpoint(ckpt_path, {
@@ -548,7 +556,7 @@ def evaluate(args):
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if not os.path.exists(ckpt_path):
         fail(f"--eval: no checkpoint at {ckpt_path}; train first (same --out_dir)")
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    ckpt = read_checkpoint(ckpt_path, "--eval", device)
     if "env" not in ckpt["args"] or ckpt["args"].get("task", "rl") != "rl":  # task: rfwp.py's checkpoints
         fail(f"--eval: {ckpt_path} is not an agent's checkpoint; use the --out_dir of a run of this script")
     saved = Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})
@@ -619,8 +627,9 @@ def bench(args):
 
 # ----------------------------------------------------------------------------------------------
 # Scaffolding, the same in every script: command line (from the Args fields and their docstrings), errors,
-# device, checkpoint writes, seeds and --resume, metrics (here parse_args also fills the official settings for
-# other environments, and pick_device checks --impl kernel). Nothing here is specific to the method.
+# device, the output folder, checkpoint writes and reads, divergence, seeds and --resume, metrics (here parse_args
+# also fills the official settings for other environments, and pick_device checks --impl kernel). Nothing here is
+# specific to the method.
 
 
 def fail(msg):
@@ -644,21 +653,24 @@ def print_help():
 
 
 def parse_args(argv):
-    """--key value (or --key=value; a bare --flag sets a bool), --preset NAME applied first."""
+    """--key value (or --key=value; a bare --flag sets a bool), --preset NAME applied first; check_args, then what every
+    script asks: finite floats, a seed numpy takes, a --device this machine has, an --out_dir that is not empty."""
     if "--help" in argv or "-h" in argv:
         print_help()
     fields = {f.name: f for f in dataclasses.fields(Args)}
     kv, i = {}, 0
     while i < len(argv):
-        key, _, val = argv[i].removeprefix("--").partition("=")
+        key, eq, val = argv[i].removeprefix("--").partition("=")
         if not argv[i].startswith("--") or (key not in fields and key != "preset"):
             fail(f"unknown argument {argv[i]!r}; --help lists the flags")
         is_bool = key in fields and fields[key].type is bool
-        if not val and not (is_bool and (i + 1 == len(argv) or argv[i + 1].startswith("--"))):
+        if not eq and is_bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            val = "true"  # a bare --flag
+        elif not eq:
             if i + 1 == len(argv):
                 fail(f"--{key} needs a value")
             val, i = argv[i + 1], i + 1
-        kv[key] = val or "true"
+        kv[key] = val
         i += 1
     preset = kv.pop("preset", None)
     if preset is not None and preset not in PRESETS:
@@ -675,35 +687,151 @@ def parse_args(argv):
                 if val.lower() not in ("true", "false", "1", "0"):
                     raise ValueError
                 val = val.lower() in ("true", "1")
-            setattr(args, key, typ(val))
+            value = typ(val)
+            if typ is float and not np.isfinite(value):
+                raise ValueError
+            setattr(args, key, value)
         except ValueError:
-            fail(f"--{key} expects {typ.__name__}, got {val!r}")
-    return check_args(args)
+            fail(f"--{key} expects {'a finite float' if typ is float else typ.__name__}, got {val!r}")
+    args = check_args(args)
+    if not 0 <= args.seed < 2**32:
+        fail(f"--seed must be in [0, 2**32 - 1] (numpy's seeds), got {args.seed}")
+    if not args.out_dir:
+        fail("--out_dir must name a folder (. for the current one), got ''")
+    pick_device(args.device)
+    return args
 
 
 def pick_device(name, impl="auto"):
-    if name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            fail(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            fail(f"--device {name}: this machine has no CUDA GPU; use --device cpu (or auto)")
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        device = torch.device("mps")
-    else:
-        device = torch.device("cpu")
+    """auto: cuda > mps > cpu; else the device named, if this machine has it (a one-line error if not); a warning for
+    --impl kernel off the CPU and CUDA."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        fail(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= n_gpu:
+        fail(f"--device {name}: this machine has " + (f"{n_gpu} CUDA GPU(s), cuda:0 to cuda:{n_gpu - 1}" if n_gpu else
+                                                      "no CUDA GPU; use --device cpu (or auto)"))
+    if device.type == "mps" and not mps:
+        fail(f"--device {name}: this torch has no MPS (Apple GPU) backend here; use --device cpu (or auto)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        fail(f"--device {name}: the scripts run on cpu, cuda or mps")
     if impl == "kernel" and device.type not in ("cpu", "cuda"):
         print(f"warning: --impl kernel runs on the CPU and CUDA, not {device}; using --impl chunk", file=sys.stderr)
     return device
 
 
+RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl")  # what a run writes to its out_dir
+
+
+def open_out_dir(args):
+    """A training run's --out_dir, checked before anything is written: a folder this process can write to, and never
+    another run's: --resume continues the run there, --overwrite deletes its RUN_FILES first, else a one-line error."""
+    out = args.out_dir
+    if args.resume and args.overwrite:
+        fail("--resume continues the run in --out_dir, --overwrite replaces it: give one of them")
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--out_dir {out} is a file, not a folder; give a folder")
+    probe = os.path.join(out, f".write_test_{os.getpid()}")
+    try:
+        os.makedirs(out, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"--out_dir {out} cannot be written to ({e.strerror or e}); give a folder you can write to")
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if found and not args.resume and not args.overwrite:
+        fail(f"--out_dir {out} holds a run ({', '.join(found)}): continue it with --resume, give another --out_dir, "
+             "or replace it with --overwrite")
+    for f in found if args.overwrite else []:
+        try:
+            os.remove(os.path.join(out, f))
+        except FileNotFoundError:  # another process of this run removed it first
+            pass
+
+
 def save_checkpoint(path, obj):
+    """obj and the script's name (read_checkpoint checks it), written atomically: a killed run leaves the previous
+    checkpoint intact."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic: a killed run leaves the previous checkpoint intact
+    torch.save(dict(obj, script=os.path.basename(__file__)), tmp)
+    os.replace(tmp, path)
+
+
+def mark_final(path):
+    """Record in the checkpoint at path that the run's final evaluation is written: a --resume then has nothing left."""
+    save_checkpoint(path, dict(torch.load(path, map_location="cpu", weights_only=False), final=True))
+
+
+def read_checkpoint(path, flag, device="cpu", args=None):
+    """The checkpoint at path, or a one-line error: none there, a truncated or corrupt file, another script's, or (with
+    args) a run whose RESUME_FLAGS differ from args'."""
+    if not os.path.exists(path):
+        fail(f"{flag}: no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+        saved = ckpt["args"]
+    except Exception as e:  # a truncated or corrupt file: zip, pickle, EOF and key errors alike
+        fail(f"{flag}: {path} is not a readable checkpoint ({type(e).__name__}: a truncated or corrupt file); restore "
+             "it, or start anew with --overwrite")
+    script = os.path.basename(__file__)
+    if ckpt.get("script", script) != script:
+        fail(f"{flag}: {path} is a checkpoint of {ckpt['script']}, not of {script}; run that script, or give another "
+             "--out_dir")
+    differ = [key for key in RESUME_FLAGS if args is not None and key in saved and saved[key] != getattr(args, key)]
+    if differ:
+        fail(f"{flag}: {path} holds a run of " + ", ".join(f"--{key} {saved[key]}" for key in differ) + " (this run: "
+             + ", ".join(f"--{key} {getattr(args, key)}" for key in differ) + "); give the same flags, or another "
+             "--out_dir")
+    return ckpt
+
+
+def nothing_left(out_dir, step, steps, stop_at, final):
+    """--resume of a checkpoint at step, of a run of steps: True, after saying so, if nothing is left to do (the run
+    finished, its final evaluation written; or the checkpoint at or past --steps or --stop_at). A run whose training
+    steps are done but whose final evaluation is not written has that left."""
+    if step == steps and final:
+        print(f"the run in {out_dir} is finished (step {step} of {steps}, its final results written); nothing to do")
+    elif step > steps:
+        print(f"the checkpoint in {out_dir} is at step {step}, past the run's {steps} steps; nothing to do")
+    elif stop_at and stop_at <= step < steps:
+        print(f"the checkpoint in {out_dir} is at step {step}, at or past --stop_at {stop_at}; nothing to do (a later "
+              "--stop_at, or none, continues)")
+    else:
+        return False
+    return True
+
+
+def check_finite(step, out_dir, fix, values, modules=(), bar=None):
+    """A divergence stops the run before anything of it is logged or saved (exit 1): a non-finite value in values (name
+    -> a number or tensor: a loss, generated weights) or weight of modules. The message says what stays on disk."""
+    values = {name: torch.as_tensor(v) for name, v in values.items()}
+    bad = [f"{name} became {v.item() if v.numel() == 1 else 'non-finite'}" for name, v in values.items()
+           if not v.isfinite().all()]
+    bad += [f"the weights of {type(m).__name__} became non-finite" for m in modules
+            if not all(t.isfinite().all() for t in m.state_dict().values() if t.is_floating_point())]
+    if bad:
+        if bar is not None:
+            bar.close()
+        tqdm.write(f"error: {' and '.join(bad)} at step {step}; the run stops, saving nothing of it: "
+                   f"{on_disk(out_dir)}. {fix}", file=sys.stderr)
+        sys.exit(1)
+
+
+def on_disk(out_dir):
+    """What a stopped run leaves in out_dir: its last checkpoint and that checkpoint's step, or none."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=False)["step"]
+    except FileNotFoundError:
+        return f"it has no checkpoint ({path} was never written)"
+    except Exception:  # unreadable: left as it was
+        return f"{path} stays as it was"
+    return f"the last good checkpoint, {path} (step {step}), stays"
 
 
 def log_metrics(out_dir, step, split, metrics, t0):
@@ -712,9 +840,10 @@ def log_metrics(out_dir, step, split, metrics, t0):
             f.write(json.dumps(dict(step=step, split=split, metric=name, value=value, time=time.time() - t0)) + "\n")
 
 
-def truncate_metrics(out_dir, step):
+def truncate_metrics(out_dir, step, final=()):
     """--resume: drop the metrics.jsonl lines past the checkpoint's step (the killed run logged them; the resumed run
-    logs those steps again), and a line the kill cut short; written atomically, as the checkpoints."""
+    logs those steps again), a line the kill cut short, and the lines at step of the final evaluation's splits `final`
+    (one the checkpoint does not record, which the resumed run writes); written atomically, as the checkpoints."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return
@@ -722,7 +851,8 @@ def truncate_metrics(out_dir, step):
     with open(path) as f:
         for line in f:
             try:
-                if json.loads(line)["step"] <= step:
+                m = json.loads(line)
+                if m["step"] < step or m["step"] == step and m["split"] not in final:
                     keep.append(line)
             except (ValueError, KeyError, TypeError):
                 pass
@@ -741,13 +871,17 @@ def rng_state():
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
-def resume_from(path, model, opt, device):
-    """--resume: load model and optimizer in place, restore the global RNGs; return the checkpoint dict."""
-    if not os.path.exists(path):
-        fail(f"--resume: no checkpoint at {path}")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
+def resume_from(path, model, opt, device, args):
+    """--resume: the checkpoint of a run like this one (read_checkpoint), model and optimizer loaded in place, the
+    global RNGs restored; returns the checkpoint dict, its RNG states on the CPU (where torch keeps generators')."""
+    ckpt = read_checkpoint(path, "--resume", device, args)
+    try:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        fail(f"--resume: the weights in {path} do not fit this model ({str(e).strip().splitlines()[0]}); give the "
+             "flags it was trained with, or another --out_dir")
+    ckpt["rng"] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in ckpt["rng"].items()}
     random.setstate(ckpt["rng"]["python"])
     np.random.set_state(ckpt["rng"]["numpy"])
     torch.set_rng_state(ckpt["rng"]["torch"])
@@ -760,6 +894,7 @@ def main(argv=None):
         return bench(args)
     if args.eval:
         return evaluate(args)
+    open_out_dir(args)
     train(args)
 
 

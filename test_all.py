@@ -178,6 +178,189 @@ def assert_same_run(a, b, rtol=1e-5):
         assert close(x, y), (x, y)
 
 
+# Every training script's scaffolding keeps saved results: the same checks for each, one body per behaviour below and
+# one test per script in its section (test_dn_saved_runs_are_never_lost = saved_runs_test(delta_net, ...)), run in
+# this process through main(argv) (a user error is a SystemExit; anything else would be a traceback).
+
+
+def main_exit(script, argv, capsys):
+    """script.main(argv) here -> (exit status, stdout, stderr); status 0 when it returns."""
+    capsys.readouterr()
+    try:
+        script.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_files(out_dir):
+    """The bytes of every file a run keeps in out_dir (checkpoints and metrics.jsonl)."""
+    return {f: (out_dir / f).read_bytes() for f in ("ckpt.pt", "best.pt", "metrics.jsonl") if (out_dir / f).exists()}
+
+
+def assert_one_line_error(code, err, *words, status=2):
+    assert code == status and err.startswith("error: ") and err.count("\n") == 1, (code, err)
+    for word in words:
+        assert word in err, (word, err)
+
+
+def assert_all_finite(out_dir):
+    """No NaN or inf among the weights and optimizer states of any checkpoint, nor among the logged values."""
+    def finite(x):
+        if torch.is_tensor(x):
+            return not x.is_floating_point() or bool(torch.isfinite(x).all())
+        if isinstance(x, float):
+            return math.isfinite(x)
+        if isinstance(x, dict):
+            return all(finite(v) for v in x.values())
+        return all(finite(v) for v in x) if isinstance(x, (list, tuple)) else True
+
+    for f in ("ckpt.pt", "best.pt"):
+        if (out_dir / f).exists():
+            ckpt = torch.load(out_dir / f, weights_only=False)
+            weights = {k: v for k, v in ckpt.items() if k not in ("plateau", "args")}  # the scheduler's sentinel: inf
+            assert finite(weights), f
+    if (out_dir / "metrics.jsonl").exists():
+        assert finite([m["value"] for m in read_metrics(out_dir)])
+
+
+def saved_runs_test(script, argv, stop_at, other):
+    """A run stopped at --stop_at, then: --resume --stop_at at the same step has nothing to do; a run without --resume
+    into the same --out_dir stops with one line naming --resume and --out_dir; --resume finishes it; --resume again
+    says it is finished; a checkpoint of another model (the flags `other`), of another script, a truncated one, an
+    --out_dir that is a file: one line each. Every refusal leaves ckpt.pt, best.pt and metrics.jsonl byte-identical.
+    --overwrite then replaces the run with a fresh one of the same lines."""
+
+    def test(tmp_path, capsys):
+        out = tmp_path / "out"
+        common = argv + ["--out_dir", str(out)]
+        assert main_exit(script, common + ["--stop_at", str(stop_at)], capsys)[0] == 0
+        stopped = run_files(out)
+        assert "ckpt.pt" in stopped and "metrics.jsonl" in stopped
+        code, text, _ = main_exit(script, common + ["--resume", "--stop_at", str(stop_at)], capsys)
+        assert code == 0 and f"at or past --stop_at {stop_at}; nothing to do" in text
+        assert_one_line_error(*main_exit(script, common, capsys)[::2], "holds a run", "--resume", "--out_dir")
+        assert run_files(out) == stopped
+        assert main_exit(script, common + ["--resume"], capsys)[0] == 0
+        finished = run_files(out)
+        code, text, _ = main_exit(script, common + ["--resume"], capsys)
+        assert code == 0 and "is finished" in text and "nothing to do" in text
+        assert_one_line_error(*main_exit(script, common, capsys)[::2], "--resume", "--out_dir", "--overwrite")
+        assert_one_line_error(*main_exit(script, common + other + ["--resume"], capsys)[::2], f"{other[0]} ")
+        assert_one_line_error(*main_exit(script, common + ["--resume", "--overwrite"], capsys)[::2], "one of them")
+        assert run_files(out) == finished
+        ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+        assert ckpt["script"] == os.path.basename(script.__file__)
+        for name, content in (("truncated", finished["ckpt.pt"][: len(finished["ckpt.pt"]) // 2]), ("other", None)):
+            (tmp_path / name).mkdir()
+            if content is None:
+                torch.save(dict(ckpt, script="another.py"), tmp_path / name / "ckpt.pt")
+            else:
+                (tmp_path / name / "ckpt.pt").write_bytes(content)
+            code, _, err = main_exit(script, argv + ["--out_dir", str(tmp_path / name), "--resume"], capsys)
+            assert_one_line_error(code, err, "truncated or corrupt" if content else "another.py")
+        (tmp_path / "file").write_text("")
+        assert_one_line_error(*main_exit(script, argv + ["--out_dir", str(tmp_path / "file")], capsys)[::2], "a file")
+
+        def lines():  # an RL run's episodes after a resume are fresh ones: their count may differ
+            return [(m["step"], m["split"], m["metric"]) for m in read_metrics(out) if m["split"] != "episode"]
+
+        resumed = lines()
+        assert main_exit(script, common + ["--overwrite"], capsys)[0] == 0
+        assert lines() == resumed  # a fresh run's lines, each once: the overwritten run's are gone
+
+    return test
+
+
+def divergence_test(script, argv, stop_at, diverge):
+    """A run that diverges (the flags `diverge`: a huge learning rate) stops with exit 1 before it saves anything of
+    it, and its message tells the truth: no checkpoint when none was written; the last one and its step, unchanged,
+    when a healthy run left one; no saved file holds a NaN or inf."""
+
+    def test(tmp_path, capsys):
+        out = tmp_path / "new"
+        code, _, err = main_exit(script, argv + diverge + ["--out_dir", str(out)], capsys)
+        assert code == 1 and "became" in err and "never written" in err and "Traceback" not in err, err
+        assert not (out / "ckpt.pt").exists() and not (out / "best.pt").exists()
+        assert_all_finite(out)
+        out = tmp_path / "resumed"
+        assert main_exit(script, argv + ["--out_dir", str(out), "--stop_at", str(stop_at)], capsys)[0] == 0
+        before = run_files(out)
+        code, _, err = main_exit(script, argv + diverge + ["--out_dir", str(out), "--resume"], capsys)
+        assert code == 1 and f"ckpt.pt (step {stop_at}), stays" in err and "Traceback" not in err, err
+        assert run_files(out)["ckpt.pt"] == before["ckpt.pt"]
+        assert_all_finite(out)
+
+    return test
+
+
+def final_evaluation_test(script, argv, final_splits):
+    """A run killed after its last checkpoint, before its final evaluation was recorded (the checkpoint says so; the
+    metrics hold part of that evaluation's lines and a line cut short): --resume writes the final evaluation once, the
+    metrics then equal the uninterrupted run's; a second --resume has nothing to do and changes no byte."""
+
+    def test(tmp_path, capsys):
+        full, cut = tmp_path / "full", tmp_path / "cut"
+        assert main_exit(script, argv + ["--out_dir", str(full)], capsys)[0] == 0
+        shutil.copytree(full, cut)
+        ckpt = torch.load(cut / "ckpt.pt", weights_only=False)
+        assert ckpt["final"] is True
+        torch.save(dict(ckpt, final=False), cut / "ckpt.pt")
+        lines = (full / "metrics.jsonl").read_text().splitlines(keepends=True)
+        last = [line for line in lines if json.loads(line)["split"] in final_splits and
+                json.loads(line)["step"] == ckpt["step"]]
+        assert last
+        kept = [line for line in lines if line not in last]
+        (cut / "metrics.jsonl").write_text("".join(kept + last[: len(last) // 2]) + '{"step": 1')
+        code, text, _ = main_exit(script, argv + ["--out_dir", str(cut), "--resume"], capsys)
+        assert code == 0 and "nothing to do" not in text
+        strip = lambda d: [(m["step"], m["split"], m["metric"], m["value"]) for m in read_metrics(d)]  # noqa: E731
+        assert_same_run(strip(cut), strip(full))
+        done = run_files(cut)
+        code, text, _ = main_exit(script, argv + ["--out_dir", str(cut), "--resume"], capsys)
+        assert code == 0 and "is finished" in text and run_files(cut) == done
+
+    return test
+
+
+def flag_values_test(script, bad=()):
+    """The command line's values: NaN and infinities refused for every float flag; an empty value is an empty string
+    (never "true"), refused for --out_dir; a seed numpy cannot take, a device this machine does not have, and the
+    argument lists `bad`: each one line, exit 2."""
+
+    def test(capsys):
+        def refused(argv, *words):
+            with pytest.raises(SystemExit) as exit_info:
+                script.parse_args(argv)
+            assert_one_line_error(exit_info.value.code, capsys.readouterr().err, *words)
+
+        for field in dataclasses.fields(script.Args):
+            if field.type is float:
+                for value in ("nan", "inf", "-inf", "NaN"):
+                    refused([f"--{field.name}", value], f"--{field.name} expects a finite float")
+            if field.type is str and field.name != "out_dir":
+                try:
+                    assert getattr(script.parse_args([f"--{field.name}", ""]), field.name) == ""
+                except SystemExit:
+                    assert "true" not in capsys.readouterr().err
+        for argv in (["--out_dir", ""], ["--out_dir="]):
+            refused(argv, "--out_dir must name a folder")
+        refused(["--seed", str(2**32)], "--seed must be in [0, 2**32 - 1]")
+        assert script.parse_args(["--seed", str(2**32 - 1), "--resume"]).resume is True  # a bare flag: true
+        refused(["--resume="], "--resume expects bool")
+        refused(["--device", "cuda:x"], "is not a device")
+        refused(["--device", "xla"], "cpu, cuda or mps")
+        refused(["--device", f"cuda:{torch.cuda.device_count()}"], "CUDA GPU")
+        if not torch.backends.mps.is_available():
+            refused(["--device", "mps"], "no MPS")
+        for argv, message in bad:
+            refused(argv, message)
+
+    return test
+
+
 # ----------------------------------------------------------------------------------------------
 # delta_net.py: the delta rule
 
@@ -650,6 +833,15 @@ def test_dn_cli_error_without_traceback(tmp_path):
 
 def test_dn_negative_flag_values_are_errors():
     assert_negative_values_fail(delta_net)
+
+
+DN_RUN = ["--preset", "tiny"]  # 20 steps, an evaluation and a checkpoint every 10
+test_dn_saved_runs_are_never_lost = saved_runs_test(delta_net, DN_RUN, 10, ["--d_model", "64", "--n_head", "4"])
+test_dn_divergence_saves_nothing_and_says_what_stays = divergence_test(
+    delta_net, DN_RUN, 10, ["--lr", "1e30", "--warmup", "0", "--grad_clip", "0", "--eval_every", "1"])
+test_dn_final_evaluation_is_written_once = final_evaluation_test(delta_net, DN_RUN, ("valid", "test"))
+test_dn_flag_values_are_checked = flag_values_test(
+    delta_net, [(["--repeat_keys", "--vocab_size", "1"], "--vocab_size must be at least 2")])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -1140,6 +1332,15 @@ def test_lt_negative_flag_values_are_errors():
     assert_negative_values_fail(linear_transformer)
 
 
+LT_RUN = ["--preset", "tiny"]  # 20 steps, an evaluation and a checkpoint every 10
+test_lt_saved_runs_are_never_lost = saved_runs_test(linear_transformer, LT_RUN, 10, ["--phi", "relu"])
+test_lt_divergence_saves_nothing_and_says_what_stays = divergence_test(
+    linear_transformer, LT_RUN, 10, ["--lr", "1e30", "--warmup", "0", "--grad_clip", "0", "--eval_every", "1"])
+test_lt_final_evaluation_is_written_once = final_evaluation_test(linear_transformer, LT_RUN, ("valid", "test"))
+test_lt_flag_values_are_checked = flag_values_test(
+    linear_transformer, [(["--repeat_keys", "--vocab_size", "1"], "--vocab_size must be at least 2")])
+
+
 def test_lt_paper_preset_optimizer():
     check_paper_optimizer(linear_transformer)
 
@@ -1504,6 +1705,15 @@ def test_rf_negative_flag_values_are_errors():
 
 def test_rf_help_lists_every_flag(capsys):
     assert_help_lists_every_flag(rfwp, capsys)
+
+
+RF_RUN = ["--preset", "tiny", "--model", "delta_rnn"]  # 20 steps, an evaluation and a checkpoint every 10
+test_rf_saved_runs_are_never_lost = saved_runs_test(rfwp, RF_RUN, 10, ["--model", "delta"])
+test_rf_divergence_saves_nothing_and_says_what_stays = divergence_test(
+    rfwp, RF_RUN, 10, ["--lr", "1e30", "--warmup", "0", "--grad_clip", "0", "--eval_every", "1"])
+test_rf_final_evaluation_is_written_once = final_evaluation_test(rfwp, RF_RUN, ("test",))
+test_rf_flag_values_are_checked = flag_values_test(rfwp)
+
 
 
 @pytest.mark.parametrize("name", list(rfwp.LAYERS))
@@ -1967,6 +2177,15 @@ def test_rl_negative_flag_values_are_errors():
 
 def test_rl_help_lists_every_flag(capsys):
     assert_help_lists_every_flag(rfwp_rl, capsys)
+
+
+RL_RUN = ["--preset", "tiny", "--model", "delta", "--env_steps", "160", "--unroll", "10", "--batch_size", "4",
+          "--eval_every", "2"]  # 4 updates, a checkpoint every 2
+test_rl_saved_runs_are_never_lost = saved_runs_test(rfwp_rl, RL_RUN, 2, ["--model", "lstm"])
+test_rl_divergence_saves_nothing_and_says_what_stays = divergence_test(rfwp_rl, RL_RUN, 2,
+                                                                       ["--lr", "1e30", "--grad_clip", "0"])
+test_rl_flag_values_are_checked = flag_values_test(rfwp_rl)
+
 
 
 def test_rl_observation_statistics_merge_exactly():
@@ -2817,6 +3036,35 @@ def test_od_help_lists_every_flag(capsys):
     assert_help_lists_every_flag(ode_fwp, capsys)
 
 
+OD_RUN = ["--preset", "tiny"]  # 4 steps, an evaluation and a checkpoint every 2
+test_od_saved_runs_are_never_lost = saved_runs_test(ode_fwp, OD_RUN, 2, ["--d_model", "16"])
+test_od_divergence_saves_nothing_and_says_what_stays = divergence_test(ode_fwp, OD_RUN, 2,
+                                                                       ["--lr", "1e30", "--eval_every", "1"])
+test_od_final_evaluation_is_written_once = final_evaluation_test(ode_fwp, OD_RUN, ("test",))
+test_od_flag_values_are_checked = flag_values_test(ode_fwp)
+
+
+def test_od_a_solve_of_too_many_steps_and_a_dimension_never_observed_are_refused(tmp_path, capsys):
+    """A step size that makes more than 100,000 steps per solve: one line naming the step size that fits, before any
+    file is written. A .ts case with a dimension of '?' only is dropped with a count; a file of such cases, an error."""
+    for step_size in ("1e-5", "1e-9"):
+        code, _, err = main_exit(ode_fwp, OD_RUN + ["--step_size", step_size, "--out_dir", str(tmp_path / "o")], capsys)
+        assert_one_line_error(code, err, f"--step_size {float(step_size):g} makes", "rk4 steps per solve",
+                              "at most 100,000", "give --step_size 0.000126 or more")
+        assert run_files(tmp_path / "o") == {}
+    path = tmp_path / "Toy_TRAIN.ts"
+    path.write_text(TS_FILE + "?,?:5,6:cat\n")
+    cases, labels, C = ode_fwp.parse_ts(str(path))
+    assert len(cases) == 3 and labels == ["cat", "dog", "dog"] and "dropped 1 of 4 cases" in capsys.readouterr().err
+    header = TS_FILE.split("@data")[0] + "@data\n"
+    for name in ("Empty_TRAIN.ts", "Empty_TEST.ts"):
+        (tmp_path / name).write_text(header + "?,?,?:1,2,3:cat\n1,2:?,?:dog\n")
+    code, _, err = main_exit(ode_fwp, OD_RUN + ["--data", str(tmp_path / "Empty_TRAIN.ts"), "--out_dir",
+                                                str(tmp_path / "e")], capsys)
+    assert_one_line_error(code, err, "every case has a dimension with no observed value")
+
+
+
 # ----------------------------------------------------------------------------------------------
 # policy_generator.py: GoGePo
 
@@ -3030,6 +3278,30 @@ def test_pg_negative_flag_values_are_errors():
 
 def test_pg_help_lists_every_flag(capsys):
     assert_help_lists_every_flag(policy_generator, capsys)
+
+
+PG_RUN = ["--preset", "tiny", "--env", "Pendulum-v1", "--total_steps", "400", "--eval_every", "200",
+          "--n_parallel", "1"]  # two 200-step episodes, an evaluation and a checkpoint after each
+test_pg_saved_runs_are_never_lost = saved_runs_test(policy_generator, PG_RUN, 200, ["--hidden", "64"])
+test_pg_divergence_saves_nothing_and_says_what_stays = divergence_test(
+    policy_generator, PG_RUN, 200, ["--lr_evaluator", "1e30", "--lr_generator", "1e30"])
+test_pg_final_evaluation_is_written_once = final_evaluation_test(policy_generator, PG_RUN, ("final", "sweep"))
+test_pg_flag_values_are_checked = flag_values_test(policy_generator)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_pg_runs_and_resumes_on_the_device_it_is_given(tmp_path, capsys, device):
+    """The nets, the buffer's parameter vectors and the optimizers' states live on --device; a run stopped and resumed
+    there ends with the final evaluation."""
+    out = str(tmp_path / "o")
+    argv = PG_RUN + ["--device", device, "--out_dir", out]
+    assert main_exit(policy_generator, argv + ["--stop_at", "200"], capsys)[0] == 0
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    tensors = [*ckpt["generator"].values(), *ckpt["buffer"][0], *ckpt["opt_v"]["state"][0].values()]
+    assert all(t.device.type == device for t in tensors if t.dim() > 0)
+    code, text, _ = main_exit(policy_generator, argv + ["--resume"], capsys)
+    assert code == 0 and "final: eval return" in text
+
 
 
 # ----------------------------------------------------------------------------------------------
