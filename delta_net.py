@@ -1122,3 +1122,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
