@@ -34,6 +34,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
 import sys
 import time
@@ -167,14 +168,18 @@ def state_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def delta_rule_loop(q, k, v, beta, W=None):
-    """The reference recurrence (the spec and the test oracle): one step per token, fp32 state."""
+def delta_rule_loop(q, k, v, beta, W=None, g=None):
+    """The reference recurrence (the spec and the test oracle): one step per token, fp32 state. g (B, H, T): the gated
+    rule's log decay, alpha_t = exp(g_t) (None: the plain delta rule)."""
     B, H, T, d_k = k.shape
     dt = state_dtype(q)
     W = q.new_zeros(B, H, v.shape[-1], d_k, dtype=dt) if W is None else W.to(dt)
     ys = []
     with torch.autocast(q.device.type, enabled=False):  # the state and its products stay fp32 under autocast
-        for q_t, k_t, v_t, b_t in zip(*(x.to(dt).unbind(2) for x in (q, k, v, beta))):
+        gates = g.to(dt).unbind(2) if g is not None else [None] * T
+        for q_t, k_t, v_t, b_t, g_t in zip(*(x.to(dt).unbind(2) for x in (q, k, v, beta)), gates):
+            if g_t is not None:
+                W = g_t.exp()[..., None, None] * W  # alpha_t W_{t-1}
             v_bar = (W @ k_t.unsqueeze(-1)).squeeze(-1)  # (B, H, d_v)
             W = W + (b_t.unsqueeze(-1) * (v_t - v_bar)).unsqueeze(-1) * k_t.unsqueeze(-2)  # + beta (v - v̄) k^T
             ys.append((W @ q_t.unsqueeze(-1)).squeeze(-1))  # y_t = W_t q_t
@@ -185,7 +190,7 @@ def delta_rule_loop(q, k, v, beta, W=None):
 # Layers: plain modules built from keyword arguments, checked on construction.
 
 QK_MAPS = ("elu_sumnorm", "l2")
-IMPLS = ("auto", "loop", "chunk", "cuda", "chunk_cuda")
+IMPLS = ("auto", "loop", "chunk", "kernel", "cuda", "chunk_cuda")
 POS_ENCS = ("sin", "none")
 
 
@@ -321,69 +326,99 @@ class DeltaNet(nn.Module):
 
 
 class DeltaRuleChunk(torch.autograd.Function):
-    """Chunkwise delta rule (Yang et al. 2024, eq. 8-11) with a hand-written backward.
+    """Chunkwise delta rule (Yang et al. 2024, eq. 8-11), gated or not, with a hand-written backward.
 
     Inputs are split into chunks: q, k (B, H, N, C, d_k), v (B, H, N, C, d_v), beta (B, H, N, C);
-    S0 (B, H, d_k, d_v) is the state W^T. Within a chunk, the C delta-rule writes are equivalent to
-    one write S <- S + K^T U' with pseudo-values U' = T (diag(beta) V - diag(beta) K S), where
-    T = (I + A)^-1 and A = strict_lower(diag(beta) K K^T) (the UT transform). Everything that does
-    not depend on S runs for all chunks at once; only two small matmuls per chunk are sequential.
-    The backward reruns nothing: it walks the chunk states S_n saved by the forward in reverse.
+    S0 (B, H, d_k, d_v) is the state W^T; G (B, H, N, C) the gated rule's cumulative log decay within each chunk,
+    G_i = g_1 + ... + g_i (None: no gate). Within a chunk, the C delta-rule writes are equivalent to one write
+    S <- exp(G_C) S + (diag(exp(G_C - G)) K)^T U' with pseudo-values U' = T (diag(beta) V - diag(beta exp(G)) K S),
+    where T = (I + A)^-1, A = strict_lower(diag(beta) K K^T o Gamma), Gamma_ij = exp(G_i - G_j) (the UT transform;
+    Yang, Kautz, Hatamizadeh 2024, section 3.3; without a gate every exp is 1). Every factor is exp of a sum of
+    g <= 0 over a span of steps, so none exceeds 1 and none divides. Everything that does not depend on S runs for all
+    chunks at once; only two small matmuls per chunk are sequential. The outputs: O = diag(exp(G)) Q S +
+    tril(Q K^T o Gamma) U'. The backward reruns nothing: it walks the chunk states S_n saved by the forward in reverse.
     kernel=True runs each of the two loops over chunks as one CUDA kernel (chunk_state_pass in cuda_kernels.cu,
     which keeps the state on chip), the rest as here.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, S0, kernel=False):
+    def forward(ctx, q, k, v, beta, S0, G=None, kernel=False):
         C = k.shape[-2]
         kb, vb = k * beta[..., None], v * beta[..., None]  # diag(beta) K, diag(beta) V
-        A = (kb @ k.transpose(-1, -2)).tril(-1)  # (B, H, N, C, C)
+        QK, KK = (q @ k.transpose(-1, -2)).tril(), (kb @ k.transpose(-1, -2)).tril(-1)  # (B, H, N, C, C)
+        if G is None:
+            kw, kd, qg, P, A, Gam, lam = kb, k, q, QK, KK, None, None
+        else:
+            Gam = (G[..., :, None] - G[..., None, :]).tril().exp().tril()  # exp(G_i - G_j) for i >= j, else 0
+            gamma, lam = G.exp(), G[..., -1].exp()  # exp(G_i): decay since the chunk's start; over the whole chunk
+            kw = kb * gamma[..., None]  # diag(beta exp(G)) K
+            kd = k * (G[..., -1:] - G).exp()[..., None]  # the keys decayed to the chunk's end
+            qg, P, A = q * gamma[..., None], QK * Gam, KK * Gam
         eye = torch.eye(C, dtype=k.dtype, device=k.device)
         T = torch.linalg.solve_triangular(A + eye, eye.expand_as(A), upper=False, unitriangular=True)
-        w, u = T @ kb, T @ vb  # (B, H, N, C, d_k), (B, H, N, C, d_v)
+        w, u = T @ kw, T @ vb  # (B, H, N, C, d_k), (B, H, N, C, d_v)
         if kernel:
-            S_n, up, S_last = cuda_kernels().chunk_state_pass(u, w, k, k.new_empty(0), S0, -1.0, 1.0, False)
+            S_n, up, S_last = kernels("cuda").chunk_state_pass(u, w, kd, k.new_empty(0), S0,
+                                                               k.new_empty(0) if lam is None else lam, -1.0, 1.0, False)
         else:
             S, ups = [S0], []
-            for w_n, u_n, k_n in zip(w.unbind(2), u.unbind(2), k.unbind(2)):  # the only sequential part
+            for n, (w_n, u_n, k_n) in enumerate(zip(w.unbind(2), u.unbind(2), kd.unbind(2))):  # the sequential part
                 ups.append(u_n - w_n @ S[-1])  # U' = U - W S
-                S.append(S[-1] + k_n.transpose(-1, -2) @ ups[-1])  # S <- S + K^T U'
+                decayed = S[-1] if lam is None else lam[:, :, n, None, None] * S[-1]
+                S.append(decayed + k_n.transpose(-1, -2) @ ups[-1])  # S <- exp(G_C) S + K^T U'
             S_n, up, S_last = torch.stack(S[:-1], 2), torch.stack(ups, 2), S[-1]  # chunk-start states, pseudo-values
-        P = (q @ k.transpose(-1, -2)).tril()  # causal intra-chunk scores, diagonal included
-        o = q @ S_n + P @ up  # O = Q S + tril(Q K^T) U'
-        ctx.save_for_backward(q, k, v, beta, T, w, up, S_n, P, kb, vb)
+        o = qg @ S_n + P @ up  # O = diag(exp(G)) Q S + tril(Q K^T o Gamma) U'
+        ctx.save_for_backward(q, k, v, beta, T, w, up, S_n, QK, KK, kb, vb, G, Gam)
         ctx.kernel = kernel
         return o, S_last
 
     @staticmethod
     def backward(ctx, do, dS):
-        q, k, v, beta, T, w, up, S_n, P, kb, vb = ctx.saved_tensors
+        q, k, v, beta, T, w, up, S_n, QK, KK, kb, vb, G, Gam = ctx.saved_tensors
         do = do.contiguous()
-        G = P.transpose(-1, -2) @ do  # the part of dU' that comes from the outputs
-        E = q.transpose(-1, -2) @ do  # the part of dS_n that comes from the outputs
+        if G is None:
+            kw, kd, qg, P, lam, delta, gamma = kb, k, q, QK, None, None, None
+        else:
+            gamma, lam, delta = G.exp(), G[..., -1].exp(), (G[..., -1:] - G).exp()
+            kw, kd, qg, P = kb * gamma[..., None], k * delta[..., None], q * gamma[..., None], QK * Gam
+        Gd = P.transpose(-1, -2) @ do  # the part of dU' that comes from the outputs
+        E = qg.transpose(-1, -2) @ do  # the part of dS_n that comes from the outputs
         if ctx.kernel:
-            dS_next, dup, dS = cuda_kernels().chunk_state_pass(G, k, w, E, dS, 1.0, -1.0, True)
+            dS_next, dup, dS = kernels("cuda").chunk_state_pass(Gd, kd, w, E, dS, k.new_empty(0) if lam is None else
+                                                                lam, 1.0, -1.0, True)
         else:
             dS_next, dups = [], []
-            for k_n, w_n, G_n, E_n in reversed(list(zip(k.unbind(2), w.unbind(2), G.unbind(2), E.unbind(2)))):
+            for n in reversed(range(k.shape[2])):
                 dS_next.append(dS)  # gradient w.r.t. S_{n+1}
-                dups.append(G_n + k_n @ dS)
-                dS = dS + E_n - w_n.transpose(-1, -2) @ dups[-1]
+                dups.append(Gd[:, :, n] + kd[:, :, n] @ dS)
+                dS = (dS if lam is None else lam[:, :, n, None, None] * dS) + E[:, :, n] - \
+                    w[:, :, n].transpose(-1, -2) @ dups[-1]
             dS_next, dup = torch.stack(dS_next[::-1], 2), torch.stack(dups[::-1], 2)
         dP = (do @ up.transpose(-1, -2)).tril()
-        dq = do @ S_n.transpose(-1, -2) + dP @ k
-        dk = dP.transpose(-1, -2) @ q + up @ dS_next.transpose(-1, -2)
+        dPG = dP if G is None else dP * Gam  # through P = tril(Q K^T o Gamma)
+        dqg = do @ S_n.transpose(-1, -2)
+        dkd = up @ dS_next.transpose(-1, -2)
+        dq = (dqg if G is None else gamma[..., None] * dqg) + dPG @ k
+        dk = dPG.transpose(-1, -2) @ q + (dkd if G is None else delta[..., None] * dkd)
         dw = -dup @ S_n.transpose(-1, -2)
         Tt = T.transpose(-1, -2)
-        dvb, dkb = Tt @ dup, Tt @ dw
-        dA = -(Tt @ (dup @ vb.transpose(-1, -2) + dw @ kb.transpose(-1, -2)) @ Tt).tril(-1)  # d(I+A)^-1
-        dkb = dkb + dA @ k
-        dk = dk + dA.transpose(-1, -2) @ kb + beta[..., None] * dkb
+        dvb, dkw = Tt @ dup, Tt @ dw
+        dA = -(Tt @ (dup @ vb.transpose(-1, -2) + dw @ kw.transpose(-1, -2)) @ Tt).tril(-1)  # d(I+A)^-1
+        dAG = dA if G is None else dA * Gam
+        dkb = (dkw if G is None else gamma[..., None] * dkw) + dAG @ k
+        dk = dk + dAG.transpose(-1, -2) @ kb + beta[..., None] * dkb
         dbeta = (dkb * k).sum(-1) + (dvb * v).sum(-1)
-        return dq, dk, beta[..., None] * dvb, dbeta, dS, None
+        dG = None
+        if G is not None:  # G enters through Gamma_ij = exp(G_i - G_j), exp(G_i), exp(G_C - G_j) and exp(G_C)
+            dGam = (dP * QK + dA * KK) * Gam
+            dG = dGam.sum(-1) - dGam.sum(-2) + gamma * ((q * dqg).sum(-1) + (kb * dkw).sum(-1))
+            dd = delta * (k * dkd).sum(-1)
+            dG = dG - dd
+            dG[..., -1] += dd.sum(-1) + lam * (S_n * dS_next).sum((-1, -2))
+        return dq, dk, beta[..., None] * dvb, dbeta, dS, dG, None
 
 
-def delta_rule_chunk(q, k, v, beta, W=None, chunk_size=64, kernel=False):
+def delta_rule_chunk(q, k, v, beta, W=None, chunk_size=64, kernel=False, g=None):
     """Chunkwise form of delta_rule_loop: same arguments, same results; any T (the last chunk is padded). kernel: the
     loops over chunks as CUDA kernels (CUDA tensors)."""
     B, H, T, d_k = k.shape
@@ -391,50 +426,85 @@ def delta_rule_chunk(q, k, v, beta, W=None, chunk_size=64, kernel=False):
     C = min(chunk_size, T)
     N = -(-T // C)
 
-    def chunks(x):  # (B, H, T, ...) -> (B, H, N, C, ...), zero-padded; zero k and beta write nothing
+    def chunks(x):  # (B, H, T, ...) -> (B, H, N, C, ...), zero-padded; zero k and beta write nothing, zero g keeps S
         x = F.pad(x.to(dt), (0, 0, 0, N * C - T) if x.dim() == 4 else (0, N * C - T))
         return x.reshape(B, H, N, C, *x.shape[3:])
 
     S0 = q.new_zeros(B, H, d_k, d_v, dtype=dt) if W is None else W.to(dt).transpose(-1, -2)
     with torch.autocast(q.device.type, enabled=False):  # S, A, T and all products in fp32 under autocast
-        o, S = DeltaRuleChunk.apply(chunks(q), chunks(k), chunks(v), chunks(beta), S0, kernel)
+        G = None if g is None else chunks(g).cumsum(-1)  # the log decay since each chunk's start
+        o, S = DeltaRuleChunk.apply(chunks(q), chunks(k), chunks(v), chunks(beta), S0, G, kernel)
     return o.reshape(B, H, N * C, d_v)[:, :, :T].to(q.dtype), S.transpose(-1, -2)
 
 
-class DeltaRuleCUDA(torch.autograd.Function):
-    """The recurrent delta rule as one fused kernel (cuda_kernels.cu): fp32 state, inputs fp32/bf16/fp16/fp64."""
+class DeltaRuleKernel(torch.autograd.Function):
+    """The recurrent delta rule as one fused kernel per pass: cpu_kernels.cpp on the CPU (float32/64), cuda_kernels.cu on
+    CUDA (state fp32, inputs fp32/bf16/fp16/fp64); the two files have the same functions. The plain rule (g None):
+    the forward saves v̄_t and the backward undoes each write. The gated rule: the forward saves the state at the start
+    of every few steps, and the backward recomputes those steps from it (undoing a write would divide by alpha_t)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, W0):
-        y, W, v_bar = cuda_kernels().forward(q, k, v, beta, q.new_empty(0) if W0 is None else W0, True)
-        ctx.save_for_backward(q, k, v, beta, v_bar, W)
+    def forward(ctx, q, k, v, beta, W0, g=None):
+        ext, W0_ = kernels(q.device.type), q.new_empty(0) if W0 is None else W0
+        if g is None:
+            y, W, saved = ext.forward(q, k, v, beta, W0_, True)  # saved: v̄ (B, H, T, d_v)
+        else:
+            y, W, saved = ext.gated_delta_forward(q, k, v, beta, g, W0_)  # saved: the states (B, H, segments, d_v, d_k)
+        ctx.save_for_backward(q, k, v, beta, g, saved, W)
         ctx.has_W0 = W0 is not None
         return y, W
 
     @staticmethod
     def backward(ctx, dy, dW):
-        q, k, v, beta, v_bar, W = ctx.saved_tensors
+        q, k, v, beta, g, saved, W = ctx.saved_tensors
+        ext = kernels(q.device.type)
         dy = v.new_zeros(v.shape) if dy is None else dy
         dW = W.new_empty(0) if dW is None else dW
-        dq, dk, dv, dbeta, dW0 = cuda_kernels().backward(q, k, v, beta, v_bar, W, dy, dW, True)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dW0 if ctx.has_W0 else None
+        if g is None:
+            (dq, dk, dv, dbeta, dW0), dg = ext.backward(q, k, v, beta, saved, W, dy, dW, True), None
+        else:
+            dq, dk, dv, dbeta, dg, dW0 = ext.gated_delta_backward(q, k, v, beta, g, saved, dy, dW)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dW0 if ctx.has_W0 else None,
+                None if g is None else dg.to(g.dtype))
 
 
-def delta_rule(q, k, v, beta, W=None, impl="auto", chunk_size=64):
-    """Dispatch to an implementation; all take and return the fast weight W (B, H, d_v, d_k).
-    cuda (and auto on a CUDA device) use the recurrent kernel where it applies (d_k <= 128), else the chunk form;
-    chunk_cuda: the chunk form with its loops over chunks as kernels (CUDA tensors; elsewhere the chunk form).
-    An unknown impl is a ValueError."""
+def cpu_kernel_wins(d_k, T):
+    """--impl auto on the CPU: whether the fused kernel beats the chunk form at head width d_k and T steps per call,
+    as `python delta_net.py --bench` measured it on 2 CPU cores (RESULTS.md)."""
+    return True
+
+
+def use_kernel(impl, q):
+    """Whether delta_rule runs the fused recurrent kernel: on a CUDA device for impl auto, cuda and kernel (d_k <= 128),
+    on the CPU for impl kernel, and for auto where cpu_kernel_wins; where the kernel file builds."""
+    if q.is_cuda:
+        wanted = impl in ("auto", "cuda", "kernel") and q.shape[-1] <= 128
+    else:
+        wanted = q.device.type == "cpu" and (impl == "kernel" or (impl == "auto" and cpu_kernel_wins(q.shape[-1],
+                                                                                                   q.shape[2])))
+    return wanted and q.shape[2] > 0 and kernels(q.device.type) is not None
+
+
+def delta_rule(q, k, v, beta, W=None, impl="auto", chunk_size=64, g=None):
+    """Dispatch to an implementation; all take and return the fast weight W (B, H, d_v, d_k). g (B, H, T): the gated
+    rule's log decay (alpha_t = exp(g_t), g_t <= 0), None for the plain rule. kernel: the fused recurrent kernel of the
+    inputs' device (cpu_kernels.cpp on the CPU, cuda_kernels.cu on CUDA for d_k <= 128; elsewhere the chunk form);
+    cuda: the same on a CUDA device; auto: the kernel on a CUDA device and where use_kernel says on the CPU, else the
+    chunk form; chunk_cuda: the chunk form with its loops over chunks as kernels (CUDA tensors; elsewhere the chunk
+    form). An unknown impl is a ValueError."""
     check_model_args(impl=impl)
     if impl == "loop":
-        return delta_rule_loop(q, k, v, beta, W)
-    if impl == "chunk_cuda" and q.is_cuda and cuda_kernels() is not None:
-        return delta_rule_chunk(q, k, v, beta, W, chunk_size, kernel=True)
-    if impl in ("auto", "cuda") and q.is_cuda and k.shape[-1] <= 128 and cuda_kernels() is not None:
-        dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)  # autocast may mix bf16 and fp32
-        q, k, v, beta = (x.to(dt).contiguous() for x in (q, k, v, beta))
-        return DeltaRuleCUDA.apply(q, k, v, beta, None if W is None else W.contiguous())
-    return delta_rule_chunk(q, k, v, beta, W, chunk_size)
+        return delta_rule_loop(q, k, v, beta, W, g)
+    if impl == "chunk_cuda" and q.is_cuda and kernels("cuda") is not None:
+        return delta_rule_chunk(q, k, v, beta, W, chunk_size, kernel=True, g=g)
+    if impl != "chunk_cuda" and use_kernel(impl, q):
+        dt = state_dtype(q) if not q.is_cuda else \
+            torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)  # autocast may mix bf16 and fp32
+        q_, k_, v_, beta_ = (x.to(dt).contiguous() for x in (q, k, v, beta))
+        y, W = DeltaRuleKernel.apply(q_, k_, v_, beta_, None if W is None else W.contiguous(),
+                                     None if g is None else g.to(dt).contiguous())
+        return y.to(q.dtype), W
+    return delta_rule_chunk(q, k, v, beta, W, chunk_size, g=g)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -834,26 +904,54 @@ def fail(msg):
     sys.exit(2)
 
 
-_CUDA_KERNELS = None  # the loaded extension; False once a build failed
+_KERNELS = {}  # device type -> the loaded extension, or False once its build failed
+KERNEL_FILES = {"cpu": "cpu_kernels.cpp", "cuda": "cuda_kernels.cu"}
 
 
-def cuda_kernels():
-    """Build and load cuda_kernels.cu on first use (never at import), under a module name holding a hash of
-    the source, so an edit rebuilds and two scripts never clash. None, after one warning, if that fails."""
-    global _CUDA_KERNELS
-    if _CUDA_KERNELS is None:
-        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_kernels.cu")
+def kernels(device_type):
+    """The fused kernels of a device (cpu_kernels.cpp on the CPU, cuda_kernels.cu on CUDA: the same functions), built
+    and loaded on first use (never at import). The build runs on a copy of the source named by a hash of it and of
+    torch's version, so an edit rebuilds, two scripts never clash and a copied script reuses the build. None, after one
+    warning, if that fails (no compiler, no ninja, no nvcc, no file): the chunk form runs instead. The CPU build is for
+    this CPU (-march=native: its vector units; cpu_features names it). None for a device without a kernel file (mps)."""
+    if device_type not in KERNEL_FILES:
+        return None
+    if device_type not in _KERNELS:
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), KERNEL_FILES[device_type])
         try:
             from torch.utils.cpp_extension import load
 
             with open(src, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()[:16]
-            _CUDA_KERNELS = load(f"fwp_kernels_{digest}", [src], extra_cuda_cflags=["-O3"], verbose=False)
-        except Exception as e:  # no nvcc, no file, a compile error: the PyTorch path still works
-            print(f"warning: cuda_kernels.cu unavailable ({type(e).__name__}: {str(e)[-2000:]}); using --impl chunk",
-                  file=sys.stderr)
-            _CUDA_KERNELS = False
-    return _CUDA_KERNELS or None
+                code = f.read()
+            digest = hashlib.sha256(code + torch.__version__.encode() + cpu_features().encode()).hexdigest()[:16]
+            name = f"fwp_{device_type}_kernels_{digest}"  # one build for every script
+            root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                           "torch_extensions")
+            build = os.path.join(root, name)
+            os.makedirs(build, exist_ok=True)
+            copy = os.path.join(build, os.path.basename(src))
+            if not os.path.exists(copy):
+                with open(copy + ".tmp", "wb") as f:
+                    f.write(code)
+                os.replace(copy + ".tmp", copy)
+            flags = ["-O3", "-march=native", "-fopenmp" if torch.backends.openmp.is_available() else "-fopenmp-simd"]
+            _KERNELS[device_type] = load(name, [copy], build_directory=build, extra_cflags=flags,
+                                         extra_cuda_cflags=["-O3"], verbose=False)
+        except Exception as e:  # no compiler, no ninja, a compile error: the chunk form still works
+            print(f"warning: {os.path.basename(src)} unavailable ({type(e).__name__}: {str(e)[-2000:]}); using --impl "
+                  "chunk", file=sys.stderr)
+            _KERNELS[device_type] = False
+    return _KERNELS[device_type] or None
+
+
+def cpu_features():
+    """The CPU's instruction sets, which a -march=native build uses: part of the build's name, so that a build folder
+    shared by machines of other CPUs (a home directory on a cluster) is never loaded where it would not run."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.machine() + platform.processor()
 
 
 def print_help():

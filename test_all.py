@@ -142,6 +142,13 @@ def delta_inputs(B=2, H=3, T=37, d_k=8, d_v=10, seed=0, dtype=torch.float64, sta
     return [t.requires_grad_() if t is not None else None for t in (q, k, v, beta, W)]
 
 
+def gated_inputs(B=2, H=3, T=37, d_k=8, d_v=10, seed=0, state=True, lo=1e-6):
+    """delta_inputs and the gated rule's log decay g (B, H, T), alpha = exp(g) log-uniform in (lo, 1)."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    g = torch.rand(B, H, T, generator=gen, dtype=torch.float64) * math.log(lo)
+    return delta_inputs(B, H, T, d_k, d_v, seed, state=state) + [g.requires_grad_()]
+
+
 def outputs_and_grads(fn, inputs, seed=1):
     y, W = fn(*inputs)
     g = torch.Generator().manual_seed(seed)
@@ -183,10 +190,47 @@ def test_dn_chunk_equals_loop_with_large_beta_keys():
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 8, 16, 64])
+@pytest.mark.parametrize("state", [True, False])
+def test_dn_gated_chunk_equals_loop_float64(chunk_size, state):
+    """The gated rule: outputs, final state and the gradients of q, k, v, beta, W0 and g, alpha in (1e-6, 1) (within a
+    chunk of 64 the decay reaches exp(-800): factors underflow to 0, none divides); T = 37 not a multiple of C."""
+    q, k, v, beta, W, g = gated_inputs(state=state)
+    x = [q, k, v, beta, W, g] if state else [q, k, v, beta, g]
+
+    def call(fn, *a):
+        return fn(*a[:4], *((a[4],) if state else (None,)), g=a[-1])
+
+    y1, W1, g1 = outputs_and_grads(lambda *a: call(delta_net.delta_rule_loop, *a), x)
+    y2, W2, g2 = outputs_and_grads(lambda *a: call(functools.partial(delta_net.delta_rule_chunk,
+                                                                     chunk_size=chunk_size), *a), x)
+    torch.testing.assert_close(y2, y1, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(W2, W1, rtol=1e-10, atol=1e-10)
+    assert len(g1) == (6 if state else 5)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_dn_gated_loop_matches_plain_python_recurrence():
+    """The gated loop against W_t = alpha_t W_{t-1} + beta_t (v_t - alpha_t W_{t-1} k_t) k_t^T written out per head."""
+    q, k, v, beta, W0, g = [t.detach() for t in gated_inputs(B=1, H=2, T=5, d_k=3, d_v=4)]
+    y, W = delta_net.delta_rule_loop(q, k, v, beta, W0, g)
+    for h in range(2):
+        Wh = W0[0, h].clone()
+        for t in range(5):
+            a = math.exp(g[0, h, t].item())
+            Wh = a * Wh + beta[0, h, t] * torch.outer(v[0, h, t] - a * Wh @ k[0, h, t], k[0, h, t])
+            torch.testing.assert_close(y[0, h, t], Wh @ q[0, h, t])
+        torch.testing.assert_close(W[0, h], Wh)
+
+
 def test_dn_gradcheck_loop_and_chunk():
     x = delta_inputs(B=1, H=2, T=7, d_k=3, d_v=4)
     assert torch.autograd.gradcheck(delta_net.delta_rule_loop, x)
     assert torch.autograd.gradcheck(functools.partial(delta_net.delta_rule_chunk, chunk_size=3), x)
+    x = gated_inputs(B=1, H=2, T=7, d_k=3, d_v=4, lo=0.01)
+    assert torch.autograd.gradcheck(delta_net.delta_rule_loop, x)
+    assert torch.autograd.gradcheck(lambda *a: delta_net.delta_rule_chunk(*a[:5], chunk_size=3, g=a[5]), x)
 
 
 def test_dn_loop_matches_plain_python_recurrence():
@@ -3002,12 +3046,13 @@ def test_kernels_compile(nvcc_ptx):
     ptx = ptx.read_text()
     n_fast_weight = 2 * 2 * 4 * 4  # forward/backward x sum/delta x 4 dtypes x 4 widths of d_k
     n_recurrent = (5 * 4 + 2) * 3  # rnn, lstm forward/backward and rdn forward x 4 dtypes, rdn backward x 2; 3 layouts
+    n_gated = 2 * 4 * 4  # forward/backward x 4 dtypes x 4 widths of d_k
     n_chunk = 2  # the chunk pass, fp32 and fp64
-    assert ptx.count(".entry") == n_fast_weight + n_recurrent + n_chunk
+    assert ptx.count(".entry") == n_fast_weight + n_gated + n_recurrent + n_chunk
 
 
 def cuda_delta(q, k, v, beta, W):
-    return delta_net.DeltaRuleCUDA.apply(q, k, v, beta, W)
+    return delta_net.DeltaRuleKernel.apply(q, k, v, beta, W)
 
 
 def rel_err(a, b):
@@ -3021,7 +3066,7 @@ def rel_err(a, b):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dn_cuda_delta_kernel_equals_loop(d, T, BH, dtype):
     """Outputs, final W and all five gradients against the float64 loop on the same (rounded) inputs."""
-    assert delta_net.cuda_kernels() is not None, "cuda_kernels.cu failed to build"
+    assert delta_net.kernels("cuda") is not None, "cuda_kernels.cu failed to build"
     x = [t.detach().cuda() for t in delta_inputs(B=BH[0], H=BH[1], T=T, d_k=d, d_v=d, seed=T + d)]
     x = [t.to(dtype) if i < 4 else t.float() for i, t in enumerate(x)]  # the state W0 is fp32
     ref = outputs_and_grads(delta_net.delta_rule_loop, [t.double().requires_grad_() for t in x])
@@ -3061,7 +3106,7 @@ def test_dn_cuda_delta_state_split_equals_one_call():
 @pytest.mark.parametrize("d", [16, 128])
 def test_lt_cuda_sum_kernel_equals_loop(d):
     """The sum rule W_t = W_{t-1} + v_t k_t^T, y_t = W_t q_t (linear_transformer.py's), through the raw op."""
-    ext = delta_net.cuda_kernels()
+    ext = delta_net.kernels("cuda")
     q, k, v, _, W0 = [t.detach().cuda() for t in delta_inputs(B=2, H=3, T=200, d_k=d, d_v=d)]
     q, k, v = (t.float().requires_grad_() for t in (q, k, v))
     W0 = W0.float().requires_grad_()
@@ -3145,10 +3190,12 @@ def test_lt_cuda_bf16_training_smoke(tmp_path, args):
 
 
 
-# The kernels' device code on the CPU (rfwp.py's recurrent kernels, delta_net.py's chunk pass): one std::thread per
-# CUDA thread, __syncthreads and warp shuffles emulated with barriers (the kernels keep their warps converged, so a shuffle is a warp-wide exchange)
+# The kernels' device code on the CPU (the delta rule's kernels, plain and gated; rfwp.py's recurrent kernels,
+# delta_net.py's chunk pass): one std::thread per CUDA thread, __syncthreads and warp shuffles emulated with barriers
+# (the kernels keep their warps converged, so a shuffle is a warp-wide exchange), atomicAdd with std::atomic_ref
 
 CUDA_ON_CPU = r"""
+#include <atomic>
 #include <barrier>
 #include <chrono>
 #include <cmath>
@@ -3160,10 +3207,13 @@ CUDA_ON_CPU = r"""
 #include <vector>
 #define __global__
 #define __device__
+#define __host__
 #define __forceinline__ inline
 #define __restrict__
 #define __launch_bounds__(n)
 using std::max;
+using std::min;
+template <class T> T atomicAdd(T* p, T x) { return std::atomic_ref<T>(*p).fetch_add(x); }
 struct Dim3 { unsigned x = 1, y = 1, z = 1; };
 thread_local Dim3 threadIdx, blockIdx;
 Dim3 blockDim;
@@ -3188,24 +3238,59 @@ template <class T> T shfl(T x, int src) {
 template <class T> T __shfl_xor_sync(unsigned, T x, int mask) { return shfl(x, (threadIdx.x % 32) ^ mask); }
 template <class T> T __shfl_sync(unsigned, T x, int src) { return shfl(x, src); }
 namespace at { template <class T> using opmath_type = T; }
-template <class T> T warp_sum(T x) {
-  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffff, x, offset);
-  return x;
-}
-template <class... A> void launch(void (*kernel)(A...), int grid, int threads, A... args) {
+template <class... A, class... B> void launch_grid(void (*kernel)(A...), Dim3 grid, int threads, B... args) {
   blockDim.x = threads;
-  for (int b = 0; b < grid; ++b) {
-    std::barrier<> barrier(threads);
-    std::vector<Warp> ws(threads / 32);
-    for (auto& w : ws) w.barrier = std::make_unique<std::barrier<>>(32);
-    block_barrier = &barrier, warps = &ws;
-    std::memset(smem_raw, 0xff, sizeof(smem_raw));  // NaNs: shared memory starts uninitialised
-    std::vector<std::thread> threads_;
-    for (int t = 0; t < threads; ++t) threads_.emplace_back([=] { threadIdx.x = t, blockIdx.x = b; kernel(args...); });
-    for (auto& t : threads_) t.join();
-  }
+  for (unsigned by = 0; by < grid.y; ++by)
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+      std::barrier<> barrier(threads);
+      std::vector<Warp> ws(threads / 32);
+      for (auto& w : ws) w.barrier = std::make_unique<std::barrier<>>(32);
+      block_barrier = &barrier, warps = &ws;
+      std::memset(smem_raw, 0xff, sizeof(smem_raw));  // NaNs: shared memory starts uninitialised
+      std::vector<std::thread> threads_;
+      for (int t = 0; t < threads; ++t)
+        threads_.emplace_back([=] { threadIdx.x = t, blockIdx.x = bx, blockIdx.y = by; kernel(args...); });
+      for (auto& t : threads_) t.join();
+    }
+}
+template <class... A, class... B> void launch(void (*kernel)(A...), int grid, int threads, B... args) {
+  launch_grid(kernel, Dim3{(unsigned)grid, 1, 1}, threads, args...);
 }
 DEVICE_CODE
+template <class F> void by_kpl(int d_k, F f) {
+  switch ((d_k + 31) / 32) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    default: f(std::integral_constant<int, 4>()); break;
+  }
+}
+// the delta rule, gated or plain: in q, k, v, beta, g, W0 -> out y, the saved states (gated: W at every tile's start;
+// plain: v̄), W_T
+extern "C" void delta_fwd(const double** in, double** out, int BH, int T, int d_k, int d_v, int gated) {
+  const Dim3 grid{(unsigned)BH, (unsigned)((d_v + kRowsPerBlock - 1) / kRowsPerBlock), 1};
+  by_kpl(d_k, [&](auto kpl) {
+    constexpr int K = decltype(kpl)::value;
+    if (gated) launch_grid(gated_delta_forward_kernel<double, K>, grid, 32 * kRowsPerBlock, in[0], in[1], in[2], in[3],
+                           in[4], (const void*)in[5], out[0], (void*)out[1], (void*)out[2], T, d_k, d_v);
+    else launch_grid(fast_weight_forward_kernel<double, K, true>, grid, 32 * kRowsPerBlock, in[0], in[1], in[2], in[3],
+                     (const float*)nullptr, in[5], out[0], (void*)out[1], (void*)out[2], T, d_k, d_v);
+  });
+}
+// in q, k, v, beta, g, the saved states, W_T (plain), dy, dW_T -> out dq, dk, dv, dbeta, dg (gated), dW0; dq, dk, dbeta
+// and dg zeroed by the caller
+extern "C" void delta_bwd(const double** in, double** out, int BH, int T, int d_k, int d_v, int gated) {
+  const Dim3 grid{(unsigned)BH, (unsigned)((d_v + kRowsPerBlock - 1) / kRowsPerBlock), 1};
+  by_kpl(d_k, [&](auto kpl) {
+    constexpr int K = decltype(kpl)::value;
+    if (gated) launch_grid(gated_delta_backward_kernel<double, K>, grid, 32 * kRowsPerBlock, in[0], in[1], in[2], in[3],
+                           in[4], (const void*)in[5], in[7], (const void*)in[8], (void*)out[0], (void*)out[1],
+                           (void*)out[2], (void*)out[3], (void*)out[4], (void*)out[5], T, d_k, d_v);
+    else launch_grid(fast_weight_backward_kernel<double, K, true>, grid, 32 * kRowsPerBlock, in[0], in[1], in[2], in[3],
+                     (const void*)in[5], (const void*)in[6], in[7], (const void*)in[8], (void*)out[0], (void*)out[1],
+                     (void*)out[2], (void*)out[3], (void*)out[5], T, d_k, d_v);
+  });
+}
 int warps_for(int d) { return d <= 32 ? d : d <= 64 ? (d + 1) / 2 : (d + 3) / 4; }
 template <template <class, int, int> class K, class... A> void run(int d, int grid, A... args) {
   auto go = [&](auto n) { launch(K<double, decltype(n)::value, decltype(n)::value>::f, grid, 32 * warps_for(d), args...); };
@@ -3224,8 +3309,8 @@ ENTRY(rdn_fwd, rdn_forward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I(6), I(7
 ENTRY(rdn_bwd, rdn_backward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I(6), I(7), I(8), I(9), I(10), I(11), O(0), O(1), O(2), O(3), O(4), O(5), H, T, d)
 extern "C" void chunk_pass(const double** in, double** out, int grid, int N, int C, int d_k, int d_v, double sx,
                            double sm, int reverse) {
-  launch(chunk_state_pass_kernel<double>, grid, 64, in[0], in[1], in[2], in[3], in[4], out[0], out[1], out[2], N, C,
-         d_k, d_v, sx, sm, (bool)reverse);
+  launch(chunk_state_pass_kernel<double>, grid, 64, in[0], in[1], in[2], in[3], in[5], in[4], out[0], out[1], out[2],
+         N, C, d_k, d_v, sx, sm, (bool)reverse);
 }
 extern "C" int chunk_cols() { return kStateCols; }
 """
@@ -3233,14 +3318,15 @@ extern "C" int chunk_cols() { return kStateCols; }
 
 @pytest.fixture(scope="session")
 def kernels_on_cpu(tmp_path_factory):
-    """cuda_kernels.cu's recurrent kernels and chunk pass (from `using acc_type` to the host code) compiled with
-    CUDA_ON_CPU."""
+    """cuda_kernels.cu's device code compiled with CUDA_ON_CPU: the delta rule's kernels (from kRowsPerBlock to the
+    host code) and the recurrent kernels and chunk pass (from `using acc_type` to the host code)."""
     import ctypes
 
     src = open(os.path.join(HERE, "cuda_kernels.cu")).read()
+    start1, end1 = src.find("constexpr int kRowsPerBlock"), src.find("void check_inputs(")
     start, end = src.find("template <typename scalar_t>\nusing acc_type"), src.find("// (RPW, KPL) = (N, N)")
-    assert 0 < start < end, "the recurrent kernels' section markers moved in cuda_kernels.cu"
-    device_code = src[start:end].replace("extern __shared__ unsigned char smem_raw[];", "")
+    assert 0 < start1 < end1 < start < end, "the kernels' section markers moved in cuda_kernels.cu"
+    device_code = (src[start1:end1] + src[start:end]).replace("extern __shared__ unsigned char smem_raw[];", "")
     folder = tmp_path_factory.mktemp("cuda_on_cpu")
     (folder / "k.cpp").write_text(CUDA_ON_CPU.replace("DEVICE_CODE", device_code))
     p = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-o", str(folder / "k.so"),
@@ -3260,47 +3346,91 @@ def call_on_cpu(lib, name, inputs, out_shapes, grid, H, T, d):
     return outs
 
 
-def chunk_pass_on_cpu(lib, A, L, R, F, M0, sx, sm, reverse):
-    """cuda_kernels.cu's chunk_state_pass_kernel on CPU threads (float64, 64 threads per block)."""
+def chunk_pass_on_cpu(lib, A, L, R, F, M0, sx, sm, reverse, D=None):
+    """cuda_kernels.cu's chunk_state_pass_kernel on CPU threads (float64, 64 threads per block); D: the decay per chunk
+    (B, H, N) or None."""
     import ctypes
 
     B, H, N, C, d_v = A.shape
     d_k = L.shape[-1]
     outs = [torch.full(shape, math.nan, dtype=torch.float64) for shape in [(B, H, N, d_k, d_v), A.shape, M0.shape]]
-    ins = [t.contiguous() for t in (A, L, R)] + [None if F is None else F.contiguous(), M0.contiguous()]
+    ins = [t.contiguous() for t in (A, L, R)] + [None if t is None else t.contiguous() for t in (F, M0, D)]
     blocks = B * H * -(-d_v // lib.chunk_cols())  # a block per (b h, column tile of the state)
-    lib.chunk_pass((ctypes.c_void_p * 5)(*[None if t is None else t.data_ptr() for t in ins]),
+    lib.chunk_pass((ctypes.c_void_p * 6)(*[None if t is None else t.data_ptr() for t in ins]),
                    (ctypes.c_void_p * 3)(*[t.data_ptr() for t in outs]), blocks, N, C, d_k, d_v,
                    ctypes.c_double(sx), ctypes.c_double(sm), int(reverse))
     return outs
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on the PATH")
-def test_dn_chunk_pass_kernel_on_cpu_equals_the_chunk_loop(kernels_on_cpu):
+@pytest.mark.parametrize("decay", [False, True])
+def test_dn_chunk_pass_kernel_on_cpu_equals_the_chunk_loop(kernels_on_cpu, decay):
     """The chunk kernel's device code on CPU threads, float64, against DeltaRuleChunk's two loops over chunks written
     out: forward (S_n, U'_n, S_N from W, U, K, S_0) and backward (dS_{n+1}, dU'_n, dS_0 from K, W, G, E, dS_N), for
-    d_v within one column tile and across two (the second partly masked), C and d_k not multiples of anything."""
+    d_v within one column tile and across two (the second partly masked), C and d_k not multiples of anything; decay:
+    the gated rule's, the state scaled by D_n in (0, 1) per chunk in both loops."""
     g = torch.Generator().manual_seed(0)
     for B, H, N, C, d_k, d_v in [(1, 2, 3, 5, 7, 9), (2, 1, 4, 3, 6, 20)]:
         r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
         w, u, k, G = r(B, H, N, C, d_k), r(B, H, N, C, d_v), r(B, H, N, C, d_k), r(B, H, N, C, d_v)
         S0, E, dS = r(B, H, d_k, d_v), r(B, H, N, d_k, d_v), r(B, H, d_k, d_v)
+        Dn = torch.rand(B, H, N, generator=g, dtype=torch.float64) if decay else torch.ones(B, H, N, dtype=torch.float64)
         S, S_n, ups = S0, [], []
         for n in range(N):  # the forward's loop
             S_n.append(S)
             ups.append(u[:, :, n] - w[:, :, n] @ S)
-            S = S + k[:, :, n].transpose(-1, -2) @ ups[-1]
-        got = chunk_pass_on_cpu(kernels_on_cpu, u, w, k, None, S0, -1.0, 1.0, False)
+            S = Dn[:, :, n, None, None] * S + k[:, :, n].transpose(-1, -2) @ ups[-1]
+        got = chunk_pass_on_cpu(kernels_on_cpu, u, w, k, None, S0, -1.0, 1.0, False, Dn if decay else None)
         for a, b in zip(got, [torch.stack(S_n, 2), torch.stack(ups, 2), S]):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
         D, dS_next, dups = dS, [None] * N, [None] * N
         for n in reversed(range(N)):  # the backward's loop
             dS_next[n] = D
             dups[n] = G[:, :, n] + k[:, :, n] @ D
-            D = D + E[:, :, n] - w[:, :, n].transpose(-1, -2) @ dups[n]
-        got = chunk_pass_on_cpu(kernels_on_cpu, G, k, w, E, dS, 1.0, -1.0, True)
+            D = Dn[:, :, n, None, None] * D + E[:, :, n] - w[:, :, n].transpose(-1, -2) @ dups[n]
+        got = chunk_pass_on_cpu(kernels_on_cpu, G, k, w, E, dS, 1.0, -1.0, True, Dn if decay else None)
         for a, b in zip(got, [torch.stack(dS_next, 2), torch.stack(dups, 2), D]):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def delta_kernel_on_cpu(lib, q, k, v, beta, g, W0, dy, dW):
+    """cuda_kernels.cu's delta-rule kernels (g None: the plain rule's, else the gated rule's), forward then backward,
+    on CPU threads in float64 -> y, W_T, dq, dk, dv, dbeta, dg (None for the plain rule), dW0."""
+    import ctypes
+
+    B, H, T, d_k = q.shape
+    d_v = v.shape[-1]
+    saved = (B, H, -(-T // 8), d_v, d_k) if g is not None else v.shape  # fp64 tiles of 8 steps; v̄
+    ptrs = lambda ts: (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])  # noqa: E731
+    nan = lambda shape: torch.full(shape, math.nan, dtype=torch.float64)  # noqa: E731
+    ins = [t.detach().contiguous() for t in (q, k, v, beta, beta if g is None else g, W0)]
+    y, kept, W = nan(v.shape), nan(saved), nan(W0.shape)
+    lib.delta_fwd(ptrs(ins), ptrs([y, kept, W]), B * H, T, d_k, d_v, int(g is not None))
+    grads = [torch.zeros_like(q), torch.zeros_like(q), nan(v.shape), torch.zeros_like(beta), torch.zeros_like(beta),
+             nan(W0.shape)]
+    lib.delta_bwd(ptrs(ins[:5] + [kept, W, dy.contiguous(), dW.contiguous()]), ptrs(grads), B * H, T, d_k, d_v,
+                  int(g is not None))
+    return [y, W] + grads[:4] + [grads[4] if g is not None else None, grads[5]]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on the PATH")
+def test_dn_delta_kernels_on_cpu_equal_the_loop(kernels_on_cpu):
+    """The delta rule's CUDA kernels, plain and gated, run on CPU threads in float64 against delta_rule_loop and
+    autograd: outputs, final state, the gradients of q, k, v, beta, g and W0, for each register layout (d_k = 8, 40, 70,
+    128: 1 to 4 entries per lane), d_v across several blocks of 4 rows (the last partly masked), T not a multiple of
+    the tile (8 steps in fp64), alpha in (1e-6, 1)."""
+    for B, H, T, d_k, d_v in [(1, 2, 37, 8, 10), (1, 1, 19, 40, 6), (1, 1, 9, 70, 5), (1, 1, 3, 128, 4)]:
+        q, k, v, beta, W0, g = gated_inputs(B=B, H=H, T=T, d_k=d_k, d_v=d_v, seed=d_k)
+        gen = torch.Generator().manual_seed(1)
+        dy, dW = (torch.randn(s, generator=gen, dtype=torch.float64) for s in (v.shape, W0.shape))
+        for gate in (g, None):
+            x = [q, k, v, beta, W0] + ([gate] if gate is not None else [])
+            y, W = delta_net.delta_rule_loop(q, k, v, beta, W0, gate)
+            ref = [y, W] + list(torch.autograd.grad((y * dy).sum() + (W * dW).sum(), x))
+            got = delta_kernel_on_cpu(kernels_on_cpu, q, k, v, beta, gate, W0, dy, dW)
+            got = got[:6] + got[7:] + ([got[6]] if gate is not None else [])  # y, W, dq, dk, dv, dbeta, dW0, dg
+            for name, a, b in zip(["y", "W", "dq", "dk", "dv", "dbeta", "dW0", "dg"], got, ref):
+                assert rel_err(a, b) < 1e-12, (gate is not None, (B, H, T, d_k, d_v), name, rel_err(a, b))
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on the PATH")
