@@ -256,25 +256,77 @@ def test_dn_delta_rule_stores_and_overwrites():
     torch.testing.assert_close(W[0, 0] @ k[0, 0, 1], v[0, 0, 1])  # kept
 
 
-@pytest.mark.parametrize("impl", ["loop", "chunk"])
-def test_dn_state_carried_across_calls(impl):
+@pytest.mark.parametrize("impl", ["loop", "chunk", pytest.param("kernel", marks=needs_cxx)])
+@pytest.mark.parametrize("gated", [False, True])
+def test_dn_state_carried_across_calls(impl, gated):
     """One call over T1 + T2 equals two calls with the state passed along: outputs, final state, and the gradients
-    of q, k, v, beta and W0 under random cotangents of y and W."""
+    of q, k, v, beta, W0 (and g) under random cotangents of y and W."""
+    x = gated_inputs(T=37) if gated else delta_inputs(T=37)
     fn = functools.partial(delta_net.delta_rule, impl=impl, chunk_size=8)
-    x = delta_inputs(T=37)
-    y, W = fn(*x)
+
+    def call(lo, hi, W):
+        return fn(*[t[:, :, lo:hi] for t in x[:4]], W, g=x[5][:, :, lo:hi] if gated else None)
+
+    y, W = call(0, 37, x[4])
     t1 = 20
-    ya, Wa = fn(*[t[:, :, :t1] for t in x[:4]], x[4])
-    yb, Wb = fn(*[t[:, :, t1:] for t in x[:4]], Wa)
+    ya, Wa = call(0, t1, x[4])
+    yb, Wb = call(t1, 37, Wa)
     torch.testing.assert_close(torch.cat([ya, yb], 2), y, rtol=1e-11, atol=1e-11)
     torch.testing.assert_close(Wb, W, rtol=1e-11, atol=1e-11)
     g = torch.Generator().manual_seed(1)
     gy, gW = torch.randn(y.shape, generator=g, dtype=y.dtype), torch.randn(W.shape, generator=g, dtype=W.dtype)
     g_one = torch.autograd.grad((y * gy).sum() + (W * gW).sum(), x)
     g_two = torch.autograd.grad((torch.cat([ya, yb], 2) * gy).sum() + (Wb * gW).sum(), x)
-    assert len(g_one) == 5
+    assert len(g_one) == (6 if gated else 5)
     for a, b in zip(g_two, g_one):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@needs_cxx
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("T, d_k, d_v", [(1, 16, 16), (37, 8, 10), (70, 32, 32), (100, 64, 64)])
+def test_dn_cpu_kernel_equals_loop_float64(gated, T, d_k, d_v):
+    """--impl kernel on the CPU (cpu_kernels.cpp) against the loop in float64: outputs, final state and the gradients
+    of q, k, v, beta, W0 (and g, alpha in (1e-6, 1)); T = 1 and across the gated backward's segments of 32 steps (the
+    last one partial), d_k at each compiled width (16, 32, 64) and the generic code (8, with d_v 10)."""
+    x = gated_inputs(T=T, d_k=d_k, d_v=d_v, seed=T) if gated else delta_inputs(T=T, d_k=d_k, d_v=d_v, seed=T)
+    call = (lambda impl: lambda *a: delta_net.delta_rule(*a[:5], impl=impl, g=a[5])) if gated else \
+        (lambda impl: lambda *a: delta_net.delta_rule(*a, impl=impl))
+    ref = outputs_and_grads(call("loop"), x)
+    got = outputs_and_grads(call("kernel"), x)
+    assert got[0].dtype == got[1].dtype == torch.float64 and len(got[2]) == len(x)
+    for a, b in zip((got[0], got[1], *got[2]), (ref[0], ref[1], *ref[2])):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@needs_cxx
+def test_dn_cpu_kernel_gradcheck():
+    for x in (delta_inputs(B=1, H=2, T=7, d_k=3, d_v=4), gated_inputs(B=1, H=2, T=40, d_k=3, d_v=2, lo=0.01)):
+        assert torch.autograd.gradcheck(lambda *a: delta_net.delta_rule(*a[:5], impl="kernel", g=a[5] if len(a) > 5
+                                                                        else None), x)
+
+
+@needs_cxx
+def test_dn_gated_backward_at_alpha_near_zero_is_finite_and_exact():
+    """alpha_t near 0 at a third of the steps (g from -30 to -80: alpha down to 1e-35; undoing such a write would
+    divide by it) and 0 at one (g = -inf, the state wiped): the kernel's backward, which recomputes instead, is finite
+    and equals the loop's in float64, and in float32 within 1e-5 of it; the chunk form too (at finite g)."""
+    q, k, v, beta, W0, g = [t.detach() for t in gated_inputs(T=70, d_k=16, d_v=16, lo=0.3)]
+    gen = torch.Generator().manual_seed(5)
+    near_zero = torch.rand(g.shape, generator=gen) < 1 / 3
+    g = torch.where(near_zero, -30 - 50 * torch.rand(g.shape, generator=gen, dtype=g.dtype), g)
+    g_inf = g.clone()
+    g_inf[0, 1, 40] = -math.inf
+    for gate, impls in ((g, ("kernel", "chunk")), (g_inf, ("kernel",))):
+        x = [t.clone().requires_grad_() for t in (q, k, v, beta, W0, gate)]
+        y, W, grads = outputs_and_grads(lambda *a: delta_net.delta_rule_loop(*a[:5], g=a[5]), x)
+        for impl in impls:
+            for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+                xs = [t.detach().to(dtype).requires_grad_() for t in x]
+                out = outputs_and_grads(lambda *a: delta_net.delta_rule(*a[:5], impl=impl, chunk_size=16, g=a[5]), xs)
+                for name, a, b in zip(["y", "W", "dq", "dk", "dv", "dbeta", "dW0", "dg"], (out[0], out[1], *out[2]),
+                                      (y, W, *grads)):
+                    assert torch.isfinite(a).all() and rel_err(a, b) < tol, (impl, dtype, name, rel_err(a, b))
 
 
 def test_dn_autocast_keeps_state_fp32():
