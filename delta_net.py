@@ -98,10 +98,22 @@ class Args:
     dropout: float = 0.0
     """dropout after the attention output and in the feed-forward block"""
     qk_map: str = "elu_sumnorm"
-    """elu_sumnorm (the paper: sumnorm(elu(x)+1)) or l2 (L2-normalised silu, Yang et al. 2024)"""
+    """elu_sumnorm (the paper: sumnorm(elu(x)+1)) or l2 (L2-normalised silu, Yang et al. 2024; q also scaled by
+    d_head^-1/2 as in the official code)"""
+    gate: bool = False
+    """the gated delta rule (Gated DeltaNet): W_t = alpha_t W_{t-1} + beta_t (v_t - alpha_t W_{t-1} k_t) k_t^T with
+    alpha_t = exp(-exp(A_log) softplus(w_a . x_t + dt_bias)) per head"""
+    neg_eigval: bool = False
+    """beta = 2 sigmoid(w_beta . x) in (0, 2): the write's eigenvalue 1 - beta |k|^2 may be negative (state tracking)"""
+    short_conv: bool = False
+    """a causal depthwise convolution over time (kernel 4) and SiLU on q, k and v (its last 3 inputs join the state)"""
+    out_gate: bool = False
+    """each head's output RMSNorm-ed and multiplied by SiLU(W_g x) before the output projection"""
     impl: str = "auto"
-    """auto | loop | chunk | cuda | chunk_cuda: which implementation of the delta rule (chunk_cuda: the chunk form
-    with its loops over chunks as CUDA kernels; not yet measured on a GPU, so auto does not pick it)"""
+    """auto | loop | chunk | kernel | cuda | chunk_cuda: which implementation of the delta rule. kernel: the fused
+    recurrent kernel of the device (cpu_kernels.cpp on the CPU, cuda_kernels.cu on CUDA; cuda: the same on CUDA).
+    auto: the kernel on CUDA, and on the CPU where --bench measured it faster than chunk (cpu_kernel_wins). chunk_cuda:
+    the chunk form with its loops over chunks as CUDA kernels; not yet measured on a GPU, so auto does not pick it"""
     chunk_size: int = 64
     """chunk length C of the chunkwise form (64 measured fastest on 2 CPU cores and D=64)"""
     # training
@@ -143,8 +155,9 @@ class Args:
     """--bench: comma-separated sequence lengths (B=4, H=4)"""
     bench_d: int = 64
     """--bench: d_k = d_v"""
-    bench_impls: str = "loop,chunk,cuda,chunk_cuda"
-    """--bench: which implementations (cuda and chunk_cuda only where CUDA is)"""
+    bench_impls: str = "loop,chunk,kernel,chunk_cuda"
+    """--bench: which implementations (kernel where the device's kernel file builds; cuda and chunk_cuda only on
+    CUDA); every one for the plain and the gated rule"""
 
 
 PRESETS = {
@@ -152,6 +165,9 @@ PRESETS = {
                  eval_every=10, eval_batches=2, seq_len=32, warmup=5),
     # WikiText-103 "small" of the official code (16 layers, d 128, 8 heads of 16, FF 2048, segments of 256,
     # lr 2.5e-4, 2k warm-up, cosine over 500k steps, clip 0.25); their adaptive input/softmax is not used here
+    # the official Gated DeltaNet layer (Yang, Kautz, Hatamizadeh 2024; fla's GatedDeltaNet layer) at this script's CPU
+    # size: the gated rule, the short convolution, L2-normalised q and k (q scaled by d_head^-1/2), the gated RMSNorm
+    "gated_deltanet": dict(gate=True, short_conv=True, qk_map="l2", out_gate=True),
     "paper": dict(task="lm", dataset="wikitext-103", d_model=128, n_layer=16, n_head=8, d_ff=2048, dropout=0.1,
                   seq_len=256, batch_size=96, steps=500_000, lr=2.5e-4, warmup=2000, grad_clip=0.25, eval_every=5000,
                   weight_decay=0.0, beta2=0.999, lr_min=0.0,  # the official optimizer: Adam, cosine to 0
@@ -206,6 +222,8 @@ def check_model_args(flag="", **kw):
                 raise ValueError(f"{flag}{key} must be an integer, got {value!r}")
             if value <= 0:
                 raise ValueError(f"{flag}{key} must be positive, got {value}")
+        if key in ("gate", "neg_eigval", "short_conv", "out_gate", "scale_out") and not isinstance(value, bool):
+            raise ValueError(f"{flag}{key} must be true or false, got {value!r}")
     if "dropout" in kw and not 0 <= kw["dropout"] < 1:
         raise ValueError(f"{flag}dropout must be in [0, 1), got {kw['dropout']}")
     if "d_model" in kw and "n_head" in kw and kw["d_model"] % kw["n_head"]:
@@ -214,54 +232,96 @@ def check_model_args(flag="", **kw):
 
 
 class DeltaLayer(nn.Module):
-    """Multi-head delta-rule fast weight layer: x (B, T, d_model) and a state W (B, n_head, d_head, d_head) or None
-    (zeros) -> y (B, T, d_model) and the new W. W is fp32 (float64 for float64 inputs), also under autocast.
-    qk_map: the feature map of q and k (feature_map); impl: the delta rule's form (delta_rule); chunk_size: C of the
-    chunk form; scale_out: y / sqrt(d_head) before the output projection (the official LM layers)."""
+    """Multi-head delta-rule fast weight layer: x (B, T, d_model) and a state or None (zeros) -> y (B, T, d_model) and
+    the new state. The state is W (B, n_head, d_head, d_head), fp32 (float64 for float64 inputs) also under autocast;
+    with short_conv, the pair (W, the convolution's last 3 inputs (B, 3, 3 d_model)).
+    qk_map: the feature map of q and k (feature_map; l2 also scales q by d_head^-1/2, as the official Gated DeltaNet
+    and fla's layers); impl: the delta rule's form (delta_rule); chunk_size: C of the chunk form; scale_out:
+    y / sqrt(d_head) before the output projection (the official LM layers). The parts of the official Gated DeltaNet
+    layer (Yang, Kautz, Hatamizadeh 2024; fla's GatedDeltaNet), each off by default:
+    gate: the gated rule, alpha_t = exp(g_t) per head with g_t = -exp(A_log) softplus(w_a . x_t + dt_bias);
+    neg_eigval: beta = 2 sigmoid(.) in (0, 2), so the write's eigenvalue 1 - beta |k|^2 may be negative (Grazzi et al.
+    2024, arXiv 2411.12537); short_conv: a causal depthwise convolution over time (kernel 4, no bias) and SiLU on q, k
+    and v; out_gate: each head's output RMSNorm-ed and multiplied by SiLU(W_g x)."""
 
-    def __init__(self, d_model=128, n_head=4, qk_map="elu_sumnorm", impl="auto", chunk_size=64, scale_out=False):
+    def __init__(self, d_model=128, n_head=4, qk_map="elu_sumnorm", impl="auto", chunk_size=64, scale_out=False,
+                 gate=False, neg_eigval=False, short_conv=False, out_gate=False):
         super().__init__()
-        check_model_args(d_model=d_model, n_head=n_head, qk_map=qk_map, impl=impl, chunk_size=chunk_size)
+        check_model_args(d_model=d_model, n_head=n_head, qk_map=qk_map, impl=impl, chunk_size=chunk_size,
+                         scale_out=scale_out, gate=gate, neg_eigval=neg_eigval, short_conv=short_conv,
+                         out_gate=out_gate)
         self.d_model, self.n_head, self.d_head = d_model, n_head, d_model // n_head
         self.qk_map, self.impl, self.chunk_size, self.scale_out = qk_map, impl, chunk_size, scale_out
+        self.gate, self.neg_eigval, self.short_conv, self.out_gate = gate, neg_eigval, short_conv, out_gate
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)  # W_q, W_k, W_v
         self.w_beta = nn.Linear(d_model, n_head, bias=False)
+        if gate:  # the official initialisation: A ~ U(0, 16); softplus(dt_bias) = dt, log-uniform in [1e-3, 0.1]
+            self.w_a = nn.Linear(d_model, n_head, bias=False)
+            self.A_log = nn.Parameter(torch.empty(n_head).uniform_(0, 16).log())
+            dt = torch.exp(torch.rand(n_head) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp_min(1e-4)
+            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        if short_conv:
+            self.conv = nn.Conv1d(3 * d_model, 3 * d_model, 4, groups=3 * d_model, bias=False)  # one filter a channel
+        if out_gate:
+            self.w_g = nn.Linear(d_model, d_model, bias=False)
+            self.out_norm = nn.RMSNorm(self.d_head, eps=1e-5)
         self.out = nn.Linear(d_model, d_model, bias=False)
         self.out_scale = self.d_head ** -0.5 if scale_out else 1.0
 
     def extra_repr(self):
         return (f"d_model={self.d_model}, n_head={self.n_head}, d_head={self.d_head}, qk_map={self.qk_map!r}, "
-                f"impl={self.impl!r}, chunk_size={self.chunk_size}, scale_out={self.scale_out}")
+                f"impl={self.impl!r}, chunk_size={self.chunk_size}, scale_out={self.scale_out}, gate={self.gate}, "
+                f"neg_eigval={self.neg_eigval}, short_conv={self.short_conv}, out_gate={self.out_gate}")
 
     def feature_map(self, x):
         """phi of q and k (..., d_head): elu_sumnorm sumnorm(elu(x) + 1) (the paper); l2 silu(x) / |silu(x)|
-        (Yang et al. 2024)."""
+        (Yang et al. 2024; with short_conv the silu is the convolution's, so x / |x| here)."""
         if self.qk_map == "l2":
-            return F.normalize(F.silu(x), dim=-1)
+            return F.normalize(x if self.short_conv else F.silu(x), dim=-1)
         x = F.elu(x) + 1
         return x / x.sum(-1, keepdim=True)  # sumnorm
 
+    def short_convolution(self, x, last=None):
+        """x (B, T, C) and the C channels' last 3 inputs before it (B, 3, C) or None (zeros) -> SiLU(the causal
+        depthwise convolution of x, kernel 4) (B, T, C) and the last 3 inputs now."""
+        last = x.new_zeros(x.shape[0], 3, x.shape[2]) if last is None else last.to(x.dtype)
+        x = torch.cat([last, x], 1)  # (B, 3 + T, C)
+        y = F.conv1d(x.transpose(1, 2), self.conv.weight, groups=x.shape[2]).transpose(1, 2)  # (B, T, C)
+        return F.silu(y), x[:, -3:]
+
     def forward(self, x, state=None):
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
+        W, last = state if self.short_conv and state is not None else (state, None)
+        qkv = self.qkv(x)  # (B, T, 3 d_model)
+        if self.short_conv:
+            qkv, last = self.short_convolution(qkv, last)
+        q, k, v = qkv.view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
         q, k = self.feature_map(q), self.feature_map(k)
-        beta = torch.sigmoid(self.w_beta(x)).transpose(1, 2)  # (B, H, T)
-        y, W = delta_rule(q, k, v, beta, state, self.impl, self.chunk_size)
-        return self.out(self.out_scale * y.transpose(1, 2).reshape(B, T, -1)), W
+        if self.qk_map == "l2":
+            q = q * self.d_head ** -0.5
+        beta = (2 if self.neg_eigval else 1) * torch.sigmoid(self.w_beta(x)).transpose(1, 2)  # (B, H, T)
+        g = -self.A_log.exp() * F.softplus(self.w_a(x) + self.dt_bias) if self.gate else None  # (B, T, H): log alpha
+        y, W = delta_rule(q, k, v, beta, W, self.impl, self.chunk_size, None if g is None else g.transpose(1, 2))
+        y = self.out_scale * y.transpose(1, 2)  # (B, T, H, D)
+        if self.out_gate:
+            y = self.out_norm(y) * F.silu(self.w_g(x)).view(B, T, self.n_head, self.d_head)
+        return self.out(y.reshape(B, T, -1)), (W, last) if self.short_conv else W
 
 
 class Block(nn.Module):
     """x + Dropout(DeltaLayer(LN(x))), then x + FF(LN(x)) with FF = Linear, ReLU, Dropout, Linear, Dropout:
-    x (B, T, d_model) and the layer's state W (B, n_head, d_head, d_head) or None -> (B, T, d_model), the new W."""
+    x (B, T, d_model) and the layer's state (as DeltaLayer's) or None -> (B, T, d_model), the new state."""
 
     def __init__(self, d_model=128, n_head=4, d_ff=512, dropout=0.0, qk_map="elu_sumnorm", impl="auto", chunk_size=64,
-                 scale_out=False):
+                 scale_out=False, gate=False, neg_eigval=False, short_conv=False, out_gate=False):
         super().__init__()
         check_model_args(d_model=d_model, n_head=n_head, d_ff=d_ff, dropout=dropout, qk_map=qk_map, impl=impl,
-                         chunk_size=chunk_size)
+                         chunk_size=chunk_size, scale_out=scale_out, gate=gate, neg_eigval=neg_eigval,
+                         short_conv=short_conv, out_gate=out_gate)
         self.d_model, self.d_ff, self.dropout = d_model, d_ff, dropout
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.attn = DeltaLayer(d_model, n_head, qk_map, impl, chunk_size, scale_out)
+        self.attn = DeltaLayer(d_model, n_head, qk_map, impl, chunk_size, scale_out, gate=gate, neg_eigval=neg_eigval,
+                               short_conv=short_conv, out_gate=out_gate)
         self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Dropout(dropout),
                                 nn.Linear(d_ff, d_model), nn.Dropout(dropout))
         self.drop = nn.Dropout(dropout)
@@ -288,18 +348,23 @@ def sinusoidal(start, T, d, device=None):
 
 
 class DeltaNet(nn.Module):
-    """Token ids (B, T) and a state (a list of n_layer W, each (B, n_head, d_head, d_head), or None) -> logits
-    (B, T, vocab_size), the new state. Ids of shape (B, T, m) give m ids per position whose embeddings are summed (the
-    recall task). pos_enc: sin (sinusoidal positions added to the embedding) or none; the rest as Block."""
+    """Token ids (B, T) and a state (a list of n_layer layer states: W (B, n_head, d_head, d_head), or with short_conv
+    the pair (W, the convolution's last 3 inputs (B, 3, 3 d_model)); or None) -> logits (B, T, vocab_size), the new
+    state. Ids of shape (B, T, m) give m ids per position whose embeddings are summed (the recall task). pos_enc: sin
+    (sinusoidal positions added to the embedding) or none; the rest as Block."""
 
     def __init__(self, vocab_size, d_model=128, n_head=4, n_layer=2, d_ff=512, dropout=0.0, pos_enc="none",
-                 qk_map="elu_sumnorm", impl="auto", chunk_size=64, scale_out=False):
+                 qk_map="elu_sumnorm", impl="auto", chunk_size=64, scale_out=False, gate=False, neg_eigval=False,
+                 short_conv=False, out_gate=False):
         super().__init__()
         check_model_args(vocab_size=vocab_size, d_model=d_model, n_head=n_head, n_layer=n_layer, d_ff=d_ff,
-                         dropout=dropout, pos_enc=pos_enc, qk_map=qk_map, impl=impl, chunk_size=chunk_size)
+                         dropout=dropout, pos_enc=pos_enc, qk_map=qk_map, impl=impl, chunk_size=chunk_size,
+                         scale_out=scale_out, gate=gate, neg_eigval=neg_eigval, short_conv=short_conv,
+                         out_gate=out_gate)
         self.vocab_size, self.d_model, self.n_layer, self.pos_enc = vocab_size, d_model, n_layer, pos_enc
         self.embed = nn.Embedding(vocab_size, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, n_head, d_ff, dropout, qk_map, impl, chunk_size, scale_out)
+        self.blocks = nn.ModuleList(Block(d_model, n_head, d_ff, dropout, qk_map, impl, chunk_size, scale_out,
+                                          gate=gate, neg_eigval=neg_eigval, short_conv=short_conv, out_gate=out_gate)
                                     for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
@@ -547,7 +612,7 @@ def recall_batch(batch_size, n_pairs, vocab_size, gen, repeat_keys=False):
 # name); check_args checks a command line's values, the model's through the constructors' own checks.
 
 MODEL_FLAGS = ("d_model", "n_head", "n_layer", "d_ff", "dropout", "pos_enc", "qk_map", "impl", "chunk_size",
-               "scale_out")
+               "scale_out", "gate", "neg_eigval", "short_conv", "out_gate")
 
 
 def build_model(args, vocab_size):
@@ -590,7 +655,9 @@ def check_args(args):
 
 
 def detach_state(state):
-    return None if state is None else [W.detach() for W in state]
+    """Each layer's state detached (W, or the pair (W, the convolution's last inputs))."""
+    return None if state is None else [tuple(x.detach() for x in W) if isinstance(W, tuple) else W.detach()
+                                       for W in state]
 
 
 def build_optimizer(model, args):
@@ -852,44 +919,55 @@ def bench(args):
     bmm_rate = 2 * X.shape[0] * C * C * D / timeit(lambda: torch.bmm(X, Y), 20) / 1e9
     print(f"device {device}, threads {torch.get_num_threads()}, inputs {args.dtype}, d {D}; batched matmul"
           f" ({X.shape[0]}x{C}x{D} @ {D}x{C}, fp32): {bmm_rate:.1f} GFLOP/s")
-    print("useful FLOPs: loop and cuda 6 d^2 per token (read, write, query); chunk per chunk of C: C^2 d (A, strict"
+    print("useful FLOPs: loop and kernel 6 d^2 per token (read, write, query); chunk per chunk of C: C^2 d (A, strict"
           " lower) + C^3/3 (T) + 2 C^2 d (T applied) + 2 C^2 d (QK^T, PU', causal halves) + 6 C d^2 (state);"
-          " backward = 2x forward\nmem MiB: on CUDA the peak allocated; on CPU the tensors autograd saves for the"
-          " backward")
-    print(f"{'impl':10} {'T':>6} {'fwd ms':>9} {'fwd+bwd ms':>11} {'tok/s (f+b)':>12} {'mem MiB':>9} {'GFLOP/s':>8}"
-          f" {'% bmm':>6}")
-    impls = [i for i in args.bench_impls.split(",") if i in ("loop", "chunk")]
-    if device.type == "cuda" and cuda_kernels() is not None:
-        impls += [i for i in args.bench_impls.split(",") if i in ("cuda", "chunk_cuda")]
+          " backward = 2x forward; the gated rule's rows are counted the same\nmem MiB: on CUDA the peak allocated; on"
+          " CPU the tensors autograd saves for the backward")
+    print(f"{'rule':6} {'impl':10} {'T':>6} {'fwd ms':>9} {'fwd+bwd ms':>11} {'tok/s (f+b)':>12} {'mem MiB':>9}"
+          f" {'GFLOP/s':>8} {'% bmm':>6}")
+    wanted = args.bench_impls.split(",")
+    impls = [i for i in wanted if i in ("loop", "chunk")]
+    if kernels(device.type) is not None:  # the fused kernel of this device (cuda: the same on a CUDA device)
+        impls += [i for i in wanted if i == "kernel" or (device.type == "cuda" and i in ("cuda", "chunk_cuda"))]
+    fb = {}  # (rule, impl, T) -> forward+backward seconds
     for T in lengths:
         g = torch.Generator().manual_seed(0)
         q, k = (F.normalize(torch.randn(B, H, T, D, generator=g), dim=-1).to(device, dtype) for _ in range(2))
         v, beta = torch.randn(B, H, T, D, generator=g).to(device, dtype), torch.rand(B, H, T, generator=g).to(device, dtype)
-        for impl in impls:
-            leaves = [t.clone().requires_grad_() for t in (q, k, v, beta)]
+        log_alpha = (0.5 + 0.5 * torch.rand(B, H, T, generator=g)).log().to(device, dtype)  # alpha in (0.5, 1)
+        for rule in ("delta", "gated"):
+            for impl in impls:
+                leaves = [t.clone().requires_grad_() for t in (q, k, v, beta)]
+                gate = log_alpha.clone().requires_grad_() if rule == "gated" else None
 
-            def fwd():
-                with torch.no_grad():
-                    delta_rule(*leaves, impl=impl, chunk_size=C)
+                def fwd():
+                    with torch.no_grad():
+                        delta_rule(*leaves, impl=impl, chunk_size=C, g=gate)
 
-            def fwd_bwd():
-                y, W = delta_rule(*leaves, impl=impl, chunk_size=C)
-                torch.autograd.backward((y, W), (torch.ones_like(y), torch.ones_like(W)))
+                def fwd_bwd():
+                    y, W = delta_rule(*leaves, impl=impl, chunk_size=C, g=gate)
+                    torch.autograd.backward((y, W), (torch.ones_like(y), torch.ones_like(W)))
 
-            reps = 3 if impl == "loop" else 10
-            t_f, t_fb = timeit(fwd, reps), timeit(fwd_bwd, reps)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                fwd_bwd()
-                mem = torch.cuda.max_memory_allocated() / 2**20
-            else:
-                mem = saved_mib(fwd_bwd)
-            c = min(C, T)
-            flops_fwd = B * H * T * 6 * D * D if impl in ("loop", "cuda") else \
-                B * H * -(-T // c) * (c * c * D + c**3 / 3 + 4 * c * c * D + 6 * c * D * D)
-            rate = 3 * flops_fwd / t_fb / 1e9
-            print(f"{impl:10} {T:6d} {t_f * 1e3:9.1f} {t_fb * 1e3:11.1f} {B * T / t_fb:12.0f} {mem:9.1f} {rate:8.1f}"
-                  f" {100 * rate / bmm_rate:5.0f}%", flush=True)
+                reps = 3 if impl == "loop" else 10
+                t_f, t_fb = timeit(fwd, reps), timeit(fwd_bwd, reps)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                    fwd_bwd()
+                    mem = torch.cuda.max_memory_allocated() / 2**20
+                else:
+                    mem = saved_mib(fwd_bwd)
+                c = min(C, T)
+                flops_fwd = B * H * T * 6 * D * D if impl in ("loop", "kernel", "cuda") else \
+                    B * H * -(-T // c) * (c * c * D + c**3 / 3 + 4 * c * c * D + 6 * c * D * D)
+                rate = 3 * flops_fwd / t_fb / 1e9
+                fb[rule, impl, T] = t_fb
+                print(f"{rule:6} {impl:10} {T:6d} {t_f * 1e3:9.1f} {t_fb * 1e3:11.1f} {B * T / t_fb:12.0f} {mem:9.1f}"
+                      f" {rate:8.1f} {100 * rate / bmm_rate:5.0f}%", flush=True)
+    for rule in ("delta", "gated"):
+        pairs = [(T, fb[rule, "chunk", T] / fb[rule, "kernel", T]) for T in lengths
+                 if (rule, "kernel", T) in fb and (rule, "chunk", T) in fb]
+        if pairs:
+            print(f"{rule}: kernel speed-up over chunk (fwd+bwd): " + ", ".join(f"T {T}: {r:.2f}x" for T, r in pairs))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -347,7 +347,7 @@ def test_dn_bf16_inputs_keep_state_fp32():
     under CPU bf16 autocast."""
     x = [t.detach().to(torch.bfloat16) for t in delta_inputs(T=20, d_k=8, d_v=8, state=False)[:4]]
     _, W_ref = delta_net.delta_rule_loop(*[t.double() for t in x])
-    for impl in ("loop", "chunk"):
+    for impl in ("loop", "chunk", "kernel"):  # kernel: without a compiler the chunk form, as auto
         y, W = delta_net.delta_rule(*x, impl=impl, chunk_size=8)
         assert y.dtype == torch.bfloat16 and W.dtype == torch.float32, impl
         assert (W.double() - W_ref).norm() / W_ref.norm() < 1e-5, impl
@@ -423,10 +423,82 @@ def test_dn_feature_maps(qk_map):
     h = torch.randn(2, 9, 32, generator=g, dtype=torch.float64)
     q, k, v = (h @ layer.qkv.weight.T).view(2, 9, 3, 2, 16).permute(2, 0, 3, 1, 4)  # (B, H, T, d_head) each
     beta = torch.sigmoid(h @ layer.w_beta.weight.T).transpose(1, 2)
-    y, W = delta_net.delta_rule_loop(dn_phi_by_hand(q, qk_map), dn_phi_by_hand(k, qk_map), v, beta)
+    scale = 16 ** -0.5 if qk_map == "l2" else 1.0  # l2: q / sqrt(d_head), as the official code
+    y, W = delta_net.delta_rule_loop(scale * dn_phi_by_hand(q, qk_map), dn_phi_by_hand(k, qk_map), v, beta)
     out, state = layer(h)
     torch.testing.assert_close(out, y.transpose(1, 2).reshape(2, 9, 32) @ layer.out.weight.T, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(state, W, rtol=1e-10, atol=1e-10)
+
+
+def flat_state(state):
+    return [x for s in state for x in (s if isinstance(s, tuple) else (s,))]
+
+
+@pytest.mark.parametrize("impl", ["chunk", pytest.param("kernel", marks=needs_cxx)])
+@pytest.mark.parametrize("flags", [dict(gate=True), dict(short_conv=True, neg_eigval=True),
+                                   dict(gate=True, neg_eigval=True, short_conv=True, out_gate=True, qk_map="l2")])
+def test_dn_gated_model_impls_agree_carry_state_and_step_by_step(impl, flags):
+    """The model with the Gated DeltaNet layer's parts, float64: the fast form (chunk with C = 8, or the CPU kernel)
+    gives the loop's logits and final states; two segments with the state carried (the convolution's last 3 inputs
+    with W) = one call; and token by token = the full forward, every step's logits and the final state."""
+    model = dn_model(n_layer=2, impl="loop", **flags).double()
+    fast = dn_model(n_layer=2, impl=impl, chunk_size=8, **flags).double()
+    fast.load_state_dict(model.state_dict())
+    x = torch.randint(0, 16, (3, 29), generator=torch.Generator().manual_seed(1))
+    logits, state = model(x)
+    logits_fast, state_fast = fast(x)
+    torch.testing.assert_close(logits_fast, logits, rtol=1e-10, atol=1e-10)
+    for a, b in zip(flat_state(state_fast), flat_state(state), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    part1, s = fast(x[:, :11])
+    part2, s = fast(x[:, 11:], s)
+    torch.testing.assert_close(torch.cat([part1, part2], 1), logits, rtol=1e-10, atol=1e-10)
+    for a, b in zip(flat_state(s), flat_state(state), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    s = None
+    for t in range(29):
+        step_logits, s = fast(x[:, t : t + 1], s)
+        torch.testing.assert_close(step_logits[:, 0], logits[:, t], rtol=1e-10, atol=1e-10)
+    for a, b in zip(flat_state(s), flat_state(state), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_dn_gated_deltanet_layer_by_hand():
+    """--preset gated_deltanet's layer (and --neg_eigval) against its equations written out: the causal depthwise
+    convolution (kernel 4) as a sum over the last 4 inputs, SiLU, q and k L2-normalised with q / sqrt(d_head),
+    beta = 2 sigmoid(w_beta x), g = -exp(A_log) softplus(w_a x + dt_bias), the gated loop, each head's
+    RMSNorm(y) weight silu(W_g x), the output projection; the state's second part is the last 3 inputs. And the official
+    initialisation's ranges: A = exp(A_log) in (0, 16), softplus(dt_bias) in [1e-3, 0.1], log-uniform."""
+    torch.manual_seed(0)
+    layer = delta_net.DeltaLayer(d_model=32, n_head=2, qk_map="l2", gate=True, neg_eigval=True, short_conv=True,
+                                 out_gate=True).double()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        layer.out_norm.weight.copy_(0.5 + torch.rand(16, generator=gen, dtype=torch.float64))  # not its initial ones
+    h = torch.randn(2, 9, 32, generator=gen, dtype=torch.float64)
+    qkv = h @ layer.qkv.weight.T  # (B, T, 96)
+    w = layer.conv.weight[:, 0]  # (96, 4): y_t = sum_j w[3 - j] x_{t-j}
+    conv = sum(w[:, 3 - j] * F.pad(qkv, (0, 0, j, 0))[:, :9] for j in range(4))
+    silu = conv / (1 + torch.exp(-conv))
+    q, k, v = silu.view(2, 9, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    q, k = q / q.pow(2).sum(-1, keepdim=True).sqrt() / 4, k / k.pow(2).sum(-1, keepdim=True).sqrt()
+    beta = (2 / (1 + torch.exp(-h @ layer.w_beta.weight.T))).transpose(1, 2)
+    g = (-torch.exp(layer.A_log) * torch.log(1 + torch.exp(h @ layer.w_a.weight.T + layer.dt_bias))).transpose(1, 2)
+    y, W = delta_net.delta_rule_loop(q, k, v, beta, None, g)
+    y = y.transpose(1, 2)  # (B, T, H, D)
+    y = y / (y.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * layer.out_norm.weight
+    z = (h @ layer.w_g.weight.T).view(2, 9, 2, 16)
+    out = (y * z / (1 + torch.exp(-z))).reshape(2, 9, 32) @ layer.out.weight.T
+    got, (W_got, last) = layer(h)
+    torch.testing.assert_close(got, out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(W_got, W, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(last, qkv[:, -3:])
+    torch.manual_seed(0)
+    many = delta_net.DeltaLayer(d_model=512, n_head=512, gate=True)
+    A, dt = many.A_log.exp(), F.softplus(many.dt_bias)
+    assert 0 < A.min() and A.max() < 16 and 7 < A.mean() < 9
+    assert 1e-3 <= dt.min() and dt.max() <= 0.1 + 1e-6
+    assert abs(dt.log().mean().item() - (math.log(1e-3) + math.log(0.1)) / 2) < 0.2  # log-uniform
 
 
 def test_dn_recall_batch_structure():
@@ -547,7 +619,8 @@ def test_dn_constructors_check_their_arguments():
     """Every layer and the model: a bad keyword is a ValueError naming it and the fix, the command line's message
     without its dashes; delta_rule checks impl too."""
     cases = [(dict(d_model=30, n_head=4), "d_model 30 is not divisible by n_head 4; pick n_head dividing d_model"),
-             (dict(impl="chunkk"), "impl must be one of auto, loop, chunk, cuda, chunk_cuda, got 'chunkk'"),
+             (dict(impl="chunkk"), "impl must be one of auto, loop, chunk, kernel, cuda, chunk_cuda, got 'chunkk'"),
+             (dict(gate=1), "gate must be true or false, got 1"), (dict(short_conv="yes"), "short_conv must be true or"),
              (dict(qk_map="elu"), "qk_map must be one of"), (dict(chunk_size=0), "chunk_size must be positive"),
              (dict(n_head=-2), "n_head must be positive"), (dict(d_model=32.0), "d_model must be an integer")]
     for cls in (delta_net.DeltaLayer, delta_net.Block, delta_net.DeltaNet):
@@ -574,13 +647,16 @@ def test_dn_build_model_maps_every_flag_and_the_defaults_are_the_command_lines()
         for name, p in inspect.signature(cls).parameters.items():
             assert p.default is inspect.Parameter.empty or p.default == getattr(defaults, name), (cls, name)
     args = tiny_args(task="lm", d_model=48, n_head=3, n_layer=3, d_ff=40, dropout=0.25, qk_map="l2", impl="loop",
-                     chunk_size=8, scale_out="true")
+                     chunk_size=8, scale_out="true", gate="true", neg_eigval="true", short_conv="true", out_gate="true")
     assert args.pos_enc == "sin"
     torch.manual_seed(0)
     built = delta_net.build_model(args, 17)
     torch.manual_seed(0)
     by_hand = delta_net.DeltaNet(17, d_model=48, n_head=3, n_layer=3, d_ff=40, dropout=0.25, pos_enc="sin",
-                                 qk_map="l2", impl="loop", chunk_size=8, scale_out=True)
+                                 qk_map="l2", impl="loop", chunk_size=8, scale_out=True, gate=True, neg_eigval=True,
+                                 short_conv=True, out_gate=True)
+    assert delta_net.parse_args(["--preset", "gated_deltanet"]).__dict__ == {
+        **defaults.__dict__, **dict(gate=True, short_conv=True, qk_map="l2", out_gate=True)}
     assert repr(built) == repr(by_hand)
     for a, b in zip(built.state_dict().values(), by_hand.state_dict().values()):
         assert torch.equal(a, b)
