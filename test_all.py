@@ -565,11 +565,11 @@ def test_dn_summed_embeddings_for_id_tuples():
 
 
 def run_in_bare_folder(tmp_path, script, code):
-    """Python code run in a folder holding only the script, data.py and cuda_kernels.cu (what a user copies), with
+    """Python code run in a folder holding only the script, data.py and the kernel files (what a user copies), with
     nothing from this folder on the path; returns its stdout."""
-    for f in (script, "data.py", "cuda_kernels.cu"):
+    for f in (script, "data.py", "cpu_kernels.cpp", "cuda_kernels.cu"):
         shutil.copy(os.path.join(HERE, f), tmp_path)
-    assert sorted(os.listdir(tmp_path)) == sorted([script, "data.py", "cuda_kernels.cu"])
+    assert sorted(os.listdir(tmp_path)) == sorted([script, "data.py", "cpu_kernels.cpp", "cuda_kernels.cu"])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -851,7 +851,8 @@ linear_attention = linear_transformer.linear_attention
 
 
 @pytest.mark.parametrize("denom", [True, False])
-@pytest.mark.parametrize("impl, chunk_size", [("chunk", 1), ("chunk", 8), ("chunk", 64), ("parallel", 0)])
+@pytest.mark.parametrize("impl, chunk_size", [("chunk", 1), ("chunk", 8), ("chunk", 64), ("parallel", 0),
+                                              pytest.param("kernel", 0, marks=needs_cxx)])
 def test_lt_fast_forms_equal_loop_float64(impl, chunk_size, denom):
     """Outputs, the carried state (W and z) and the gradients of q, k, v, W0 and z0; T=37 is not a multiple of C."""
     x = lt_inputs(denom=denom)
@@ -876,12 +877,12 @@ def test_lt_loop_is_the_textbook_recurrence():
 
 def test_lt_gradcheck_loop_and_chunk():
     x = lt_inputs(B=1, H=2, T=6, d_phi=3, d_v=2)
-    for impl in ("loop", "chunk"):
+    for impl in ("loop", "chunk", "kernel"):  # kernel: without a compiler the chunk form
         fn = lambda q, k, v, W, z: linear_attention(q, k, v, (W, z), True, impl, 4)  # noqa: E731
         assert torch.autograd.gradcheck(lambda *a: (fn(*a)[0], *fn(*a)[1]), x)
 
 
-@pytest.mark.parametrize("impl", ["loop", "chunk", "parallel"])
+@pytest.mark.parametrize("impl", ["loop", "chunk", "parallel", pytest.param("kernel", marks=needs_cxx)])
 def test_lt_state_carried_across_calls(impl):
     """One call over T1 + T2 equals two calls with (W, z) passed along: outputs, final state, and the gradients of q,
     k, v, W0 and z0 under random cotangents of y, W and z."""
@@ -918,7 +919,7 @@ def test_lt_bf16_inputs_keep_state_fp32():
     under CPU bf16 autocast."""
     q, k, v = (t.detach().to(torch.bfloat16) for t in lt_inputs(T=20)[:3])
     _, ref = linear_attention(q.double(), k.double(), v.double(), None, True, "loop")
-    for impl in ("loop", "chunk", "parallel"):
+    for impl in ("loop", "chunk", "parallel", "kernel"):
         y, state = linear_attention(q, k, v, None, True, impl, 8)
         assert y.dtype == torch.bfloat16 and [s.dtype for s in state] == [torch.float32] * 2, impl
         for a, b in zip(state, ref):
@@ -1125,7 +1126,7 @@ def test_lt_constructors_check_their_arguments():
     """Every layer and the model: a bad keyword is a ValueError naming it and the fix, the command line's message
     without its dashes; linear_attention checks impl too."""
     cases = [(dict(d_model=30, n_head=4), "d_model 30 is not divisible by n_head 4; pick n_head dividing d_model"),
-             (dict(impl="chunkk"), "impl must be one of auto, loop, chunk, parallel, cuda, got 'chunkk'"),
+             (dict(impl="chunkk"), "impl must be one of auto, loop, chunk, parallel, kernel, cuda, got 'chunkk'"),
              (dict(attn="local"), "attn must be one of"), (dict(phi="cosine"), "phi must be one of"),
              (dict(normalize="l2"), "normalize must be one of"), (dict(dpfp_nu=0), "dpfp_nu must be positive"),
              (dict(n_features=0), "n_features must be positive"), (dict(chunk_size=0), "chunk_size must be positive"),
