@@ -3,7 +3,9 @@
 Schlag, Irie, Schmidhuber, "Linear Transformers Are Secretly Fast Weight Programmers", ICML 2021,
 arXiv 2102.11174 (section 4.2, eq. 17-20; DeltaNet in section 4.3). Chunkwise-parallel training form
 from Yang, Wang, Zhang, Shen, Kim, "Parallelizing Linear Transformers with the Delta Rule over
-Sequence Length", arXiv 2406.06484 (section 3.2, eq. 8-11).
+Sequence Length", arXiv 2406.06484 (section 3.2, eq. 8-11). The gated delta rule (--gate, --preset gated_deltanet):
+Yang, Kautz, Hatamizadeh, "Gated Delta Networks: Improving Mamba2 with Delta Rule", ICLR 2025, arXiv 2412.06464
+(section 3, eq. 10; its chunkwise form in section 3.3).
 
 The slow network (projections W_q, W_k, W_v, w_beta) writes into a fast weight matrix W per head:
     q_t, k_t, v_t = W_q x_t, W_k x_t, W_v x_t        beta_t = sigmoid(w_beta . x_t)
@@ -11,20 +13,28 @@ The slow network (projections W_q, W_k, W_v, w_beta) writes into a fast weight m
     v̄_t = W_{t-1} k_t                                 (what W currently stores under key k_t)
     W_t = W_{t-1} + beta_t (v_t - v̄_t) k_t^T          (delta rule: replace v̄_t by a beta-mix of v_t)
     y_t = W_t q_t
+The gated delta rule (Gated DeltaNet) first decays the memory by alpha_t in (0, 1], one per head and step:
+    g_t = -exp(A_log) softplus(w_a . x_t + dt_bias)    alpha_t = exp(g_t)
+    W_t = alpha_t W_{t-1} + beta_t (v_t - alpha_t W_{t-1} k_t) k_t^T
+The official layer around it (each part a flag): a short causal convolution and SiLU on q, k, v (--short_conv), L2
+q and k with q / sqrt(d_head) (--qk_map l2), each head's output RMSNorm-ed and gated by SiLU(W_g x) (--out_gate);
+--neg_eigval: beta = 2 sigmoid(.) in (0, 2).
 Block: x + Out(Delta(LN(x))), then x + FF(LN(x)); a final LN and the output head.
 
 Glossary: b batch, h head, t time step, T sequence length, C chunk length, n chunk index,
 d_k = d_v = d_head = d_model / n_head, W (d_v, d_k) the fast weight of one head (fp32),
 S = W^T (d_k, d_v) the same state in the chunk form, beta in (0, 1) the write strength; in the chunk
-form A = strict_lower(diag(beta) K K^T) and T = (I + A)^-1 (a C x C matrix, not the length).
+form A = strict_lower(diag(beta) K K^T) and T = (I + A)^-1 (a C x C matrix, not the length). Gated rule: g the log
+decay, alpha = exp(g), A_log and dt_bias (one per head) its slow parameters, G the cumulative log decay within a chunk.
 
 Commands:
     python delta_net.py                                  # associative recall, a few CPU minutes
     python delta_net.py --preset tiny --steps 20         # smoke run
     python delta_net.py --repeat_keys                    # keys rewritten with new values: overwriting
+    python delta_net.py --preset gated_deltanet          # Gated DeltaNet's layer (--gate for the gated rule alone)
     python delta_net.py --task lm --dataset wikitext-103 --preset paper   # GPU, the paper's LM size
     python delta_net.py --task lm --dataset wikitext-2 --sample 200 --prompt "The meaning of"
-    python delta_net.py --bench                          # loop vs chunk (vs cuda) speed and memory
+    python delta_net.py --bench                          # loop vs chunk vs kernel speed and memory, plain and gated
     torchrun --nproc_per_node 2 delta_net.py             # data-parallel (gloo on CPU, nccl on CUDA)
 """
 
@@ -112,7 +122,7 @@ class Args:
     impl: str = "auto"
     """auto | loop | chunk | kernel | cuda | chunk_cuda: which implementation of the delta rule. kernel: the fused
     recurrent kernel of the device (cpu_kernels.cpp on the CPU, cuda_kernels.cu on CUDA; cuda: the same on CUDA).
-    auto: the kernel on CUDA, and on the CPU where --bench measured it faster than chunk (cpu_kernel_wins). chunk_cuda:
+    auto: the kernel (on the CPU --bench measured it faster than chunk at every size tried). chunk_cuda:
     the chunk form with its loops over chunks as CUDA kernels; not yet measured on a GPU, so auto does not pick it"""
     chunk_size: int = 64
     """chunk length C of the chunkwise form (64 measured fastest on 2 CPU cores and D=64)"""
@@ -503,8 +513,8 @@ def delta_rule_chunk(q, k, v, beta, W=None, chunk_size=64, kernel=False, g=None)
 
 
 class DeltaRuleKernel(torch.autograd.Function):
-    """The recurrent delta rule as one fused kernel per pass: cpu_kernels.cpp on the CPU (float32/64), cuda_kernels.cu on
-    CUDA (state fp32, inputs fp32/bf16/fp16/fp64); the two files have the same functions. The plain rule (g None):
+    """The recurrent delta rule as one fused kernel per pass: cpu_kernels.cpp on the CPU (float32/64), cuda_kernels.cu
+    on CUDA (state fp32, inputs fp32/bf16/fp16/fp64); the two files have the same functions. The plain rule (g None):
     the forward saves v̄_t and the backward undoes each write. The gated rule: the forward saves the state at the start
     of every few steps, and the backward recomputes those steps from it (undoing a write would divide by alpha_t)."""
 
@@ -533,30 +543,27 @@ class DeltaRuleKernel(torch.autograd.Function):
                 None if g is None else dg.to(g.dtype))
 
 
-def cpu_kernel_wins(d_k, T):
-    """--impl auto on the CPU: whether the fused kernel beats the chunk form at head width d_k and T steps per call,
-    as `python delta_net.py --bench` measured it on 2 CPU cores (RESULTS.md)."""
-    return True
+# --impl auto on the CPU is the kernel: `python delta_net.py --bench` on 2 CPU cores measured it faster than the chunk
+# form at every size tried (d_head 16 to 128, T 64 to 1024 per call, the plain and the gated rule; RESULTS.md).
 
 
 def use_kernel(impl, q):
     """Whether delta_rule runs the fused recurrent kernel: on a CUDA device for impl auto, cuda and kernel (d_k <= 128),
-    on the CPU for impl kernel, and for auto where cpu_kernel_wins; where the kernel file builds."""
+    on the CPU for impl auto and kernel; where the kernel file builds."""
     if q.is_cuda:
         wanted = impl in ("auto", "cuda", "kernel") and q.shape[-1] <= 128
     else:
-        wanted = q.device.type == "cpu" and (impl == "kernel" or (impl == "auto" and cpu_kernel_wins(q.shape[-1],
-                                                                                                   q.shape[2])))
+        wanted = q.device.type == "cpu" and impl in ("auto", "kernel")
     return wanted and q.shape[2] > 0 and kernels(q.device.type) is not None
 
 
 def delta_rule(q, k, v, beta, W=None, impl="auto", chunk_size=64, g=None):
     """Dispatch to an implementation; all take and return the fast weight W (B, H, d_v, d_k). g (B, H, T): the gated
-    rule's log decay (alpha_t = exp(g_t), g_t <= 0), None for the plain rule. kernel: the fused recurrent kernel of the
-    inputs' device (cpu_kernels.cpp on the CPU, cuda_kernels.cu on CUDA for d_k <= 128; elsewhere the chunk form);
-    cuda: the same on a CUDA device; auto: the kernel on a CUDA device and where use_kernel says on the CPU, else the
-    chunk form; chunk_cuda: the chunk form with its loops over chunks as kernels (CUDA tensors; elsewhere the chunk
-    form). An unknown impl is a ValueError."""
+    rule's log decay (alpha_t = exp(g_t), g_t <= 0; the chunk form needs it finite, the loop and the kernels also take
+    -inf), None for the plain rule. kernel: the fused recurrent kernel of the inputs' device (cpu_kernels.cpp on the
+    CPU, cuda_kernels.cu on CUDA for d_k <= 128; elsewhere the chunk form); cuda: the same on a CUDA device; auto: the
+    kernel where it applies (use_kernel), else the chunk form; chunk_cuda: the chunk form with its loops over chunks as
+    kernels (CUDA tensors; elsewhere the chunk form). An unknown impl is a ValueError."""
     check_model_args(impl=impl)
     if impl == "loop":
         return delta_rule_loop(q, k, v, beta, W, g)

@@ -620,7 +620,8 @@ def test_dn_constructors_check_their_arguments():
     without its dashes; delta_rule checks impl too."""
     cases = [(dict(d_model=30, n_head=4), "d_model 30 is not divisible by n_head 4; pick n_head dividing d_model"),
              (dict(impl="chunkk"), "impl must be one of auto, loop, chunk, kernel, cuda, chunk_cuda, got 'chunkk'"),
-             (dict(gate=1), "gate must be true or false, got 1"), (dict(short_conv="yes"), "short_conv must be true or"),
+             (dict(gate=1), "gate must be true or false, got 1"),
+             (dict(short_conv="yes"), "short_conv must be true or false"),
              (dict(qk_map="elu"), "qk_map must be one of"), (dict(chunk_size=0), "chunk_size must be positive"),
              (dict(n_head=-2), "n_head must be positive"), (dict(d_model=32.0), "d_model must be an integer")]
     for cls in (delta_net.DeltaLayer, delta_net.Block, delta_net.DeltaNet):
@@ -3503,7 +3504,8 @@ def test_dn_chunk_pass_kernel_on_cpu_equals_the_chunk_loop(kernels_on_cpu, decay
         r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
         w, u, k, G = r(B, H, N, C, d_k), r(B, H, N, C, d_v), r(B, H, N, C, d_k), r(B, H, N, C, d_v)
         S0, E, dS = r(B, H, d_k, d_v), r(B, H, N, d_k, d_v), r(B, H, d_k, d_v)
-        Dn = torch.rand(B, H, N, generator=g, dtype=torch.float64) if decay else torch.ones(B, H, N, dtype=torch.float64)
+        Dn = torch.rand(B, H, N, generator=g, dtype=torch.float64) if decay else torch.ones(B, H, N,
+                                                                                           dtype=torch.float64)
         S, S_n, ups = S0, [], []
         for n in range(N):  # the forward's loop
             S_n.append(S)
