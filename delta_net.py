@@ -5,7 +5,7 @@ arXiv 2102.11174 (section 4.2, eq. 17-20; DeltaNet in section 4.3). Chunkwise-pa
 from Yang, Wang, Zhang, Shen, Kim, "Parallelizing Linear Transformers with the Delta Rule over
 Sequence Length", arXiv 2406.06484 (section 3.2, eq. 8-11). The gated delta rule (--gate, --preset gated_deltanet):
 Yang, Kautz, Hatamizadeh, "Gated Delta Networks: Improving Mamba2 with Delta Rule", ICLR 2025, arXiv 2412.06464
-(section 3, eq. 10; its chunkwise form in section 3.3).
+(section 3: the rule and its chunkwise form).
 
 The slow network (projections W_q, W_k, W_v, w_beta) writes into a fast weight matrix W per head:
     q_t, k_t, v_t = W_q x_t, W_k x_t, W_v x_t        beta_t = sigmoid(w_beta . x_t)
@@ -408,7 +408,7 @@ class DeltaRuleChunk(torch.autograd.Function):
     G_i = g_1 + ... + g_i (None: no gate). Within a chunk, the C delta-rule writes are equivalent to one write
     S <- exp(G_C) S + (diag(exp(G_C - G)) K)^T U' with pseudo-values U' = T (diag(beta) V - diag(beta exp(G)) K S),
     where T = (I + A)^-1, A = strict_lower(diag(beta) K K^T o Gamma), Gamma_ij = exp(G_i - G_j) (the UT transform;
-    Yang, Kautz, Hatamizadeh 2024, section 3.3; without a gate every exp is 1). Every factor is exp of a sum of
+    gated as in Yang, Kautz, Hatamizadeh 2024, section 3; without a gate every exp is 1). Every factor is exp of a sum of
     g <= 0 over a span of steps, so none exceeds 1 and none divides. Everything that does not depend on S runs for all
     chunks at once; only two small matmuls per chunk are sequential. The outputs: O = diag(exp(G)) Q S +
     tril(Q K^T o Gamma) U'. The backward reruns nothing: it walks the chunk states S_n saved by the forward in reverse.
