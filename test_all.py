@@ -3233,6 +3233,42 @@ def test_dn_cuda_delta_state_split_equals_one_call():
 
 
 @needs_cuda
+@pytest.mark.parametrize("d", [16, 64, 128])
+@pytest.mark.parametrize("T", [1, 37, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dn_cuda_gated_kernel_equals_loop(d, T, dtype):
+    """The gated rule's kernel (alpha in (1e-6, 1)): outputs, final W and the gradients of q, k, v, beta, W0 and g
+    against the float64 loop on the same (rounded) inputs; T across tiles of 16 steps (the last partial)."""
+    x = [t.detach().cuda() for t in gated_inputs(B=2, H=4, T=T, d_k=d, d_v=d, seed=T + d)]
+    x = [t.float() if i == 4 else t.to(dtype) for i, t in enumerate(x)]  # the state W0 is fp32
+    ref = outputs_and_grads(lambda *a: delta_net.delta_rule_loop(*a[:5], g=a[5]), [t.double().requires_grad_()
+                                                                                   for t in x])
+    out = outputs_and_grads(delta_net.DeltaRuleKernel.apply, [t.requires_grad_() for t in x])
+    assert out[0].dtype == dtype and out[1].dtype == torch.float32
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    for name, a, b in zip(["y", "W", "dq", "dk", "dv", "dbeta", "dW0", "dg"], (out[0], out[1], *out[2]),
+                          (ref[0], ref[1], *ref[2])):
+        assert rel_err(a, b) < tol, (name, rel_err(a, b))
+
+
+@needs_cuda
+def test_dn_cuda_gated_kernel_float64_exact_near_zero_and_gradcheck():
+    """float64: equal to the loop with alpha near 0 at a third of the steps (g down to -80); gradcheck."""
+    q, k, v, beta, W0, g = [t.detach().cuda() for t in gated_inputs(T=70, d_k=40, d_v=24, lo=0.3)]
+    gen = torch.Generator().manual_seed(5)
+    near_zero = (torch.rand(g.shape, generator=gen) < 1 / 3).cuda()
+    g = torch.where(near_zero, -30 - 50 * torch.rand(g.shape, generator=gen, dtype=g.dtype).cuda(), g)
+    x = [t.requires_grad_() for t in (q, k, v, beta, W0, g)]
+    ref = outputs_and_grads(lambda *a: delta_net.delta_rule_loop(*a[:5], g=a[5]), x)
+    out = outputs_and_grads(delta_net.DeltaRuleKernel.apply, x)
+    for a, b in zip((out[0], out[1], *out[2]), (ref[0], ref[1], *ref[2])):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    small = [t.detach().cuda().requires_grad_() for t in gated_inputs(B=1, H=2, T=20, d_k=3, d_v=5, lo=0.01)]
+    assert torch.autograd.gradcheck(delta_net.DeltaRuleKernel.apply, small)
+
+
+@needs_cuda
 @pytest.mark.parametrize("d", [16, 128])
 def test_lt_cuda_sum_kernel_equals_loop(d):
     """The sum rule W_t = W_{t-1} + v_t k_t^T, y_t = W_t q_t (linear_transformer.py's), through the raw op."""
@@ -3260,24 +3296,27 @@ def test_lt_cuda_sum_kernel_equals_loop(d):
 def test_dn_cuda_chunk_equals_cpu_loop(kernel):
     """The chunk form on the GPU (kernel: its loops over chunks as cuda_kernels.cu's chunk_state_pass, --impl
     chunk_cuda) against the float64 loop on the CPU, T = 100 (not a multiple of the chunk), d_v 80 (five column tiles,
-    the last full), then d_v 70 (the last partly masked): outputs, the final state, every gradient."""
-    for d_v in (80, 70):
-        x = delta_inputs(T=100, d_k=64, d_v=d_v)
-        y1, W1, g1 = outputs_and_grads(delta_net.delta_rule_loop, x)
+    the last full), then d_v 70 (the last partly masked), and d_v 70 with the gated rule (the state decayed per
+    chunk): outputs, the final state, every gradient."""
+    for d_v, gated in ((80, False), (70, False), (70, True)):
+        x = gated_inputs(T=100, d_k=64, d_v=d_v, lo=0.5) if gated else delta_inputs(T=100, d_k=64, d_v=d_v)
+        y1, W1, g1 = outputs_and_grads(lambda *a: delta_net.delta_rule_loop(*a[:5], g=a[5] if gated else None), x)
         x_gpu = [t.detach().cuda().requires_grad_() for t in x]
         for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
             xs = [t.detach().to(dtype).requires_grad_() for t in x_gpu]
-            y2, W2, g2 = outputs_and_grads(lambda *a: delta_net.delta_rule_chunk(*a, kernel=kernel), xs)
+            y2, W2, g2 = outputs_and_grads(lambda *a: delta_net.delta_rule_chunk(*a[:5], kernel=kernel,
+                                                                                 g=a[5] if gated else None), xs)
             for a, b in zip((y2, W2, *g2), (y1, W1, *g1)):
                 assert ((a.double().cpu() - b).norm() / b.norm()).item() < tol
 
 
 @needs_cuda
 @pytest.mark.parametrize("impl", ["cuda", "chunk", "chunk_cuda"])
-def test_dn_cuda_bf16_training_smoke(tmp_path, impl):
+@pytest.mark.parametrize("gate", [False, True])
+def test_dn_cuda_bf16_training_smoke(tmp_path, impl, gate):
     script = os.path.join(HERE, "delta_net.py")  # not a copy: a new source path would rebuild the kernel (1 min)
     p = run(script, "--preset", "tiny", "--device", "cuda", "--dtype", "bfloat16", "--impl", impl,
-            "--out_dir", str(tmp_path / "o"))
+            "--out_dir", str(tmp_path / "o"), *(["--gate"] if gate else []))
     assert "device cuda" in p.stdout and "final: test acc" in p.stdout and "warning" not in p.stderr
 
 
