@@ -6,6 +6,7 @@
 //
 //   sum rule    W_t = W_{t-1} + v_t k_t^T;                             y_t = W_t q_t
 //   delta rule  W_t = W_{t-1} + beta_t (v_t - W_{t-1} k_t) k_t^T;     y_t = W_t q_t
+//   gated       W_t = alpha_t W_{t-1} + beta_t (v_t - alpha_t W_{t-1} k_t) k_t^T, alpha_t = exp(g_t);  y_t = W_t q_t
 //   Delta RNN   R_t by the delta rule;                                 y_t = z_t + R_t softmax(y_{t-1})
 //   Delta LSTM  per gate g in (i, u, o): R^g by the delta rule; a^g = z^g_t + R^g_t softmax(h_{t-1});
 //               c_t = sigmoid(a^i) a^u + (1 - sigmoid(a^i)) c_{t-1};  h_t = sigmoid(a^o) c_t
@@ -21,6 +22,8 @@
 // with u = beta (v - v̄), v̄ = W_{t-1} k, and dM = dL/dW_t, row i of dM gives
 //   du_i = dM_i . k,  dv_i = beta du_i,  dbeta += du_i (v_i - v̄_i),  dk += u_i dM_i - beta du_i W_{t-1,i},
 //   dL/dW_{t-1,i} = dM_i - beta du_i k.
+// The gated rule's backward cannot undo a write (that would divide by alpha_t); it recomputes from saved states
+// instead (its notes below).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -49,6 +52,13 @@ inline void axpy(T* y, T a, const T* x, int64_t n) {  // y += a x
   if constexpr (N > 0) n = N;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
+}
+
+template <int N, typename T>
+inline void axpby(T* y, T a, T b, const T* x, int64_t n) {  // y = a y + b x
+  if constexpr (N > 0) n = N;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) y[j] = a * y[j] + b * x[j];
 }
 
 // exp(x) - 1 and exp(x) for one entry, in arithmetic only, so that a loop over a row vectorizes (std::exp and
@@ -170,6 +180,21 @@ inline void write_and_read_t(T* S, const T* k, const T* v, T beta, bool delta, c
   }
   for (int64_t j = 0; j < d_k; ++j) {
     axpy<N>(S + j * n, k[j], u, n);
+    axpy<N>(out, q[j], S + j * n, n);
+  }
+}
+
+// The gated rule's write and read, S = M^T as above: v̄ = alpha M k, u = beta (v - v̄), S_j <- alpha S_j + k_j u (the
+// decay and the write in one pass over S), out += M_t q.
+template <int N, typename T>
+inline void gated_write_and_read_t(T* S, const T* k, const T* v, T beta, T alpha, const T* q, T* v_bar, T* u, T* out,
+                                   int64_t d_k, int64_t n) {
+  if constexpr (N > 0) n = N;
+  std::fill(v_bar, v_bar + n, T(0));
+  for (int64_t j = 0; j < d_k; ++j) axpy<N>(v_bar, k[j], S + j * n, n);
+  for (int64_t i = 0; i < n; ++i) u[i] = beta * (v[i] - alpha * v_bar[i]);
+  for (int64_t j = 0; j < d_k; ++j) {
+    axpby<N>(S + j * n, alpha, k[j], u, n);
     axpy<N>(out, q[j], S + j * n, n);
   }
 }
@@ -319,6 +344,126 @@ std::vector<at::Tensor> fast_weight_backward(at::Tensor q, at::Tensor k, at::Ten
     });
   });
   return {dq, dk, dv, dbeta, dM};
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gated delta rule (Yang, Kautz, Hatamizadeh, "Gated Delta Networks", arXiv 2412.06464; delta_net.py --gate):
+//   W_t = alpha_t W_{t-1} + beta_t (v_t - alpha_t W_{t-1} k_t) k_t^T,  alpha_t = exp(g_t);   y_t = W_t q_t
+// Undoing a write as above would divide by alpha_t, which underflows as alpha_t -> 0. So the forward saves W at the
+// start of every segment of kGatedSegment steps, and the backward walks the segments in reverse: from a segment's
+// saved start it recomputes the segment's states (by rows, W_{t,i} = alpha W_{t-1,i} + u_i k), then walks them back.
+// Per step, with a_i = W_{t-1,i} . k, v̄_i = alpha a_i, u_i = beta (v_i - v̄_i) and dM = dL/dW_t (the read's dy_i q
+// added), row i gives
+//   du_i = dM_i . k,  dv_i = beta du_i,  dbeta += du_i (v_i - v̄_i),  dk += u_i dM_i - alpha beta du_i W_{t-1,i},
+//   dg += alpha (dM_i . W_{t-1,i} - beta du_i a_i),  dL/dW_{t-1,i} = alpha (dM_i - beta du_i k),
+// and dq = sum_i dy_i W_{t,i}. Nothing divides by alpha: alpha_t = 0 (g_t = -inf) is exact. Memory: the saved states,
+// d_k / kGatedSegment times the size of v (the plain rule's v̄ is the size of v), and per thread kGatedSegment + 1
+// matrices while a segment is walked back.
+constexpr int64_t kGatedSegment = 32;
+
+// q, k (B, H, T, d_k), v (B, H, T, d_v), beta, g (B, H, T), W0 (B, H, d_v, d_k) or empty -> y (B, H, T, d_v), W_T and
+// the state at the start of each segment, W_{s kGatedSegment - 1} (B, H, ceil(T / kGatedSegment), d_v, d_k).
+std::vector<at::Tensor> gated_delta_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor beta, at::Tensor g,
+                                            at::Tensor W0) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d_k = q.size(3), d_v = v.size(3);
+  const int64_t n_seg = (T + kGatedSegment - 1) / kGatedSegment;
+  check_dtype(q);
+  check_seq(k, q.sizes(), "k", q), check_seq(v, {B, H, T, d_v}, "v", q), check_seq(beta, {B, H, T}, "beta", q);
+  check_seq(g, {B, H, T}, "g", q);
+  q = q.contiguous(), k = k.contiguous(), v = v.contiguous(), beta = beta.contiguous(), g = g.contiguous();
+  auto W = W0.defined() && W0.numel() > 0 ? as(W0, q).clone() : at::zeros({B, H, d_v, d_k}, q.options());
+  check_state(W, {B, H, d_v, d_k}, "W0");
+  auto y = at::empty_like(v), W_seg = at::empty({B, H, n_seg, d_v, d_k}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "gated_delta_forward", [&] {
+    const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>(),
+                   *bp = beta.data_ptr<scalar_t>(), *gp = g.data_ptr<scalar_t>();
+    scalar_t *yp = y.data_ptr<scalar_t>(), *Wp = W.data_ptr<scalar_t>(), *Wsp = W_seg.data_ptr<scalar_t>();
+    dispatch_width(d_v, [&](auto w) {
+      constexpr int N = decltype(w)::value;
+      for_each_head(B * H, [&](int64_t bh) {
+        std::vector<scalar_t> S(d_k * d_v), vb(d_v), u(d_v);
+        transpose(Wp + bh * d_v * d_k, S.data(), d_v, d_k);
+        for (int64_t t = 0; t < T; ++t) {
+          if (t % kGatedSegment == 0) transpose(S.data(), Wsp + (bh * n_seg + t / kGatedSegment) * d_v * d_k, d_k, d_v);
+          const int64_t ok = (bh * T + t) * d_k, ov = (bh * T + t) * d_v;
+          std::fill(yp + ov, yp + ov + d_v, scalar_t(0));
+          gated_write_and_read_t<N>(S.data(), kp + ok, vp + ov, bp[bh * T + t], std::exp(gp[bh * T + t]), qp + ok,
+                                    vb.data(), u.data(), yp + ov, d_k, d_v);
+        }
+        transpose(S.data(), Wp + bh * d_v * d_k, d_k, d_v);
+      });
+    });
+  });
+  return {y, W, W_seg};
+}
+
+// The inputs, the saved segment starts, dy (B, H, T, d_v) and dW (dL/dW_T, or empty) -> dq, dk, dv, dbeta, dg, dW0.
+std::vector<at::Tensor> gated_delta_backward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor beta, at::Tensor g,
+                                             at::Tensor W_seg, at::Tensor dy, at::Tensor dW) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d_k = q.size(3), d_v = v.size(3);
+  const int64_t n_seg = (T + kGatedSegment - 1) / kGatedSegment;
+  check_dtype(q);
+  check_seq(W_seg, {B, H, n_seg, d_v, d_k}, "the saved states", q);
+  q = q.contiguous(), k = k.contiguous(), v = v.contiguous(), beta = beta.contiguous(), g = g.contiguous();
+  W_seg = W_seg.contiguous(), dy = as(dy, q);
+  auto dM = zeros_or(dW, at::empty({B, H, d_v, d_k}, q.options()), q).clone();
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v), dbeta = at::empty_like(beta);
+  auto dg = at::empty_like(g);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "gated_delta_backward", [&] {
+    const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>(),
+                   *bp = beta.data_ptr<scalar_t>(), *gp = g.data_ptr<scalar_t>(), *Wsp = W_seg.data_ptr<scalar_t>(),
+                   *dyp = dy.data_ptr<scalar_t>();
+    scalar_t *dMp = dM.data_ptr<scalar_t>(), *dqp = dq.data_ptr<scalar_t>(), *dkp = dk.data_ptr<scalar_t>(),
+             *dvp = dv.data_ptr<scalar_t>(), *dbp = dbeta.data_ptr<scalar_t>(), *dgp = dg.data_ptr<scalar_t>();
+    const int64_t DD = d_v * d_k;
+    dispatch_width(d_k, [&](auto w) {
+      constexpr int N = decltype(w)::value;
+      for_each_head(B * H, [&](int64_t bh) {
+        std::vector<scalar_t> Ws((kGatedSegment + 1) * DD);  // W_{t0 - 1}, W_{t0}, ..., W_{t1 - 1}
+        scalar_t* dMh = dMp + bh * DD;
+        for (int64_t seg = n_seg - 1; seg >= 0; --seg) {
+          const int64_t t0 = seg * kGatedSegment, t1 = std::min(T, t0 + kGatedSegment);
+          std::copy(Wsp + (bh * n_seg + seg) * DD, Wsp + (bh * n_seg + seg + 1) * DD, Ws.begin());
+          for (int64_t t = t0; t < t1; ++t) {  // recompute the segment's states
+            const scalar_t *kt = kp + (bh * T + t) * d_k, *vt = vp + (bh * T + t) * d_v, b = bp[bh * T + t];
+            const scalar_t alpha = std::exp(gp[bh * T + t]);
+            const scalar_t* prev = Ws.data() + (t - t0) * DD;
+            scalar_t* next = Ws.data() + (t - t0 + 1) * DD;
+            for (int64_t i = 0; i < d_v; ++i) {
+              const scalar_t *Pi = prev + i * d_k, ui = b * (vt[i] - alpha * dot<N>(Pi, kt, d_k));
+              std::copy(Pi, Pi + d_k, next + i * d_k);
+              axpby<N>(next + i * d_k, alpha, ui, kt, d_k);
+            }
+          }
+          for (int64_t t = t1 - 1; t >= t0; --t) {  // and walk them back
+            const int64_t ok = (bh * T + t) * d_k, ov = (bh * T + t) * d_v;
+            const scalar_t *kt = kp + ok, *qt = qp + ok, *vt = vp + ov, b = bp[bh * T + t];
+            const scalar_t alpha = std::exp(gp[bh * T + t]);
+            const scalar_t *prev = Ws.data() + (t - t0) * DD, *cur = prev + DD;
+            scalar_t *gq = dqp + ok, *gk = dkp + ok, db = 0, dga = 0;
+            std::fill(gq, gq + d_k, scalar_t(0));
+            std::fill(gk, gk + d_k, scalar_t(0));
+            for (int64_t i = 0; i < d_v; ++i) {
+              const scalar_t *Pi = prev + i * d_k, gy = dyp[ov + i];
+              scalar_t* dMi = dMh + i * d_k;
+              axpy<N>(gq, gy, cur + i * d_k, d_k);  // y_t = W_t q_t
+              axpy<N>(dMi, gy, qt, d_k);
+              const scalar_t a = dot<N>(Pi, kt, d_k), r = vt[i] - alpha * a, du = dot<N>(dMi, kt, d_k);
+              axpy<N>(gk, b * r, dMi, d_k);
+              axpy<N>(gk, -alpha * b * du, Pi, d_k);
+              db += du * r;
+              dga += dot<N>(dMi, Pi, d_k) - b * du * a;
+              dvp[ov + i] = b * du;
+              axpby<N>(dMi, alpha, -alpha * b * du, kt, d_k);  // alpha (dM_i - beta du_i k)
+            }
+            dbp[bh * T + t] = db;
+            dgp[bh * T + t] = alpha * dga;
+          }
+        }
+      });
+    });
+  });
+  return {dq, dk, dv, dbeta, dg, dM};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -867,6 +1012,8 @@ std::vector<at::Tensor> ct_linear_rule_backward(at::Tensor dY, at::Tensor Ys, at
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &fast_weight_forward, "fast-weight update forward (sum or delta rule)");
   m.def("backward", &fast_weight_backward, "fast-weight update backward (sum or delta rule)");
+  m.def("gated_delta_forward", &gated_delta_forward, "gated delta rule forward (saves the state every 32 steps)");
+  m.def("gated_delta_backward", &gated_delta_backward, "gated delta rule backward (recomputes from the saved states)");
   m.def("delta_rnn_forward", &delta_rnn_forward, "Delta RNN recurrence, forward");
   m.def("delta_rnn_backward", &delta_rnn_backward, "Delta RNN recurrence, backward");
   m.def("delta_lstm_forward", &delta_lstm_forward, "Delta LSTM recurrence, forward");

@@ -5,6 +5,7 @@
 // Per batch b and head h, W is d_v x d_k (fp32, or fp64 for fp64 inputs), starting from W0:
 //   sum:   W_t = W_{t-1} + v_t k_t^T                          y_t = W_t q_t
 //   delta: W_t = W_{t-1} + beta_t (v_t - W_{t-1} k_t) k_t^T    y_t = W_t q_t
+//   gated: W_t = alpha_t W_{t-1} + beta_t (v_t - alpha_t W_{t-1} k_t) k_t^T, alpha_t = exp(g_t)   (its notes below)
 // Row i of W evolves on its own (it only sees v_t[i] and the shared k_t), so one warp owns one row:
 // each lane keeps ceil(d_k / 32) <= 4 entries of it in registers (d_k <= 128, any d_v, any T).
 // q, k and beta are staged through shared memory a tile of time steps at a time.
@@ -223,6 +224,229 @@ __global__ void fast_weight_backward_kernel(const scalar_t* __restrict__ q, cons
   }
 }
 
+// The gated delta rule (Yang, Kautz, Hatamizadeh, "Gated Delta Networks", arXiv 2412.06464; delta_net.py --gate),
+// one warp per row of W as above. Undoing a write would divide by alpha_t, which underflows as alpha_t -> 0, so the
+// backward never does: the forward saves each row of W at the start of every tile of TS steps (a (B, H, n_tiles, d_v,
+// d_k) tensor: d_k / TS times the size of v), and the backward, tile by tile in reverse, recomputes the tile's states
+// W_{t-1} from it in registers (loops over the tile fully unrolled) and walks them back. Per step, with
+// a_i = W_{t-1,i} . k, u_i = beta (v_i - alpha a_i) and dM = dL/dW_t (the read's dy_i q added), row i gives
+//   du_i = dM_i . k,  dv_i = beta du_i,  dbeta += du_i (v_i - alpha a_i),  dk += u_i dM_i - alpha beta du_i W_{t-1,i},
+//   dg += alpha (dM_i . W_{t-1,i} - beta du_i a_i),  dL/dW_{t-1,i} = alpha (dM_i - beta du_i k),  dq += dy_i W_{t,i}
+// (cpu_kernels.cpp's gated rule, the same formulas). alpha_t = 0 (g_t = -inf) is exact.
+
+// alpha_t = exp(g_t) for t in [t0, t0 + TS) into shared memory, 1 beyond T.
+template <typename scalar_t, typename acc_t>
+__device__ void load_alpha(const scalar_t* g, acc_t* sa, int t0, int TS, int T) {
+  for (int s = threadIdx.x; s < TS; s += blockDim.x) sa[s] = t0 + s < T ? exp(static_cast<acc_t>(g[t0 + s])) : acc_t(1);
+}
+
+// grid (B*H, ceil(d_v / kRowsPerBlock)); block kRowsPerBlock warps. W0 (acc_t) or null; W_tiles, W_out acc_t.
+template <typename scalar_t, int KPL>
+__global__ void gated_delta_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
+                                           const scalar_t* __restrict__ v, const scalar_t* __restrict__ beta,
+                                           const scalar_t* __restrict__ g, const void* __restrict__ W0,
+                                           scalar_t* __restrict__ y, void* __restrict__ W_tiles,
+                                           void* __restrict__ W_out, int T, int d_k, int d_v) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int TS = tile_steps<acc_t>();
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* sq = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* sk = sq + TS * d_k;
+  acc_t* sb = sk + TS * d_k;
+  acc_t* sa = sb + TS;
+  const int bh = blockIdx.x, lane = threadIdx.x % 32;
+  const int row = blockIdx.y * kRowsPerBlock + threadIdx.x / 32;
+  const bool active = row < d_v;
+  const int n_tiles = (T + TS - 1) / TS;
+  q += (int64_t)bh * T * d_k;
+  k += (int64_t)bh * T * d_k;
+  v += (int64_t)bh * T * d_v;
+  y += (int64_t)bh * T * d_v;
+  beta += (int64_t)bh * T;
+  g += (int64_t)bh * T;
+  const int64_t w_off = ((int64_t)bh * d_v + row) * d_k;
+  acc_t W[KPL];
+#pragma unroll
+  for (int j = 0; j < KPL; ++j) {
+    const int c = lane + 32 * j;
+    W[j] = active && c < d_k && W0 != nullptr ? static_cast<const acc_t*>(W0)[w_off + c] : acc_t(0);
+  }
+  for (int t0 = 0; t0 < T; t0 += TS) {
+    __syncthreads();
+    load_tile(q, k, beta, sq, sk, sb, t0, TS, T, d_k);
+    load_alpha(g, sa, t0, TS, T);
+    __syncthreads();
+    if (!active) continue;
+    acc_t* saved = static_cast<acc_t*>(W_tiles) + (((int64_t)bh * n_tiles + t0 / TS) * d_v + row) * d_k;
+#pragma unroll
+    for (int j = 0; j < KPL; ++j)
+      if (lane + 32 * j < d_k) saved[lane + 32 * j] = W[j];
+    for (int s = 0; s < TS && t0 + s < T; ++s) {
+      const int t = t0 + s;
+      const acc_t alpha = sa[s];
+      acc_t kk[KPL], qq[KPL], a = 0;
+#pragma unroll
+      for (int j = 0; j < KPL; ++j) {
+        const int c = lane + 32 * j;
+        kk[j] = c < d_k ? sk[s * d_k + c] : acc_t(0);
+        qq[j] = c < d_k ? sq[s * d_k + c] : acc_t(0);
+        W[j] *= alpha;
+        a += W[j] * kk[j];
+      }
+      a = warp_sum(a);  // v̄_t[row] = alpha_t W_{t-1}[row] . k_t
+      const acc_t d = sb[s] * (static_cast<acc_t>(v[(int64_t)t * d_v + row]) - a);
+      acc_t o = 0;
+#pragma unroll
+      for (int j = 0; j < KPL; ++j) {
+        W[j] += d * kk[j];
+        o += W[j] * qq[j];
+      }
+      o = warp_sum(o);
+      if (lane == 0) y[(int64_t)t * d_v + row] = static_cast<scalar_t>(o);
+    }
+  }
+  if (active) {
+#pragma unroll
+    for (int j = 0; j < KPL; ++j)
+      if (lane + 32 * j < d_k) static_cast<acc_t*>(W_out)[w_off + lane + 32 * j] = W[j];
+  }
+}
+
+// The saved tile starts W_tiles, dy, dWT (acc_t) -> dq, dk, dv, dbeta, dg, dW0 (acc_t; dq, dk, dbeta, dg zeroed by
+// the caller: the rows add to them).
+template <typename scalar_t, int KPL>
+__global__ void gated_delta_backward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
+                                            const scalar_t* __restrict__ v, const scalar_t* __restrict__ beta,
+                                            const scalar_t* __restrict__ g, const void* __restrict__ W_tiles,
+                                            const scalar_t* __restrict__ dy, const void* __restrict__ dWT,
+                                            void* __restrict__ dq_out, void* __restrict__ dk_out,
+                                            void* __restrict__ dv_out, void* __restrict__ dbeta_out,
+                                            void* __restrict__ dg_out, void* __restrict__ dW0_out, int T, int d_k,
+                                            int d_v) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int TS = tile_steps<acc_t>();
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* sq = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* sk = sq + TS * d_k;
+  acc_t* sdq = sk + TS * d_k;
+  acc_t* sdk = sdq + TS * d_k;
+  acc_t* sb = sdk + TS * d_k;
+  acc_t* sa = sb + TS;
+  acc_t* sdb = sa + TS;
+  acc_t* sdg = sdb + TS;
+  const int bh = blockIdx.x, lane = threadIdx.x % 32;
+  const int row = blockIdx.y * kRowsPerBlock + threadIdx.x / 32;
+  const bool active = row < d_v;
+  const int n_tiles = (T + TS - 1) / TS;
+  const int64_t qk_off = (int64_t)bh * T * d_k, v_off = (int64_t)bh * T * d_v;
+  q += qk_off;
+  k += qk_off;
+  v += v_off;
+  dy += v_off;
+  beta += (int64_t)bh * T;
+  g += (int64_t)bh * T;
+  acc_t* dq = static_cast<acc_t*>(dq_out) + qk_off;
+  acc_t* dk = static_cast<acc_t*>(dk_out) + qk_off;
+  acc_t* dv = static_cast<acc_t*>(dv_out) + v_off;
+  acc_t* dbeta = static_cast<acc_t*>(dbeta_out) + (int64_t)bh * T;
+  acc_t* dg = static_cast<acc_t*>(dg_out) + (int64_t)bh * T;
+  const int64_t w_off = ((int64_t)bh * d_v + row) * d_k;
+  acc_t dW[KPL];
+#pragma unroll
+  for (int j = 0; j < KPL; ++j) {
+    const int c = lane + 32 * j;
+    dW[j] = active && c < d_k ? static_cast<const acc_t*>(dWT)[w_off + c] : acc_t(0);
+  }
+  for (int tile = n_tiles - 1; tile >= 0; --tile) {
+    const int t0 = tile * TS;
+    __syncthreads();
+    load_tile(q, k, beta, sq, sk, sb, t0, TS, T, d_k);
+    load_alpha(g, sa, t0, TS, T);
+    for (int e = threadIdx.x; e < TS * d_k; e += blockDim.x) sdq[e] = sdk[e] = acc_t(0);
+    for (int s = threadIdx.x; s < TS; s += blockDim.x) sdb[s] = sdg[s] = acc_t(0);
+    __syncthreads();
+    if (active) {
+      const acc_t* saved = static_cast<const acc_t*>(W_tiles) + (((int64_t)bh * n_tiles + tile) * d_v + row) * d_k;
+      acc_t W[KPL], Wp[TS][KPL];  // W; Wp[s] = W_{t0 + s - 1}, the state before step t0 + s
+#pragma unroll
+      for (int j = 0; j < KPL; ++j) W[j] = lane + 32 * j < d_k ? saved[lane + 32 * j] : acc_t(0);
+#pragma unroll
+      for (int s = 0; s < TS; ++s) {  // recompute the tile's states
+        if (t0 + s < T) {
+          const acc_t alpha = sa[s];
+          acc_t kk[KPL], a = 0;
+#pragma unroll
+          for (int j = 0; j < KPL; ++j) {
+            const int c = lane + 32 * j;
+            kk[j] = c < d_k ? sk[s * d_k + c] : acc_t(0);
+            Wp[s][j] = W[j];
+            W[j] *= alpha;
+            a += W[j] * kk[j];
+          }
+          a = warp_sum(a);
+          const acc_t d = sb[s] * (static_cast<acc_t>(v[(int64_t)(t0 + s) * d_v + row]) - a);
+#pragma unroll
+          for (int j = 0; j < KPL; ++j) W[j] += d * kk[j];
+        }
+      }
+#pragma unroll
+      for (int s = TS - 1; s >= 0; --s) {  // and walk them back; W = W_t
+        if (t0 + s < T) {
+          const int64_t tv = (int64_t)(t0 + s) * d_v + row;
+          const acc_t alpha = sa[s], b = sb[s], dy_t = static_cast<acc_t>(dy[tv]);
+          acc_t kk[KPL], a = 0, du = 0, m = 0;
+#pragma unroll
+          for (int j = 0; j < KPL; ++j) {  // y_t = W_t q_t
+            const int c = lane + 32 * j;
+            kk[j] = c < d_k ? sk[s * d_k + c] : acc_t(0);
+            if (c < d_k) {
+              dW[j] += dy_t * sq[s * d_k + c];
+              atomicAdd(&sdq[s * d_k + c], dy_t * W[j]);
+            }
+            a += Wp[s][j] * kk[j];
+            du += dW[j] * kk[j];
+            m += dW[j] * Wp[s][j];
+          }
+          a = warp_sum(a);
+          du = warp_sum(du);
+          m = warp_sum(m);
+          const acc_t r = static_cast<acc_t>(v[tv]) - alpha * a;  // v_t - v̄_t
+#pragma unroll
+          for (int j = 0; j < KPL; ++j) {
+            const int c = lane + 32 * j;
+            if (c < d_k) atomicAdd(&sdk[s * d_k + c], b * r * dW[j] - alpha * b * du * Wp[s][j]);
+            dW[j] = alpha * (dW[j] - b * du * kk[j]);  // dL/dW_{t-1}
+            W[j] = Wp[s][j];
+          }
+          if (lane == 0) {
+            dv[tv] = b * du;
+            atomicAdd(&sdb[s], du * r);
+            atomicAdd(&sdg[s], alpha * (m - b * du * a));
+          }
+        }
+      }
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < TS * d_k; e += blockDim.x) {
+      const int t = t0 + e / d_k;
+      if (t < T) {
+        atomicAdd(&dq[(int64_t)t * d_k + e % d_k], sdq[e]);
+        atomicAdd(&dk[(int64_t)t * d_k + e % d_k], sdk[e]);
+      }
+    }
+    for (int s = threadIdx.x; s < TS; s += blockDim.x)
+      if (t0 + s < T) {
+        atomicAdd(&dbeta[t0 + s], sdb[s]);
+        atomicAdd(&dg[t0 + s], sdg[s]);
+      }
+  }
+  if (active) {
+#pragma unroll
+    for (int j = 0; j < KPL; ++j)
+      if (lane + 32 * j < d_k) static_cast<acc_t*>(dW0_out)[w_off + lane + 32 * j] = dW[j];
+  }
+}
+
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, bool delta) {
   TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), "fast_weight: inputs must be CUDA tensors");
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4, "fast_weight: q, k (B,H,T,d_k), v (B,H,T,d_v)");
@@ -325,6 +549,79 @@ std::vector<at::Tensor> fast_weight_backward(at::Tensor q, at::Tensor k, at::Ten
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dq, dk, dv, dbeta, dW0};
+}
+
+// The gated delta rule: q, k (B, H, T, d_k), v (B, H, T, d_v), beta, g (B, H, T) of one dtype, W0 (B, H, d_v, d_k) or
+// empty -> y (input dtype), W_T and the state at the start of every tile of TS steps (B, H, ceil(T / TS), d_v, d_k;
+// TS 16, 8 for fp64), both fp32 (fp64 for fp64 inputs).
+std::vector<at::Tensor> gated_delta_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor beta, at::Tensor g,
+                                            at::Tensor W0) {
+  check_inputs(q, k, v, beta, true);
+  TORCH_CHECK(g.is_cuda() && g.is_contiguous() && g.scalar_type() == q.scalar_type() && g.sizes() == beta.sizes(),
+              "gated_delta: g must be a contiguous (B,H,T) tensor of the inputs' dtype");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t BH = q.size(0) * q.size(1);
+  const int T = q.size(2), d_k = q.size(3), d_v = v.size(3);
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int TS = acc == at::kDouble ? tile_steps<double>() : tile_steps<float>(), n_tiles = (T + TS - 1) / TS;
+  auto y = at::empty_like(v);
+  auto W = at::empty({q.size(0), q.size(1), d_v, d_k}, q.options().dtype(acc));
+  auto W_tiles = at::empty({q.size(0), q.size(1), n_tiles, d_v, d_k}, q.options().dtype(acc));
+  const bool has_W0 = W0.defined() && W0.numel() > 0;
+  if (has_W0) {
+    TORCH_CHECK(W0.is_cuda() && W0.sizes() == W.sizes(), "gated_delta: W0 must be (B,H,d_v,d_k)");
+    W0 = W0.to(acc).contiguous();
+  }
+  if (BH == 0 || d_v == 0) return {y, has_W0 ? W.copy_(W0) : W.zero_(), W_tiles};
+  const dim3 grid(BH, (d_v + kRowsPerBlock - 1) / kRowsPerBlock), block(32 * kRowsPerBlock);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gated_delta_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const size_t smem = (2 * tile_steps<acc_t>() * d_k + 2 * tile_steps<acc_t>()) * sizeof(acc_t);
+    dispatch_kpl(d_k, [&](auto kpl) {
+      gated_delta_forward_kernel<scalar_t, decltype(kpl)::value><<<grid, block, smem, stream>>>(
+          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(),
+          g.data_ptr<scalar_t>(), has_W0 ? W0.data_ptr() : nullptr, y.data_ptr<scalar_t>(), W_tiles.data_ptr(),
+          W.data_ptr(), T, d_k, d_v);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {y, W, W_tiles};
+}
+
+// The inputs, the saved tile starts, dy and dW (dL/dW_T, or empty) -> dq, dk, dv, dbeta, dg, dW0 (fp32, or fp64).
+std::vector<at::Tensor> gated_delta_backward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor beta, at::Tensor g,
+                                             at::Tensor W_tiles, at::Tensor dy, at::Tensor dW) {
+  check_inputs(q, k, v, beta, true);
+  TORCH_CHECK(g.is_cuda() && g.is_contiguous() && g.scalar_type() == q.scalar_type() && g.sizes() == beta.sizes(),
+              "gated_delta: g must be a contiguous (B,H,T) tensor of the inputs' dtype");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t BH = q.size(0) * q.size(1);
+  const int T = q.size(2), d_k = q.size(3), d_v = v.size(3);
+  const auto acc = W_tiles.scalar_type();
+  W_tiles = W_tiles.contiguous();
+  dy = dy.to(q.scalar_type()).contiguous();
+  dW = dW.defined() && dW.numel() > 0 ? dW.to(acc).contiguous()
+                                      : at::zeros({q.size(0), q.size(1), d_v, d_k}, q.options().dtype(acc));
+  auto dq = at::zeros(q.sizes(), q.options().dtype(acc)), dk = at::zeros(q.sizes(), q.options().dtype(acc));
+  auto dv = at::zeros(v.sizes(), v.options().dtype(acc));
+  auto dbeta = at::zeros(beta.sizes(), q.options().dtype(acc)), dg = at::zeros(beta.sizes(), q.options().dtype(acc));
+  auto dW0 = at::empty_like(dW);
+  if (BH == 0 || d_v == 0) return {dq, dk, dv, dbeta, dg, dW0.copy_(dW)};
+  const dim3 grid(BH, (d_v + kRowsPerBlock - 1) / kRowsPerBlock), block(32 * kRowsPerBlock);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gated_delta_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const size_t smem = (4 * tile_steps<acc_t>() * d_k + 4 * tile_steps<acc_t>()) * sizeof(acc_t);
+    dispatch_kpl(d_k, [&](auto kpl) {
+      gated_delta_backward_kernel<scalar_t, decltype(kpl)::value><<<grid, block, smem, stream>>>(
+          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(),
+          g.data_ptr<scalar_t>(), W_tiles.data_ptr(), dy.data_ptr<scalar_t>(), dW.data_ptr(), dq.data_ptr(),
+          dk.data_ptr(), dv.data_ptr(), dbeta.data_ptr(), dg.data_ptr(), dW0.data_ptr(), T, d_k, d_v);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dq, dk, dv, dbeta, dg, dW0};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -953,9 +1250,10 @@ __global__ void __launch_bounds__(1024)
 // UT transform (in PyTorch, for all chunks at once), chunk n of C steps makes one write S <- S + K_n^T U'_n with the
 // pseudo-values U'_n = U_n - W_n S, where S = W^T (d_k x d_v) is the state at the chunk's start. The backward walks
 // the chunks in reverse: dU'_n = G_n + K_n dS, then dS <- dS + E_n - W_n^T dU'_n, where dS is the gradient w.r.t.
-// the state at the chunk's end and G_n = P_n^T dO_n, E_n = Q_n^T dO_n come from PyTorch. Both passes are the one
-// recurrence over chunks
-//     X_n = A_n + sx L_n M,    M <- M + F_n + sm R_n^T X_n
+// the state at the chunk's end and G_n = P_n^T dO_n, E_n = Q_n^T dO_n come from PyTorch. The gated rule decays the
+// state by the chunk's D_n = exp(sum of its g) and writes with decayed keys: S <- D_n S + K_n^T U'_n (K_n, W_n as
+// delta_net.py forms them), dS <- D_n dS + E_n - W_n^T dU'_n. Both passes are the one recurrence over chunks
+//     X_n = A_n + sx L_n M,    M <- D_n M + F_n + sm R_n^T X_n        (D_n = 1 without a gate)
 //   forward:  M = S,  A = U, L = W, sx = -1, R = K, F = 0, sm = +1, chunks in order
 //   backward: M = dS, A = G, L = K, sx = +1, R = W, F = E, sm = -1, chunks in reverse
 // saving, per chunk, M as it was before the chunk (forward: the chunk-start state S_n; backward: dS_{n+1}) and X_n.
@@ -967,7 +1265,8 @@ constexpr int kStateCols = 16;
 template <typename scalar_t>
 __global__ void chunk_state_pass_kernel(const scalar_t* __restrict__ A, const scalar_t* __restrict__ L,
                                         const scalar_t* __restrict__ R, const scalar_t* __restrict__ F,
-                                        const scalar_t* __restrict__ M0, scalar_t* __restrict__ M_saved,
+                                        const scalar_t* __restrict__ D, const scalar_t* __restrict__ M0,
+                                        scalar_t* __restrict__ M_saved,
                                         scalar_t* __restrict__ X, scalar_t* __restrict__ M_final, int N, int C,
                                         int d_k, int d_v, scalar_t sx, scalar_t sm, bool reverse) {
   extern __shared__ unsigned char smem_raw[];
@@ -997,12 +1296,13 @@ __global__ void chunk_state_pass_kernel(const scalar_t* __restrict__ A, const sc
     __syncthreads();  // X_n complete; L_n no longer read
     for (int e = threadIdx.x; e < C * d_k; e += blockDim.x) sLR[e] = R[cn * C * d_k + e];
     __syncthreads();
-    for (int e = threadIdx.x; e < d_k * JB; e += blockDim.x) {  // M <- M + F_n + sm R_n^T X_n
+    const scalar_t decay = D != nullptr ? D[cn] : scalar_t(1);
+    for (int e = threadIdx.x; e < d_k * JB; e += blockDim.x) {  // M <- D_n M + F_n + sm R_n^T X_n
       const int i = e / JB, j = e % JB;
       scalar_t acc = 0;
       for (int c = 0; c < C; ++c) acc += sLR[c * d_k + i] * sX[c * JB + j];
       const scalar_t f = F != nullptr && j < J ? F[(cn * d_k + i) * d_v + j0 + j] : scalar_t(0);
-      sM[e] += f + sm * acc;
+      sM[e] = decay * sM[e] + f + sm * acc;
     }
     __syncthreads();  // M updated; R_n no longer read
   }
@@ -1255,10 +1555,10 @@ std::vector<at::Tensor> rdn_backward(at::Tensor Rs, at::Tensor r_b, at::Tensor q
 }
 
 // The chunk recurrence above on (B, H, N, C, .) tensors of one dtype (fp32 or fp64): A (.., C, d_v), L, R (.., C,
-// d_k), F (B, H, N, d_k, d_v) or undefined, M0 (B, H, d_k, d_v) -> M before each chunk (B, H, N, d_k, d_v), X (B, H,
-// N, C, d_v), M after the last chunk.
+// d_k), F (B, H, N, d_k, d_v) or undefined, M0 (B, H, d_k, d_v), D (B, H, N) or empty (no decay) -> M before each
+// chunk (B, H, N, d_k, d_v), X (B, H, N, C, d_v), M after the last chunk.
 std::vector<at::Tensor> chunk_state_pass(at::Tensor A, at::Tensor L, at::Tensor R, at::Tensor F, at::Tensor M0,
-                                         double sx, double sm, bool reverse) {
+                                         at::Tensor D, double sx, double sm, bool reverse) {
   const int64_t B = A.size(0), H = A.size(1), N = A.size(2), C = A.size(3), d_v = A.size(4), d_k = L.size(4);
   TORCH_CHECK(A.is_cuda() && (A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble),
               "chunk kernel: float32 or float64 CUDA tensors");
@@ -1267,8 +1567,12 @@ std::vector<at::Tensor> chunk_state_pass(at::Tensor A, at::Tensor L, at::Tensor 
   const c10::cuda::CUDAGuard guard(A.device());
   A = A.contiguous(), L = L.to(A.scalar_type()).contiguous(), R = R.to(A.scalar_type()).contiguous();
   M0 = M0.to(A.scalar_type()).contiguous();
-  const bool has_F = F.defined() && F.numel() > 0;
+  const bool has_F = F.defined() && F.numel() > 0, has_D = D.defined() && D.numel() > 0;
   if (has_F) F = F.to(A.scalar_type()).contiguous();
+  if (has_D) {
+    TORCH_CHECK(D.sizes() == at::IntArrayRef({B, H, N}), "chunk kernel: the decay must be (B, H, N)");
+    D = D.to(A.scalar_type()).contiguous();
+  }
   auto M_saved = at::empty({B, H, N, d_k, d_v}, A.options()), X = at::empty_like(A), M_final = at::empty_like(M0);
   const int64_t blocks = B * H * ((d_v + kStateCols - 1) / kStateCols);
   if (blocks == 0 || N == 0) return {M_saved, X, M_final.copy_(M0)};
@@ -1278,7 +1582,7 @@ std::vector<at::Tensor> chunk_state_pass(at::Tensor A, at::Tensor L, at::Tensor 
     allow_smem((const void*)kernel, smem);
     kernel<<<blocks, 256, smem, c10::cuda::getCurrentCUDAStream()>>>(
         A.data_ptr<scalar_t>(), L.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), ptr<scalar_t>(has_F ? F : at::Tensor()),
-        M0.data_ptr<scalar_t>(), M_saved.data_ptr<scalar_t>(), X.data_ptr<scalar_t>(), M_final.data_ptr<scalar_t>(),
+        ptr<scalar_t>(has_D ? D : at::Tensor()), M0.data_ptr<scalar_t>(), M_saved.data_ptr<scalar_t>(), X.data_ptr<scalar_t>(), M_final.data_ptr<scalar_t>(),
         N, C, d_k, d_v, (scalar_t)sx, (scalar_t)sm, reverse);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1288,6 +1592,8 @@ std::vector<at::Tensor> chunk_state_pass(at::Tensor A, at::Tensor L, at::Tensor 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &fast_weight_forward, "fast-weight update forward (sum or delta rule)");
   m.def("backward", &fast_weight_backward, "fast-weight update backward (sum or delta rule)");
+  m.def("gated_delta_forward", &gated_delta_forward, "gated delta rule forward (saves the state every tile)");
+  m.def("gated_delta_backward", &gated_delta_backward, "gated delta rule backward (recomputes from the saved states)");
   m.def("delta_rnn_forward", &delta_rnn_forward, "Delta RNN recurrence, forward");
   m.def("delta_rnn_backward", &delta_rnn_backward, "Delta RNN recurrence, backward");
   m.def("delta_lstm_forward", &delta_lstm_forward, "Delta LSTM recurrence, forward");

@@ -3,7 +3,9 @@
 Schlag, Irie, Schmidhuber, "Linear Transformers Are Secretly Fast Weight Programmers", ICML 2021,
 arXiv 2102.11174 (section 4.2, eq. 17-20; DeltaNet in section 4.3). Chunkwise-parallel training form
 from Yang, Wang, Zhang, Shen, Kim, "Parallelizing Linear Transformers with the Delta Rule over
-Sequence Length", arXiv 2406.06484 (section 3.2, eq. 8-11).
+Sequence Length", arXiv 2406.06484 (section 3.2, eq. 8-11). The gated delta rule (--gate, --preset gated_deltanet):
+Yang, Kautz, Hatamizadeh, "Gated Delta Networks: Improving Mamba2 with Delta Rule", ICLR 2025, arXiv 2412.06464
+(section 3: the rule and its chunkwise form).
 
 The slow network (projections W_q, W_k, W_v, w_beta) writes into a fast weight matrix W per head:
     q_t, k_t, v_t = W_q x_t, W_k x_t, W_v x_t        beta_t = sigmoid(w_beta . x_t)
@@ -11,20 +13,28 @@ The slow network (projections W_q, W_k, W_v, w_beta) writes into a fast weight m
     v̄_t = W_{t-1} k_t                                 (what W currently stores under key k_t)
     W_t = W_{t-1} + beta_t (v_t - v̄_t) k_t^T          (delta rule: replace v̄_t by a beta-mix of v_t)
     y_t = W_t q_t
+The gated delta rule (Gated DeltaNet) first decays the memory by alpha_t in (0, 1], one per head and step:
+    g_t = -exp(A_log) softplus(w_a . x_t + dt_bias)    alpha_t = exp(g_t)
+    W_t = alpha_t W_{t-1} + beta_t (v_t - alpha_t W_{t-1} k_t) k_t^T
+The official layer around it (each part a flag): a short causal convolution and SiLU on q, k, v (--short_conv), L2
+q and k with q / sqrt(d_head) (--qk_map l2), each head's output RMSNorm-ed and gated by SiLU(W_g x) (--out_gate);
+--neg_eigval: beta = 2 sigmoid(.) in (0, 2).
 Block: x + Out(Delta(LN(x))), then x + FF(LN(x)); a final LN and the output head.
 
 Glossary: b batch, h head, t time step, T sequence length, C chunk length, n chunk index,
 d_k = d_v = d_head = d_model / n_head, W (d_v, d_k) the fast weight of one head (fp32),
 S = W^T (d_k, d_v) the same state in the chunk form, beta in (0, 1) the write strength; in the chunk
-form A = strict_lower(diag(beta) K K^T) and T = (I + A)^-1 (a C x C matrix, not the length).
+form A = strict_lower(diag(beta) K K^T) and T = (I + A)^-1 (a C x C matrix, not the length). Gated rule: g the log
+decay, alpha = exp(g), A_log and dt_bias (one per head) its slow parameters, G the cumulative log decay within a chunk.
 
 Commands:
     python delta_net.py                                  # associative recall, a few CPU minutes
     python delta_net.py --preset tiny --steps 20         # smoke run
     python delta_net.py --repeat_keys                    # keys rewritten with new values: overwriting
+    python delta_net.py --preset gated_deltanet          # Gated DeltaNet's layer (--gate for the gated rule alone)
     python delta_net.py --task lm --dataset wikitext-103 --preset paper   # GPU, the paper's LM size
     python delta_net.py --task lm --dataset wikitext-2 --sample 200 --prompt "The meaning of"
-    python delta_net.py --bench                          # loop vs chunk (vs cuda) speed and memory
+    python delta_net.py --bench                          # loop vs chunk vs kernel speed and memory, plain and gated
     torchrun --nproc_per_node 2 delta_net.py             # data-parallel (gloo on CPU, nccl on CUDA)
 """
 
@@ -34,6 +44,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
 import sys
 import time
@@ -97,10 +108,22 @@ class Args:
     dropout: float = 0.0
     """dropout after the attention output and in the feed-forward block"""
     qk_map: str = "elu_sumnorm"
-    """elu_sumnorm (the paper: sumnorm(elu(x)+1)) or l2 (L2-normalised silu, Yang et al. 2024)"""
+    """elu_sumnorm (the paper: sumnorm(elu(x)+1)) or l2 (L2-normalised silu, Yang et al. 2024; q also scaled by
+    d_head^-1/2 as in the official code)"""
+    gate: bool = False
+    """the gated delta rule (Gated DeltaNet): W_t = alpha_t W_{t-1} + beta_t (v_t - alpha_t W_{t-1} k_t) k_t^T with
+    alpha_t = exp(-exp(A_log) softplus(w_a . x_t + dt_bias)) per head"""
+    neg_eigval: bool = False
+    """beta = 2 sigmoid(w_beta . x) in (0, 2): the write's eigenvalue 1 - beta |k|^2 may be negative (state tracking)"""
+    short_conv: bool = False
+    """a causal depthwise convolution over time (kernel 4) and SiLU on q, k and v (its last 3 inputs join the state)"""
+    out_gate: bool = False
+    """each head's output RMSNorm-ed and multiplied by SiLU(W_g x) before the output projection"""
     impl: str = "auto"
-    """auto | loop | chunk | cuda | chunk_cuda: which implementation of the delta rule (chunk_cuda: the chunk form
-    with its loops over chunks as CUDA kernels; not yet measured on a GPU, so auto does not pick it)"""
+    """auto | loop | chunk | kernel | cuda | chunk_cuda: which implementation of the delta rule. kernel: the fused
+    recurrent kernel of the device (cpu_kernels.cpp on the CPU, cuda_kernels.cu on CUDA; cuda: the same on CUDA).
+    auto: the kernel (on the CPU --bench measured it faster than chunk at every size tried). chunk_cuda:
+    the chunk form with its loops over chunks as CUDA kernels; not yet measured on a GPU, so auto does not pick it"""
     chunk_size: int = 64
     """chunk length C of the chunkwise form (64 measured fastest on 2 CPU cores and D=64)"""
     # training
@@ -145,8 +168,9 @@ class Args:
     """--bench: comma-separated sequence lengths (B=4, H=4)"""
     bench_d: int = 64
     """--bench: d_k = d_v"""
-    bench_impls: str = "loop,chunk,cuda,chunk_cuda"
-    """--bench: which implementations (cuda and chunk_cuda only where CUDA is)"""
+    bench_impls: str = "loop,chunk,kernel,chunk_cuda"
+    """--bench: which implementations (kernel where the device's kernel file builds; cuda and chunk_cuda only on
+    CUDA); every one for the plain and the gated rule"""
 
 
 PRESETS = {
@@ -154,6 +178,9 @@ PRESETS = {
                  eval_every=10, eval_batches=2, seq_len=32, warmup=5),
     # WikiText-103 "small" of the official code (16 layers, d 128, 8 heads of 16, FF 2048, segments of 256,
     # lr 2.5e-4, 2k warm-up, cosine over 500k steps, clip 0.25); their adaptive input/softmax is not used here
+    # the official Gated DeltaNet layer (Yang, Kautz, Hatamizadeh 2024; fla's GatedDeltaNet layer) at this script's CPU
+    # size: the gated rule, the short convolution, L2-normalised q and k (q scaled by d_head^-1/2), the gated RMSNorm
+    "gated_deltanet": dict(gate=True, short_conv=True, qk_map="l2", out_gate=True),
     "paper": dict(task="lm", dataset="wikitext-103", d_model=128, n_layer=16, n_head=8, d_ff=2048, dropout=0.1,
                   seq_len=256, batch_size=96, steps=500_000, lr=2.5e-4, warmup=2000, grad_clip=0.25, eval_every=5000,
                   weight_decay=0.0, beta2=0.999, lr_min=0.0,  # the official optimizer: Adam, cosine to 0
@@ -170,14 +197,18 @@ def state_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def delta_rule_loop(q, k, v, beta, W=None):
-    """The reference recurrence (the spec and the test oracle): one step per token, fp32 state."""
+def delta_rule_loop(q, k, v, beta, W=None, g=None):
+    """The reference recurrence (the spec and the test oracle): one step per token, fp32 state. g (B, H, T): the gated
+    rule's log decay, alpha_t = exp(g_t) (None: the plain delta rule)."""
     B, H, T, d_k = k.shape
     dt = state_dtype(q)
     W = q.new_zeros(B, H, v.shape[-1], d_k, dtype=dt) if W is None else W.to(dt)
     ys = []
     with torch.autocast(q.device.type, enabled=False):  # the state and its products stay fp32 under autocast
-        for q_t, k_t, v_t, b_t in zip(*(x.to(dt).unbind(2) for x in (q, k, v, beta))):
+        gates = g.to(dt).unbind(2) if g is not None else [None] * T
+        for q_t, k_t, v_t, b_t, g_t in zip(*(x.to(dt).unbind(2) for x in (q, k, v, beta)), gates):
+            if g_t is not None:
+                W = g_t.exp()[..., None, None] * W  # alpha_t W_{t-1}
             v_bar = (W @ k_t.unsqueeze(-1)).squeeze(-1)  # (B, H, d_v)
             W = W + (b_t.unsqueeze(-1) * (v_t - v_bar)).unsqueeze(-1) * k_t.unsqueeze(-2)  # + beta (v - v̄) k^T
             ys.append((W @ q_t.unsqueeze(-1)).squeeze(-1))  # y_t = W_t q_t
@@ -188,7 +219,7 @@ def delta_rule_loop(q, k, v, beta, W=None):
 # Layers: plain modules built from keyword arguments, checked on construction.
 
 QK_MAPS = ("elu_sumnorm", "l2")
-IMPLS = ("auto", "loop", "chunk", "cuda", "chunk_cuda")
+IMPLS = ("auto", "loop", "chunk", "kernel", "cuda", "chunk_cuda")
 POS_ENCS = ("sin", "none")
 
 
@@ -204,6 +235,8 @@ def check_model_args(flag="", **kw):
                 raise ValueError(f"{flag}{key} must be an integer, got {value!r}")
             if value <= 0:
                 raise ValueError(f"{flag}{key} must be positive, got {value}")
+        if key in ("gate", "neg_eigval", "short_conv", "out_gate", "scale_out") and not isinstance(value, bool):
+            raise ValueError(f"{flag}{key} must be true or false, got {value!r}")
     if "dropout" in kw and not 0 <= kw["dropout"] < 1:
         raise ValueError(f"{flag}dropout must be in [0, 1), got {kw['dropout']}")
     if "d_model" in kw and "n_head" in kw and kw["d_model"] % kw["n_head"]:
@@ -212,54 +245,96 @@ def check_model_args(flag="", **kw):
 
 
 class DeltaLayer(nn.Module):
-    """Multi-head delta-rule fast weight layer: x (B, T, d_model) and a state W (B, n_head, d_head, d_head) or None
-    (zeros) -> y (B, T, d_model) and the new W. W is fp32 (float64 for float64 inputs), also under autocast.
-    qk_map: the feature map of q and k (feature_map); impl: the delta rule's form (delta_rule); chunk_size: C of the
-    chunk form; scale_out: y / sqrt(d_head) before the output projection (the official LM layers)."""
+    """Multi-head delta-rule fast weight layer: x (B, T, d_model) and a state or None (zeros) -> y (B, T, d_model) and
+    the new state. The state is W (B, n_head, d_head, d_head), fp32 (float64 for float64 inputs) also under autocast;
+    with short_conv, the pair (W, the convolution's last 3 inputs (B, 3, 3 d_model)).
+    qk_map: the feature map of q and k (feature_map; l2 also scales q by d_head^-1/2, as the official Gated DeltaNet
+    and fla's layers); impl: the delta rule's form (delta_rule); chunk_size: C of the chunk form; scale_out:
+    y / sqrt(d_head) before the output projection (the official LM layers). The parts of the official Gated DeltaNet
+    layer (Yang, Kautz, Hatamizadeh 2024; fla's GatedDeltaNet), each off by default:
+    gate: the gated rule, alpha_t = exp(g_t) per head with g_t = -exp(A_log) softplus(w_a . x_t + dt_bias);
+    neg_eigval: beta = 2 sigmoid(.) in (0, 2), so the write's eigenvalue 1 - beta |k|^2 may be negative (Grazzi et al.
+    2024, arXiv 2411.12537); short_conv: a causal depthwise convolution over time (kernel 4, no bias) and SiLU on q, k
+    and v; out_gate: each head's output RMSNorm-ed and multiplied by SiLU(W_g x)."""
 
-    def __init__(self, d_model=128, n_head=4, qk_map="elu_sumnorm", impl="auto", chunk_size=64, scale_out=False):
+    def __init__(self, d_model=128, n_head=4, qk_map="elu_sumnorm", impl="auto", chunk_size=64, scale_out=False,
+                 gate=False, neg_eigval=False, short_conv=False, out_gate=False):
         super().__init__()
-        check_model_args(d_model=d_model, n_head=n_head, qk_map=qk_map, impl=impl, chunk_size=chunk_size)
+        check_model_args(d_model=d_model, n_head=n_head, qk_map=qk_map, impl=impl, chunk_size=chunk_size,
+                         scale_out=scale_out, gate=gate, neg_eigval=neg_eigval, short_conv=short_conv,
+                         out_gate=out_gate)
         self.d_model, self.n_head, self.d_head = d_model, n_head, d_model // n_head
         self.qk_map, self.impl, self.chunk_size, self.scale_out = qk_map, impl, chunk_size, scale_out
+        self.gate, self.neg_eigval, self.short_conv, self.out_gate = gate, neg_eigval, short_conv, out_gate
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)  # W_q, W_k, W_v
         self.w_beta = nn.Linear(d_model, n_head, bias=False)
+        if gate:  # the official initialisation: A ~ U(0, 16); softplus(dt_bias) = dt, log-uniform in [1e-3, 0.1]
+            self.w_a = nn.Linear(d_model, n_head, bias=False)
+            self.A_log = nn.Parameter(torch.empty(n_head).uniform_(0, 16).log())
+            dt = torch.exp(torch.rand(n_head) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp_min(1e-4)
+            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        if short_conv:
+            self.conv = nn.Conv1d(3 * d_model, 3 * d_model, 4, groups=3 * d_model, bias=False)  # one filter a channel
+        if out_gate:
+            self.w_g = nn.Linear(d_model, d_model, bias=False)
+            self.out_norm = nn.RMSNorm(self.d_head, eps=1e-5)
         self.out = nn.Linear(d_model, d_model, bias=False)
         self.out_scale = self.d_head ** -0.5 if scale_out else 1.0
 
     def extra_repr(self):
         return (f"d_model={self.d_model}, n_head={self.n_head}, d_head={self.d_head}, qk_map={self.qk_map!r}, "
-                f"impl={self.impl!r}, chunk_size={self.chunk_size}, scale_out={self.scale_out}")
+                f"impl={self.impl!r}, chunk_size={self.chunk_size}, scale_out={self.scale_out}, gate={self.gate}, "
+                f"neg_eigval={self.neg_eigval}, short_conv={self.short_conv}, out_gate={self.out_gate}")
 
     def feature_map(self, x):
         """phi of q and k (..., d_head): elu_sumnorm sumnorm(elu(x) + 1) (the paper); l2 silu(x) / |silu(x)|
-        (Yang et al. 2024)."""
+        (Yang et al. 2024; with short_conv the silu is the convolution's, so x / |x| here)."""
         if self.qk_map == "l2":
-            return F.normalize(F.silu(x), dim=-1)
+            return F.normalize(x if self.short_conv else F.silu(x), dim=-1)
         x = F.elu(x) + 1
         return x / x.sum(-1, keepdim=True)  # sumnorm
 
+    def short_convolution(self, x, last=None):
+        """x (B, T, C) and the C channels' last 3 inputs before it (B, 3, C) or None (zeros) -> SiLU(the causal
+        depthwise convolution of x, kernel 4) (B, T, C) and the last 3 inputs now."""
+        last = x.new_zeros(x.shape[0], 3, x.shape[2]) if last is None else last.to(x.dtype)
+        x = torch.cat([last, x], 1)  # (B, 3 + T, C)
+        y = F.conv1d(x.transpose(1, 2), self.conv.weight, groups=x.shape[2]).transpose(1, 2)  # (B, T, C)
+        return F.silu(y), x[:, -3:]
+
     def forward(self, x, state=None):
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
+        W, last = state if self.short_conv and state is not None else (state, None)
+        qkv = self.qkv(x)  # (B, T, 3 d_model)
+        if self.short_conv:
+            qkv, last = self.short_convolution(qkv, last)
+        q, k, v = qkv.view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
         q, k = self.feature_map(q), self.feature_map(k)
-        beta = torch.sigmoid(self.w_beta(x)).transpose(1, 2)  # (B, H, T)
-        y, W = delta_rule(q, k, v, beta, state, self.impl, self.chunk_size)
-        return self.out(self.out_scale * y.transpose(1, 2).reshape(B, T, -1)), W
+        if self.qk_map == "l2":
+            q = q * self.d_head ** -0.5
+        beta = (2 if self.neg_eigval else 1) * torch.sigmoid(self.w_beta(x)).transpose(1, 2)  # (B, H, T)
+        g = -self.A_log.exp() * F.softplus(self.w_a(x) + self.dt_bias) if self.gate else None  # (B, T, H): log alpha
+        y, W = delta_rule(q, k, v, beta, W, self.impl, self.chunk_size, None if g is None else g.transpose(1, 2))
+        y = self.out_scale * y.transpose(1, 2)  # (B, T, H, D)
+        if self.out_gate:
+            y = self.out_norm(y) * F.silu(self.w_g(x)).view(B, T, self.n_head, self.d_head)
+        return self.out(y.reshape(B, T, -1)), (W, last) if self.short_conv else W
 
 
 class Block(nn.Module):
     """x + Dropout(DeltaLayer(LN(x))), then x + FF(LN(x)) with FF = Linear, ReLU, Dropout, Linear, Dropout:
-    x (B, T, d_model) and the layer's state W (B, n_head, d_head, d_head) or None -> (B, T, d_model), the new W."""
+    x (B, T, d_model) and the layer's state (as DeltaLayer's) or None -> (B, T, d_model), the new state."""
 
     def __init__(self, d_model=128, n_head=4, d_ff=512, dropout=0.0, qk_map="elu_sumnorm", impl="auto", chunk_size=64,
-                 scale_out=False):
+                 scale_out=False, gate=False, neg_eigval=False, short_conv=False, out_gate=False):
         super().__init__()
         check_model_args(d_model=d_model, n_head=n_head, d_ff=d_ff, dropout=dropout, qk_map=qk_map, impl=impl,
-                         chunk_size=chunk_size)
+                         chunk_size=chunk_size, scale_out=scale_out, gate=gate, neg_eigval=neg_eigval,
+                         short_conv=short_conv, out_gate=out_gate)
         self.d_model, self.d_ff, self.dropout = d_model, d_ff, dropout
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.attn = DeltaLayer(d_model, n_head, qk_map, impl, chunk_size, scale_out)
+        self.attn = DeltaLayer(d_model, n_head, qk_map, impl, chunk_size, scale_out, gate=gate, neg_eigval=neg_eigval,
+                               short_conv=short_conv, out_gate=out_gate)
         self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Dropout(dropout),
                                 nn.Linear(d_ff, d_model), nn.Dropout(dropout))
         self.drop = nn.Dropout(dropout)
@@ -286,18 +361,23 @@ def sinusoidal(start, T, d, device=None):
 
 
 class DeltaNet(nn.Module):
-    """Token ids (B, T) and a state (a list of n_layer W, each (B, n_head, d_head, d_head), or None) -> logits
-    (B, T, vocab_size), the new state. Ids of shape (B, T, m) give m ids per position whose embeddings are summed (the
-    recall task). pos_enc: sin (sinusoidal positions added to the embedding) or none; the rest as Block."""
+    """Token ids (B, T) and a state (a list of n_layer layer states: W (B, n_head, d_head, d_head), or with short_conv
+    the pair (W, the convolution's last 3 inputs (B, 3, 3 d_model)); or None) -> logits (B, T, vocab_size), the new
+    state. Ids of shape (B, T, m) give m ids per position whose embeddings are summed (the recall task). pos_enc: sin
+    (sinusoidal positions added to the embedding) or none; the rest as Block."""
 
     def __init__(self, vocab_size, d_model=128, n_head=4, n_layer=2, d_ff=512, dropout=0.0, pos_enc="none",
-                 qk_map="elu_sumnorm", impl="auto", chunk_size=64, scale_out=False):
+                 qk_map="elu_sumnorm", impl="auto", chunk_size=64, scale_out=False, gate=False, neg_eigval=False,
+                 short_conv=False, out_gate=False):
         super().__init__()
         check_model_args(vocab_size=vocab_size, d_model=d_model, n_head=n_head, n_layer=n_layer, d_ff=d_ff,
-                         dropout=dropout, pos_enc=pos_enc, qk_map=qk_map, impl=impl, chunk_size=chunk_size)
+                         dropout=dropout, pos_enc=pos_enc, qk_map=qk_map, impl=impl, chunk_size=chunk_size,
+                         scale_out=scale_out, gate=gate, neg_eigval=neg_eigval, short_conv=short_conv,
+                         out_gate=out_gate)
         self.vocab_size, self.d_model, self.n_layer, self.pos_enc = vocab_size, d_model, n_layer, pos_enc
         self.embed = nn.Embedding(vocab_size, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, n_head, d_ff, dropout, qk_map, impl, chunk_size, scale_out)
+        self.blocks = nn.ModuleList(Block(d_model, n_head, d_ff, dropout, qk_map, impl, chunk_size, scale_out,
+                                          gate=gate, neg_eigval=neg_eigval, short_conv=short_conv, out_gate=out_gate)
                                     for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
@@ -324,69 +404,99 @@ class DeltaNet(nn.Module):
 
 
 class DeltaRuleChunk(torch.autograd.Function):
-    """Chunkwise delta rule (Yang et al. 2024, eq. 8-11) with a hand-written backward.
+    """Chunkwise delta rule (Yang et al. 2024, eq. 8-11), gated or not, with a hand-written backward.
 
     Inputs are split into chunks: q, k (B, H, N, C, d_k), v (B, H, N, C, d_v), beta (B, H, N, C);
-    S0 (B, H, d_k, d_v) is the state W^T. Within a chunk, the C delta-rule writes are equivalent to
-    one write S <- S + K^T U' with pseudo-values U' = T (diag(beta) V - diag(beta) K S), where
-    T = (I + A)^-1 and A = strict_lower(diag(beta) K K^T) (the UT transform). Everything that does
-    not depend on S runs for all chunks at once; only two small matmuls per chunk are sequential.
-    The backward reruns nothing: it walks the chunk states S_n saved by the forward in reverse.
+    S0 (B, H, d_k, d_v) is the state W^T; G (B, H, N, C) the gated rule's cumulative log decay within each chunk,
+    G_i = g_1 + ... + g_i (None: no gate). Within a chunk, the C delta-rule writes are equivalent to one write
+    S <- exp(G_C) S + (diag(exp(G_C - G)) K)^T U' with pseudo-values U' = T (diag(beta) V - diag(beta exp(G)) K S),
+    where T = (I + A)^-1, A = strict_lower(diag(beta) K K^T o Gamma), Gamma_ij = exp(G_i - G_j) (the UT transform;
+    gated as in Yang, Kautz, Hatamizadeh 2024, section 3; without a gate every exp is 1). Every factor is exp of a sum of
+    g <= 0 over a span of steps, so none exceeds 1 and none divides. Everything that does not depend on S runs for all
+    chunks at once; only two small matmuls per chunk are sequential. The outputs: O = diag(exp(G)) Q S +
+    tril(Q K^T o Gamma) U'. The backward reruns nothing: it walks the chunk states S_n saved by the forward in reverse.
     kernel=True runs each of the two loops over chunks as one CUDA kernel (chunk_state_pass in cuda_kernels.cu,
     which keeps the state on chip), the rest as here.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, S0, kernel=False):
+    def forward(ctx, q, k, v, beta, S0, G=None, kernel=False):
         C = k.shape[-2]
         kb, vb = k * beta[..., None], v * beta[..., None]  # diag(beta) K, diag(beta) V
-        A = (kb @ k.transpose(-1, -2)).tril(-1)  # (B, H, N, C, C)
+        QK, KK = (q @ k.transpose(-1, -2)).tril(), (kb @ k.transpose(-1, -2)).tril(-1)  # (B, H, N, C, C)
+        if G is None:
+            kw, kd, qg, P, A, Gam, lam = kb, k, q, QK, KK, None, None
+        else:
+            Gam = (G[..., :, None] - G[..., None, :]).tril().exp().tril()  # exp(G_i - G_j) for i >= j, else 0
+            gamma, lam = G.exp(), G[..., -1].exp()  # exp(G_i): decay since the chunk's start; over the whole chunk
+            kw = kb * gamma[..., None]  # diag(beta exp(G)) K
+            kd = k * (G[..., -1:] - G).exp()[..., None]  # the keys decayed to the chunk's end
+            qg, P, A = q * gamma[..., None], QK * Gam, KK * Gam
         eye = torch.eye(C, dtype=k.dtype, device=k.device)
         T = torch.linalg.solve_triangular(A + eye, eye.expand_as(A), upper=False, unitriangular=True)
-        w, u = T @ kb, T @ vb  # (B, H, N, C, d_k), (B, H, N, C, d_v)
+        w, u = T @ kw, T @ vb  # (B, H, N, C, d_k), (B, H, N, C, d_v)
         if kernel:
-            S_n, up, S_last = cuda_kernels().chunk_state_pass(u, w, k, k.new_empty(0), S0, -1.0, 1.0, False)
+            S_n, up, S_last = kernels("cuda").chunk_state_pass(u, w, kd, k.new_empty(0), S0,
+                                                               k.new_empty(0) if lam is None else lam, -1.0, 1.0, False)
         else:
             S, ups = [S0], []
-            for w_n, u_n, k_n in zip(w.unbind(2), u.unbind(2), k.unbind(2)):  # the only sequential part
+            for n, (w_n, u_n, k_n) in enumerate(zip(w.unbind(2), u.unbind(2), kd.unbind(2))):  # the sequential part
                 ups.append(u_n - w_n @ S[-1])  # U' = U - W S
-                S.append(S[-1] + k_n.transpose(-1, -2) @ ups[-1])  # S <- S + K^T U'
+                decayed = S[-1] if lam is None else lam[:, :, n, None, None] * S[-1]
+                S.append(decayed + k_n.transpose(-1, -2) @ ups[-1])  # S <- exp(G_C) S + K^T U'
             S_n, up, S_last = torch.stack(S[:-1], 2), torch.stack(ups, 2), S[-1]  # chunk-start states, pseudo-values
-        P = (q @ k.transpose(-1, -2)).tril()  # causal intra-chunk scores, diagonal included
-        o = q @ S_n + P @ up  # O = Q S + tril(Q K^T) U'
-        ctx.save_for_backward(q, k, v, beta, T, w, up, S_n, P, kb, vb)
+        o = qg @ S_n + P @ up  # O = diag(exp(G)) Q S + tril(Q K^T o Gamma) U'
+        ctx.save_for_backward(q, k, v, beta, T, w, up, S_n, QK, KK, kb, vb, G, Gam)
         ctx.kernel = kernel
         return o, S_last
 
     @staticmethod
     def backward(ctx, do, dS):
-        q, k, v, beta, T, w, up, S_n, P, kb, vb = ctx.saved_tensors
+        q, k, v, beta, T, w, up, S_n, QK, KK, kb, vb, G, Gam = ctx.saved_tensors
         do = do.contiguous()
-        G = P.transpose(-1, -2) @ do  # the part of dU' that comes from the outputs
-        E = q.transpose(-1, -2) @ do  # the part of dS_n that comes from the outputs
+        if G is None:
+            kw, kd, qg, P, lam, delta, gamma = kb, k, q, QK, None, None, None
+        else:
+            gamma, lam, delta = G.exp(), G[..., -1].exp(), (G[..., -1:] - G).exp()
+            kw, kd, qg, P = kb * gamma[..., None], k * delta[..., None], q * gamma[..., None], QK * Gam
+        Gd = P.transpose(-1, -2) @ do  # the part of dU' that comes from the outputs
+        E = qg.transpose(-1, -2) @ do  # the part of dS_n that comes from the outputs
         if ctx.kernel:
-            dS_next, dup, dS = cuda_kernels().chunk_state_pass(G, k, w, E, dS, 1.0, -1.0, True)
+            dS_next, dup, dS = kernels("cuda").chunk_state_pass(Gd, kd, w, E, dS, k.new_empty(0) if lam is None else
+                                                                lam, 1.0, -1.0, True)
         else:
             dS_next, dups = [], []
-            for k_n, w_n, G_n, E_n in reversed(list(zip(k.unbind(2), w.unbind(2), G.unbind(2), E.unbind(2)))):
+            for n in reversed(range(k.shape[2])):
                 dS_next.append(dS)  # gradient w.r.t. S_{n+1}
-                dups.append(G_n + k_n @ dS)
-                dS = dS + E_n - w_n.transpose(-1, -2) @ dups[-1]
+                dups.append(Gd[:, :, n] + kd[:, :, n] @ dS)
+                dS = (dS if lam is None else lam[:, :, n, None, None] * dS) + E[:, :, n] - \
+                    w[:, :, n].transpose(-1, -2) @ dups[-1]
             dS_next, dup = torch.stack(dS_next[::-1], 2), torch.stack(dups[::-1], 2)
         dP = (do @ up.transpose(-1, -2)).tril()
-        dq = do @ S_n.transpose(-1, -2) + dP @ k
-        dk = dP.transpose(-1, -2) @ q + up @ dS_next.transpose(-1, -2)
+        dPG = dP if G is None else dP * Gam  # through P = tril(Q K^T o Gamma)
+        dqg = do @ S_n.transpose(-1, -2)
+        dkd = up @ dS_next.transpose(-1, -2)
+        dq = (dqg if G is None else gamma[..., None] * dqg) + dPG @ k
+        dk = dPG.transpose(-1, -2) @ q + (dkd if G is None else delta[..., None] * dkd)
         dw = -dup @ S_n.transpose(-1, -2)
         Tt = T.transpose(-1, -2)
-        dvb, dkb = Tt @ dup, Tt @ dw
-        dA = -(Tt @ (dup @ vb.transpose(-1, -2) + dw @ kb.transpose(-1, -2)) @ Tt).tril(-1)  # d(I+A)^-1
-        dkb = dkb + dA @ k
-        dk = dk + dA.transpose(-1, -2) @ kb + beta[..., None] * dkb
+        dvb, dkw = Tt @ dup, Tt @ dw
+        dA = -(Tt @ (dup @ vb.transpose(-1, -2) + dw @ kw.transpose(-1, -2)) @ Tt).tril(-1)  # d(I+A)^-1
+        dAG = dA if G is None else dA * Gam
+        dkb = (dkw if G is None else gamma[..., None] * dkw) + dAG @ k
+        dk = dk + dAG.transpose(-1, -2) @ kb + beta[..., None] * dkb
         dbeta = (dkb * k).sum(-1) + (dvb * v).sum(-1)
-        return dq, dk, beta[..., None] * dvb, dbeta, dS, None
+        dG = None
+        if G is not None:  # G enters through Gamma_ij = exp(G_i - G_j), exp(G_i), exp(G_C - G_j) and exp(G_C)
+            dGam = (dP * QK + dA * KK) * Gam
+            dG = dGam.sum(-1) - dGam.sum(-2) + gamma * ((q * dqg).sum(-1) + (kb * dkw).sum(-1))
+            dd = delta * (k * dkd).sum(-1)
+            dG = dG - dd
+            dG[..., -1] += dd.sum(-1) + lam * (S_n * dS_next).sum((-1, -2))
+        return dq, dk, beta[..., None] * dvb, dbeta, dS, dG, None
 
 
-def delta_rule_chunk(q, k, v, beta, W=None, chunk_size=64, kernel=False):
+def delta_rule_chunk(q, k, v, beta, W=None, chunk_size=64, kernel=False, g=None):
     """Chunkwise form of delta_rule_loop: same arguments, same results; any T (the last chunk is padded). kernel: the
     loops over chunks as CUDA kernels (CUDA tensors)."""
     B, H, T, d_k = k.shape
@@ -394,50 +504,82 @@ def delta_rule_chunk(q, k, v, beta, W=None, chunk_size=64, kernel=False):
     C = min(chunk_size, T)
     N = -(-T // C)
 
-    def chunks(x):  # (B, H, T, ...) -> (B, H, N, C, ...), zero-padded; zero k and beta write nothing
+    def chunks(x):  # (B, H, T, ...) -> (B, H, N, C, ...), zero-padded; zero k and beta write nothing, zero g keeps S
         x = F.pad(x.to(dt), (0, 0, 0, N * C - T) if x.dim() == 4 else (0, N * C - T))
         return x.reshape(B, H, N, C, *x.shape[3:])
 
     S0 = q.new_zeros(B, H, d_k, d_v, dtype=dt) if W is None else W.to(dt).transpose(-1, -2)
     with torch.autocast(q.device.type, enabled=False):  # S, A, T and all products in fp32 under autocast
-        o, S = DeltaRuleChunk.apply(chunks(q), chunks(k), chunks(v), chunks(beta), S0, kernel)
+        G = None if g is None else chunks(g).cumsum(-1)  # the log decay since each chunk's start
+        o, S = DeltaRuleChunk.apply(chunks(q), chunks(k), chunks(v), chunks(beta), S0, G, kernel)
     return o.reshape(B, H, N * C, d_v)[:, :, :T].to(q.dtype), S.transpose(-1, -2)
 
 
-class DeltaRuleCUDA(torch.autograd.Function):
-    """The recurrent delta rule as one fused kernel (cuda_kernels.cu): fp32 state, inputs fp32/bf16/fp16/fp64."""
+class DeltaRuleKernel(torch.autograd.Function):
+    """The recurrent delta rule as one fused kernel per pass: cpu_kernels.cpp on the CPU (float32/64), cuda_kernels.cu
+    on CUDA (state fp32, inputs fp32/bf16/fp16/fp64); the two files have the same functions. The plain rule (g None):
+    the forward saves v̄_t and the backward undoes each write. The gated rule: the forward saves the state at the start
+    of every few steps, and the backward recomputes those steps from it (undoing a write would divide by alpha_t)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, W0):
-        y, W, v_bar = cuda_kernels().forward(q, k, v, beta, q.new_empty(0) if W0 is None else W0, True)
-        ctx.save_for_backward(q, k, v, beta, v_bar, W)
+    def forward(ctx, q, k, v, beta, W0, g=None):
+        ext, W0_ = kernels(q.device.type), q.new_empty(0) if W0 is None else W0
+        if g is None:
+            y, W, saved = ext.forward(q, k, v, beta, W0_, True)  # saved: v̄ (B, H, T, d_v)
+        else:
+            y, W, saved = ext.gated_delta_forward(q, k, v, beta, g, W0_)  # saved: the states (B, H, segments, d_v, d_k)
+        ctx.save_for_backward(q, k, v, beta, g, saved, W)
         ctx.has_W0 = W0 is not None
         return y, W
 
     @staticmethod
     def backward(ctx, dy, dW):
-        q, k, v, beta, v_bar, W = ctx.saved_tensors
+        q, k, v, beta, g, saved, W = ctx.saved_tensors
+        ext = kernels(q.device.type)
         dy = v.new_zeros(v.shape) if dy is None else dy
         dW = W.new_empty(0) if dW is None else dW
-        dq, dk, dv, dbeta, dW0 = cuda_kernels().backward(q, k, v, beta, v_bar, W, dy, dW, True)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dW0 if ctx.has_W0 else None
+        if g is None:
+            (dq, dk, dv, dbeta, dW0), dg = ext.backward(q, k, v, beta, saved, W, dy, dW, True), None
+        else:
+            dq, dk, dv, dbeta, dg, dW0 = ext.gated_delta_backward(q, k, v, beta, g, saved, dy, dW)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dW0 if ctx.has_W0 else None,
+                None if g is None else dg.to(g.dtype))
 
 
-def delta_rule(q, k, v, beta, W=None, impl="auto", chunk_size=64):
-    """Dispatch to an implementation; all take and return the fast weight W (B, H, d_v, d_k).
-    cuda (and auto on a CUDA device) use the recurrent kernel where it applies (d_k <= 128), else the chunk form;
-    chunk_cuda: the chunk form with its loops over chunks as kernels (CUDA tensors; elsewhere the chunk form).
-    An unknown impl is a ValueError."""
+# --impl auto on the CPU is the kernel: `python delta_net.py --bench` on 2 CPU cores measured it faster than the chunk
+# form at every size tried (d_head 16 to 128, T 64 to 1024 per call, the plain and the gated rule; RESULTS.md).
+
+
+def use_kernel(impl, q):
+    """Whether delta_rule runs the fused recurrent kernel: on a CUDA device for impl auto, cuda and kernel (d_k <= 128),
+    on the CPU for impl auto and kernel; where the kernel file builds."""
+    if q.is_cuda:
+        wanted = impl in ("auto", "cuda", "kernel") and q.shape[-1] <= 128
+    else:
+        wanted = q.device.type == "cpu" and impl in ("auto", "kernel")
+    return wanted and q.shape[2] > 0 and kernels(q.device.type) is not None
+
+
+def delta_rule(q, k, v, beta, W=None, impl="auto", chunk_size=64, g=None):
+    """Dispatch to an implementation; all take and return the fast weight W (B, H, d_v, d_k). g (B, H, T): the gated
+    rule's log decay (alpha_t = exp(g_t), g_t <= 0; the chunk form needs it finite, the loop and the kernels also take
+    -inf), None for the plain rule. kernel: the fused recurrent kernel of the inputs' device (cpu_kernels.cpp on the
+    CPU, cuda_kernels.cu on CUDA for d_k <= 128; elsewhere the chunk form); cuda: the same on a CUDA device; auto: the
+    kernel where it applies (use_kernel), else the chunk form; chunk_cuda: the chunk form with its loops over chunks as
+    kernels (CUDA tensors; elsewhere the chunk form). An unknown impl is a ValueError."""
     check_model_args(impl=impl)
     if impl == "loop":
-        return delta_rule_loop(q, k, v, beta, W)
-    if impl == "chunk_cuda" and q.is_cuda and cuda_kernels() is not None:
-        return delta_rule_chunk(q, k, v, beta, W, chunk_size, kernel=True)
-    if impl in ("auto", "cuda") and q.is_cuda and k.shape[-1] <= 128 and cuda_kernels() is not None:
-        dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)  # autocast may mix bf16 and fp32
-        q, k, v, beta = (x.to(dt).contiguous() for x in (q, k, v, beta))
-        return DeltaRuleCUDA.apply(q, k, v, beta, None if W is None else W.contiguous())
-    return delta_rule_chunk(q, k, v, beta, W, chunk_size)
+        return delta_rule_loop(q, k, v, beta, W, g)
+    if impl == "chunk_cuda" and q.is_cuda and kernels("cuda") is not None:
+        return delta_rule_chunk(q, k, v, beta, W, chunk_size, kernel=True, g=g)
+    if impl != "chunk_cuda" and use_kernel(impl, q):
+        dt = state_dtype(q) if not q.is_cuda else \
+            torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)  # autocast may mix bf16 and fp32
+        q_, k_, v_, beta_ = (x.to(dt).contiguous() for x in (q, k, v, beta))
+        y, W = DeltaRuleKernel.apply(q_, k_, v_, beta_, None if W is None else W.contiguous(),
+                                     None if g is None else g.to(dt).contiguous())
+        return y.to(q.dtype), W
+    return delta_rule_chunk(q, k, v, beta, W, chunk_size, g=g)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -480,7 +622,7 @@ def recall_batch(batch_size, n_pairs, vocab_size, gen, repeat_keys=False):
 # name); check_args checks a command line's values, the model's through the constructors' own checks.
 
 MODEL_FLAGS = ("d_model", "n_head", "n_layer", "d_ff", "dropout", "pos_enc", "qk_map", "impl", "chunk_size",
-               "scale_out")
+               "scale_out", "gate", "neg_eigval", "short_conv", "out_gate")
 
 
 RESUME_FLAGS = ("task", "vocab_size", "tokenizer", "d_model", "n_head", "n_layer", "d_ff", "pos_enc", "qk_map",
@@ -530,7 +672,9 @@ def check_args(args):
 
 
 def detach_state(state):
-    return None if state is None else [W.detach() for W in state]
+    """Each layer's state detached (W, or the pair (W, the convolution's last inputs))."""
+    return None if state is None else [tuple(x.detach() for x in W) if isinstance(W, tuple) else W.detach()
+                                       for W in state]
 
 
 def build_optimizer(model, args):
@@ -793,44 +937,55 @@ def bench(args):
     bmm_rate = 2 * X.shape[0] * C * C * D / timeit(lambda: torch.bmm(X, Y), 20) / 1e9
     print(f"device {device}, threads {torch.get_num_threads()}, inputs {args.dtype}, d {D}; batched matmul"
           f" ({X.shape[0]}x{C}x{D} @ {D}x{C}, fp32): {bmm_rate:.1f} GFLOP/s")
-    print("useful FLOPs: loop and cuda 6 d^2 per token (read, write, query); chunk per chunk of C: C^2 d (A, strict"
+    print("useful FLOPs: loop and kernel 6 d^2 per token (read, write, query); chunk per chunk of C: C^2 d (A, strict"
           " lower) + C^3/3 (T) + 2 C^2 d (T applied) + 2 C^2 d (QK^T, PU', causal halves) + 6 C d^2 (state);"
-          " backward = 2x forward\nmem MiB: on CUDA the peak allocated; on CPU the tensors autograd saves for the"
-          " backward")
-    print(f"{'impl':10} {'T':>6} {'fwd ms':>9} {'fwd+bwd ms':>11} {'tok/s (f+b)':>12} {'mem MiB':>9} {'GFLOP/s':>8}"
-          f" {'% bmm':>6}")
-    impls = [i for i in args.bench_impls.split(",") if i in ("loop", "chunk")]
-    if device.type == "cuda" and cuda_kernels() is not None:
-        impls += [i for i in args.bench_impls.split(",") if i in ("cuda", "chunk_cuda")]
+          " backward = 2x forward; the gated rule's rows are counted the same\nmem MiB: on CUDA the peak allocated; on"
+          " CPU the tensors autograd saves for the backward")
+    print(f"{'rule':6} {'impl':10} {'T':>6} {'fwd ms':>9} {'fwd+bwd ms':>11} {'tok/s (f+b)':>12} {'mem MiB':>9}"
+          f" {'GFLOP/s':>8} {'% bmm':>6}")
+    wanted = args.bench_impls.split(",")
+    impls = [i for i in wanted if i in ("loop", "chunk")]
+    if kernels(device.type) is not None:  # the fused kernel of this device (cuda: the same on a CUDA device)
+        impls += [i for i in wanted if i == "kernel" or (device.type == "cuda" and i in ("cuda", "chunk_cuda"))]
+    fb = {}  # (rule, impl, T) -> forward+backward seconds
     for T in lengths:
         g = torch.Generator().manual_seed(0)
         q, k = (F.normalize(torch.randn(B, H, T, D, generator=g), dim=-1).to(device, dtype) for _ in range(2))
         v, beta = torch.randn(B, H, T, D, generator=g).to(device, dtype), torch.rand(B, H, T, generator=g).to(device, dtype)
-        for impl in impls:
-            leaves = [t.clone().requires_grad_() for t in (q, k, v, beta)]
+        log_alpha = (0.5 + 0.5 * torch.rand(B, H, T, generator=g)).log().to(device, dtype)  # alpha in (0.5, 1)
+        for rule in ("delta", "gated"):
+            for impl in impls:
+                leaves = [t.clone().requires_grad_() for t in (q, k, v, beta)]
+                gate = log_alpha.clone().requires_grad_() if rule == "gated" else None
 
-            def fwd():
-                with torch.no_grad():
-                    delta_rule(*leaves, impl=impl, chunk_size=C)
+                def fwd():
+                    with torch.no_grad():
+                        delta_rule(*leaves, impl=impl, chunk_size=C, g=gate)
 
-            def fwd_bwd():
-                y, W = delta_rule(*leaves, impl=impl, chunk_size=C)
-                torch.autograd.backward((y, W), (torch.ones_like(y), torch.ones_like(W)))
+                def fwd_bwd():
+                    y, W = delta_rule(*leaves, impl=impl, chunk_size=C, g=gate)
+                    torch.autograd.backward((y, W), (torch.ones_like(y), torch.ones_like(W)))
 
-            reps = 3 if impl == "loop" else 10
-            t_f, t_fb = timeit(fwd, reps), timeit(fwd_bwd, reps)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                fwd_bwd()
-                mem = torch.cuda.max_memory_allocated() / 2**20
-            else:
-                mem = saved_mib(fwd_bwd)
-            c = min(C, T)
-            flops_fwd = B * H * T * 6 * D * D if impl in ("loop", "cuda") else \
-                B * H * -(-T // c) * (c * c * D + c**3 / 3 + 4 * c * c * D + 6 * c * D * D)
-            rate = 3 * flops_fwd / t_fb / 1e9
-            print(f"{impl:10} {T:6d} {t_f * 1e3:9.1f} {t_fb * 1e3:11.1f} {B * T / t_fb:12.0f} {mem:9.1f} {rate:8.1f}"
-                  f" {100 * rate / bmm_rate:5.0f}%", flush=True)
+                reps = 3 if impl == "loop" else 10
+                t_f, t_fb = timeit(fwd, reps), timeit(fwd_bwd, reps)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                    fwd_bwd()
+                    mem = torch.cuda.max_memory_allocated() / 2**20
+                else:
+                    mem = saved_mib(fwd_bwd)
+                c = min(C, T)
+                flops_fwd = B * H * T * 6 * D * D if impl in ("loop", "kernel", "cuda") else \
+                    B * H * -(-T // c) * (c * c * D + c**3 / 3 + 4 * c * c * D + 6 * c * D * D)
+                rate = 3 * flops_fwd / t_fb / 1e9
+                fb[rule, impl, T] = t_fb
+                print(f"{rule:6} {impl:10} {T:6d} {t_f * 1e3:9.1f} {t_fb * 1e3:11.1f} {B * T / t_fb:12.0f} {mem:9.1f}"
+                      f" {rate:8.1f} {100 * rate / bmm_rate:5.0f}%", flush=True)
+    for rule in ("delta", "gated"):
+        pairs = [(T, fb[rule, "chunk", T] / fb[rule, "kernel", T]) for T in lengths
+                 if (rule, "kernel", T) in fb and (rule, "chunk", T) in fb]
+        if pairs:
+            print(f"{rule}: kernel speed-up over chunk (fwd+bwd): " + ", ".join(f"T {T}: {r:.2f}x" for T, r in pairs))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -845,26 +1000,54 @@ def fail(msg):
     sys.exit(2)
 
 
-_CUDA_KERNELS = None  # the loaded extension; False once a build failed
+_KERNELS = {}  # device type -> the loaded extension, or False once its build failed
+KERNEL_FILES = {"cpu": "cpu_kernels.cpp", "cuda": "cuda_kernels.cu"}
 
 
-def cuda_kernels():
-    """Build and load cuda_kernels.cu on first use (never at import), under a module name holding a hash of
-    the source, so an edit rebuilds and two scripts never clash. None, after one warning, if that fails."""
-    global _CUDA_KERNELS
-    if _CUDA_KERNELS is None:
-        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_kernels.cu")
+def kernels(device_type):
+    """The fused kernels of a device (cpu_kernels.cpp on the CPU, cuda_kernels.cu on CUDA: the same functions), built
+    and loaded on first use (never at import). The build runs on a copy of the source named by a hash of it and of
+    torch's version, so an edit rebuilds, two scripts never clash and a copied script reuses the build. None, after one
+    warning, if that fails (no compiler, no ninja, no nvcc, no file): the chunk form runs instead. The CPU build is for
+    this CPU (-march=native: its vector units; cpu_features names it). None for a device without a kernel file (mps)."""
+    if device_type not in KERNEL_FILES:
+        return None
+    if device_type not in _KERNELS:
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), KERNEL_FILES[device_type])
         try:
             from torch.utils.cpp_extension import load
 
             with open(src, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()[:16]
-            _CUDA_KERNELS = load(f"fwp_kernels_{digest}", [src], extra_cuda_cflags=["-O3"], verbose=False)
-        except Exception as e:  # no nvcc, no file, a compile error: the PyTorch path still works
-            print(f"warning: cuda_kernels.cu unavailable ({type(e).__name__}: {str(e)[-2000:]}); using --impl chunk",
-                  file=sys.stderr)
-            _CUDA_KERNELS = False
-    return _CUDA_KERNELS or None
+                code = f.read()
+            digest = hashlib.sha256(code + torch.__version__.encode() + cpu_features().encode()).hexdigest()[:16]
+            name = f"fwp_{device_type}_kernels_{digest}"  # one build for every script
+            root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                           "torch_extensions")
+            build = os.path.join(root, name)
+            os.makedirs(build, exist_ok=True)
+            copy = os.path.join(build, os.path.basename(src))
+            if not os.path.exists(copy):
+                with open(copy + ".tmp", "wb") as f:
+                    f.write(code)
+                os.replace(copy + ".tmp", copy)
+            flags = ["-O3", "-march=native", "-fopenmp" if torch.backends.openmp.is_available() else "-fopenmp-simd"]
+            _KERNELS[device_type] = load(name, [copy], build_directory=build, extra_cflags=flags,
+                                         extra_cuda_cflags=["-O3"], verbose=False)
+        except Exception as e:  # no compiler, no ninja, a compile error: the chunk form still works
+            print(f"warning: {os.path.basename(src)} unavailable ({type(e).__name__}: {str(e)[-2000:]}); using --impl "
+                  "chunk", file=sys.stderr)
+            _KERNELS[device_type] = False
+    return _KERNELS[device_type] or None
+
+
+def cpu_features():
+    """The CPU's instruction sets, which a -march=native build uses: part of the build's name, so that a build folder
+    shared by machines of other CPUs (a home directory on a cluster) is never loaded where it would not run."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.machine() + platform.processor()
 
 
 def print_help():

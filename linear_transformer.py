@@ -28,7 +28,7 @@ Commands:
     python linear_transformer.py --phi dpfp --dpfp_nu 2      # a larger feature space (2 nu d_head)
     python linear_transformer.py --attn softmax              # the quadratic baseline, same block
     python linear_transformer.py --task lm --dataset wikitext-103 --preset paper   # GPU, the paper's LM size
-    python linear_transformer.py --bench                     # loop/chunk/parallel/cuda vs softmax over T
+    python linear_transformer.py --bench                     # loop/chunk/parallel/kernel vs softmax over T
 """
 
 import dataclasses
@@ -37,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
 import sys
 import time
@@ -112,7 +113,9 @@ class Args:
     favor_redraw: int = 1000
     """favor: draw a new random projection every this many training steps (0: never)"""
     impl: str = "auto"
-    """auto (cuda kernel for T < 1024 on CUDA, else chunk) | loop | chunk | parallel | cuda: the sum rule's form"""
+    """auto | loop | chunk | parallel | kernel | cuda: the sum rule's form. kernel: the fused recurrent kernel of the
+    device (cpu_kernels.cpp on the CPU, cuda_kernels.cu on CUDA; cuda: the same on CUDA); auto: on CUDA the kernel for
+    T < 1024, else chunk; on the CPU the kernel (--bench measured it faster than chunk at every size tried)"""
     chunk_size: int = 64
     """chunk length C of the chunkwise form"""
     # training
@@ -157,8 +160,8 @@ class Args:
     """--bench: comma-separated sequence lengths (B=4, H=4)"""
     bench_d: int = 64
     """--bench: d_phi = d_head"""
-    bench_impls: str = "loop,chunk,parallel,cuda,softmax"
-    """--bench: which implementations (cuda only where CUDA is)"""
+    bench_impls: str = "loop,chunk,parallel,kernel,softmax"
+    """--bench: which implementations (kernel where the device's kernel file builds; cuda only on CUDA)"""
 
 
 PRESETS = {
@@ -250,7 +253,7 @@ def favor_features(x, omega):
 ATTNS = ("linear", "softmax")
 PHIS = ("elu1", "dpfp", "favor", "relu")
 NORMALIZES = ("denom", "sumnorm", "none")
-IMPLS = ("auto", "loop", "chunk", "parallel", "cuda")
+IMPLS = ("auto", "loop", "chunk", "parallel", "kernel", "cuda")
 POS_ENCS = ("sin", "none")
 
 
@@ -454,12 +457,14 @@ def sum_rule_parallel(q, k, v, W=None):
     return y, W_T
 
 
-class SumRuleCUDA(torch.autograd.Function):
-    """The recurrent sum rule as one fused kernel (cuda_kernels.cu, delta=False): fp32 state."""
+class SumRuleKernel(torch.autograd.Function):
+    """The recurrent sum rule as one fused kernel per pass (delta=False): cpu_kernels.cpp on the CPU (float32/64),
+    cuda_kernels.cu on CUDA (state fp32); the two files have the same functions. The backward undoes each write."""
 
     @staticmethod
     def forward(ctx, q, k, v, W0):
-        y, W, _ = cuda_kernels().forward(q, k, v, q.new_empty(0), q.new_empty(0) if W0 is None else W0, False)
+        ext = kernels(q.device.type)
+        y, W, _ = ext.forward(q, k, v, q.new_empty(0), q.new_empty(0) if W0 is None else W0, False)
         ctx.save_for_backward(q, k, v, W)
         ctx.has_W0 = W0 is not None
         return y, W
@@ -469,13 +474,29 @@ class SumRuleCUDA(torch.autograd.Function):
         q, k, v, W = ctx.saved_tensors
         dy = v.new_zeros(v.shape) if dy is None else dy.contiguous()
         dW = W.new_empty(0) if dW is None else dW.contiguous()
-        dq, dk, dv, _, dW0 = cuda_kernels().backward(q, k, v, q.new_empty(0), q.new_empty(0), W, dy, dW, False)
+        dq, dk, dv, _, dW0 = kernels(q.device.type).backward(q, k, v, q.new_empty(0), q.new_empty(0), W, dy, dW, False)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dW0 if ctx.has_W0 else None
 
 
+# --impl auto on the CPU is the kernel: `python linear_transformer.py --bench` on 2 CPU cores measured it faster than
+# the chunk form at every size tried (d_phi 16 to 128, T 64 to 4096 per call; RESULTS.md).
+
+
+def use_kernel(impl, q):
+    """Whether linear_attention runs the fused recurrent kernel: on a CUDA device for impl cuda and kernel, and for
+    auto where T < 1024 (d_phi <= 128; measured fastest there on an H200, README); on the CPU for impl auto and kernel;
+    where the kernel file builds."""
+    T, d_phi = q.shape[2], q.shape[3]
+    if q.is_cuda:
+        wanted = (impl in ("cuda", "kernel") or (impl == "auto" and T < 1024)) and d_phi <= 128
+    else:
+        wanted = q.device.type == "cpu" and impl in ("auto", "kernel")
+    return wanted and T > 0 and kernels(q.device.type) is not None
+
+
 def linear_attention(q, k, v, state=None, denom=True, impl="auto", chunk_size=64):
-    """Dispatch to an implementation; all take and return the state (W, z). auto: on a CUDA device the kernel
-    for T < 1024 (d_phi <= 128), where it was fastest on an H200 (README), else chunk. loop is the recurrence; the
+    """Dispatch to an implementation; all take and return the state (W, z). kernel: the fused kernel of the inputs'
+    device; auto: the kernel where use_kernel says, else chunk. loop is the recurrence; the
     fast forms compute the plain sum rule, and the denominator rides along as one more value row: z_t . q_t =
     sum_{i<=t} (k_i . q_t) * 1, so the sum rule on v_t extended by a constant 1 stores z as W's last row.
     An unknown impl is a ValueError."""
@@ -488,11 +509,11 @@ def linear_attention(q, k, v, state=None, denom=True, impl="auto", chunk_size=64
         if W is not None:
             z = W.new_zeros(W.shape[:2] + W.shape[-1:]) if z is None else z
             W = torch.cat([W, z.unsqueeze(-2)], -2)  # (B, H, d_v + 1, d_phi)
-    use_kernel = impl == "cuda" or (impl == "auto" and q.shape[2] < 1024)  # measured: chunk wins from T = 1024
-    if use_kernel and q.is_cuda and k.shape[-1] <= 128 and cuda_kernels() is not None:
-        dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)  # autocast may mix bf16 and fp32
+    if impl != "parallel" and use_kernel(impl, q):
+        dt = state_dtype(q) if not q.is_cuda else \
+            torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)  # autocast may mix bf16 and fp32
         q_, k_, v_ = (x.to(dt).contiguous() for x in (q, k, v))
-        y, W = SumRuleCUDA.apply(q_, k_, v_, None if W is None else W.contiguous())
+        y, W = SumRuleKernel.apply(q_, k_, v_, None if W is None else W.contiguous())
     elif impl == "parallel":
         y, W = sum_rule_parallel(q, k, v, W)
     else:
@@ -848,8 +869,10 @@ def bench(args):
     except ValueError:
         fail(f"--bench_T expects comma-separated integers, got {args.bench_T!r}")
     impls = [i for i in args.bench_impls.split(",") if i in ("loop", "chunk", "parallel", "softmax")]
-    if "cuda" in args.bench_impls.split(",") and device.type == "cuda" and cuda_kernels() is not None:
-        impls.insert(impls.index("softmax") if "softmax" in impls else len(impls), "cuda")
+    fused = [i for i in args.bench_impls.split(",") if i == "kernel" or (i == "cuda" and device.type == "cuda")]
+    if fused and kernels(device.type) is not None:  # the device's fused kernel (cuda: the same on a CUDA device)
+        for i in fused:
+            impls.insert(impls.index("softmax") if "softmax" in impls else len(impls), i)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     mem_limit = 0.25 * (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else
                         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
@@ -904,7 +927,10 @@ def bench(args):
                 mem = saved_mib(fwd_bwd)
             fb[impl, T] = t_fb
             print(f"{impl:8} {T:6d} {t_f * 1e3:9.1f} {t_fb * 1e3:11.1f} {B * T / t_fb:12.0f} {mem:9.1f}", flush=True)
-    for fast in ("chunk", "cuda"):
+    pairs = [(T, fb["chunk", T] / fb["kernel", T]) for T in lengths if ("kernel", T) in fb and ("chunk", T) in fb]
+    if pairs:
+        print("kernel speed-up over chunk (fwd+bwd): " + ", ".join(f"T {T}: {r:.2f}x" for T, r in pairs))
+    for fast in ("chunk", "kernel", "cuda"):
         pairs = [(T, fb[fast, T] < fb["softmax", T]) for T in lengths if (fast, T) in fb and ("softmax", T) in fb]
         if pairs:
             wins = [T for T, win in pairs if win]
@@ -925,26 +951,54 @@ def fail(msg):
     sys.exit(2)
 
 
-_CUDA_KERNELS = None  # the loaded extension; False once a build failed
+_KERNELS = {}  # device type -> the loaded extension, or False once its build failed
+KERNEL_FILES = {"cpu": "cpu_kernels.cpp", "cuda": "cuda_kernels.cu"}
 
 
-def cuda_kernels():
-    """Build and load cuda_kernels.cu on first use (never at import), under a module name holding a hash of
-    the source, so an edit rebuilds and two scripts never clash. None, after one warning, if that fails."""
-    global _CUDA_KERNELS
-    if _CUDA_KERNELS is None:
-        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_kernels.cu")
+def kernels(device_type):
+    """The fused kernels of a device (cpu_kernels.cpp on the CPU, cuda_kernels.cu on CUDA: the same functions), built
+    and loaded on first use (never at import). The build runs on a copy of the source named by a hash of it and of
+    torch's version, so an edit rebuilds, two scripts never clash and a copied script reuses the build. None, after one
+    warning, if that fails (no compiler, no ninja, no nvcc, no file): the chunk form runs instead. The CPU build is for
+    this CPU (-march=native: its vector units; cpu_features names it). None for a device without a kernel file (mps)."""
+    if device_type not in KERNEL_FILES:
+        return None
+    if device_type not in _KERNELS:
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), KERNEL_FILES[device_type])
         try:
             from torch.utils.cpp_extension import load
 
             with open(src, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()[:16]
-            _CUDA_KERNELS = load(f"fwp_kernels_{digest}", [src], extra_cuda_cflags=["-O3"], verbose=False)
-        except Exception as e:  # no nvcc, no file, a compile error: the PyTorch path still works
-            print(f"warning: cuda_kernels.cu unavailable ({type(e).__name__}: {str(e)[-2000:]}); using --impl chunk",
-                  file=sys.stderr)
-            _CUDA_KERNELS = False
-    return _CUDA_KERNELS or None
+                code = f.read()
+            digest = hashlib.sha256(code + torch.__version__.encode() + cpu_features().encode()).hexdigest()[:16]
+            name = f"fwp_{device_type}_kernels_{digest}"  # one build for every script
+            root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                           "torch_extensions")
+            build = os.path.join(root, name)
+            os.makedirs(build, exist_ok=True)
+            copy = os.path.join(build, os.path.basename(src))
+            if not os.path.exists(copy):
+                with open(copy + ".tmp", "wb") as f:
+                    f.write(code)
+                os.replace(copy + ".tmp", copy)
+            flags = ["-O3", "-march=native", "-fopenmp" if torch.backends.openmp.is_available() else "-fopenmp-simd"]
+            _KERNELS[device_type] = load(name, [copy], build_directory=build, extra_cflags=flags,
+                                         extra_cuda_cflags=["-O3"], verbose=False)
+        except Exception as e:  # no compiler, no ninja, a compile error: the chunk form still works
+            print(f"warning: {os.path.basename(src)} unavailable ({type(e).__name__}: {str(e)[-2000:]}); using --impl "
+                  "chunk", file=sys.stderr)
+            _KERNELS[device_type] = False
+    return _KERNELS[device_type] or None
+
+
+def cpu_features():
+    """The CPU's instruction sets, which a -march=native build uses: part of the build's name, so that a build folder
+    shared by machines of other CPUs (a home directory on a cluster) is never loaded where it would not run."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.machine() + platform.processor()
 
 
 def print_help():

@@ -377,6 +377,13 @@ def delta_inputs(B=2, H=3, T=37, d_k=8, d_v=10, seed=0, dtype=torch.float64, sta
     return [t.requires_grad_() if t is not None else None for t in (q, k, v, beta, W)]
 
 
+def gated_inputs(B=2, H=3, T=37, d_k=8, d_v=10, seed=0, state=True, lo=1e-6):
+    """delta_inputs and the gated rule's log decay g (B, H, T), alpha = exp(g) log-uniform in (lo, 1)."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    g = torch.rand(B, H, T, generator=gen, dtype=torch.float64) * math.log(lo)
+    return delta_inputs(B, H, T, d_k, d_v, seed, state=state) + [g.requires_grad_()]
+
+
 def outputs_and_grads(fn, inputs, seed=1):
     y, W = fn(*inputs)
     g = torch.Generator().manual_seed(seed)
@@ -418,10 +425,47 @@ def test_dn_chunk_equals_loop_with_large_beta_keys():
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 8, 16, 64])
+@pytest.mark.parametrize("state", [True, False])
+def test_dn_gated_chunk_equals_loop_float64(chunk_size, state):
+    """The gated rule: outputs, final state and the gradients of q, k, v, beta, W0 and g, alpha in (1e-6, 1) (within a
+    chunk of 64 the decay reaches exp(-800): factors underflow to 0, none divides); T = 37 not a multiple of C."""
+    q, k, v, beta, W, g = gated_inputs(state=state)
+    x = [q, k, v, beta, W, g] if state else [q, k, v, beta, g]
+
+    def call(fn, *a):
+        return fn(*a[:4], *((a[4],) if state else (None,)), g=a[-1])
+
+    y1, W1, g1 = outputs_and_grads(lambda *a: call(delta_net.delta_rule_loop, *a), x)
+    y2, W2, g2 = outputs_and_grads(lambda *a: call(functools.partial(delta_net.delta_rule_chunk,
+                                                                     chunk_size=chunk_size), *a), x)
+    torch.testing.assert_close(y2, y1, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(W2, W1, rtol=1e-10, atol=1e-10)
+    assert len(g1) == (6 if state else 5)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_dn_gated_loop_matches_plain_python_recurrence():
+    """The gated loop against W_t = alpha_t W_{t-1} + beta_t (v_t - alpha_t W_{t-1} k_t) k_t^T written out per head."""
+    q, k, v, beta, W0, g = [t.detach() for t in gated_inputs(B=1, H=2, T=5, d_k=3, d_v=4)]
+    y, W = delta_net.delta_rule_loop(q, k, v, beta, W0, g)
+    for h in range(2):
+        Wh = W0[0, h].clone()
+        for t in range(5):
+            a = math.exp(g[0, h, t].item())
+            Wh = a * Wh + beta[0, h, t] * torch.outer(v[0, h, t] - a * Wh @ k[0, h, t], k[0, h, t])
+            torch.testing.assert_close(y[0, h, t], Wh @ q[0, h, t])
+        torch.testing.assert_close(W[0, h], Wh)
+
+
 def test_dn_gradcheck_loop_and_chunk():
     x = delta_inputs(B=1, H=2, T=7, d_k=3, d_v=4)
     assert torch.autograd.gradcheck(delta_net.delta_rule_loop, x)
     assert torch.autograd.gradcheck(functools.partial(delta_net.delta_rule_chunk, chunk_size=3), x)
+    x = gated_inputs(B=1, H=2, T=7, d_k=3, d_v=4, lo=0.01)
+    assert torch.autograd.gradcheck(delta_net.delta_rule_loop, x)
+    assert torch.autograd.gradcheck(lambda *a: delta_net.delta_rule_chunk(*a[:5], chunk_size=3, g=a[5]), x)
 
 
 def test_dn_loop_matches_plain_python_recurrence():
@@ -447,25 +491,77 @@ def test_dn_delta_rule_stores_and_overwrites():
     torch.testing.assert_close(W[0, 0] @ k[0, 0, 1], v[0, 0, 1])  # kept
 
 
-@pytest.mark.parametrize("impl", ["loop", "chunk"])
-def test_dn_state_carried_across_calls(impl):
+@pytest.mark.parametrize("impl", ["loop", "chunk", pytest.param("kernel", marks=needs_cxx)])
+@pytest.mark.parametrize("gated", [False, True])
+def test_dn_state_carried_across_calls(impl, gated):
     """One call over T1 + T2 equals two calls with the state passed along: outputs, final state, and the gradients
-    of q, k, v, beta and W0 under random cotangents of y and W."""
+    of q, k, v, beta, W0 (and g) under random cotangents of y and W."""
+    x = gated_inputs(T=37) if gated else delta_inputs(T=37)
     fn = functools.partial(delta_net.delta_rule, impl=impl, chunk_size=8)
-    x = delta_inputs(T=37)
-    y, W = fn(*x)
+
+    def call(lo, hi, W):
+        return fn(*[t[:, :, lo:hi] for t in x[:4]], W, g=x[5][:, :, lo:hi] if gated else None)
+
+    y, W = call(0, 37, x[4])
     t1 = 20
-    ya, Wa = fn(*[t[:, :, :t1] for t in x[:4]], x[4])
-    yb, Wb = fn(*[t[:, :, t1:] for t in x[:4]], Wa)
+    ya, Wa = call(0, t1, x[4])
+    yb, Wb = call(t1, 37, Wa)
     torch.testing.assert_close(torch.cat([ya, yb], 2), y, rtol=1e-11, atol=1e-11)
     torch.testing.assert_close(Wb, W, rtol=1e-11, atol=1e-11)
     g = torch.Generator().manual_seed(1)
     gy, gW = torch.randn(y.shape, generator=g, dtype=y.dtype), torch.randn(W.shape, generator=g, dtype=W.dtype)
     g_one = torch.autograd.grad((y * gy).sum() + (W * gW).sum(), x)
     g_two = torch.autograd.grad((torch.cat([ya, yb], 2) * gy).sum() + (Wb * gW).sum(), x)
-    assert len(g_one) == 5
+    assert len(g_one) == (6 if gated else 5)
     for a, b in zip(g_two, g_one):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@needs_cxx
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("T, d_k, d_v", [(1, 16, 16), (37, 8, 10), (70, 32, 32), (100, 64, 64)])
+def test_dn_cpu_kernel_equals_loop_float64(gated, T, d_k, d_v):
+    """--impl kernel on the CPU (cpu_kernels.cpp) against the loop in float64: outputs, final state and the gradients
+    of q, k, v, beta, W0 (and g, alpha in (1e-6, 1)); T = 1 and across the gated backward's segments of 32 steps (the
+    last one partial), d_k at each compiled width (16, 32, 64) and the generic code (8, with d_v 10)."""
+    x = gated_inputs(T=T, d_k=d_k, d_v=d_v, seed=T) if gated else delta_inputs(T=T, d_k=d_k, d_v=d_v, seed=T)
+    call = (lambda impl: lambda *a: delta_net.delta_rule(*a[:5], impl=impl, g=a[5])) if gated else \
+        (lambda impl: lambda *a: delta_net.delta_rule(*a, impl=impl))
+    ref = outputs_and_grads(call("loop"), x)
+    got = outputs_and_grads(call("kernel"), x)
+    assert got[0].dtype == got[1].dtype == torch.float64 and len(got[2]) == len(x)
+    for a, b in zip((got[0], got[1], *got[2]), (ref[0], ref[1], *ref[2])):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@needs_cxx
+def test_dn_cpu_kernel_gradcheck():
+    for x in (delta_inputs(B=1, H=2, T=7, d_k=3, d_v=4), gated_inputs(B=1, H=2, T=40, d_k=3, d_v=2, lo=0.01)):
+        assert torch.autograd.gradcheck(lambda *a: delta_net.delta_rule(*a[:5], impl="kernel", g=a[5] if len(a) > 5
+                                                                        else None), x)
+
+
+@needs_cxx
+def test_dn_gated_backward_at_alpha_near_zero_is_finite_and_exact():
+    """alpha_t near 0 at a third of the steps (g from -30 to -80: alpha down to 1e-35; undoing such a write would
+    divide by it) and 0 at one (g = -inf, the state wiped): the kernel's backward, which recomputes instead, is finite
+    and equals the loop's in float64, and in float32 within 1e-5 of it; the chunk form too (at finite g)."""
+    q, k, v, beta, W0, g = [t.detach() for t in gated_inputs(T=70, d_k=16, d_v=16, lo=0.3)]
+    gen = torch.Generator().manual_seed(5)
+    near_zero = torch.rand(g.shape, generator=gen) < 1 / 3
+    g = torch.where(near_zero, -30 - 50 * torch.rand(g.shape, generator=gen, dtype=g.dtype), g)
+    g_inf = g.clone()
+    g_inf[0, 1, 40] = -math.inf
+    for gate, impls in ((g, ("kernel", "chunk")), (g_inf, ("kernel",))):
+        x = [t.clone().requires_grad_() for t in (q, k, v, beta, W0, gate)]
+        y, W, grads = outputs_and_grads(lambda *a: delta_net.delta_rule_loop(*a[:5], g=a[5]), x)
+        for impl in impls:
+            for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+                xs = [t.detach().to(dtype).requires_grad_() for t in x]
+                out = outputs_and_grads(lambda *a: delta_net.delta_rule(*a[:5], impl=impl, chunk_size=16, g=a[5]), xs)
+                for name, a, b in zip(["y", "W", "dq", "dk", "dv", "dbeta", "dW0", "dg"], (out[0], out[1], *out[2]),
+                                      (y, W, *grads)):
+                    assert torch.isfinite(a).all() and rel_err(a, b) < tol, (impl, dtype, name, rel_err(a, b))
 
 
 def test_dn_autocast_keeps_state_fp32():
@@ -486,7 +582,7 @@ def test_dn_bf16_inputs_keep_state_fp32():
     under CPU bf16 autocast."""
     x = [t.detach().to(torch.bfloat16) for t in delta_inputs(T=20, d_k=8, d_v=8, state=False)[:4]]
     _, W_ref = delta_net.delta_rule_loop(*[t.double() for t in x])
-    for impl in ("loop", "chunk"):
+    for impl in ("loop", "chunk", "kernel"):  # kernel: without a compiler the chunk form, as auto
         y, W = delta_net.delta_rule(*x, impl=impl, chunk_size=8)
         assert y.dtype == torch.bfloat16 and W.dtype == torch.float32, impl
         assert (W.double() - W_ref).norm() / W_ref.norm() < 1e-5, impl
@@ -562,10 +658,82 @@ def test_dn_feature_maps(qk_map):
     h = torch.randn(2, 9, 32, generator=g, dtype=torch.float64)
     q, k, v = (h @ layer.qkv.weight.T).view(2, 9, 3, 2, 16).permute(2, 0, 3, 1, 4)  # (B, H, T, d_head) each
     beta = torch.sigmoid(h @ layer.w_beta.weight.T).transpose(1, 2)
-    y, W = delta_net.delta_rule_loop(dn_phi_by_hand(q, qk_map), dn_phi_by_hand(k, qk_map), v, beta)
+    scale = 16 ** -0.5 if qk_map == "l2" else 1.0  # l2: q / sqrt(d_head), as the official code
+    y, W = delta_net.delta_rule_loop(scale * dn_phi_by_hand(q, qk_map), dn_phi_by_hand(k, qk_map), v, beta)
     out, state = layer(h)
     torch.testing.assert_close(out, y.transpose(1, 2).reshape(2, 9, 32) @ layer.out.weight.T, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(state, W, rtol=1e-10, atol=1e-10)
+
+
+def flat_state(state):
+    return [x for s in state for x in (s if isinstance(s, tuple) else (s,))]
+
+
+@pytest.mark.parametrize("impl", ["chunk", pytest.param("kernel", marks=needs_cxx)])
+@pytest.mark.parametrize("flags", [dict(gate=True), dict(short_conv=True, neg_eigval=True),
+                                   dict(gate=True, neg_eigval=True, short_conv=True, out_gate=True, qk_map="l2")])
+def test_dn_gated_model_impls_agree_carry_state_and_step_by_step(impl, flags):
+    """The model with the Gated DeltaNet layer's parts, float64: the fast form (chunk with C = 8, or the CPU kernel)
+    gives the loop's logits and final states; two segments with the state carried (the convolution's last 3 inputs
+    with W) = one call; and token by token = the full forward, every step's logits and the final state."""
+    model = dn_model(n_layer=2, impl="loop", **flags).double()
+    fast = dn_model(n_layer=2, impl=impl, chunk_size=8, **flags).double()
+    fast.load_state_dict(model.state_dict())
+    x = torch.randint(0, 16, (3, 29), generator=torch.Generator().manual_seed(1))
+    logits, state = model(x)
+    logits_fast, state_fast = fast(x)
+    torch.testing.assert_close(logits_fast, logits, rtol=1e-10, atol=1e-10)
+    for a, b in zip(flat_state(state_fast), flat_state(state), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    part1, s = fast(x[:, :11])
+    part2, s = fast(x[:, 11:], s)
+    torch.testing.assert_close(torch.cat([part1, part2], 1), logits, rtol=1e-10, atol=1e-10)
+    for a, b in zip(flat_state(s), flat_state(state), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    s = None
+    for t in range(29):
+        step_logits, s = fast(x[:, t : t + 1], s)
+        torch.testing.assert_close(step_logits[:, 0], logits[:, t], rtol=1e-10, atol=1e-10)
+    for a, b in zip(flat_state(s), flat_state(state), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_dn_gated_deltanet_layer_by_hand():
+    """--preset gated_deltanet's layer (and --neg_eigval) against its equations written out: the causal depthwise
+    convolution (kernel 4) as a sum over the last 4 inputs, SiLU, q and k L2-normalised with q / sqrt(d_head),
+    beta = 2 sigmoid(w_beta x), g = -exp(A_log) softplus(w_a x + dt_bias), the gated loop, each head's
+    RMSNorm(y) weight silu(W_g x), the output projection; the state's second part is the last 3 inputs. And the official
+    initialisation's ranges: A = exp(A_log) in (0, 16), softplus(dt_bias) in [1e-3, 0.1], log-uniform."""
+    torch.manual_seed(0)
+    layer = delta_net.DeltaLayer(d_model=32, n_head=2, qk_map="l2", gate=True, neg_eigval=True, short_conv=True,
+                                 out_gate=True).double()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        layer.out_norm.weight.copy_(0.5 + torch.rand(16, generator=gen, dtype=torch.float64))  # not its initial ones
+    h = torch.randn(2, 9, 32, generator=gen, dtype=torch.float64)
+    qkv = h @ layer.qkv.weight.T  # (B, T, 96)
+    w = layer.conv.weight[:, 0]  # (96, 4): y_t = sum_j w[3 - j] x_{t-j}
+    conv = sum(w[:, 3 - j] * F.pad(qkv, (0, 0, j, 0))[:, :9] for j in range(4))
+    silu = conv / (1 + torch.exp(-conv))
+    q, k, v = silu.view(2, 9, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    q, k = q / q.pow(2).sum(-1, keepdim=True).sqrt() / 4, k / k.pow(2).sum(-1, keepdim=True).sqrt()
+    beta = (2 / (1 + torch.exp(-h @ layer.w_beta.weight.T))).transpose(1, 2)
+    g = (-torch.exp(layer.A_log) * torch.log(1 + torch.exp(h @ layer.w_a.weight.T + layer.dt_bias))).transpose(1, 2)
+    y, W = delta_net.delta_rule_loop(q, k, v, beta, None, g)
+    y = y.transpose(1, 2)  # (B, T, H, D)
+    y = y / (y.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * layer.out_norm.weight
+    z = (h @ layer.w_g.weight.T).view(2, 9, 2, 16)
+    out = (y * z / (1 + torch.exp(-z))).reshape(2, 9, 32) @ layer.out.weight.T
+    got, (W_got, last) = layer(h)
+    torch.testing.assert_close(got, out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(W_got, W, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(last, qkv[:, -3:])
+    torch.manual_seed(0)
+    many = delta_net.DeltaLayer(d_model=512, n_head=512, gate=True)
+    A, dt = many.A_log.exp(), F.softplus(many.dt_bias)
+    assert 0 < A.min() and A.max() < 16 and 7 < A.mean() < 9
+    assert 1e-3 <= dt.min() and dt.max() <= 0.1 + 1e-6
+    assert abs(dt.log().mean().item() - (math.log(1e-3) + math.log(0.1)) / 2) < 0.2  # log-uniform
 
 
 def test_dn_recall_batch_structure():
@@ -632,11 +800,11 @@ def test_dn_summed_embeddings_for_id_tuples():
 
 
 def run_in_bare_folder(tmp_path, script, code):
-    """Python code run in a folder holding only the script, data.py and cuda_kernels.cu (what a user copies), with
+    """Python code run in a folder holding only the script, data.py and the kernel files (what a user copies), with
     nothing from this folder on the path; returns its stdout."""
-    for f in (script, "data.py", "cuda_kernels.cu"):
+    for f in (script, "data.py", "cpu_kernels.cpp", "cuda_kernels.cu"):
         shutil.copy(os.path.join(HERE, f), tmp_path)
-    assert sorted(os.listdir(tmp_path)) == sorted([script, "data.py", "cuda_kernels.cu"])
+    assert sorted(os.listdir(tmp_path)) == sorted([script, "data.py", "cpu_kernels.cpp", "cuda_kernels.cu"])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -686,7 +854,9 @@ def test_dn_constructors_check_their_arguments():
     """Every layer and the model: a bad keyword is a ValueError naming it and the fix, the command line's message
     without its dashes; delta_rule checks impl too."""
     cases = [(dict(d_model=30, n_head=4), "d_model 30 is not divisible by n_head 4; pick n_head dividing d_model"),
-             (dict(impl="chunkk"), "impl must be one of auto, loop, chunk, cuda, chunk_cuda, got 'chunkk'"),
+             (dict(impl="chunkk"), "impl must be one of auto, loop, chunk, kernel, cuda, chunk_cuda, got 'chunkk'"),
+             (dict(gate=1), "gate must be true or false, got 1"),
+             (dict(short_conv="yes"), "short_conv must be true or false"),
              (dict(qk_map="elu"), "qk_map must be one of"), (dict(chunk_size=0), "chunk_size must be positive"),
              (dict(n_head=-2), "n_head must be positive"), (dict(d_model=32.0), "d_model must be an integer")]
     for cls in (delta_net.DeltaLayer, delta_net.Block, delta_net.DeltaNet):
@@ -713,13 +883,16 @@ def test_dn_build_model_maps_every_flag_and_the_defaults_are_the_command_lines()
         for name, p in inspect.signature(cls).parameters.items():
             assert p.default is inspect.Parameter.empty or p.default == getattr(defaults, name), (cls, name)
     args = tiny_args(task="lm", d_model=48, n_head=3, n_layer=3, d_ff=40, dropout=0.25, qk_map="l2", impl="loop",
-                     chunk_size=8, scale_out="true")
+                     chunk_size=8, scale_out="true", gate="true", neg_eigval="true", short_conv="true", out_gate="true")
     assert args.pos_enc == "sin"
     torch.manual_seed(0)
     built = delta_net.build_model(args, 17)
     torch.manual_seed(0)
     by_hand = delta_net.DeltaNet(17, d_model=48, n_head=3, n_layer=3, d_ff=40, dropout=0.25, pos_enc="sin",
-                                 qk_map="l2", impl="loop", chunk_size=8, scale_out=True)
+                                 qk_map="l2", impl="loop", chunk_size=8, scale_out=True, gate=True, neg_eigval=True,
+                                 short_conv=True, out_gate=True)
+    assert delta_net.parse_args(["--preset", "gated_deltanet"]).__dict__ == {
+        **defaults.__dict__, **dict(gate=True, short_conv=True, qk_map="l2", out_gate=True)}
     assert repr(built) == repr(by_hand)
     for a, b in zip(built.state_dict().values(), by_hand.state_dict().values()):
         assert torch.equal(a, b)
@@ -913,7 +1086,8 @@ linear_attention = linear_transformer.linear_attention
 
 
 @pytest.mark.parametrize("denom", [True, False])
-@pytest.mark.parametrize("impl, chunk_size", [("chunk", 1), ("chunk", 8), ("chunk", 64), ("parallel", 0)])
+@pytest.mark.parametrize("impl, chunk_size", [("chunk", 1), ("chunk", 8), ("chunk", 64), ("parallel", 0),
+                                              pytest.param("kernel", 0, marks=needs_cxx)])
 def test_lt_fast_forms_equal_loop_float64(impl, chunk_size, denom):
     """Outputs, the carried state (W and z) and the gradients of q, k, v, W0 and z0; T=37 is not a multiple of C."""
     x = lt_inputs(denom=denom)
@@ -938,12 +1112,12 @@ def test_lt_loop_is_the_textbook_recurrence():
 
 def test_lt_gradcheck_loop_and_chunk():
     x = lt_inputs(B=1, H=2, T=6, d_phi=3, d_v=2)
-    for impl in ("loop", "chunk"):
+    for impl in ("loop", "chunk", "kernel"):  # kernel: without a compiler the chunk form
         fn = lambda q, k, v, W, z: linear_attention(q, k, v, (W, z), True, impl, 4)  # noqa: E731
         assert torch.autograd.gradcheck(lambda *a: (fn(*a)[0], *fn(*a)[1]), x)
 
 
-@pytest.mark.parametrize("impl", ["loop", "chunk", "parallel"])
+@pytest.mark.parametrize("impl", ["loop", "chunk", "parallel", pytest.param("kernel", marks=needs_cxx)])
 def test_lt_state_carried_across_calls(impl):
     """One call over T1 + T2 equals two calls with (W, z) passed along: outputs, final state, and the gradients of q,
     k, v, W0 and z0 under random cotangents of y, W and z."""
@@ -980,7 +1154,7 @@ def test_lt_bf16_inputs_keep_state_fp32():
     under CPU bf16 autocast."""
     q, k, v = (t.detach().to(torch.bfloat16) for t in lt_inputs(T=20)[:3])
     _, ref = linear_attention(q.double(), k.double(), v.double(), None, True, "loop")
-    for impl in ("loop", "chunk", "parallel"):
+    for impl in ("loop", "chunk", "parallel", "kernel"):
         y, state = linear_attention(q, k, v, None, True, impl, 8)
         assert y.dtype == torch.bfloat16 and [s.dtype for s in state] == [torch.float32] * 2, impl
         for a, b in zip(state, ref):
@@ -1188,7 +1362,7 @@ def test_lt_constructors_check_their_arguments():
     """Every layer and the model: a bad keyword is a ValueError naming it and the fix, the command line's message
     without its dashes; linear_attention checks impl too."""
     cases = [(dict(d_model=30, n_head=4), "d_model 30 is not divisible by n_head 4; pick n_head dividing d_model"),
-             (dict(impl="chunkk"), "impl must be one of auto, loop, chunk, parallel, cuda, got 'chunkk'"),
+             (dict(impl="chunkk"), "impl must be one of auto, loop, chunk, parallel, kernel, cuda, got 'chunkk'"),
              (dict(attn="local"), "attn must be one of"), (dict(phi="cosine"), "phi must be one of"),
              (dict(normalize="l2"), "normalize must be one of"), (dict(dpfp_nu=0), "dpfp_nu must be positive"),
              (dict(n_features=0), "n_features must be positive"), (dict(chunk_size=0), "chunk_size must be positive"),
@@ -3339,12 +3513,13 @@ def test_kernels_compile(nvcc_ptx):
     ptx = ptx.read_text()
     n_fast_weight = 2 * 2 * 4 * 4  # forward/backward x sum/delta x 4 dtypes x 4 widths of d_k
     n_recurrent = (5 * 4 + 2) * 3  # rnn, lstm forward/backward and rdn forward x 4 dtypes, rdn backward x 2; 3 layouts
+    n_gated = 2 * 4 * 4  # forward/backward x 4 dtypes x 4 widths of d_k
     n_chunk = 2  # the chunk pass, fp32 and fp64
-    assert ptx.count(".entry") == n_fast_weight + n_recurrent + n_chunk
+    assert ptx.count(".entry") == n_fast_weight + n_gated + n_recurrent + n_chunk
 
 
 def cuda_delta(q, k, v, beta, W):
-    return delta_net.DeltaRuleCUDA.apply(q, k, v, beta, W)
+    return delta_net.DeltaRuleKernel.apply(q, k, v, beta, W)
 
 
 def rel_err(a, b):
@@ -3358,7 +3533,7 @@ def rel_err(a, b):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dn_cuda_delta_kernel_equals_loop(d, T, BH, dtype):
     """Outputs, final W and all five gradients against the float64 loop on the same (rounded) inputs."""
-    assert delta_net.cuda_kernels() is not None, "cuda_kernels.cu failed to build"
+    assert delta_net.kernels("cuda") is not None, "cuda_kernels.cu failed to build"
     x = [t.detach().cuda() for t in delta_inputs(B=BH[0], H=BH[1], T=T, d_k=d, d_v=d, seed=T + d)]
     x = [t.to(dtype) if i < 4 else t.float() for i, t in enumerate(x)]  # the state W0 is fp32
     ref = outputs_and_grads(delta_net.delta_rule_loop, [t.double().requires_grad_() for t in x])
@@ -3395,10 +3570,46 @@ def test_dn_cuda_delta_state_split_equals_one_call():
 
 
 @needs_cuda
+@pytest.mark.parametrize("d", [16, 64, 128])
+@pytest.mark.parametrize("T", [1, 37, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dn_cuda_gated_kernel_equals_loop(d, T, dtype):
+    """The gated rule's kernel (alpha in (1e-6, 1)): outputs, final W and the gradients of q, k, v, beta, W0 and g
+    against the float64 loop on the same (rounded) inputs; T across tiles of 16 steps (the last partial)."""
+    x = [t.detach().cuda() for t in gated_inputs(B=2, H=4, T=T, d_k=d, d_v=d, seed=T + d)]
+    x = [t.float() if i == 4 else t.to(dtype) for i, t in enumerate(x)]  # the state W0 is fp32
+    ref = outputs_and_grads(lambda *a: delta_net.delta_rule_loop(*a[:5], g=a[5]), [t.double().requires_grad_()
+                                                                                   for t in x])
+    out = outputs_and_grads(delta_net.DeltaRuleKernel.apply, [t.requires_grad_() for t in x])
+    assert out[0].dtype == dtype and out[1].dtype == torch.float32
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    for name, a, b in zip(["y", "W", "dq", "dk", "dv", "dbeta", "dW0", "dg"], (out[0], out[1], *out[2]),
+                          (ref[0], ref[1], *ref[2])):
+        assert rel_err(a, b) < tol, (name, rel_err(a, b))
+
+
+@needs_cuda
+def test_dn_cuda_gated_kernel_float64_exact_near_zero_and_gradcheck():
+    """float64: equal to the loop with alpha near 0 at a third of the steps (g down to -80); gradcheck."""
+    q, k, v, beta, W0, g = [t.detach().cuda() for t in gated_inputs(T=70, d_k=40, d_v=24, lo=0.3)]
+    gen = torch.Generator().manual_seed(5)
+    near_zero = (torch.rand(g.shape, generator=gen) < 1 / 3).cuda()
+    g = torch.where(near_zero, -30 - 50 * torch.rand(g.shape, generator=gen, dtype=g.dtype).cuda(), g)
+    x = [t.requires_grad_() for t in (q, k, v, beta, W0, g)]
+    ref = outputs_and_grads(lambda *a: delta_net.delta_rule_loop(*a[:5], g=a[5]), x)
+    out = outputs_and_grads(delta_net.DeltaRuleKernel.apply, x)
+    for a, b in zip((out[0], out[1], *out[2]), (ref[0], ref[1], *ref[2])):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    small = [t.detach().cuda().requires_grad_() for t in gated_inputs(B=1, H=2, T=20, d_k=3, d_v=5, lo=0.01)]
+    assert torch.autograd.gradcheck(delta_net.DeltaRuleKernel.apply, small)
+
+
+@needs_cuda
 @pytest.mark.parametrize("d", [16, 128])
 def test_lt_cuda_sum_kernel_equals_loop(d):
     """The sum rule W_t = W_{t-1} + v_t k_t^T, y_t = W_t q_t (linear_transformer.py's), through the raw op."""
-    ext = delta_net.cuda_kernels()
+    ext = delta_net.kernels("cuda")
     q, k, v, _, W0 = [t.detach().cuda() for t in delta_inputs(B=2, H=3, T=200, d_k=d, d_v=d)]
     q, k, v = (t.float().requires_grad_() for t in (q, k, v))
     W0 = W0.float().requires_grad_()
@@ -3423,24 +3634,27 @@ def test_lt_cuda_sum_kernel_equals_loop(d):
 def test_dn_cuda_chunk_equals_cpu_loop(kernel):
     """The chunk form on the GPU (kernel: its loops over chunks as cuda_kernels.cu's chunk_state_pass, --impl
     chunk_cuda) against the float64 loop on the CPU, T = 100 (not a multiple of the chunk), d_v 80 (five column tiles,
-    the last full), then d_v 70 (the last partly masked): outputs, the final state, every gradient."""
-    for d_v in (80, 70):
-        x = delta_inputs(T=100, d_k=64, d_v=d_v)
-        y1, W1, g1 = outputs_and_grads(delta_net.delta_rule_loop, x)
+    the last full), then d_v 70 (the last partly masked), and d_v 70 with the gated rule (the state decayed per
+    chunk): outputs, the final state, every gradient."""
+    for d_v, gated in ((80, False), (70, False), (70, True)):
+        x = gated_inputs(T=100, d_k=64, d_v=d_v, lo=0.5) if gated else delta_inputs(T=100, d_k=64, d_v=d_v)
+        y1, W1, g1 = outputs_and_grads(lambda *a: delta_net.delta_rule_loop(*a[:5], g=a[5] if gated else None), x)
         x_gpu = [t.detach().cuda().requires_grad_() for t in x]
         for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
             xs = [t.detach().to(dtype).requires_grad_() for t in x_gpu]
-            y2, W2, g2 = outputs_and_grads(lambda *a: delta_net.delta_rule_chunk(*a, kernel=kernel), xs)
+            y2, W2, g2 = outputs_and_grads(lambda *a: delta_net.delta_rule_chunk(*a[:5], kernel=kernel,
+                                                                                 g=a[5] if gated else None), xs)
             for a, b in zip((y2, W2, *g2), (y1, W1, *g1)):
                 assert ((a.double().cpu() - b).norm() / b.norm()).item() < tol
 
 
 @needs_cuda
 @pytest.mark.parametrize("impl", ["cuda", "chunk", "chunk_cuda"])
-def test_dn_cuda_bf16_training_smoke(tmp_path, impl):
+@pytest.mark.parametrize("gate", [False, True])
+def test_dn_cuda_bf16_training_smoke(tmp_path, impl, gate):
     script = os.path.join(HERE, "delta_net.py")  # not a copy: a new source path would rebuild the kernel (1 min)
     p = run(script, "--preset", "tiny", "--device", "cuda", "--dtype", "bfloat16", "--impl", impl,
-            "--out_dir", str(tmp_path / "o"))
+            "--out_dir", str(tmp_path / "o"), *(["--gate"] if gate else []))
     assert "device cuda" in p.stdout and "final: test acc" in p.stdout and "warning" not in p.stderr
 
 
@@ -3483,9 +3697,10 @@ def test_lt_cuda_bf16_training_smoke(tmp_path, args):
 
 
 
-# The kernels' device code on the CPU (rfwp.py's recurrent kernels, delta_net.py's chunk pass): each CUDA thread a fiber
-# (ucontext), at most 4 OS threads per block; __syncthreads and warp shuffles wait as on the GPU (the kernels keep their
-# warps converged, so a shuffle is a warp-wide exchange)
+# The kernels' device code on the CPU (the delta rule's kernels, plain and gated; rfwp.py's recurrent kernels,
+# delta_net.py's chunk pass): each CUDA thread a fiber (ucontext), at most 4 OS threads per block; __syncthreads and
+# warp shuffles wait as on the GPU (the kernels keep their warps converged, so a shuffle is a warp-wide exchange),
+# atomicAdd with std::atomic_ref
 
 CUDA_ON_CPU = r"""
 #include <ucontext.h>
@@ -3507,10 +3722,13 @@ CUDA_ON_CPU = r"""
 #include <vector>
 #define __global__
 #define __device__
+#define __host__
 #define __forceinline__ inline
 #define __restrict__
 #define __launch_bounds__(n)
 using std::max;
+using std::min;
+template <class T> T atomicAdd(T* p, T x) { return std::atomic_ref<T>(*p).fetch_add(x); }
 struct Dim3 { unsigned x = 1, y = 1, z = 1; };
 thread_local Dim3 threadIdx;  // the running fiber's, set by its worker before each resume
 Dim3 blockIdx, blockDim;
@@ -3560,10 +3778,6 @@ template <class T> T shfl(T x, int src) {
 template <class T> T __shfl_xor_sync(unsigned, T x, int mask) { return shfl(x, (threadIdx.x % 32) ^ mask); }
 template <class T> T __shfl_sync(unsigned, T x, int src) { return shfl(x, src); }
 namespace at { template <class T> using opmath_type = T; }
-template <class T> T warp_sum(T x) {
-  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffff, x, offset);
-  return x;
-}
 void fiber_main() {
   kernel_body();
   current->wait = Wait::done;
@@ -3602,7 +3816,7 @@ void work(std::vector<Fiber>& fibers, unsigned first_warp, unsigned n_workers, u
     for (Fiber* f : order) f->wait = Wait::run;
   }
 }
-template <class... A> int launch(void (*kernel)(A...), int grid, int threads, A... args) {
+template <class... A, class... B> int launch_grid(void (*kernel)(A...), Dim3 grid, int threads, B... args) {
   blockDim.x = threads;
   const unsigned n_warps = threads / 32, n_workers = std::min(n_warps, kWorkers);
   std::vector<Fiber> fibers(threads);
@@ -3610,8 +3824,8 @@ template <class... A> int launch(void (*kernel)(A...), int grid, int threads, A.
   for (auto& s : stacks) s.reset(new char[kStack]);
   kernel_body = [&] { kernel(args...); };
   failed = false, arrived = 0;
-  for (int b = 0; b < grid && !failed; ++b) {
-    blockIdx.x = b;
+  for (unsigned b = 0; b < grid.x * grid.y && !failed; ++b) {
+    blockIdx.x = b % grid.x, blockIdx.y = b / grid.x;
     lanes.assign(n_warps * 64, std::nan(""));
     std::memset(smem_raw, 0xff, sizeof(smem_raw));  // NaNs: shared memory starts uninitialised
     for (int t = 0; t < threads; ++t) {
@@ -3629,7 +3843,48 @@ template <class... A> int launch(void (*kernel)(A...), int grid, int threads, A.
   }
   return failed;
 }
+template <class... A, class... B> int launch(void (*kernel)(A...), int grid, int threads, B... args) {
+  return launch_grid(kernel, Dim3{(unsigned)grid, 1, 1}, threads, args...);
+}
 DEVICE_CODE
+template <class F> void by_kpl(int d_k, F f) {
+  switch ((d_k + 31) / 32) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    default: f(std::integral_constant<int, 4>()); break;
+  }
+}
+// the delta rule, gated or plain: in q, k, v, beta, g, W0 -> out y, the saved states (gated: W at every tile's start;
+// plain: v̄), W_T
+extern "C" int delta_fwd(const double** in, double** out, int BH, int T, int d_k, int d_v, int gated) {
+  const Dim3 grid{(unsigned)BH, (unsigned)((d_v + kRowsPerBlock - 1) / kRowsPerBlock), 1};
+  int failed_launch = 0;
+  by_kpl(d_k, [&](auto kpl) {
+    constexpr int K = decltype(kpl)::value;
+    if (gated) failed_launch = launch_grid(gated_delta_forward_kernel<double, K>, grid, 32 * kRowsPerBlock, in[0], in[1], in[2], in[3],
+                           in[4], (const void*)in[5], out[0], (void*)out[1], (void*)out[2], T, d_k, d_v);
+    else failed_launch = launch_grid(fast_weight_forward_kernel<double, K, true>, grid, 32 * kRowsPerBlock, in[0], in[1], in[2], in[3],
+                     (const float*)nullptr, in[5], out[0], (void*)out[1], (void*)out[2], T, d_k, d_v);
+  });
+  return failed_launch;
+}
+// in q, k, v, beta, g, the saved states, W_T (plain), dy, dW_T -> out dq, dk, dv, dbeta, dg (gated), dW0; dq, dk, dbeta
+// and dg zeroed by the caller
+extern "C" int delta_bwd(const double** in, double** out, int BH, int T, int d_k, int d_v, int gated) {
+  const Dim3 grid{(unsigned)BH, (unsigned)((d_v + kRowsPerBlock - 1) / kRowsPerBlock), 1};
+  int failed_launch = 0;
+  by_kpl(d_k, [&](auto kpl) {
+    constexpr int K = decltype(kpl)::value;
+    if (gated) failed_launch = launch_grid(gated_delta_backward_kernel<double, K>, grid, 32 * kRowsPerBlock, in[0], in[1], in[2], in[3],
+                           in[4], (const void*)in[5], in[7], (const void*)in[8], (void*)out[0], (void*)out[1],
+                           (void*)out[2], (void*)out[3], (void*)out[4], (void*)out[5], T, d_k, d_v);
+    else failed_launch = launch_grid(fast_weight_backward_kernel<double, K, true>, grid, 32 * kRowsPerBlock, in[0], in[1], in[2], in[3],
+                     (const void*)in[5], (const void*)in[6], in[7], (const void*)in[8], (void*)out[0], (void*)out[1],
+                     (void*)out[2], (void*)out[3], (void*)out[5], T, d_k, d_v);
+  });
+  return failed_launch;
+}
 int warps_for(int d) { return d <= 32 ? d : d <= 64 ? (d + 1) / 2 : (d + 3) / 4; }
 template <template <class, int, int> class K, class... A> int run(int d, int grid, A... args) {
   auto go = [&](auto n) {
@@ -3653,8 +3908,8 @@ ENTRY(rdn_fwd, rdn_forward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I(6), I(7
 ENTRY(rdn_bwd, rdn_backward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I(6), I(7), I(8), I(9), I(10), I(11), O(0), O(1), O(2), O(3), O(4), O(5), H, T, d)
 extern "C" int chunk_pass(const double** in, double** out, int grid, int N, int C, int d_k, int d_v, double sx,
                           double sm, int reverse) {
-  return launch(chunk_state_pass_kernel<double>, grid, 64, in[0], in[1], in[2], in[3], in[4], out[0], out[1], out[2],
-                N, C, d_k, d_v, sx, sm, (bool)reverse);
+  return launch(chunk_state_pass_kernel<double>, grid, 64, in[0], in[1], in[2], in[3], in[5], in[4], out[0], out[1],
+                out[2], N, C, d_k, d_v, sx, sm, (bool)reverse);
 }
 extern "C" int chunk_cols() { return kStateCols; }
 extern "C" const char* emulation_error() { return error.c_str(); }
@@ -3663,14 +3918,15 @@ extern "C" const char* emulation_error() { return error.c_str(); }
 
 @pytest.fixture(scope="session")
 def kernels_on_cpu(tmp_path_factory):
-    """cuda_kernels.cu's recurrent kernels and chunk pass (from `using acc_type` to the host code) compiled with
-    CUDA_ON_CPU."""
+    """cuda_kernels.cu's device code compiled with CUDA_ON_CPU: the delta rule's kernels (from kRowsPerBlock to the
+    host code) and the recurrent kernels and chunk pass (from `using acc_type` to the host code)."""
     import ctypes
 
     src = open(os.path.join(HERE, "cuda_kernels.cu")).read()
+    start1, end1 = src.find("constexpr int kRowsPerBlock"), src.find("void check_inputs(")
     start, end = src.find("template <typename scalar_t>\nusing acc_type"), src.find("// (RPW, KPL) = (N, N)")
-    assert 0 < start < end, "the recurrent kernels' section markers moved in cuda_kernels.cu"
-    device_code = src[start:end].replace("extern __shared__ unsigned char smem_raw[];", "")
+    assert 0 < start1 < end1 < start < end, "the kernels' section markers moved in cuda_kernels.cu"
+    device_code = (src[start1:end1] + src[start:end]).replace("extern __shared__ unsigned char smem_raw[];", "")
     folder = tmp_path_factory.mktemp("cuda_on_cpu")
     (folder / "k.cpp").write_text(CUDA_ON_CPU.replace("DEVICE_CODE", device_code))
     p = subprocess.run([CXX, "-std=c++20", "-O1", "-shared", "-fPIC", "-o", str(folder / "k.so"),
@@ -3697,47 +3953,92 @@ def call_on_cpu(lib, name, inputs, out_shapes, grid, H, T, d):
     return outs
 
 
-def chunk_pass_on_cpu(lib, A, L, R, F, M0, sx, sm, reverse):
-    """cuda_kernels.cu's chunk_state_pass_kernel on CPU threads (float64, 64 threads per block)."""
+def chunk_pass_on_cpu(lib, A, L, R, F, M0, sx, sm, reverse, D=None):
+    """cuda_kernels.cu's chunk_state_pass_kernel on CPU threads (float64, 64 threads per block); D: the decay per chunk
+    (B, H, N) or None."""
     import ctypes
 
     B, H, N, C, d_v = A.shape
     d_k = L.shape[-1]
     outs = [torch.full(shape, math.nan, dtype=torch.float64) for shape in [(B, H, N, d_k, d_v), A.shape, M0.shape]]
-    ins = [t.contiguous() for t in (A, L, R)] + [None if F is None else F.contiguous(), M0.contiguous()]
+    ins = [t.contiguous() for t in (A, L, R)] + [None if t is None else t.contiguous() for t in (F, M0, D)]
     blocks = B * H * -(-d_v // lib.chunk_cols())  # a block per (b h, column tile of the state)
-    launch_on_cpu(lib, "chunk_pass", (ctypes.c_void_p * 5)(*[None if t is None else t.data_ptr() for t in ins]),
+    launch_on_cpu(lib, "chunk_pass", (ctypes.c_void_p * 6)(*[None if t is None else t.data_ptr() for t in ins]),
                   (ctypes.c_void_p * 3)(*[t.data_ptr() for t in outs]), blocks, N, C, d_k, d_v, ctypes.c_double(sx),
                   ctypes.c_double(sm), int(reverse))
     return outs
 
 
 @needs_cxx
-def test_dn_chunk_pass_kernel_on_cpu_equals_the_chunk_loop(kernels_on_cpu):
+@pytest.mark.parametrize("decay", [False, True])
+def test_dn_chunk_pass_kernel_on_cpu_equals_the_chunk_loop(kernels_on_cpu, decay):
     """The chunk kernel's device code on CPU threads, float64, against DeltaRuleChunk's two loops over chunks written
     out: forward (S_n, U'_n, S_N from W, U, K, S_0) and backward (dS_{n+1}, dU'_n, dS_0 from K, W, G, E, dS_N), for
-    d_v within one column tile and across two (the second partly masked), C and d_k not multiples of anything."""
+    d_v within one column tile and across two (the second partly masked), C and d_k not multiples of anything; decay:
+    the gated rule's, the state scaled by D_n in (0, 1) per chunk in both loops."""
     g = torch.Generator().manual_seed(0)
     for B, H, N, C, d_k, d_v in [(1, 2, 3, 5, 7, 9), (2, 1, 4, 3, 6, 20)]:
         r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
         w, u, k, G = r(B, H, N, C, d_k), r(B, H, N, C, d_v), r(B, H, N, C, d_k), r(B, H, N, C, d_v)
         S0, E, dS = r(B, H, d_k, d_v), r(B, H, N, d_k, d_v), r(B, H, d_k, d_v)
+        Dn = torch.rand(B, H, N, generator=g, dtype=torch.float64) if decay else torch.ones(B, H, N,
+                                                                                           dtype=torch.float64)
         S, S_n, ups = S0, [], []
         for n in range(N):  # the forward's loop
             S_n.append(S)
             ups.append(u[:, :, n] - w[:, :, n] @ S)
-            S = S + k[:, :, n].transpose(-1, -2) @ ups[-1]
-        got = chunk_pass_on_cpu(kernels_on_cpu, u, w, k, None, S0, -1.0, 1.0, False)
+            S = Dn[:, :, n, None, None] * S + k[:, :, n].transpose(-1, -2) @ ups[-1]
+        got = chunk_pass_on_cpu(kernels_on_cpu, u, w, k, None, S0, -1.0, 1.0, False, Dn if decay else None)
         for a, b in zip(got, [torch.stack(S_n, 2), torch.stack(ups, 2), S]):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
         D, dS_next, dups = dS, [None] * N, [None] * N
         for n in reversed(range(N)):  # the backward's loop
             dS_next[n] = D
             dups[n] = G[:, :, n] + k[:, :, n] @ D
-            D = D + E[:, :, n] - w[:, :, n].transpose(-1, -2) @ dups[n]
-        got = chunk_pass_on_cpu(kernels_on_cpu, G, k, w, E, dS, 1.0, -1.0, True)
+            D = Dn[:, :, n, None, None] * D + E[:, :, n] - w[:, :, n].transpose(-1, -2) @ dups[n]
+        got = chunk_pass_on_cpu(kernels_on_cpu, G, k, w, E, dS, 1.0, -1.0, True, Dn if decay else None)
         for a, b in zip(got, [torch.stack(dS_next, 2), torch.stack(dups, 2), D]):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def delta_kernel_on_cpu(lib, q, k, v, beta, g, W0, dy, dW):
+    """cuda_kernels.cu's delta-rule kernels (g None: the plain rule's, else the gated rule's), forward then backward,
+    on CPU threads in float64 -> y, W_T, dq, dk, dv, dbeta, dg (None for the plain rule), dW0."""
+    import ctypes
+
+    B, H, T, d_k = q.shape
+    d_v = v.shape[-1]
+    saved = (B, H, -(-T // 8), d_v, d_k) if g is not None else v.shape  # fp64 tiles of 8 steps; v̄
+    ptrs = lambda ts: (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])  # noqa: E731
+    nan = lambda shape: torch.full(shape, math.nan, dtype=torch.float64)  # noqa: E731
+    ins = [t.detach().contiguous() for t in (q, k, v, beta, beta if g is None else g, W0)]
+    y, kept, W = nan(v.shape), nan(saved), nan(W0.shape)
+    launch_on_cpu(lib, "delta_fwd", ptrs(ins), ptrs([y, kept, W]), B * H, T, d_k, d_v, int(g is not None))
+    grads = [torch.zeros_like(q), torch.zeros_like(q), nan(v.shape), torch.zeros_like(beta), torch.zeros_like(beta),
+             nan(W0.shape)]
+    launch_on_cpu(lib, "delta_bwd", ptrs(ins[:5] + [kept, W, dy.contiguous(), dW.contiguous()]), ptrs(grads), B * H, T,
+                  d_k, d_v, int(g is not None))
+    return [y, W] + grads[:4] + [grads[4] if g is not None else None, grads[5]]
+
+
+@needs_cxx
+def test_dn_delta_kernels_on_cpu_equal_the_loop(kernels_on_cpu):
+    """The delta rule's CUDA kernels, plain and gated, run on CPU threads in float64 against delta_rule_loop and
+    autograd: outputs, final state, the gradients of q, k, v, beta, g and W0, for each register layout (d_k = 8, 40, 70,
+    128: 1 to 4 entries per lane), d_v across several blocks of 4 rows (the last partly masked), T not a multiple of
+    the tile (8 steps in fp64), alpha in (1e-6, 1)."""
+    for B, H, T, d_k, d_v in [(1, 2, 37, 8, 10), (1, 1, 19, 40, 6), (1, 1, 9, 70, 5), (1, 1, 3, 128, 4)]:
+        q, k, v, beta, W0, g = gated_inputs(B=B, H=H, T=T, d_k=d_k, d_v=d_v, seed=d_k)
+        gen = torch.Generator().manual_seed(1)
+        dy, dW = (torch.randn(s, generator=gen, dtype=torch.float64) for s in (v.shape, W0.shape))
+        for gate in (g, None):
+            x = [q, k, v, beta, W0] + ([gate] if gate is not None else [])
+            y, W = delta_net.delta_rule_loop(q, k, v, beta, W0, gate)
+            ref = [y, W] + list(torch.autograd.grad((y * dy).sum() + (W * dW).sum(), x))
+            got = delta_kernel_on_cpu(kernels_on_cpu, q, k, v, beta, gate, W0, dy, dW)
+            got = got[:6] + got[7:] + ([got[6]] if gate is not None else [])  # y, W, dq, dk, dv, dbeta, dW0, dg
+            for name, a, b in zip(["y", "W", "dq", "dk", "dv", "dbeta", "dW0", "dg"], got, ref):
+                assert rel_err(a, b) < 1e-12, (gate is not None, (B, H, T, d_k, d_v), name, rel_err(a, b))
 
 
 @needs_cxx
