@@ -1465,6 +1465,13 @@ def test_rf_resume_is_exact(tmp_path):
     assert_same_run(split, full)  # each step once: the killed run's lines past step 10 are gone
 
 
+def test_rf_ddp_two_processes_train_as_one(tmp_path):
+    """Code execution: the programs' lengths differ, so the ranks hold different numbers of targets; each rank's loss
+    is its sum over the global batch's count (times 2), which DDP's average turns into the global mean."""
+    p = assert_two_processes_train_as_one(tmp_path, "rfwp.py", "--preset", "tiny")
+    assert p.stdout.count("final: test seq_acc") == 1
+
+
 def test_rf_bench_runs(tmp_path):
     """Every model's row; each fast-weight model with chunk and kernel rows, each checked against --impl loop."""
     p = run(script_copy(tmp_path, "rfwp.py"), "--preset", "tiny", "--bench", "--bench_T", "16")
