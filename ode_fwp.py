@@ -50,6 +50,7 @@ Commands:
 """
 
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -147,7 +148,7 @@ class Args:
     """dopri5: give up (with a message) after this many steps per solve"""
     # training
     batch_size: int = 64
-    """series per step"""
+    """series per step: the global batch (under torchrun each of the N processes takes batch_size / N of it)"""
     steps: int = 600
     """optimizer steps"""
     lr: float = 3e-3
@@ -1175,9 +1176,9 @@ def lr_at(step, args):
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def setup(args):
-    device = pick_device(args.device)
-    seed_everything(args.seed)
+def setup(args, device=None, rank=0):
+    device = device or pick_device(args.device)
+    seed_everything(args.seed + rank)
     try:
         task = load_task(args)
     except data.DataError as e:
@@ -1199,11 +1200,13 @@ def forward_loss(model, args, task, batch, ckpt_path, bar):
     return task_loss(logits, y, args) + l2_penalty(model, args), nfe
 
 
-def optimizer_step(model, opt, loss, args, step, ckpt_path, bar):
-    """A non-finite loss stops the run (the last checkpoint stays); else one clipped optimizer step."""
-    if not torch.isfinite(loss):
+def optimizer_step(model, opt, loss, args, step, ckpt_path, bar, world):
+    """A non-finite loss (on any rank) stops the run (the last checkpoint stays); else one clipped optimizer step.
+    Returns the global batch's loss, the mean of the ranks' losses."""
+    mean_loss = mean_over_ranks(loss, world).item()
+    if not math.isfinite(mean_loss):
         bar.close()
-        print(f"error: the loss became {loss.item()} at step {step}; the last good checkpoint stays at "
+        print(f"error: the loss became {mean_loss} at step {step}; the last good checkpoint stays at "
               f"{ckpt_path}. Lower --lr or raise --warmup.", file=sys.stderr)
         sys.exit(1)
     opt.zero_grad(set_to_none=True)
@@ -1211,6 +1214,7 @@ def optimizer_step(model, opt, loss, args, step, ckpt_path, bar):
     if args.grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     opt.step()
+    return mean_loss
 
 
 def final_test(model, args, task, device, best, t0):
@@ -1224,20 +1228,72 @@ def final_test(model, args, task, device, best, t0):
           f") with the best valid checkpoint (step {best[0]}, valid {name} {best[1]:.4f}), {time.time() - t0:.0f}s")
 
 
-def announce(args, device, task, model, step):
+def announce(args, device, world, task, model, step):
     print(f"config: {json.dumps(dataclasses.asdict(args))}")
-    print(f"device {device}, model {args.model}" + (f" ({args.rule} rule)" if args.model == "ctfwp" else "") +
+    print(f"device {device}, {world} process(es), model {args.model}" + (f" ({args.rule} rule)" if args.model == "ctfwp" else "") +
           f", {sum(p.numel() for p in model.parameters()) / 1e3:.1f}k parameters, {len(task['train']['y'])} training "
           f"series, {task['n_channels']} channels, {len(task['names'])} classes, " +
           (f"{fixed_steps(args, task)} {args.solver} steps per solve" if args.solver != "dopri5" else "dopri5") +
           f", starting at step {step}")
 
 
+def setup_processes(args):
+    """One process per rank under torchrun (RANK, WORLD_SIZE set; gloo on CPU, nccl on CUDA). -> rank, world, device."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        fail(f"--batch_size {args.batch_size} is the global batch; it must divide evenly among the {world} processes")
+    device = pick_device(args.device)
+    if world > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def finish_processes(model, world, master):
+    """DDP's invariant, checked: every rank ends with the same weights. Then a clean teardown."""
+    if world == 1:
+        return
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    torch.distributed.all_gather(gathered, flat)
+    if master:
+        print(f"ddp: parameters identical on all {world} ranks: {all(torch.equal(g, flat) for g in gathered)}")
+    torch.distributed.barrier()  # no rank tears down while another still talks to it
+    gc.collect()  # the DDP wrapper's reducer, with its reference to the group, goes now
+    torch.distributed.destroy_process_group()
+
+
+def rank_slice(x, rank, world):
+    """This rank's rows of a global batch: rows rank * n ... (rank + 1) * n - 1 of dim 0, n = len(x) / world."""
+    n = len(x) // world
+    return x[rank * n : (rank + 1) * n]
+
+
+def mean_over_ranks(x, world):
+    """The mean of a tensor over the ranks, on every rank (a copy, detached)."""
+    x = x.detach().clone()
+    if world > 1:
+        torch.distributed.all_reduce(x)
+        x /= world
+    return x
+
+
 def train(args):
-    device, task, model = setup(args)
-    gen = torch.Generator().manual_seed(args.seed)  # which training series each step sees
+    rank, world, device = setup_processes(args)
+    master = rank == 0
+    device, task, model = setup(args, device, rank)  # the initial weights are rank 0's (DDP broadcasts them)
+    gen = torch.Generator().manual_seed(args.seed)  # which training series each step sees: the same on every rank
     if args.pos_weight > 0 and len(task["names"]) != 2:
         fail(f"--pos_weight needs two classes; this task has {len(task['names'])}")
+    n_train = len(task["train"]["y"])
+    n_batch = min(args.batch_size, n_train)  # the global batch: the whole training set's size if that is smaller
+    if n_batch % world:
+        fail(f"the global batch is the training set's {n_batch} series (fewer than --batch_size); it must divide "
+             f"evenly among the {world} processes")
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=2)
     step, best, window, ckpt_path = 0, None, [], os.path.join(args.out_dir, "ckpt.pt")  # window: losses since an eval
@@ -1247,44 +1303,60 @@ def train(args):
             plateau.load_state_dict(ckpt["plateau"])
         step, best = ckpt["step"], ckpt["best"]
         gen.set_state(ckpt["rng"]["data"])
-    os.makedirs(args.out_dir, exist_ok=True)
-    if args.resume:
-        truncate_metrics(args.out_dir, step)
-    announce(args, device, task, model, step)
+    ddp = model  # what the training steps call: the model, wrapped in DDP when there are several processes
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if master:
+        os.makedirs(args.out_dir, exist_ok=True)
+        if args.resume:
+            truncate_metrics(args.out_dir, step)
+        announce(args, device, world, task, model, step)
     if step >= args.steps:
-        print(f"the checkpoint in {args.out_dir} is already at step {step} of --steps {args.steps}; nothing to do")
+        if master:
+            print(f"the checkpoint in {args.out_dir} is already at step {step} of --steps {args.steps}; nothing to do")
+        del ddp
+        finish_processes(model, world, master)
         return
-    t0, name, n_train = time.time(), headline(args), len(task["train"]["y"])
-    bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True)
+    t0, name = time.time(), headline(args)
+    bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     while step < args.steps:
-        idx = torch.randint(n_train, (min(args.batch_size, n_train),), generator=gen)
+        idx = torch.randint(n_train, (n_batch,), generator=gen)
+        # the global batch, trimmed to its longest series as one process trims it, then this rank's rows; the loss is
+        # a mean over series, so DDP's average of the ranks' means over equal slices is the global batch's mean
+        batch = [rank_slice(a, rank, world).to(device) for a in get_batch(task["train"], idx, "cpu")]
         if not args.plateau:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, args)
-        loss, nfe = forward_loss(model, args, task, get_batch(task["train"], idx, device), ckpt_path, bar)
-        optimizer_step(model, opt, loss, args, step, ckpt_path, bar)
+        loss, nfe = forward_loss(ddp, args, task, batch, ckpt_path, bar)
+        mean_loss = optimizer_step(ddp, opt, loss, args, step, ckpt_path, bar, world)
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", nfe=nfe)
-        log_metrics(args.out_dir, step, "train", {"loss": loss.item(), "nfe": nfe, "lr": opt.param_groups[0]["lr"]}, t0)
-        window.append(loss.item())
+        bar.set_postfix(loss=f"{mean_loss:.4f}", nfe=nfe)
+        if master:  # nfe: rank 0's solve (the same on every rank but with dopri5, whose steps depend on the batch)
+            log_metrics(args.out_dir, step, "train", {"loss": mean_loss, "nfe": nfe, "lr": opt.param_groups[0]["lr"]},
+                        t0)
+        window.append(mean_loss)
         if step % args.eval_every == 0 or step == args.steps or step == args.stop_at:
             if args.plateau:
                 plateau.step(float(np.mean(window)))  # x0.1 after 2 evaluations without a lower training loss
-            result, window = evaluate(model, args, task, "valid", device), []
-            log_metrics(args.out_dir, step, "valid", result, t0)
-            tqdm.write(f"step {step} valid: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
-            improved = best is None or result[name] > best[1]
-            best = (step, result[name]) if improved else best
-            for path in ["best.pt", "ckpt.pt"] if improved else ["ckpt.pt"]:
-                save_checkpoint(os.path.join(args.out_dir, path), {
-                    "model": model.state_dict(), "optimizer": opt.state_dict(), "plateau": plateau.state_dict(),
-                    "step": step, "args": dataclasses.asdict(args), "names": task["names"], "best": best,
-                    "rng": dict(rng_state(), data=gen.get_state())})
+            window = []
+            if master:
+                result = evaluate(model, args, task, "valid", device)
+                log_metrics(args.out_dir, step, "valid", result, t0)
+                tqdm.write(f"step {step} valid: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
+                improved = best is None or result[name] > best[1]
+                best = (step, result[name]) if improved else best
+                for path in ["best.pt", "ckpt.pt"] if improved else ["ckpt.pt"]:
+                    save_checkpoint(os.path.join(args.out_dir, path), {
+                        "model": model.state_dict(), "optimizer": opt.state_dict(), "plateau": plateau.state_dict(),
+                        "step": step, "args": dataclasses.asdict(args), "names": task["names"], "best": best,
+                        "rng": dict(rng_state(), data=gen.get_state())})
             if step == args.stop_at:
                 break
     bar.close()
-    if step == args.steps:
+    del ddp  # DDP holds the process group: release it here, not at interpreter exit (gloo aborts there)
+    finish_processes(model, world, master)
+    if master and step == args.steps:
         final_test(model, args, task, device, best, t0)
 
 

@@ -2617,6 +2617,12 @@ def test_od_resume_is_exact_and_evaluate_compares_solvers(tmp_path):
     assert float(rows[1][2]) == 1.0 and float(rows[1][3]) < 1e-3 and float(rows[2][3]) == 0.0
 
 
+def test_od_ddp_two_processes_train_as_one(tmp_path):
+    """Spirals with the L2 penalty (added on every rank: DDP's average keeps its gradient once)."""
+    p = assert_two_processes_train_as_one(tmp_path, "ode_fwp.py", "--preset", "tiny", "--steps", "6", "--l2", "0.03")
+    assert p.stdout.count("final: test acc") == 1
+
+
 def test_od_official_recipe_pieces(tmp_path):
     """The pieces of the official recipes (--preset speech, sepsis, sepsis_oi): the observation-count channels,
     raw time, the L2 penalty (unsquared norms) in the training loss, the weighted binary loss, the plateau schedule."""
