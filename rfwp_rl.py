@@ -29,7 +29,9 @@ Commands:
 """
 
 import dataclasses
+import gc
 import json
+import math
 import os
 import random
 import re
@@ -99,7 +101,8 @@ class Args:
     fused kernel (cpu_kernels.cpp on the CPU, cuda_kernels.cu on CUDA); auto: on the CPU kernel, elsewhere loop"""
     # training
     batch_size: int = 8
-    """environments stepped together (other environments: 32)"""
+    """environments stepped together (other environments: 32): all of them (under torchrun each of the N processes steps
+    batch_size / N, the ones one process would step at its rank's place, seeded as they would be there)"""
     lr: float = 3e-3
     """RMSProp learning rate, decayed linearly to 0 (other environments: IMPALA's 6e-4)"""
     grad_clip: float = 40.0
@@ -414,23 +417,34 @@ class Update(NamedTuple):
     carry: Carry
 
 
-def rl_unroll(agent, envs, carry, args, device):
+def sample_actions(probs, samplers):
+    """One action per environment by inverse transform sampling, environment j's from its own generator samplers[j]:
+    the actions an environment gets depend neither on the others nor on the process that steps it. probs (B, A) ->
+    actions (B,), on probs' device."""
+    u = torch.tensor([g.random() for g in samplers], dtype=torch.float64)
+    cdf = probs.detach().double().cpu().cumsum(-1)
+    return (cdf < u[:, None]).sum(-1).clamp(max=probs.shape[-1] - 1).to(probs.device)
+
+
+def rl_unroll(agent, envs, carry, args, device, world=1):
     """Step every environment args.unroll times with the current policy (graph kept), then compute the bootstrap
-    value. Returns an Unroll: the trajectory, the returns of the episodes that ended, the emulator seconds, the new
-    Carry."""
+    value. Returns an Unroll: the trajectory, the returns of the episodes that ended (on every rank those of all
+    ranks, in the order one process would list them), the emulator seconds, the new Carry. agent: the Agent, or its
+    DDP wrapper when world > 1."""
+    net = agent.module if world > 1 else agent
     obs, last_reward, reset, state = carry
-    logits, values, actions, rewards, discounts, finished, env_time, seen = [], [], [], [], [], [], 0.0, [obs]
+    logits, values, actions, rewards, discounts, ended, env_time, seen = [], [], [], [], [], [], 0.0, [obs]
     for t in range(args.unroll):
         if args.truncate and t % args.truncate == 0:
             state = rfwp.detach_state(state)
         logit, value, state = agent(torch.as_tensor(obs, device=device), last_reward, state, reset)
-        action = torch.multinomial(F.softmax(logit.detach().float(), -1), 1).squeeze(-1)
+        action = sample_actions(F.softmax(logit.detach().float(), -1), envs.samplers)
         t_env = time.perf_counter()
         obs, reward, done, life_end = envs.step(action.cpu().numpy())
         env_time += time.perf_counter() - t_env
         seen.append(obs)
         envs.returns += reward
-        finished += envs.returns[done].tolist()
+        ended.append(np.where(done, envs.returns, np.nan))  # (B,) the return where an episode ended
         envs.returns[done] = 0
         # the next step's input: the new observation, this reward, and a reset where the episode ended
         last_reward = torch.as_tensor(reward, device=device)
@@ -440,30 +454,42 @@ def rl_unroll(agent, envs, carry, args, device):
         discounts.append(args.discount * (1 - torch.as_tensor(life_end, device=device, dtype=torch.float32)))
     with torch.no_grad():  # V(x_T): the state is not advanced (the next unroll starts from x_T again)
         _, bootstrap, _ = agent(torch.as_tensor(obs, device=device), last_reward, state, reset)
-    if not agent.image:  # the observation statistics change between unrolls, never within one
-        agent.observe(torch.as_tensor(np.concatenate(seen[:-1]), device=device))
+    ended = np.concatenate(gather_ranks(np.stack(ended), world), 1)  # (T, all environments), as one process's
+    finished = ended[~np.isnan(ended)].tolist()  # by step, then environment
+    if not net.image:  # the observation statistics change between unrolls, never within one; every rank merges all
+        seen = np.concatenate(gather_ranks(np.stack(seen[:-1]), world), 1)  # (T, all environments, n_obs)
+        net.observe(torch.as_tensor(seen.reshape(-1, seen.shape[-1]), device=device))
     traj = dict(logits=torch.stack(logits), values=torch.stack(values), actions=torch.stack(actions),
                 rewards=torch.stack(rewards), discounts=torch.stack(discounts), bootstrap=bootstrap)
     return Unroll(traj, finished, env_time, Carry(obs, last_reward, reset, rfwp.detach_state(state)))
 
 
-def rl_update(agent, opt, envs, carry, args, device):
-    """One unroll and, if its loss is finite, one clipped RMSProp step. Returns an Update: the loss, its parts, the
-    returns of the episodes that ended, the emulator seconds and the new Carry."""
-    unroll = rl_unroll(agent, envs, carry, args, device)
+def rl_update(agent, opt, envs, carry, args, device, world=1):
+    """One unroll and, if its loss (over every rank's environments) is finite, one clipped RMSProp step. Returns an
+    Update: the loss and its parts over all environments, the returns of the episodes that ended, the emulator seconds
+    and the new Carry. agent: the Agent, or its DDP wrapper when world > 1."""
+    unroll = rl_unroll(agent, envs, carry, args, device, world)
     loss, parts = rl_loss(unroll.traj, args)
-    if torch.isfinite(loss):
+    # IMPALA's loss is a sum over the environments: the global one is the sum of the ranks' (world x their mean), and
+    # its gradient is world x the mean of the ranks' gradients that DDP computes, hence loss x world below
+    mean = mean_over_ranks(torch.tensor([loss.item(), parts["pg_loss"], parts["baseline_loss"], parts["entropy"]],
+                                        dtype=torch.float64, device=device), world).tolist()
+    total = mean[0] * world
+    parts = {"pg_loss": mean[1] * world, "baseline_loss": mean[2] * world, "entropy": mean[3]}  # entropy: per step
+    if math.isfinite(total):
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * world).backward()
         if args.grad_clip > 0:
             nn.utils.clip_grad_norm_(agent.parameters(), args.grad_clip)
         opt.step()
-    return Update(loss, parts, unroll.finished, unroll.env_time, unroll.carry)
+    return Update(torch.tensor(total), parts, unroll.finished, unroll.env_time, unroll.carry)
 
 
-def rl_start(envs, device, n):
-    """Reset the environments: the first Carry (zero reward, a reset everywhere, no core state)."""
+def rl_start(envs, device, n, seed=0):
+    """Reset the environments: the first Carry (zero reward, a reset everywhere, no core state). Environment j samples
+    its actions from a generator of its own, seeded by seed + j (and apart from the environment's own seed + j)."""
     envs.returns = np.zeros(n, dtype=np.float64)
+    envs.samplers = [np.random.default_rng([seed + j, 1]) for j in range(n)]
     return Carry(envs.reset(), torch.zeros(n, device=device), torch.ones(n, dtype=torch.bool, device=device), None)
 
 
@@ -486,10 +512,60 @@ def rl_log_window(args, step, per_update, returns, dt, n_updates, env_time, t0):
     log_metrics(args.out_dir, step * per_update, "train", {"steps_per_s": n / dt, "env_time_frac": env_time / dt}, t0)
 
 
-def train(args):
+def setup_processes(args):
+    """One process per rank under torchrun (RANK, WORLD_SIZE set; gloo on CPU, nccl on CUDA). -> rank, world, device."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        fail(f"--batch_size {args.batch_size} is the global batch; it must divide evenly among the {world} processes")
     device = pick_device(args.device, args.impl)
-    seed_everything(args.seed)
-    envs = make_envs(args, args.batch_size, args.seed)
+    if world > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def finish_processes(model, world, master):
+    """DDP's invariant, checked: every rank ends with the same weights. Then a clean teardown."""
+    if world == 1:
+        return
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    torch.distributed.all_gather(gathered, flat)
+    if master:
+        print(f"ddp: parameters identical on all {world} ranks: {all(torch.equal(g, flat) for g in gathered)}")
+    torch.distributed.barrier()  # no rank tears down while another still talks to it
+    gc.collect()  # the DDP wrapper's reducer, with its reference to the group, goes now
+    torch.distributed.destroy_process_group()
+
+
+def mean_over_ranks(x, world):
+    """The mean of a tensor over the ranks, on every rank (a copy, detached)."""
+    x = x.detach().clone()
+    if world > 1:
+        torch.distributed.all_reduce(x)
+        x /= world
+    return x
+
+
+def gather_ranks(x, world):
+    """x (any picklable value; tensors on the CPU) from every rank, in rank order, on every rank."""
+    if world == 1:
+        return [x]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, x)
+    return out
+
+
+def train(args):
+    rank, world, device = setup_processes(args)
+    master = rank == 0
+    seed_everything(args.seed + rank)  # the initial weights are rank 0's (DDP broadcasts them)
+    n_envs = args.batch_size // world  # this rank's environments: one process's rank * n_envs ... (rank + 1) * n_envs - 1
+    envs = make_envs(args, n_envs, args.seed + rank * n_envs)  # environment j of them: seed + rank * n_envs + j
     agent = build_agent(args, envs.obs_shape, envs.n_actions).to(device)
     opt = torch.optim.RMSprop(agent.parameters(), lr=args.lr, alpha=0.99, eps=0.01)
     per_update = args.batch_size * args.unroll
@@ -499,24 +575,33 @@ def train(args):
     if args.resume:
         ckpt = resume_from(ckpt_path, agent, opt, device)
         step, returns = ckpt["step"], ckpt["returns"]
-        envs.seed = args.seed + step  # fresh episodes: the environments' own state is not saved
-    os.makedirs(args.out_dir, exist_ok=True)
-    if args.resume:
-        truncate_metrics(args.out_dir, step * per_update)  # the RL logs count environment steps
-    print(f"config: {json.dumps(dataclasses.asdict(args))}")
-    print(f"device {device}, env {args.env} (observation {envs.obs_shape}, {envs.n_actions} actions), "
-          f"core {args.model}, {sum(p.numel() for p in agent.parameters()) / 1e6:.2f}M parameters, {n_updates} "
-          f"updates of {args.batch_size} x {args.unroll} steps, starting at update {step}")
+        envs.seed += step  # fresh episodes: the environments' own state is not saved
+    ddp = agent  # what the unrolls call: the agent, wrapped in DDP when there are several processes
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(agent, device_ids=[device.index] if device.type == "cuda" else None)
+    if master:
+        os.makedirs(args.out_dir, exist_ok=True)
+        if args.resume:
+            truncate_metrics(args.out_dir, step * per_update)  # the RL logs count environment steps
+        print(f"config: {json.dumps(dataclasses.asdict(args))}")
+        print(f"device {device}, {world} process(es), env {args.env} (observation {envs.obs_shape}, {envs.n_actions} "
+              f"actions), core {args.model}, {sum(p.numel() for p in agent.parameters()) / 1e6:.2f}M parameters, "
+              f"{n_updates} updates of {args.batch_size} x {args.unroll} steps, starting at update {step}")
     if step >= n_updates:
-        print(f"the checkpoint in {args.out_dir} is already at update {step} of {n_updates}; nothing to do")
+        if master:
+            print(f"the checkpoint in {args.out_dir} is already at update {step} of {n_updates}; nothing to do")
+        envs.close()
+        del ddp
+        finish_processes(agent, world, master)
         return
-    carry = rl_start(envs, device, args.batch_size)
+    carry = rl_start(envs, device, n_envs, envs.seed)
     t0, env_time, t_window, step_window = time.time(), 0.0, time.time(), step
-    bar = tqdm(total=n_updates * per_update, initial=step * per_update, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=n_updates * per_update, initial=step * per_update, unit="step", disable=not master,
+               dynamic_ncols=True)
     while step < n_updates:
         for group in opt.param_groups:
             group["lr"] = args.lr * (1 - step / n_updates)  # linear decay to 0
-        update = rl_update(agent, opt, envs, carry, args, device)
+        update = rl_update(ddp, opt, envs, carry, args, device, world)
         if not torch.isfinite(update.loss):
             bar.close()
             print(f"error: the loss became {update.loss.item()} at update {step}; the last good checkpoint stays at "
@@ -525,18 +610,22 @@ def train(args):
         carry, step, env_time = update.carry, step + 1, env_time + update.env_time
         returns += update.finished
         bar.update(per_update)
-        rl_log_update(args, step * per_update, update, returns, bar, t0)
+        if master:
+            rl_log_update(args, step * per_update, update, returns, bar, t0)
         if step % args.eval_every == 0 or step == n_updates or step == args.stop_at:
-            rl_log_window(args, step, per_update, returns, time.time() - t_window, step - step_window, env_time, t0)
+            if master:  # the speed is rank 0's, the environments' share of the time too
+                rl_log_window(args, step, per_update, returns, time.time() - t_window, step - step_window, env_time, t0)
+                save_checkpoint(ckpt_path, {
+                    "model": agent.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "args": dataclasses.asdict(args), "returns": returns, "rng": rng_state()})
             t_window, step_window, env_time = time.time(), step, 0.0
-            save_checkpoint(ckpt_path, {
-                "model": agent.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                "args": dataclasses.asdict(args), "returns": returns, "rng": rng_state()})
             if step == args.stop_at:
                 break
     bar.close()
     envs.close()
-    if step == n_updates:
+    del ddp  # DDP holds the process group: release it here, not at interpreter exit (gloo aborts there)
+    finish_processes(agent, world, master)
+    if master and step == n_updates:
         print(f"final: mean return of the last {len(returns[-100:])} episodes {np.mean(returns[-100:]):.1f} after "
               f"{step * per_update} environment steps, {time.time() - t0:.0f}s")
 
@@ -601,7 +690,7 @@ def bench(args):
             agent = build_agent(dataclasses.replace(args, model=name, impl=impl), envs.obs_shape,
                                 envs.n_actions).to(device)
             opt = torch.optim.RMSprop(agent.parameters(), lr=args.lr, alpha=0.99, eps=0.01)
-            carry, times, env_times = rl_start(envs, device, args.batch_size), [], []
+            carry, times, env_times = rl_start(envs, device, args.batch_size, args.seed), [], []
             for _ in range(3):  # the first is a warm-up
                 t = time.perf_counter()
                 update = rl_update(agent, opt, envs, carry, args, device)

@@ -147,13 +147,12 @@ def assert_same_weights(path_a, path_b, rtol=1e-5):
             assert torch.equal(a[key], b[key]), key
 
 
-def assert_two_processes_train_as_one(tmp_path, name, *args, torchrun=False):
+def assert_two_processes_train_as_one(script, *args, torchrun=False):
     """The data-parallel proof: 2 processes (torchrun, gloo; each takes half of the global --batch_size) against 1 with
     the same global batch, data and seed log the same training losses and evaluations and end with the same weights,
     to 1e-5 relative (the same sums in another order). A rank reading another's rows, a loss counted twice or a batch
     silently doubled is far above that; "the ranks agree" alone would pass all three. -> the 2-process stdout."""
-    script = script_copy(tmp_path, name)
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    one, two = (os.path.join(os.path.dirname(script), name) for name in ("one", "two"))
     run_processes(script, 1, *args, "--out_dir", one)
     p = run_processes(script, 2, *args, "--out_dir", two, torchrun=torchrun)
     assert "2 process(es)" in p.stdout and "ddp: parameters identical on all 2 ranks: True" in p.stdout
@@ -666,7 +665,7 @@ def test_dn_empty_corpus_is_an_error(tmp_path):
 
 
 def test_dn_ddp_two_processes_train_as_one(tmp_path):
-    p = assert_two_processes_train_as_one(tmp_path, "delta_net.py", "--preset", "tiny", torchrun=True)
+    p = assert_two_processes_train_as_one(script_copy(tmp_path), "--preset", "tiny", torchrun=True)
     assert p.stdout.count("final: test acc") == 1  # only rank 0 logs
 
 
@@ -1066,8 +1065,8 @@ def test_lt_smoke_lm_and_sample(tmp_path, attn):
 
 def test_lt_ddp_two_processes_train_as_one(tmp_path):
     """FAVOR+ redrawn every 5 steps: every rank computes with the projection one process would draw."""
-    assert_two_processes_train_as_one(tmp_path, "linear_transformer.py", "--preset", "tiny", "--phi", "favor",
-                                      "--favor_redraw", "5")
+    assert_two_processes_train_as_one(script_copy(tmp_path, "linear_transformer.py"), "--preset", "tiny", "--phi",
+                                      "favor", "--favor_redraw", "5")
 
 
 @pytest.mark.parametrize("pos_enc", ["none", "sin"])
@@ -1468,7 +1467,7 @@ def test_rf_resume_is_exact(tmp_path):
 def test_rf_ddp_two_processes_train_as_one(tmp_path):
     """Code execution: the programs' lengths differ, so the ranks hold different numbers of targets; each rank's loss
     is its sum over the global batch's count (times 2), which DDP's average turns into the global mean."""
-    p = assert_two_processes_train_as_one(tmp_path, "rfwp.py", "--preset", "tiny")
+    p = assert_two_processes_train_as_one(script_copy(tmp_path, "rfwp.py"), "--preset", "tiny")
     assert p.stdout.count("final: test seq_acc") == 1
 
 
@@ -1842,6 +1841,16 @@ def test_rl_smoke_cartpole_resume_and_eval(tmp_path):
     assert episodes and all(m["value"] >= 1 for m in episodes)
     p = run(script, *common, "--eval", "3")
     assert re.search(r"eval: .* 3 episodes of CartPole-NoVel: return [\d.]+ \+- [\d.]+", p.stdout), p.stdout
+
+
+def test_rl_ddp_two_processes_train_as_one(tmp_path):
+    """2 processes x 4 CartPole environments against 1 x 8: rank r steps the environments r*4 ... r*4+3 of the one
+    process, seeded alike, each sampling its actions from a generator of its own; so the same 8 episodes run, and the
+    episodes' returns (gathered by rank 0), the losses (IMPALA's sums over all 8) and the final weights (the
+    observation statistics too) agree."""
+    p = assert_two_processes_train_as_one(rl_script_copy(tmp_path), "--preset", "tiny")
+    assert p.stdout.count("final: mean return") == 1
+    assert len([m for m in read_metrics(tmp_path / "two") if m["split"] == "episode"]) > 10
 
 
 def test_rl_smoke_atari(tmp_path):
@@ -2619,7 +2628,8 @@ def test_od_resume_is_exact_and_evaluate_compares_solvers(tmp_path):
 
 def test_od_ddp_two_processes_train_as_one(tmp_path):
     """Spirals with the L2 penalty (added on every rank: DDP's average keeps its gradient once)."""
-    p = assert_two_processes_train_as_one(tmp_path, "ode_fwp.py", "--preset", "tiny", "--steps", "6", "--l2", "0.03")
+    p = assert_two_processes_train_as_one(script_copy(tmp_path, "ode_fwp.py"), "--preset", "tiny", "--steps", "6", "--l2",
+                                          "0.03")
     assert p.stdout.count("final: test acc") == 1
 
 
