@@ -47,6 +47,7 @@ Commands:
     python ode_fwp.py --data path/NAME_TRAIN.ts            # any UEA/UCR .ts classification set (_TEST beside it)
     python ode_fwp.py --dataset EigenWorms                 # downloads: a UEA name, speech_commands, sepsis
     python ode_fwp.py --bench                              # step time and NFE per model/solver/path, then vs length
+    torchrun --nproc_per_node 2 ode_fwp.py                 # data-parallel (gloo on CPU, nccl on CUDA)
 """
 
 import dataclasses

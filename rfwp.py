@@ -42,6 +42,7 @@ Commands:
     python rfwp.py --preset paper --model delta_rnn       # GPU: the paper's code execution setting
     python rfwp.py --task lm --dataset wikitext-2 --model delta_lstm --carry_state
     python rfwp.py --bench                                # training speed and memory of every model
+    torchrun --nproc_per_node 2 rfwp.py                   # data-parallel (gloo on CPU, nccl on CUDA)
     python rfwp_rl.py                                     # the RL experiment: CartPole without velocities
 """
 

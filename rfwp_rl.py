@@ -9,8 +9,8 @@ DeltaNet, ... and the LSTM) are rfwp.py's: this script imports it, so copying it
 Per environment step: obs -> encoder (IMPALA CNN for Atari frames; vectors: standardised by running statistics, then
 an MLP) -> [features, clipped last reward] -> linear to d_model -> core (one step; its state carried across unrolls,
 zeroed where an episode ended; by default the official RL code's core forms, --official_rl_core) -> policy logits,
-baseline V. Synchronous: one process steps a batch of environments with the current policy, keeping the graph, and
-learns from each unroll of T steps with the loss
+baseline V. Synchronous: one process (or each of N under torchrun, its share) steps a batch of environments with the
+current policy, keeping the graph, and learns from each unroll of T steps with the loss
     -sum_s log pi(a_s) A_s + 0.5 baseline_cost sum_s (v_s - V(x_s))^2 - entropy_cost sum_s H(pi(.|x_s))
     v_s = V(x_s) + sum_{t>=s} (prod_{i=s}^{t-1} gamma_i c_i) rho_t (r_t + gamma_t V(x_{t+1}) - V(x_t))    (V-trace)
     A_s = rho_s (r_s + gamma_s v_{s+1} - V(x_s))
@@ -26,6 +26,7 @@ Commands:
     python rfwp_rl.py --model delta --eval 100         # the greedy policy of out/rfwp_rl/ckpt.pt, 100 episodes
     python rfwp_rl.py --env ALE/Breakout-v5 --env_steps 50_000_000   # Atari, the official settings (GPU advised)
     python rfwp_rl.py --bench                          # agent steps per second of every core, loops and kernels
+    torchrun --nproc_per_node 2 rfwp_rl.py             # data-parallel: each process steps half the environments
 """
 
 import dataclasses
