@@ -1231,7 +1231,8 @@ def final_test(model, args, task, device, best, t0):
 
 def announce(args, device, world, task, model, step):
     print(f"config: {json.dumps(dataclasses.asdict(args))}")
-    print(f"device {device}, {world} process(es), model {args.model}" + (f" ({args.rule} rule)" if args.model == "ctfwp" else "") +
+    print(f"device {device}, {world} process(es), model {args.model}" +
+          (f" ({args.rule} rule)" if args.model == "ctfwp" else "") +
           f", {sum(p.numel() for p in model.parameters()) / 1e3:.1f}k parameters, {len(task['train']['y'])} training "
           f"series, {task['n_channels']} channels, {len(task['names'])} classes, " +
           (f"{fixed_steps(args, task)} {args.solver} steps per solve" if args.solver != "dopri5" else "dopri5") +

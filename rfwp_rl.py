@@ -102,8 +102,8 @@ class Args:
     fused kernel (cpu_kernels.cpp on the CPU, cuda_kernels.cu on CUDA); auto: on the CPU kernel, elsewhere loop"""
     # training
     batch_size: int = 8
-    """environments stepped together (other environments: 32): all of them (under torchrun each of the N processes steps
-    batch_size / N, the ones one process would step at its rank's place, seeded as they would be there)"""
+    """environments stepped together, in all (other environments: 32); under torchrun each of the N processes steps
+    batch_size / N of them, rank r those one process numbers r * batch_size / N onwards, seeded alike"""
     lr: float = 3e-3
     """RMSProp learning rate, decayed linearly to 0 (other environments: IMPALA's 6e-4)"""
     grad_clip: float = 40.0
@@ -565,7 +565,7 @@ def train(args):
     rank, world, device = setup_processes(args)
     master = rank == 0
     seed_everything(args.seed + rank)  # the initial weights are rank 0's (DDP broadcasts them)
-    n_envs = args.batch_size // world  # this rank's environments: one process's rank * n_envs ... (rank + 1) * n_envs - 1
+    n_envs = args.batch_size // world  # this rank's: one process's environments rank * n_envs ... + n_envs - 1
     envs = make_envs(args, n_envs, args.seed + rank * n_envs)  # environment j of them: seed + rank * n_envs + j
     agent = build_agent(args, envs.obs_shape, envs.n_actions).to(device)
     opt = torch.optim.RMSprop(agent.parameters(), lr=args.lr, alpha=0.99, eps=0.01)

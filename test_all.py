@@ -688,7 +688,8 @@ def test_dn_ddp_lm_carried_state_resumes_across_process_counts(tmp_path):
 
 def test_dn_ddp_batch_not_divisible_by_the_processes_is_an_error(tmp_path):
     script = script_copy(tmp_path)
-    p = run(script, "--preset", "tiny", "--batch_size", "9", check=False, env=dict(os.environ, WORLD_SIZE="2", RANK="0"))
+    p = run(script, "--preset", "tiny", "--batch_size", "9", check=False,
+            env=dict(os.environ, WORLD_SIZE="2", RANK="0"))
     assert p.returncode == 2 and "global batch" in p.stderr and "Traceback" not in p.stderr
 
 
@@ -2628,8 +2629,8 @@ def test_od_resume_is_exact_and_evaluate_compares_solvers(tmp_path):
 
 def test_od_ddp_two_processes_train_as_one(tmp_path):
     """Spirals with the L2 penalty (added on every rank: DDP's average keeps its gradient once)."""
-    p = assert_two_processes_train_as_one(script_copy(tmp_path, "ode_fwp.py"), "--preset", "tiny", "--steps", "6", "--l2",
-                                          "0.03")
+    p = assert_two_processes_train_as_one(script_copy(tmp_path, "ode_fwp.py"), "--preset", "tiny", "--steps", "6",
+                                          "--l2", "0.03")
     assert p.stdout.count("final: test acc") == 1
 
 
