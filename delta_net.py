@@ -38,9 +38,11 @@ Commands:
     torchrun --nproc_per_node 2 delta_net.py             # data-parallel (gloo on CPU, nccl on CUDA)
 """
 
+import contextlib
 import dataclasses
 import gc
 import hashlib
+import io
 import json
 import math
 import os
@@ -128,7 +130,8 @@ class Args:
     """chunk length C of the chunkwise form (64 measured fastest on 2 CPU cores and D=64)"""
     # training
     batch_size: int = 32
-    """sequences (recall) or parallel streams (lm) per step and process"""
+    """sequences (recall) or parallel streams (lm) per step: the global batch (under torchrun each of the N processes
+    takes batch_size / N of it)"""
     steps: int = 1000
     """optimizer steps"""
     lr: float = 2e-3
@@ -724,13 +727,12 @@ def evaluate(model, args, task, split, device, autocast):
     return {"loss": loss, "bpc": loss / math.log(2)}
 
 
-def load_task(args, rank, world):
-    """recall: nothing to load. lm: the corpus laid out as parallel streams (each rank its own rows)."""
+def load_task(args):
+    """recall: nothing to load. lm: the corpus laid out as batch_size parallel streams (a rank trains on its rows)."""
     if args.task == "recall":
         return {"vocab_size": args.vocab_size + 1}  # + the blank id
     train, valid, test, vocab = data.load_text(args.dataset, args.tokenizer, args.data_dir)
-    train = data.batchify(train, args.batch_size * world)[rank * args.batch_size : (rank + 1) * args.batch_size]
-    return {"vocab_size": len(vocab), "vocab": vocab, "train": train,
+    return {"vocab_size": len(vocab), "vocab": vocab, "train": data.batchify(train, args.batch_size),
             "valid": data.batchify(valid, args.batch_size), "test": data.batchify(test, args.batch_size)}
 
 
@@ -767,6 +769,8 @@ def setup_processes(args):
     """One process per rank under torchrun (RANK, WORLD_SIZE set; gloo on CPU, nccl on CUDA). -> rank, world, device,
     and the bf16 autocast context (a no-op unless --dtype bfloat16 on CUDA)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        fail(f"--batch_size {args.batch_size} is the global batch; it must divide evenly among the {world} processes")
     device = pick_device(args.device)
     if world > 1:
         import torch.distributed as dist
@@ -784,29 +788,35 @@ def setup_processes(args):
 
 
 def train_batch(args, task, step, gen, state):
-    """This step's inputs and targets (recall: fresh pairs; lm: the next segment of every stream) and the state they
-    start from (a new pass over the corpus starts from empty fast weights)."""
+    """This step's global batch, the same on every rank (recall: fresh pairs; lm: the next segment of every stream),
+    and the state it starts from (a new pass over the corpus starts from empty fast weights)."""
     if args.task == "recall":
         return *recall_batch(args.batch_size, args.n_pairs, args.vocab_size, gen, args.repeat_keys), state
     i = step % data.n_segments(task["train"], args.seq_len)
     return *data.segment(task["train"], i, args.seq_len), None if i == 0 else state
 
 
-def optimizer_step(model, opt, loss, args, step, bar):
-    """A non-finite loss stops the run (check_finite: nothing of it saved); else one clipped optimizer step."""
-    check_finite(step, args.out_dir, "Lower --lr or raise --warmup.", {"the loss": loss}, bar=bar)
+def optimizer_step(model, opt, loss, args, step, bar, world):
+    """A non-finite loss of the global batch (the mean of the ranks' losses, so every rank stops alike) stops the run
+    (check_finite: nothing of it saved); else one clipped optimizer step. Returns the global batch's loss."""
+    mean_loss = mean_over_ranks(loss, world)
+    check_finite(step, args.out_dir, "Lower --lr or raise --warmup.", {"the loss": mean_loss}, bar=bar)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if args.grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     opt.step()
+    return mean_loss.item()
 
 
-def evaluate_and_log(model, args, task, step, device, autocast, master, t0):
-    """valid (and test at the last step): logged and printed by rank 0."""
+def evaluate_and_log(model, args, task, step, device, autocast, master, world, t0):
+    """valid (and test at the last step): rank 0 evaluates; every rank checks the losses (check_finite: a divergence
+    stops all ranks alike, before anything is logged or saved); rank 0 logs and prints. Called by every rank."""
     results = {}
-    for split in ["valid", "test"] if step == args.steps else ["valid"]:
+    for split in (["valid", "test"] if step == args.steps else ["valid"]) if master else []:
         results[split] = evaluate(model, args, task, split, device, autocast)
+    results = gather_ranks(results if master else None, world)[0]  # rank 0's losses, checked by every rank alike
+    for split in results:
         check_finite(step, args.out_dir, "Lower --lr or raise --warmup.", {f"the {split} loss": results[split]["loss"]},
                      [model])
         if master:
@@ -829,13 +839,44 @@ def finish_processes(model, world, master):
     torch.distributed.destroy_process_group()
 
 
+def rank_slice(x, rank, world):
+    """This rank's rows of a global batch: rows rank * n ... (rank + 1) * n - 1 of dim 0, n = len(x) / world."""
+    n = len(x) // world
+    return x[rank * n : (rank + 1) * n]
+
+
+def mean_over_ranks(x, world):
+    """The mean of a tensor over the ranks, on every rank (a copy, detached)."""
+    x = x.detach().clone()
+    if world > 1:
+        torch.distributed.all_reduce(x)
+        x /= world
+    return x
+
+
+def gather_ranks(x, world):
+    """x (any picklable value; tensors on the CPU) from every rank, in rank order, on every rank."""
+    if world == 1:
+        return [x]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, x)
+    return out
+
+
+def map_tensors(fn, x):
+    """fn applied to every tensor of a state (tensors nested in lists and tuples; None stays None)."""
+    if isinstance(x, (list, tuple)):
+        return type(x)(map_tensors(fn, s) for s in x)
+    return None if x is None else fn(x)
+
+
 def train(args):
     rank, world, device, autocast = setup_processes(args)
     master = rank == 0
-    seed_everything(args.seed + rank)
-    gen = torch.Generator().manual_seed(args.seed + rank)  # training data
+    seed_everything(args.seed + rank)  # each rank its own dropout masks; the initial weights are rank 0's (DDP)
+    gen = torch.Generator().manual_seed(args.seed)  # the training data: every rank draws the same global batch
     try:
-        task = load_task(args, rank, world)
+        task = load_task(args)
     except data.DataError as e:
         fail(str(e))
     model = build_model(args, task["vocab_size"]).to(device)
@@ -843,9 +884,15 @@ def train(args):
     step, state, ckpt_path = 0, None, os.path.join(args.out_dir, "ckpt.pt")
     if args.resume:
         ckpt = resume_from(ckpt_path, model, opt, device, args)
-        step, state = ckpt["step"], ckpt["train_state"]
+        step, state = ckpt["step"], map_tensors(lambda s: rank_slice(s, rank, world), ckpt["train_state"])
         gen.set_state(ckpt["rng"]["data"])
-        if nothing_left(args.out_dir, step, args.steps, args.stop_at, ckpt.get("final", True)):
+        if rank:  # the checkpoint holds rank 0's global RNGs: the other ranks draw dropout masks of their own
+            seed_everything(args.seed + world * step + rank)
+        # every rank reads the same checkpoint, so all return here alike (rank 0 says why); then a clean teardown
+        with contextlib.nullcontext() if master else contextlib.redirect_stdout(io.StringIO()):
+            done = nothing_left(args.out_dir, step, args.steps, args.stop_at, ckpt.get("final", True))
+        if done:
+            finish_processes(model, world, master)
             return
     ddp = model  # what the training steps call: the model, wrapped in DDP when there are several processes
     if world > 1:
@@ -860,29 +907,34 @@ def train(args):
     t0, bar, results = time.time(), tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True), None
     while step < args.steps:
         x, y, state = train_batch(args, task, step, gen, state)
+        x, y = rank_slice(x, rank, world), rank_slice(y, rank, world)  # this rank's rows (lm: its streams)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         with autocast:
             logits, new_state = ddp(x.to(device), state if args.carry_state else None)
+        # every sequence has as many targets (recall: n_pairs, lm: the segment's length), so the mean over this rank's
+        # rows, averaged over the ranks by DDP, is the global batch's mean and its gradient
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-100)
-        optimizer_step(ddp, opt, loss, args, step, bar)
+        mean_loss = optimizer_step(ddp, opt, loss, args, step, bar, world)
         state, step = detach_state(new_state) if args.carry_state else None, step + 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{mean_loss:.4f}")
         if master:
-            log_metrics(args.out_dir, step, "train", {"loss": loss.item()}, t0)
+            log_metrics(args.out_dir, step, "train", {"loss": mean_loss}, t0)
         if step % args.eval_every == 0 or step == args.steps or step == args.stop_at:
-            results = evaluate_and_log(model, args, task, step, device, autocast, master, t0)
+            # the carried state of every stream (each rank holds its rows), so that any number of processes resumes
+            train_state = map_tensors(lambda s: torch.cat(gather_ranks(s.cpu(), world)), state)
+            results = evaluate_and_log(model, args, task, step, device, autocast, master, world, t0)
             if master:
                 save_checkpoint(ckpt_path, {
                     "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "args": dataclasses.asdict(args), "vocab": task.get("vocab"), "train_state": detach_state(state),
+                    "args": dataclasses.asdict(args), "vocab": task.get("vocab"), "train_state": train_state,
                     "rng": dict(rng_state(), data=gen.get_state()), "final": step == args.steps})
             if step == args.stop_at:
                 break
     bar.close()
     if step == args.steps and results is None:  # resumed at the last step of a longer run: its final evaluation
-        results = evaluate_and_log(model, args, task, step, device, autocast, master, t0)
+        results = evaluate_and_log(model, args, task, step, device, autocast, master, world, t0)
         if master:
             mark_final(ckpt_path)
     if master and step == args.steps:

@@ -47,10 +47,14 @@ Commands:
     python ode_fwp.py --data path/NAME_TRAIN.ts            # any UEA/UCR .ts classification set (_TEST beside it)
     python ode_fwp.py --dataset EigenWorms                 # downloads: a UEA name, speech_commands, sepsis
     python ode_fwp.py --bench                              # step time and NFE per model/solver/path, then vs length
+    torchrun --nproc_per_node 2 ode_fwp.py                 # data-parallel (gloo on CPU, nccl on CUDA)
 """
 
+import contextlib
 import dataclasses
+import gc
 import hashlib
+import io
 import json
 import math
 import os
@@ -148,7 +152,7 @@ class Args:
     """dopri5: give up (with a message) after this many steps per solve"""
     # training
     batch_size: int = 64
-    """series per step"""
+    """series per step: the global batch (under torchrun each of the N processes takes batch_size / N of it)"""
     steps: int = 600
     """optimizer steps"""
     lr: float = 3e-3
@@ -1200,9 +1204,9 @@ def lr_at(step, args):
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def setup(args):
-    device = pick_device(args.device)
-    seed_everything(args.seed)
+def setup(args, device=None, rank=0):
+    device = device or pick_device(args.device)
+    seed_everything(args.seed + rank)
     try:
         task = load_task(args)
     except data.DataError as e:
@@ -1225,14 +1229,17 @@ def forward_loss(model, args, task, batch, bar):
     return task_loss(logits, y, args) + l2_penalty(model, args), nfe
 
 
-def optimizer_step(model, opt, loss, args, step, bar):
-    """A non-finite loss stops the run (check_finite: nothing of it saved); else one clipped optimizer step."""
-    check_finite(step, args.out_dir, "Lower --lr or raise --warmup.", {"the loss": loss}, bar=bar)
+def optimizer_step(model, opt, loss, args, step, bar, world):
+    """A non-finite loss of the global batch (the mean of the ranks' losses, so every rank stops alike) stops the run
+    (check_finite: nothing of it saved); else one clipped optimizer step. Returns the global batch's loss."""
+    mean_loss = mean_over_ranks(loss, world)
+    check_finite(step, args.out_dir, "Lower --lr or raise --warmup.", {"the loss": mean_loss}, bar=bar)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if args.grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     opt.step()
+    return mean_loss.item()
 
 
 def final_test(model, args, task, device, best, t0):
@@ -1246,20 +1253,82 @@ def final_test(model, args, task, device, best, t0):
           f") with the best valid checkpoint (step {best[0]}, valid {name} {best[1]:.4f}), {time.time() - t0:.0f}s")
 
 
-def announce(args, device, task, model, step):
+def announce(args, device, world, task, model, step):
     print(f"config: {json.dumps(dataclasses.asdict(args))}")
-    print(f"device {device}, model {args.model}" + (f" ({args.rule} rule)" if args.model == "ctfwp" else "") +
+    print(f"device {device}, {world} process(es), model {args.model}" +
+          (f" ({args.rule} rule)" if args.model == "ctfwp" else "") +
           f", {sum(p.numel() for p in model.parameters()) / 1e3:.1f}k parameters, {len(task['train']['y'])} training "
           f"series, {task['n_channels']} channels, {len(task['names'])} classes, " +
           (f"{fixed_steps(args, task)} {args.solver} steps per solve" if args.solver != "dopri5" else "dopri5") +
           f", starting at step {step}")
 
 
+def setup_processes(args):
+    """One process per rank under torchrun (RANK, WORLD_SIZE set; gloo on CPU, nccl on CUDA). -> rank, world, device."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        fail(f"--batch_size {args.batch_size} is the global batch; it must divide evenly among the {world} processes")
+    device = pick_device(args.device)
+    if world > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def finish_processes(model, world, master):
+    """DDP's invariant, checked: every rank ends with the same weights. Then a clean teardown."""
+    if world == 1:
+        return
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    torch.distributed.all_gather(gathered, flat)
+    if master:
+        print(f"ddp: parameters identical on all {world} ranks: {all(torch.equal(g, flat) for g in gathered)}")
+    torch.distributed.barrier()  # no rank tears down while another still talks to it
+    gc.collect()  # the DDP wrapper's reducer, with its reference to the group, goes now
+    torch.distributed.destroy_process_group()
+
+
+def rank_slice(x, rank, world):
+    """This rank's rows of a global batch: rows rank * n ... (rank + 1) * n - 1 of dim 0, n = len(x) / world."""
+    n = len(x) // world
+    return x[rank * n : (rank + 1) * n]
+
+
+def mean_over_ranks(x, world):
+    """The mean of a tensor over the ranks, on every rank (a copy, detached)."""
+    x = x.detach().clone()
+    if world > 1:
+        torch.distributed.all_reduce(x)
+        x /= world
+    return x
+
+
+def gather_ranks(x, world):
+    """x (any picklable value; tensors on the CPU) from every rank, in rank order, on every rank."""
+    if world == 1:
+        return [x]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, x)
+    return out
+
+
 def train(args):
-    device, task, model = setup(args)
-    gen = torch.Generator().manual_seed(args.seed)  # which training series each step sees
+    rank, world, device = setup_processes(args)
+    master = rank == 0
+    device, task, model = setup(args, device, rank)  # the initial weights are rank 0's (DDP broadcasts them)
+    gen = torch.Generator().manual_seed(args.seed)  # which training series each step sees: the same on every rank
     if args.pos_weight > 0 and len(task["names"]) != 2:
         fail(f"--pos_weight needs two classes; this task has {len(task['names'])}")
+    n_train = len(task["train"]["y"])
+    n_batch = min(args.batch_size, n_train)  # the global batch: the whole training set's size if that is smaller
+    if n_batch % world:
+        fail(f"the global batch is the training set's {n_batch} series (fewer than --batch_size); it must divide "
+             f"evenly among the {world} processes")
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=2)
     step, best, window, ckpt_path = 0, None, [], os.path.join(args.out_dir, "ckpt.pt")  # window: losses since an eval
@@ -1269,45 +1338,63 @@ def train(args):
             plateau.load_state_dict(ckpt["plateau"])
         step, best = ckpt["step"], ckpt["best"]
         gen.set_state(ckpt["rng"]["data"])
-        if nothing_left(args.out_dir, step, args.steps, args.stop_at, ckpt.get("final", False)):
+        # every rank reads the same checkpoint, so all return here alike (rank 0 says why); then a clean teardown
+        with contextlib.nullcontext() if master else contextlib.redirect_stdout(io.StringIO()):
+            done = nothing_left(args.out_dir, step, args.steps, args.stop_at, ckpt.get("final", False))
+        if done:
+            finish_processes(model, world, master)
             return
-    os.makedirs(args.out_dir, exist_ok=True)
-    if args.resume:  # at the last step: the final test is left, its lines from before a kill go
-        truncate_metrics(args.out_dir, step, ["test"] if step == args.steps else [])
-    announce(args, device, task, model, step)
-    t0, name, n_train = time.time(), headline(args), len(task["train"]["y"])
-    bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True)
+    ddp = model  # what the training steps call: the model, wrapped in DDP when there are several processes
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if master:
+        os.makedirs(args.out_dir, exist_ok=True)
+        if args.resume:  # at the last step: the final test is left, its lines from before a kill go
+            truncate_metrics(args.out_dir, step, ["test"] if step == args.steps else [])
+        announce(args, device, world, task, model, step)
+    t0, name = time.time(), headline(args)
+    bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     while step < args.steps:
-        idx = torch.randint(n_train, (min(args.batch_size, n_train),), generator=gen)
+        idx = torch.randint(n_train, (n_batch,), generator=gen)
+        # the global batch, trimmed to its longest series as one process trims it, then this rank's rows; the loss is
+        # a mean over series, so DDP's average of the ranks' means over equal slices is the global batch's mean
+        batch = [rank_slice(a, rank, world).to(device) for a in get_batch(task["train"], idx, "cpu")]
         if not args.plateau:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, args)
-        loss, nfe = forward_loss(model, args, task, get_batch(task["train"], idx, device), bar)
-        optimizer_step(model, opt, loss, args, step, bar)
+        loss, nfe = forward_loss(ddp, args, task, batch, bar)
+        mean_loss = optimizer_step(ddp, opt, loss, args, step, bar, world)
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", nfe=nfe)
-        log_metrics(args.out_dir, step, "train", {"loss": loss.item(), "nfe": nfe, "lr": opt.param_groups[0]["lr"]}, t0)
-        window.append(loss.item())
+        bar.set_postfix(loss=f"{mean_loss:.4f}", nfe=nfe)
+        if master:  # nfe: rank 0's solve (the same on every rank but with dopri5, whose steps depend on the batch)
+            log_metrics(args.out_dir, step, "train", {"loss": mean_loss, "nfe": nfe, "lr": opt.param_groups[0]["lr"]},
+                        t0)
+        window.append(mean_loss)
         if step % args.eval_every == 0 or step == args.steps or step == args.stop_at:
             if args.plateau:
                 plateau.step(float(np.mean(window)))  # x0.1 after 2 evaluations without a lower training loss
-            result, window = evaluate(model, args, task, "valid", device), []
+            window = []
+            result = evaluate(model, args, task, "valid", device) if master else None  # rank 0 evaluates
+            result = gather_ranks(result, world)[0]  # and every rank checks its loss: a divergence stops all alike
             check_finite(step, args.out_dir, "Lower --lr or raise --warmup.", {"the valid loss": result["loss"]},
                          [model], bar)
-            log_metrics(args.out_dir, step, "valid", result, t0)
-            tqdm.write(f"step {step} valid: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
-            improved = best is None or result[name] > best[1]
-            best = (step, result[name]) if improved else best
-            for path in ["best.pt", "ckpt.pt"] if improved else ["ckpt.pt"]:
-                save_checkpoint(os.path.join(args.out_dir, path), {
-                    "model": model.state_dict(), "optimizer": opt.state_dict(), "plateau": plateau.state_dict(),
-                    "step": step, "args": dataclasses.asdict(args), "names": task["names"], "best": best,
-                    "rng": dict(rng_state(), data=gen.get_state())})
+            if master:
+                log_metrics(args.out_dir, step, "valid", result, t0)
+                tqdm.write(f"step {step} valid: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
+                improved = best is None or result[name] > best[1]
+                best = (step, result[name]) if improved else best
+                for path in ["best.pt", "ckpt.pt"] if improved else ["ckpt.pt"]:
+                    save_checkpoint(os.path.join(args.out_dir, path), {
+                        "model": model.state_dict(), "optimizer": opt.state_dict(), "plateau": plateau.state_dict(),
+                        "step": step, "args": dataclasses.asdict(args), "names": task["names"], "best": best,
+                        "rng": dict(rng_state(), data=gen.get_state())})
             if step == args.stop_at:
                 break
     bar.close()
-    if step == args.steps:
+    del ddp  # DDP holds the process group: release it here, not at interpreter exit (gloo aborts there)
+    finish_processes(model, world, master)
+    if master and step == args.steps:
         final_test(model, args, task, device, best, t0)
         mark_final(ckpt_path)
 

@@ -42,12 +42,16 @@ Commands:
     python rfwp.py --preset paper --model delta_rnn       # GPU: the paper's code execution setting
     python rfwp.py --task lm --dataset wikitext-2 --model delta_lstm --carry_state
     python rfwp.py --bench                                # training speed and memory of every model
+    torchrun --nproc_per_node 2 rfwp.py                   # data-parallel (gloo on CPU, nccl on CUDA)
     python rfwp_rl.py                                     # the RL experiment: CartPole without velocities
 """
 
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import inspect
+import io
 import json
 import math
 import os
@@ -132,7 +136,8 @@ class Args:
     """chunk length C of the chunkwise form"""
     # training
     batch_size: int = 32
-    """sequences (or lm streams) per step"""
+    """sequences (or lm streams) per step: the global batch (under torchrun each of the N processes takes batch_size / N
+    of it)"""
     steps: int = 4000
     """optimizer steps"""
     lr: float = 3e-3
@@ -1010,8 +1015,8 @@ def headline(args):
 
 
 def train_batch(args, task, step, gen, state):
-    """This step's inputs and targets (code, listops: a random batch of the training set, padded; lm: the next
-    segment of every stream) and the state they start from (a new pass over the corpus starts from zero)."""
+    """This step's global batch, the same on every rank (code, listops: a random batch of the training set, padded; lm:
+    the next segment of every stream), and the state it starts from (a new pass over the corpus starts from zero)."""
     if args.task == "lm":
         i = step % data.n_segments(task["train"], args.seq_len)
         return *data.segment(task["train"], i, args.seq_len), None if i == 0 else state
@@ -1020,14 +1025,17 @@ def train_batch(args, task, step, gen, state):
     return *pad_batch([xs[i] for i in idx], [ys[i] for i in idx], task["pad"]), state
 
 
-def optimizer_step(model, opt, loss, args, step, bar):
-    """A non-finite loss stops the run (check_finite: nothing of it saved); else one clipped optimizer step."""
-    check_finite(step, args.out_dir, "Lower --lr or raise --warmup.", {"the loss": loss}, bar=bar)
+def optimizer_step(model, opt, loss, args, step, bar, world):
+    """A non-finite loss of the global batch (the mean of the ranks' losses, so every rank stops alike) stops the run
+    (check_finite: nothing of it saved); else one clipped optimizer step. Returns the global batch's loss."""
+    mean_loss = mean_over_ranks(loss, world)
+    check_finite(step, args.out_dir, "Lower --lr or raise --warmup.", {"the loss": mean_loss}, bar=bar)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if args.grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     opt.step()
+    return mean_loss.item()
 
 
 def final_test(model, args, task, device, best, t0):
@@ -1051,10 +1059,72 @@ def adam(params, **kw):
         return torch.optim.Adam(params, **kw)
 
 
-def train(args):
+def setup_processes(args):
+    """One process per rank under torchrun (RANK, WORLD_SIZE set; gloo on CPU, nccl on CUDA). -> rank, world, device."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        fail(f"--batch_size {args.batch_size} is the global batch; it must divide evenly among the {world} processes")
     device = pick_device(args.device, args.impl)
-    seed_everything(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)  # which training examples each step sees
+    if world > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def finish_processes(model, world, master):
+    """DDP's invariant, checked: every rank ends with the same weights. Then a clean teardown."""
+    if world == 1:
+        return
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    torch.distributed.all_gather(gathered, flat)
+    if master:
+        print(f"ddp: parameters identical on all {world} ranks: {all(torch.equal(g, flat) for g in gathered)}")
+    torch.distributed.barrier()  # no rank tears down while another still talks to it
+    gc.collect()  # the DDP wrapper's reducer, with its reference to the group, goes now
+    torch.distributed.destroy_process_group()
+
+
+def rank_slice(x, rank, world):
+    """This rank's rows of a global batch: rows rank * n ... (rank + 1) * n - 1 of dim 0, n = len(x) / world."""
+    n = len(x) // world
+    return x[rank * n : (rank + 1) * n]
+
+
+def mean_over_ranks(x, world):
+    """The mean of a tensor over the ranks, on every rank (a copy, detached)."""
+    x = x.detach().clone()
+    if world > 1:
+        torch.distributed.all_reduce(x)
+        x /= world
+    return x
+
+
+def gather_ranks(x, world):
+    """x (any picklable value; tensors on the CPU) from every rank, in rank order, on every rank."""
+    if world == 1:
+        return [x]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, x)
+    return out
+
+
+def map_tensors(fn, x):
+    """fn applied to every tensor of a state (tensors nested in lists and tuples; None stays None)."""
+    if isinstance(x, (list, tuple)):
+        return type(x)(map_tensors(fn, s) for s in x)
+    return None if x is None else fn(x)
+
+
+def train(args):
+    rank, world, device = setup_processes(args)
+    master = rank == 0
+    seed_everything(args.seed + rank)  # each rank its own dropout masks; the initial weights are rank 0's (DDP)
+    gen = torch.Generator().manual_seed(args.seed)  # which training examples each step sees: the same on every rank
     try:
         task = load_task(args)
     except data.DataError as e:
@@ -1064,46 +1134,71 @@ def train(args):
     step, state, best, ckpt_path = 0, None, None, os.path.join(args.out_dir, "ckpt.pt")
     if args.resume:
         ckpt = resume_from(ckpt_path, model, opt, device, args)
-        step, state, best = ckpt["step"], ckpt["train_state"], ckpt["best"]
+        step, best = ckpt["step"], ckpt["best"]
+        state = map_tensors(lambda s: rank_slice(s, rank, world), ckpt["train_state"])
         gen.set_state(ckpt["rng"]["data"])
-        if nothing_left(args.out_dir, step, args.steps, args.stop_at, ckpt.get("final", False)):
+        if rank:  # the checkpoint holds rank 0's global RNGs: the other ranks draw dropout masks of their own
+            seed_everything(args.seed + world * step + rank)
+        # every rank reads the same checkpoint, so all return here alike (rank 0 says why); then a clean teardown
+        with contextlib.nullcontext() if master else contextlib.redirect_stdout(io.StringIO()):
+            done = nothing_left(args.out_dir, step, args.steps, args.stop_at, ckpt.get("final", False))
+        if done:
+            finish_processes(model, world, master)
             return
-    os.makedirs(args.out_dir, exist_ok=True)
-    if args.resume:  # at the last step: the final test is left, its lines from before a kill go
-        truncate_metrics(args.out_dir, step, ["test"] if step == args.steps else [])
-    print(f"config: {json.dumps(dataclasses.asdict(args))}")
-    print(f"device {device}, model {args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"starting at step {step}")
-    t0, name, bar = time.time(), headline(args), tqdm(total=args.steps, initial=step, dynamic_ncols=True)
+    ddp = model  # what the training steps call: the model, wrapped in DDP when there are several processes
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if master:
+        os.makedirs(args.out_dir, exist_ok=True)
+        if args.resume:  # at the last step: the final test is left, its lines from before a kill go
+            truncate_metrics(args.out_dir, step, ["test"] if step == args.steps else [])
+        print(f"config: {json.dumps(dataclasses.asdict(args))}")
+        print(f"device {device}, {world} process(es), model {args.model}, "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, starting at step {step}")
+    t0, name = time.time(), headline(args)
+    bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     while step < args.steps:
         x, y, state = train_batch(args, task, step, gen, state)
+        n_targets = (y != -100).sum().item()  # in the global batch
+        x, y = rank_slice(x, rank, world), rank_slice(y, rank, world)  # this rank's rows (lm: its streams)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        logits, new_state = model(x.to(device), state if args.carry_state else None)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), ignore_index=-100)
-        optimizer_step(model, opt, loss, args, step, bar)
+        logits, new_state = ddp(x.to(device), state if args.carry_state else None)
+        # the global batch's mean over its targets (their number per sequence varies: code's padding): this rank's
+        # sum over n_targets, times world, as DDP averages the ranks' gradients
+        loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), ignore_index=-100, reduction="sum")
+        loss = loss * world / n_targets
+        mean_loss = optimizer_step(ddp, opt, loss, args, step, bar, world)
         state, step = detach_state(new_state) if args.carry_state else None, step + 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        log_metrics(args.out_dir, step, "train", {"loss": loss.item()}, t0)
+        bar.set_postfix(loss=f"{mean_loss:.4f}")
+        if master:
+            log_metrics(args.out_dir, step, "train", {"loss": mean_loss}, t0)
         if step % args.eval_every == 0 or step == args.steps or step == args.stop_at:
-            result = evaluate(model, args, task, "valid", device)
+            # the carried state of every stream (each rank holds its rows), so that any number of processes resumes
+            train_state = map_tensors(lambda s: torch.cat(gather_ranks(s.cpu(), world)), state)
+            result = evaluate(model, args, task, "valid", device) if master else None  # rank 0 evaluates
+            result = gather_ranks(result, world)[0]  # and every rank checks its loss: a divergence stops all alike
             check_finite(step, args.out_dir, "Lower --lr or raise --warmup.", {"the valid loss": result["loss"]},
                          [model], bar)
-            log_metrics(args.out_dir, step, "valid", result, t0)
-            tqdm.write(f"step {step} valid: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
-            improved = best is None or (result[name] < best[1] if args.task == "lm" else result[name] > best[1])
-            best = (step, result[name]) if improved else best
-            for path in ["best.pt", "ckpt.pt"] if improved else ["ckpt.pt"]:
-                save_checkpoint(os.path.join(args.out_dir, path), {
-                    "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "args": dataclasses.asdict(args), "vocab": task["vocab"], "train_state": detach_state(state),
-                    "best": best, "rng": dict(rng_state(), data=gen.get_state())})
+            if master:
+                log_metrics(args.out_dir, step, "valid", result, t0)
+                tqdm.write(f"step {step} valid: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
+                improved = best is None or (result[name] < best[1] if args.task == "lm" else result[name] > best[1])
+                best = (step, result[name]) if improved else best
+                for path in ["best.pt", "ckpt.pt"] if improved else ["ckpt.pt"]:
+                    save_checkpoint(os.path.join(args.out_dir, path), {
+                        "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                        "args": dataclasses.asdict(args), "vocab": task["vocab"], "train_state": train_state,
+                        "best": best, "rng": dict(rng_state(), data=gen.get_state())})
             if step == args.stop_at:
                 break
     bar.close()
-    if step == args.steps:
+    del ddp  # DDP holds the process group: release it here, not at interpreter exit (gloo aborts there)
+    finish_processes(model, world, master)
+    if master and step == args.steps:
         final_test(model, args, task, device, best, t0)
+        mark_final(ckpt_path)
         mark_final(ckpt_path)
 
 

@@ -9,8 +9,8 @@ DeltaNet, ... and the LSTM) are rfwp.py's: this script imports it, so copying it
 Per environment step: obs -> encoder (IMPALA CNN for Atari frames; vectors: standardised by running statistics, then
 an MLP) -> [features, clipped last reward] -> linear to d_model -> core (one step; its state carried across unrolls,
 zeroed where an episode ended; by default the official RL code's core forms, --official_rl_core) -> policy logits,
-baseline V. Synchronous: one process steps a batch of environments with the current policy, keeping the graph, and
-learns from each unroll of T steps with the loss
+baseline V. Synchronous: one process (or each of N under torchrun, its share) steps a batch of environments with the
+current policy, keeping the graph, and learns from each unroll of T steps with the loss
     -sum_s log pi(a_s) A_s + 0.5 baseline_cost sum_s (v_s - V(x_s))^2 - entropy_cost sum_s H(pi(.|x_s))
     v_s = V(x_s) + sum_{t>=s} (prod_{i=s}^{t-1} gamma_i c_i) rho_t (r_t + gamma_t V(x_{t+1}) - V(x_t))    (V-trace)
     A_s = rho_s (r_s + gamma_s v_{s+1} - V(x_s))
@@ -26,10 +26,15 @@ Commands:
     python rfwp_rl.py --model delta --eval 100         # the greedy policy of out/rfwp_rl/ckpt.pt, 100 episodes
     python rfwp_rl.py --env ALE/Breakout-v5 --env_steps 50_000_000   # Atari, the official settings (GPU advised)
     python rfwp_rl.py --bench                          # agent steps per second of every core, loops and kernels
+    torchrun --nproc_per_node 2 rfwp_rl.py             # data-parallel: each process steps half the environments
 """
 
+import contextlib
 import dataclasses
+import gc
+import io
 import json
+import math
 import os
 import random
 import re
@@ -99,7 +104,8 @@ class Args:
     fused kernel (cpu_kernels.cpp on the CPU, cuda_kernels.cu on CUDA); auto: on the CPU kernel, elsewhere loop"""
     # training
     batch_size: int = 8
-    """environments stepped together (other environments: 32)"""
+    """environments stepped together, in all (other environments: 32); under torchrun each of the N processes steps
+    batch_size / N of them, rank r those one process numbers r * batch_size / N onwards, seeded alike"""
     lr: float = 3e-3
     """RMSProp learning rate, decayed linearly to 0 (other environments: IMPALA's 6e-4)"""
     grad_clip: float = 40.0
@@ -421,25 +427,37 @@ class Update(NamedTuple):
     carry: Carry
 
 
-def rl_unroll(agent, envs, carry, args, device):
+def sample_actions(probs, samplers):
+    """One action per environment by inverse transform sampling, environment j's from its own generator samplers[j]:
+    the actions an environment gets depend neither on the others nor on the process that steps it. probs (B, A) ->
+    actions (B,), on probs' device."""
+    u = torch.tensor([g.random() for g in samplers], dtype=torch.float64)
+    cdf = probs.detach().double().cpu().cumsum(-1)
+    return (cdf < u[:, None]).sum(-1).clamp(max=probs.shape[-1] - 1).to(probs.device)
+
+
+def rl_unroll(agent, envs, carry, args, device, world=1):
     """Step every environment args.unroll times with the current policy (graph kept), then compute the bootstrap
-    value. Returns an Unroll: the trajectory, the returns of the episodes that ended, the emulator seconds, the new
-    Carry."""
+    value. Returns an Unroll: the trajectory, the returns of the episodes that ended (on every rank those of all
+    ranks, in the order one process would list them), the emulator seconds, the new Carry. agent: the Agent, or its
+    DDP wrapper when world > 1."""
+    net = agent.module if world > 1 else agent
     obs, last_reward, reset, state = carry
-    logits, values, actions, rewards, discounts, finished, env_time, seen = [], [], [], [], [], [], 0.0, [obs]
+    logits, values, actions, rewards, discounts, ended, env_time, seen = [], [], [], [], [], [], 0.0, [obs]
+    bad = None  # this rank's first non-finite policy logits
     for t in range(args.unroll):
         if args.truncate and t % args.truncate == 0:
             state = rfwp.detach_state(state)
         logit, value, state = agent(torch.as_tensor(obs, device=device), last_reward, state, reset)
-        if not torch.isfinite(logit).all():  # a diverged agent: no distribution to sample from
-            raise FloatingPointError(logit.detach())
-        action = torch.multinomial(F.softmax(logit.detach().float(), -1), 1).squeeze(-1)
+        if bad is None and not torch.isfinite(logit).all():  # a diverged agent: no distribution to sample from
+            bad = logit.detach()  # raised after the unroll, on every rank alike (DDP's forwards stay in step)
+        action = sample_actions(F.softmax(logit.detach().float(), -1), envs.samplers)
         t_env = time.perf_counter()
         obs, reward, done, life_end = envs.step(action.cpu().numpy())
         env_time += time.perf_counter() - t_env
         seen.append(obs)
         envs.returns += reward
-        finished += envs.returns[done].tolist()
+        ended.append(np.where(done, envs.returns, np.nan))  # (B,) the return where an episode ended
         envs.returns[done] = 0
         # the next step's input: the new observation, this reward, and a reset where the episode ended
         last_reward = torch.as_tensor(reward, device=device)
@@ -447,32 +465,46 @@ def rl_unroll(agent, envs, carry, args, device):
         logits.append(logit), values.append(value), actions.append(action)
         rewards.append(args.reward_scale * last_reward)
         discounts.append(args.discount * (1 - torch.as_tensor(life_end, device=device, dtype=torch.float32)))
+    if mean_over_ranks(torch.tensor(float(bad is not None), device=device), world).item() > 0:  # on any rank
+        raise FloatingPointError(bad if bad is not None else torch.full((2,), math.nan))  # (2,): "non-finite"
     with torch.no_grad():  # V(x_T): the state is not advanced (the next unroll starts from x_T again)
         _, bootstrap, _ = agent(torch.as_tensor(obs, device=device), last_reward, state, reset)
-    if not agent.image:  # the observation statistics change between unrolls, never within one
-        agent.observe(torch.as_tensor(np.concatenate(seen[:-1]), device=device))
+    ended = np.concatenate(gather_ranks(np.stack(ended), world), 1)  # (T, all environments), as one process's
+    finished = ended[~np.isnan(ended)].tolist()  # by step, then environment
+    if not net.image:  # the observation statistics change between unrolls, never within one; every rank merges all
+        seen = np.concatenate(gather_ranks(np.stack(seen[:-1]), world), 1)  # (T, all environments, n_obs)
+        net.observe(torch.as_tensor(seen.reshape(-1, seen.shape[-1]), device=device))
     traj = dict(logits=torch.stack(logits), values=torch.stack(values), actions=torch.stack(actions),
                 rewards=torch.stack(rewards), discounts=torch.stack(discounts), bootstrap=bootstrap)
     return Unroll(traj, finished, env_time, Carry(obs, last_reward, reset, rfwp.detach_state(state)))
 
 
-def rl_update(agent, opt, envs, carry, args, device):
-    """One unroll and, if its loss is finite, one clipped RMSProp step. Returns an Update: the loss, its parts, the
-    returns of the episodes that ended, the emulator seconds and the new Carry."""
-    unroll = rl_unroll(agent, envs, carry, args, device)
+def rl_update(agent, opt, envs, carry, args, device, world=1):
+    """One unroll and, if its loss (over every rank's environments) is finite, one clipped RMSProp step. Returns an
+    Update: the loss and its parts over all environments, the returns of the episodes that ended, the emulator seconds
+    and the new Carry. agent: the Agent, or its DDP wrapper when world > 1."""
+    unroll = rl_unroll(agent, envs, carry, args, device, world)
     loss, parts = rl_loss(unroll.traj, args)
-    if torch.isfinite(loss):
+    # IMPALA's loss is a sum over the environments: the global one is the sum of the ranks' (world x their mean), and
+    # its gradient is world x the mean of the ranks' gradients that DDP computes, hence loss x world below
+    mean = mean_over_ranks(torch.tensor([loss.item(), parts["pg_loss"], parts["baseline_loss"], parts["entropy"]],
+                                        dtype=torch.float64, device=device), world).tolist()
+    total = mean[0] * world
+    parts = {"pg_loss": mean[1] * world, "baseline_loss": mean[2] * world, "entropy": mean[3]}  # entropy: per step
+    if math.isfinite(total):
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * world).backward()
         if args.grad_clip > 0:
             nn.utils.clip_grad_norm_(agent.parameters(), args.grad_clip)
         opt.step()
-    return Update(loss, parts, unroll.finished, unroll.env_time, unroll.carry)
+    return Update(torch.tensor(total), parts, unroll.finished, unroll.env_time, unroll.carry)
 
 
-def rl_start(envs, device, n):
-    """Reset the environments: the first Carry (zero reward, a reset everywhere, no core state)."""
+def rl_start(envs, device, n, seed=0):
+    """Reset the environments: the first Carry (zero reward, a reset everywhere, no core state). Environment j samples
+    its actions from a generator of its own, seeded by seed + j (and apart from the environment's own seed + j)."""
     envs.returns = np.zeros(n, dtype=np.float64)
+    envs.samplers = [np.random.default_rng([seed + j, 1]) for j in range(n)]
     return Carry(envs.reset(), torch.zeros(n, device=device), torch.ones(n, dtype=torch.bool, device=device), None)
 
 
@@ -495,10 +527,60 @@ def rl_log_window(args, step, per_update, returns, dt, n_updates, env_time, t0):
     log_metrics(args.out_dir, step * per_update, "train", {"steps_per_s": n / dt, "env_time_frac": env_time / dt}, t0)
 
 
-def train(args):
+def setup_processes(args):
+    """One process per rank under torchrun (RANK, WORLD_SIZE set; gloo on CPU, nccl on CUDA). -> rank, world, device."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        fail(f"--batch_size {args.batch_size} is the global batch; it must divide evenly among the {world} processes")
     device = pick_device(args.device, args.impl)
-    seed_everything(args.seed)
-    envs = make_envs(args, args.batch_size, args.seed)
+    if world > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def finish_processes(model, world, master):
+    """DDP's invariant, checked: every rank ends with the same weights. Then a clean teardown."""
+    if world == 1:
+        return
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    torch.distributed.all_gather(gathered, flat)
+    if master:
+        print(f"ddp: parameters identical on all {world} ranks: {all(torch.equal(g, flat) for g in gathered)}")
+    torch.distributed.barrier()  # no rank tears down while another still talks to it
+    gc.collect()  # the DDP wrapper's reducer, with its reference to the group, goes now
+    torch.distributed.destroy_process_group()
+
+
+def mean_over_ranks(x, world):
+    """The mean of a tensor over the ranks, on every rank (a copy, detached)."""
+    x = x.detach().clone()
+    if world > 1:
+        torch.distributed.all_reduce(x)
+        x /= world
+    return x
+
+
+def gather_ranks(x, world):
+    """x (any picklable value; tensors on the CPU) from every rank, in rank order, on every rank."""
+    if world == 1:
+        return [x]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, x)
+    return out
+
+
+def train(args):
+    rank, world, device = setup_processes(args)
+    master = rank == 0
+    seed_everything(args.seed + rank)  # the initial weights are rank 0's (DDP broadcasts them)
+    n_envs = args.batch_size // world  # this rank's: one process's environments rank * n_envs ... + n_envs - 1
+    envs = make_envs(args, n_envs, args.seed + rank * n_envs)  # environment j of them: seed + rank * n_envs + j
     agent = build_agent(args, envs.obs_shape, envs.n_actions).to(device)
     opt = torch.optim.RMSprop(agent.parameters(), lr=args.lr, alpha=0.99, eps=0.01)
     per_update = args.batch_size * args.unroll
@@ -508,43 +590,57 @@ def train(args):
     if args.resume:
         ckpt = resume_from(ckpt_path, agent, opt, device, args)
         step, returns = ckpt["step"], ckpt["returns"]
-        envs.seed = args.seed + step  # fresh episodes: the environments' own state is not saved
-        if nothing_left(args.out_dir, step, n_updates, args.stop_at, True):  # its last checkpoint is its final result
+        envs.seed += step  # fresh episodes: the environments' own state is not saved
+        # every rank reads the same checkpoint, so all return here alike (rank 0 says why); then a clean teardown
+        with contextlib.nullcontext() if master else contextlib.redirect_stdout(io.StringIO()):
+            done = nothing_left(args.out_dir, step, n_updates, args.stop_at, True)  # its last checkpoint: its result
+        if done:
+            envs.close()
+            finish_processes(agent, world, master)
             return
-    os.makedirs(args.out_dir, exist_ok=True)
-    if args.resume:
-        truncate_metrics(args.out_dir, step * per_update)  # the RL logs count environment steps
-    print(f"config: {json.dumps(dataclasses.asdict(args))}")
-    print(f"device {device}, env {args.env} (observation {envs.obs_shape}, {envs.n_actions} actions), "
-          f"core {args.model}, {sum(p.numel() for p in agent.parameters()) / 1e6:.2f}M parameters, {n_updates} "
-          f"updates of {args.batch_size} x {args.unroll} steps, starting at update {step}")
-    carry = rl_start(envs, device, args.batch_size)
+    ddp = agent  # what the unrolls call: the agent, wrapped in DDP when there are several processes
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(agent, device_ids=[device.index] if device.type == "cuda" else None)
+    if master:
+        os.makedirs(args.out_dir, exist_ok=True)
+        if args.resume:
+            truncate_metrics(args.out_dir, step * per_update)  # the RL logs count environment steps
+        print(f"config: {json.dumps(dataclasses.asdict(args))}")
+        print(f"device {device}, {world} process(es), env {args.env} (observation {envs.obs_shape}, {envs.n_actions} "
+              f"actions), core {args.model}, {sum(p.numel() for p in agent.parameters()) / 1e6:.2f}M parameters, "
+              f"{n_updates} updates of {args.batch_size} x {args.unroll} steps, starting at update {step}")
+    carry = rl_start(envs, device, n_envs, envs.seed)
     t0, env_time, t_window, step_window = time.time(), 0.0, time.time(), step
-    bar = tqdm(total=n_updates * per_update, initial=step * per_update, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=n_updates * per_update, initial=step * per_update, unit="step", disable=not master,
+               dynamic_ncols=True)
     while step < n_updates:
         for group in opt.param_groups:
             group["lr"] = args.lr * (1 - step / n_updates)  # linear decay to 0
         try:
-            update = rl_update(agent, opt, envs, carry, args, device)
-        except FloatingPointError as e:  # rl_unroll's non-finite policy logits
+            update = rl_update(ddp, opt, envs, carry, args, device, world)
+        except FloatingPointError as e:  # rl_unroll's non-finite policy logits (on any rank: every rank raises)
             check_finite(step, args.out_dir, "Lower --lr.", {"the policy logits": e.args[0]}, bar=bar)
-        check_finite(step, args.out_dir, "Lower --lr.", {"the loss": update.loss}, bar=bar)
+        check_finite(step, args.out_dir, "Lower --lr.", {"the loss": update.loss}, bar=bar)  # over every rank's
         carry, step, env_time = update.carry, step + 1, env_time + update.env_time
         returns += update.finished
         bar.update(per_update)
-        rl_log_update(args, step * per_update, update, returns, bar, t0)
+        if master:
+            rl_log_update(args, step * per_update, update, returns, bar, t0)
         if step % args.eval_every == 0 or step == n_updates or step == args.stop_at:
-            check_finite(step, args.out_dir, "Lower --lr.", {}, [agent], bar)
-            rl_log_window(args, step, per_update, returns, time.time() - t_window, step - step_window, env_time, t0)
+            check_finite(step, args.out_dir, "Lower --lr.", {}, [agent], bar)  # the same weights on every rank (DDP)
+            if master:  # the speed is rank 0's, the environments' share of the time too
+                rl_log_window(args, step, per_update, returns, time.time() - t_window, step - step_window, env_time, t0)
+                save_checkpoint(ckpt_path, {
+                    "model": agent.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "args": dataclasses.asdict(args), "returns": returns, "rng": rng_state()})
             t_window, step_window, env_time = time.time(), step, 0.0
-            save_checkpoint(ckpt_path, {
-                "model": agent.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                "args": dataclasses.asdict(args), "returns": returns, "rng": rng_state()})
             if step == args.stop_at:
                 break
     bar.close()
     envs.close()
-    if step == n_updates:
+    del ddp  # DDP holds the process group: release it here, not at interpreter exit (gloo aborts there)
+    finish_processes(agent, world, master)
+    if master and step == n_updates:
         print(f"final: mean return of the last {len(returns[-100:])} episodes {np.mean(returns[-100:]):.1f} after "
               f"{step * per_update} environment steps, {time.time() - t0:.0f}s")
 
@@ -609,7 +705,7 @@ def bench(args):
             agent = build_agent(dataclasses.replace(args, model=name, impl=impl), envs.obs_shape,
                                 envs.n_actions).to(device)
             opt = torch.optim.RMSprop(agent.parameters(), lr=args.lr, alpha=0.99, eps=0.01)
-            carry, times, env_times = rl_start(envs, device, args.batch_size), [], []
+            carry, times, env_times = rl_start(envs, device, args.batch_size, args.seed), [], []
             for _ in range(3):  # the first is a warm-up
                 t = time.perf_counter()
                 update = rl_update(agent, opt, envs, carry, args, device)

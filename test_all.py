@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -359,6 +360,68 @@ def flag_values_test(script, bad=()):
             refused(argv, message)
 
     return test
+
+
+def run_processes(script, n, *args, torchrun=False):
+    """The script in n processes on the CPU, one thread each: as torchrun starts them (the variables RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT at a free port; without torchrun's own process, a second of CPU per run saved) or, with
+    torchrun=True, through torchrun --standalone. n = 1: a plain run. -> returncode and the ranks' stdout, stderr."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if torchrun or n == 1:
+        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)] if torchrun else []
+        p = subprocess.run([sys.executable, *launch, script, *args], capture_output=True, text=True,
+                           cwd=os.path.dirname(script), env=env, timeout=600)
+    else:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+        procs = [subprocess.Popen([sys.executable, script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, cwd=os.path.dirname(script),
+                                  env=dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n),
+                                           LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+                 for r in range(n)]
+        try:
+            outs = [proc.communicate(timeout=600) for proc in procs]
+        finally:
+            for proc in procs:
+                proc.kill()  # a rank left waiting for one that failed
+        p = subprocess.CompletedProcess(script, max(proc.returncode for proc in procs),
+                                        "".join(o for o, _ in outs), "".join(e for _, e in outs))
+    if p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def logged_values(out_dir, skip=("steps_per_s", "env_time_frac")):
+    """metrics.jsonl without the times (and the RL's speed lines): (step, split, metric, value) in the order logged."""
+    return [(m["step"], m["split"], m["metric"], m["value"]) for m in read_metrics(out_dir) if m["metric"] not in skip]
+
+
+def assert_same_weights(path_a, path_b, rtol=1e-5):
+    """The model of two checkpoints: every float tensor to rtol relative to its largest entry, the rest exactly."""
+    a, b = (torch.load(p, map_location="cpu", weights_only=False)["model"] for p in (path_a, path_b))
+    assert a.keys() == b.keys()
+    for key in a:
+        if a[key].is_floating_point():
+            scale = b[key].abs().max().item()
+            assert (a[key] - b[key]).abs().max().item() <= rtol * scale + 1e-12, key
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
+def assert_two_processes_train_as_one(script, *args, torchrun=False):
+    """The data-parallel proof: 2 processes (torchrun, gloo; each takes half of the global --batch_size) against 1 with
+    the same global batch, data and seed log the same training losses and evaluations and end with the same weights,
+    to 1e-5 relative (the same sums in another order). A rank reading another's rows, a loss counted twice or a batch
+    silently doubled is far above that; "the ranks agree" alone would pass all three. -> the 2-process stdout."""
+    one, two = (os.path.join(os.path.dirname(script), name) for name in ("one", "two"))
+    run_processes(script, 1, *args, "--out_dir", one)
+    p = run_processes(script, 2, *args, "--out_dir", two, torchrun=torchrun)
+    assert "2 process(es)" in p.stdout and "ddp: parameters identical on all 2 ranks: True" in p.stdout
+    assert len([m for m in logged_values(two) if m[1] == "train"]) > 0
+    assert_same_run(logged_values(one), logged_values(two))  # only rank 0 writes: no line twice
+    assert_same_weights(os.path.join(one, "ckpt.pt"), os.path.join(two, "ckpt.pt"))
+    return p
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1040,21 +1103,33 @@ def test_dn_empty_corpus_is_an_error(tmp_path, capsys):
                                  str(tmp_path / "out")], "empty", capsys)
 
 
-@pytest.mark.parametrize("name, args, port", [("delta_net.py", [], "29517"),
-                                              ("linear_transformer.py", ["--phi", "favor", "--favor_redraw", "5"], "29518")])
-def test_dn_lt_ddp_two_processes_on_cpu(tmp_path, name, args, port):
-    """Both ranks end with identical parameters; only rank 0 logs and writes metrics."""
-    script = script_copy(tmp_path, name)
-    out = str(tmp_path / "out")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-                        script, "--preset", "tiny", "--out_dir", out, *args], capture_output=True, text=True, env=env,
-                       cwd=str(tmp_path), timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "2 process(es)" in p.stdout
+def test_dn_ddp_two_processes_train_as_one(tmp_path):
+    p = assert_two_processes_train_as_one(script_copy(tmp_path), "--preset", "tiny", torchrun=True)
     assert p.stdout.count("final: test acc") == 1  # only rank 0 logs
-    assert "ddp: parameters identical on all 2 ranks: True" in p.stdout
-    assert len([m for m in read_metrics(out) if m["split"] == "train"]) == 20  # and only rank 0 writes metrics
+
+
+def test_dn_ddp_lm_carried_state_resumes_across_process_counts(tmp_path):
+    """lm with --carry_state: each rank carries its own streams' fast weights. 2 processes stopped at step 7, resumed
+    by 1 up to step 14, then by 2 to the end, end as 1 process uninterrupted (the checkpoint holds every stream)."""
+    script, corpus = script_copy(tmp_path), str(tmp_path / "corpus")
+    write_corpus(corpus)
+    common = ["--preset", "tiny", "--task", "lm", "--dataset", corpus, "--tokenizer", "char", "--seq_len", "16",
+              "--carry_state", "--eval_every", "5"]
+    full, out = str(tmp_path / "full"), str(tmp_path / "out")
+    run_processes(script, 1, *common, "--out_dir", full)
+    run_processes(script, 2, *common, "--out_dir", out, "--stop_at", "7")
+    run_processes(script, 1, *common, "--out_dir", out, "--stop_at", "14", "--resume")
+    run_processes(script, 2, *common, "--out_dir", out, "--resume")
+    trained = [[m for m in logged_values(d) if m[1] != "valid"] for d in (full, out)]  # --stop_at evaluates too
+    assert_same_run(*trained)
+    assert_same_weights(os.path.join(full, "ckpt.pt"), os.path.join(out, "ckpt.pt"))
+
+
+def test_dn_ddp_batch_not_divisible_by_the_processes_is_an_error(tmp_path):
+    script = script_copy(tmp_path)
+    p = run(script, "--preset", "tiny", "--batch_size", "9", check=False,
+            env=dict(os.environ, WORLD_SIZE="2", RANK="0"))
+    assert p.returncode == 2 and "global batch" in p.stderr and "Traceback" not in p.stderr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1429,6 +1504,12 @@ def test_lt_smoke_lm_and_sample(tmp_path, attn):
     p = run(script, "--task", "lm", "--out_dir", out, "--sample", "12", "--prompt", "the fast")
     tokens = sampled_tokens(p.stdout, "word")
     assert tokens[:2] == ["the", "fast"] and len(tokens) == 2 + 12, p.stdout
+
+
+def test_lt_ddp_two_processes_train_as_one(tmp_path):
+    """FAVOR+ redrawn every 5 steps: every rank computes with the projection one process would draw."""
+    assert_two_processes_train_as_one(script_copy(tmp_path, "linear_transformer.py"), "--preset", "tiny", "--phi",
+                                      "favor", "--favor_redraw", "5")
 
 
 @pytest.mark.parametrize("pos_enc", ["none", "sin"])
@@ -1842,6 +1923,13 @@ def test_rf_resume_is_exact(tmp_path):
     assert_same_run(split, full)  # each step once: the killed run's lines past step 10 are gone
 
 
+def test_rf_ddp_two_processes_train_as_one(tmp_path):
+    """Code execution: the programs' lengths differ, so the ranks hold different numbers of targets; each rank's loss
+    is its sum over the global batch's count (times 2), which DDP's average turns into the global mean."""
+    p = assert_two_processes_train_as_one(script_copy(tmp_path, "rfwp.py"), "--preset", "tiny")
+    assert p.stdout.count("final: test seq_acc") == 1
+
+
 def test_rf_bench_runs(tmp_path):
     """Every model's row; each fast-weight model with chunk and kernel rows, each checked against --impl loop."""
     p = run(script_copy(tmp_path, "rfwp.py"), "--preset", "tiny", "--bench", "--bench_T", "16")
@@ -2214,6 +2302,16 @@ def test_rl_smoke_cartpole_resume_and_eval(tmp_path):
     assert episodes and all(m["value"] >= 1 for m in episodes)
     p = run(script, *common, "--eval", "3")
     assert re.search(r"eval: .* 3 episodes of CartPole-NoVel: return [\d.]+ \+- [\d.]+", p.stdout), p.stdout
+
+
+def test_rl_ddp_two_processes_train_as_one(tmp_path):
+    """2 processes x 4 CartPole environments against 1 x 8: rank r steps the environments r*4 ... r*4+3 of the one
+    process, seeded alike, each sampling its actions from a generator of its own; so the same 8 episodes run, and the
+    episodes' returns (gathered by rank 0), the losses (IMPALA's sums over all 8) and the final weights (the
+    observation statistics too) agree."""
+    p = assert_two_processes_train_as_one(rl_script_copy(tmp_path), "--preset", "tiny")
+    assert p.stdout.count("final: mean return") == 1
+    assert len([m for m in read_metrics(tmp_path / "two") if m["split"] == "episode"]) > 10
 
 
 def test_rl_smoke_atari(tmp_path):
@@ -2998,6 +3096,13 @@ def test_od_resume_is_exact_and_evaluate_compares_solvers(tmp_path):
                       p.stdout, re.M)
     assert [r[:2] for r in rows] == [("trained", "rk4"), ("asked", "dopri5"), ("reference", "dopri5")], p.stdout
     assert float(rows[1][2]) == 1.0 and float(rows[1][3]) < 1e-3 and float(rows[2][3]) == 0.0
+
+
+def test_od_ddp_two_processes_train_as_one(tmp_path):
+    """Spirals with the L2 penalty (added on every rank: DDP's average keeps its gradient once)."""
+    p = assert_two_processes_train_as_one(script_copy(tmp_path, "ode_fwp.py"), "--preset", "tiny", "--steps", "6",
+                                          "--l2", "0.03")
+    assert p.stdout.count("final: test acc") == 1
 
 
 def test_od_official_recipe_pieces(tmp_path):
