@@ -364,7 +364,7 @@ def flag_values_test(script, bad=()):
 
 def run_processes(script, n, *args, torchrun=False):
     """The script in n processes on the CPU, one thread each: as torchrun starts them (the variables RANK, WORLD_SIZE,
-    MASTER_ADDR, MASTER_PORT at a free port; without torchrun's own process, a second of CPU per run saved) or, with
+    MASTER_ADDR, MASTER_PORT at a free port; without torchrun's own process: seconds of CPU per run saved) or, with
     torchrun=True, through torchrun --standalone. n = 1: a plain run. -> returncode and the ranks' stdout, stderr."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if torchrun or n == 1:
