@@ -628,8 +628,9 @@ MODEL_FLAGS = ("d_model", "n_head", "n_layer", "d_ff", "dropout", "pos_enc", "qk
                "scale_out", "gate", "neg_eigval", "short_conv", "out_gate")
 
 
+# the flags a --resume must share with its checkpoint: the model's shape and inputs
 RESUME_FLAGS = ("task", "vocab_size", "tokenizer", "d_model", "n_head", "n_layer", "d_ff", "pos_enc", "qk_map",
-                "scale_out")  # the flags a --resume must share with its checkpoint: the model's shape and inputs
+                "scale_out", "gate", "neg_eigval", "short_conv", "out_gate")
 
 
 def build_model(args, vocab_size):
