@@ -31,10 +31,12 @@ Commands:
     python linear_transformer.py --bench                     # loop/chunk/parallel/kernel vs softmax over T
 """
 
+import ast
 import contextlib
 import dataclasses
 import gc
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -140,6 +142,9 @@ class Args:
     """gradient norm clip (0 disables)"""
     eval_every: int = 200
     """evaluate and checkpoint every this many steps"""
+    log_every: int = 50
+    """read the training loss from the device (one sync), log it and show it in the progress bar every this many steps
+    and at every evaluation"""
     eval_batches: int = 16
     """recall: batches in each evaluation (lm evaluates the whole split)"""
     seed: int = 0
@@ -592,7 +597,8 @@ def check_args(args):
         check_model_args("--", **{name: getattr(args, name) for name in MODEL_FLAGS})
     except ValueError as e:
         fail(str(e))
-    for key in ("batch_size", "steps", "eval_every", "eval_batches", "seq_len", "n_pairs", "vocab_size", "bench_d"):
+    for key in ("batch_size", "steps", "eval_every", "log_every", "eval_batches", "seq_len", "n_pairs", "vocab_size",
+                "bench_d"):
         if getattr(args, key) <= 0:
             fail(f"--{key} must be positive, got {getattr(args, key)}")
     for key in ("seed", "sample", "weight_decay"):
@@ -710,6 +716,55 @@ def sample(args, device):
     print(sep.join(vocab[i] for i in ids).replace(" <eos> ", "\n"))
 
 
+def start_processes(args):
+    """One process per rank under torchrun (RANK, WORLD_SIZE set; gloo on CPU, nccl on CUDA) -> rank, world, device.
+    --batch_size is the global batch: each rank takes its rows (rank_slice); rank 0 logs, evaluates and saves."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        fail(f"--batch_size {args.batch_size} is the global batch; it must divide evenly among the {world} processes")
+    device = pick_device(args.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def finish_processes(model, world, master):
+    """DDP's invariant, checked (every rank ends with the same weights), then a clean teardown."""
+    if world > 1:
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()]).cpu()
+        same = all(torch.equal(g, flat) for g in gather_ranks(flat, world))
+        if master:
+            print(f"ddp: parameters identical on all {world} ranks: {same}")
+        torch.distributed.barrier()  # no rank tears down while another still talks to it
+        gc.collect()  # the DDP wrapper's reducer, with its reference to the group, goes now
+        torch.distributed.destroy_process_group()
+
+
+def rank_slice(x, rank, world):
+    """This rank's rows of a global batch: rows rank * n ... (rank + 1) * n - 1 of dim 0, n = len(x) / world."""
+    n = len(x) // world
+    return x[rank * n : (rank + 1) * n]
+
+
+def mean_over_ranks(x, world):
+    """The mean of a tensor over the ranks, on every rank (a detached copy)."""
+    x = x.detach().clone()
+    if world > 1:
+        torch.distributed.all_reduce(x)
+    return x / world
+
+
+def gather_ranks(x, world):
+    """x (any picklable value; tensors on the CPU) from every rank, in rank order, on every rank."""
+    out = [x] * world
+    if world > 1:
+        torch.distributed.all_gather_object(out, x)
+    return out
+
+
 def setup_processes(args):
     """One process per rank under torchrun (RANK, WORLD_SIZE set; gloo on CPU, nccl on CUDA). -> rank, world, device,
     and the bf16 autocast context (a no-op unless --dtype bfloat16 on CUDA)."""
@@ -741,17 +796,30 @@ def train_batch(args, task, step, gen, state):
     return *data.segment(task["train"], i, args.seq_len), None if i == 0 else state
 
 
-def optimizer_step(model, opt, loss, args, step, bar, world):
-    """A non-finite loss of the global batch (the mean of the ranks' losses, so every rank stops alike) stops the run
-    (check_finite: nothing of it saved); else one clipped optimizer step. Returns the global batch's loss."""
-    mean_loss = mean_over_ranks(loss, world)
-    check_finite(step, args.out_dir, "Lower --lr or raise --warmup.", {"the loss": mean_loss}, bar=bar)
+def optimizer_step(model, opt, loss, args, world):
+    """One clipped optimizer step. Returns the global batch's loss, the mean of the ranks' (so that every rank stops
+    alike on a divergence), as a device tensor: log_train reads and checks it."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if args.grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     opt.step()
-    return mean_loss.item()
+    return mean_over_ranks(loss, world)
+
+
+def log_train(args, step, pending, bar, master, t0):
+    """The training metrics of the steps since the last call (one dict per step, its "loss" a device tensor, read here
+    in one sync rather than every step): a non-finite loss stops the run (check_finite, before anything of it is
+    saved); rank 0 logs every step's line; the bar shows the last loss. Returns an empty list for the next steps."""
+    losses = torch.stack([m["loss"] for m in pending]).tolist() if pending else []
+    first = step - len(pending) + 1
+    for i, loss in enumerate(losses):
+        check_finite(first + i, args.out_dir, "Lower --lr or raise --warmup.", {"the loss": loss}, bar=bar)
+    for i, (m, loss) in enumerate(zip(pending, losses) if master else []):
+        log_metrics(args.out_dir, first + i, "train", dict(m, loss=loss), t0)
+    if losses:
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    return []
 
 
 def evaluate_and_log(model, args, task, step, device, autocast, master, world, t0):
@@ -768,44 +836,6 @@ def evaluate_and_log(model, args, task, step, device, autocast, master, world, t
             log_metrics(args.out_dir, step, split, results[split], t0)
             tqdm.write(f"step {step} {split}: " + " ".join(f"{k} {v:.4f}" for k, v in results[split].items()))
     return results
-
-
-def finish_processes(model, world, master):
-    """DDP's invariant, checked: every rank ends with the same weights. Then a clean teardown."""
-    if world == 1:
-        return
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    gathered = [torch.empty_like(flat) for _ in range(world)]
-    torch.distributed.all_gather(gathered, flat)
-    if master:
-        print(f"ddp: parameters identical on all {world} ranks: {all(torch.equal(g, flat) for g in gathered)}")
-    torch.distributed.barrier()  # no rank tears down while another still talks to it
-    gc.collect()  # the DDP wrapper's reducer, with its reference to the group, goes now
-    torch.distributed.destroy_process_group()
-
-
-def rank_slice(x, rank, world):
-    """This rank's rows of a global batch: rows rank * n ... (rank + 1) * n - 1 of dim 0, n = len(x) / world."""
-    n = len(x) // world
-    return x[rank * n : (rank + 1) * n]
-
-
-def mean_over_ranks(x, world):
-    """The mean of a tensor over the ranks, on every rank (a copy, detached)."""
-    x = x.detach().clone()
-    if world > 1:
-        torch.distributed.all_reduce(x)
-        x /= world
-    return x
-
-
-def gather_ranks(x, world):
-    """x (any picklable value; tensors on the CPU) from every rank, in rank order, on every rank."""
-    if world == 1:
-        return [x]
-    out = [None] * world
-    torch.distributed.all_gather_object(out, x)
-    return out
 
 
 def map_tensors(fn, x):
@@ -849,7 +879,7 @@ def train(args):
         print(f"config: {json.dumps(dataclasses.asdict(args))}")
         print(f"device {device}, {world} process(es), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
               f"parameters, starting at step {step}")
-    t0, bar, results = time.time(), tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True), None
+    t0, bar, results, pending = time.time(), progress_bar(args.steps, step, master), None, []
     while step < args.steps:
         x, y, state = train_batch(args, task, step, gen, state)
         x, y = rank_slice(x, rank, world), rank_slice(y, rank, world)  # this rank's rows (lm: its streams)
@@ -863,13 +893,13 @@ def train(args):
         # every sequence has as many targets (recall: n_pairs, lm: the segment's length), so the mean over this rank's
         # rows, averaged over the ranks by DDP, is the global batch's mean and its gradient
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-100)
-        mean_loss = optimizer_step(ddp, opt, loss, args, step, bar, world)
+        pending.append({"loss": optimizer_step(ddp, opt, loss, args, world)})
         state, step = detach_state(new_state) if args.carry_state else None, step + 1
         bar.update(1)
-        bar.set_postfix(loss=f"{mean_loss:.4f}")
-        if master:
-            log_metrics(args.out_dir, step, "train", {"loss": mean_loss}, t0)
-        if step % args.eval_every == 0 or step == args.steps or step == args.stop_at:
+        evaluate_now = step % args.eval_every == 0 or step == args.steps or step == args.stop_at
+        if step % args.log_every == 0 or evaluate_now:
+            pending = log_train(args, step, pending, bar, master, t0)
+        if evaluate_now:
             # the carried state of every stream (each rank holds its rows), so that any number of processes resumes
             train_state = map_tensors(lambda s: torch.cat(gather_ranks(s.cpu(), world)), state)
             results = evaluate_and_log(model, args, task, step, device, autocast, master, world, t0)
@@ -992,101 +1022,40 @@ def bench(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Scaffolding, the same in every script: command line (from the Args fields and their docstrings), errors,
-# the CUDA kernels' loader, device, the output folder, checkpoint writes and reads, divergence, seeds and --resume,
-# metrics. Nothing here is specific to the method.
+# Scaffolding, the same in every script: the command line (from the Args fields and their docstrings), errors, the
+# device, torchrun's processes, the output folder, checkpoints, divergence, seeds, metrics, the kernels' loader.
 
 
 def fail(msg):
-    """A user error: one message, non-zero exit, no traceback."""
+    """A user error: one message, exit status 2, no traceback."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
-_KERNELS = {}  # device type -> the loaded extension, or False once its build failed
-KERNEL_FILES = {"cpu": "cpu_kernels.cpp", "cuda": "cuda_kernels.cu"}
-
-
-def kernels(device_type):
-    """The fused kernels of a device (cpu_kernels.cpp on the CPU, cuda_kernels.cu on CUDA: the same functions), built
-    and loaded on first use (never at import). The build runs on a copy of the source named by a hash of it and of
-    torch's version, so an edit rebuilds, two scripts never clash and a copied script reuses the build. None, after one
-    warning, if that fails (no compiler, no ninja, no nvcc, no file): the chunk form runs instead. The CPU build is for
-    this CPU (-march=native: its vector units; cpu_features names it). None for a device without a kernel file (mps)."""
-    if device_type not in KERNEL_FILES:
-        return None
-    if device_type not in _KERNELS:
-        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), KERNEL_FILES[device_type])
-        try:
-            from torch.utils.cpp_extension import load
-
-            with open(src, "rb") as f:
-                code = f.read()
-            digest = hashlib.sha256(code + torch.__version__.encode() + cpu_features().encode()).hexdigest()[:16]
-            name = f"fwp_{device_type}_kernels_{digest}"  # one build for every script
-            root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                           "torch_extensions")
-            build = os.path.join(root, name)
-            os.makedirs(build, exist_ok=True)
-            copy = os.path.join(build, os.path.basename(src))
-            if not os.path.exists(copy):
-                with open(copy + ".tmp", "wb") as f:
-                    f.write(code)
-                os.replace(copy + ".tmp", copy)
-            flags = ["-O3", "-march=native", "-fopenmp" if torch.backends.openmp.is_available() else "-fopenmp-simd"]
-            _KERNELS[device_type] = load(name, [copy], build_directory=build, extra_cflags=flags,
-                                         extra_cuda_cflags=["-O3"], verbose=False)
-        except Exception as e:  # no compiler, no ninja, a compile error: the chunk form still works
-            print(f"warning: {os.path.basename(src)} unavailable ({type(e).__name__}: {str(e)[-2000:]}); using --impl "
-                  "chunk", file=sys.stderr)
-            _KERNELS[device_type] = False
-    return _KERNELS[device_type] or None
-
-
-def cpu_features():
-    """The CPU's instruction sets, which a -march=native build uses: part of the build's name, so that a build folder
-    shared by machines of other CPUs (a home directory on a cluster) is never loaded where it would not run."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.machine() + platform.processor()
-
-
-def print_help():
-    """Every Args field with its type, default and docstring (read from this file's source)."""
-    import ast
-    import inspect
-
-    body = ast.parse(inspect.getsource(Args)).body[0].body
-    print(f"usage: python {os.path.basename(sys.argv[0])} [--preset {'|'.join(PRESETS)}] [--key value ...]")
-    for node, doc in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr):
-            name = node.target.id
-            print(f"  --{name} ({ast.unparse(node.annotation)}, {getattr(Args, name)!r}): {doc.value.value}")
-    sys.exit(0)
-
-
 def parse_args(argv):
-    """--key value (or --key=value; a bare --flag sets a bool), --preset NAME applied first; check_args, then what every
-    script asks: finite floats, a seed numpy takes, a --device this machine has, an --out_dir that is not empty."""
-    if "--help" in argv or "-h" in argv:
-        print_help()
+    """--key value (or --key=value; a bare --flag sets a bool), --preset NAME applied first; --help lists every Args
+    field with its type, default and docstring. Then check_args, a seed numpy takes, an --out_dir, a --device here."""
     fields = {f.name: f for f in dataclasses.fields(Args)}
+    if "--help" in argv or "-h" in argv:
+        body = ast.parse(inspect.getsource(Args)).body[0].body
+        print(f"usage: python {os.path.basename(sys.argv[0])} [--preset {'|'.join(PRESETS)}] [--key value ...]")
+        for node, doc in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr):
+                name = node.target.id
+                print(f"  --{name} ({ast.unparse(node.annotation)}, {getattr(Args, name)!r}): {doc.value.value}")
+        sys.exit(0)
     kv, i = {}, 0
     while i < len(argv):
         key, eq, val = argv[i].removeprefix("--").partition("=")
         if not argv[i].startswith("--") or (key not in fields and key != "preset"):
             fail(f"unknown argument {argv[i]!r}; --help lists the flags")
-        is_bool = key in fields and fields[key].type is bool
-        if not eq and is_bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+        if not eq and key in fields and fields[key].type is bool and (i + 1 == len(argv) or argv[i + 1][:2] == "--"):
             val = "true"  # a bare --flag
         elif not eq:
             if i + 1 == len(argv):
                 fail(f"--{key} needs a value")
             val, i = argv[i + 1], i + 1
-        kv[key] = val
-        i += 1
+        kv[key], i = val, i + 1
     preset = kv.pop("preset", None)
     if preset is not None and preset not in PRESETS:
         fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -1094,16 +1063,14 @@ def parse_args(argv):
     for key, val in kv.items():
         typ = fields[key].type
         try:
-            if typ is bool:
-                if val.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                val = val.lower() in ("true", "1")
-            value = typ(val)
+            if typ is bool and val.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            value = val.lower() in ("true", "1") if typ is bool else typ(val)
             if typ is float and not np.isfinite(value):
                 raise ValueError
-            setattr(args, key, value)
         except ValueError:
             fail(f"--{key} expects {'a finite float' if typ is float else typ.__name__}, got {val!r}")
+        setattr(args, key, value)
     args = check_args(args)
     if not 0 <= args.seed < 2**32:
         fail(f"--seed must be in [0, 2**32 - 1] (numpy's seeds), got {args.seed}")
@@ -1116,8 +1083,7 @@ def parse_args(argv):
 def pick_device(name):
     """auto: cuda > mps > cpu; else the device named, if this machine has it (a one-line error if not)."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    name = ("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu") if name == "auto" else name
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
@@ -1137,16 +1103,16 @@ RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl")  # what a run writes to its 
 
 
 def open_out_dir(args):
-    """A training run's --out_dir, checked before anything is written: a folder this process can write to, and never
-    another run's: --resume continues the run there, --overwrite deletes its RUN_FILES first, else a one-line error."""
+    """--out_dir, checked before anything is written: a folder this process can write to, never another run's (one
+    holding RUN_FILES) unless --resume continues that run or --overwrite deletes its RUN_FILES first."""
     out = args.out_dir
     if args.resume and args.overwrite:
         fail("--resume continues the run in --out_dir, --overwrite replaces it: give one of them")
     if os.path.exists(out) and not os.path.isdir(out):
         fail(f"--out_dir {out} is a file, not a folder; give a folder")
-    probe = os.path.join(out, f".write_test_{os.getpid()}")
     try:
         os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write_test_{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
@@ -1156,22 +1122,18 @@ def open_out_dir(args):
         fail(f"--out_dir {out} holds a run ({', '.join(found)}): continue it with --resume, give another --out_dir, "
              "or replace it with --overwrite")
     for f in found if args.overwrite else []:
-        try:
+        with contextlib.suppress(FileNotFoundError):  # another process of this run removed it first
             os.remove(os.path.join(out, f))
-        except FileNotFoundError:  # another process of this run removed it first
-            pass
 
 
 def save_checkpoint(path, obj):
-    """obj and the script's name (read_checkpoint checks it), written atomically: a killed run leaves the previous
-    checkpoint intact."""
-    tmp = path + ".tmp"
-    torch.save(dict(obj, script=os.path.basename(__file__)), tmp)
-    os.replace(tmp, path)
+    """obj and the script's name (read_checkpoint checks it), written atomically: a kill leaves the last one intact."""
+    torch.save(dict(obj, script=os.path.basename(__file__)), path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def mark_final(path):
-    """Record in the checkpoint at path that the run's final evaluation is written: a --resume then has nothing left."""
+    """Record in the checkpoint at path that the run's final evaluation is written: a --resume has nothing left."""
     save_checkpoint(path, dict(torch.load(path, map_location="cpu", weights_only=False), final=True))
 
 
@@ -1198,10 +1160,26 @@ def read_checkpoint(path, flag, device="cpu", args=None):
     return ckpt
 
 
+def resume_from(path, model, opt, device, args):
+    """--resume: read_checkpoint, the model and optimizer loaded in place, the global RNGs restored; returns the
+    checkpoint (its RNG states on the CPU, where torch keeps generators')."""
+    ckpt = read_checkpoint(path, "--resume", device, args)
+    try:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        fail(f"--resume: the weights in {path} do not fit this model ({str(e).strip().splitlines()[0]}); give the "
+             "flags it was trained with, or another --out_dir")
+    rng = ckpt["rng"] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in ckpt["rng"].items()}
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    return ckpt
+
+
 def nothing_left(out_dir, step, steps, stop_at, final):
-    """--resume of a checkpoint at step, of a run of steps: True, after saying so, if nothing is left to do (the run
-    finished, its final evaluation written; or the checkpoint at or past --steps or --stop_at). A run whose training
-    steps are done but whose final evaluation is not written has that left."""
+    """--resume of a checkpoint at step of a run of steps: True, after saying why, if nothing is left to do (finished,
+    its final evaluation written; or at or past --steps or --stop_at)."""
     if step == steps and final:
         print(f"the run in {out_dir} is finished (step {step} of {steps}, its final results written); nothing to do")
     elif step > steps:
@@ -1209,14 +1187,12 @@ def nothing_left(out_dir, step, steps, stop_at, final):
     elif stop_at and stop_at <= step < steps:
         print(f"the checkpoint in {out_dir} is at step {step}, at or past --stop_at {stop_at}; nothing to do (a later "
               "--stop_at, or none, continues)")
-    else:
-        return False
-    return True
+    return step == steps and final or step > steps or bool(stop_at and stop_at <= step < steps)
 
 
 def check_finite(step, out_dir, fix, values, modules=(), bar=None):
     """A divergence stops the run before anything of it is logged or saved (exit 1): a non-finite value in values (name
-    -> a number or tensor: a loss, generated weights) or weight of modules. The message says what stays on disk."""
+    -> a number or tensor) or weight of modules. The message says what stays on disk."""
     values = {name: torch.as_tensor(v) for name, v in values.items()}
     bad = [f"{name} became {v.item() if v.numel() == 1 else 'non-finite'}" for name, v in values.items()
            if not v.isfinite().all()]
@@ -1249,24 +1225,27 @@ def log_metrics(out_dir, step, split, metrics, t0):
 
 
 def truncate_metrics(out_dir, step, final=()):
-    """--resume: drop the metrics.jsonl lines past the checkpoint's step (the killed run logged them; the resumed run
-    logs those steps again), a line the kill cut short, and the lines at step of the final evaluation's splits `final`
-    (one the checkpoint does not record, which the resumed run writes); written atomically, as the checkpoints."""
-    path = os.path.join(out_dir, "metrics.jsonl")
+    """--resume: drop the metrics.jsonl lines past the checkpoint's step (the resumed run logs those steps again), a
+    line cut short by the kill, and those at step of the splits in `final` (the final evaluation, written again)."""
+    path, keep = os.path.join(out_dir, "metrics.jsonl"), []
     if not os.path.exists(path):
         return
-    keep = []
     with open(path) as f:
         for line in f:
-            try:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
                 m = json.loads(line)
                 if m["step"] < step or m["step"] == step and m["split"] not in final:
                     keep.append(line)
-            except (ValueError, KeyError, TypeError):
-                pass
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
+
+
+def progress_bar(total, initial=0, master=True, **kw):
+    """tqdm over the training steps on rank 0, redrawn at most twice a second on a terminal and every 10 s when
+    stderr is a file (a log stays small); set its postfix with refresh=False: it shows at the next redraw."""
+    return tqdm(total=total, initial=initial, disable=not master, dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 10, **kw)
 
 
 def seed_everything(seed):
@@ -1279,21 +1258,46 @@ def rng_state():
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
-def resume_from(path, model, opt, device, args):
-    """--resume: the checkpoint of a run like this one (read_checkpoint), model and optimizer loaded in place, the
-    global RNGs restored; returns the checkpoint dict, its RNG states on the CPU (where torch keeps generators')."""
-    ckpt = read_checkpoint(path, "--resume", device, args)
-    try:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        fail(f"--resume: the weights in {path} do not fit this model ({str(e).strip().splitlines()[0]}); give the "
-             "flags it was trained with, or another --out_dir")
-    ckpt["rng"] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in ckpt["rng"].items()}
-    random.setstate(ckpt["rng"]["python"])
-    np.random.set_state(ckpt["rng"]["numpy"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    return ckpt
+_KERNELS = {}  # device type -> the loaded extension, or False once its build failed
+KERNEL_FILES = {"cpu": "cpu_kernels.cpp", "cuda": "cuda_kernels.cu"}
+
+
+def kernels(device_type):
+    """The fused kernels of a device (KERNEL_FILES: the same functions on both), built and loaded on first use, never at
+    import. The build runs on a copy of the source in a folder named by a hash of it, of torch's version and of this
+    CPU's instruction sets (the CPU build is -march=native), so an edit rebuilds, scripts share one build and a build
+    folder shared by other CPUs is never loaded here. None for a device without a kernel file (mps), and, after one
+    warning, if the build fails (no compiler, no ninja, no nvcc): the PyTorch forms run instead."""
+    if device_type in KERNEL_FILES and device_type not in _KERNELS:
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), KERNEL_FILES[device_type])
+        try:
+            from torch.utils.cpp_extension import load
+
+            with open(src, "rb") as f:
+                code = f.read()
+            try:
+                with open("/proc/cpuinfo") as f:
+                    cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
+            except OSError:
+                cpu = platform.machine() + platform.processor()
+            name = f"fwp_{device_type}_kernels_" + hashlib.sha256(code + torch.__version__.encode() + cpu.encode()
+                                                                  ).hexdigest()[:16]
+            build = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.expanduser(
+                "~/.cache/torch_extensions"), name)
+            copy = os.path.join(build, os.path.basename(src))
+            os.makedirs(build, exist_ok=True)
+            if not os.path.exists(copy):
+                with open(copy + ".tmp", "wb") as f:
+                    f.write(code)
+                os.replace(copy + ".tmp", copy)
+            flags = ["-O3", "-march=native", "-fopenmp" if torch.backends.openmp.is_available() else "-fopenmp-simd"]
+            _KERNELS[device_type] = load(name, [copy], build_directory=build, extra_cflags=flags,
+                                         extra_cuda_cflags=["-O3"], verbose=False)
+        except Exception as e:  # no compiler, no ninja, a compile error: the PyTorch forms still work
+            print(f"warning: {os.path.basename(src)} unavailable ({type(e).__name__}: {str(e)[-2000:]}); using the "
+                  "PyTorch forms", file=sys.stderr)
+            _KERNELS[device_type] = False
+    return _KERNELS.get(device_type) or None
 
 
 def main(argv=None):

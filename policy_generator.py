@@ -27,7 +27,10 @@ Commands:
     python policy_generator.py --bench                          # generator, update and rollout times
 """
 
+import ast
+import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import random
@@ -535,12 +538,12 @@ def train(args):
     print(f"{args.env}: policy of {run.n_params} parameters, generator {n_gen / 1e6:.2f}M, evaluator "
           f"{sum(p.numel() for p in run.evaluator.parameters()) / 1e6:.2f}M, return range ({run.info['r_min']}, "
           f"{run.info['r_max']}), solved at {run.info['solved']}; starting at step {run.steps}")
-    bar = tqdm(total=args.total_steps, initial=run.steps, unit="step", dynamic_ncols=True)
+    bar = progress_bar(args.total_steps, run.steps, unit="step")
     stop = done
     while run.steps < args.total_steps and not stop:
         steps, progress = train_round(run, envs, args, t0)
         bar.update(steps)
-        bar.set_postfix(progress)
+        bar.set_postfix(progress, refresh=False)
         if run.steps // args.eval_every > run.last_eval // args.eval_every or run.steps >= args.total_steps:
             stop = evaluate_and_log(run, envs, args, t0) and args.stop_solved
             check_finite(run.steps, args.out_dir, DIVERGED, {}, [run.generator, run.evaluator], bar)
@@ -602,51 +605,40 @@ def bench(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Scaffolding, the same in every script: command line (from the Args fields and their docstrings), errors,
-# device, the output folder, checkpoint writes and reads, divergence, metrics and --resume (here the parts of a GoGePo
-# run). Nothing here is specific to the method.
+# Scaffolding, the same in every script: the command line (from the Args fields and their docstrings), errors, the
+# device, torchrun's processes, the output folder, checkpoints, divergence, seeds, metrics, the kernels' loader.
 
 
 def fail(msg):
-    """A user error: one message, non-zero exit, no traceback."""
+    """A user error: one message, exit status 2, no traceback."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
-def print_help():
-    """Every Args field with its type, default and docstring (read from this file's source)."""
-    import ast
-    import inspect
-
-    body = ast.parse(inspect.getsource(Args)).body[0].body
-    print(f"usage: python {os.path.basename(sys.argv[0])} [--preset {'|'.join(PRESETS)}] [--key value ...]")
-    for node, doc in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr):
-            name = node.target.id
-            print(f"  --{name} ({ast.unparse(node.annotation)}, {getattr(Args, name)!r}): {doc.value.value}")
-    sys.exit(0)
-
-
 def parse_args(argv):
-    """--key value (or --key=value; a bare --flag sets a bool), --preset NAME applied first; check_args, then what every
-    script asks: finite floats, a seed numpy takes, a --device this machine has, an --out_dir that is not empty."""
-    if "--help" in argv or "-h" in argv:
-        print_help()
+    """--key value (or --key=value; a bare --flag sets a bool), --preset NAME applied first; --help lists every Args
+    field with its type, default and docstring. Then check_args, a seed numpy takes, an --out_dir, a --device here."""
     fields = {f.name: f for f in dataclasses.fields(Args)}
+    if "--help" in argv or "-h" in argv:
+        body = ast.parse(inspect.getsource(Args)).body[0].body
+        print(f"usage: python {os.path.basename(sys.argv[0])} [--preset {'|'.join(PRESETS)}] [--key value ...]")
+        for node, doc in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr):
+                name = node.target.id
+                print(f"  --{name} ({ast.unparse(node.annotation)}, {getattr(Args, name)!r}): {doc.value.value}")
+        sys.exit(0)
     kv, i = {}, 0
     while i < len(argv):
         key, eq, val = argv[i].removeprefix("--").partition("=")
         if not argv[i].startswith("--") or (key not in fields and key != "preset"):
             fail(f"unknown argument {argv[i]!r}; --help lists the flags")
-        is_bool = key in fields and fields[key].type is bool
-        if not eq and is_bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+        if not eq and key in fields and fields[key].type is bool and (i + 1 == len(argv) or argv[i + 1][:2] == "--"):
             val = "true"  # a bare --flag
         elif not eq:
             if i + 1 == len(argv):
                 fail(f"--{key} needs a value")
             val, i = argv[i + 1], i + 1
-        kv[key] = val
-        i += 1
+        kv[key], i = val, i + 1
     preset = kv.pop("preset", None)
     if preset is not None and preset not in PRESETS:
         fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -654,16 +646,14 @@ def parse_args(argv):
     for key, val in kv.items():
         typ = fields[key].type
         try:
-            if typ is bool:
-                if val.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                val = val.lower() in ("true", "1")
-            value = typ(val)
+            if typ is bool and val.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            value = val.lower() in ("true", "1") if typ is bool else typ(val)
             if typ is float and not np.isfinite(value):
                 raise ValueError
-            setattr(args, key, value)
         except ValueError:
             fail(f"--{key} expects {'a finite float' if typ is float else typ.__name__}, got {val!r}")
+        setattr(args, key, value)
     args = check_args(args)
     if not 0 <= args.seed < 2**32:
         fail(f"--seed must be in [0, 2**32 - 1] (numpy's seeds), got {args.seed}")
@@ -676,8 +666,7 @@ def parse_args(argv):
 def pick_device(name):
     """auto: cuda > mps > cpu; else the device named, if this machine has it (a one-line error if not)."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    name = ("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu") if name == "auto" else name
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
@@ -697,16 +686,16 @@ RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl")  # what a run writes to its 
 
 
 def open_out_dir(args):
-    """A training run's --out_dir, checked before anything is written: a folder this process can write to, and never
-    another run's: --resume continues the run there, --overwrite deletes its RUN_FILES first, else a one-line error."""
+    """--out_dir, checked before anything is written: a folder this process can write to, never another run's (one
+    holding RUN_FILES) unless --resume continues that run or --overwrite deletes its RUN_FILES first."""
     out = args.out_dir
     if args.resume and args.overwrite:
         fail("--resume continues the run in --out_dir, --overwrite replaces it: give one of them")
     if os.path.exists(out) and not os.path.isdir(out):
         fail(f"--out_dir {out} is a file, not a folder; give a folder")
-    probe = os.path.join(out, f".write_test_{os.getpid()}")
     try:
         os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write_test_{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
@@ -716,22 +705,18 @@ def open_out_dir(args):
         fail(f"--out_dir {out} holds a run ({', '.join(found)}): continue it with --resume, give another --out_dir, "
              "or replace it with --overwrite")
     for f in found if args.overwrite else []:
-        try:
+        with contextlib.suppress(FileNotFoundError):  # another process of this run removed it first
             os.remove(os.path.join(out, f))
-        except FileNotFoundError:  # another process of this run removed it first
-            pass
 
 
 def save_checkpoint(path, obj):
-    """obj and the script's name (read_checkpoint checks it), written atomically: a killed run leaves the previous
-    checkpoint intact."""
-    tmp = path + ".tmp"
-    torch.save(dict(obj, script=os.path.basename(__file__)), tmp)
-    os.replace(tmp, path)
+    """obj and the script's name (read_checkpoint checks it), written atomically: a kill leaves the last one intact."""
+    torch.save(dict(obj, script=os.path.basename(__file__)), path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def mark_final(path):
-    """Record in the checkpoint at path that the run's final evaluation is written: a --resume then has nothing left."""
+    """Record in the checkpoint at path that the run's final evaluation is written: a --resume has nothing left."""
     save_checkpoint(path, dict(torch.load(path, map_location="cpu", weights_only=False), final=True))
 
 
@@ -758,10 +743,34 @@ def read_checkpoint(path, flag, device="cpu", args=None):
     return ckpt
 
 
+def resume_from(path, run, flag="--resume"):
+    """--resume, --sweep_only: the checkpoint of a run like this one (read_checkpoint); the networks, optimizers (at
+    this run's learning rates), buffer, normaliser and counters of a GoGePo run loaded in place, the RNGs restored;
+    returns the checkpoint dict."""
+    ckpt = read_checkpoint(path, flag, run.device, run.args)
+    try:
+        for name in ("generator", "evaluator", "opt_g", "opt_v"):
+            getattr(run, name).load_state_dict(ckpt[name])
+    except (RuntimeError, ValueError, KeyError) as e:
+        fail(f"{flag}: the weights in {path} do not fit this run's nets ({str(e).strip().splitlines()[0]}); give the "
+             "flags it was trained with, or another --out_dir")
+    run.buffer.thetas, run.buffer.returns = ckpt["buffer"]
+    vars(run.norm).update(ckpt["norm"])
+    run.steps, run.episodes, run.best, run.solved_at, run.last_eval = ckpt["counters"]
+    for opt, lr in ((run.opt_g, run.args.lr_generator), (run.opt_v, run.args.lr_evaluator)):
+        for group in opt.param_groups:
+            group["lr"] = lr  # this run's flags, as the other scripts' learning rates
+    ckpt["rng"] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in ckpt["rng"].items()}
+    random.setstate(ckpt["rng"]["python"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    run.gen.set_state(ckpt["rng"]["gen"])
+    run.rng.bit_generator.state = ckpt["rng"]["np"]
+    return ckpt
+
+
 def nothing_left(out_dir, step, steps, stop_at, final):
-    """--resume of a checkpoint at step, of a run of steps: True, after saying so, if nothing is left to do (the run
-    finished, its final evaluation written; or the checkpoint at or past --steps or --stop_at). A run whose training
-    steps are done but whose final evaluation is not written has that left."""
+    """--resume of a checkpoint at step of a run of steps: True, after saying why, if nothing is left to do (finished,
+    its final evaluation written; or at or past --steps or --stop_at)."""
     if step == steps and final:
         print(f"the run in {out_dir} is finished (step {step} of {steps}, its final results written); nothing to do")
     elif step > steps:
@@ -769,14 +778,12 @@ def nothing_left(out_dir, step, steps, stop_at, final):
     elif stop_at and stop_at <= step < steps:
         print(f"the checkpoint in {out_dir} is at step {step}, at or past --stop_at {stop_at}; nothing to do (a later "
               "--stop_at, or none, continues)")
-    else:
-        return False
-    return True
+    return step == steps and final or step > steps or bool(stop_at and stop_at <= step < steps)
 
 
 def check_finite(step, out_dir, fix, values, modules=(), bar=None):
     """A divergence stops the run before anything of it is logged or saved (exit 1): a non-finite value in values (name
-    -> a number or tensor: a loss, generated weights) or weight of modules. The message says what stays on disk."""
+    -> a number or tensor) or weight of modules. The message says what stays on disk."""
     values = {name: torch.as_tensor(v) for name, v in values.items()}
     bad = [f"{name} became {v.item() if v.numel() == 1 else 'non-finite'}" for name, v in values.items()
            if not v.isfinite().all()]
@@ -809,49 +816,27 @@ def log_metrics(out_dir, step, split, metrics, t0):
 
 
 def truncate_metrics(out_dir, step, final=()):
-    """--resume: drop the metrics.jsonl lines past the checkpoint's step (the killed run logged them; the resumed run
-    logs those steps again), a line the kill cut short, and the lines at step of the final evaluation's splits `final`
-    (one the checkpoint does not record, which the resumed run writes); written atomically, as the checkpoints."""
-    path = os.path.join(out_dir, "metrics.jsonl")
+    """--resume: drop the metrics.jsonl lines past the checkpoint's step (the resumed run logs those steps again), a
+    line cut short by the kill, and those at step of the splits in `final` (the final evaluation, written again)."""
+    path, keep = os.path.join(out_dir, "metrics.jsonl"), []
     if not os.path.exists(path):
         return
-    keep = []
     with open(path) as f:
         for line in f:
-            try:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
                 m = json.loads(line)
                 if m["step"] < step or m["step"] == step and m["split"] not in final:
                     keep.append(line)
-            except (ValueError, KeyError, TypeError):
-                pass
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
 
 
-def resume_from(path, run, flag="--resume"):
-    """--resume, --sweep_only: the checkpoint of a run like this one (read_checkpoint); the networks, optimizers (at
-    this run's learning rates), buffer, normaliser and counters of a GoGePo run loaded in place, the RNGs restored;
-    returns the checkpoint dict."""
-    ckpt = read_checkpoint(path, flag, run.device, run.args)
-    try:
-        for name in ("generator", "evaluator", "opt_g", "opt_v"):
-            getattr(run, name).load_state_dict(ckpt[name])
-    except (RuntimeError, ValueError, KeyError) as e:
-        fail(f"{flag}: the weights in {path} do not fit this run's nets ({str(e).strip().splitlines()[0]}); give the "
-             "flags it was trained with, or another --out_dir")
-    run.buffer.thetas, run.buffer.returns = ckpt["buffer"]
-    vars(run.norm).update(ckpt["norm"])
-    run.steps, run.episodes, run.best, run.solved_at, run.last_eval = ckpt["counters"]
-    for opt, lr in ((run.opt_g, run.args.lr_generator), (run.opt_v, run.args.lr_evaluator)):
-        for group in opt.param_groups:
-            group["lr"] = lr  # this run's flags, as the other scripts' learning rates
-    ckpt["rng"] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in ckpt["rng"].items()}
-    random.setstate(ckpt["rng"]["python"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    run.gen.set_state(ckpt["rng"]["gen"])
-    run.rng.bit_generator.state = ckpt["rng"]["np"]
-    return ckpt
+def progress_bar(total, initial=0, master=True, **kw):
+    """tqdm over the training steps on rank 0, redrawn at most twice a second on a terminal and every 10 s when
+    stderr is a file (a log stays small); set its postfix with refresh=False: it shows at the next redraw."""
+    return tqdm(total=total, initial=initial, disable=not master, dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 10, **kw)
 
 
 def main(argv=None):

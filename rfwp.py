@@ -46,6 +46,7 @@ Commands:
     python rfwp_rl.py                                     # the RL experiment: CartPole without velocities
 """
 
+import ast
 import contextlib
 import dataclasses
 import gc
@@ -150,6 +151,9 @@ class Args:
     """gradient norm clip (0 disables; the paper does not clip)"""
     eval_every: int = 250
     """evaluate on valid, keep the best checkpoint, every this many steps"""
+    log_every: int = 50
+    """read the training loss from the device (one sync), log it and show it in the progress bar every this many steps
+    and at every evaluation"""
     seed: int = 0
     """seed of python, numpy, torch and the task generators"""
     device: str = "auto"
@@ -192,7 +196,7 @@ def check_args(args):
             fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(args, key)!r}")
     args.impl = "kernel" if args.impl == "cuda" else args.impl  # the old name of --impl kernel
     sizes = ("d_model", "n_head", "n_layer", "d_ff", "fast_net_depth", "chunk_size", "code_length", "depth", "n_train",
-             "n_eval", "seq_len", "batch_size", "steps", "eval_every", "bench_T")
+             "n_eval", "seq_len", "batch_size", "steps", "eval_every", "log_every", "bench_T")
     try:  # the modules' checks: the same messages
         check_config(model=args.model, impl=args.impl, dropout=args.dropout, **{k: getattr(args, k) for k in sizes})
     except ValueError as e:
@@ -1025,17 +1029,30 @@ def train_batch(args, task, step, gen, state):
     return *pad_batch([xs[i] for i in idx], [ys[i] for i in idx], task["pad"]), state
 
 
-def optimizer_step(model, opt, loss, args, step, bar, world):
-    """A non-finite loss of the global batch (the mean of the ranks' losses, so every rank stops alike) stops the run
-    (check_finite: nothing of it saved); else one clipped optimizer step. Returns the global batch's loss."""
-    mean_loss = mean_over_ranks(loss, world)
-    check_finite(step, args.out_dir, "Lower --lr or raise --warmup.", {"the loss": mean_loss}, bar=bar)
+def optimizer_step(model, opt, loss, args, world):
+    """One clipped optimizer step. Returns the global batch's loss, the mean of the ranks' (so that every rank stops
+    alike on a divergence), as a device tensor: log_train reads and checks it."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if args.grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     opt.step()
-    return mean_loss.item()
+    return mean_over_ranks(loss, world)
+
+
+def log_train(args, step, pending, bar, master, t0):
+    """The training metrics of the steps since the last call (one dict per step, its "loss" a device tensor, read here
+    in one sync rather than every step): a non-finite loss stops the run (check_finite, before anything of it is
+    saved); rank 0 logs every step's line; the bar shows the last loss. Returns an empty list for the next steps."""
+    losses = torch.stack([m["loss"] for m in pending]).tolist() if pending else []
+    first = step - len(pending) + 1
+    for i, loss in enumerate(losses):
+        check_finite(first + i, args.out_dir, "Lower --lr or raise --warmup.", {"the loss": loss}, bar=bar)
+    for i, (m, loss) in enumerate(zip(pending, losses) if master else []):
+        log_metrics(args.out_dir, first + i, "train", dict(m, loss=loss), t0)
+    if losses:
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    return []
 
 
 def final_test(model, args, task, device, best, t0):
@@ -1059,34 +1076,31 @@ def adam(params, **kw):
         return torch.optim.Adam(params, **kw)
 
 
-def setup_processes(args):
-    """One process per rank under torchrun (RANK, WORLD_SIZE set; gloo on CPU, nccl on CUDA). -> rank, world, device."""
+def start_processes(args):
+    """One process per rank under torchrun (RANK, WORLD_SIZE set; gloo on CPU, nccl on CUDA) -> rank, world, device.
+    --batch_size is the global batch: each rank takes its rows (rank_slice); rank 0 logs, evaluates and saves."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world:
         fail(f"--batch_size {args.batch_size} is the global batch; it must divide evenly among the {world} processes")
-    device = pick_device(args.device, args.impl)
+    device = pick_device(args.device)
     if world > 1:
-        import torch.distributed as dist
-
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
 
 def finish_processes(model, world, master):
-    """DDP's invariant, checked: every rank ends with the same weights. Then a clean teardown."""
-    if world == 1:
-        return
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    gathered = [torch.empty_like(flat) for _ in range(world)]
-    torch.distributed.all_gather(gathered, flat)
-    if master:
-        print(f"ddp: parameters identical on all {world} ranks: {all(torch.equal(g, flat) for g in gathered)}")
-    torch.distributed.barrier()  # no rank tears down while another still talks to it
-    gc.collect()  # the DDP wrapper's reducer, with its reference to the group, goes now
-    torch.distributed.destroy_process_group()
+    """DDP's invariant, checked (every rank ends with the same weights), then a clean teardown."""
+    if world > 1:
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()]).cpu()
+        same = all(torch.equal(g, flat) for g in gather_ranks(flat, world))
+        if master:
+            print(f"ddp: parameters identical on all {world} ranks: {same}")
+        torch.distributed.barrier()  # no rank tears down while another still talks to it
+        gc.collect()  # the DDP wrapper's reducer, with its reference to the group, goes now
+        torch.distributed.destroy_process_group()
 
 
 def rank_slice(x, rank, world):
@@ -1096,20 +1110,18 @@ def rank_slice(x, rank, world):
 
 
 def mean_over_ranks(x, world):
-    """The mean of a tensor over the ranks, on every rank (a copy, detached)."""
+    """The mean of a tensor over the ranks, on every rank (a detached copy)."""
     x = x.detach().clone()
     if world > 1:
         torch.distributed.all_reduce(x)
-        x /= world
-    return x
+    return x / world
 
 
 def gather_ranks(x, world):
     """x (any picklable value; tensors on the CPU) from every rank, in rank order, on every rank."""
-    if world == 1:
-        return [x]
-    out = [None] * world
-    torch.distributed.all_gather_object(out, x)
+    out = [x] * world
+    if world > 1:
+        torch.distributed.all_gather_object(out, x)
     return out
 
 
@@ -1121,7 +1133,9 @@ def map_tensors(fn, x):
 
 
 def train(args):
-    rank, world, device = setup_processes(args)
+    rank, world, device = start_processes(args)
+    if args.impl == "kernel" and device.type not in KERNEL_FILES:
+        print(f"warning: --impl kernel runs on the CPU and CUDA, not {device}; using --impl chunk", file=sys.stderr)
     master = rank == 0
     seed_everything(args.seed + rank)  # each rank its own dropout masks; the initial weights are rank 0's (DDP)
     gen = torch.Generator().manual_seed(args.seed)  # which training examples each step sees: the same on every rank
@@ -1156,7 +1170,7 @@ def train(args):
         print(f"device {device}, {world} process(es), model {args.model}, "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, starting at step {step}")
     t0, name = time.time(), headline(args)
-    bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
+    bar, pending = progress_bar(args.steps, step, master), []
     while step < args.steps:
         x, y, state = train_batch(args, task, step, gen, state)
         n_targets = (y != -100).sum().item()  # in the global batch
@@ -1168,13 +1182,13 @@ def train(args):
         # sum over n_targets, times world, as DDP averages the ranks' gradients
         loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), ignore_index=-100, reduction="sum")
         loss = loss * world / n_targets
-        mean_loss = optimizer_step(ddp, opt, loss, args, step, bar, world)
+        pending.append({"loss": optimizer_step(ddp, opt, loss, args, world)})
         state, step = detach_state(new_state) if args.carry_state else None, step + 1
         bar.update(1)
-        bar.set_postfix(loss=f"{mean_loss:.4f}")
-        if master:
-            log_metrics(args.out_dir, step, "train", {"loss": mean_loss}, t0)
-        if step % args.eval_every == 0 or step == args.steps or step == args.stop_at:
+        evaluate_now = step % args.eval_every == 0 or step == args.steps or step == args.stop_at
+        if step % args.log_every == 0 or evaluate_now:
+            pending = log_train(args, step, pending, bar, master, t0)
+        if evaluate_now:
             # the carried state of every stream (each rank holds its rows), so that any number of processes resumes
             train_state = map_tensors(lambda s: torch.cat(gather_ranks(s.cpu(), world)), state)
             result = evaluate(model, args, task, "valid", device) if master else None  # rank 0 evaluates
@@ -1198,7 +1212,6 @@ def train(args):
     finish_processes(model, world, master)
     if master and step == args.steps:
         final_test(model, args, task, device, best, t0)
-        mark_final(ckpt_path)
         mark_final(ckpt_path)
 
 
@@ -1286,51 +1299,40 @@ def relative_error(a, b):
 
 
 # ----------------------------------------------------------------------------------------------
-# Scaffolding, the same in every script: command line (from the Args fields and their docstrings), errors,
-# device, the output folder, checkpoint writes and reads, divergence, seeds and --resume, metrics; here also the
-# kernels' loader (and pick_device checks --impl kernel). Nothing here is specific to the method.
+# Scaffolding, the same in every script: the command line (from the Args fields and their docstrings), errors, the
+# device, torchrun's processes, the output folder, checkpoints, divergence, seeds, metrics, the kernels' loader.
 
 
 def fail(msg):
-    """A user error: one message, non-zero exit, no traceback."""
+    """A user error: one message, exit status 2, no traceback."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
-def print_help():
-    """Every Args field with its type, default and docstring (read from this file's source)."""
-    import ast
-    import inspect
-
-    body = ast.parse(inspect.getsource(Args)).body[0].body
-    print(f"usage: python {os.path.basename(sys.argv[0])} [--preset {'|'.join(PRESETS)}] [--key value ...]")
-    for node, doc in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr):
-            name = node.target.id
-            print(f"  --{name} ({ast.unparse(node.annotation)}, {getattr(Args, name)!r}): {doc.value.value}")
-    sys.exit(0)
-
-
 def parse_args(argv):
-    """--key value (or --key=value; a bare --flag sets a bool), --preset NAME applied first; check_args, then what every
-    script asks: finite floats, a seed numpy takes, a --device this machine has, an --out_dir that is not empty."""
-    if "--help" in argv or "-h" in argv:
-        print_help()
+    """--key value (or --key=value; a bare --flag sets a bool), --preset NAME applied first; --help lists every Args
+    field with its type, default and docstring. Then check_args, a seed numpy takes, an --out_dir, a --device here."""
     fields = {f.name: f for f in dataclasses.fields(Args)}
+    if "--help" in argv or "-h" in argv:
+        body = ast.parse(inspect.getsource(Args)).body[0].body
+        print(f"usage: python {os.path.basename(sys.argv[0])} [--preset {'|'.join(PRESETS)}] [--key value ...]")
+        for node, doc in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr):
+                name = node.target.id
+                print(f"  --{name} ({ast.unparse(node.annotation)}, {getattr(Args, name)!r}): {doc.value.value}")
+        sys.exit(0)
     kv, i = {}, 0
     while i < len(argv):
         key, eq, val = argv[i].removeprefix("--").partition("=")
         if not argv[i].startswith("--") or (key not in fields and key != "preset"):
             fail(f"unknown argument {argv[i]!r}; --help lists the flags")
-        is_bool = key in fields and fields[key].type is bool
-        if not eq and is_bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+        if not eq and key in fields and fields[key].type is bool and (i + 1 == len(argv) or argv[i + 1][:2] == "--"):
             val = "true"  # a bare --flag
         elif not eq:
             if i + 1 == len(argv):
                 fail(f"--{key} needs a value")
             val, i = argv[i + 1], i + 1
-        kv[key] = val
-        i += 1
+        kv[key], i = val, i + 1
     preset = kv.pop("preset", None)
     if preset is not None and preset not in PRESETS:
         fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -1338,16 +1340,14 @@ def parse_args(argv):
     for key, val in kv.items():
         typ = fields[key].type
         try:
-            if typ is bool:
-                if val.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                val = val.lower() in ("true", "1")
-            value = typ(val)
+            if typ is bool and val.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            value = val.lower() in ("true", "1") if typ is bool else typ(val)
             if typ is float and not np.isfinite(value):
                 raise ValueError
-            setattr(args, key, value)
         except ValueError:
             fail(f"--{key} expects {'a finite float' if typ is float else typ.__name__}, got {val!r}")
+        setattr(args, key, value)
     args = check_args(args)
     if not 0 <= args.seed < 2**32:
         fail(f"--seed must be in [0, 2**32 - 1] (numpy's seeds), got {args.seed}")
@@ -1357,12 +1357,10 @@ def parse_args(argv):
     return args
 
 
-def pick_device(name, impl="auto"):
-    """auto: cuda > mps > cpu; else the device named, if this machine has it (a one-line error if not); a warning for
-    --impl kernel off the CPU and CUDA."""
+def pick_device(name):
+    """auto: cuda > mps > cpu; else the device named, if this machine has it (a one-line error if not)."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    name = ("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu") if name == "auto" else name
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
@@ -1375,8 +1373,6 @@ def pick_device(name, impl="auto"):
         fail(f"--device {name}: this torch has no MPS (Apple GPU) backend here; use --device cpu (or auto)")
     if device.type not in ("cpu", "cuda", "mps"):
         fail(f"--device {name}: the scripts run on cpu, cuda or mps")
-    if impl == "kernel" and device.type not in ("cpu", "cuda"):
-        print(f"warning: --impl kernel runs on the CPU and CUDA, not {device}; using --impl chunk", file=sys.stderr)
     return device
 
 
@@ -1384,16 +1380,16 @@ RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl")  # what a run writes to its 
 
 
 def open_out_dir(args):
-    """A training run's --out_dir, checked before anything is written: a folder this process can write to, and never
-    another run's: --resume continues the run there, --overwrite deletes its RUN_FILES first, else a one-line error."""
+    """--out_dir, checked before anything is written: a folder this process can write to, never another run's (one
+    holding RUN_FILES) unless --resume continues that run or --overwrite deletes its RUN_FILES first."""
     out = args.out_dir
     if args.resume and args.overwrite:
         fail("--resume continues the run in --out_dir, --overwrite replaces it: give one of them")
     if os.path.exists(out) and not os.path.isdir(out):
         fail(f"--out_dir {out} is a file, not a folder; give a folder")
-    probe = os.path.join(out, f".write_test_{os.getpid()}")
     try:
         os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write_test_{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
@@ -1403,22 +1399,18 @@ def open_out_dir(args):
         fail(f"--out_dir {out} holds a run ({', '.join(found)}): continue it with --resume, give another --out_dir, "
              "or replace it with --overwrite")
     for f in found if args.overwrite else []:
-        try:
+        with contextlib.suppress(FileNotFoundError):  # another process of this run removed it first
             os.remove(os.path.join(out, f))
-        except FileNotFoundError:  # another process of this run removed it first
-            pass
 
 
 def save_checkpoint(path, obj):
-    """obj and the script's name (read_checkpoint checks it), written atomically: a killed run leaves the previous
-    checkpoint intact."""
-    tmp = path + ".tmp"
-    torch.save(dict(obj, script=os.path.basename(__file__)), tmp)
-    os.replace(tmp, path)
+    """obj and the script's name (read_checkpoint checks it), written atomically: a kill leaves the last one intact."""
+    torch.save(dict(obj, script=os.path.basename(__file__)), path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def mark_final(path):
-    """Record in the checkpoint at path that the run's final evaluation is written: a --resume then has nothing left."""
+    """Record in the checkpoint at path that the run's final evaluation is written: a --resume has nothing left."""
     save_checkpoint(path, dict(torch.load(path, map_location="cpu", weights_only=False), final=True))
 
 
@@ -1445,10 +1437,26 @@ def read_checkpoint(path, flag, device="cpu", args=None):
     return ckpt
 
 
+def resume_from(path, model, opt, device, args):
+    """--resume: read_checkpoint, the model and optimizer loaded in place, the global RNGs restored; returns the
+    checkpoint (its RNG states on the CPU, where torch keeps generators')."""
+    ckpt = read_checkpoint(path, "--resume", device, args)
+    try:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        fail(f"--resume: the weights in {path} do not fit this model ({str(e).strip().splitlines()[0]}); give the "
+             "flags it was trained with, or another --out_dir")
+    rng = ckpt["rng"] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in ckpt["rng"].items()}
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    return ckpt
+
+
 def nothing_left(out_dir, step, steps, stop_at, final):
-    """--resume of a checkpoint at step, of a run of steps: True, after saying so, if nothing is left to do (the run
-    finished, its final evaluation written; or the checkpoint at or past --steps or --stop_at). A run whose training
-    steps are done but whose final evaluation is not written has that left."""
+    """--resume of a checkpoint at step of a run of steps: True, after saying why, if nothing is left to do (finished,
+    its final evaluation written; or at or past --steps or --stop_at)."""
     if step == steps and final:
         print(f"the run in {out_dir} is finished (step {step} of {steps}, its final results written); nothing to do")
     elif step > steps:
@@ -1456,14 +1464,12 @@ def nothing_left(out_dir, step, steps, stop_at, final):
     elif stop_at and stop_at <= step < steps:
         print(f"the checkpoint in {out_dir} is at step {step}, at or past --stop_at {stop_at}; nothing to do (a later "
               "--stop_at, or none, continues)")
-    else:
-        return False
-    return True
+    return step == steps and final or step > steps or bool(stop_at and stop_at <= step < steps)
 
 
 def check_finite(step, out_dir, fix, values, modules=(), bar=None):
     """A divergence stops the run before anything of it is logged or saved (exit 1): a non-finite value in values (name
-    -> a number or tensor: a loss, generated weights) or weight of modules. The message says what stays on disk."""
+    -> a number or tensor) or weight of modules. The message says what stays on disk."""
     values = {name: torch.as_tensor(v) for name, v in values.items()}
     bad = [f"{name} became {v.item() if v.numel() == 1 else 'non-finite'}" for name, v in values.items()
            if not v.isfinite().all()]
@@ -1496,24 +1502,27 @@ def log_metrics(out_dir, step, split, metrics, t0):
 
 
 def truncate_metrics(out_dir, step, final=()):
-    """--resume: drop the metrics.jsonl lines past the checkpoint's step (the killed run logged them; the resumed run
-    logs those steps again), a line the kill cut short, and the lines at step of the final evaluation's splits `final`
-    (one the checkpoint does not record, which the resumed run writes); written atomically, as the checkpoints."""
-    path = os.path.join(out_dir, "metrics.jsonl")
+    """--resume: drop the metrics.jsonl lines past the checkpoint's step (the resumed run logs those steps again), a
+    line cut short by the kill, and those at step of the splits in `final` (the final evaluation, written again)."""
+    path, keep = os.path.join(out_dir, "metrics.jsonl"), []
     if not os.path.exists(path):
         return
-    keep = []
     with open(path) as f:
         for line in f:
-            try:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
                 m = json.loads(line)
                 if m["step"] < step or m["step"] == step and m["split"] not in final:
                     keep.append(line)
-            except (ValueError, KeyError, TypeError):
-                pass
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
+
+
+def progress_bar(total, initial=0, master=True, **kw):
+    """tqdm over the training steps on rank 0, redrawn at most twice a second on a terminal and every 10 s when
+    stderr is a file (a log stays small); set its postfix with refresh=False: it shows at the next redraw."""
+    return tqdm(total=total, initial=initial, disable=not master, dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 10, **kw)
 
 
 def seed_everything(seed):
@@ -1526,49 +1535,34 @@ def rng_state():
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
-def resume_from(path, model, opt, device, args):
-    """--resume: the checkpoint of a run like this one (read_checkpoint), model and optimizer loaded in place, the
-    global RNGs restored; returns the checkpoint dict, its RNG states on the CPU (where torch keeps generators')."""
-    ckpt = read_checkpoint(path, "--resume", device, args)
-    try:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        fail(f"--resume: the weights in {path} do not fit this model ({str(e).strip().splitlines()[0]}); give the "
-             "flags it was trained with, or another --out_dir")
-    ckpt["rng"] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in ckpt["rng"].items()}
-    random.setstate(ckpt["rng"]["python"])
-    np.random.set_state(ckpt["rng"]["numpy"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    return ckpt
-
-
 _KERNELS = {}  # device type -> the loaded extension, or False once its build failed
 KERNEL_FILES = {"cpu": "cpu_kernels.cpp", "cuda": "cuda_kernels.cu"}
 
 
 def kernels(device_type):
-    """The fused kernels of a device (cpu_kernels.cpp on the CPU, cuda_kernels.cu on CUDA: the same functions), built
-    and loaded on first use (never at import). The build runs on a copy of the source named by a hash of it and of
-    torch's version, so an edit rebuilds, two scripts never clash and a copied script reuses the build. None, after one
-    warning, if that fails (no compiler, no ninja, no nvcc): the PyTorch forms run instead. The CPU build is for this
-    CPU (-march=native: its vector units; cpu_features names it). None for a device without a kernel file (mps)."""
-    if device_type not in KERNEL_FILES:
-        return None
-    if device_type not in _KERNELS:
+    """The fused kernels of a device (KERNEL_FILES: the same functions on both), built and loaded on first use, never at
+    import. The build runs on a copy of the source in a folder named by a hash of it, of torch's version and of this
+    CPU's instruction sets (the CPU build is -march=native), so an edit rebuilds, scripts share one build and a build
+    folder shared by other CPUs is never loaded here. None for a device without a kernel file (mps), and, after one
+    warning, if the build fails (no compiler, no ninja, no nvcc): the PyTorch forms run instead."""
+    if device_type in KERNEL_FILES and device_type not in _KERNELS:
         src = os.path.join(os.path.dirname(os.path.abspath(__file__)), KERNEL_FILES[device_type])
         try:
             from torch.utils.cpp_extension import load
 
             with open(src, "rb") as f:
                 code = f.read()
-            digest = hashlib.sha256(code + torch.__version__.encode() + cpu_features().encode()).hexdigest()[:16]
-            name = f"fwp_{device_type}_kernels_{digest}"  # one build for every script
-            root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                           "torch_extensions")
-            build = os.path.join(root, name)
-            os.makedirs(build, exist_ok=True)
+            try:
+                with open("/proc/cpuinfo") as f:
+                    cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
+            except OSError:
+                cpu = platform.machine() + platform.processor()
+            name = f"fwp_{device_type}_kernels_" + hashlib.sha256(code + torch.__version__.encode() + cpu.encode()
+                                                                  ).hexdigest()[:16]
+            build = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.expanduser(
+                "~/.cache/torch_extensions"), name)
             copy = os.path.join(build, os.path.basename(src))
+            os.makedirs(build, exist_ok=True)
             if not os.path.exists(copy):
                 with open(copy + ".tmp", "wb") as f:
                     f.write(code)
@@ -1580,17 +1574,7 @@ def kernels(device_type):
             print(f"warning: {os.path.basename(src)} unavailable ({type(e).__name__}: {str(e)[-2000:]}); using the "
                   "PyTorch forms", file=sys.stderr)
             _KERNELS[device_type] = False
-    return _KERNELS[device_type] or None
-
-
-def cpu_features():
-    """The CPU's instruction sets, which a -march=native build uses: part of the build's name, so that a build folder
-    shared by machines of other CPUs (a home directory on a cluster) is never loaded where it would not run."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.machine() + platform.processor()
+    return _KERNELS.get(device_type) or None
 
 
 def main(argv=None):

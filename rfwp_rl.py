@@ -29,9 +29,11 @@ Commands:
     torchrun --nproc_per_node 2 rfwp_rl.py             # data-parallel: each process steps half the environments
 """
 
+import ast
 import contextlib
 import dataclasses
 import gc
+import inspect
 import io
 import json
 import math
@@ -514,7 +516,7 @@ def rl_log_update(args, env_steps, update, returns, bar, t0):
         log_metrics(args.out_dir, env_steps, "episode", {"return": r}, t0)
     log_metrics(args.out_dir, env_steps, "train", dict(loss=update.loss.item(), **update.parts), t0)
     if returns:
-        bar.set_postfix(ret=f"{np.mean(returns[-100:]):.1f}", ent=f"{update.parts['entropy']:.2f}")
+        bar.set_postfix(ret=f"{np.mean(returns[-100:]):.1f}", ent=f"{update.parts['entropy']:.2f}", refresh=False)
 
 
 def rl_log_window(args, step, per_update, returns, dt, n_updates, env_time, t0):
@@ -527,56 +529,59 @@ def rl_log_window(args, step, per_update, returns, dt, n_updates, env_time, t0):
     log_metrics(args.out_dir, step * per_update, "train", {"steps_per_s": n / dt, "env_time_frac": env_time / dt}, t0)
 
 
-def setup_processes(args):
-    """One process per rank under torchrun (RANK, WORLD_SIZE set; gloo on CPU, nccl on CUDA). -> rank, world, device."""
+def start_processes(args):
+    """One process per rank under torchrun (RANK, WORLD_SIZE set; gloo on CPU, nccl on CUDA) -> rank, world, device.
+    --batch_size is the global batch: each rank takes its rows (rank_slice); rank 0 logs, evaluates and saves."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world:
         fail(f"--batch_size {args.batch_size} is the global batch; it must divide evenly among the {world} processes")
-    device = pick_device(args.device, args.impl)
+    device = pick_device(args.device)
     if world > 1:
-        import torch.distributed as dist
-
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
 
 def finish_processes(model, world, master):
-    """DDP's invariant, checked: every rank ends with the same weights. Then a clean teardown."""
-    if world == 1:
-        return
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    gathered = [torch.empty_like(flat) for _ in range(world)]
-    torch.distributed.all_gather(gathered, flat)
-    if master:
-        print(f"ddp: parameters identical on all {world} ranks: {all(torch.equal(g, flat) for g in gathered)}")
-    torch.distributed.barrier()  # no rank tears down while another still talks to it
-    gc.collect()  # the DDP wrapper's reducer, with its reference to the group, goes now
-    torch.distributed.destroy_process_group()
+    """DDP's invariant, checked (every rank ends with the same weights), then a clean teardown."""
+    if world > 1:
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()]).cpu()
+        same = all(torch.equal(g, flat) for g in gather_ranks(flat, world))
+        if master:
+            print(f"ddp: parameters identical on all {world} ranks: {same}")
+        torch.distributed.barrier()  # no rank tears down while another still talks to it
+        gc.collect()  # the DDP wrapper's reducer, with its reference to the group, goes now
+        torch.distributed.destroy_process_group()
+
+
+def rank_slice(x, rank, world):
+    """This rank's rows of a global batch: rows rank * n ... (rank + 1) * n - 1 of dim 0, n = len(x) / world."""
+    n = len(x) // world
+    return x[rank * n : (rank + 1) * n]
 
 
 def mean_over_ranks(x, world):
-    """The mean of a tensor over the ranks, on every rank (a copy, detached)."""
+    """The mean of a tensor over the ranks, on every rank (a detached copy)."""
     x = x.detach().clone()
     if world > 1:
         torch.distributed.all_reduce(x)
-        x /= world
-    return x
+    return x / world
 
 
 def gather_ranks(x, world):
     """x (any picklable value; tensors on the CPU) from every rank, in rank order, on every rank."""
-    if world == 1:
-        return [x]
-    out = [None] * world
-    torch.distributed.all_gather_object(out, x)
+    out = [x] * world
+    if world > 1:
+        torch.distributed.all_gather_object(out, x)
     return out
 
 
 def train(args):
-    rank, world, device = setup_processes(args)
+    rank, world, device = start_processes(args)
+    if args.impl == "kernel" and device.type not in rfwp.KERNEL_FILES:
+        print(f"warning: --impl kernel runs on the CPU and CUDA, not {device}; using --impl chunk", file=sys.stderr)
     master = rank == 0
     seed_everything(args.seed + rank)  # the initial weights are rank 0's (DDP broadcasts them)
     n_envs = args.batch_size // world  # this rank's: one process's environments rank * n_envs ... + n_envs - 1
@@ -611,8 +616,7 @@ def train(args):
               f"{n_updates} updates of {args.batch_size} x {args.unroll} steps, starting at update {step}")
     carry = rl_start(envs, device, n_envs, envs.seed)
     t0, env_time, t_window, step_window = time.time(), 0.0, time.time(), step
-    bar = tqdm(total=n_updates * per_update, initial=step * per_update, unit="step", disable=not master,
-               dynamic_ncols=True)
+    bar = progress_bar(n_updates * per_update, step * per_update, master, unit="step")
     while step < n_updates:
         for group in opt.param_groups:
             group["lr"] = args.lr * (1 - step / n_updates)  # linear decay to 0
@@ -722,73 +726,59 @@ def bench(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Scaffolding, the same in every script: command line (from the Args fields and their docstrings), errors,
-# device, the output folder, checkpoint writes and reads, divergence, seeds and --resume, metrics (here parse_args
-# also fills the official settings for other environments, and pick_device checks --impl kernel). Nothing here is
-# specific to the method.
+# Scaffolding, the same in every script: the command line (from the Args fields and their docstrings), errors, the
+# device, torchrun's processes, the output folder, checkpoints, divergence, seeds, metrics, the kernels' loader.
 
 
 def fail(msg):
-    """A user error: one message, non-zero exit, no traceback."""
+    """A user error: one message, exit status 2, no traceback."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
-def print_help():
-    """Every Args field with its type, default and docstring (read from this file's source)."""
-    import ast
-    import inspect
-
-    body = ast.parse(inspect.getsource(Args)).body[0].body
-    print(f"usage: python {os.path.basename(sys.argv[0])} [--preset {'|'.join(PRESETS)}] [--key value ...]")
-    for node, doc in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr):
-            name = node.target.id
-            print(f"  --{name} ({ast.unparse(node.annotation)}, {getattr(Args, name)!r}): {doc.value.value}")
-    sys.exit(0)
-
-
 def parse_args(argv):
-    """--key value (or --key=value; a bare --flag sets a bool), --preset NAME applied first; check_args, then what every
-    script asks: finite floats, a seed numpy takes, a --device this machine has, an --out_dir that is not empty."""
-    if "--help" in argv or "-h" in argv:
-        print_help()
+    """--key value (or --key=value; a bare --flag sets a bool), --preset NAME applied first; --help lists every Args
+    field with its type, default and docstring. Then check_args, a seed numpy takes, an --out_dir, a --device here."""
     fields = {f.name: f for f in dataclasses.fields(Args)}
+    if "--help" in argv or "-h" in argv:
+        body = ast.parse(inspect.getsource(Args)).body[0].body
+        print(f"usage: python {os.path.basename(sys.argv[0])} [--preset {'|'.join(PRESETS)}] [--key value ...]")
+        for node, doc in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr):
+                name = node.target.id
+                print(f"  --{name} ({ast.unparse(node.annotation)}, {getattr(Args, name)!r}): {doc.value.value}")
+        sys.exit(0)
     kv, i = {}, 0
     while i < len(argv):
         key, eq, val = argv[i].removeprefix("--").partition("=")
         if not argv[i].startswith("--") or (key not in fields and key != "preset"):
             fail(f"unknown argument {argv[i]!r}; --help lists the flags")
-        is_bool = key in fields and fields[key].type is bool
-        if not eq and is_bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+        if not eq and key in fields and fields[key].type is bool and (i + 1 == len(argv) or argv[i + 1][:2] == "--"):
             val = "true"  # a bare --flag
         elif not eq:
             if i + 1 == len(argv):
                 fail(f"--{key} needs a value")
             val, i = argv[i + 1], i + 1
-        kv[key] = val
-        i += 1
+        kv[key], i = val, i + 1
     preset = kv.pop("preset", None)
     if preset is not None and preset not in PRESETS:
         fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     args = Args(**PRESETS.get(preset, {}))
-    if kv.get("env", args.env) != Args.env:  # another environment: the official settings, where no flag sets them
+    if kv.get("env", args.env) != Args.env:  # this script only: another environment gets the official settings
         for key, val in RL_DEFAULTS.get(kv.get("model", args.model), IMPALA).items():
             if key not in kv and key not in PRESETS.get(preset, {}):
                 setattr(args, key, val)
     for key, val in kv.items():
         typ = fields[key].type
         try:
-            if typ is bool:
-                if val.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                val = val.lower() in ("true", "1")
-            value = typ(val)
+            if typ is bool and val.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            value = val.lower() in ("true", "1") if typ is bool else typ(val)
             if typ is float and not np.isfinite(value):
                 raise ValueError
-            setattr(args, key, value)
         except ValueError:
             fail(f"--{key} expects {'a finite float' if typ is float else typ.__name__}, got {val!r}")
+        setattr(args, key, value)
     args = check_args(args)
     if not 0 <= args.seed < 2**32:
         fail(f"--seed must be in [0, 2**32 - 1] (numpy's seeds), got {args.seed}")
@@ -798,12 +788,10 @@ def parse_args(argv):
     return args
 
 
-def pick_device(name, impl="auto"):
-    """auto: cuda > mps > cpu; else the device named, if this machine has it (a one-line error if not); a warning for
-    --impl kernel off the CPU and CUDA."""
+def pick_device(name):
+    """auto: cuda > mps > cpu; else the device named, if this machine has it (a one-line error if not)."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    name = ("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu") if name == "auto" else name
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
@@ -816,8 +804,6 @@ def pick_device(name, impl="auto"):
         fail(f"--device {name}: this torch has no MPS (Apple GPU) backend here; use --device cpu (or auto)")
     if device.type not in ("cpu", "cuda", "mps"):
         fail(f"--device {name}: the scripts run on cpu, cuda or mps")
-    if impl == "kernel" and device.type not in ("cpu", "cuda"):
-        print(f"warning: --impl kernel runs on the CPU and CUDA, not {device}; using --impl chunk", file=sys.stderr)
     return device
 
 
@@ -825,16 +811,16 @@ RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl")  # what a run writes to its 
 
 
 def open_out_dir(args):
-    """A training run's --out_dir, checked before anything is written: a folder this process can write to, and never
-    another run's: --resume continues the run there, --overwrite deletes its RUN_FILES first, else a one-line error."""
+    """--out_dir, checked before anything is written: a folder this process can write to, never another run's (one
+    holding RUN_FILES) unless --resume continues that run or --overwrite deletes its RUN_FILES first."""
     out = args.out_dir
     if args.resume and args.overwrite:
         fail("--resume continues the run in --out_dir, --overwrite replaces it: give one of them")
     if os.path.exists(out) and not os.path.isdir(out):
         fail(f"--out_dir {out} is a file, not a folder; give a folder")
-    probe = os.path.join(out, f".write_test_{os.getpid()}")
     try:
         os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write_test_{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
@@ -844,22 +830,18 @@ def open_out_dir(args):
         fail(f"--out_dir {out} holds a run ({', '.join(found)}): continue it with --resume, give another --out_dir, "
              "or replace it with --overwrite")
     for f in found if args.overwrite else []:
-        try:
+        with contextlib.suppress(FileNotFoundError):  # another process of this run removed it first
             os.remove(os.path.join(out, f))
-        except FileNotFoundError:  # another process of this run removed it first
-            pass
 
 
 def save_checkpoint(path, obj):
-    """obj and the script's name (read_checkpoint checks it), written atomically: a killed run leaves the previous
-    checkpoint intact."""
-    tmp = path + ".tmp"
-    torch.save(dict(obj, script=os.path.basename(__file__)), tmp)
-    os.replace(tmp, path)
+    """obj and the script's name (read_checkpoint checks it), written atomically: a kill leaves the last one intact."""
+    torch.save(dict(obj, script=os.path.basename(__file__)), path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def mark_final(path):
-    """Record in the checkpoint at path that the run's final evaluation is written: a --resume then has nothing left."""
+    """Record in the checkpoint at path that the run's final evaluation is written: a --resume has nothing left."""
     save_checkpoint(path, dict(torch.load(path, map_location="cpu", weights_only=False), final=True))
 
 
@@ -886,10 +868,26 @@ def read_checkpoint(path, flag, device="cpu", args=None):
     return ckpt
 
 
+def resume_from(path, model, opt, device, args):
+    """--resume: read_checkpoint, the model and optimizer loaded in place, the global RNGs restored; returns the
+    checkpoint (its RNG states on the CPU, where torch keeps generators')."""
+    ckpt = read_checkpoint(path, "--resume", device, args)
+    try:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        fail(f"--resume: the weights in {path} do not fit this model ({str(e).strip().splitlines()[0]}); give the "
+             "flags it was trained with, or another --out_dir")
+    rng = ckpt["rng"] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in ckpt["rng"].items()}
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    return ckpt
+
+
 def nothing_left(out_dir, step, steps, stop_at, final):
-    """--resume of a checkpoint at step, of a run of steps: True, after saying so, if nothing is left to do (the run
-    finished, its final evaluation written; or the checkpoint at or past --steps or --stop_at). A run whose training
-    steps are done but whose final evaluation is not written has that left."""
+    """--resume of a checkpoint at step of a run of steps: True, after saying why, if nothing is left to do (finished,
+    its final evaluation written; or at or past --steps or --stop_at)."""
     if step == steps and final:
         print(f"the run in {out_dir} is finished (step {step} of {steps}, its final results written); nothing to do")
     elif step > steps:
@@ -897,14 +895,12 @@ def nothing_left(out_dir, step, steps, stop_at, final):
     elif stop_at and stop_at <= step < steps:
         print(f"the checkpoint in {out_dir} is at step {step}, at or past --stop_at {stop_at}; nothing to do (a later "
               "--stop_at, or none, continues)")
-    else:
-        return False
-    return True
+    return step == steps and final or step > steps or bool(stop_at and stop_at <= step < steps)
 
 
 def check_finite(step, out_dir, fix, values, modules=(), bar=None):
     """A divergence stops the run before anything of it is logged or saved (exit 1): a non-finite value in values (name
-    -> a number or tensor: a loss, generated weights) or weight of modules. The message says what stays on disk."""
+    -> a number or tensor) or weight of modules. The message says what stays on disk."""
     values = {name: torch.as_tensor(v) for name, v in values.items()}
     bad = [f"{name} became {v.item() if v.numel() == 1 else 'non-finite'}" for name, v in values.items()
            if not v.isfinite().all()]
@@ -937,24 +933,27 @@ def log_metrics(out_dir, step, split, metrics, t0):
 
 
 def truncate_metrics(out_dir, step, final=()):
-    """--resume: drop the metrics.jsonl lines past the checkpoint's step (the killed run logged them; the resumed run
-    logs those steps again), a line the kill cut short, and the lines at step of the final evaluation's splits `final`
-    (one the checkpoint does not record, which the resumed run writes); written atomically, as the checkpoints."""
-    path = os.path.join(out_dir, "metrics.jsonl")
+    """--resume: drop the metrics.jsonl lines past the checkpoint's step (the resumed run logs those steps again), a
+    line cut short by the kill, and those at step of the splits in `final` (the final evaluation, written again)."""
+    path, keep = os.path.join(out_dir, "metrics.jsonl"), []
     if not os.path.exists(path):
         return
-    keep = []
     with open(path) as f:
         for line in f:
-            try:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
                 m = json.loads(line)
                 if m["step"] < step or m["step"] == step and m["split"] not in final:
                     keep.append(line)
-            except (ValueError, KeyError, TypeError):
-                pass
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
+
+
+def progress_bar(total, initial=0, master=True, **kw):
+    """tqdm over the training steps on rank 0, redrawn at most twice a second on a terminal and every 10 s when
+    stderr is a file (a log stays small); set its postfix with refresh=False: it shows at the next redraw."""
+    return tqdm(total=total, initial=initial, disable=not master, dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 10, **kw)
 
 
 def seed_everything(seed):
@@ -965,23 +964,6 @@ def seed_everything(seed):
 
 def rng_state():
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def resume_from(path, model, opt, device, args):
-    """--resume: the checkpoint of a run like this one (read_checkpoint), model and optimizer loaded in place, the
-    global RNGs restored; returns the checkpoint dict, its RNG states on the CPU (where torch keeps generators')."""
-    ckpt = read_checkpoint(path, "--resume", device, args)
-    try:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        fail(f"--resume: the weights in {path} do not fit this model ({str(e).strip().splitlines()[0]}); give the "
-             "flags it was trained with, or another --out_dir")
-    ckpt["rng"] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in ckpt["rng"].items()}
-    random.setstate(ckpt["rng"]["python"])
-    np.random.set_state(ckpt["rng"]["numpy"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    return ckpt
 
 
 def main(argv=None):

@@ -83,7 +83,85 @@ def rl_cartpole(ax, folder, window=100):
     ax.legend()
 
 
-FIGURES = {"capacity": (capacity, "capacity"), "rl_cartpole": (rl_cartpole, "rl_cartpole")}
+CODE_MODELS = {"lstm": "LSTM", "linear": "linear Transformer (sum rule)", "delta": "DeltaNet",
+               "delta_rnn": "Delta RNN", "delta_lstm": "Delta LSTM", "rdn": "Recurrent Delta Net"}
+
+
+def code_time(ax, folder):
+    """Code execution (rfwp.py, 10 statements): valid sequence accuracy against wall-clock seconds, each model at its
+    best learning rate for about the same CPU time, seeds 0 and 1 (one line each, the same colour). Files:
+    <model>_<seed>.jsonl, a run's metrics.jsonl without its training lines."""
+    for i, (model, label) in enumerate(CODE_MODELS.items()):
+        for seed in (0, 1):
+            rows = [(r["time"], r["value"]) for r in read_jsonl(os.path.join(folder, f"{model}_{seed}.jsonl"))
+                    if r["split"] == "valid" and r["metric"] == "seq_acc"]
+            ax.plot(*zip(*rows), color=f"C{i}", lw=1.2, label=None if seed else label)
+    ax.set(xlabel="wall-clock seconds (one thread per run)", ylabel="valid sequence accuracy",
+           title="Code execution at equal CPU time")
+    ax.legend()
+
+
+def read_table(path, header):
+    """The rows (lists of fields) of the whitespace-separated table that follows the line starting with `header` in a
+    saved --bench output, up to the first blank line or the end."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip().startswith(header)), None)
+    if start is None:
+        sys.exit(f"error: {path} has no table headed {header!r}")
+    rows = []
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            break
+        rows.append(line.split())
+    return rows
+
+
+ODE_PATHS = {("ctfwp-delta", "kernel"): "CT-FWP delta rule, CPU kernel",
+             ("ctfwp-delta", "precomputed"): "CT-FWP delta rule, precomputed (PyTorch)",
+             ("ctfwp-delta", "generic"): "CT-FWP delta rule, generic solve",
+             ("ctfwp-hebb", "precomputed"): "CT-FWP Hebb rule, precomputed",
+             ("ncde", "precomputed"): "neural CDE, precomputed",
+             ("ncde", "generic"): "neural CDE, generic solve"}
+
+
+def ode_scaling(ax, folder):
+    """ode_fwp.py --bench: a training step's time against the series' length (observations), log-log, rk4 at the
+    observation gap, batch 64. File: bench.txt, the saved output (its table after the line starting with "obs")."""
+    rows = read_table(os.path.join(folder, "bench.txt"), "obs")
+    for (model, impl), label in ODE_PATHS.items():
+        points = [(int(r[0]), float(r[4]) / 1000) for r in rows if r[2] == model and r[3] == impl]
+        ax.plot(*zip(*points), marker="o", ls="--" if model == "ncde" else "-", label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set(xlabel="observations per series", ylabel="training step, seconds",
+           title="Continuous-time FWP and neural CDE: step time against length")
+    ax.legend(fontsize=8)
+
+
+def rfwp_bench(ax, folder):
+    """rfwp.py --bench: each model's training step time over the LSTM's in the same run, the recurrent and fast-weight
+    parts stepping in Python (--impl chunk) against the fused CPU kernels (--impl kernel). File: bench.txt, the saved
+    output (its table after the line starting with "model")."""
+    rows = read_table(os.path.join(folder, "bench.txt"), "model")
+    ratio = {(r[0], r[1]): float(r[4].rstrip("x")) for r in rows}
+    models = [m for m, impl in ratio if impl == "chunk"]
+    for j, impl in enumerate(("chunk", "kernel")):
+        label = "Python loop / chunkwise (--impl chunk)" if impl == "chunk" else "fused CPU kernels (--impl kernel)"
+        ax.barh([i + 0.4 * j for i in range(len(models))], [ratio[m, impl] for m in models], height=0.4, label=label)
+    ax.set_yticks([i + 0.2 for i in range(len(models))], models)
+    ax.invert_yaxis()
+    ax.axvline(1, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlim(0.8, 400)  # room for the legend
+    ax.set(xlabel="training step time / the LSTM's (dotted: 1)",
+           title="rfwp.py --bench: cost of a step against the LSTM")
+    ax.legend(fontsize=8, loc="lower right")
+
+
+FIGURES = {"capacity": (capacity, "capacity"), "rl_cartpole": (rl_cartpole, "rl_cartpole"),
+           "code_time": (code_time, "code_time"), "ode_scaling": (ode_scaling, "ode_scaling"),
+           "rfwp_bench": (rfwp_bench, "rfwp_bench")}
 
 
 def main(argv=None):
