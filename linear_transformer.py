@@ -514,8 +514,8 @@ class SumRuleKernel(torch.autograd.Function):
 
 def use_kernel(impl, q):
     """Whether linear_attention runs the fused recurrent kernel: on a CUDA device for impl cuda and kernel, and for
-    auto where T < 1024 (d_phi <= 128; measured fastest there on an H200, RESULTS.md); on the CPU for impl auto and kernel;
-    where the kernel file builds."""
+    auto where T < 1024 (d_phi <= 128; measured fastest there on an H200, RESULTS.md); on the CPU for impl auto and
+    kernel; where the kernel file builds."""
     T, d_phi = q.shape[2], q.shape[3]
     if q.is_cuda:
         wanted = (impl in ("cuda", "kernel") or (impl == "auto" and T < 1024)) and d_phi <= 128
