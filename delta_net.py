@@ -51,16 +51,13 @@ Commands:
     python delta_net.py --bench                          # loop vs chunk vs kernel speed and memory, plain and gated
     torchrun --nproc_per_node 2 delta_net.py             # data-parallel (gloo on CPU, nccl on CUDA)
 
-Runs (the scaffolding at the end, the same in every script): --out_dir gets metrics.jsonl and ckpt.pt (written
-atomically). A run refuses (exit 2, one line) a folder that holds a run unless --resume (continue it) or --overwrite
-(delete its files first), and an --out_dir that is a file, empty or not writable. --resume checks that the checkpoint is
-whole, this script's, and shares RESUME_FLAGS (the message names those that differ); it is exact on the CPU, drops the
-metrics.jsonl lines a killed run wrote past the checkpoint, writes once a final evaluation a kill cut off, and changes
-nothing for a finished run or one at --stop_at. A non-finite loss (training or validation) or weight stops the run (exit
-1) before anything of it is logged or saved, naming the last good checkpoint. Float flags must be finite, --seed in [0,
-2^32 - 1], --device one this machine has. Under torchrun each process takes its rows of the global --batch_size (recall:
-drawn alike on every rank; lm: its rows of the batch_size streams); rank 0 logs, evaluates and checkpoints (with
---carry_state the state of every stream too), so --resume continues with any number of processes.
+Runs: --out_dir gets metrics.jsonl and ckpt.pt. The scaffolding at the end, the same in every script, refuses an
+--out_dir that holds another run (--resume continues it, --overwrite replaces it), checks a checkpoint before resuming
+from it (the script, RESUME_FLAGS, a truncated file) and stops a diverging run before it logs or saves anything of it
+(open_out_dir, read_checkpoint, nothing_left, truncate_metrics, check_finite). A resumed run on the CPU ends where an
+uninterrupted one would. Under torchrun each process takes its rows of the global --batch_size (recall: drawn alike on
+every rank; lm: its rows of the batch_size streams); rank 0 logs, evaluates and checkpoints (with --carry_state the
+state of every stream too), so --resume continues with any number of processes.
 """
 
 import contextlib
