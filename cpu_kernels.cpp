@@ -14,7 +14,8 @@
 //               beta = sigmoid(b_t + r_b . s); W by the delta rule;   y_t = W_t q
 // (Irie et al. 2021, eq. 4-7, 17-32.) One task per (b, h), spread over threads by at::parallel_for; each task walks
 // time holding its d x d matrices in a local buffer, the forward transposed (write_and_read_t), the backward by rows.
-// The common head widths (16, 32, 64) are compile-time constants, so the loops over a row unroll and vectorize.
+// The common head widths (16, 32, 64) are compile-time constants, so the loops over a row unroll and vectorize;
+// any other d_head runs the generic code. Any B H and T (T = 1 for RL), the state in and out.
 //
 // Backward, as on the GPU: no matrix is stored per step. The forward saves v̄_t = W_{t-1} k_t (and, for the RDN, the
 // squashed q, k, the value and beta); the backward starts from the final matrices and undoes each write exactly as
@@ -62,7 +63,7 @@ inline void axpby(T* y, T a, T b, const T* x, int64_t n) {  // y = a y + b x
 }
 
 // exp(x) - 1 and exp(x) for one entry, in arithmetic only, so that a loop over a row vectorizes (std::exp and
-// std::tanh are scalar library calls): x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, Cody and Waite), expm1(r)
+// std::tanh are scalar library calls, which took a third of the recurrent kernels' time): x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, Cody and Waite), expm1(r)
 // by its Taylor polynomial (to degree 7 for float, 13 for double: the remainder is below half an ulp), then
 // expm1(x) = 2^n expm1(r) + (2^n - 1), exact in its small-|x| range (n = 0), where exp(x) - 1 would cancel. x is
 // clamped to where 2^n is a normal number (NaN passes through: it compares false).

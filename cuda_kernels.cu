@@ -16,7 +16,16 @@
 // W_{t-1} = W_t - v_t k_t^T). We chose reversal over recomputing from checkpoints of W because it
 // needs no extra pass and O(T d_v) memory; its rounding error adds up (it does not compound), which the
 // tests bound at T = 1000 in fp32. Cross-row sums (dq, dk, dbeta) are accumulated per tile in shared
-// memory and added to global fp32 buffers once per block and tile.
+// memory and added to global fp32 buffers once per block and tile. Inputs fp32, bf16, fp16 or fp64; gradients for q,
+// k, v, beta and W0. The sum rule is linear_transformer.py's --impl kernel on CUDA, its denominator one more value row.
+//
+// Status. The sum and delta rules have run on an NVIDIA H200 (bash .ci/gpu_check; RESULTS.md). The gated delta rule,
+// the recurrent FWPs and the chunk pass compile (test_all.py compiles this file to PTX for sm_90 wherever nvcc is),
+// and their device code passes its tests on CPU threads (test_all.py runs each CUDA thread as a fiber, a block's warps
+// on at most 4 OS threads, __syncthreads and shuffles waiting as on a GPU, the fibers between two of them in a random
+// order, so that a missing __syncthreads shows), but they have not yet run on a GPU: the host code, the GPU's fp32
+// rounding and their speed are for the CUDA tests, which skip without one. Each script loads this file on first use
+// (kernels("cuda")), under a module name holding a hash of its source.
 #include <torch/extension.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/OpMathType.h>
@@ -232,7 +241,8 @@ __global__ void fast_weight_backward_kernel(const scalar_t* __restrict__ q, cons
 // a_i = W_{t-1,i} . k, u_i = beta (v_i - alpha a_i) and dM = dL/dW_t (the read's dy_i q added), row i gives
 //   du_i = dM_i . k,  dv_i = beta du_i,  dbeta += du_i (v_i - alpha a_i),  dk += u_i dM_i - alpha beta du_i W_{t-1,i},
 //   dg += alpha (dM_i . W_{t-1,i} - beta du_i a_i),  dL/dW_{t-1,i} = alpha (dM_i - beta du_i k),  dq += dy_i W_{t,i}
-// (cpu_kernels.cpp's gated rule, the same formulas). alpha_t = 0 (g_t = -inf) is exact.
+// (cpu_kernels.cpp's gated rule, the same formulas). alpha_t = 0 (g_t = -inf) is exact. nvcc -Xptxas -v for sm_90:
+// no register spills at any width or dtype (the backward uses up to 168 registers a thread, the forward up to 56).
 
 // alpha_t = exp(g_t) for t in [t0, t0 + TS) into shared memory, 1 beyond T.
 template <typename scalar_t, typename acc_t>
@@ -645,6 +655,11 @@ std::vector<at::Tensor> gated_delta_backward(at::Tensor q, at::Tensor k, at::Ten
 // Backward: no matrix is stored per step. The forward saves v̄_t = R_{t-1} k_t (and the vectors the backward needs
 // again), the backward starts from the final matrices and undoes each write exactly as written,
 // R_{t-1} = R_t - beta_t (v_t - v̄_t) k_t^T, as the delta kernel above does.
+//
+// d <= 128, any B H and T (T = 1 for RL). Where a backward's shared memory exceeds the GPU's (the Delta LSTM at d 128
+// in fp64, or at large d on GPUs with less than an H100's), the layer uses the loop (recurrent_backward_smem).
+// nvcc -Xptxas -v for sm_90: no register spills in fp32 up to d = 32 (the paper's heads are 16 wide), a few bytes
+// for the Delta LSTM backward up to d = 64, spills at d = 128.
 
 namespace {
 
@@ -1259,6 +1274,9 @@ __global__ void __launch_bounds__(1024)
 // saving, per chunk, M as it was before the chunk (forward: the chunk-start state S_n; backward: dS_{n+1}) and X_n.
 // The columns of M never mix, so block (b h, column tile) keeps kStateCols columns of M in shared memory through all
 // N chunks; per chunk it stages L_n, then R_n, in one C x d_k buffer. Shared: (d_k + C) kStateCols + C d_k entries.
+// A first step toward a chunk form at
+// flash-linear-attention's speed (no tensor cores yet); its speed and memory against the PyTorch loop and fla are
+// not measured (bash .ci/gpu_check delta_net runs it).
 constexpr int kStateCols = 16;
 
 // grid B H ceil(d_v / kStateCols) (block x = bh * tiles + tile); any block size.

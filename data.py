@@ -8,8 +8,12 @@
     batchify(tokens, n_streams)               -> (n_streams, n) parallel streams
     segment(streams, i, seq_len)              -> inputs, targets of the i-th segment (state can be carried)
 
-Every URL lives in URLS below so a mirror can be swapped in; a failed download says where to put
-the file by hand. User-facing problems raise DataError (the scripts print it and exit non-zero).
+Every URL lives in URLS below so a mirror can be swapped in (WikiText from wikitext.smerity.com, enwik8 from
+mattmahoney.net, UEA/UCR sets from timeseriesclassification.com, Speech Commands from download.tensorflow.org,
+PhysioNet 2019 from physionet.org, one .psv per patient listed from the set's index page). Downloads are cached under
+--data_dir (default ~/.cache/fwp), verified and written atomically; a failed download prints the URL and the path
+where the files can be put by hand. The tests run the download code against a local HTTP server serving small files
+they build, not against these hosts. User-facing problems raise DataError (the scripts print it and exit non-zero).
 """
 
 import hashlib

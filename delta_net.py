@@ -27,8 +27,22 @@ S = W^T (d_k, d_v) the same state in the chunk form, beta in (0, 1) the write st
 form A = strict_lower(diag(beta) K K^T) and T = (I + A)^-1 (a C x C matrix, not the length). Gated rule: g the log
 decay, alpha = exp(g), A_log and dt_bias (one per head) its slow parameters, G the cumulative log decay within a chunk.
 
+Forms (--impl, delta_rule): loop is the spec and the test oracle; chunk the chunkwise form (DeltaRuleChunk); kernel
+the device's fused kernel (cpu_kernels.cpp on the CPU, cuda_kernels.cu on CUDA; built on first use, about a minute;
+a failed build prints one warning and runs chunk); chunk_cuda the chunk form with its loops over chunks as CUDA
+kernels (not yet run on a GPU, so auto never picks it). Every form takes and returns W, so a stream is processed
+segment by segment (--carry_state) and text generated one token at a time in constant memory (--sample N --prompt).
+
+Fidelity. q and k as the paper (sumnorm(elu + 1), one sigmoid beta per head) by default; --qk_map l2 as Yang et al.
+2024, with q / sqrt(d_head) as the official Gated DeltaNet code and fla's DeltaNet layers. Slow projections have no
+bias, as the official code. Positions (--pos_enc auto): none for recall (the recurrence orders the sequence, as the
+official algorithmic code), sinusoidal for --task lm unless --carry_state (the official LM code adds them except in
+its full-context runs). --preset paper is the official LM setting: --scale_out and Adam (AdamW with weight decay 0,
+betas 0.9/0.999) with cosine decay to 0; the CPU defaults keep AdamW (0.9, 0.98), weight decay 0.1 on matrices,
+cosine to lr / 10. Gated DeltaNet against the official layer: DeltaLayer; the chunk form: DeltaRuleChunk.
+
 Commands:
-    python delta_net.py                                  # associative recall, a few CPU minutes
+    python delta_net.py                                  # associative recall, about 1.5 CPU minutes
     python delta_net.py --preset tiny --steps 20         # smoke run
     python delta_net.py --repeat_keys                    # keys rewritten with new values: overwriting
     python delta_net.py --preset gated_deltanet          # Gated DeltaNet's layer (--gate for the gated rule alone)
@@ -36,6 +50,14 @@ Commands:
     python delta_net.py --task lm --dataset wikitext-2 --sample 200 --prompt "The meaning of"
     python delta_net.py --bench                          # loop vs chunk vs kernel speed and memory, plain and gated
     torchrun --nproc_per_node 2 delta_net.py             # data-parallel (gloo on CPU, nccl on CUDA)
+
+Runs: --out_dir gets metrics.jsonl and ckpt.pt. The scaffolding at the end, the same in every script, refuses an
+--out_dir that holds another run (--resume continues it, --overwrite replaces it), checks a checkpoint before resuming
+from it (the script, RESUME_FLAGS, a truncated file) and stops a diverging run before it logs or saves anything of it
+(open_out_dir, read_checkpoint, nothing_left, truncate_metrics, check_finite). A resumed run on the CPU ends where an
+uninterrupted one would. Under torchrun each process takes its rows of the global --batch_size (recall: drawn alike on
+every rank; lm: its rows of the batch_size streams); rank 0 logs, evaluates and checkpoints (with --carry_state the
+state of every stream too), so --resume continues with any number of processes.
 """
 
 import ast
@@ -263,7 +285,16 @@ class DeltaLayer(nn.Module):
     gate: the gated rule, alpha_t = exp(g_t) per head with g_t = -exp(A_log) softplus(w_a . x_t + dt_bias);
     neg_eigval: beta = 2 sigmoid(.) in (0, 2), so the write's eigenvalue 1 - beta |k|^2 may be negative (Grazzi et al.
     2024, arXiv 2411.12537); short_conv: a causal depthwise convolution over time (kernel 4, no bias) and SiLU on q, k
-    and v; out_gate: each head's output RMSNorm-ed and multiplied by SiLU(W_g x)."""
+    and v; out_gate: each head's output RMSNorm-ed and multiplied by SiLU(W_g x).
+    With all four (--preset gated_deltanet) this is the official layer (NVlabs/GatedDeltaNet, fla's GatedDeltaNet):
+    w_a bias-free, A ~ U(0, 16), softplus(dt_bias) log-uniform in [0.001, 0.1] (floor 1e-4), neither decayed by the
+    script's AdamW (it decays matrices only); the convolutions depthwise, kernel 4, no bias, torch's Conv1d
+    initialisation (as fla's ShortConvolution), SiLU after them; the output gate RMSNorm(o) * weight * silu(W_g x) per
+    head (eps 1e-5); beta a sigmoid of a bias-free projection (fla's; NVlabs' has a bias), x 2 with neg_eigval (fla's
+    allow_neg_eigval). It differs in: values as wide as keys (fla widens them by expand_v 2, NVlabs by 1.5 with keys at
+    0.75 d_model), so the state stays d_head x d_head; the block around it (LayerNorm and a ReLU feed-forward here,
+    RMSNorm and SwiGLU there) and the linear layers' initialisation (torch's here, a normal of std 0.02 there); without
+    short_conv no SiLU is applied to q, k, v (fla applies one)."""
 
     def __init__(self, d_model=128, n_head=4, qk_map="elu_sumnorm", impl="auto", chunk_size=64, scale_out=False,
                  gate=False, neg_eigval=False, short_conv=False, out_gate=False):
@@ -424,7 +455,9 @@ class DeltaRuleChunk(torch.autograd.Function):
     chunks at once; only two small matmuls per chunk are sequential. The outputs: O = diag(exp(G)) Q S +
     tril(Q K^T o Gamma) U'. The backward reruns nothing: it walks the chunk states S_n saved by the forward in reverse.
     kernel=True runs each of the two loops over chunks as one CUDA kernel (chunk_state_pass in cuda_kernels.cu,
-    which keeps the state on chip), the rest as here.
+    which keeps the state on chip), the rest as here. The state, A and T are fp32. Gated, the form stays exact as
+    alpha -> 0 (tested down to alpha = 1e-35 at single steps); it needs finite g (the loop and the kernels also take
+    g = -inf).
     """
 
     @staticmethod

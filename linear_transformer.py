@@ -21,14 +21,38 @@ d_head = d_model / n_head, d_phi the feature dimension (d_head; 2 nu d_head for 
 FAVOR+), W (d_head, d_phi) the fast weight of one head (fp32), z (d_phi) the sum of the keys,
 omega (n_features, d_head) FAVOR+'s random projection, nu DPFP's number of rolls.
 
+Forms (--impl, linear_attention): loop (the spec and the test oracle), chunk (sum_rule_chunk: no sequential step at
+all), parallel (tril(phi(Q) phi(K)^T) V, quadratic: short T and an oracle), kernel (the device's fused kernel,
+cpu_kernels.cpp on the CPU, cuda_kernels.cu on CUDA). The fast forms compute the plain sum rule; the denominator
+rides along as one more value row. Every form takes and returns (W, z) (softmax attention its key/value cache), so
+a stream is processed segment by segment (--carry_state) and text generated one token at a time (--sample N).
+
+Fidelity. --normalize denom adds eps = 1e-6 to the denominator (as Katharopoulos et al.); the paper's (Schlag et al.)
+sum normalisation is --normalize sumnorm. FAVOR+ uses no numerical stabiliser (the Performer code's max
+subtraction): inputs are scaled by d^(-1/4) and the state is fp32; one projection per layer, shared by its heads,
+redrawn from torch's global RNG (saved in checkpoints, so --resume stays exact). Positions (--pos_enc auto):
+sinusoidal for --attn softmax (without them causal softmax attention sees the prefix as a set: tested) and for
+--task lm unless --carry_state, as the official LM code; none for the linear forms on recall. --preset paper adds
+--scale_out (the official LM layers) and the official LM optimizer: Adam (AdamW with weight decay 0, betas
+0.9/0.999), cosine decay to 0; the CPU defaults keep AdamW (0.9, 0.98), weight decay 0.1 on matrices, cosine to
+lr / 10.
+
 Commands:
-    python linear_transformer.py                             # associative recall, a few CPU minutes
+    python linear_transformer.py                             # associative recall, about 1.5 CPU minutes
     python linear_transformer.py --preset tiny --steps 20    # smoke run
     python linear_transformer.py --repeat_keys               # keys rewritten with new values: overwriting
     python linear_transformer.py --phi dpfp --dpfp_nu 2      # a larger feature space (2 nu d_head)
     python linear_transformer.py --attn softmax              # the quadratic baseline, same block
     python linear_transformer.py --task lm --dataset wikitext-103 --preset paper   # GPU, the paper's LM size
     python linear_transformer.py --bench                     # loop/chunk/parallel/kernel vs softmax over T
+
+Runs: --out_dir gets metrics.jsonl and ckpt.pt. The scaffolding at the end, the same in every script, refuses an
+--out_dir that holds another run (--resume continues it, --overwrite replaces it), checks a checkpoint before resuming
+from it (the script, RESUME_FLAGS, a truncated file) and stops a diverging run before it logs or saves anything of it
+(open_out_dir, read_checkpoint, nothing_left, truncate_metrics, check_finite). A resumed run on the CPU ends where an
+uninterrupted one would. Under torchrun each process takes its rows of the global --batch_size (recall: drawn alike on
+every rank; lm: its rows of the batch_size streams); rank 0 logs, evaluates and checkpoints (with --carry_state the
+state of every stream too), so --resume continues with any number of processes.
 """
 
 import ast
@@ -492,8 +516,8 @@ class SumRuleKernel(torch.autograd.Function):
 
 def use_kernel(impl, q):
     """Whether linear_attention runs the fused recurrent kernel: on a CUDA device for impl cuda and kernel, and for
-    auto where T < 1024 (d_phi <= 128; measured fastest there on an H200, README); on the CPU for impl auto and kernel;
-    where the kernel file builds."""
+    auto where T < 1024 (d_phi <= 128; measured fastest there on an H200, RESULTS.md); on the CPU for impl auto and
+    kernel; where the kernel file builds."""
     T, d_phi = q.shape[2], q.shape[3]
     if q.is_cuda:
         wanted = (impl in ("cuda", "kernel") or (impl == "auto" and T < 1024)) and d_phi <= 128

@@ -31,14 +31,18 @@ step solver (euler, rk4), whose stage times are known before the solve, --impl p
 stage of every series in batched passes (one per --solve_chunk steps, W carried over, so that the tables stay in the
 cache); what is left is the rule on W: Hebb's a weighted sum of outer products,
 the delta rule's and Oja's (linear in W) one affine map per step, fused in cpu_kernels.cpp with --impl kernel (the
-default on the CPU). --impl generic evaluates the whole vector field at each stage (the reference; dopri5's path).
+default on the CPU); the other forms (--post_tanh, the official Oja) step through the same solver with the table.
+--impl generic evaluates the whole vector field at each stage: the reference, which every other path equals in
+float64 (tested), and dopri5's path, whose stage times are not known in advance. The neural CDE's dX/dt is tabulated
+the same way; its MLP runs stage by stage. Values are standardised with the training split's statistics, the time
+channel divided by the largest time (--raw_time: kept in data units).
 
 Glossary: b batch, h head, d = d_head = d_model / n_head, C channels of X (time included), N observations,
 s in [0, 1] the solver's time, span = t_N - t_1 per series, W (d, d) the fast weight of one head, beta in (0, 1)
 a learning rate, NFE the number of vector-field evaluations (precomputed: of the slow net, one per stage time).
 
 Commands:
-    python ode_fwp.py                                      # delta rule on irregular spirals, under a CPU minute
+    python ode_fwp.py                                      # delta rule on irregular spirals: ~35 s, +1 min to build
     python ode_fwp.py --dataset synthetic                  # the harder synthetic task (order and sign of events)
     python ode_fwp.py --preset tiny --steps 4              # smoke run
     python ode_fwp.py --rule hebb --interp linear          # other rules, controls, solvers: --solver dopri5
@@ -48,6 +52,26 @@ Commands:
     python ode_fwp.py --dataset EigenWorms                 # downloads: a UEA name, speech_commands, sepsis
     python ode_fwp.py --bench                              # step time and NFE per model/solver/path, then vs length
     torchrun --nproc_per_node 2 ode_fwp.py                 # data-parallel (gloo on CPU, nccl on CUDA)
+
+Fidelity. Oja's rule is the paper's; the official one (the softmax after the subtraction) is --values_from dx, the
+official oja_cde layout. The default layout (keys from dX/dt, values from X(t)) is the official delta_cde's; with
+--rule hebb it keeps sigmoid(b) and tanh on the values, where the official hebb_cde_v2 multiplies the untransformed
+values by the raw logit b. The paper does not say which layout produced its Hebb and Oja numbers; the default here
+is the first one for all three rules. The official readout takes the query at the batch's last time (times[-1]) for
+every series; here each series uses its own last time. The official code backpropagates with the adjoint method;
+here through the solver's steps. The default task, the spirals, is torchcde's example (Kidger et al.'s library),
+not a task of the CT-FWP paper: a first run that every model learns; the paper's data sets are the presets, which
+follow speech_and_physionet/ and eigenworms/ of the official code (PRESETS: the recipes and what still differs).
+
+Runs: --out_dir gets metrics.jsonl, ckpt.pt and best.pt (the best on valid, which the test split and --evaluate use).
+The scaffolding at the end, the same in every script, refuses an --out_dir that holds another run (--resume continues
+it, --overwrite replaces it), checks a checkpoint before resuming from it (the script, RESUME_FLAGS, a truncated file)
+and stops a diverging run before it logs or saves anything of it (open_out_dir, read_checkpoint, nothing_left,
+truncate_metrics, check_finite). A resumed run on the CPU ends where an uninterrupted one would. A fixed-step solve of
+more than 100,000 steps per series is refused, naming the step size that fits. Under torchrun each process takes its
+rows of the global --batch_size, drawn alike on every rank; rank 0 logs, evaluates and checkpoints, so --resume
+continues with any number of processes; with --solver dopri5 each rank's adaptive steps follow its own rows, so N
+processes do not equal one there. --bench and --evaluate run in one process.
 """
 
 import ast
@@ -206,7 +230,11 @@ PRESETS = {
     # The official recipes (speech_and_physionet/: delta_cde, rk4 at the observation gap, Adam at base_lr x batch / 32,
     # no clipping, the penalty 0.03 sum ||p||, ReduceLROnPlateau(patience=2) on the training loss every 10 epochs, raw
     # time). Steps: epochs x batches per epoch of the 70% training split (speech 24 of 1024: 500 epochs; sepsis 28:
-    # 200 epochs); evaluation every 10 epochs.
+    # 200 epochs); evaluation every 10 epochs. What differs: the best sepsis checkpoint is chosen on validation AUROC
+    # (the official code: accuracy); the official early stop after 100 epochs without a lower training loss and its
+    # x100 gradient on the classifier are not reproduced; sepsis' static features are constant channels of the path
+    # (the official code computes W(0) from them with a small network); the observational-intensity channels are
+    # --intensity (in sepsis_oi).
     "speech": dict(dataset="speech_commands", d_model=80, n_head=4, d_ff=320, batch_size=1024, lr=5e-5 * 1024 / 32,
                    steps=500 * 24, eval_every=10 * 24, warmup=0, grad_clip=0.0, l2=0.03, plateau=True, raw_time=True),
     "sepsis": dict(dataset="sepsis", d_model=160, n_head=32, d_ff=640, v_layernorm=True, batch_size=1024,
@@ -216,7 +244,11 @@ PRESETS = {
                       batch_size=1024, lr=3e-5 * 1024 / 32, steps=200 * 28, eval_every=10 * 28, warmup=0,
                       grad_clip=0.0, l2=0.03, plateau=True, raw_time=True, pos_weight=10.0),
     # eigenworms/ of the official code: depth-1 log-signature windows of 4 steps, the delta rule with the tanh after
-    # the subtraction, hidden 128, 16 heads, FF 64, Adam 1e-4, the whole training set as one batch, 1000 epochs
+    # the subtraction, hidden 128, 16 heads, FF 64, Adam 1e-4, the whole training set as one batch, 1000 epochs.
+    # --dataset EigenWorms alone solves the raw 17,984 steps; the windows leave 4,496 points. What differs: the
+    # official model feeds each window's log-signature to its update network as a piecewise-constant input, here it
+    # drives the CDE form; its lr schedule (a plateau on the validation loss, patience 15) and early stop are not
+    # reproduced.
     "eigenworms": dict(dataset="EigenWorms", logsig_window=4, interp="linear", post_tanh=True, d_model=128,
                        n_head=16, d_ff=64, lr=1e-4, batch_size=1024, steps=1000, eval_every=1, warmup=0,
                        grad_clip=0.0),

@@ -12,9 +12,11 @@ programmer at the level of whole networks: the slow net (generator G) writes all
     loop        c = (best return so far) + drive; theta = G(c) + sigma eps; run one episode per theta, store
                 (theta, return R); V: MSE to R on recency-weighted buffer samples; G: minimise (V(G(R)) - R)^2
                 through the frozen V, R drawn from the buffer's returns
-Speed (same algorithm, measured in the README): one generator call per batch of `--n_parallel` policies (the
-noise makes them differ), their episodes stepped side by side with one batched policy forward per time step,
-and evaluation episodes batched the same way; the updates follow the batch, one per episode, as in the paper.
+Speed (same algorithm; the official code's profile and this file's times are in RESULTS.md): one generator call per
+batch of `--n_parallel` policies (the noise makes them differ), their episodes stepped side by side with one batched
+policy forward per time step, and the evaluation episodes batched the same way; each distinct command of a
+generator batch generated once (generator_loss: the same loss and gradient); the updates follow the batch, one per
+episode (4 evaluator and 19 generator Adam steps), as in the paper.
 
 Glossary: theta (n_params,) a flat policy vector [W1, b1, W2, b2, W3, b3] (W (out, in), row-major), P policies
 in a batch, c a command (a return), R an episode's return, M probing states, tile the block size of a layer.
@@ -25,6 +27,20 @@ Commands:
     python policy_generator.py --env InvertedPendulum-v5        # MuJoCo (gymnasium[mujoco]); also Swimmer-v5, Hopper-v5
     python policy_generator.py --sweep_only                     # the command sweep of the checkpoint in out_dir
     python policy_generator.py --bench                          # generator, update and rollout times
+
+Fidelity. The official code's settings (Args, ENVS), with these differences: a batch of --n_parallel episodes shares one
+command (the official code raises it after each episode) and is evaluated after the batch (so an evaluation lands at the
+first batch end past each multiple of --eval_every steps, not exactly at it); observations are normalised by an exact
+running mean and std (the official one starts from var = mean^2); evaluation episodes get fresh seeds from the run's
+generator. Gymnasium 1.x -v5 MuJoCo tasks replace the paper's -v2/-v3; Pendulum-v1 is not in the paper.
+
+Runs: --out_dir gets metrics.jsonl and ckpt.pt (at every evaluation). The scaffolding at the end, the same in every
+script, refuses an --out_dir that holds another run (--resume continues it, --overwrite replaces it), checks a
+checkpoint before resuming from it (the script, RESUME_FLAGS, a truncated file) and stops a diverging run (a non-finite
+evaluator or generator loss, or generated policy) before it logs or saves anything of it (open_out_dir, read_checkpoint,
+nothing_left, truncate_metrics, check_finite). It runs in one process (no torchrun): it learns by many small updates
+from a replay buffer after each batch of episodes, not by a gradient over a data batch that processes could split; its
+speed comes from batching the episodes.
 """
 
 import ast

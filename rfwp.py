@@ -26,7 +26,10 @@ input (linear, delta, delta_mlp, delta_delta, and the W parts of delta_rnn and d
 chunkwise-parallel form; the recurrent parts step through time. With impl "kernel" every part runs as one fused
 kernel per pass instead, forward and backward: cpu_kernels.cpp on the CPU (the default there, impl "auto"),
 cuda_kernels.cu on a CUDA device. Both are JIT-built on first use (a C++ compiler and ninja; nvcc for CUDA); without
-them the PyTorch forms run, after one warning.
+them the PyTorch forms run, after one warning. impl "loop" steps every part in Python (fast_weight_loop,
+delta_rnn_loop, delta_lstm_loop, rdn_loop: the spec and the test oracle). "auto" is "kernel" on the CPU, where every
+kernel measured faster than its PyTorch form, and "chunk" elsewhere: the CUDA recurrent kernels pass their device
+code's tests on CPU threads but have not yet run on a GPU, so they stay opt-in there.
 
 Glossary: b batch, h head, t time step, T sequence length, C chunk length, d = d_head = d_model / n_head,
 W, R (d, d) fast weights of one head (fp32), beta in (0, 1) a write strength, s the recurrent input of a step.
@@ -36,7 +39,7 @@ DeltaLSTMLayer(d_model=64, n_head=4, chunk_size=64), ...: (x, state=None) -> (y,
 the state's shapes in each layer's docstring; FWPModel(n_in, n_out, model="rdn", ...) stacks them.
 
 Commands:
-    python rfwp.py                                        # rdn on code execution, about 2 CPU minutes
+    python rfwp.py                                        # rdn on code execution, ~2 CPU min with the kernel build
     python rfwp.py --preset tiny --steps 20               # smoke run
     python rfwp.py --model rdn --task listops             # sequential ListOps (depth 4; the paper: 10, 15)
     python rfwp.py --preset paper --model delta_rnn       # GPU: the paper's code execution setting
@@ -44,6 +47,26 @@ Commands:
     python rfwp.py --bench                                # training speed and memory of every model
     torchrun --nproc_per_node 2 rfwp.py                   # data-parallel (gloo on CPU, nccl on CUDA)
     python rfwp_rl.py                                     # the RL experiment: CartPole without velocities
+
+Fidelity. Where the paper and the official code differ this file follows the paper: the code generator runs a
+conditional statement whenever its condition holds (the official one runs a conditional `v = n` only while v is
+unassigned: --official_if); its statement kinds are drawn with the official frequencies (code_program). Delta MLP's
+fast layers are d x d each (--fast_net_depth of them, residual; 1 by default, as the official algorithmic code); the
+official LM layer uses pairs of fast layers with a 4d hidden width. A final LN sits before the head (the official
+algorithmic code has none; its Transformer baseline's nn.TransformerEncoder has one). Blocks are pre-LN, as the
+official FWP layers; the official Transformer baseline is post-LN, which is --post_ln (the results use pre-LN for
+every model). ListOps trees are drawn as the official generator draws them (listops_tree); --depth counts nested
+operators, so --depth 10 is the official --only_depth 11, "depth 10" in the paper.
+
+Runs: --out_dir gets metrics.jsonl, ckpt.pt and best.pt (the best on valid, which the test split is evaluated with). The
+scaffolding at the end, the same in every script, refuses an --out_dir that holds another run (--resume continues it,
+--overwrite replaces it), checks a checkpoint before resuming from it (the script, RESUME_FLAGS, a truncated file) and
+stops a diverging run before it logs or saves anything of it (open_out_dir, read_checkpoint, nothing_left,
+truncate_metrics, check_finite). A resumed run on the CPU ends where an uninterrupted one would. Under torchrun each
+process takes its rows of the global --batch_size (code, listops: drawn alike on every rank, the loss over a varying
+number of targets scaled as the rank's sum over the global count, times N; lm: its rows of the batch_size streams);
+dropout masks are each rank's own; rank 0 logs, evaluates and checkpoints, so --resume continues with any number of
+processes.
 """
 
 import ast
@@ -491,7 +514,7 @@ class RDNLayer(SlowNet):
     def __init__(self, d_model=64, n_head=4, impl="auto"):
         d = d_head(d_model, n_head)
         super().__init__(d_model, n_head, [d, d, d, 1], impl=impl)
-        self.R = nn.Parameter(torch.randn(3, n_head, d, d) / math.sqrt(d))  # R_q, R_k, R_v ~ N(0, 1/sqrt(d))
+        self.R = nn.Parameter(torch.randn(3, n_head, d, d) / math.sqrt(d))  # R_q, R_k, R_v: entries of std 1/sqrt(d)
         self.r_b = nn.Parameter(torch.randn(n_head, d) / math.sqrt(d))
 
     def forward(self, x, state=None):
@@ -830,11 +853,14 @@ def code_program(rng, n_statements, n_vars, official_if=False):
     """One program of code execution (Fan et al. 2020, as in Irie et al. 2021 section 4.1) and its targets.
     Statements: `v = n ;`, `v ++ ;`, `v -- ;`, `print v ;`, or `if v < c :` / `if v > c :` followed by one of
     those, which runs only if the condition holds (official_if: as the official generator, a conditional `v = n`
-    runs only while v is still unassigned). Statement kinds are drawn as CODE_WEIGHTS says. Only assigned variables
-    are read; the first statement assigns, the last prints. The target of every token is None except at the `;` of
-    an executed print: the value printed.
+    runs only while v is still unassigned). Statement kinds are drawn as CODE_WEIGHTS says, the official generator's
+    frequencies: assign, ++/--, print and if 1/4 each; inside an if, one of the first three, 1/3 each. Values stay
+    in [CODE_MIN, CODE_MAX] = [-8, 16]. Only assigned variables are read; the first statement assigns, the last
+    prints. The target of every token is None except at the `;` of an executed print: the value printed.
         a = 3 ; b = 7 ; if a < 5 : a ++ ; print a ; if b > 8 : print b ; print b ;
         targets: None everywhere except the `;` after `print a` (4) and the last `;` (7)
+    Metrics: print accuracy (at executed prints) and sequence accuracy (every position of a program right: the
+    headline).
     """
     names, env, tokens, targets = CODE_VARS[:n_vars], {}, [], []
 

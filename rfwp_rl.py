@@ -14,7 +14,10 @@ current policy, keeping the graph, and learns from each unroll of T steps with t
     -sum_s log pi(a_s) A_s + 0.5 baseline_cost sum_s (v_s - V(x_s))^2 - entropy_cost sum_s H(pi(.|x_s))
     v_s = V(x_s) + sum_{t>=s} (prod_{i=s}^{t-1} gamma_i c_i) rho_t (r_t + gamma_t V(x_{t+1}) - V(x_t))    (V-trace)
     A_s = rho_s (r_s + gamma_s v_{s+1} - V(x_s))
-Gradients flow through the fast weights within an unroll (--truncate 1 detaches them every step).
+Gradients flow through the fast weights within an unroll (--truncate 1 detaches them every step). One RMSProp step
+per unroll (alpha 0.99, eps 0.01 outside the square root as torch's, lr decayed linearly to 0, gradient clip 40);
+entropy_cost 0.01, baseline_cost 0.5, discount 0.99, rewards clipped to [-1, 1] in the loss, sums over time and batch
+as torchbeast. vtrace() takes general log-ratios and is tested off-policy.
 
 Glossary: T unroll length, B environments stepped together (--batch_size), A actions, s, t steps of an unroll,
 gamma_t the discount (0 where a life or episode ended), rho_t = min(1, pi/mu), c_i = min(1, pi/mu) the clipped
@@ -27,6 +30,30 @@ Commands:
     python rfwp_rl.py --env ALE/Breakout-v5 --env_steps 50_000_000   # Atari, the official settings (GPU advised)
     python rfwp_rl.py --bench                          # agent steps per second of every core, loops and kernels
     torchrun --nproc_per_node 2 rfwp_rl.py             # data-parallel: each process steps half the environments
+
+Fidelity. IMPALA/torchbeast as written (V-trace with rho and c clipped at 1, summed losses, RMSProp eps outside the
+square root, clip 40, the clipped last reward as a core input), except: learning is synchronous (one process, or N
+data-parallel ones under torchrun, instead of 48 actors and a learner), so the importance weights are exactly 1; the
+fast weights are backpropagated through the unroll unless --truncate 1; a time-limit truncation ends the bootstrap
+like a termination (as torchbeast); a lost Atari life stops the bootstrap and is followed by a FIRE (as the official
+wrappers: AtariEnvs) but neither resets the core state nor ends the reported episode (torchbeast's episodic-life
+wrapper does both: the official cores zero their state at every lost life, and its test() scores single lives, which
+is --eval_per_life); vector observations are standardised by running statistics. The RL cores are the official ones
+by default (--official_rl_core; test_rl_cores_equal_the_official_forms steps each against the official layers'
+equations written out), at the official commands' sizes for Atari and other gymnasium ids; the official RL code has
+no Delta LSTM, Delta MLP or Delta Delta Net core, so those run in their sequence-task forms with no final LN. The
+official policy and baseline heads are one linear layer here (the same function and initial distribution). The CPU
+task CartPole-NoVel, which has no official counterpart, uses smaller cores (Args).
+
+Runs: --out_dir gets metrics.jsonl (every episode's return, every update's losses) and ckpt.pt. The scaffolding at the
+end, the same in every script, refuses an --out_dir that holds another run (--resume continues it, --overwrite replaces
+it), checks a checkpoint before resuming from it (the script, RESUME_FLAGS, a truncated file) and stops a diverging run
+before it logs or saves anything of it (open_out_dir, read_checkpoint, nothing_left, truncate_metrics, check_finite). A
+non-finite policy logit on any rank stops the run too. --resume restores the agent, optimizer and RNGs but starts fresh
+episodes (the emulators' state is not saved), so a resumed run is not step for step the uninterrupted one. Under
+torchrun rank r steps the environments one process would number r n / N ... (r + 1) n / N - 1, seeded as there, each
+sampling its actions from a generator of its own; the episodes' returns are gathered to rank 0, which logs and
+checkpoints; the summed loss is scaled by N. --eval and --bench run in one process.
 """
 
 import ast
@@ -363,7 +390,9 @@ class AtariEnvs:
     FireResetEnv sits on top of the episodic-life wrapper); in games such as Breakout nothing moves until FIRE is
     pressed. Here the step after a lost life executes FIRE whatever the agent chose. The agent's sampled action is
     then ignored by the environment, so the transition does not depend on it and the data stay on-policy for
-    V-trace (that step's policy-gradient term has zero mean). Games without a FIRE action are unaffected."""
+    V-trace (that step's policy-gradient term has zero mean). Games without a FIRE action are unaffected. The official
+    reset also sends a no-op before the FIRE and action 2 after it, hidden from the agent; here the FIRE takes one
+    agent step. --eval on Atari plays whole greedy games, which may last until ALE's 108k-frame limit."""
 
     def __init__(self, name, n, seed):
         from ale_py import roms

@@ -1,6 +1,42 @@
 """Tests for the FWP scripts: exactness (float64), state carrying, smoke runs, resume, CLI errors, data.
 
-Run: python -m pytest test_all.py (one script's tests: -k dn_, lt_, rf_, rl_, od_, pg_ or data_).
+Run: python -m pytest test_all.py (one script's tests: -k dn_, lt_, rf_, rl_, od_, pg_, data_ or fig_; rfwp_rl.py's
+are rl_, not rf_). CUDA tests skip without a GPU; wherever nvcc is, cuda_kernels.cu is compiled to PTX for sm_90.
+
+What the sections check (each test's name and docstring say more). In every script: each fast form against the
+reference loop in float64 (outputs, final state, the gradients of every input and of the initial state; T not a
+multiple of the chunk), gradcheck on the small ops, a state carried across calls, the layers built from keywords (a
+bad value a ValueError naming it), the README's "Use a layer" blocks run in a folder holding only the files they
+name; smoke runs from a copy of just the script and its files; resume (the metrics equal the uninterrupted run's to
+1e-5 relative; the lines a killed run logged past its checkpoint, and a line cut short, dropped); the output-folder,
+checkpoint and divergence rules (each file byte-identical afterwards); CLI errors (every int and float flag refuses
+-1); 2 processes under torchrun against 1 on the same global batch (losses and final weights to 1e-5 relative).
+  dn_  the gated rule (the log decay's gradient; alpha in (1e-6, 1), near 0 in the kernels' backward), the Gated
+       DeltaNet layer against its equations by hand, its forms agreeing with the short convolution's state carried
+       and token by token; the CPU kernels; the chunk pass's CUDA device code on CPU threads.
+  lt_  loop = chunk = parallel for every feature map and normalisation (z carried), FAVOR+ unbiased (a fixed-seed
+       statistical test), DPFP's formula and size, the softmax baseline's cache, sinusoidal positions breaking
+       softmax attention's invariance to the order of the prefix, --repeat_keys targets against a dict.
+  rf_  every model's step-by-step forward = its full-sequence forward, split calls = one call, the reset mask, the
+       recurrent layers against their equations written out, --post_ln against nn.TransformerEncoderLayer, the code
+       generator against an independent interpreter, ListOps labels against a stack evaluator and its trees' depth
+       and length against the official generator's; the CPU kernels against the loops (every compiled width and the
+       generic code, inputs scaled by 1e-6 and by 30, a missing compiler falling back with one warning); the CUDA
+       kernels' device code on CPU threads (each CUDA thread a fiber).
+  rl_  each official RL core against the official layers' equations, V-trace against Espeholt et al.'s eq. 1 term by
+       term (off-policy, with episode ends), the core state zeroed exactly where an episode ended, the state
+       detached every --truncate steps, --memoryless, the running observation statistics against numpy, smoke runs
+       on CartPole-NoVel (with resume and --eval) and Atari Breakout, FIRE after a lost life, --eval_per_life.
+  od_  euler and rk4 at orders 1 and 4 on closed forms, dopri5 within its tolerance (its gradient the exact one), the
+       missing-value fill against np.interp, both paths through their knots, the natural spline C2 and equal to a
+       dense solve, a series alone = in a padded batch, each rule's vector field and closed-form solution, both
+       layouts against their equations, --impl precomputed and kernel against generic (float64, logits and every
+       gradient), the CPU kernel against the PyTorch affine maps, the .ts parser, MFCC against numpy, the speech,
+       sepsis and UEA loaders on small files.
+  pg_  a generated vector = an nn.Sequential MLP with those weights, the tiles and fan-in scaling, the fingerprint
+       unchanged by a permutation of hidden units, the buffer's recency weights, distinct-command generation = the
+       full batch's gradient, the normaliser against numpy, short runs on MountainCar, Pendulum and InvertedPendulum.
+  data_ the downloads against a local HTTP server; fig_ figures/plot.py draws every figure from the committed logs.
 
 A fast form is trusted as far as a test fails when it is wrong. For a new one, plant a bug and check that it is caught:
 copy the repository (cp -r . /tmp/planted), change one line of the fast form in the copy, run that script's tests there
