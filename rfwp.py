@@ -3,7 +3,9 @@
 Irie, Schlag, Csordas, Schmidhuber, "Going Beyond Linear Transformers with Recurrent Fast Weight Programmers",
 NeurIPS 2021, arXiv 2106.06295 (section 2: eq. 4-7 DeltaNet, 8-11 Delta MLP, 12-16 Delta Delta Net, 17-20 Delta
 RNN, 21-27 Delta LSTM, 28-32 Recurrent Delta Net). One state-carrying interface for every model; code execution,
-sequential ListOps and language modelling. The paper's RL experiment (section 4.4) is rfwp_rl.py, which imports its
+sequential ListOps, language modelling, and state tracking with length generalisation (parity, modular arithmetic,
+permutations: the setting of Irie, Csordas, Schmidhuber 2023, arXiv 2310.16076, and Grazzi et al. 2025, arXiv
+2411.12537). The paper's RL experiment (section 4.4) is rfwp_rl.py, which imports its
 cores from this file.
 
 "Delta rule" below always means, per head, with v̄ = W k the value W currently stores under the key k:
@@ -42,6 +44,9 @@ Commands:
     python rfwp.py                                        # rdn on code execution, ~2 CPU min with the kernel build
     python rfwp.py --preset tiny --steps 20               # smoke run
     python rfwp.py --model rdn --task listops             # sequential ListOps (depth 4; the paper: 10, 15)
+    python rfwp.py --task parity --model delta_rnn        # parity: trained on lengths 3-40, tested up to 256
+    python rfwp.py --task modarith --model lstm           # modular arithmetic without brackets (mod 5), same lengths
+    python rfwp.py --task permutation --n_perm 5          # the word problem of S5, same lengths
     python rfwp.py --preset paper --model delta_rnn       # GPU: the paper's code execution setting
     python rfwp.py --task lm --dataset wikitext-2 --model delta_lstm --carry_state
     python rfwp.py --bench                                # training speed and memory of every model
@@ -63,7 +68,7 @@ scaffolding at the end, the same in every script, refuses an --out_dir that hold
 --overwrite replaces it), checks a checkpoint before resuming from it (the script, RESUME_FLAGS, a truncated file) and
 stops a diverging run before it logs or saves anything of it (open_out_dir, read_checkpoint, nothing_left,
 truncate_metrics, check_finite). A resumed run on the CPU ends where an uninterrupted one would. Under torchrun each
-process takes its rows of the global --batch_size (code, listops: drawn alike on every rank, the loss over a varying
+process takes its rows of the global --batch_size (the synthetic tasks: drawn alike on every rank, the loss over a varying
 number of targets scaled as the rank's sum over the global count, times N; lm: its rows of the batch_size streams);
 dropout masks are each rank's own; rank 0 logs, evaluates and checkpoints, so --resume continues with any number of
 processes.
@@ -76,6 +81,7 @@ import gc
 import hashlib
 import inspect
 import io
+import itertools
 import json
 import math
 import os
@@ -107,7 +113,8 @@ IMPLS = ("auto", "loop", "chunk", "kernel")
 class Args:
     # task
     task: str = "code"
-    """code (code execution), listops (sequential ListOps) or lm (through data.py); the RL experiment is rfwp_rl.py"""
+    """code (code execution), listops (sequential ListOps), parity, modarith (modular arithmetic without brackets),
+    permutation (the word problem of S_n) or lm (through data.py); the RL experiment is rfwp_rl.py"""
     code_length: int = 5
     """code: statements per program (the paper: 100; 5 is learned in a few CPU minutes)"""
     n_vars: int = 3
@@ -119,10 +126,23 @@ class Args:
     """listops: exact nesting depth of the operator tree (the paper: 10 and 15)"""
     ops: str = "MIN,MAX,FIRST"
     """listops: operators, from MIN, MAX, FIRST, LAST, MED, SM (sum mod 10)"""
+    min_len: int = 3
+    """parity, modarith, permutation: the shortest training sequence"""
+    max_len: int = 40
+    """parity, modarith, permutation: the longest training (and validation) sequence; lengths are drawn uniformly
+    from min_len to max_len"""
+    test_len: int = 256
+    """parity, modarith, permutation: the longest test sequence; the test split holds the length buckets min_len to
+    max_len, max_len + 1 to the next power of two, and on by doublings up to test_len"""
+    modulus: int = 5
+    """modarith: the modulus (numbers 0 to modulus - 1)"""
+    n_perm: int = 3
+    """permutation: n of the symmetric group S_n (3: S3, the smallest non-abelian one; 5: S5, not solvable)"""
     n_train: int = 100_000
-    """code, listops: training examples (generated in memory, fixed seed; the paper: 10k, --preset paper)"""
+    """code, listops, parity, modarith, permutation: training examples (generated in memory, fixed seed; the paper:
+    10k, --preset paper)"""
     n_eval: int = 1000
-    """code, listops: validation and test examples each"""
+    """code, listops: validation and test examples each; parity, modarith, permutation: examples per length bucket"""
     dataset: str = "wikitext-2"
     """lm: wikitext-103 | wikitext-2 | enwik8 | a text file | a folder with train/valid/test files"""
     tokenizer: str = "word"
@@ -206,7 +226,7 @@ PRESETS = {
 }
 
 
-RESUME_FLAGS = ("task", "n_vars", "ops", "tokenizer", "model", "d_model", "n_layer", "n_head", "d_ff", "fast_net_depth",
+RESUME_FLAGS = ("task", "n_vars", "ops", "modulus", "n_perm", "tokenizer", "model", "d_model", "n_layer", "n_head", "d_ff", "fast_net_depth",
                 "post_ln")  # the flags a --resume must share with its checkpoint: the model's shape and inputs
 
 
@@ -214,12 +234,13 @@ def check_args(args):
     if args.task == "rl":
         fail("--task rl: the RL experiment (an IMPALA agent with these cores) is rfwp_rl.py beside this file; run "
              "python rfwp_rl.py --help")
-    for key, allowed in dict(task=("code", "listops", "lm"), tokenizer=("word", "char")).items():
+    for key, allowed in dict(task=("code", "listops", *STATE_TASKS, "lm"), tokenizer=("word", "char")).items():
         if getattr(args, key) not in allowed:
             fail(f"--{key} must be one of {', '.join(allowed)}, got {getattr(args, key)!r}")
     args.impl = "kernel" if args.impl == "cuda" else args.impl  # the old name of --impl kernel
     sizes = ("d_model", "n_head", "n_layer", "d_ff", "fast_net_depth", "chunk_size", "code_length", "depth", "n_train",
-             "n_eval", "seq_len", "batch_size", "steps", "eval_every", "log_every", "bench_T")
+             "n_eval", "min_len", "max_len", "test_len", "modulus", "n_perm", "seq_len", "batch_size", "steps",
+             "eval_every", "log_every", "bench_T")
     try:  # the modules' checks: the same messages
         check_config(model=args.model, impl=args.impl, dropout=args.dropout, **{k: getattr(args, k) for k in sizes})
     except ValueError as e:
@@ -227,6 +248,11 @@ def check_args(args):
     if args.depth >= LISTOPS_LEVELS:
         fail(f"--depth must be below {LISTOPS_LEVELS} (every node at level {LISTOPS_LEVELS} is a value), "
              f"got {args.depth}")
+    if not args.min_len <= args.max_len <= args.test_len:
+        fail(f"--min_len <= --max_len <= --test_len must hold (training lengths, then test lengths up to test_len), "
+             f"got {args.min_len}, {args.max_len}, {args.test_len}")
+    if args.modulus < 2 or not 2 <= args.n_perm <= 5:
+        fail(f"--modulus must be at least 2 and --n_perm 2 to 5 (S_n has n! tokens), got {args.modulus}, {args.n_perm}")
     if args.n_vars not in (3, 5):
         fail(f"--n_vars must be 3 or 5 (the paper's settings), got {args.n_vars}")
     bad_ops = set(args.ops.split(",")) - set(LISTOPS)
@@ -839,7 +865,7 @@ def rdn(q, k, v, b, R, r_b, W, y, impl):
 
 
 # ----------------------------------------------------------------------------------------------
-# Tasks: code execution and sequential ListOps (synthetic, generated in memory with fixed seeds)
+# Tasks: code execution, sequential ListOps and state tracking (synthetic, generated in memory with fixed seeds)
 
 CODE_VARS = "abcde"
 CODE_MIN, CODE_MAX = -8, 16  # values stay in this range: ++ at the top becomes --, -- at the bottom becomes ++
@@ -937,11 +963,105 @@ def listops_tokens(tree):
     return ["[" + tree[0]] + [tok for c in tree[1] for tok in listops_tokens(c)] + ["]"]
 
 
+# State tracking with length generalisation (Irie, Csordas, Schmidhuber 2023, arXiv 2310.16076; Grazzi et al. 2025,
+# arXiv 2411.12537, Table 3; Delétang et al. 2023, arXiv 2207.02098): train on lengths min_len to max_len (3 to 40),
+# test on longer ones (up to 256); the metric is sequence accuracy (every target of a sequence right) by length bucket.
+STATE_TASKS = ("parity", "modarith", "permutation")
+
+
+def parity_example(rng, length):
+    """A bit string and, at every position, the parity of its prefix (dense supervision, as the formal-language
+    setting of Bhattamishra et al. 2020 and Irie et al. 2023). Token ids = targets = bits:
+        tokens  1 0 1 1 0
+        targets 1 1 0 1 1
+    """
+    bits = [rng.randrange(2) for _ in range(length)]
+    return bits, list(itertools.accumulate(bits, lambda a, b: a ^ b))
+
+
+MODARITH_OPS = "+-*"  # ids modulus, modulus + 1, modulus + 2; the official blank `_` (modulus + 3) is the pad id here
+
+
+def modarith_example(rng, length, modulus):
+    """Modular arithmetic without brackets as the official generator of Delétang et al. 2023 draws and evaluates it
+    (google-deepmind/neural_networks_chomsky_hierarchy, tasks/regular/modular_arithmetic.py): an even length is made
+    odd by subtracting 1; numbers uniform in 0..modulus-1 at the even positions, operators uniform among + - * at the
+    odd ones; the value with * before + and -, each a - b read as a + (-b), taken mod modulus; one label, read at the
+    last token. Token ids as the official ones: the numbers, then + - * at modulus, modulus + 1, modulus + 2.
+        tokens  3 - 4 * 2 + 1          ids 3 6 4 7 2 5 1 (modulus 5)
+        targets None everywhere but the last token: (3 - 4 * 2 + 1) mod 5 = 1
+    """
+    length -= 1 - length % 2
+    ids = [rng.randrange(modulus) if i % 2 == 0 else modulus + rng.randrange(3) for i in range(length)]
+    total, term = 0, ids[0]  # the sum of the finished terms; the product of the current one, its sign included
+    for op, n in zip(ids[1::2], ids[2::2]):
+        if MODARITH_OPS[op - modulus] == "*":
+            term *= n
+        else:
+            total, term = total + term, n if MODARITH_OPS[op - modulus] == "+" else -n
+    return ids, [None] * (length - 1) + [(total + term) % modulus]
+
+
+def permutation_example(rng, length, n_perm):
+    """The word problem of S_n (Merrill et al. 2024; Grazzi et al. 2025: S3 and S5): each token is a permutation g of
+    (0, ..., n - 1), its id its index in itertools.permutations(range(n)); the target at every position is the index
+    of the prefix product p_t = p_{t-1} o g_t, i.e. p_t(i) = p_{t-1}(g_t(i)) with p_0 the identity: as tuples,
+    p_t = tuple(p_{t-1}[g_t[i]] for i), the arrangement p_{t-1} shuffled by g_t. For S3 (ids: 012 021 102 120 201 210):
+        tokens  102 021 102            ids 2 1 2
+        targets 102 120 210            ids 2 3 5
+    """
+    perms = list(itertools.permutations(range(n_perm)))
+    ids, targets, p = [], [], perms[0]
+    for _ in range(length):
+        g = rng.randrange(len(perms))
+        p = tuple(p[i] for i in perms[g])
+        ids.append(g)
+        targets.append(perms.index(p))
+    return ids, targets
+
+
+def length_buckets(args):
+    """The length ranges of a state-tracking task: (min_len, max_len), the training lengths (valid and the first test
+    bucket), then max_len + 1 to the next power of two, and on by doublings up to test_len (test): 3-40, 41-64,
+    65-128, 129-256 by default."""
+    buckets, lo = [(args.min_len, args.max_len)], args.max_len + 1
+    while lo <= args.test_len:
+        hi = min(args.test_len, 1 << (lo - 1).bit_length())
+        buckets.append((lo, hi))
+        lo = hi + 1
+    return buckets
+
+
+def state_task_examples(args, split, rng):
+    """A split of parity, modarith or permutation: train n_train and valid n_eval sequences of lengths drawn
+    uniformly from min_len to max_len; test n_eval in each of length_buckets. -> inputs, targets (None: no loss),
+    the vocabulary, the number of classes."""
+    if args.task == "parity":
+        vocab, n_out, example = ["0", "1"], 2, parity_example
+    elif args.task == "modarith":
+        vocab, n_out = [str(n) for n in range(args.modulus)] + list(MODARITH_OPS), args.modulus
+        example = lambda rng, length: modarith_example(rng, length, args.modulus)  # noqa: E731
+    else:
+        vocab = ["".join(map(str, p)) for p in itertools.permutations(range(args.n_perm))]
+        n_out, example = len(vocab), lambda rng, length: permutation_example(rng, length, args.n_perm)  # noqa: E731
+    buckets = length_buckets(args) if split == "test" else length_buckets(args)[:1]
+    xs, ys = [], []
+    for lo, hi in buckets:
+        for _ in range(args.n_train if split == "train" else args.n_eval):
+            x, y = example(rng, rng.randint(lo, hi))
+            xs.append(x)
+            ys.append(y)
+    return xs, ys, vocab, n_out
+
+
 def make_examples(args, split):
     """The fixed examples of a split: (list of input id lists, list of target lists with -100 = no loss), the
     input vocabulary and the number of output classes. Each split has its own seed."""
     rng = random.Random(f"{args.task}-{split}-{args.seed}")
     n = args.n_train if split == "train" else args.n_eval
+    if args.task in STATE_TASKS:
+        xs, ys, vocab, n_out = state_task_examples(args, split, rng)
+        return xs, [[-100 if t is None else t for t in y] for y in ys], vocab, n_out
     if args.task == "code":
         vocab = list(CODE_VARS[: args.n_vars]) + CODE_WORDS
         blank = CODE_MAX - CODE_MIN + 1  # classes: values CODE_MIN..CODE_MAX, then blank
@@ -987,7 +1107,7 @@ def lr_at(step, args):
 
 
 def load_task(args):
-    """code, listops: the three fixed splits. lm: the corpus as parallel streams."""
+    """code, listops, parity, modarith, permutation: the three fixed splits. lm: the corpus as parallel streams."""
     if args.task == "lm":
         train, valid, test, vocab = data.load_text(args.dataset, args.tokenizer, args.data_dir)
         return {"n_in": len(vocab), "n_out": len(vocab), "vocab": vocab, "train": data.batchify(train, args.batch_size),
@@ -1012,9 +1132,12 @@ def batches(task, args, split):
 @torch.no_grad()
 def evaluate(model, args, task, split, device):
     """code: print accuracy (at executed prints) and sequence accuracy (every position right); listops:
-    accuracy; lm: loss and perplexity (or bits per character) over the whole split, state carried if asked."""
+    accuracy; parity, modarith, permutation: sequence accuracy (every target right) in each length bucket present,
+    acc_LO_HI; lm: loss and perplexity (or bits per character) over the whole split, state carried if asked."""
     model.eval()
     loss_sum, n_tok, n_right, n_print, print_right, n_seq, seq_right = 0.0, 0, 0, 0, 0, 0, 0
+    buckets = length_buckets(args) if args.task in STATE_TASKS else []
+    bucket_n, bucket_right = [0] * len(buckets), [0] * len(buckets)
     state = None
     for x, y in batches(task, args, split):
         x, y = x.to(device), y.to(device)
@@ -1027,12 +1150,19 @@ def evaluate(model, args, task, split, device):
             printed = mask & (y != task["n_out"] - 1)
             n_print, print_right = n_print + printed.sum().item(), print_right + (right & printed).sum().item()
             n_seq, seq_right = n_seq + len(y), seq_right + (right == mask).all(-1).sum().item()
+        if buckets:
+            for length, ok in zip((x != task["pad"]).sum(-1).tolist(), (right == mask).all(-1).tolist()):
+                i = next((i for i, (_, hi) in enumerate(buckets) if length <= hi), len(buckets) - 1)
+                bucket_n[i], bucket_right[i] = bucket_n[i] + 1, bucket_right[i] + ok
     model.train()
     loss = loss_sum / n_tok
     if args.task == "code":
         return {"loss": loss, "print_acc": print_right / n_print, "seq_acc": seq_right / n_seq}
     if args.task == "listops":
         return {"loss": loss, "acc": n_right / n_tok}
+    if buckets:
+        return {"loss": loss, **{f"acc_{lo}_{hi}": r / n for (lo, hi), n, r in zip(buckets, bucket_n, bucket_right)
+                                 if n}}
     return {"loss": loss, "ppl" if args.tokenizer == "word" else "bpc":
             math.exp(min(loss, 50)) if args.tokenizer == "word" else loss / math.log(2)}
 
@@ -1040,12 +1170,17 @@ def evaluate(model, args, task, split, device):
 HEADLINE = {"code": "seq_acc", "listops": "acc"}  # lm: ppl or bpc, lower is better
 
 
-def headline(args):
+def headline(args, split="valid"):
+    """The metric that picks the best checkpoint (valid) and leads the final line (test); parity, modarith,
+    permutation: sequence accuracy on the training lengths (valid), at the longest lengths (test)."""
+    if args.task in STATE_TASKS:
+        lo, hi = length_buckets(args)[-1 if split == "test" else 0]
+        return f"acc_{lo}_{hi}"
     return HEADLINE.get(args.task, "ppl" if args.tokenizer == "word" else "bpc")
 
 
 def train_batch(args, task, step, gen, state):
-    """This step's global batch, the same on every rank (code, listops: a random batch of the training set, padded; lm:
+    """This step's global batch, the same on every rank (the synthetic tasks: a random batch of the training set, padded; lm:
     the next segment of every stream), and the state it starts from (a new pass over the corpus starts from zero)."""
     if args.task == "lm":
         i = step % data.n_segments(task["train"], args.seq_len)
@@ -1083,12 +1218,12 @@ def log_train(args, step, pending, bar, master, t0):
 
 def final_test(model, args, task, device, best, t0):
     """The final line: the test split with the best-on-valid checkpoint."""
-    name = headline(args)
+    name, test_name = headline(args), headline(args, "test")
     model.load_state_dict(torch.load(os.path.join(args.out_dir, "best.pt"), map_location=device,
                                      weights_only=False)["model"])
     result = evaluate(model, args, task, "test", device)
     log_metrics(args.out_dir, args.steps, "test", result, t0)
-    print(f"final: test {name} {result[name]:.4f} (" + " ".join(f"{k} {v:.4f}" for k, v in result.items()) +
+    print(f"final: test {test_name} {result[test_name]:.4f} (" + " ".join(f"{k} {v:.4f}" for k, v in result.items()) +
           f") with the best valid checkpoint (step {best[0]}, valid {name} {best[1]:.4f}), {time.time() - t0:.0f}s")
 
 

@@ -60,6 +60,7 @@ import functools
 import http.server
 import inspect
 import io
+import itertools
 import json
 import math
 import os
@@ -1922,6 +1923,121 @@ def test_rf_splits_are_fixed_and_distinct():
     assert train1 == train2 and train1 != valid
 
 
+def rf_state_task(task, split, *argv):
+    a = rfwp.parse_args(["--task", task, "--n_train", "300", "--n_eval", "60", *argv])
+    xs, ys, vocab, n_out = rfwp.make_examples(a, split)
+    return a, xs, ys, vocab, n_out
+
+
+def assert_lengths_in_buckets(a, xs, split, odd=False):
+    """Training and valid lengths drawn from min_len to max_len (both ends reached); test: n_eval in each bucket."""
+    buckets = rfwp.length_buckets(a) if split == "test" else rfwp.length_buckets(a)[:1]
+    n = a.n_train if split == "train" else a.n_eval
+    assert len(xs) == n * len(buckets)
+    for i, (lo, hi) in enumerate(buckets):
+        lengths = [len(x) for x in xs[i * n : (i + 1) * n]]
+        allowed = {L - (1 - L % 2) if odd else L for L in range(lo, hi + 1)}
+        assert set(lengths) <= allowed and min(allowed) in lengths and max(allowed) in lengths, (lo, hi, lengths)
+
+
+def test_rf_length_buckets():
+    a = rfwp.parse_args([])
+    assert rfwp.length_buckets(a) == [(3, 40), (41, 64), (65, 128), (129, 256)]
+    a = rfwp.parse_args(["--min_len", "1", "--max_len", "64", "--test_len", "100"])
+    assert rfwp.length_buckets(a) == [(1, 64), (65, 100)]
+    assert rfwp.length_buckets(rfwp.parse_args(["--max_len", "8", "--test_len", "8"])) == [(3, 8)]
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_rf_parity_targets_equal_a_plain_loop(split):
+    a, xs, ys, vocab, n_out = rf_state_task("parity", split, "--max_len", "20", "--test_len", "70")
+    assert vocab == ["0", "1"] and n_out == 2
+    assert_lengths_in_buckets(a, xs, split)
+    for x, y in zip(xs, ys):
+        parity, expected = 0, []
+        for bit in x:
+            parity = (parity + bit) % 2
+            expected.append(parity)
+        assert y == expected
+    assert {b for x in xs for b in x} == {0, 1}
+
+
+@pytest.mark.parametrize("modulus", [5, 7])
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_rf_modarith_labels_equal_python_eval(modulus, split):
+    """Odd lengths (an even one minus 1), numbers and operators alternating, the official ids (numbers, then + - *),
+    each operator a third of the time; the label at the last token = Python's evaluation (* before + and -) mod the
+    modulus."""
+    a, xs, ys, vocab, n_out = rf_state_task("modarith", split, "--modulus", str(modulus), "--test_len", "100")
+    assert vocab == [str(n) for n in range(modulus)] + ["+", "-", "*"] and n_out == modulus
+    assert_lengths_in_buckets(a, xs, split, odd=True)
+    ops = {}
+    for x, y in zip(xs, ys):
+        assert all(t < modulus for t in x[::2]) and all(modulus <= t < modulus + 3 for t in x[1::2])
+        for t in x[1::2]:
+            ops[vocab[t]] = ops.get(vocab[t], 0) + 1
+        assert y[:-1] == [-100] * (len(x) - 1) and y[-1] == eval(" ".join(vocab[t] for t in x)) % modulus
+    n = sum(ops.values())
+    assert all(abs(c / n - 1 / 3) < 4 * math.sqrt(2 / 9 / n) for c in ops.values()), ops
+    assert len({y[-1] for y in ys}) == modulus
+
+
+def test_rf_modarith_official_examples():
+    """The official docstring's examples (mod 5): 1 + 2 * 3 = 2, 1 - 1 - 1 = 4, 0 * 1 + 4 * 3 - 2 = 0."""
+
+    class Draws:  # replays the numbers and operators of an expression as the generator draws them
+        def __init__(self, text):
+            self.draws = [int(t) if t.isdigit() else "+-*".index(t) for t in text.split()]
+
+        def randrange(self, n):
+            return self.draws.pop(0)
+
+    for text, value in [("1 + 2 * 3", 2), ("1 - 1 - 1", 4), ("0 * 1 + 4 * 3 - 2", 0)]:
+        ids, targets = rfwp.modarith_example(Draws(text), len(text.split()) + 1, 5)
+        assert ids == [int(t) if t.isdigit() else 5 + "+-*".index(t) for t in text.split()] and targets[-1] == value
+
+
+@pytest.mark.parametrize("n_perm", [3, 5])
+def test_rf_permutation_targets_equal_matrix_products(n_perm):
+    """Targets against permutation matrices: P(g)[i, g[i]] = 1 maps an arrangement a to a[g], so the prefix's
+    arrangement is P(g_t) ... P(g_1) applied to (0, ..., n - 1); its index in itertools.permutations order."""
+    a, xs, ys, vocab, n_out = rf_state_task("permutation", "test", "--n_perm", str(n_perm), "--max_len", "10",
+                                            "--test_len", "40", "--n_eval", "30")
+    perms = list(itertools.permutations(range(n_perm)))
+    assert n_out == len(vocab) == math.factorial(n_perm) and vocab[1] == "".join(map(str, perms[1]))
+    assert_lengths_in_buckets(a, xs, "test")
+    for x, y in zip(xs, ys):
+        M = np.eye(n_perm, dtype=np.int64)
+        for g, target in zip(x, y):
+            P = np.zeros((n_perm, n_perm), dtype=np.int64)
+            P[np.arange(n_perm), perms[g]] = 1
+            M = P @ M
+            assert perms[target] == tuple(M @ np.arange(n_perm))
+    assert len({t for y in ys for t in y}) == n_out
+
+
+@pytest.mark.parametrize("task", rfwp.STATE_TASKS)
+def test_rf_state_tasks_are_fixed_by_the_seed(task):
+    first = rfwp.make_examples(rfwp.parse_args(["--task", task, "--n_train", "50", "--n_eval", "20"]), "test")[:2]
+    again = rfwp.make_examples(rfwp.parse_args(["--task", task, "--n_train", "50", "--n_eval", "20"]), "test")[:2]
+    other = rfwp.make_examples(rfwp.parse_args(["--task", task, "--n_eval", "20", "--seed", "1"]), "test")[:2]
+    valid = rfwp.make_examples(rfwp.parse_args(["--task", task, "--n_eval", "20"]), "valid")[:2]
+    assert first == again and first != other and first[0][:20] != valid[0]
+
+
+@pytest.mark.parametrize("task, model", [("parity", "delta"), ("modarith", "rdn"), ("permutation", "delta_lstm")])
+def test_rf_smoke_state_tasks(tmp_path, task, model):
+    """--preset tiny: every valid line gives the training lengths' accuracy; the final line every bucket's, led by
+    the longest."""
+    p = run(script_copy(tmp_path, "rfwp.py"), "--preset", "tiny", "--task", task, "--model", model, "--out_dir",
+            str(tmp_path / "o"))
+    assert re.search(r"step 20 valid: loss [\d.]+ acc_3_40 [\d.]+$", p.stdout, re.M), p.stdout
+    assert re.search(r"^final: test acc_129_256 [\d.]+ \(loss [\d.]+ acc_3_40 [\d.]+ acc_41_64 [\d.]+ acc_65_128 "
+                     r"[\d.]+ acc_129_256 [\d.]+\) with the best valid checkpoint \(step \d+, valid acc_3_40", p.stdout,
+                     re.M), p.stdout
+    assert "warning" not in p.stderr, p.stderr
+
+
 def assert_rf_smoke(p, out_dir):
     assert "final: test seq_acc" in p.stdout and os.path.exists(os.path.join(out_dir, "best.pt"))
     assert "warning" not in p.stderr, p.stderr
@@ -1986,6 +2102,8 @@ def test_rf_bench_runs(tmp_path):
     (["--resume"], "no checkpoint"),
     (["--impl", "chunkk"], "--impl must be one of auto, loop, chunk, kernel, got 'chunkk'"),
     (["--task", "rl"], "is rfwp_rl.py"),
+    (["--task", "parity", "--max_len", "300"], "--min_len <= --max_len <= --test_len"),
+    (["--task", "permutation", "--n_perm", "6"], "--n_perm 2 to 5"),
 ])
 def test_rf_cli_errors(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
