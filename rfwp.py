@@ -36,6 +36,15 @@ code's tests on CPU threads but have not yet run on a GPU, so they stay opt-in t
 Glossary: b batch, h head, t time step, T sequence length, C chunk length, d = d_head = d_model / n_head,
 W, R (d, d) fast weights of one head (fp32), beta in (0, 1) a write strength, s the recurrent input of a step.
 
+Negative eigenvalues (--neg_eigval --qk_map l2, every model with delta-rule writes). A write W <- W (I - beta k k^T) +
+beta v k^T scales W along k by 1 - beta |k|^2 and leaves W orthogonal to k as it is. With beta in (0, 1) and |k| <= 1
+that factor lies in [0, 1): the state can fade along k but never flip its sign, which counting mod 2 (parity) and
+permutations need (Grazzi et al. 2025, arXiv 2411.12537). --neg_eigval makes every write's beta 2 sigmoid(.) in (0, 2);
+but the paper's keys, sumnorm(elu + 1) and softmax, have |k|^2 <= 1, at 1 only for a one-hot key and typically near
+1/d, so 1 - beta |k|^2 rarely goes below 0. --qk_map l2 makes every key a unit vector (L2-normalised silu; queries
+too, times d^-1/2), so the factor is 1 - beta, in (-1, 1) with --neg_eigval: DeltaNet[-1, 1] of Grazzi et al. The
+recurrent parts' reads (softmax(y_{t-1}) in delta_rnn, softmax(h_{t-1}) in delta_lstm) stay as the paper's.
+
 As modules (a copy needs this file, data.py, cpu_kernels.cpp and cuda_kernels.cu): RDNLayer(d_model=64, n_head=4),
 DeltaLSTMLayer(d_model=64, n_head=4, chunk_size=64), ...: (x, state=None) -> (y, state), x and y (B, T, d_model),
 the state's shapes in each layer's docstring; FWPModel(n_in, n_out, model="rdn", ...) stacks them.
@@ -47,6 +56,7 @@ Commands:
     python rfwp.py --task parity --model delta_rnn        # parity: trained on lengths 3-40, tested up to 256
     python rfwp.py --task modarith --model lstm           # modular arithmetic without brackets (mod 5), same lengths
     python rfwp.py --task permutation --n_perm 5          # the word problem of S5, same lengths
+    python rfwp.py --task parity --model delta --neg_eigval --qk_map l2   # DeltaNet[-1, 1] (beta in (0, 2), unit keys)
     python rfwp.py --preset paper --model delta_rnn       # GPU: the paper's code execution setting
     python rfwp.py --task lm --dataset wikitext-2 --model delta_lstm --carry_state
     python rfwp.py --bench                                # training speed and memory of every model
@@ -68,10 +78,10 @@ scaffolding at the end, the same in every script, refuses an --out_dir that hold
 --overwrite replaces it), checks a checkpoint before resuming from it (the script, RESUME_FLAGS, a truncated file) and
 stops a diverging run before it logs or saves anything of it (open_out_dir, read_checkpoint, nothing_left,
 truncate_metrics, check_finite). A resumed run on the CPU ends where an uninterrupted one would. Under torchrun each
-process takes its rows of the global --batch_size (the synthetic tasks: drawn alike on every rank, the loss over a varying
-number of targets scaled as the rank's sum over the global count, times N; lm: its rows of the batch_size streams);
-dropout masks are each rank's own; rank 0 logs, evaluates and checkpoints, so --resume continues with any number of
-processes.
+process takes its rows of the global --batch_size (the synthetic tasks: drawn alike on every rank, the loss over a
+varying number of targets scaled as the rank's sum over the global count, times N; lm: its rows of the batch_size
+streams); dropout masks are each rank's own; rank 0 logs, evaluates and checkpoints, so --resume continues with any
+number of processes.
 """
 
 import ast
@@ -102,6 +112,7 @@ import data
 
 MODELS = ("lstm", "transformer", "linear", "delta", "delta_mlp", "delta_delta", "delta_rnn", "delta_lstm", "rdn")
 IMPLS = ("auto", "loop", "chunk", "kernel")
+QK_MAPS = ("paper", "l2")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,6 +179,13 @@ class Args:
     """dropout after the fast-weight output and in the feed-forward block"""
     fast_net_depth: int = 1
     """delta_mlp: layers of the fast network (the official default: 1)"""
+    neg_eigval: bool = False
+    """every delta-rule write's beta = 2 sigmoid(.) in (0, 2) instead of sigmoid(.) (Grazzi et al. 2025, arXiv
+    2411.12537): the write's transition I - beta k k^T then has the eigenvalue 1 - beta |k|^2 along k, negative for
+    beta |k|^2 > 1; with the paper's keys |k|^2 <= 1 (usually far below), so pair it with --qk_map l2"""
+    qk_map: str = "paper"
+    """keys and queries of every delta-rule write: paper (sumnorm(elu + 1), softmax where the paper has it) or l2
+    (L2-normalised silu, |k| = 1; queries also times d_head^-1/2)"""
     post_ln: bool = False
     """blocks x = LN(x + FWP(x)), x = LN(x + FF(x)) (nn.TransformerEncoderLayer's form: the official algorithmic
     Transformer baseline's) instead of x + FWP(LN(x)), x + FF(LN(x)) (the official FWP layers')"""
@@ -226,8 +244,9 @@ PRESETS = {
 }
 
 
-RESUME_FLAGS = ("task", "n_vars", "ops", "modulus", "n_perm", "tokenizer", "model", "d_model", "n_layer", "n_head", "d_ff", "fast_net_depth",
-                "post_ln")  # the flags a --resume must share with its checkpoint: the model's shape and inputs
+# the flags a --resume must share with its checkpoint: the model's shape and inputs
+RESUME_FLAGS = ("task", "n_vars", "ops", "modulus", "n_perm", "tokenizer", "model", "d_model", "n_layer", "n_head",
+                "d_ff", "fast_net_depth", "post_ln", "neg_eigval", "qk_map")
 
 
 def check_args(args):
@@ -242,9 +261,15 @@ def check_args(args):
              "n_eval", "min_len", "max_len", "test_len", "modulus", "n_perm", "seq_len", "batch_size", "steps",
              "eval_every", "log_every", "bench_T")
     try:  # the modules' checks: the same messages
-        check_config(model=args.model, impl=args.impl, dropout=args.dropout, **{k: getattr(args, k) for k in sizes})
+        check_config(model=args.model, impl=args.impl, dropout=args.dropout, neg_eigval=args.neg_eigval,
+                     qk_map=args.qk_map, **{k: getattr(args, k) for k in sizes})
+        if args.model == "rdn":
+            check_rdn_options(args.impl, args.neg_eigval, args.qk_map)
     except ValueError as e:
         fail(f"--{e}")
+    if args.model in ("lstm", "transformer", "linear") and (args.neg_eigval or args.qk_map != "paper"):
+        fail(f"--neg_eigval and --qk_map l2 change delta-rule writes; --model {args.model} has none (give delta, "
+             "delta_mlp, delta_delta, delta_rnn, delta_lstm or rdn)")
     if args.depth >= LISTOPS_LEVELS:
         fail(f"--depth must be below {LISTOPS_LEVELS} (every node at level {LISTOPS_LEVELS} is a value), "
              f"got {args.depth}")
@@ -324,17 +349,21 @@ def delta_lstm_loop(z, k, v, beta, R, c, h):
     return torch.stack(hs, 2), R, c, h
 
 
-def rdn_loop(q, k, v, b, R, r_b, W, y):
+def rdn_loop(q, k, v, b, R, r_b, W, y, beta_scale=1.0, qk_map="paper"):
     """Recurrent Delta Net (eq. 28-32): for each t, with s = tanh(y_{t-1}): q' = softmax(q_t + R_q s), k' = softmax(k_t
     + R_k s), v' = v_t + R_v s, beta = sigmoid(b_t + r_b . s); W_t by the delta rule from k', v', beta; y_t = W_t q'. b
-    (B, H, T); R (3, H, d, d) = R_q, R_k, R_v; r_b (H, d); W (B, H, d, d), y (B, H, d) -> ys (B, H, T, d), W_T, y_T."""
+    (B, H, T); R (3, H, d, d) = R_q, R_k, R_v; r_b (H, d); W (B, H, d, d), y (B, H, d) -> ys (B, H, T, d), W_T, y_T.
+    beta_scale 2: beta = 2 sigmoid(.) (neg_eigval); qk_map l2: q', k' = l2_feature(.) (q' also times d^-1/2)."""
+    key = (lambda u: F.softmax(u, -1)) if qk_map == "paper" else l2_feature
+    query = (lambda u: F.softmax(u, -1)) if qk_map == "paper" else (lambda u: l2_feature(u, query=True))
     ys = []
     for t in range(q.shape[2]):
         s = torch.tanh(y)  # (B, H, d)
         rq, rk, rv = torch.einsum("rhij,bhj->rbhi", R, s)
         beta = torch.sigmoid(b[:, :, t] + (r_b * s).sum(-1))
-        W = delta_step(W, F.softmax(k[:, :, t] + rk, -1), v[:, :, t] + rv, beta)
-        y = (W @ F.softmax(q[:, :, t] + rq, -1).unsqueeze(-1)).squeeze(-1)
+        beta = beta if beta_scale == 1 else beta_scale * beta
+        W = delta_step(W, key(k[:, :, t] + rk), v[:, :, t] + rv, beta)
+        y = (W @ query(q[:, :, t] + rq).unsqueeze(-1)).squeeze(-1)
         ys.append(y)
     return torch.stack(ys, 2), W, y
 
@@ -347,15 +376,15 @@ def rdn_loop(q, k, v, b, R, r_b, W, y):
 
 def check_config(**config):
     """The modules' checks, which the command line reuses (check_args): a ValueError naming the argument and the fix.
-    model and impl: one of MODELS, IMPLS; dropout in [0, 1); post_ln, official_rl_core: True or False; every other
-    value a positive integer; n_head divides d_model."""
+    model, impl, qk_map: one of MODELS, IMPLS, QK_MAPS; dropout in [0, 1); post_ln, official_rl_core, neg_eigval: True
+    or False; every other value a positive integer; n_head divides d_model."""
     for name, value in config.items():
-        if name in ("model", "impl"):
-            choices = MODELS if name == "model" else IMPLS
+        if name in ("model", "impl", "qk_map"):
+            choices = dict(model=MODELS, impl=IMPLS, qk_map=QK_MAPS)[name]
             ok, must = value in choices, f"one of {', '.join(choices)}"
         elif name == "dropout":
             ok, must = 0 <= value < 1, "in [0, 1)"
-        elif name in ("post_ln", "official_rl_core"):
+        elif name in ("post_ln", "official_rl_core", "neg_eigval"):
             ok, must = isinstance(value, bool), "True or False"
         else:
             ok, must = isinstance(value, int) and not isinstance(value, bool) and value > 0, "a positive integer"
@@ -369,6 +398,21 @@ def check_config(**config):
 def elu1_sumnorm(x, eps=0.0):
     x = F.elu(x) + 1
     return x / (x.sum(-1, keepdim=True) + eps)
+
+
+def l2_feature(x, query=False):
+    """qk_map l2: silu(x) / |silu(x)| over the last dim (Gated DeltaNet's keys and queries, Yang et al. 2024, arXiv
+    2412.06464), a query also times d^-1/2 (as fla's layers)."""
+    x = F.normalize(F.silu(x), dim=-1)
+    return x * x.shape[-1] ** -0.5 if query else x
+
+
+def check_rdn_options(impl, neg_eigval, qk_map):
+    """The RDN's kernels compute beta and its softmax keys and queries inside: they have neither option."""
+    if impl == "kernel" and (neg_eigval or qk_map != "paper"):
+        raise ValueError(f"impl 'kernel' of the rdn has no neg_eigval={neg_eigval}, qk_map={qk_map!r} (its kernels "
+                         "compute beta and the softmax keys inside); use impl 'loop', or 'auto', which steps the loop "
+                         "for these options")
 
 
 def heads(x, H):
@@ -390,7 +434,9 @@ def d_head(d_model, n_head):
 
 class SlowNet(nn.Module):
     """Common parts: the slow projection to `sizes` per head (no bias), the output projection, and what the layer reads
-    among impl, chunk_size, fast_net_depth and official_rl_core (checked, kept as attributes)."""
+    among impl, chunk_size, fast_net_depth, official_rl_core, neg_eigval and qk_map (checked, kept as attributes).
+    The layers with delta-rule writes take every write's beta from beta() and its keys and queries from key() and
+    query(): neg_eigval False and qk_map "paper" are the paper's maps, unchanged."""
 
     def __init__(self, d_model, n_head, sizes, **config):
         super().__init__()
@@ -402,13 +448,26 @@ class SlowNet(nn.Module):
         self.out = nn.Linear(d_model, d_model, bias=False)
 
     def extra_repr(self):
-        names = ("d_model", "n_head", "impl", "chunk_size", "fast_net_depth", "official_rl_core")
+        names = ("d_model", "n_head", "impl", "chunk_size", "fast_net_depth", "official_rl_core", "neg_eigval",
+                 "qk_map")
         return ", ".join(f"{n}={getattr(self, n)!r}" for n in names if hasattr(self, n))
 
     def project(self, x):
         """x (B, T, d_model) -> one (B, H, T, size) tensor per entry of sizes; size-1 entries squeezed to (B, H, T)"""
         parts = heads(self.slow(x), self.H).split(self.sizes, -1)
         return [p.squeeze(-1) if s == 1 else p for p, s in zip(parts, self.sizes)]
+
+    def beta(self, b):
+        """A delta-rule write's strength: sigmoid(b) in (0, 1), with neg_eigval 2 sigmoid(b) in (0, 2)."""
+        return 2 * torch.sigmoid(b) if self.neg_eigval else torch.sigmoid(b)
+
+    def key(self, x, paper=elu1_sumnorm):
+        """A delta-rule write's key: the paper's map of it, with qk_map l2 l2_feature (|k| = 1)."""
+        return l2_feature(x) if self.qk_map == "l2" else paper(x)
+
+    def query(self, x, paper=elu1_sumnorm):
+        """A query of a fast weight written by the delta rule: the paper's map, with qk_map l2 l2_feature / sqrt(d)."""
+        return l2_feature(x, query=True) if self.qk_map == "l2" else paper(x)
 
     def zeros(self, x, *shape, heads=None):
         return x.new_zeros(x.shape[0], heads or self.H, *shape, dtype=state_dtype(x))
@@ -434,18 +493,21 @@ class LinearLayer(SlowNet):
 
 class DeltaLayer(SlowNet):
     """DeltaNet (eq. 4-7): q, k = sumnorm(elu + 1), beta = sigmoid, the delta rule (official_rl_core: the sum
-    plus 1e-5 in the normalisation, as the official RL layer). State (W,), W (B, H, d, d)."""
+    plus 1e-5 in the normalisation, as the official RL layer; neg_eigval, qk_map: SlowNet's beta, key, query). State
+    (W,), W (B, H, d, d)."""
 
-    def __init__(self, d_model=64, n_head=4, impl="auto", chunk_size=64, official_rl_core=False):
+    def __init__(self, d_model=64, n_head=4, impl="auto", chunk_size=64, official_rl_core=False, neg_eigval=False,
+                 qk_map="paper"):
         d = d_head(d_model, n_head)
         super().__init__(d_model, n_head, [d, d, d, 1], impl=impl, chunk_size=chunk_size,
-                         official_rl_core=official_rl_core)
+                         official_rl_core=official_rl_core, neg_eigval=neg_eigval, qk_map=qk_map)
 
     def forward(self, x, state=None):
         q, k, v, b = self.project(x)
         eps = 1e-5 if self.official_rl_core else 0.0
-        y, W = fast_weight(elu1_sumnorm(q, eps), elu1_sumnorm(k, eps), v, torch.sigmoid(b),
-                           None if state is None else state[0], self.impl, self.chunk_size)
+        fmap = lambda u: elu1_sumnorm(u, eps)  # noqa: E731
+        y, W = fast_weight(self.query(q, fmap), self.key(k, fmap), v, self.beta(b), None if state is None else state[0],
+                           self.impl, self.chunk_size)
         return self.out(merge(y)), (W,)
 
 
@@ -454,11 +516,12 @@ class DeltaMLPLayer(SlowNet):
     and beta; h_0 = q, h_l = h_{l-1} + W^l sumnorm(elu(LN_l(h_{l-1})) + 1). Every fast layer is d x d here; the official
     LM code uses pairs of layers with a 4d hidden width. State (W^1, ..., W^L), each (B, H, d, d)."""
 
-    def __init__(self, d_model=64, n_head=4, impl="auto", chunk_size=64, fast_net_depth=1):
+    def __init__(self, d_model=64, n_head=4, impl="auto", chunk_size=64, fast_net_depth=1, neg_eigval=False,
+                 qk_map="paper"):
         d = d_head(d_model, n_head)
         check_config(fast_net_depth=fast_net_depth)
         super().__init__(d_model, n_head, [d] + [d, d, 1] * fast_net_depth, impl=impl, chunk_size=chunk_size,
-                         fast_net_depth=fast_net_depth)
+                         fast_net_depth=fast_net_depth, neg_eigval=neg_eigval, qk_map=qk_map)
         self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(fast_net_depth))
 
     def forward(self, x, state=None):
@@ -467,8 +530,7 @@ class DeltaMLPLayer(SlowNet):
         new_state = []
         for l, (norm, W) in enumerate(zip(self.norms, state)):
             k, v, b = kvb[3 * l : 3 * l + 3]
-            y, W = fast_weight(elu1_sumnorm(norm(h)), elu1_sumnorm(k), v, torch.sigmoid(b), W, self.impl,
-                               self.chunk_size)
+            y, W = fast_weight(self.query(norm(h)), self.key(k), v, self.beta(b), W, self.impl, self.chunk_size)
             h = h + y
             new_state.append(W)
         return self.out(merge(h)), tuple(new_state)
@@ -479,16 +541,17 @@ class DeltaDeltaLayer(SlowNet):
     q', k', v', beta' programs fast net 2 (d x d) with the delta rule; y = W2 q'. State (W1, W2), W1 (B, H, 3d + 1, d),
     W2 (B, H, d, d)."""
 
-    def __init__(self, d_model=64, n_head=4, impl="auto", chunk_size=64):
+    def __init__(self, d_model=64, n_head=4, impl="auto", chunk_size=64, neg_eigval=False, qk_map="paper"):
         d = d_head(d_model, n_head)
-        super().__init__(d_model, n_head, [d, d, 3 * d + 1, 1], impl=impl, chunk_size=chunk_size)
+        super().__init__(d_model, n_head, [d, d, 3 * d + 1, 1], impl=impl, chunk_size=chunk_size, neg_eigval=neg_eigval,
+                         qk_map=qk_map)
 
     def forward(self, x, state=None):
         q, k, v, b = self.project(x)
         W1, W2 = state or (None, None)
-        o, W1 = fast_weight(elu1_sumnorm(q), elu1_sumnorm(k), v, torch.sigmoid(b), W1, self.impl, self.chunk_size)
+        o, W1 = fast_weight(self.query(q), self.key(k), v, self.beta(b), W1, self.impl, self.chunk_size)
         q2, k2, v2, b2 = o.split([self.d, self.d, self.d, 1], -1)
-        y, W2 = fast_weight(elu1_sumnorm(q2), elu1_sumnorm(k2), v2, torch.sigmoid(b2.squeeze(-1)), W2, self.impl,
+        y, W2 = fast_weight(self.query(q2), self.key(k2), v2, self.beta(b2.squeeze(-1)), W2, self.impl,
                             self.chunk_size)
         return self.out(merge(y)), (W1, W2)
 
@@ -496,19 +559,22 @@ class DeltaDeltaLayer(SlowNet):
 class DeltaRNNLayer(SlowNet):
     """Delta RNN (eq. 17-20): z_t = W_t q_t (DeltaNet); R_t by the delta rule from softmax keys, values and beta
     of x; y_t = z_t + R_t softmax(y_{t-1}). State (W, R, y_prev): W, R (B, H, d, d), y_prev (B, H, d).
-    official_rl_core: q and k of the DeltaNet part through a softmax instead (the official RL layer)."""
+    official_rl_core: q and k of the DeltaNet part through a softmax instead (the official RL layer). neg_eigval and
+    qk_map: both writes' beta and keys, and W's queries; R's read softmax(y_{t-1}) stays (an input of the recurrence,
+    computed inside its kernels)."""
 
-    def __init__(self, d_model=64, n_head=4, impl="auto", chunk_size=64, official_rl_core=False):
+    def __init__(self, d_model=64, n_head=4, impl="auto", chunk_size=64, official_rl_core=False, neg_eigval=False,
+                 qk_map="paper"):
         d = d_head(d_model, n_head)
         super().__init__(d_model, n_head, [d, d, d, 1, d, d, 1], impl=impl, chunk_size=chunk_size,
-                         official_rl_core=official_rl_core)
+                         official_rl_core=official_rl_core, neg_eigval=neg_eigval, qk_map=qk_map)
 
     def forward(self, x, state=None):
         q, k, v, b, k_r, v_r, b_r = self.project(x)
         W, R, y = state or (None, self.zeros(x, self.d, self.d), self.zeros(x, self.d))
         fmap = (lambda u: F.softmax(u, -1)) if self.official_rl_core else elu1_sumnorm
-        z, W = fast_weight(fmap(q), fmap(k), v, torch.sigmoid(b), W, self.impl, self.chunk_size)
-        ys, R, y = delta_rnn(z, F.softmax(k_r, -1), v_r, torch.sigmoid(b_r), R, y, self.impl)
+        z, W = fast_weight(self.query(q, fmap), self.key(k, fmap), v, self.beta(b), W, self.impl, self.chunk_size)
+        ys, R, y = delta_rnn(z, self.key(k_r, lambda u: F.softmax(u, -1)), v_r, self.beta(b_r), R, y, self.impl)
         return self.out(merge(ys)), (W, R, y)
 
 
@@ -516,37 +582,44 @@ class DeltaLSTMLayer(SlowNet):
     """Delta LSTM (eq. 21-27, the official "v4"): per gate g in (i, u, o) a DeltaNet part z^g = W^g q^g and a recurrent
     fast weight R^g (delta rule, softmax keys from x) read with s = softmax(h_{t-1}); i, o = sigmoid(z + R s), u = z^u +
     R^u s (no squashing); c_t = i u + (1 - i) c_{t-1}; h_t = o c_t. The three gates run as 3H heads side by side. State
-    (W, R, c, h): W, R (B, 3H, d, d) in gate order i, u, o; c, h (B, H, d)."""
+    (W, R, c, h): W, R (B, 3H, d, d) in gate order i, u, o; c, h (B, H, d). neg_eigval and qk_map: every write's
+    beta and keys, and W's queries; R's read softmax(h_{t-1}) stays (an input of the recurrence)."""
 
-    def __init__(self, d_model=64, n_head=4, impl="auto", chunk_size=64):
+    def __init__(self, d_model=64, n_head=4, impl="auto", chunk_size=64, neg_eigval=False, qk_map="paper"):
         d = d_head(d_model, n_head)
-        super().__init__(d_model, n_head, [d, d, d, 1, d, d, 1] * 3, impl=impl, chunk_size=chunk_size)
+        super().__init__(d_model, n_head, [d, d, d, 1, d, d, 1] * 3, impl=impl, chunk_size=chunk_size,
+                         neg_eigval=neg_eigval, qk_map=qk_map)
 
     def forward(self, x, state=None):
         p = self.project(x)
         q, k, v, b, k_r, v_r, b_r = (torch.cat(p[j::7], 1) for j in range(7))  # (B, 3H, T, .): gates as heads
         W, R, c, h = state or (None, self.zeros(x, self.d, self.d, heads=3 * self.H), self.zeros(x, self.d),
                                self.zeros(x, self.d))
-        z, W = fast_weight(elu1_sumnorm(q), elu1_sumnorm(k), v, torch.sigmoid(b), W, self.impl, self.chunk_size)
-        hs, R, c, h = delta_lstm(z, F.softmax(k_r, -1), v_r, torch.sigmoid(b_r), R, c, h, self.impl)
+        z, W = fast_weight(self.query(q), self.key(k), v, self.beta(b), W, self.impl, self.chunk_size)
+        hs, R, c, h = delta_lstm(z, self.key(k_r, lambda u: F.softmax(u, -1)), v_r, self.beta(b_r), R, c, h, self.impl)
         return self.out(merge(hs)), (W, R, c, h)
 
 
 class RDNLayer(SlowNet):
     """Recurrent Delta Net (eq. 28-32): keys, queries, values and beta also see s = tanh(y_{t-1}) through slow
     recurrent weights R_q, R_k, R_v (d x d per head) and r_b; y_t = W_t q_t (un-squashed). State (W, y_prev):
-    W (B, H, d, d), y_prev (B, H, d). Every step depends on the last, so there is no chunkwise form."""
+    W (B, H, d, d), y_prev (B, H, d). Every step depends on the last, so there is no chunkwise form. neg_eigval: beta =
+    2 sigmoid(.); qk_map l2: q', k' = l2_feature(.) instead of softmax (rdn_loop). Its kernels compute beta and the
+    softmax inside and have neither option: impl "kernel" with either is a ValueError, and "auto" steps the loop."""
 
-    def __init__(self, d_model=64, n_head=4, impl="auto"):
+    def __init__(self, d_model=64, n_head=4, impl="auto", neg_eigval=False, qk_map="paper"):
         d = d_head(d_model, n_head)
-        super().__init__(d_model, n_head, [d, d, d, 1], impl=impl)
+        super().__init__(d_model, n_head, [d, d, d, 1], impl=impl, neg_eigval=neg_eigval, qk_map=qk_map)
+        check_rdn_options(impl, neg_eigval, qk_map)
         self.R = nn.Parameter(torch.randn(3, n_head, d, d) / math.sqrt(d))  # R_q, R_k, R_v: entries of std 1/sqrt(d)
         self.r_b = nn.Parameter(torch.randn(n_head, d) / math.sqrt(d))
 
     def forward(self, x, state=None):
         q, k, v, b = self.project(x)
         W, y = state or (self.zeros(x, self.d, self.d), self.zeros(x, self.d))
-        ys, W, y = rdn(q, k, v, b, self.R.to(y.dtype), self.r_b.to(y.dtype), W, y, self.impl)
+        options = self.neg_eigval or self.qk_map != "paper"
+        ys, W, y = rdn(q, k, v, b, self.R.to(y.dtype), self.r_b.to(y.dtype), W, y, "loop" if options else self.impl,
+                       2.0 if self.neg_eigval else 1.0, self.qk_map)
         return self.out(merge(ys)), (W, y)
 
 
@@ -592,13 +665,17 @@ class Block(nn.Module):
     `model` built with the keywords it reads. (B, T, d_model), the layer's state -> (B, T, d_model), its new state."""
 
     def __init__(self, model="delta", d_model=64, n_head=4, d_ff=256, dropout=0.0, post_ln=False, impl="auto",
-                 chunk_size=64, fast_net_depth=1, official_rl_core=False):
+                 chunk_size=64, fast_net_depth=1, official_rl_core=False, neg_eigval=False, qk_map="paper"):
         super().__init__()
-        check_config(d_model=d_model, n_head=n_head, d_ff=d_ff, dropout=dropout, post_ln=post_ln)
+        check_config(d_model=d_model, n_head=n_head, d_ff=d_ff, dropout=dropout, post_ln=post_ln, neg_eigval=neg_eigval,
+                     qk_map=qk_map)
+        if model in ("linear", "transformer") and (neg_eigval or qk_map != "paper"):
+            raise ValueError(f"neg_eigval and qk_map 'l2' change delta-rule writes; model {model!r} has none")
         self.post_ln = post_ln
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.fwp = make_layer(model, d_model=d_model, n_head=n_head, impl=impl, chunk_size=chunk_size,
-                              fast_net_depth=fast_net_depth, official_rl_core=official_rl_core)
+                              fast_net_depth=fast_net_depth, official_rl_core=official_rl_core, neg_eigval=neg_eigval,
+                              qk_map=qk_map)
         self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_ff, d_model),
                                 nn.Dropout(dropout))
         self.drop = nn.Dropout(dropout)
@@ -630,7 +707,8 @@ class FWPModel(nn.Module):
     final LN before the head (official_rl_core: none, as the official algorithmic and RL code)."""
 
     def __init__(self, n_in, n_out, model="delta", d_model=64, n_head=4, n_layer=2, d_ff=256, dropout=0.0,
-                 post_ln=False, impl="auto", chunk_size=64, fast_net_depth=1, official_rl_core=False, embed=None):
+                 post_ln=False, impl="auto", chunk_size=64, fast_net_depth=1, official_rl_core=False, neg_eigval=False,
+                 qk_map="paper", embed=None):
         super().__init__()
         check_config(n_in=n_in, n_out=n_out, d_model=d_model, n_layer=n_layer, official_rl_core=official_rl_core)
         if embed is not None and n_in != d_model:
@@ -638,7 +716,8 @@ class FWPModel(nn.Module):
                              "width of its output, which the blocks read)")
         self.embed = nn.Embedding(n_in, d_model) if embed is None else embed
         block = dict(model=model, d_model=d_model, n_head=n_head, d_ff=d_ff, dropout=dropout, post_ln=post_ln,
-                     impl=impl, chunk_size=chunk_size, fast_net_depth=fast_net_depth, official_rl_core=official_rl_core)
+                     impl=impl, chunk_size=chunk_size, fast_net_depth=fast_net_depth, official_rl_core=official_rl_core,
+                     neg_eigval=neg_eigval, qk_map=qk_map)
         self.blocks = nn.ModuleList(Block(**block) for _ in range(n_layer))
         self.ln_f = nn.Identity() if official_rl_core else nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, n_out)
@@ -676,7 +755,8 @@ def build_model(args, n_in, n_out, embed=None):
         return LSTMModel(n_in, n_out, d_model=args.d_model, n_layer=args.n_layer, dropout=args.dropout, embed=embed)
     return FWPModel(n_in, n_out, model=args.model, d_model=args.d_model, n_head=args.n_head, n_layer=args.n_layer,
                     d_ff=args.d_ff, dropout=args.dropout, post_ln=args.post_ln, impl=args.impl,
-                    chunk_size=args.chunk_size, fast_net_depth=args.fast_net_depth, embed=embed)
+                    chunk_size=args.chunk_size, fast_net_depth=args.fast_net_depth, neg_eigval=args.neg_eigval,
+                    qk_map=args.qk_map, embed=embed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -858,10 +938,10 @@ def delta_lstm(z, k, v, beta, R, c, h, impl):
     return delta_lstm_loop(z, k, v, beta, R, c, h)
 
 
-def rdn(q, k, v, b, R, r_b, W, y, impl):
+def rdn(q, k, v, b, R, r_b, W, y, impl, beta_scale=1.0, qk_map="paper"):
     if use_kernel(impl, q, "rdn"):
         return RDNKernel.apply(*contiguous(q, k, v, b), *states(q, R, r_b, W, y))
-    return rdn_loop(q, k, v, b, R, r_b, W, y)
+    return rdn_loop(q, k, v, b, R, r_b, W, y, beta_scale, qk_map)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1180,8 +1260,9 @@ def headline(args, split="valid"):
 
 
 def train_batch(args, task, step, gen, state):
-    """This step's global batch, the same on every rank (the synthetic tasks: a random batch of the training set, padded; lm:
-    the next segment of every stream), and the state it starts from (a new pass over the corpus starts from zero)."""
+    """This step's global batch, the same on every rank (the synthetic tasks: a random batch of the training set,
+    padded; lm: the next segment of every stream), and the state it starts from (a new pass over the corpus starts from
+    zero)."""
     if args.task == "lm":
         i = step % data.n_segments(task["train"], args.seq_len)
         return *data.segment(task["train"], i, args.seq_len), None if i == 0 else state

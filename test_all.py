@@ -2104,6 +2104,9 @@ def test_rf_bench_runs(tmp_path):
     (["--task", "rl"], "is rfwp_rl.py"),
     (["--task", "parity", "--max_len", "300"], "--min_len <= --max_len <= --test_len"),
     (["--task", "permutation", "--n_perm", "6"], "--n_perm 2 to 5"),
+    (["--model", "linear", "--neg_eigval"], "--model linear has none"),
+    (["--model", "delta", "--qk_map", "l3"], "--qk_map must be one of paper, l2, got 'l3'"),
+    (["--model", "rdn", "--impl", "kernel", "--qk_map", "l2"], "impl 'kernel' of the rdn has no"),
 ])
 def test_rf_cli_errors(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
@@ -4543,6 +4546,144 @@ def test_rf_kernel_model_equals_loop_with_state_and_reset(device, name):
         assert any(type(fn).__name__.endswith("KernelBackward") for fn in grad_fns(out2)) == (impl == "kernel")
     for a, b in zip(*results):
         assert rel_err(a, b) < 1e-10
+
+
+def test_rf_negative_eigenvalue_flips_the_state_along_the_key():
+    """A write with a unit key and beta = 2 maps W k to -W k + 2 v (the eigenvalue 1 - beta |k|^2 = -1) and leaves W
+    unchanged orthogonally to k; with a paper key (sumnorm, |k|^2 <= 1) the same beta keeps 1 - beta |k|^2 >= -1 and
+    usually well above 0."""
+    g = torch.Generator().manual_seed(0)
+    W, v = torch.randn(1, 1, 5, 6, generator=g, dtype=torch.float64), torch.randn(1, 1, 5, generator=g, dtype=torch.float64)
+    k = rfwp.l2_feature(torch.randn(1, 1, 6, generator=g, dtype=torch.float64))
+    u = torch.randn(1, 1, 6, generator=g, dtype=torch.float64)
+    u = u - (u * k).sum(-1, keepdim=True) * k  # orthogonal to k
+    W2 = rfwp.delta_step(W, k, v, torch.full((1, 1), 2.0, dtype=torch.float64))
+    torch.testing.assert_close(W2 @ k[..., None], -(W @ k[..., None]) + 2 * v[..., None])
+    torch.testing.assert_close(W2 @ u[..., None], W @ u[..., None])
+    k_paper = rfwp.elu1_sumnorm(torch.randn(1000, 16, generator=g, dtype=torch.float64))
+    assert (1 - 2 * k_paper.square().sum(-1)).min() > 0  # a random paper key: |k|^2 far below 1 / 2
+
+
+def rf_option_inputs(part, T=37, d=16, seed=0):
+    """The inputs of fast_weight ("delta") or of a recurrent part with neg_eigval and qk_map l2: unit keys (l2_feature;
+    fast_weight's queries too, over sqrt(d)) and beta = 2 sigmoid(3 x), spread over (0, 2), float64."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    if part == "delta":
+        return [rfwp.l2_feature(r(2, 3, T, d), query=True), rfwp.l2_feature(r(2, 3, T, d)), r(2, 3, T, d),
+                0.3 * r(2, 3, d, d), 2 * torch.sigmoid(3 * r(2, 3, T))]
+    x = rf_recurrence_inputs(part, T=T, d=d, seed=seed)
+    x[1], x[3] = rfwp.l2_feature(r(*x[1].shape)), 2 * torch.sigmoid(3 * r(*x[3].shape))
+    assert x[3].max() > 1.9 and x[3].min() < 0.1
+    return x
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 16])
+def test_rf_fast_weight_chunk_with_beta_up_to_2_and_unit_keys_equals_loop(chunk_size):
+    x = rf_option_inputs("delta", T=23)
+    assert_kernel_equals_loop(fast_weight_of(False), lambda q, k, v, W0, beta: rfwp.fast_weight_chunk(
+        q, k, v, beta, W0, chunk_size), x, "cpu", 1e-10)
+
+
+@pytest.mark.parametrize("part", ["delta", "delta_rnn", "delta_lstm"])
+def test_rf_cpu_kernels_with_beta_up_to_2_and_unit_keys_equal_loops(part):
+    """fast_weight's, delta_rnn's and delta_lstm's kernels take beta and the keys as inputs: with beta in (0, 2) and
+    unit keys they equal the loops in float64 (outputs, final states, every input's gradient), at d = 16 and 40."""
+    rf_kernels("cpu")
+    for T, d in [(37, 16), (5, 40)]:
+        x = rf_option_inputs(part, T=T, d=d, seed=d)
+        if part == "delta":
+            assert_kernel_equals_loop(fast_weight_of(False), fast_weight_of(True), x, "cpu", 1e-10)
+        else:
+            assert_kernel_equals_loop(RF_RECURRENCES[part][0], RF_RECURRENCES[part][1].apply, x, "cpu", 1e-10)
+
+
+RF_DELTA_MODELS = ["delta", "delta_mlp", "delta_delta", "delta_rnn", "delta_lstm", "rdn"]
+
+
+@pytest.mark.parametrize("name", RF_DELTA_MODELS)
+def test_rf_neg_eigval_and_l2_every_impl_equals_loop(name):
+    """--neg_eigval --qk_map l2, the whole model in float64: --impl chunk, kernel and auto against loop (logits of a
+    first call and of a second with the state carried, every parameter's gradient); the options change the logits."""
+    x1, x2 = (torch.randint(0, 12, (3, n), generator=torch.Generator().manual_seed(n)) for n in (9, 13))
+
+    def results(**kw):
+        model = rf_model(name, **kw)
+        out1, s = model(x1)
+        out2, _ = model(x2, s)
+        return [out1, out2, *torch.autograd.grad(out1.square().sum() + out2.square().sum(), list(model.parameters()))]
+
+    ref = results(impl="loop", neg_eigval=True, qk_map="l2")
+    for impl in ("chunk", "kernel", "auto"):
+        if name == "rdn" and impl == "kernel":
+            with pytest.raises(SystemExit):
+                rf_model(name, impl=impl, neg_eigval=True, qk_map="l2")
+            continue
+        for a, b in zip(results(impl=impl, neg_eigval=True, qk_map="l2"), ref):
+            assert rel_err(a, b) < 1e-10, impl
+    for kw in (dict(neg_eigval=True), dict(qk_map="l2")):
+        assert rel_err(results(impl="loop", **kw)[0], ref[0]) > 1e-3 < rel_err(results(impl="loop")[0], ref[0])
+
+
+def test_rf_neg_eigval_and_l2_layers_by_hand():
+    """The options in the layers' equations, one head of width 4: DeltaNet's q = l2(q) / 2, k = l2(k), beta = 2
+    sigmoid(b); Delta RNN's R keys l2, beta 2 sigmoid, read softmax(y_{t-1}) as before; the RDN's q', k' through l2
+    and beta = 2 sigmoid(b_t + r_b . s)."""
+    l2 = rfwp.l2_feature
+    layer, x = rf_layer_inputs("delta", neg_eigval=True, qk_map="l2")
+    q, k, v, b = layer.project(x)
+    y, _ = rfwp.fast_weight_loop(F.normalize(F.silu(q), dim=-1) / 2, F.normalize(F.silu(k), dim=-1), v, 2 * torch.sigmoid(b))
+    torch.testing.assert_close(layer(x)[0], layer.out(rfwp.merge(y)))
+
+    layer, x = rf_layer_inputs("delta_rnn", neg_eigval=True, qk_map="l2", impl="loop")
+    q, k, v, b, k_r, v_r, b_r = layer.project(x)
+    z, _ = rfwp.fast_weight_loop(l2(q, query=True), l2(k), v, 2 * torch.sigmoid(b))
+    R, y, ys = torch.zeros(2, 1, 4, 4, dtype=torch.float64), torch.zeros(2, 1, 4, dtype=torch.float64), []
+    for t in range(5):
+        kr, br = F.normalize(F.silu(k_r[:, :, t]), dim=-1), 2 * torch.sigmoid(b_r[:, :, t])
+        R = R + br[..., None, None] * (v_r[:, :, t, :, None] - R @ kr[..., None]) * kr[..., None, :]
+        y = z[:, :, t] + (R @ F.softmax(y, -1)[..., None])[..., 0]
+        ys.append(y)
+    torch.testing.assert_close(layer(x)[0], layer.out(rfwp.merge(torch.stack(ys, 2))))
+
+    layer, x = rf_layer_inputs("rdn", neg_eigval=True, qk_map="l2")
+    q, k, v, b = layer.project(x)
+    W, y, ys = torch.zeros(2, 1, 4, 4, dtype=torch.float64), torch.zeros(2, 1, 4, dtype=torch.float64), []
+    Rq, Rk, Rv = layer.R[:, 0]
+    for t in range(5):
+        s = torch.tanh(y)
+        qt, kt = F.normalize(F.silu(q[:, :, t] + s @ Rq.T), dim=-1) / 2, F.normalize(F.silu(k[:, :, t] + s @ Rk.T), dim=-1)
+        vt, bt = v[:, :, t] + s @ Rv.T, 2 * torch.sigmoid(b[:, :, t] + s @ layer.r_b[0])
+        W = W + bt[..., None, None] * (vt[..., None] - W @ kt[..., None]) * kt[..., None, :]
+        y = (W @ qt[..., None])[..., 0]
+        ys.append(y)
+    torch.testing.assert_close(layer(x)[0], layer.out(rfwp.merge(torch.stack(ys, 2))))
+
+
+@pytest.mark.parametrize("name", RF_DELTA_MODELS)
+def test_rf_neg_eigval_and_qk_map_are_checked_keywords(name):
+    """Every layer with delta-rule writes takes neg_eigval and qk_map (defaults: the paper's), checked with a
+    ValueError naming them; the layers without (linear, transformer) refuse them."""
+    cls = rfwp.LAYERS[name]
+    params = inspect.signature(cls).parameters
+    assert params["neg_eigval"].default is False and params["qk_map"].default == "paper"
+    for kw in (dict(neg_eigval="yes"), dict(qk_map="l3")):
+        with pytest.raises(ValueError, match=list(kw)[0]):
+            cls(d_model=16, n_head=2, **kw)
+    assert "neg_eigval=True, qk_map='l2'" in cls(d_model=16, n_head=2, neg_eigval=True, qk_map="l2").extra_repr()
+    for other in ("linear", "transformer"):
+        with pytest.raises(TypeError):
+            rfwp.LAYERS[other](neg_eigval=True)
+        with pytest.raises(ValueError, match="has none"):
+            rfwp.Block(model=other, qk_map="l2")
+
+
+@pytest.mark.parametrize("impl", ["loop", "chunk", "kernel"])
+def test_rf_smoke_neg_eigval_l2(tmp_path, impl):
+    p = run(script_copy(tmp_path, "rfwp.py"), "--preset", "tiny", "--task", "parity", "--model", "delta_lstm",
+            "--neg_eigval", "--qk_map", "l2", "--impl", impl, "--steps", "6", "--eval_every", "3", "--test_len", "64",
+            "--out_dir", str(tmp_path / "o"))
+    assert "final: test acc_41_64" in p.stdout and "warning" not in p.stderr, p.stderr
 
 
 def grad_fns(t):
