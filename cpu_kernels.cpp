@@ -150,6 +150,30 @@ inline void softmax_backward(const T* p, const T* dp, T* dx, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dx[j] = p[j] * (dp[j] - s);
 }
 
+// The l2 map (qk_map l2): out = scale silu(x) / |silu(x)| (|.| at least 1e-12, as F.normalize)
+template <int N, typename T>
+inline void l2_map(const T* x, T* out, T scale, int64_t n) {
+  if constexpr (N > 0) n = N;
+  T s = 0;
+  for (int64_t j = 0; j < n; ++j) s += (out[j] = x[j] * sigmoid(x[j])) * out[j];
+  const T r = scale / std::max(std::sqrt(s), T(1e-12));
+  for (int64_t j = 0; j < n; ++j) out[j] *= r;
+}
+
+// x, dout = dL/dout -> dL/dx: with f = silu(x), n = f / |f|: dL/df = scale (dout - n (n . dout)) / |f|, times silu'(x)
+template <int N, typename T>
+inline void l2_map_backward(const T* x, const T* dout, T* dx, T scale, int64_t n) {
+  if constexpr (N > 0) n = N;
+  T s = 0, nd = 0;
+  for (int64_t j = 0; j < n; ++j) s += x[j] * sigmoid(x[j]) * x[j] * sigmoid(x[j]);
+  const T r = std::max(std::sqrt(s), T(1e-12));
+  for (int64_t j = 0; j < n; ++j) nd += x[j] * sigmoid(x[j]) / r * dout[j];
+  for (int64_t j = 0; j < n; ++j) {
+    const T sg = sigmoid(x[j]);
+    dx[j] = scale * (dout[j] - x[j] * sg / r * nd) / r * sg * (1 + x[j] * (1 - sg));
+  }
+}
+
 // Its backward for row i, given Mi = row i of M_t and dMi = of dL/dM_t: undoes the write (Mi <- M_{t-1,i},
 // dMi <- dL/dM_{t-1,i}), returns dv_i, adds this row's part of dL/dk to dk and of dL/dbeta to dbeta.
 template <int N, typename T>
@@ -673,9 +697,12 @@ std::vector<at::Tensor> delta_lstm_backward(at::Tensor z, at::Tensor k, at::Tens
 
 // ---------------------------------------------------------------------------------------------
 // RDN: q, k, v (B, H, T, d), b (B, H, T) from x; Rs (3, H, d, d) = R_q, R_k, R_v; r_b (H, d); W0 (B, H, d, d),
-// y0 (B, H, d) -> y (B, H, T, d), W_T and, when save, the squashed q, k, the value v, beta and v̄ of every step.
+// y0 (B, H, d) -> y (B, H, T, d), W_T and, when save, the squashed q, k (with l2: their pre-activations, the map is
+// recomputed in the backward), the value v, beta and v̄ of every step. beta_scale: beta = beta_scale sigmoid(.) (2 with
+// neg_eigval); l2: q', k' by the l2 map (q' times d^-1/2) instead of the softmax.
 std::vector<at::Tensor> rdn_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor b, at::Tensor Rs,
-                                    at::Tensor r_b, at::Tensor W0, at::Tensor y0, bool save) {
+                                    at::Tensor r_b, at::Tensor W0, at::Tensor y0, bool save, double beta_scale,
+                                    bool l2) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
   check_dtype(q);
   for (auto [x, name] : {std::pair{&k, "k"}, {&v, "v"}}) check_seq(*x, q.sizes(), name, q);
@@ -707,19 +734,24 @@ std::vector<at::Tensor> rdn_forward(at::Tensor q, at::Tensor k, at::Tensor v, at
           const int64_t o = (bh * T + t) * d;
           const scalar_t* y_prev = t > 0 ? yp + o - d : y0p + bh * d;
           tanh_row<N>(y_prev, s.data(), d);
-          const scalar_t bt = sigmoid(bp[bh * T + t] + dot<N>(rbp + hd * d, s.data(), d));
+          const scalar_t bt = scalar_t(beta_scale) * sigmoid(bp[bh * T + t] + dot<N>(rbp + hd * d, s.data(), d));
           std::copy(qp + o, qp + o + d, pre.data());  // q_t + R_q s, k_t + R_k s, v_t + R_v s
           std::copy(kp + o, kp + o + d, pre.data() + d);
           std::copy(vp + o, vp + o + d, pre.data() + 2 * d);
           for (int64_t r = 0; r < 3; ++r) mat_vec_t<N>(Rt.data() + r * d * d, s.data(), pre.data() + r * d, d, d);
-          softmax<N>(pre.data(), qh.data(), d);
-          softmax<N>(pre.data() + d, kh.data(), d);
+          if (l2) {
+            l2_map<N>(pre.data(), qh.data(), scalar_t(1 / std::sqrt(double(d))), d);
+            l2_map<N>(pre.data() + d, kh.data(), scalar_t(1), d);
+          } else {
+            softmax<N>(pre.data(), qh.data(), d);
+            softmax<N>(pre.data() + d, kh.data(), d);
+          }
           std::fill(yp + o, yp + o + d, scalar_t(0));
           write_and_read_t<N>(S.data(), kh.data(), pre.data() + 2 * d, bt, true, qh.data(), vb.data(), u.data(),
                               yp + o, d, d);
           if (save) {
-            std::copy(qh.begin(), qh.end(), q_svp + o);
-            std::copy(kh.begin(), kh.end(), k_svp + o);
+            std::copy(l2 ? pre.begin() : qh.begin(), l2 ? pre.begin() + d : qh.end(), q_svp + o);
+            std::copy(l2 ? pre.begin() + d : kh.begin(), l2 ? pre.begin() + 2 * d : kh.end(), k_svp + o);
             std::copy(pre.begin() + 2 * d, pre.end(), v_svp + o);
             std::copy(vb.begin(), vb.end(), v_barp + o);
             beta_p[bh * T + t] = bt;
@@ -736,7 +768,7 @@ std::vector<at::Tensor> rdn_forward(at::Tensor q, at::Tensor k, at::Tensor v, at
 // the inputs q, k, v, b), dW0, dy0. The slow weights' gradients are sums over b and t, left to the caller.
 std::vector<at::Tensor> rdn_backward(at::Tensor Rs, at::Tensor r_b, at::Tensor q_sv, at::Tensor k_sv,
                                      at::Tensor v_sv, at::Tensor beta, at::Tensor v_bar, at::Tensor y, at::Tensor y0,
-                                     at::Tensor W, at::Tensor dy, at::Tensor dW) {
+                                     at::Tensor W, at::Tensor dy, at::Tensor dW, double beta_scale, bool l2) {
   const int64_t B = y.size(0), H = y.size(1), T = y.size(2), d = y.size(3);
   check_dtype(y);
   TORCH_CHECK(q_sv.sizes() == y.sizes(), "rdn_backward: the forward did not save its vectors (save=false)");
@@ -746,8 +778,8 @@ std::vector<at::Tensor> rdn_backward(at::Tensor Rs, at::Tensor r_b, at::Tensor q
   auto dq = at::empty_like(y), dk = at::empty_like(y), dv = at::empty_like(y), db = at::empty_like(beta);
   auto dy0 = at::empty_like(y0);
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "rdn_backward", [&] {
-    const scalar_t *Rp = Rs.data_ptr<scalar_t>(), *rbp = r_b.data_ptr<scalar_t>(), *qh = q_sv.data_ptr<scalar_t>(),
-                   *kh = k_sv.data_ptr<scalar_t>(), *vh = v_sv.data_ptr<scalar_t>(), *btp = beta.data_ptr<scalar_t>(),
+    const scalar_t *Rp = Rs.data_ptr<scalar_t>(), *rbp = r_b.data_ptr<scalar_t>(), *q_svp = q_sv.data_ptr<scalar_t>(),
+                   *k_svp = k_sv.data_ptr<scalar_t>(), *vh = v_sv.data_ptr<scalar_t>(), *btp = beta.data_ptr<scalar_t>(),
                    *vbp = v_bar.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>(), *y0p = y0.data_ptr<scalar_t>(),
                    *dyp = dy.data_ptr<scalar_t>();
     scalar_t *Mp = M.data_ptr<scalar_t>(), *dMp = dM.data_ptr<scalar_t>(), *dqp = dq.data_ptr<scalar_t>(),
@@ -758,11 +790,17 @@ std::vector<at::Tensor> rdn_backward(at::Tensor Rs, at::Tensor r_b, at::Tensor q
       for_each_head(B * H, [&](int64_t bh) {
         const int64_t hd = bh % H;
         const scalar_t *Rq = Rp + hd * d * d, *Rk = Rp + (H + hd) * d * d, *Rv = Rp + (2 * H + hd) * d * d;
-        std::vector<scalar_t> dqh(d), dkh(d), ds(d), s(d), carry(d, 0);
+        const scalar_t q_scale = scalar_t(1 / std::sqrt(double(d)));
+        std::vector<scalar_t> dqh(d), dkh(d), ds(d), s(d), carry(d, 0), q_l2(l2 ? d : 0), k_l2(l2 ? d : 0);
         scalar_t *Mh = Mp + bh * d * d, *dMh = dMp + bh * d * d;
         for (int64_t t = T - 1; t >= 0; --t) {
           const int64_t o = (bh * T + t) * d;
           const scalar_t bt = btp[bh * T + t];
+          if (l2) {  // q', k' again from their pre-activations
+            l2_map<N>(q_svp + o, q_l2.data(), q_scale, d);
+            l2_map<N>(k_svp + o, k_l2.data(), scalar_t(1), d);
+          }
+          const scalar_t *qh = l2 ? q_l2.data() : q_svp + o, *kh = l2 ? k_l2.data() : k_svp + o;
           scalar_t dbt = 0;
           std::fill(dqh.begin(), dqh.end(), scalar_t(0));
           std::fill(dkh.begin(), dkh.end(), scalar_t(0));
@@ -770,12 +808,17 @@ std::vector<at::Tensor> rdn_backward(at::Tensor Rs, at::Tensor r_b, at::Tensor q
             scalar_t *Mi = Mh + i * d, *dMi = dMh + i * d;
             const scalar_t gy = dyp[o + i] + carry[i];
             axpy<N>(dqh.data(), gy, Mi, d);  // y_t = W_t q
-            axpy<N>(dMi, gy, qh + o, d);
-            dvp[o + i] = delta_write_row_backward<N>(Mi, dMi, kh + o, vh[o + i], vbp[o + i], bt, dkh.data(), dbt, d);
+            axpy<N>(dMi, gy, qh, d);
+            dvp[o + i] = delta_write_row_backward<N>(Mi, dMi, kh, vh[o + i], vbp[o + i], bt, dkh.data(), dbt, d);
           }
-          softmax_backward<N>(qh + o, dqh.data(), dqp + o, d);
-          softmax_backward<N>(kh + o, dkh.data(), dkp + o, d);
-          const scalar_t dbp_t = dbt * bt * (1 - bt);
+          if (l2) {
+            l2_map_backward<N>(q_svp + o, dqh.data(), dqp + o, q_scale, d);
+            l2_map_backward<N>(k_svp + o, dkh.data(), dkp + o, scalar_t(1), d);
+          } else {
+            softmax_backward<N>(qh, dqh.data(), dqp + o, d);
+            softmax_backward<N>(kh, dkh.data(), dkp + o, d);
+          }
+          const scalar_t dbp_t = dbt * bt * (1 - bt / scalar_t(beta_scale));  // beta = beta_scale sigmoid(.)
           dbp[bh * T + t] = dbp_t;
           for (int64_t j = 0; j < d; ++j) ds[j] = rbp[hd * d + j] * dbp_t;  // dL/ds = R_q^T dq + R_k^T dk + R_v^T dv
           for (int64_t i = 0; i < d; ++i) {                                   //         + r_b db

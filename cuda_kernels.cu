@@ -822,6 +822,44 @@ __device__ void softmax_cols(const Layout<RPW, KPL>& L, acc_t (&x)[KPL]) {
   for (int j = 0; j < KPL; ++j) x[j] /= s;
 }
 
+// the l2 map (qk_map l2) over the d valid columns, in place: x <- scale silu(x) / |silu(x)| (|.| at least 1e-12)
+template <int RPW, int KPL, typename acc_t>
+__device__ void l2_cols(const Layout<RPW, KPL>& L, acc_t (&x)[KPL], acc_t scale) {
+  acc_t s = 0;
+#pragma unroll
+  for (int j = 0; j < KPL; ++j) {
+    x[j] = L.col_ok(j) ? x[j] * sigmoid(x[j]) : acc_t(0);
+    s += x[j] * x[j];
+  }
+  s = warp_sum(s);
+  const acc_t r = scale / (sqrt(s) > acc_t(1e-12) ? sqrt(s) : acc_t(1e-12));
+#pragma unroll
+  for (int j = 0; j < KPL; ++j) x[j] *= r;
+}
+
+// x the pre-activation, dp = dL/d(l2 map of x) (by columns) -> dL/dx: with f = silu(x), n = f / |f|,
+// dL/df = scale (dp - n (n . dp)) / |f|, times silu'(x)
+template <int RPW, int KPL, typename acc_t>
+__device__ void l2_backward(const Layout<RPW, KPL>& L, const acc_t (&x)[KPL], const acc_t (&dp)[KPL],
+                            acc_t (&dx)[KPL], acc_t scale) {
+  acc_t f[KPL], s = 0, nd = 0;
+#pragma unroll
+  for (int j = 0; j < KPL; ++j) {
+    f[j] = L.col_ok(j) ? x[j] * sigmoid(x[j]) : acc_t(0);
+    s += f[j] * f[j];
+  }
+  s = warp_sum(s);
+  const acc_t r = sqrt(s) > acc_t(1e-12) ? sqrt(s) : acc_t(1e-12);
+#pragma unroll
+  for (int j = 0; j < KPL; ++j) nd += f[j] / r * dp[j];
+  nd = warp_sum(nd);
+#pragma unroll
+  for (int j = 0; j < KPL; ++j) {
+    const acc_t sg = sigmoid(x[j]);
+    dx[j] = L.col_ok(j) ? scale * (dp[j] - f[j] / r * nd) / r * sg * (1 + x[j] * (1 - sg)) : acc_t(0);
+  }
+}
+
 // p = softmax(x), dp = dL/dp (by columns) -> dL/dx = p (dp - p . dp)
 template <int KPL, typename acc_t>
 __device__ void softmax_backward(const acc_t (&p)[KPL], const acc_t (&dp)[KPL], acc_t (&dx)[KPL]) {
@@ -1111,7 +1149,9 @@ __global__ void __launch_bounds__(1024)
 }
 
 // ---- Recurrent Delta Net. Per (b, h): q, k, v (T, d), b (T) from x; slow R_q, R_k, R_v (3, H, d, d) and r_b (H, d);
-// W (d, d), y (d). Saves (when asked) q, k, v, beta after the recurrent terms and squashing, and v̄. Shared 4 d.
+// W (d, d), y (d). Saves (when asked) q, k, v, beta after the recurrent terms and squashing (with l2: q and k before
+// the map, which the backward recomputes), and v̄. beta = beta_scale sigmoid(.); l2: q', k' by the l2 map (q' times
+// d^-1/2) instead of the softmax. Shared 4 d.
 template <typename scalar_t, int RPW, int KPL>
 __global__ void __launch_bounds__(1024)
     rdn_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
@@ -1121,7 +1161,7 @@ __global__ void __launch_bounds__(1024)
                        acc_type<scalar_t>* __restrict__ W_out, acc_type<scalar_t>* __restrict__ q_sv,
                        acc_type<scalar_t>* __restrict__ k_sv, acc_type<scalar_t>* __restrict__ v_sv,
                        acc_type<scalar_t>* __restrict__ beta_sv, acc_type<scalar_t>* __restrict__ v_bar_sv, int H,
-                       int T, int d) {
+                       int T, int d, acc_type<scalar_t> beta_scale, bool l2) {
   using acc_t = acc_type<scalar_t>;
   extern __shared__ unsigned char smem_raw[];
   acc_t* ybuf = reinterpret_cast<acc_t*>(smem_raw);  // y_{t-1}, y_t (alternating)
@@ -1146,7 +1186,7 @@ __global__ void __launch_bounds__(1024)
       s[j] = tanh(s[j]);  // zero beyond d
       sb += rb[j] * s[j];
     }
-    const acc_t bt = sigmoid(static_cast<acc_t>(b[bh * T + t]) + warp_sum(sb));
+    const acc_t bt = beta_scale * sigmoid(static_cast<acc_t>(b[bh * T + t]) + warp_sum(sb));
     mat_vec(Rq, s, qp);
     mat_vec(Rk, s, kp);
     mat_vec(Rv, s, vh);
@@ -1164,15 +1204,26 @@ __global__ void __launch_bounds__(1024)
     __syncthreads();
     load_cols(L, pre, qh);
     load_cols(L, pre + d, kh);
-    softmax_cols(L, qh);
-    softmax_cols(L, kh);
+    if (save && l2) {
+      store_cols(L, q_sv + o, qh);
+      store_cols(L, k_sv + o, kh);
+    }
+    if (l2) {
+      l2_cols(L, qh, acc_t(1) / sqrt(acc_t(d)));
+      l2_cols(L, kh, acc_t(1));
+    } else {
+      softmax_cols(L, qh);
+      softmax_cols(L, kh);
+    }
     delta_write(W, kh, vh, bt, v_bar);
     mat_vec(W, qh, y);
     store_rows(L, ybuf + ((t + 1) % 2) * d, y);
     store_rows(L, y_out + o, y);
-    if (save) {
+    if (save && !l2) {
       store_cols(L, q_sv + o, qh);
       store_cols(L, k_sv + o, kh);
+    }
+    if (save) {
       store_rows(L, v_sv + o, vh);
       store_rows(L, v_bar_sv + o, v_bar);
       if (threadIdx.x == 0) beta_sv[bh * T + t] = bt;
@@ -1195,7 +1246,7 @@ __global__ void __launch_bounds__(1024)
                         acc_type<scalar_t>* __restrict__ dq, acc_type<scalar_t>* __restrict__ dk,
                         acc_type<scalar_t>* __restrict__ dv, acc_type<scalar_t>* __restrict__ db,
                         acc_type<scalar_t>* __restrict__ dW0, acc_type<scalar_t>* __restrict__ dy0, int H, int T,
-                        int d) {
+                        int d, acc_type<scalar_t> beta_scale, bool l2) {
   using acc_t = acc_type<scalar_t>;
   extern __shared__ unsigned char smem_raw[];
   const Layout<RPW, KPL> L(d);
@@ -1217,6 +1268,13 @@ __global__ void __launch_bounds__(1024)
     acc_t qh[KPL], kh[KPL], vh[RPW], v_bar[RPW], gy[RPW], dvh[RPW], col_q[KPL] = {}, col_k[KPL] = {}, dbt = 0;
     load_cols(L, q_sv + o, qh);
     load_cols(L, k_sv + o, kh);
+    acc_t q_pre[KPL], k_pre[KPL];  // with l2: the saved pre-activations, q' and k' recomputed from them
+#pragma unroll
+    for (int j = 0; j < KPL; ++j) q_pre[j] = qh[j], k_pre[j] = kh[j];
+    if (l2) {
+      l2_cols(L, qh, acc_t(1) / sqrt(acc_t(d)));
+      l2_cols(L, kh, acc_t(1));
+    }
     load_rows(L, v_sv + o, vh);
     load_rows(L, v_bar_sv + o, v_bar);
     load_rows(L, dy + o, gy);
@@ -1233,9 +1291,14 @@ __global__ void __launch_bounds__(1024)
     acc_t dqh[KPL], dkh[KPL], dqp[KPL], dkp[KPL], dqr[RPW], dkr[RPW], col_s[KPL] = {};
     sum_partials(L, part_q, dqh);
     sum_partials(L, part_k, dkh);
-    softmax_backward(qh, dqh, dqp);
-    softmax_backward(kh, dkh, dkp);
-    const acc_t dbp = sum_warps(L, part_b) * bt * (1 - bt);
+    if (l2) {
+      l2_backward(L, q_pre, dqh, dqp, acc_t(1) / sqrt(acc_t(d)));
+      l2_backward(L, k_pre, dkh, dkp, acc_t(1));
+    } else {
+      softmax_backward(qh, dqh, dqp);
+      softmax_backward(kh, dkh, dkp);
+    }
+    const acc_t dbp = sum_warps(L, part_b) * bt * (1 - bt / beta_scale);  // beta = beta_scale sigmoid(.)
     store_cols(L, dq + o, dqp);
     store_cols(L, dk + o, dkp);
     if (threadIdx.x == 0) db[bh * T + t] = dbp;
@@ -1506,9 +1569,11 @@ std::vector<at::Tensor> delta_lstm_backward(at::Tensor z, at::Tensor k, at::Tens
 }
 
 // RDN: q, k, v (B, H, T, d), b (B, H, T) from x; Rs (3, H, d, d) = R_q, R_k, R_v; r_b (H, d); W0 (B, H, d, d),
-// y0 (B, H, d) -> y (B, H, T, d), W_T and, when save, the squashed q, k, the value v, beta and v̄ of every step.
+// y0 (B, H, d) -> y (B, H, T, d), W_T and, when save, the squashed q, k (with l2: before the map), the value v, beta
+// and v̄ of every step. beta_scale: beta = beta_scale sigmoid(.) (2 with neg_eigval); l2: the l2 map, not the softmax.
 std::vector<at::Tensor> rdn_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor b, at::Tensor Rs,
-                                    at::Tensor r_b, at::Tensor W0, at::Tensor y0, bool save) {
+                                    at::Tensor r_b, at::Tensor W0, at::Tensor y0, bool save, double beta_scale,
+                                    bool l2) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
   for (auto [x, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) check_seq(*x, q.sizes(), name, q);
   check_seq(b, {B, H, T}, "b", q);
@@ -1533,7 +1598,7 @@ std::vector<at::Tensor> rdn_forward(at::Tensor q, at::Tensor k, at::Tensor v, at
           q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
           Rs.data_ptr<acc_t>(), r_b.data_ptr<acc_t>(), W0.data_ptr<acc_t>(), y0.data_ptr<acc_t>(), y.data_ptr<acc_t>(),
           W.data_ptr<acc_t>(), ptr<acc_t>(q_sv), ptr<acc_t>(k_sv), ptr<acc_t>(v_sv), ptr<acc_t>(beta),
-          ptr<acc_t>(v_bar), H, T, d);
+          ptr<acc_t>(v_bar), H, T, d, acc_t(beta_scale), l2);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1544,7 +1609,7 @@ std::vector<at::Tensor> rdn_forward(at::Tensor q, at::Tensor k, at::Tensor v, at
 // the inputs q, k, v, b), dW0, dy0. The slow weights' gradients are sums over b and t, left to the caller.
 std::vector<at::Tensor> rdn_backward(at::Tensor Rs, at::Tensor r_b, at::Tensor q_sv, at::Tensor k_sv,
                                      at::Tensor v_sv, at::Tensor beta, at::Tensor v_bar, at::Tensor y, at::Tensor y0,
-                                     at::Tensor W, at::Tensor dy, at::Tensor dW) {
+                                     at::Tensor W, at::Tensor dy, at::Tensor dW, double beta_scale, bool l2) {
   const int64_t B = y.size(0), H = y.size(1), T = y.size(2), d = y.size(3);
   const c10::cuda::CUDAGuard guard(y.device());
   TORCH_CHECK(q_sv.sizes() == y.sizes(), "rdn_backward: the forward did not save its vectors (save=false)");
@@ -1565,7 +1630,7 @@ std::vector<at::Tensor> rdn_backward(at::Tensor Rs, at::Tensor r_b, at::Tensor q
           v_sv.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(), v_bar.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
           y0.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), dW.data_ptr<scalar_t>(),
           dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), db.data_ptr<scalar_t>(),
-          dW0.data_ptr<scalar_t>(), dy0.data_ptr<scalar_t>(), H, T, d);
+          dW0.data_ptr<scalar_t>(), dy0.data_ptr<scalar_t>(), H, T, d, scalar_t(beta_scale), l2);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

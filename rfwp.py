@@ -263,8 +263,6 @@ def check_args(args):
     try:  # the modules' checks: the same messages
         check_config(model=args.model, impl=args.impl, dropout=args.dropout, neg_eigval=args.neg_eigval,
                      qk_map=args.qk_map, **{k: getattr(args, k) for k in sizes})
-        if args.model == "rdn":
-            check_rdn_options(args.impl, args.neg_eigval, args.qk_map)
     except ValueError as e:
         fail(f"--{e}")
     if args.model in ("lstm", "transformer", "linear") and (args.neg_eigval or args.qk_map != "paper"):
@@ -405,14 +403,6 @@ def l2_feature(x, query=False):
     2412.06464), a query also times d^-1/2 (as fla's layers)."""
     x = F.normalize(F.silu(x), dim=-1)
     return x * x.shape[-1] ** -0.5 if query else x
-
-
-def check_rdn_options(impl, neg_eigval, qk_map):
-    """The RDN's kernels compute beta and its softmax keys and queries inside: they have neither option."""
-    if impl == "kernel" and (neg_eigval or qk_map != "paper"):
-        raise ValueError(f"impl 'kernel' of the rdn has no neg_eigval={neg_eigval}, qk_map={qk_map!r} (its kernels "
-                         "compute beta and the softmax keys inside); use impl 'loop', or 'auto', which steps the loop "
-                         "for these options")
 
 
 def heads(x, H):
@@ -604,21 +594,18 @@ class RDNLayer(SlowNet):
     """Recurrent Delta Net (eq. 28-32): keys, queries, values and beta also see s = tanh(y_{t-1}) through slow
     recurrent weights R_q, R_k, R_v (d x d per head) and r_b; y_t = W_t q_t (un-squashed). State (W, y_prev):
     W (B, H, d, d), y_prev (B, H, d). Every step depends on the last, so there is no chunkwise form. neg_eigval: beta =
-    2 sigmoid(.); qk_map l2: q', k' = l2_feature(.) instead of softmax (rdn_loop). Its kernels compute beta and the
-    softmax inside and have neither option: impl "kernel" with either is a ValueError, and "auto" steps the loop."""
+    2 sigmoid(.); qk_map l2: q', k' = l2_feature(.) instead of softmax (rdn_loop; its kernels take both options)."""
 
     def __init__(self, d_model=64, n_head=4, impl="auto", neg_eigval=False, qk_map="paper"):
         d = d_head(d_model, n_head)
         super().__init__(d_model, n_head, [d, d, d, 1], impl=impl, neg_eigval=neg_eigval, qk_map=qk_map)
-        check_rdn_options(impl, neg_eigval, qk_map)
         self.R = nn.Parameter(torch.randn(3, n_head, d, d) / math.sqrt(d))  # R_q, R_k, R_v: entries of std 1/sqrt(d)
         self.r_b = nn.Parameter(torch.randn(n_head, d) / math.sqrt(d))
 
     def forward(self, x, state=None):
         q, k, v, b = self.project(x)
         W, y = state or (self.zeros(x, self.d, self.d), self.zeros(x, self.d))
-        options = self.neg_eigval or self.qk_map != "paper"
-        ys, W, y = rdn(q, k, v, b, self.R.to(y.dtype), self.r_b.to(y.dtype), W, y, "loop" if options else self.impl,
+        ys, W, y = rdn(q, k, v, b, self.R.to(y.dtype), self.r_b.to(y.dtype), W, y, self.impl,
                        2.0 if self.neg_eigval else 1.0, self.qk_map)
         return self.out(merge(ys)), (W, y)
 
@@ -894,11 +881,14 @@ class DeltaLSTMKernel(torch.autograd.Function):
 
 class RDNKernel(torch.autograd.Function):
     """rdn_loop as one kernel per pass. The forward keeps q', k', v', beta and v̄ of every step (vectors, no
-    matrices); the slow weights' gradients are sums over b and t of outer products with s_t = tanh(y_{t-1})."""
+    matrices; with qk_map l2, q and k before the map, which the backward recomputes); the slow weights' gradients are
+    sums over b and t of outer products with s_t = tanh(y_{t-1})."""
 
     @staticmethod
-    def forward(ctx, q, k, v, b, R, r_b, W0, y0):
-        ys, W, *saved = kernels(q.device.type).rdn_forward(q, k, v, b, R, r_b, W0, y0, any(ctx.needs_input_grad))
+    def forward(ctx, q, k, v, b, R, r_b, W0, y0, beta_scale=1.0, qk_map="paper"):
+        ctx.options = (float(beta_scale), qk_map == "l2")
+        ys, W, *saved = kernels(q.device.type).rdn_forward(q, k, v, b, R, r_b, W0, y0, any(ctx.needs_input_grad),
+                                                           *ctx.options)
         ctx.save_for_backward(R, r_b, *saved, ys, y0, W)
         ctx.q_dtype = q.dtype
         return ys, W, ys[:, :, -1].clone()
@@ -908,13 +898,13 @@ class RDNKernel(torch.autograd.Function):
         R, r_b, q_sv, k_sv, v_sv, beta, v_bar, ys, y0, W = ctx.saved_tensors
         dq, dk, dv, db, dW0, dy0 = kernels(R.device.type).rdn_backward(
             R, r_b, q_sv, k_sv, v_sv, beta, v_bar, ys, y0, W, grad_of_last(dys, dy_T, ys), W.new_empty(0) if dW is None
-            else dW)
+            else dW, *ctx.options)
         s = torch.tanh(torch.cat([y0.unsqueeze(2), ys[:, :, :-1]], 2))  # s_t = tanh(y_{t-1}), (B, H, T, d)
         H, d = s.shape[1], s.shape[3]
         g = torch.einsum("bhti,bhtj->hij", torch.cat([dq, dk, dv, db.unsqueeze(-1)], -1), s)  # (H, 3 d + 1, d)
         dR, dr_b = g[:, : 3 * d].reshape(H, 3, d, d).transpose(0, 1), g[:, 3 * d]
         dt = ctx.q_dtype
-        return dq.to(dt), dk.to(dt), dv.to(dt), db.to(dt), dR.to(R.dtype), dr_b.to(r_b.dtype), dW0, dy0
+        return dq.to(dt), dk.to(dt), dv.to(dt), db.to(dt), dR.to(R.dtype), dr_b.to(r_b.dtype), dW0, dy0, None, None
 
 
 def contiguous(*xs):
@@ -940,7 +930,7 @@ def delta_lstm(z, k, v, beta, R, c, h, impl):
 
 def rdn(q, k, v, b, R, r_b, W, y, impl, beta_scale=1.0, qk_map="paper"):
     if use_kernel(impl, q, "rdn"):
-        return RDNKernel.apply(*contiguous(q, k, v, b), *states(q, R, r_b, W, y))
+        return RDNKernel.apply(*contiguous(q, k, v, b), *states(q, R, r_b, W, y), beta_scale, qk_map)
     return rdn_loop(q, k, v, b, R, r_b, W, y, beta_scale, qk_map)
 
 

@@ -2106,7 +2106,6 @@ def test_rf_bench_runs(tmp_path):
     (["--task", "permutation", "--n_perm", "6"], "--n_perm 2 to 5"),
     (["--model", "linear", "--neg_eigval"], "--model linear has none"),
     (["--model", "delta", "--qk_map", "l3"], "--qk_map must be one of paper, l2, got 'l3'"),
-    (["--model", "rdn", "--impl", "kernel", "--qk_map", "l2"], "impl 'kernel' of the rdn has no"),
 ])
 def test_rf_cli_errors(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
@@ -4166,8 +4165,12 @@ ENTRY(rnn_fwd, delta_rnn_forward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), O(0
 ENTRY(rnn_bwd, delta_rnn_backward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I(6), I(7), I(8), O(0), O(1), O(2), O(3), O(4), O(5), T, d)
 ENTRY(lstm_fwd, delta_lstm_forward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I(6), O(0), O(1), O(2), O(3), H, T, d)
 ENTRY(lstm_bwd, delta_lstm_backward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I(6), I(7), I(8), I(9), I(10), I(11), I(12), O(0), O(1), O(2), O(3), O(4), O(5), O(6), H, T, d)
-ENTRY(rdn_fwd, rdn_forward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I(6), I(7), O(0), O(1), O(2), O(3), O(4), O(5), O(6), H, T, d)
-ENTRY(rdn_bwd, rdn_backward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I(6), I(7), I(8), I(9), I(10), I(11), O(0), O(1), O(2), O(3), O(4), O(5), H, T, d)
+#define ENTRY_RDN(name, kernel, ...) template <class S, int R, int K> struct name##_k { static constexpr auto f = kernel<S, R, K>; }; \
+  extern "C" int name(const double** in, double** out, int grid, int H, int T, int d, double beta_scale, int l2) { \
+    return run<name##_k>(d, grid, __VA_ARGS__, H, T, d, beta_scale, (bool)l2); \
+  }
+ENTRY_RDN(rdn_fwd, rdn_forward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I(6), I(7), O(0), O(1), O(2), O(3), O(4), O(5), O(6))
+ENTRY_RDN(rdn_bwd, rdn_backward_kernel, I(0), I(1), I(2), I(3), I(4), I(5), I(6), I(7), I(8), I(9), I(10), I(11), O(0), O(1), O(2), O(3), O(4), O(5))
 extern "C" int chunk_pass(const double** in, double** out, int grid, int N, int C, int d_k, int d_v, double sx,
                           double sm, int reverse) {
   return launch(chunk_state_pass_kernel<double>, grid, 64, in[0], in[1], in[2], in[3], in[5], in[4], out[0], out[1],
@@ -4204,14 +4207,15 @@ def launch_on_cpu(lib, name, *args):
     assert getattr(lib, name)(*args) == 0, f"{name}: {lib.emulation_error().decode()}"
 
 
-def call_on_cpu(lib, name, inputs, out_shapes, grid, H, T, d):
-    """Run one emulated kernel on float64 tensors; the outputs start as NaN, so an unwritten entry shows."""
+def call_on_cpu(lib, name, inputs, out_shapes, grid, H, T, d, extra=()):
+    """Run one emulated kernel on float64 tensors; the outputs start as NaN, so an unwritten entry shows. extra: more
+    arguments after d (ctypes values)."""
     import ctypes
 
     outs = [torch.full(s, math.nan, dtype=torch.float64) for s in out_shapes]
     ptrs = lambda ts: (ctypes.c_void_p * len(ts))(*[t.contiguous().data_ptr() for t in ts])  # noqa: E731
     keep = [t.contiguous() for t in inputs]
-    launch_on_cpu(lib, name, ptrs(keep), ptrs(outs), grid, H, T, d)
+    launch_on_cpu(lib, name, ptrs(keep), ptrs(outs), grid, H, T, d, *extra)
     return outs
 
 
@@ -4304,17 +4308,24 @@ def test_dn_delta_kernels_on_cpu_equal_the_loop(kernels_on_cpu):
 
 
 @needs_cxx
-@pytest.mark.parametrize("model", ["delta_rnn", "delta_lstm", "rdn"])
+@pytest.mark.parametrize("model", ["delta_rnn", "delta_lstm", "rdn", "rdn_neg_eigval_l2"])
 def test_rf_kernels_on_cpu_equal_loops(kernels_on_cpu, model):
     """The recurrent kernels' device code, run on CPU threads in float64, against the loops and autograd: outputs,
     final states, every gradient (the RDN's slow weights through the outer products rfwp.RDNKernel forms), for each
-    register layout (d = 3, 16 (two blocks), 40, 70, 128) and T = 1. Checks the indexing, the masking and (with
-    threads held back at random) the synchronisation; the host code, the GPU's rounding and speed are for the CUDA
-    tests below."""
+    register layout (d = 3, 16 (two blocks), 40, 70, 128) and T = 1; the RDN also with beta = 2 sigmoid and the l2
+    map. Checks the indexing, the masking and (with threads held back at random) the synchronisation; the host code,
+    the GPU's rounding and speed are for the CUDA tests below."""
+    import ctypes
+
     lib = kernels_on_cpu
+    options = (2.0, "l2") if model == "rdn_neg_eigval_l2" else (1.0, "paper")
+    model = model[:3] if model.startswith("rdn") else model
+    loop = functools.partial(rfwp.rdn_loop, beta_scale=options[0], qk_map=options[1]) if model == "rdn" else \
+        RF_RECURRENCES[model][0]
+    extra = (ctypes.c_double(options[0]), int(options[1] == "l2"))
     for B, H, T, d in [(2, 2, 7, 3), (1, 2, 5, 16), (1, 1, 4, 40), (1, 1, 3, 70), (1, 1, 1, 128)]:
         x = rf_recurrence_inputs(model, B=B, H=H, T=T, d=d, seed=d)
-        outs = RF_RECURRENCES[model][0](*[t.requires_grad_() for t in x])
+        outs = loop(*[t.requires_grad_() for t in x])
         g = torch.Generator().manual_seed(1)
         gs = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
         ref = torch.autograd.grad(sum((o * go).sum() for o, go in zip(outs, gs)), x)
@@ -4336,12 +4347,13 @@ def test_rf_kernels_on_cpu_equal_loops(kernels_on_cpu, model):
                                 [(B, G, T, d)] * 3 + [(B, G, T), (B, G, d, d), (B, H, d), (B, H, d)], B * H, H, T, d)
         else:
             y, W, *saved = call_on_cpu(lib, "rdn_fwd", x, [seq, (B, H, d, d), seq, seq, seq, (B, H, T), seq], B * H, H,
-                                       T, d)
+                                       T, d, extra)
             got = [y, W]
             dy = gs[0].clone()
             dy[:, :, -1] += gs[2]
             dq, dk, dv, db, dW0, dy0 = call_on_cpu(lib, "rdn_bwd", x[4:6] + saved + [y, x[7], W, dy, gs[1]],
-                                                   [seq] * 3 + [(B, H, T), (B, H, d, d), (B, H, d)], B * H, H, T, d)
+                                                   [seq] * 3 + [(B, H, T), (B, H, d, d), (B, H, d)], B * H, H, T, d,
+                                                   extra)
             s = torch.tanh(torch.cat([x[7].unsqueeze(2), y[:, :, :-1]], 2))
             dR = torch.stack([torch.einsum("bhti,bhtj->hij", gr, s) for gr in (dq, dk, dv)])
             grads = [dq, dk, dv, db, dR, torch.einsum("bht,bhtj->hj", db, s), dW0, dy0]
@@ -4615,10 +4627,6 @@ def test_rf_neg_eigval_and_l2_every_impl_equals_loop(name):
 
     ref = results(impl="loop", neg_eigval=True, qk_map="l2")
     for impl in ("chunk", "kernel", "auto"):
-        if name == "rdn" and impl == "kernel":
-            with pytest.raises(SystemExit):
-                rf_model(name, impl=impl, neg_eigval=True, qk_map="l2")
-            continue
         for a, b in zip(results(impl=impl, neg_eigval=True, qk_map="l2"), ref):
             assert rel_err(a, b) < 1e-10, impl
     for kw in (dict(neg_eigval=True), dict(qk_map="l2")):
