@@ -159,9 +159,29 @@ def rfwp_bench(ax, folder):
     ax.legend(fontsize=8, loc="lower right")
 
 
+STATE_MODELS = {"lstm": "LSTM", "transformer": "Transformer", "delta": "DeltaNet",
+                "delta_neg": "DeltaNet[-1, 1] (l2 keys)", "delta_rnn": "Delta RNN", "delta_lstm": "Delta LSTM",
+                "rdn": "Recurrent Delta Net"}
+STATE_BUCKETS = ["acc_3_40", "acc_41_64", "acc_65_128", "acc_129_256"]
+
+
+def state_tracking(ax, folder):
+    """Parity (rfwp.py --task parity): test sequence accuracy per length bucket, the mean of seeds 0-2, one line per
+    model; trained on lengths 3-40. Files: <model>_<seed>.jsonl, the test lines of each run's metrics.jsonl."""
+    for model, label in STATE_MODELS.items():
+        runs = [{r["metric"]: r["value"] for r in read_jsonl(os.path.join(folder, f"{model}_{seed}.jsonl"))}
+                for seed in range(3)]
+        ax.plot(range(len(STATE_BUCKETS)), [sum(r[b] for r in runs) / len(runs) for b in STATE_BUCKETS], marker="o",
+                ls="--" if model in ("lstm", "transformer") else "-", label=label)
+    ax.set_xticks(range(len(STATE_BUCKETS)), ["3-40 (train)", "41-64", "65-128", "129-256"])
+    ax.set(xlabel="sequence length", ylabel="test sequence accuracy (mean of 3 seeds)", ylim=(-0.02, 1.02),
+           title="Parity: length generalisation")
+    ax.legend(fontsize=8)
+
+
 FIGURES = {"capacity": (capacity, "capacity"), "rl_cartpole": (rl_cartpole, "rl_cartpole"),
            "code_time": (code_time, "code_time"), "ode_scaling": (ode_scaling, "ode_scaling"),
-           "rfwp_bench": (rfwp_bench, "rfwp_bench")}
+           "rfwp_bench": (rfwp_bench, "rfwp_bench"), "state_tracking": (state_tracking, "state_tracking")}
 
 
 def main(argv=None):
