@@ -855,19 +855,9 @@ def gather_ranks(x, world):
 
 
 def setup_processes(args):
-    """One process per rank under torchrun (RANK, WORLD_SIZE set; gloo on CPU, nccl on CUDA). -> rank, world, device,
-    and the bf16 autocast context (a no-op unless --dtype bfloat16 on CUDA)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world:
-        fail(f"--batch_size {args.batch_size} is the global batch; it must divide evenly among the {world} processes")
-    device = pick_device(args.device)
-    if world > 1:
-        import torch.distributed as dist
-
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    """start_processes, then this script's device warnings -> rank, world, device, and the bf16 autocast context (a
+    no-op unless --dtype bfloat16 on CUDA)."""
+    rank, world, device = start_processes(args)
     if args.impl in ("cuda", "chunk_cuda") and device.type != "cuda":
         print(f"warning: --impl {args.impl} needs a CUDA device, not {device}; using --impl chunk", file=sys.stderr)
     use_bf16 = args.dtype == "bfloat16" and device.type == "cuda"
