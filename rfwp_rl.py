@@ -560,7 +560,7 @@ def rl_log_window(args, step, per_update, returns, dt, n_updates, env_time, t0):
 
 def start_processes(args):
     """One process per rank under torchrun (RANK, WORLD_SIZE set; gloo on CPU, nccl on CUDA) -> rank, world, device.
-    --batch_size is the global batch: each rank takes its rows (rank_slice); rank 0 logs, evaluates and saves."""
+    --batch_size is the global batch: each rank steps its part of the environments; rank 0 logs, evaluates and saves."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world:
         fail(f"--batch_size {args.batch_size} is the global batch; it must divide evenly among the {world} processes")
@@ -583,12 +583,6 @@ def finish_processes(model, world, master):
         torch.distributed.barrier()  # no rank tears down while another still talks to it
         gc.collect()  # the DDP wrapper's reducer, with its reference to the group, goes now
         torch.distributed.destroy_process_group()
-
-
-def rank_slice(x, rank, world):
-    """This rank's rows of a global batch: rows rank * n ... (rank + 1) * n - 1 of dim 0, n = len(x) / world."""
-    n = len(x) // world
-    return x[rank * n : (rank + 1) * n]
 
 
 def mean_over_ranks(x, world):
@@ -867,11 +861,6 @@ def save_checkpoint(path, obj):
     """obj and the script's name (read_checkpoint checks it), written atomically: a kill leaves the last one intact."""
     torch.save(dict(obj, script=os.path.basename(__file__)), path + ".tmp")
     os.replace(path + ".tmp", path)
-
-
-def mark_final(path):
-    """Record in the checkpoint at path that the run's final evaluation is written: a --resume has nothing left."""
-    save_checkpoint(path, dict(torch.load(path, map_location="cpu", weights_only=False), final=True))
 
 
 def read_checkpoint(path, flag, device="cpu", args=None):
